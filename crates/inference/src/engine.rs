@@ -1,0 +1,769 @@
+//! The engine: one thread owns every loaded model and serves requests sent through
+//! [`EngineHandle`]s.
+//!
+//! Callers never touch tensors. [`EngineHandle::generate`] renders and tokenizes the prompt,
+//! checks it, and queues it; the engine thread streams [`GenerateEvent`]s back. Active
+//! sequences take turns one step at a time (a prompt chunk or one token), so concurrent callers
+//! all make progress; dropping the receiver cancels a request before its next step. The loop is
+//! shaped for batching: each step gathers the active sequences, and a batched forward can
+//! replace the per-sequence one without changing the protocol.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
+use std::thread;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::chat::ChatMessage;
+use crate::embedding::{Embedding, EmbeddingModel};
+use crate::error::EngineError;
+use crate::model::{ChatModel, ChatModelInfo, Sequence};
+use crate::sampling::{log_softmax, top_logprobs, Sampler, SamplingParams};
+use crate::stop::{StopMatcher, StopOutcome};
+use crate::template::ChatTemplate;
+use crate::tokenizer::{DecodeStream, PodTokenizer};
+
+/// Limits of the engine.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Sequences generated at once; more wait in the queue.
+    pub max_active: usize,
+    /// Requests allowed to wait; beyond this [`EngineError::QueueFull`] is returned.
+    pub max_queue: usize,
+    /// Prompt tokens fed per step, so one long prompt does not stall the others.
+    pub prefill_chunk: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        Self {
+            max_active: 8,
+            max_queue: 256,
+            prefill_chunk: 512,
+        }
+    }
+}
+
+/// What a completion starts from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Prompt {
+    /// A conversation, rendered with the model's chat template and the assistant turn opened.
+    Chat(Vec<ChatMessage>),
+    /// Raw text, tokenized as is (BOS added when the model wants one).
+    Text(String),
+    /// Token ids, used as they are.
+    Tokens(Vec<u32>),
+}
+
+/// A completion request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerateRequest {
+    /// Name of a loaded chat model.
+    pub model: String,
+    /// The prompt.
+    pub prompt: Prompt,
+    /// Sampling parameters.
+    pub sampling: SamplingParams,
+    /// Most tokens to generate; `None` runs until a stop or the end of the context.
+    pub max_tokens: Option<usize>,
+    /// Stop strings: generation ends before the first one and it is not returned.
+    pub stop: Vec<String>,
+    /// Return each token's log-probability and this many alternatives (`None`: none at all).
+    pub logprobs: Option<usize>,
+}
+
+impl GenerateRequest {
+    /// A greedy request with no limits other than the context.
+    pub fn new(model: impl Into<String>, prompt: Prompt) -> Self {
+        Self {
+            model: model.into(),
+            prompt,
+            sampling: SamplingParams::default(),
+            max_tokens: None,
+            stop: Vec::new(),
+            logprobs: None,
+        }
+    }
+}
+
+/// Log-probability of one generated token and its best alternatives.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TokenLogprob {
+    /// Token id.
+    pub id: u32,
+    /// The token's text.
+    pub text: String,
+    /// Natural-log probability under the model (before penalties and temperature).
+    pub logprob: f32,
+    /// The most likely tokens at this position, best first: (id, text, logprob).
+    pub top: Vec<(u32, String, f32)>,
+}
+
+/// Why a completion ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FinishReason {
+    /// The model ended its turn or a stop string matched.
+    Stop,
+    /// `max_tokens` or the context window was reached.
+    Length,
+}
+
+impl FinishReason {
+    /// The OpenAI spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+        }
+    }
+}
+
+/// Token counts of a finished request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Usage {
+    /// Tokens in the prompt.
+    pub prompt_tokens: usize,
+    /// Tokens generated.
+    pub completion_tokens: usize,
+}
+
+/// What the engine streams back for a completion.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum GenerateEvent {
+    /// New text, with the ids of the tokens generated since the previous delta. Text may lag
+    /// tokens (an incomplete UTF-8 character or a possible stop string is held back).
+    Delta {
+        /// Text to append.
+        text: String,
+        /// Tokens generated since the last delta.
+        tokens: Vec<u32>,
+        /// Their log-probabilities, when asked for.
+        logprobs: Vec<TokenLogprob>,
+    },
+    /// The completion ended normally; always the last event.
+    Done {
+        /// Why.
+        finish_reason: FinishReason,
+        /// Token counts.
+        usage: Usage,
+    },
+    /// The completion failed; always the last event.
+    Error(EngineError),
+}
+
+/// An embedding request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EmbedRequest {
+    /// Name of a loaded embedding model.
+    pub model: String,
+    /// Texts to embed.
+    pub input: Vec<String>,
+}
+
+/// Vectors for an [`EmbedRequest`], one per input in order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EmbedResponse {
+    /// The embeddings.
+    pub data: Vec<Embedding>,
+    /// Tokens read over all inputs.
+    pub prompt_tokens: usize,
+}
+
+/// What a model is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ModelKind {
+    /// Text generation.
+    Chat,
+    /// Sentence embeddings.
+    Embedding,
+}
+
+/// A loaded model as listings show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ModelInfo {
+    /// Name requests use.
+    pub name: String,
+    /// Chat or embedding.
+    pub kind: ModelKind,
+    /// Architecture, e.g. `llama` or `bert`.
+    pub architecture: String,
+    /// Dominant tensor type, e.g. `Q4_1` or `F32`.
+    pub quantization: String,
+    /// Longest input in tokens.
+    pub context_length: usize,
+    /// Vector length, for embedding models.
+    pub dimension: Option<usize>,
+}
+
+/// Counters describing the engine's load, readable at any time.
+#[derive(Debug, Default)]
+pub struct EngineStats {
+    /// Requests waiting to start.
+    pub queued: AtomicUsize,
+    /// Sequences being generated.
+    pub active: AtomicUsize,
+    /// Completions finished (stop or length).
+    pub completed: AtomicU64,
+    /// Completions abandoned because the caller went away.
+    pub cancelled: AtomicU64,
+    /// Prompt tokens processed.
+    pub prompt_tokens: AtomicU64,
+    /// Tokens generated.
+    pub completion_tokens: AtomicU64,
+}
+
+#[derive(Debug)]
+struct ChatEntry {
+    tokenizer: Arc<PodTokenizer>,
+    template: Arc<ChatTemplate>,
+    info: ChatModelInfo,
+}
+
+#[derive(Debug)]
+enum Entry {
+    Chat(ChatEntry),
+    Embedding(ModelInfo),
+}
+
+struct Job {
+    model: String,
+    prompt: Vec<u32>,
+    max_tokens: usize,
+    sampling: SamplingParams,
+    stop: Vec<String>,
+    logprobs: Option<usize>,
+    events: mpsc::UnboundedSender<GenerateEvent>,
+}
+
+enum Command {
+    Generate(Box<Job>),
+    Embed(
+        EmbedRequest,
+        oneshot::Sender<Result<EmbedResponse, EngineError>>,
+    ),
+    AddChat(String, Box<ChatModel>),
+    AddEmbedding(String, Box<EmbeddingModel>),
+}
+
+/// Cloneable handle through which everything talks to the engine.
+#[derive(Debug, Clone)]
+pub struct EngineHandle {
+    commands: mpsc::UnboundedSender<Command>,
+    models: Arc<RwLock<HashMap<String, Entry>>>,
+    stats: Arc<EngineStats>,
+    config: EngineConfig,
+}
+
+impl std::fmt::Debug for Command {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Command::Generate(_) => "Generate",
+            Command::Embed(..) => "Embed",
+            Command::AddChat(..) => "AddChat",
+            Command::AddEmbedding(..) => "AddEmbedding",
+        })
+    }
+}
+
+/// Starts engines.
+#[derive(Debug)]
+pub struct Engine;
+
+impl Engine {
+    /// Starts the engine thread with no models; add them with
+    /// [`EngineHandle::add_chat_model`] and [`EngineHandle::add_embedding_model`]. The thread
+    /// ends when every handle is dropped.
+    pub fn start(config: EngineConfig) -> EngineHandle {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let stats = Arc::new(EngineStats::default());
+        let worker = Worker {
+            commands: rx,
+            chat: HashMap::new(),
+            embedding: HashMap::new(),
+            waiting: VecDeque::new(),
+            active: Vec::new(),
+            stats: Arc::clone(&stats),
+            config: config.clone(),
+        };
+        let spawned = thread::Builder::new()
+            .name("pod-engine".into())
+            .spawn(move || worker.run());
+        if let Err(e) = spawned {
+            tracing::error!(error = %e, "cannot start the engine thread");
+        }
+        EngineHandle {
+            commands: tx,
+            models: Arc::new(RwLock::new(HashMap::new())),
+            stats,
+            config,
+        }
+    }
+}
+
+impl EngineHandle {
+    /// Hands a loaded chat model to the engine under `name`.
+    pub fn add_chat_model(&self, name: &str, model: ChatModel) -> Result<(), EngineError> {
+        let entry = ChatEntry {
+            tokenizer: Arc::clone(model.tokenizer()),
+            template: Arc::clone(model.template()),
+            info: model.info().clone(),
+        };
+        self.commands
+            .send(Command::AddChat(name.to_owned(), Box::new(model)))
+            .map_err(|_| EngineError::Stopped)?;
+        self.write_models()
+            .insert(name.to_owned(), Entry::Chat(entry));
+        Ok(())
+    }
+
+    /// Hands a loaded embedding model to the engine under `name`.
+    pub fn add_embedding_model(
+        &self,
+        name: &str,
+        model: EmbeddingModel,
+    ) -> Result<(), EngineError> {
+        let info = ModelInfo {
+            name: name.to_owned(),
+            kind: ModelKind::Embedding,
+            architecture: "bert".into(),
+            quantization: "F32".into(),
+            context_length: model.max_tokens(),
+            dimension: Some(model.dimension()),
+        };
+        self.commands
+            .send(Command::AddEmbedding(name.to_owned(), Box::new(model)))
+            .map_err(|_| EngineError::Stopped)?;
+        self.write_models()
+            .insert(name.to_owned(), Entry::Embedding(info));
+        Ok(())
+    }
+
+    fn write_models(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<String, Entry>> {
+        self.models
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn read_models(&self) -> std::sync::RwLockReadGuard<'_, HashMap<String, Entry>> {
+        self.models
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Every loaded model, sorted by name.
+    pub fn models(&self) -> Vec<ModelInfo> {
+        let mut list: Vec<ModelInfo> = self
+            .read_models()
+            .iter()
+            .map(|(name, e)| match e {
+                Entry::Chat(c) => ModelInfo {
+                    name: name.clone(),
+                    kind: ModelKind::Chat,
+                    architecture: c.info.architecture.clone(),
+                    quantization: c.info.quantization.clone(),
+                    context_length: c.info.context_length,
+                    dimension: None,
+                },
+                Entry::Embedding(info) => info.clone(),
+            })
+            .collect();
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        list
+    }
+
+    /// Load counters.
+    pub fn stats(&self) -> &EngineStats {
+        &self.stats
+    }
+
+    /// Limits the engine runs with.
+    pub fn config(&self) -> &EngineConfig {
+        &self.config
+    }
+
+    /// Renders and tokenizes a prompt for a chat model without queuing anything.
+    pub fn tokenize_prompt(&self, model: &str, prompt: &Prompt) -> Result<Vec<u32>, EngineError> {
+        let models = self.read_models();
+        let entry = match models.get(model) {
+            Some(Entry::Chat(c)) => c,
+            Some(Entry::Embedding(_)) => {
+                return Err(EngineError::WrongKind {
+                    model: model.to_owned(),
+                    what: "text generation".into(),
+                })
+            }
+            None => return Err(EngineError::UnknownModel(model.to_owned())),
+        };
+        let ids = match prompt {
+            Prompt::Chat(messages) => {
+                if messages.is_empty() {
+                    return Err(EngineError::InvalidRequest(
+                        "`messages` must not be empty".into(),
+                    ));
+                }
+                let text = entry
+                    .template
+                    .render(messages, true)
+                    .map_err(|e| EngineError::InvalidRequest(format!("chat template: {e}")))?;
+                entry
+                    .tokenizer
+                    .encode(&text)
+                    .map_err(EngineError::Internal)?
+            }
+            Prompt::Text(text) => entry
+                .tokenizer
+                .encode(text)
+                .map_err(EngineError::Internal)?,
+            Prompt::Tokens(ids) => {
+                let vocab = entry.info.vocab_size;
+                if let Some(bad) = ids.iter().find(|i| **i as usize >= vocab) {
+                    return Err(EngineError::InvalidRequest(format!(
+                        "token id {bad} is outside the vocabulary of {vocab} tokens"
+                    )));
+                }
+                ids.clone()
+            }
+        };
+        if ids.is_empty() {
+            return Err(EngineError::InvalidRequest("the prompt is empty".into()));
+        }
+        Ok(ids)
+    }
+
+    /// Queues a completion; events arrive on the returned receiver. Drop it to cancel.
+    pub fn generate(
+        &self,
+        req: GenerateRequest,
+    ) -> Result<mpsc::UnboundedReceiver<GenerateEvent>, EngineError> {
+        req.sampling
+            .validate()
+            .map_err(EngineError::InvalidRequest)?;
+        if req.max_tokens == Some(0) {
+            return Err(EngineError::InvalidRequest(
+                "`max_tokens` must be at least 1".into(),
+            ));
+        }
+        let prompt = self.tokenize_prompt(&req.model, &req.prompt)?;
+        let context_length = match self.read_models().get(&req.model) {
+            Some(Entry::Chat(c)) => c.info.context_length,
+            _ => return Err(EngineError::UnknownModel(req.model.clone())),
+        };
+        let requested = req.max_tokens.unwrap_or(0);
+        if prompt.len() + requested > context_length || prompt.len() >= context_length {
+            return Err(EngineError::ContextLength {
+                prompt_tokens: prompt.len(),
+                max_tokens: requested,
+                context_length,
+            });
+        }
+        let queued = self.stats.queued.load(Ordering::Relaxed);
+        if queued >= self.config.max_queue {
+            return Err(EngineError::QueueFull(queued));
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let job = Job {
+            model: req.model,
+            max_tokens: req.max_tokens.unwrap_or(context_length - prompt.len()),
+            prompt,
+            sampling: req.sampling,
+            stop: req.stop,
+            logprobs: req.logprobs,
+            events: tx,
+        };
+        self.stats.queued.fetch_add(1, Ordering::Relaxed);
+        if self
+            .commands
+            .send(Command::Generate(Box::new(job)))
+            .is_err()
+        {
+            self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+            return Err(EngineError::Stopped);
+        }
+        Ok(rx)
+    }
+
+    /// Embeds texts with an embedding model.
+    pub async fn embed(&self, req: EmbedRequest) -> Result<EmbedResponse, EngineError> {
+        match self.read_models().get(&req.model) {
+            Some(Entry::Embedding(_)) => {}
+            Some(Entry::Chat(_)) => {
+                return Err(EngineError::WrongKind {
+                    model: req.model.clone(),
+                    what: "embeddings".into(),
+                })
+            }
+            None => return Err(EngineError::UnknownModel(req.model.clone())),
+        }
+        if req.input.is_empty() {
+            return Err(EngineError::InvalidRequest(
+                "`input` must not be empty".into(),
+            ));
+        }
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .send(Command::Embed(req, tx))
+            .map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)?
+    }
+}
+
+struct Active {
+    job: Box<Job>,
+    seq: Sequence,
+    fed: usize,
+    next_input: Option<u32>,
+    sampler: Sampler,
+    decoder: DecodeStream,
+    stops: StopMatcher,
+    generated: usize,
+    context_length: usize,
+    pending_tokens: Vec<u32>,
+    pending_logprobs: Vec<TokenLogprob>,
+}
+
+struct Worker {
+    commands: mpsc::UnboundedReceiver<Command>,
+    chat: HashMap<String, ChatModel>,
+    embedding: HashMap<String, EmbeddingModel>,
+    waiting: VecDeque<Box<Job>>,
+    active: Vec<Active>,
+    stats: Arc<EngineStats>,
+    config: EngineConfig,
+}
+
+enum Step {
+    Continue,
+    Finished,
+}
+
+impl Worker {
+    fn run(mut self) {
+        let mut open = true;
+        loop {
+            if self.active.is_empty() && self.waiting.is_empty() {
+                if !open {
+                    break;
+                }
+                match self.commands.blocking_recv() {
+                    Some(cmd) => self.handle(cmd),
+                    None => break,
+                }
+            }
+            loop {
+                match self.commands.try_recv() {
+                    Ok(cmd) => self.handle(cmd),
+                    Err(mpsc::error::TryRecvError::Empty) => break,
+                    Err(mpsc::error::TryRecvError::Disconnected) => {
+                        open = false;
+                        break;
+                    }
+                }
+            }
+            self.admit();
+            self.step_all();
+        }
+        tracing::debug!("engine thread stopped");
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Generate(job) => self.waiting.push_back(job),
+            Command::Embed(req, reply) => {
+                let result = match self.embedding.get(&req.model) {
+                    Some(m) => m
+                        .embed(&req.input)
+                        .map(|data| EmbedResponse {
+                            prompt_tokens: data.iter().map(|e| e.tokens).sum(),
+                            data,
+                        })
+                        .map_err(EngineError::Internal),
+                    None => Err(EngineError::UnknownModel(req.model)),
+                };
+                let _ = reply.send(result);
+            }
+            Command::AddChat(name, model) => {
+                self.chat.insert(name, *model);
+            }
+            Command::AddEmbedding(name, model) => {
+                self.embedding.insert(name, *model);
+            }
+        }
+    }
+
+    fn admit(&mut self) {
+        while self.active.len() < self.config.max_active.max(1) {
+            let Some(job) = self.waiting.pop_front() else {
+                break;
+            };
+            self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+            if job.events.is_closed() {
+                self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let Some(model) = self.chat.get(&job.model) else {
+                let _ = job
+                    .events
+                    .send(GenerateEvent::Error(EngineError::UnknownModel(
+                        job.model.clone(),
+                    )));
+                continue;
+            };
+            let sampler = Sampler::new(job.sampling.clone(), &job.prompt);
+            let stops = StopMatcher::new(&job.stop);
+            self.active.push(Active {
+                seq: model.new_sequence(),
+                fed: 0,
+                next_input: None,
+                sampler,
+                decoder: model.tokenizer().stream(),
+                stops,
+                generated: 0,
+                context_length: model.info().context_length,
+                pending_tokens: Vec::new(),
+                pending_logprobs: Vec::new(),
+                job,
+            });
+            self.stats.active.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    fn step_all(&mut self) {
+        let mut i = 0;
+        while i < self.active.len() {
+            let done = {
+                let a = &mut self.active[i];
+                if a.job.events.is_closed() {
+                    self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                    true
+                } else {
+                    match self.chat.get(&a.job.model) {
+                        Some(model) => match step(a, model, &self.config, &self.stats) {
+                            Ok(Step::Continue) => false,
+                            Ok(Step::Finished) => {
+                                self.stats.completed.fetch_add(1, Ordering::Relaxed);
+                                true
+                            }
+                            Err(e) => {
+                                tracing::error!(error = %e, model = %a.job.model, "generation failed");
+                                let _ = a.job.events.send(GenerateEvent::Error(e));
+                                true
+                            }
+                        },
+                        None => true,
+                    }
+                }
+            };
+            if done {
+                self.active.swap_remove(i);
+                self.stats.active.fetch_sub(1, Ordering::Relaxed);
+            } else {
+                i += 1;
+            }
+        }
+    }
+}
+
+/// One step of one sequence: a prompt chunk, or one generated token.
+fn step(
+    a: &mut Active,
+    model: &ChatModel,
+    config: &EngineConfig,
+    stats: &EngineStats,
+) -> Result<Step, EngineError> {
+    let internal = |e: candle_core::Error| EngineError::Internal(e.to_string());
+    let mut logits = if a.fed < a.job.prompt.len() {
+        let end = (a.fed + config.prefill_chunk.max(1)).min(a.job.prompt.len());
+        let logits = a.seq.forward(&a.job.prompt[a.fed..end]).map_err(internal)?;
+        stats
+            .prompt_tokens
+            .fetch_add((end - a.fed) as u64, Ordering::Relaxed);
+        a.fed = end;
+        if a.fed < a.job.prompt.len() {
+            return Ok(Step::Continue);
+        }
+        logits
+    } else {
+        let Some(tok) = a.next_input.take() else {
+            return Err(EngineError::Internal("sequence has no next token".into()));
+        };
+        a.seq.forward(&[tok]).map_err(internal)?
+    };
+
+    let logprob_info = a.job.logprobs.map(|k| (log_softmax(&logits), k));
+    let token = a.sampler.sample(&mut logits);
+    a.sampler.accept(token);
+    a.generated += 1;
+    stats.completion_tokens.fetch_add(1, Ordering::Relaxed);
+    let tokenizer = model.tokenizer();
+    let usage = Usage {
+        prompt_tokens: a.job.prompt.len(),
+        completion_tokens: a.generated,
+    };
+
+    if tokenizer.is_stop_token(token) {
+        let rest = a.stops.finish();
+        flush(a, rest);
+        send_done(a, FinishReason::Stop, usage);
+        return Ok(Step::Finished);
+    }
+    a.pending_tokens.push(token);
+    if let Some((lp, k)) = logprob_info {
+        a.pending_logprobs.push(TokenLogprob {
+            id: token,
+            text: tokenizer.token_piece(token),
+            logprob: lp.get(token as usize).copied().unwrap_or(f32::NEG_INFINITY),
+            top: top_logprobs(&lp, k)
+                .into_iter()
+                .map(|(id, l)| (id, tokenizer.token_piece(id), l))
+                .collect(),
+        });
+    }
+    let piece = a
+        .decoder
+        .push(token)
+        .map_err(EngineError::Internal)?
+        .unwrap_or_default();
+    match a.stops.push(&piece) {
+        StopOutcome::Stopped(text) => {
+            flush(a, text);
+            send_done(a, FinishReason::Stop, usage);
+            return Ok(Step::Finished);
+        }
+        StopOutcome::Continue(text) => {
+            if !text.is_empty() {
+                flush(a, text);
+            }
+        }
+    }
+    let at_context_end = a.job.prompt.len() + a.generated >= a.context_length;
+    if a.generated >= a.job.max_tokens || at_context_end {
+        let rest = a.stops.finish();
+        flush(a, rest);
+        send_done(a, FinishReason::Length, usage);
+        return Ok(Step::Finished);
+    }
+    a.next_input = Some(token);
+    Ok(Step::Continue)
+}
+
+fn flush(a: &mut Active, text: String) {
+    if text.is_empty() && a.pending_tokens.is_empty() {
+        return;
+    }
+    let _ = a.job.events.send(GenerateEvent::Delta {
+        text,
+        tokens: std::mem::take(&mut a.pending_tokens),
+        logprobs: std::mem::take(&mut a.pending_logprobs),
+    });
+}
+
+fn send_done(a: &Active, finish_reason: FinishReason, usage: Usage) {
+    let _ = a.job.events.send(GenerateEvent::Done {
+        finish_reason,
+        usage,
+    });
+}

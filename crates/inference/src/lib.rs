@@ -1,0 +1,34 @@
+//! pod's local inference engine.
+//!
+//! Chat models are loaded from GGUF files (candle's quantised kernels), with the tokenizer and
+//! chat template taken from the file's own metadata. Sentence-embedding models (BERT family) are
+//! loaded from safetensors plus `tokenizer.json`. One [`Engine`] thread owns every loaded model;
+//! callers talk to it through the cloneable [`EngineHandle`], sending a request and receiving a
+//! stream of [`GenerateEvent`]s. Nothing here touches the network.
+#![deny(missing_docs)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+pub mod chat;
+pub mod device;
+pub mod embedding;
+pub mod engine;
+pub mod error;
+pub mod gguf;
+pub mod model;
+pub mod sampling;
+pub mod stop;
+pub mod template;
+pub mod tokenizer;
+
+/// The compute device type models are loaded onto.
+pub use candle_core::Device;
+pub use chat::{ChatMessage, Role};
+pub use device::DeviceSpec;
+pub use embedding::{Embedding, EmbeddingModel};
+pub use engine::{
+    EmbedRequest, EmbedResponse, Engine, EngineConfig, EngineHandle, EngineStats, FinishReason,
+    GenerateEvent, GenerateRequest, ModelInfo, ModelKind, Prompt, TokenLogprob, Usage,
+};
+pub use error::{EngineError, LoadError};
+pub use model::{ChatModel, ChatModelInfo, Sequence};
+pub use sampling::SamplingParams;

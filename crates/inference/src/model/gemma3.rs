@@ -1,0 +1,268 @@
+//! Gemma 3 from GGUF. candle-transformers ships a quantised Gemma 3, but its feed-forward uses
+//! SiLU where Gemma uses tanh-approximated GELU, which shifts the next-token distribution far
+//! from the reference; this implementation follows the architecture (and llama.cpp) exactly.
+//!
+//! Per layer: RMSNorm → attention (q/k RMSNorm, NeoX RoPE with a local or global base,
+//! sliding-window mask on local layers) → RMSNorm → residual; RMSNorm → GELU-gated MLP →
+//! RMSNorm → residual. Embeddings are scaled by √hidden; the output head is tied.
+
+use candle_core::quantized::{gguf_file, QMatMul};
+use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
+use candle_transformers::quantized_nn::RmsNorm;
+
+/// Gemma 3 repeats five local (sliding-window) layers and one global layer.
+const DEFAULT_SLIDING_WINDOW_PATTERN: usize = 6;
+const DEFAULT_LOCAL_ROPE_BASE: f32 = 10_000.0;
+const DEFAULT_GLOBAL_ROPE_BASE: f32 = 1_000_000.0;
+
+#[derive(Debug, Clone)]
+struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    fn new(head_dim: usize, base: f32, max_len: usize, device: &Device) -> Result<Self> {
+        let inv: Vec<f32> = (0..head_dim)
+            .step_by(2)
+            .map(|i| 1.0 / base.powf(i as f32 / head_dim as f32))
+            .collect();
+        let inv = Tensor::new(inv.as_slice(), device)?.reshape((1, head_dim / 2))?;
+        let pos = Tensor::arange(0, max_len as u32, device)?
+            .to_dtype(DType::F32)?
+            .reshape((max_len, 1))?;
+        let freqs = pos.matmul(&inv)?;
+        Ok(Self {
+            cos: freqs.cos()?,
+            sin: freqs.sin()?,
+        })
+    }
+
+    fn apply(&self, x: &Tensor, pos: usize) -> Result<Tensor> {
+        let seq_len = x.dim(2)?;
+        let cos = self.cos.narrow(0, pos, seq_len)?;
+        let sin = self.sin.narrow(0, pos, seq_len)?;
+        candle_nn::rotary_emb::rope(&x.contiguous()?, &cos, &sin)
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    wq: QMatMul,
+    wk: QMatMul,
+    wv: QMatMul,
+    wo: QMatMul,
+    q_norm: RmsNorm,
+    k_norm: RmsNorm,
+    attn_norm: RmsNorm,
+    post_attn_norm: RmsNorm,
+    ffn_norm: RmsNorm,
+    post_ffn_norm: RmsNorm,
+    gate: QMatMul,
+    up: QMatMul,
+    down: QMatMul,
+    n_head: usize,
+    n_kv_head: usize,
+    head_dim: usize,
+    window: Option<usize>,
+    rope: Rope,
+    kv: Option<(Tensor, Tensor)>,
+}
+
+impl Layer {
+    fn attention(&mut self, x: &Tensor, pos: usize) -> Result<Tensor> {
+        let (b, seq_len, _) = x.dims3()?;
+        let q = self
+            .wq
+            .forward(x)?
+            .reshape((b, seq_len, self.n_head, self.head_dim))?
+            .transpose(1, 2)?;
+        let k = self
+            .wk
+            .forward(x)?
+            .reshape((b, seq_len, self.n_kv_head, self.head_dim))?
+            .transpose(1, 2)?;
+        let v = self
+            .wv
+            .forward(x)?
+            .reshape((b, seq_len, self.n_kv_head, self.head_dim))?
+            .transpose(1, 2)?
+            .contiguous()?;
+        let q = self
+            .rope
+            .apply(&self.q_norm.forward(&q.contiguous()?)?, pos)?;
+        let k = self
+            .rope
+            .apply(&self.k_norm.forward(&k.contiguous()?)?, pos)?;
+        let (k, v) = match self.kv.take() {
+            Some((pk, pv)) if pos > 0 => (Tensor::cat(&[&pk, &k], 2)?, Tensor::cat(&[&pv, &v], 2)?),
+            _ => (k, v),
+        };
+        self.kv = Some((k.clone(), v.clone()));
+        let kv_len = k.dim(2)?;
+        let rep = self.n_head / self.n_kv_head;
+        let k = candle_transformers::utils::repeat_kv(k, rep)?.contiguous()?;
+        let v = candle_transformers::utils::repeat_kv(v, rep)?.contiguous()?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let mut att = (q.matmul(&k.t()?)? * scale)?;
+        if let Some(mask) = self.mask(seq_len, pos, kv_len, x.device())? {
+            att = att.broadcast_add(&mask)?;
+        }
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let y =
+            att.matmul(&v)?
+                .transpose(1, 2)?
+                .reshape((b, seq_len, self.n_head * self.head_dim))?;
+        self.wo.forward(&y)
+    }
+
+    /// Additive mask: query i (at absolute position pos+i) sees key j when j <= pos+i and,
+    /// on local layers, pos+i - j < window.
+    fn mask(
+        &self,
+        seq_len: usize,
+        pos: usize,
+        kv_len: usize,
+        dev: &Device,
+    ) -> Result<Option<Tensor>> {
+        let needs_window = self.window.is_some_and(|w| kv_len > w);
+        if seq_len == 1 && !needs_window {
+            return Ok(None);
+        }
+        let mut m = vec![0f32; seq_len * kv_len];
+        for i in 0..seq_len {
+            let qpos = pos + i;
+            for j in 0..kv_len {
+                let visible = j <= qpos && self.window.is_none_or(|w| qpos - j < w);
+                if !visible {
+                    m[i * kv_len + j] = f32::NEG_INFINITY;
+                }
+            }
+        }
+        Tensor::from_vec(m, (seq_len, kv_len), dev).map(Some)
+    }
+
+    fn mlp(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = self.gate.forward(x)?.gelu()?;
+        let up = self.up.forward(x)?;
+        self.down.forward(&(gate * up)?)
+    }
+}
+
+/// Gemma 3 weights plus one sequence's KV cache.
+#[derive(Debug, Clone)]
+pub(crate) struct Gemma3 {
+    embed: Tensor,
+    hidden: usize,
+    layers: Vec<Layer>,
+    norm: RmsNorm,
+    output: QMatMul,
+}
+
+impl Gemma3 {
+    pub(crate) fn from_gguf<R: std::io::Read + std::io::Seek>(
+        ct: gguf_file::Content,
+        r: &mut R,
+        max_len: usize,
+        dev: &Device,
+    ) -> Result<Self> {
+        let md = |k: &str| {
+            ct.metadata
+                .get(&format!("gemma3.{k}"))
+                .ok_or_else(|| candle_core::Error::Msg(format!("missing gemma3.{k}")))
+        };
+        let n_head = md("attention.head_count")?.to_u32()? as usize;
+        let n_kv_head = md("attention.head_count_kv")?.to_u32()? as usize;
+        let blocks = md("block_count")?.to_u32()? as usize;
+        let hidden = md("embedding_length")?.to_u32()? as usize;
+        let head_dim = md("attention.key_length")?.to_u32()? as usize;
+        let eps = md("attention.layer_norm_rms_epsilon")?.to_f32()? as f64;
+        let window = md("attention.sliding_window")?.to_u32()? as usize;
+        let pattern = md("attention.sliding_window_type")
+            .and_then(|v| v.to_u32())
+            .map_or(DEFAULT_SLIDING_WINDOW_PATTERN, |v| v as usize)
+            .max(1);
+        let global_base = md("rope.freq_base")
+            .and_then(|v| v.to_f32())
+            .unwrap_or(DEFAULT_GLOBAL_ROPE_BASE);
+        let local_base = md("rope.local_freq_base")
+            .and_then(|v| v.to_f32())
+            .unwrap_or(DEFAULT_LOCAL_ROPE_BASE);
+        let local_rope = Rope::new(head_dim, local_base, max_len, dev)?;
+        let global_rope = Rope::new(head_dim, global_base, max_len, dev)?;
+
+        let embed_q = ct.tensor(r, "token_embd.weight", dev)?;
+        let embed = embed_q.dequantize(dev)?;
+        let output = match ct.tensor(r, "output.weight", dev) {
+            Ok(t) => QMatMul::from_qtensor(t)?,
+            Err(_) => QMatMul::from_qtensor(embed_q)?,
+        };
+        let norm = RmsNorm::from_qtensor(ct.tensor(r, "output_norm.weight", dev)?, eps)?;
+        let mut layers = Vec::with_capacity(blocks);
+        for i in 0..blocks {
+            let mut q = |name: &str| -> Result<QMatMul> {
+                QMatMul::from_qtensor(ct.tensor(r, &format!("blk.{i}.{name}.weight"), dev)?)
+            };
+            let (wq, wk, wv, wo) = (q("attn_q")?, q("attn_k")?, q("attn_v")?, q("attn_output")?);
+            let (gate, up, down) = (q("ffn_gate")?, q("ffn_up")?, q("ffn_down")?);
+            let mut n = |name: &str| -> Result<RmsNorm> {
+                RmsNorm::from_qtensor(ct.tensor(r, &format!("blk.{i}.{name}.weight"), dev)?, eps)
+            };
+            let local = (i + 1) % pattern != 0;
+            layers.push(Layer {
+                wq,
+                wk,
+                wv,
+                wo,
+                q_norm: n("attn_q_norm")?,
+                k_norm: n("attn_k_norm")?,
+                attn_norm: n("attn_norm")?,
+                post_attn_norm: n("post_attention_norm")?,
+                ffn_norm: n("ffn_norm")?,
+                post_ffn_norm: n("post_ffw_norm")?,
+                gate,
+                up,
+                down,
+                n_head,
+                n_kv_head,
+                head_dim,
+                window: local.then_some(window),
+                rope: if local {
+                    local_rope.clone()
+                } else {
+                    global_rope.clone()
+                },
+                kv: None,
+            });
+        }
+        Ok(Self {
+            embed,
+            hidden,
+            layers,
+            norm,
+            output,
+        })
+    }
+
+    /// Logits of the token after `tokens` (shape `[1, vocab]`).
+    pub(crate) fn forward(&mut self, tokens: &Tensor, pos: usize) -> Result<Tensor> {
+        let (b, seq_len) = tokens.dims2()?;
+        let ids = tokens.flatten_all()?;
+        let mut x = self
+            .embed
+            .index_select(&ids, 0)?
+            .reshape((b, seq_len, self.hidden))?;
+        x = (x * (self.hidden as f64).sqrt())?;
+        for layer in &mut self.layers {
+            let h = layer.attn_norm.forward(&x)?;
+            let h = layer.attention(&h, pos)?;
+            x = (layer.post_attn_norm.forward(&h)? + x)?;
+            let h = layer.ffn_norm.forward(&x)?;
+            let h = layer.mlp(&h)?;
+            x = (layer.post_ffn_norm.forward(&h)? + x)?;
+        }
+        let last = x.i((.., seq_len - 1, ..))?.contiguous()?;
+        let last = self.norm.forward(&last)?;
+        self.output.forward(&last)
+    }
+}

@@ -1,0 +1,96 @@
+//! `pod bench`: prompt-processing and generation speed of a chat model, measured the way
+//! llama.cpp's `llama-bench` does (a prompt of N tokens in one batch; then N tokens decoded
+//! one at a time), so the two can be compared on the same file.
+
+use std::path::Path;
+use std::time::Instant;
+
+use pod_inference::sampling::argmax;
+use pod_inference::{ChatModel, Device, LoadError};
+use serde::Serialize;
+
+/// Speeds measured over several repetitions.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    /// Model file.
+    pub model: String,
+    /// Prompt tokens per repetition.
+    pub prompt_tokens: usize,
+    /// Generated tokens per repetition.
+    pub gen_tokens: usize,
+    /// Prompt processing, tokens per second, one value per repetition.
+    pub pp_tps: Vec<f64>,
+    /// Generation, tokens per second, one value per repetition.
+    pub tg_tps: Vec<f64>,
+    /// Seconds to load the model.
+    pub load_seconds: f64,
+}
+
+/// Median of a non-empty list (0 when empty).
+pub fn median(values: &[f64]) -> f64 {
+    let mut v = values.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// Runs the benchmark; a warm-up repetition is done first and not counted.
+pub fn run(
+    path: &Path,
+    prompt_tokens: usize,
+    gen_tokens: usize,
+    reps: usize,
+) -> Result<BenchReport, BenchError> {
+    let started = Instant::now();
+    let model = ChatModel::load(path, &Device::Cpu)?;
+    let load_seconds = started.elapsed().as_secs_f64();
+    let vocab = model.info().vocab_size.max(2) as u32;
+    // Deterministic pseudo-random prompt, as llama-bench uses random tokens.
+    let prompt: Vec<u32> = (0..prompt_tokens as u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 7) % (vocab - 1) + 1)
+        .collect();
+    let mut pp_tps = Vec::new();
+    let mut tg_tps = Vec::new();
+    for rep in 0..=reps {
+        let mut seq = model.new_sequence();
+        let t = Instant::now();
+        let mut logits = seq
+            .forward(&prompt)
+            .map_err(|e| BenchError::Forward(e.to_string()))?;
+        let pp = prompt_tokens as f64 / t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        for _ in 0..gen_tokens {
+            let next = argmax(&logits);
+            logits = seq
+                .forward(&[next])
+                .map_err(|e| BenchError::Forward(e.to_string()))?;
+        }
+        let tg = gen_tokens as f64 / t.elapsed().as_secs_f64();
+        if rep > 0 {
+            pp_tps.push(pp);
+            tg_tps.push(tg);
+        }
+    }
+    Ok(BenchReport {
+        model: path.display().to_string(),
+        prompt_tokens,
+        gen_tokens,
+        pp_tps,
+        tg_tps,
+        load_seconds,
+    })
+}
+
+/// The benchmark could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    /// Loading failed.
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    /// The forward pass failed.
+    #[error("forward pass failed: {0}")]
+    Forward(String),
+}

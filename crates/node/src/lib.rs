@@ -1,0 +1,12 @@
+//! The pod node: model store and catalogue, model loading, and (as the mesh lands) the
+//! libp2p networking. The `pod` binary in `main.rs` is a thin command-line layer over this.
+#![deny(missing_docs)]
+#![cfg_attr(not(test), deny(clippy::unwrap_used))]
+
+pub mod bench;
+pub mod catalogue;
+pub mod home;
+pub mod loader;
+pub mod progress;
+pub mod source;
+pub mod store;

@@ -1,0 +1,344 @@
+//! `pod`: a peer-to-peer AI node. This file only parses the command line and dispatches.
+#![deny(clippy::unwrap_used)]
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use pod_inference::{
+    ChatMessage, DeviceSpec, Engine, EngineConfig, GenerateEvent, GenerateRequest, Prompt, Role,
+    SamplingParams,
+};
+use pod_node::catalogue::{self, CATALOGUE, DEFAULT_CHAT_MODEL};
+use pod_node::home::default_home;
+use pod_node::loader;
+use pod_node::store::{ModelFormat, ModelStore};
+
+/// A peer-to-peer AI node: local LLM and embedding inference behind an OpenAI-compatible API,
+/// shared over a libp2p mesh.
+#[derive(Debug, Parser)]
+#[command(name = "pod", version, about, long_about = None)]
+struct Cli {
+    /// State directory (models, identity, config). Default: $POD_HOME, else ~/.local/share/pod.
+    #[arg(long, global = true, value_name = "DIR")]
+    home: Option<PathBuf>,
+    /// Log filter, e.g. `info`, `debug`, `pod_inference=trace` (also RUST_LOG).
+    #[arg(long, global = true, default_value = "info", value_name = "FILTER")]
+    log: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// List, download and delete models.
+    #[command(subcommand)]
+    Models(ModelsCommand),
+    /// Run one prompt through a local model and stream the answer to stdout.
+    Infer(InferArgs),
+    /// Measure prompt-processing and generation speed of a chat model (like llama-bench).
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+struct BenchArgs {
+    /// Catalogue name or path to a GGUF file.
+    #[arg(long, short, default_value = DEFAULT_CHAT_MODEL)]
+    model: String,
+    /// Prompt length in tokens (llama-bench's -p).
+    #[arg(long, short = 'p', default_value_t = 128)]
+    prompt_tokens: usize,
+    /// Tokens to generate (llama-bench's -n).
+    #[arg(long, short = 'n', default_value_t = 128)]
+    gen_tokens: usize,
+    /// Measured repetitions, after one warm-up.
+    #[arg(long, short = 'r', default_value_t = 3)]
+    reps: usize,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Debug, Subcommand)]
+enum ModelsCommand {
+    /// Show the catalogue and which models are downloaded.
+    List {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Download models (verified against their pinned SHA-256).
+    Pull {
+        /// Catalogue names; see `pod models list`.
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+    /// Delete a downloaded model.
+    Remove {
+        /// Catalogue name.
+        name: String,
+    },
+}
+
+#[derive(Debug, Args)]
+struct InferArgs {
+    /// Catalogue name or path to a GGUF file. Catalogued models are pulled if missing.
+    #[arg(long, short, default_value = DEFAULT_CHAT_MODEL)]
+    model: String,
+    /// The user message (or the raw text with --raw).
+    #[arg(long, short)]
+    prompt: String,
+    /// A system message placed before the prompt.
+    #[arg(long)]
+    system: Option<String>,
+    /// Send the prompt as raw text instead of rendering it with the model's chat template.
+    #[arg(long)]
+    raw: bool,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = 256)]
+    max_tokens: usize,
+    /// Sampling temperature; 0 is greedy (deterministic).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Nucleus sampling: keep the most likely tokens up to this total probability.
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    /// Keep only the K most likely tokens (0 = all).
+    #[arg(long, default_value_t = 0)]
+    top_k: usize,
+    /// Drop tokens less likely than this fraction of the best one.
+    #[arg(long, default_value_t = 0.0)]
+    min_p: f32,
+    /// Penalise tokens seen in the last 64 (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    /// Random seed; the same seed and settings give the same output.
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Stop before this text (repeatable).
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Compute device: auto, cpu, cuda[:N], rocm[:N].
+    #[arg(long, default_value = "auto")]
+    device: DeviceSpec,
+    /// Do not download a missing catalogued model; fail instead.
+    #[arg(long)]
+    no_pull: bool,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing(&cli.log);
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let _ = std::io::stdout().flush();
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing(filter: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(filter));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .compact()
+        .init();
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let home = cli.home.unwrap_or_else(default_home);
+    let store = ModelStore::open(&home)
+        .with_context(|| format!("cannot open the model store under {}", home.display()))?;
+    match cli.command {
+        Command::Models(cmd) => models(&store, cmd),
+        Command::Infer(args) => infer(&store, args),
+        Command::Bench(args) => bench(&store, args),
+    }
+}
+
+fn models(store: &ModelStore, cmd: ModelsCommand) -> Result<()> {
+    match cmd {
+        ModelsCommand::List { json } => {
+            let rows: Vec<serde_json::Value> = CATALOGUE
+                .iter()
+                .map(|e| {
+                    serde_json::json!({
+                        "name": e.name,
+                        "kind": match e.format {
+                            ModelFormat::Gguf => "chat",
+                            ModelFormat::SentenceTransformers => "embedding",
+                        },
+                        "size": e.size(),
+                        "downloaded": store.is_present(e),
+                        "path": store.model_dir(e.name),
+                        "license": e.license,
+                        "description": e.description,
+                    })
+                })
+                .collect();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                println!(
+                    "{:<24} {:<10} {:>9}  {:<10} DESCRIPTION",
+                    "NAME", "KIND", "SIZE", "STATUS"
+                );
+                for e in CATALOGUE {
+                    println!(
+                        "{:<24} {:<10} {:>7} MB  {:<10} {}",
+                        e.name,
+                        match e.format {
+                            ModelFormat::Gguf => "chat",
+                            ModelFormat::SentenceTransformers => "embedding",
+                        },
+                        e.size() / 1_000_000,
+                        if store.is_present(e) { "pulled" } else { "-" },
+                        e.description
+                    );
+                }
+            }
+            Ok(())
+        }
+        ModelsCommand::Pull { names } => {
+            for name in &names {
+                let entry = catalogue::find(name).with_context(|| {
+                    format!(
+                        "unknown model `{name}` (known: {})",
+                        CATALOGUE
+                            .iter()
+                            .map(|e| e.name)
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    )
+                })?;
+                let dir = store.pull(entry)?;
+                println!("{name}: {}", dir.display());
+            }
+            Ok(())
+        }
+        ModelsCommand::Remove { name } => {
+            if catalogue::find(&name).is_none() {
+                bail!("unknown model `{name}`");
+            }
+            if store.remove(&name)? {
+                println!("removed {name}");
+                Ok(())
+            } else {
+                bail!("model `{name}` is not downloaded")
+            }
+        }
+    }
+}
+
+fn infer(store: &ModelStore, args: InferArgs) -> Result<()> {
+    let resolved = loader::resolve(store, &args.model, !args.no_pull)?;
+    if resolved.format != ModelFormat::Gguf {
+        bail!(
+            "`{}` is an embedding model; `pod infer` needs a chat model",
+            args.model
+        );
+    }
+    let engine = Engine::start(EngineConfig::default());
+    loader::load_into(&engine, &resolved, args.device)?;
+    let prompt = if args.raw {
+        Prompt::Text(args.prompt)
+    } else {
+        let mut messages = Vec::new();
+        if let Some(system) = args.system {
+            messages.push(ChatMessage::new(Role::System, system));
+        }
+        messages.push(ChatMessage::new(Role::User, args.prompt));
+        Prompt::Chat(messages)
+    };
+    let request = GenerateRequest {
+        model: resolved.name.clone(),
+        prompt,
+        sampling: SamplingParams {
+            temperature: args.temperature,
+            top_p: args.top_p,
+            top_k: args.top_k,
+            min_p: args.min_p,
+            repetition_penalty: args.repeat_penalty,
+            seed: args.seed,
+            ..Default::default()
+        },
+        max_tokens: Some(args.max_tokens),
+        stop: args.stop,
+        logprobs: None,
+    };
+    let started = Instant::now();
+    let mut events = engine.generate(request)?;
+    let mut first_token = None;
+    let mut stdout = std::io::stdout().lock();
+    while let Some(event) = events.blocking_recv() {
+        match event {
+            GenerateEvent::Delta { text, .. } => {
+                first_token.get_or_insert_with(Instant::now);
+                stdout.write_all(text.as_bytes())?;
+                stdout.flush()?;
+            }
+            GenerateEvent::Done {
+                finish_reason,
+                usage,
+            } => {
+                writeln!(stdout)?;
+                let total = started.elapsed().as_secs_f64();
+                let decode = first_token.map_or(total, |t| t.elapsed().as_secs_f64());
+                eprintln!(
+                    "[{} prompt tokens, {} completion tokens, finish: {}, {:.1} tokens/s]",
+                    usage.prompt_tokens,
+                    usage.completion_tokens,
+                    finish_reason.as_str(),
+                    usage.completion_tokens.saturating_sub(1) as f64 / decode.max(1e-9)
+                );
+                return Ok(());
+            }
+            GenerateEvent::Error(e) => bail!(e),
+        }
+    }
+    bail!("the engine stopped before finishing")
+}
+
+fn bench(store: &ModelStore, args: BenchArgs) -> Result<()> {
+    let resolved = loader::resolve(store, &args.model, true)?;
+    if resolved.format != ModelFormat::Gguf {
+        bail!("`{}` is not a chat model", args.model);
+    }
+    if args.prompt_tokens == 0 || args.gen_tokens == 0 || args.reps == 0 {
+        bail!("--prompt-tokens, --gen-tokens and --reps must be at least 1");
+    }
+    let report = pod_node::bench::run(
+        &resolved.path,
+        args.prompt_tokens,
+        args.gen_tokens,
+        args.reps,
+    )?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        use pod_node::bench::median;
+        println!("model: {}", report.model);
+        println!(
+            "pp{}: {:.1} tokens/s (median of {})",
+            report.prompt_tokens,
+            median(&report.pp_tps),
+            args.reps
+        );
+        println!(
+            "tg{}: {:.1} tokens/s (median of {})",
+            report.gen_tokens,
+            median(&report.tg_tps),
+            args.reps
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,311 @@
+//! The model store: catalogued models downloaded under `$POD_HOME/models`, verified by SHA-256.
+//!
+//! A file is fetched into a temporary file in the model's directory, hashed while it is
+//! written, checked against the pinned hash and size, synced, and only then renamed into
+//! place: an interrupted or corrupted download never becomes a model. A lock file serialises
+//! pulls of the same model by concurrent processes.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::io::{self, BufWriter, Write};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::catalogue::{CatalogueEntry, FileSpec};
+use crate::progress::Progress;
+use crate::source::{FetchContext, Source, SourceError, HF_DEFAULT_ENDPOINT, HF_ENDPOINT_ENV};
+
+/// On-disk format of a model.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ModelFormat {
+    /// One GGUF file (`model.gguf`): a chat model.
+    Gguf,
+    /// A sentence-transformers directory (safetensors, config, tokenizer): an embedding model.
+    SentenceTransformers,
+}
+
+/// A store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Creating, reading or renaming files in the store failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+    /// Every source of a file failed.
+    #[error("could not fetch {model}/{file}: {errors}")]
+    AllSourcesFailed {
+        /// Model name.
+        model: String,
+        /// File name.
+        file: String,
+        /// Each source's failure, joined.
+        errors: String,
+    },
+    /// A fetched file's hash or size is not the pinned one.
+    #[error("{0}")]
+    Verification(String),
+    /// A source spec is invalid.
+    #[error(transparent)]
+    Source(#[from] SourceError),
+}
+
+const VERIFIED_FILE: &str = ".verified.json";
+
+/// Record of the files verified in one model directory.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct Verified {
+    files: BTreeMap<String, VerifiedFile>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct VerifiedFile {
+    sha256: String,
+    size: u64,
+}
+
+/// The directory of downloaded models.
+#[derive(Debug, Clone)]
+pub struct ModelStore {
+    root: PathBuf,
+    hf_endpoint: String,
+}
+
+fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
+    move |source| StoreError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+impl ModelStore {
+    /// The store under `home` (`$POD_HOME`), created if missing.
+    pub fn open(home: &Path) -> Result<Self, StoreError> {
+        let root = home.join("models");
+        fs::create_dir_all(&root).map_err(io_err(&root))?;
+        let hf_endpoint = std::env::var(HF_ENDPOINT_ENV)
+            .ok()
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| HF_DEFAULT_ENDPOINT.to_owned());
+        Ok(Self { root, hf_endpoint })
+    }
+
+    /// Fetches `hf:` sources from another endpoint (a mirror, or a test server).
+    pub fn with_hf_endpoint(mut self, endpoint: &str) -> Self {
+        self.hf_endpoint = endpoint.to_owned();
+        self
+    }
+
+    /// Directory holding a model's files.
+    pub fn model_dir(&self, name: &str) -> PathBuf {
+        self.root.join(name)
+    }
+
+    /// Path a chat model's GGUF file has once pulled.
+    pub fn gguf_path(&self, name: &str) -> PathBuf {
+        self.model_dir(name).join("model.gguf")
+    }
+
+    /// Whether every file of the model is present and was verified.
+    pub fn is_present(&self, entry: &CatalogueEntry) -> bool {
+        let dir = self.model_dir(entry.name);
+        let verified = read_verified(&dir);
+        entry.files.iter().all(|f| {
+            let record = verified.files.get(f.name);
+            record
+                == Some(&VerifiedFile {
+                    sha256: f.sha256.to_owned(),
+                    size: f.size,
+                })
+                && fs::metadata(dir.join(f.name)).is_ok_and(|m| m.len() == f.size)
+        })
+    }
+
+    /// Downloads whatever files of the model are missing; returns the model's directory.
+    pub fn pull(&self, entry: &CatalogueEntry) -> Result<PathBuf, StoreError> {
+        let dir = self.model_dir(entry.name);
+        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let lock_path = self.root.join(format!(".{}.lock", entry.name));
+        let lock = File::create(&lock_path).map_err(io_err(&lock_path))?;
+        lock.lock().map_err(io_err(&lock_path))?;
+        if self.is_present(entry) {
+            return Ok(dir);
+        }
+        let mut ctx = FetchContext::new(&self.root.join(".tmp"), &self.hf_endpoint)?;
+        let progress = Progress::bytes(&format!("pulling {}", entry.name));
+        for file in entry.files {
+            let mut verified = read_verified(&dir);
+            let record = VerifiedFile {
+                sha256: file.sha256.to_owned(),
+                size: file.size,
+            };
+            let target = dir.join(file.name);
+            if verified.files.get(file.name) == Some(&record)
+                && fs::metadata(&target).is_ok_and(|m| m.len() == file.size)
+            {
+                continue;
+            }
+            self.fetch_file(entry, file, &target, &mut ctx, &progress)?;
+            verified.files.insert(file.name.to_owned(), record);
+            write_verified(&dir, &verified)?;
+        }
+        progress.finish();
+        tracing::info!(model = entry.name, dir = %dir.display(), "model ready");
+        Ok(dir)
+    }
+
+    fn fetch_file(
+        &self,
+        entry: &CatalogueEntry,
+        file: &FileSpec,
+        target: &Path,
+        ctx: &mut FetchContext,
+        progress: &Progress,
+    ) -> Result<(), StoreError> {
+        let parent = target.parent().unwrap_or(&self.root);
+        fs::create_dir_all(parent).map_err(io_err(parent))?;
+        let mut errors = Vec::new();
+        for spec in file.sources {
+            let parts = Source::parse_parts(spec)?;
+            let desc = parts
+                .iter()
+                .map(Source::describe)
+                .collect::<Vec<_>>()
+                .join(" + ");
+            tracing::info!(model = entry.name, file = file.name, source = %desc, "fetching");
+            let tmp = tempfile::Builder::new()
+                .prefix(".partial-")
+                .tempfile_in(parent)
+                .map_err(io_err(parent))?;
+            let mut writer = HashingWriter::new(BufWriter::new(tmp.as_file()));
+            let mut result = Ok(0u64);
+            for part in &parts {
+                result = part.copy_to(ctx, &mut writer, progress);
+                if result.is_err() {
+                    break;
+                }
+            }
+            if let Err(e) = result {
+                tracing::warn!(source = %desc, error = %e, "source failed");
+                errors.push(e.to_string());
+                continue;
+            }
+            let (buffered, digest, size) = writer.finish();
+            buffered
+                .into_inner()
+                .map_err(|e| e.into_error())
+                .and_then(|f| f.sync_all())
+                .map_err(io_err(tmp.path()))?;
+            let actual = hex::encode(digest);
+            if actual != file.sha256 || size != file.size {
+                let err = StoreError::Verification(format!(
+                    "{}/{} from {desc} failed verification: expected sha256 {} ({} bytes), got {actual} ({size} bytes)",
+                    entry.name, file.name, file.sha256, file.size
+                ));
+                tracing::warn!(error = %err, "discarding download");
+                errors.push(err.to_string());
+                continue;
+            }
+            tmp.persist(target).map_err(|e| StoreError::Io {
+                path: target.to_owned(),
+                source: e.error,
+            })?;
+            sync_dir(parent);
+            return Ok(());
+        }
+        Err(StoreError::AllSourcesFailed {
+            model: entry.name.to_owned(),
+            file: file.name.to_owned(),
+            errors: errors.join("; "),
+        })
+    }
+
+    /// Deletes a model's files; returns whether there was anything to delete.
+    pub fn remove(&self, name: &str) -> Result<bool, StoreError> {
+        let dir = self.model_dir(name);
+        if !dir.exists() {
+            return Ok(false);
+        }
+        fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
+        Ok(true)
+    }
+}
+
+fn read_verified(dir: &Path) -> Verified {
+    fs::read(dir.join(VERIFIED_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default()
+}
+
+fn write_verified(dir: &Path, verified: &Verified) -> Result<(), StoreError> {
+    let path = dir.join(VERIFIED_FILE);
+    let mut tmp = tempfile::NamedTempFile::new_in(dir).map_err(io_err(dir))?;
+    let body = serde_json::to_vec_pretty(verified).map_err(|e| StoreError::Io {
+        path: path.clone(),
+        source: io::Error::other(e),
+    })?;
+    tmp.write_all(&body)
+        .and_then(|()| tmp.as_file().sync_all())
+        .map_err(io_err(&path))?;
+    tmp.persist(&path).map_err(|e| StoreError::Io {
+        path: path.clone(),
+        source: e.error,
+    })?;
+    sync_dir(dir);
+    Ok(())
+}
+
+/// Makes a rename durable; failures only weaken crash safety, so they are logged.
+fn sync_dir(dir: &Path) {
+    if let Err(e) = File::open(dir).and_then(|d| d.sync_all()) {
+        tracing::debug!(dir = %dir.display(), error = %e, "cannot sync directory");
+    }
+}
+
+struct HashingWriter<W> {
+    inner: W,
+    hasher: Sha256,
+    size: u64,
+}
+
+impl<W: Write> HashingWriter<W> {
+    fn new(inner: W) -> Self {
+        Self {
+            inner,
+            hasher: Sha256::new(),
+            size: 0,
+        }
+    }
+
+    fn finish(self) -> (W, [u8; 32], u64) {
+        (self.inner, self.hasher.finalize().into(), self.size)
+    }
+}
+
+impl<W: Write> Write for HashingWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.size += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// SHA-256 of a file, lowercase hex.
+pub fn sha256_file(path: &Path) -> io::Result<String> {
+    let mut f = File::open(path)?;
+    let mut hasher = Sha256::new();
+    io::copy(&mut f, &mut hasher)?;
+    Ok(hex::encode(hasher.finalize()))
+}

@@ -1,0 +1,121 @@
+//! The `pod` binary driven as a user would: success paths and one-line errors.
+
+mod common;
+
+use std::process::{Command, Output};
+
+fn pod(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_pod"))
+        .arg("--home")
+        .arg(common::test_home())
+        .args(["--log", "warn"])
+        .args(args)
+        .output()
+        .expect("run pod")
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+/// A failed command prints exactly one line, starting with `error:`, and exits non-zero.
+fn assert_one_line_error(o: &Output, needle: &str) {
+    assert!(!o.status.success(), "expected failure");
+    let err = stderr(o);
+    let lines: Vec<&str> = err.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected one line, got: {err}");
+    assert!(lines[0].starts_with("error: "), "{err}");
+    assert!(lines[0].contains(needle), "{needle:?} not in: {err}");
+}
+
+#[test]
+fn models_list_json_shows_the_catalogue() {
+    common::model_path("smollm2-135m-instruct");
+    let o = pod(&["models", "list", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let list: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let smol = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "smollm2-135m-instruct")
+        .expect("default model listed");
+    assert_eq!(smol["downloaded"], true);
+    assert_eq!(smol["kind"], "chat");
+}
+
+#[test]
+fn infer_streams_a_deterministic_answer() {
+    let args = [
+        "infer",
+        "--prompt",
+        "What is 2 + 2?",
+        "--max-tokens",
+        "12",
+        "--temperature",
+        "0.8",
+        "--seed",
+        "3",
+        "--device",
+        "cpu",
+    ];
+    let a = pod(&args);
+    assert!(a.status.success(), "{}", stderr(&a));
+    let b = pod(&args);
+    assert!(!a.stdout.is_empty());
+    assert_eq!(a.stdout, b.stdout, "same seed, same output");
+    assert!(stderr(&a).contains("completion tokens"), "{}", stderr(&a));
+}
+
+#[test]
+fn unknown_model_is_one_clear_line() {
+    let o = pod(&["infer", "--model", "no-such-model", "--prompt", "hi"]);
+    assert_one_line_error(&o, "unknown model `no-such-model`");
+    let o = pod(&["models", "pull", "no-such-model"]);
+    assert_one_line_error(&o, "unknown model `no-such-model`");
+}
+
+#[test]
+fn corrupted_gguf_is_one_clear_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broken.gguf");
+    std::fs::write(&path, b"GGUF\x03\x00\x00\x00garbage").unwrap();
+    let o = pod(&["infer", "--model", path.to_str().unwrap(), "--prompt", "hi"]);
+    assert_one_line_error(&o, "not a valid GGUF model");
+    let path = dir.path().join("text.gguf");
+    std::fs::write(&path, b"hello, I am not a model").unwrap();
+    let o = pod(&["infer", "--model", path.to_str().unwrap(), "--prompt", "hi"]);
+    assert_one_line_error(&o, "not a valid GGUF model");
+}
+
+#[test]
+fn missing_file_is_one_clear_line() {
+    let o = pod(&[
+        "infer",
+        "--model",
+        "/nonexistent/model.gguf",
+        "--prompt",
+        "hi",
+    ]);
+    assert_one_line_error(&o, "unknown model `/nonexistent/model.gguf`");
+}
+
+#[test]
+fn prompt_over_the_context_is_one_clear_line() {
+    let long = "word ".repeat(5000);
+    let o = pod(&["infer", "--prompt", &long]);
+    assert_one_line_error(&o, "over the model's context length of 4096 tokens");
+}
+
+#[test]
+fn bad_flags_are_rejected() {
+    let o = pod(&["infer", "--prompt", "hi", "--device", "tpu"]);
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("unknown device `tpu`"),
+        "{}",
+        stderr(&o)
+    );
+    let o = pod(&["infer", "--prompt", "hi", "--temperature", "5"]);
+    assert_one_line_error(&o, "temperature");
+}

@@ -1,0 +1,53 @@
+//! Shared helpers for the node's integration tests: the real models, fetched by the store.
+#![allow(dead_code, unreachable_pub)]
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use pod_inference::{DeviceSpec, Engine, EngineConfig, EngineHandle};
+use pod_node::catalogue::{DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDING_MODEL};
+use pod_node::loader;
+use pod_node::store::ModelStore;
+
+/// Where tests keep downloaded models: `$POD_HOME`, else `~/.cache/pod`, so every test run
+/// (and every test process) shares one verified copy.
+pub fn test_home() -> PathBuf {
+    std::env::var_os("POD_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| dirs::cache_dir().expect("no cache dir").join("pod"))
+}
+
+pub fn store() -> ModelStore {
+    ModelStore::open(&test_home()).expect("open store")
+}
+
+/// Path of a catalogued model, pulled (and verified) on first use.
+pub fn model_path(name: &str) -> PathBuf {
+    loader::resolve(&store(), name, true)
+        .unwrap_or_else(|e| panic!("cannot pull {name}: {e}"))
+        .path
+}
+
+/// An engine with the default chat and embedding models, shared by the tests of one process.
+pub fn engine() -> EngineHandle {
+    static ENGINE: OnceLock<EngineHandle> = OnceLock::new();
+    ENGINE
+        .get_or_init(|| {
+            let engine = Engine::start(EngineConfig::default());
+            for name in [DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDING_MODEL] {
+                let resolved = loader::resolve(&store(), name, true).expect("pull");
+                loader::load_into(&engine, &resolved, DeviceSpec::Cpu).expect("load");
+            }
+            engine
+        })
+        .clone()
+}
+
+pub fn fixture(name: &str) -> serde_json::Value {
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
+    let text =
+        std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
+    serde_json::from_str(&text).expect("fixture json")
+}

@@ -1,0 +1,211 @@
+//! The model store against a local HTTP server on 127.0.0.1 that serves files the way
+//! Hugging Face and plain HTTPS hosts do, plus local-path sources.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::net::TcpListener;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::thread;
+
+use pod_node::catalogue::{CatalogueEntry, FileSpec};
+use pod_node::store::{sha256_file, ModelFormat, ModelStore, StoreError};
+use sha2::{Digest, Sha256};
+
+/// Serves `files` by path; paths starting with `/cut/` send half the body then hang up.
+/// Returns the base URL and a log of requested paths.
+fn serve(files: HashMap<String, Vec<u8>>) -> (String, Arc<Mutex<Vec<String>>>) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let log2 = Arc::clone(&log);
+    thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            if reader.read_line(&mut line).is_err() {
+                continue;
+            }
+            let path = line.split_whitespace().nth(1).unwrap_or("/").to_owned();
+            loop {
+                let mut h = String::new();
+                if reader.read_line(&mut h).is_err() || h == "\r\n" || h.is_empty() {
+                    break;
+                }
+            }
+            log2.lock().unwrap().push(path.clone());
+            let key = path.trim_start_matches("/cut");
+            match files.get(key) {
+                Some(body) => {
+                    let _ = write!(
+                        stream,
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        body.len()
+                    );
+                    let n = if path.starts_with("/cut/") {
+                        body.len() / 2
+                    } else {
+                        body.len()
+                    };
+                    let _ = stream.write_all(&body[..n]);
+                }
+                None => {
+                    let _ = stream.write_all(
+                        b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    );
+                }
+            }
+        }
+    });
+    (base, log)
+}
+
+fn leak(s: String) -> &'static str {
+    Box::leak(s.into_boxed_str())
+}
+
+fn entry(name: &str, sources: Vec<String>, body: &[u8]) -> &'static CatalogueEntry {
+    let sources: Vec<&'static str> = sources.into_iter().map(leak).collect();
+    let file = FileSpec {
+        name: "model.gguf",
+        sources: Box::leak(sources.into_boxed_slice()),
+        sha256: leak(hex::encode(Sha256::digest(body))),
+        size: body.len() as u64,
+    };
+    Box::leak(Box::new(CatalogueEntry {
+        name: leak(name.to_owned()),
+        format: ModelFormat::Gguf,
+        description: "test",
+        license: "test",
+        files: Box::leak(vec![file].into_boxed_slice()),
+    }))
+}
+
+fn payload() -> Vec<u8> {
+    (0..3_000_000u32).map(|i| (i % 251) as u8).collect()
+}
+
+fn files_in(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+#[test]
+fn hf_source_downloads_and_verifies() {
+    let body = payload();
+    let (base, log) = serve(HashMap::from([(
+        "/org/repo/resolve/main/m.gguf".to_owned(),
+        body.clone(),
+    )]));
+    let home = tempfile::tempdir().unwrap();
+    let store = ModelStore::open(home.path())
+        .unwrap()
+        .with_hf_endpoint(&base);
+    let e = entry("hf-model", vec!["hf:org/repo:m.gguf".into()], &body);
+    assert!(!store.is_present(e));
+    let dir = store.pull(e).unwrap();
+    assert!(store.is_present(e));
+    assert_eq!(std::fs::read(dir.join("model.gguf")).unwrap(), body);
+    // A second pull is a no-op.
+    store.pull(e).unwrap();
+    assert_eq!(log.lock().unwrap().len(), 1);
+}
+
+#[test]
+fn corrupted_download_never_becomes_a_model_and_next_source_is_tried() {
+    let body = payload();
+    let mut bad = body.clone();
+    bad[1000] ^= 0xff;
+    let (base, _) = serve(HashMap::from([
+        ("/bad.gguf".to_owned(), bad),
+        ("/good.gguf".to_owned(), body.clone()),
+    ]));
+    let home = tempfile::tempdir().unwrap();
+    let store = ModelStore::open(home.path()).unwrap();
+
+    let only_bad = entry("bad-model", vec![format!("{base}/bad.gguf")], &body);
+    let err = store.pull(only_bad).unwrap_err();
+    assert!(matches!(err, StoreError::AllSourcesFailed { .. }), "{err}");
+    assert!(err.to_string().contains("failed verification"), "{err}");
+    assert!(!store.is_present(only_bad));
+    assert!(!store.model_dir("bad-model").join("model.gguf").exists());
+    assert!(files_in(&store.model_dir("bad-model"))
+        .iter()
+        .all(|f| !f.starts_with(".partial")));
+
+    let fallback = entry(
+        "fallback-model",
+        vec![format!("{base}/bad.gguf"), format!("{base}/good.gguf")],
+        &body,
+    );
+    let dir = store.pull(fallback).unwrap();
+    assert_eq!(
+        sha256_file(&dir.join("model.gguf")).unwrap(),
+        fallback.files[0].sha256
+    );
+}
+
+#[test]
+fn interrupted_download_leaves_nothing_behind() {
+    let body = payload();
+    let (base, _) = serve(HashMap::from([("/m.gguf".to_owned(), body.clone())]));
+    let home = tempfile::tempdir().unwrap();
+    let store = ModelStore::open(home.path()).unwrap();
+    let e = entry("cut-model", vec![format!("{base}/cut/m.gguf")], &body);
+    let err = store.pull(e).unwrap_err();
+    assert!(matches!(err, StoreError::AllSourcesFailed { .. }), "{err}");
+    assert!(!store.is_present(e));
+    assert_eq!(
+        files_in(&store.model_dir("cut-model")),
+        Vec::<String>::new()
+    );
+}
+
+#[test]
+fn missing_file_and_404_are_reported() {
+    let body = payload();
+    let (base, _) = serve(HashMap::new());
+    let home = tempfile::tempdir().unwrap();
+    let store = ModelStore::open(home.path()).unwrap();
+    let e = entry(
+        "nowhere",
+        vec![
+            format!("{base}/none.gguf"),
+            "/definitely/not/here.gguf".into(),
+        ],
+        &body,
+    );
+    let err = store.pull(e).unwrap_err().to_string();
+    assert!(err.contains("404"), "{err}");
+    assert!(err.contains("/definitely/not/here.gguf"), "{err}");
+}
+
+#[test]
+fn local_parts_are_concatenated() {
+    let body = payload();
+    let src = tempfile::tempdir().unwrap();
+    let (a, b) = body.split_at(1_234_567);
+    std::fs::write(src.path().join("a"), a).unwrap();
+    std::fs::write(src.path().join("b"), b).unwrap();
+    let spec = format!(
+        "{} + file:{}",
+        src.path().join("a").display(),
+        src.path().join("b").display()
+    );
+    let home = tempfile::tempdir().unwrap();
+    let store = ModelStore::open(home.path()).unwrap();
+    let e = entry("parts", vec![spec], &body);
+    let dir = store.pull(e).unwrap();
+    assert_eq!(std::fs::read(dir.join("model.gguf")).unwrap(), body);
+    assert!(store.remove("parts").unwrap());
+    assert!(!store.is_present(e));
+    assert!(!store.remove("parts").unwrap());
+}
