@@ -19,6 +19,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::chat::ChatMessage;
 use crate::embedding::{Embedding, EmbeddingModel};
 use crate::error::EngineError;
+use crate::json::JsonPrefix;
 use crate::model::{ChatModel, ChatModelInfo, Sequence};
 use crate::sampling::{log_softmax, top_logprobs, Sampler, SamplingParams};
 use crate::stop::{StopMatcher, StopOutcome};
@@ -72,6 +73,9 @@ pub struct GenerateRequest {
     pub stop: Vec<String>,
     /// Return each token's log-probability and this many alternatives (`None`: none at all).
     pub logprobs: Option<usize>,
+    /// Constrain the output to one JSON object; generation stops when it is complete.
+    #[serde(default)]
+    pub json: bool,
 }
 
 impl GenerateRequest {
@@ -84,6 +88,7 @@ impl GenerateRequest {
             max_tokens: None,
             stop: Vec::new(),
             logprobs: None,
+            json: false,
         }
     }
 }
@@ -236,6 +241,7 @@ struct Job {
     sampling: SamplingParams,
     stop: Vec<String>,
     logprobs: Option<usize>,
+    json: bool,
     events: mpsc::UnboundedSender<GenerateEvent>,
 }
 
@@ -472,6 +478,7 @@ impl EngineHandle {
             sampling: req.sampling,
             stop: req.stop,
             logprobs: req.logprobs,
+            json: req.json,
             events: tx,
         };
         self.stats.queued.fetch_add(1, Ordering::Relaxed);
@@ -523,6 +530,7 @@ struct Active {
     context_length: usize,
     pending_tokens: Vec<u32>,
     pending_logprobs: Vec<TokenLogprob>,
+    json: Option<JsonPrefix>,
 }
 
 struct Worker {
@@ -625,6 +633,7 @@ impl Worker {
                 context_length: model.info().context_length,
                 pending_tokens: Vec::new(),
                 pending_logprobs: Vec::new(),
+                json: job.json.then(JsonPrefix::default),
                 job,
             });
             self.stats.active.fetch_add(1, Ordering::Relaxed);
@@ -694,11 +703,34 @@ fn step(
     };
 
     let logprob_info = a.job.logprobs.map(|k| (log_softmax(&logits), k));
-    let token = a.sampler.sample(&mut logits);
+    let tokenizer = model.tokenizer();
+    let token = match a.json.take() {
+        None => a.sampler.sample(&mut logits),
+        Some(state) => {
+            let mut next_state = None;
+            let token = a.sampler.sample_constrained(&mut logits, |t| {
+                if tokenizer.is_stop_token(t) {
+                    return false;
+                }
+                let piece = tokenizer.token_piece(t);
+                if piece.is_empty() || piece.contains('\u{FFFD}') {
+                    return false;
+                }
+                next_state = state.advance(&piece);
+                next_state.is_some()
+            });
+            let Some(token) = token else {
+                return Err(EngineError::Internal(
+                    "no token can continue the JSON output".into(),
+                ));
+            };
+            a.json = next_state;
+            token
+        }
+    };
     a.sampler.accept(token);
     a.generated += 1;
     stats.completion_tokens.fetch_add(1, Ordering::Relaxed);
-    let tokenizer = model.tokenizer();
     let usage = Usage {
         prompt_tokens: a.job.prompt.len(),
         completion_tokens: a.generated,
@@ -738,6 +770,12 @@ fn step(
                 flush(a, text);
             }
         }
+    }
+    if a.json.as_ref().is_some_and(JsonPrefix::is_complete) {
+        let rest = a.stops.finish();
+        flush(a, rest);
+        send_done(a, FinishReason::Stop, usage);
+        return Ok(Step::Finished);
     }
     let at_context_end = a.job.prompt.len() + a.generated >= a.context_length;
     if a.generated >= a.job.max_tokens || at_context_end {

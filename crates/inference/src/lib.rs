@@ -14,6 +14,7 @@ pub mod embedding;
 pub mod engine;
 pub mod error;
 pub mod gguf;
+pub mod json;
 pub mod model;
 pub mod sampling;
 pub mod stop;

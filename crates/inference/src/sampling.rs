@@ -123,6 +123,34 @@ impl Sampler {
     /// Picks the next token from raw logits (modified in place by the penalties).
     pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
         self.apply_penalties(logits);
+        self.choose(logits)
+    }
+
+    /// Picks the next token among those `allowed` accepts: a rejected token is masked out and
+    /// the choice repeated, so the result follows the distribution restricted to allowed
+    /// tokens. `None` when no token with any probability is allowed.
+    pub fn sample_constrained(
+        &mut self,
+        logits: &mut [f32],
+        mut allowed: impl FnMut(u32) -> bool,
+    ) -> Option<u32> {
+        self.apply_penalties(logits);
+        for _ in 0..logits.len() {
+            if !logits.iter().any(|l| l.is_finite()) {
+                return None;
+            }
+            let token = self.choose(logits);
+            if allowed(token) {
+                return Some(token);
+            }
+            if let Some(l) = logits.get_mut(token as usize) {
+                *l = f32::NEG_INFINITY;
+            }
+        }
+        None
+    }
+
+    fn choose(&mut self, logits: &[f32]) -> u32 {
         if self.params.temperature <= 0.0 {
             return argmax(logits);
         }
@@ -318,6 +346,17 @@ mod tests {
         };
         let mut s = Sampler::new(rep, &[1]);
         assert_eq!(s.sample(&mut logits()), 2);
+    }
+
+    #[test]
+    fn constrained_sampling_skips_rejected_tokens() {
+        let mut s = Sampler::new(SamplingParams::default(), &[]);
+        assert_eq!(
+            s.sample_constrained(&mut logits(), |t| t != 1 && t != 2),
+            Some(0)
+        );
+        let mut s = Sampler::new(SamplingParams::default(), &[]);
+        assert_eq!(s.sample_constrained(&mut logits(), |_| false), None);
     }
 
     #[test]

@@ -57,16 +57,18 @@ pub fn run(
     for rep in 0..=reps {
         let mut seq = model.new_sequence();
         let t = Instant::now();
-        let mut logits = seq
-            .forward(&prompt)
+        seq.forward(&prompt)
             .map_err(|e| BenchError::Forward(e.to_string()))?;
         let pp = prompt_tokens as f64 / t.elapsed().as_secs_f64();
+        // Generation starts from an empty context, as llama-bench's tg test does.
+        let mut seq = model.new_sequence();
+        let mut next = prompt.first().copied().unwrap_or(1);
         let t = Instant::now();
         for _ in 0..gen_tokens {
-            let next = argmax(&logits);
-            logits = seq
+            let logits = seq
                 .forward(&[next])
                 .map_err(|e| BenchError::Forward(e.to_string()))?;
+            next = argmax(&logits);
         }
         let tg = gen_tokens as f64 / t.elapsed().as_secs_f64();
         if rep > 0 {

@@ -5,8 +5,10 @@
 
 pub mod bench;
 pub mod catalogue;
+pub mod daemon;
 pub mod home;
 pub mod loader;
+pub mod profile;
 pub mod progress;
 pub mod source;
 pub mod store;

@@ -2,8 +2,10 @@
 #![deny(clippy::unwrap_used)]
 
 use std::io::Write;
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -13,8 +15,10 @@ use pod_inference::{
     SamplingParams,
 };
 use pod_node::catalogue::{self, CATALOGUE, DEFAULT_CHAT_MODEL};
+use pod_node::daemon::{self, StartOptions};
 use pod_node::home::default_home;
 use pod_node::loader;
+use pod_node::profile::Profile;
 use pod_node::store::{ModelFormat, ModelStore};
 
 /// A peer-to-peer AI node: local LLM and embedding inference behind an OpenAI-compatible API,
@@ -34,6 +38,8 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Start the node: load the profile's models and serve the OpenAI-compatible API.
+    Start(StartArgs),
     /// List, download and delete models.
     #[command(subcommand)]
     Models(ModelsCommand),
@@ -41,6 +47,44 @@ enum Command {
     Infer(InferArgs),
     /// Measure prompt-processing and generation speed of a chat model (like llama-bench).
     Bench(BenchArgs),
+}
+
+#[derive(Debug, Args)]
+struct StartArgs {
+    /// Capabilities: auto, full, inference (chat models), embedding, relay (no local models),
+    /// storage.
+    #[arg(long, default_value = "auto")]
+    profile: Profile,
+    /// Model to load instead of the profile's defaults (repeatable): a catalogue name or a path.
+    #[arg(long = "model", short = 'm', value_name = "NAME")]
+    models: Vec<String>,
+    /// Address the API listens on. Anything but loopback needs --api-key-file or --public-api.
+    #[arg(long, default_value = "127.0.0.1")]
+    api_host: IpAddr,
+    /// Port of the API.
+    #[arg(long, default_value_t = 8080)]
+    api_port: u16,
+    /// File of accepted API keys, one per line; clients send `Authorization: Bearer KEY`.
+    #[arg(long, value_name = "FILE")]
+    api_key_file: Option<PathBuf>,
+    /// Serve the API on a non-loopback address without keys (anyone who can reach it can use it).
+    #[arg(long)]
+    public_api: bool,
+    /// Compute device: auto, cpu, cuda[:N], rocm[:N].
+    #[arg(long, default_value = "auto")]
+    device: DeviceSpec,
+    /// Sequences generated at once; further requests queue.
+    #[arg(long, default_value_t = 8)]
+    max_batch: usize,
+    /// Requests allowed to queue before new ones get 429.
+    #[arg(long, default_value_t = 256)]
+    max_queue: usize,
+    /// Seconds in-flight requests may run after ctrl-c or SIGTERM before they are cancelled.
+    #[arg(long, default_value_t = 10)]
+    shutdown_grace: u64,
+    /// Do not download missing catalogued models; fail instead.
+    #[arg(long)]
+    no_pull: bool,
 }
 
 #[derive(Debug, Args)]
@@ -160,6 +204,7 @@ fn run(cli: Cli) -> Result<()> {
         .with_context(|| format!("cannot open the model store under {}", home.display()))?;
     match cli.command {
         Command::Models(cmd) => models(&store, cmd),
+        Command::Start(args) => start(store, args),
         Command::Infer(args) => infer(&store, args),
         Command::Bench(args) => bench(&store, args),
     }
@@ -274,6 +319,7 @@ fn infer(store: &ModelStore, args: InferArgs) -> Result<()> {
         max_tokens: Some(args.max_tokens),
         stop: args.stop,
         logprobs: None,
+        json: false,
     };
     let started = Instant::now();
     let mut events = engine.generate(request)?;
@@ -341,4 +387,39 @@ fn bench(store: &ModelStore, args: BenchArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+fn start(store: ModelStore, args: StartArgs) -> Result<()> {
+    let api_keys = match &args.api_key_file {
+        None => pod_api::ApiKeys::default(),
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read API key file {}", path.display()))?;
+            let keys = pod_api::ApiKeys::parse(&text);
+            if keys.is_empty() {
+                bail!("API key file {} holds no keys", path.display());
+            }
+            keys
+        }
+    };
+    let opts = StartOptions {
+        profile: args.profile,
+        models: args.models,
+        api_host: args.api_host,
+        api_port: args.api_port,
+        api_keys,
+        public_api: args.public_api,
+        device: args.device,
+        engine: EngineConfig {
+            max_active: args.max_batch.max(1),
+            max_queue: args.max_queue,
+            ..EngineConfig::default()
+        },
+        pull: !args.no_pull,
+        grace: Duration::from_secs(args.shutdown_grace),
+    };
+    let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+    let result = runtime.block_on(daemon::run(store, opts));
+    runtime.shutdown_timeout(Duration::from_secs(1));
+    Ok(result?)
 }

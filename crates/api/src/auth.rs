@@ -1,0 +1,99 @@
+//! API keys: `Authorization: Bearer KEY`, compared in constant time, never logged.
+
+use std::fmt;
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::http::header::AUTHORIZATION;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use subtle::ConstantTimeEq;
+
+use crate::error::ApiError;
+use crate::{AppState, Backend};
+
+/// Routes reachable without a key: liveness probes must work for load balancers.
+const OPEN_PATHS: &[&str] = &["/health"];
+
+/// The accepted keys. Debug output never shows them.
+#[derive(Clone, Default)]
+pub struct ApiKeys(Arc<Vec<String>>);
+
+impl fmt::Debug for ApiKeys {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ApiKeys({} keys)", self.0.len())
+    }
+}
+
+impl ApiKeys {
+    /// Keys from a file's text: one per line; blank lines and `#` comments are skipped.
+    pub fn parse(text: &str) -> Self {
+        Self(Arc::new(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(str::to_owned)
+                .collect(),
+        ))
+    }
+
+    /// Whether any key is configured.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Number of keys.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether `candidate` is one of the keys. Every key is compared in full, so timing does
+    /// not reveal which key, or how much of one, matched.
+    pub fn accepts(&self, candidate: &str) -> bool {
+        let mut ok = subtle::Choice::from(0);
+        for key in self.0.iter() {
+            ok |= key.as_bytes().ct_eq(candidate.as_bytes());
+        }
+        ok.into()
+    }
+}
+
+/// Middleware rejecting requests without a valid key when keys are configured.
+pub async fn require_key<B: Backend>(
+    State(state): State<Arc<AppState<B>>>,
+    req: Request,
+    next: Next,
+) -> Response {
+    let keys = &state.config.keys;
+    if keys.is_empty() || OPEN_PATHS.contains(&req.uri().path()) || req.method() == "OPTIONS" {
+        return next.run(req).await;
+    }
+    let presented = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match presented {
+        None => ApiError::unauthorized("Missing API key: send it as `Authorization: Bearer KEY`")
+            .into_response(),
+        Some(key) if keys.accepts(key) => next.run(req).await,
+        Some(_) => ApiError::unauthorized("Incorrect API key provided").into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_matches_keys() {
+        let keys = ApiKeys::parse("# comment\nsk-one\n\n  sk-two  \n");
+        assert_eq!(keys.len(), 2);
+        assert!(keys.accepts("sk-one"));
+        assert!(keys.accepts("sk-two"));
+        assert!(!keys.accepts("sk-on"));
+        assert!(!keys.accepts(""));
+        assert_eq!(format!("{keys:?}"), "ApiKeys(2 keys)");
+    }
+}

@@ -1,0 +1,276 @@
+//! `POST /v1/chat/completions`.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::response::{IntoResponse, Response};
+use pod_inference::{ChatMessage, GenerateRequest, Prompt, Role, TokenLogprob};
+use serde_json::json;
+
+use super::generation::{self, ChunkFormat, CommonParams, FINGERPRINT};
+use super::ApiJson;
+use crate::error::ApiError;
+use crate::openai::{
+    ChatChoice, ChatCompletion, ChatCompletionRequest, ChatMessageOut, ChoiceLogprobs,
+    MessageContent, TopLogprob, Usage,
+};
+use crate::{AppState, Backend};
+
+fn role(name: &str, i: usize) -> Result<Role, ApiError> {
+    match name {
+        "system" | "developer" => Ok(Role::System),
+        "user" => Ok(Role::User),
+        "assistant" => Ok(Role::Assistant),
+        "tool" => Ok(Role::Tool),
+        other => Err(ApiError::invalid(
+            &format!("messages[{i}].role"),
+            format!("unknown role `{other}` (expected system, developer, user, assistant or tool)"),
+        )),
+    }
+}
+
+fn messages(req: &ChatCompletionRequest) -> Result<Vec<ChatMessage>, ApiError> {
+    if req.messages.is_empty() {
+        return Err(ApiError::invalid(
+            "messages",
+            "`messages` must not be empty",
+        ));
+    }
+    req.messages
+        .iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let role = role(&m.role, i)?;
+            let content = match &m.content {
+                None => String::new(),
+                Some(MessageContent::Text(t)) => t.clone(),
+                Some(MessageContent::Parts(parts)) => {
+                    let mut text = String::new();
+                    for (j, p) in parts.iter().enumerate() {
+                        match (p.kind.as_str(), &p.text) {
+                            ("text", Some(t)) => text.push_str(t),
+                            _ => {
+                                return Err(ApiError::invalid(
+                                    &format!("messages[{i}].content[{j}]"),
+                                    format!("content part type `{}` is not supported; only `text` parts are", p.kind),
+                                ))
+                            }
+                        }
+                    }
+                    text
+                }
+            };
+            Ok(ChatMessage::new(role, content))
+        })
+        .collect()
+}
+
+pub(super) fn logprobs_of(list: Vec<TokenLogprob>) -> ChoiceLogprobs {
+    ChoiceLogprobs {
+        content: list
+            .into_iter()
+            .map(|t| crate::openai::TokenLogprob {
+                bytes: t.text.as_bytes().to_vec(),
+                token: t.text,
+                logprob: t.logprob,
+                top_logprobs: t
+                    .top
+                    .into_iter()
+                    .map(|(_, text, logprob)| TopLogprob {
+                        bytes: text.as_bytes().to_vec(),
+                        token: text,
+                        logprob,
+                    })
+                    .collect(),
+            })
+            .collect(),
+    }
+}
+
+/// Builds the engine request from a chat request.
+pub(crate) fn engine_request(
+    req: &ChatCompletionRequest,
+    max_choices: usize,
+) -> Result<(GenerateRequest, usize), ApiError> {
+    if req.model.is_empty() {
+        return Err(ApiError::invalid("model", "`model` is required"));
+    }
+    let msgs = messages(req)?;
+    let plan = generation::plan(
+        &CommonParams {
+            temperature: req.temperature,
+            top_p: req.top_p,
+            top_k: req.top_k,
+            min_p: req.min_p,
+            repetition_penalty: req.repetition_penalty,
+            presence_penalty: req.presence_penalty,
+            frequency_penalty: req.frequency_penalty,
+            seed: req.seed,
+            max_tokens: req.max_completion_tokens.or(req.max_tokens),
+            n: req.n,
+        },
+        max_choices,
+    )?;
+    let logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
+        (_, Some(k)) if !(0..=20).contains(&k) => {
+            return Err(ApiError::invalid(
+                "top_logprobs",
+                "`top_logprobs` must be between 0 and 20",
+            ))
+        }
+        (false, Some(_)) => {
+            return Err(ApiError::invalid(
+                "top_logprobs",
+                "`top_logprobs` requires `logprobs: true`",
+            ))
+        }
+        (true, k) => Some(k.unwrap_or(0) as usize),
+        (false, None) => None,
+    };
+    let json_mode = match req.response_format.as_ref().map(|f| f.kind.as_str()) {
+        None | Some("text") => false,
+        Some("json_object") => true,
+        Some(other) => {
+            return Err(ApiError::invalid(
+                "response_format",
+                format!(
+                    "response_format type `{other}` is not supported (use `text` or `json_object`)"
+                ),
+            ))
+        }
+    };
+    let mut request = GenerateRequest::new(req.model.clone(), Prompt::Chat(msgs));
+    request.sampling = plan.sampling;
+    request.max_tokens = plan.max_tokens;
+    request.stop = req.stop.clone().map(|s| s.into_vec()).unwrap_or_default();
+    request.logprobs = logprobs;
+    request.json = json_mode;
+    Ok((request, plan.n))
+}
+
+/// Chat completion, whole or streamed.
+#[utoipa::path(post, path = "/v1/chat/completions", request_body = ChatCompletionRequest,
+    responses(
+        (status = 200, body = ChatCompletion, description = "The answer, or `text/event-stream` of ChatCompletionChunk with `stream: true`"),
+        (status = 400, body = crate::openai::ErrorBody),
+        (status = 404, body = crate::openai::ErrorBody),
+        (status = 429, body = crate::openai::ErrorBody),
+        (status = 503, body = crate::openai::ErrorBody),
+    ))]
+pub(crate) async fn chat_completions<B: Backend>(
+    State(state): State<Arc<AppState<B>>>,
+    ApiJson(req): ApiJson<ChatCompletionRequest>,
+) -> Result<Response, ApiError> {
+    let (request, n) = engine_request(&req, state.config.max_choices)?;
+    if let Some(user) = &req.user {
+        tracing::debug!(user = %user, model = %req.model, "chat request");
+    }
+    let generations = generation::start(&state, generation::seeded(&request, n)).await?;
+    let served_by = generations
+        .first()
+        .map(|g| g.served_by.clone())
+        .unwrap_or_default();
+    let id = generation::new_id("chatcmpl");
+    let created = generation::now();
+    if req.stream.unwrap_or(false) {
+        let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
+        let format = ChatChunks {
+            id,
+            created,
+            model: req.model.clone(),
+        };
+        return Ok(generation::stream(
+            Arc::clone(&state),
+            req.model,
+            generations,
+            format,
+            include_usage,
+        ));
+    }
+    let mut collected = Vec::with_capacity(generations.len());
+    for g in generations {
+        collected.push(generation::collect(&state, &req.model, g).await?);
+    }
+    let usage = generation::total_usage(&collected);
+    let want_logprobs = request.logprobs.is_some();
+    let body = ChatCompletion {
+        id,
+        object: "chat.completion".into(),
+        created,
+        model: req.model,
+        choices: collected
+            .into_iter()
+            .enumerate()
+            .map(|(index, c)| ChatChoice {
+                index,
+                message: ChatMessageOut {
+                    role: "assistant".into(),
+                    content: c.text,
+                },
+                logprobs: want_logprobs.then(|| logprobs_of(c.logprobs)),
+                finish_reason: c.finish_reason,
+            })
+            .collect(),
+        usage,
+        system_fingerprint: FINGERPRINT.into(),
+    };
+    Ok(generation::with_served_by(
+        axum::Json(body).into_response(),
+        &served_by,
+    ))
+}
+
+struct ChatChunks {
+    id: String,
+    created: u64,
+    model: String,
+}
+
+impl ChatChunks {
+    fn chunk(&self, choices: serde_json::Value, usage: Option<Usage>) -> serde_json::Value {
+        let mut v = json!({
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": FINGERPRINT,
+            "choices": choices,
+        });
+        if let Some(u) = usage {
+            v["usage"] = json!(u);
+        }
+        v
+    }
+}
+
+impl ChunkFormat for ChatChunks {
+    fn start(&self, index: usize) -> Option<serde_json::Value> {
+        Some(self.chunk(
+            json!([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]),
+            None,
+        ))
+    }
+
+    fn delta(&self, index: usize, text: String, logprobs: Vec<TokenLogprob>) -> serde_json::Value {
+        let lp = if logprobs.is_empty() {
+            serde_json::Value::Null
+        } else {
+            json!(logprobs_of(logprobs))
+        };
+        self.chunk(
+            json!([{"index": index, "delta": {"content": text}, "logprobs": lp, "finish_reason": null}]),
+            None,
+        )
+    }
+
+    fn finish(&self, index: usize, reason: &str) -> serde_json::Value {
+        self.chunk(
+            json!([{"index": index, "delta": {}, "logprobs": null, "finish_reason": reason}]),
+            None,
+        )
+    }
+
+    fn usage(&self, usage: Usage) -> serde_json::Value {
+        self.chunk(json!([]), Some(usage))
+    }
+}

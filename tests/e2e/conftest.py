@@ -1,0 +1,77 @@
+"""Fixtures for multi-process end-to-end tests: real `pod` processes on 127.0.0.1."""
+
+import os
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CHAT = "smollm2-135m-instruct"
+EMBED = "all-minilm-l6-v2"
+
+
+def pod_binary() -> str:
+    return os.environ.get("POD_BIN", str(ROOT / "target" / "debug" / "pod"))
+
+
+def pod_home() -> str:
+    return os.environ.get("POD_HOME", str(Path.home() / ".cache" / "pod"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Pod:
+    """A running `pod start` process."""
+
+    def __init__(self, *extra: str):
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.NamedTemporaryFile(prefix="pod-e2e-", suffix=".log", delete=False)
+        cmd = [pod_binary(), "--home", pod_home(), "start", "--api-port", str(self.port),
+               "--model", CHAT, "--model", EMBED, *extra]
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
+        self.wait_ready(timeout=120)
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"pod exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                with urllib.request.urlopen(self.base + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"pod not ready after {timeout}s:\n{self.output()}")
+
+    def output(self) -> str:
+        return Path(self.log.name).read_text(errors="replace")
+
+    def stop(self, timeout: float = 20) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def pod():
+    p = Pod()
+    yield p
+    p.stop()
