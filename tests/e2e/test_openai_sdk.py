@@ -86,7 +86,7 @@ def test_errors_map_to_sdk_exceptions(pod):
         c.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "hi"}], temperature=9)
     assert e.value.body["param"] == "temperature"
     with pytest.raises(openai.BadRequestError) as e:
-        c.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "word " * 5000}])
+        c.chat.completions.create(model=CHAT, messages=[{"role": "user", "content": "word " * 10000}])
     assert e.value.body["code"] == "context_length_exceeded"
     with pytest.raises(openai.BadRequestError):
         c.chat.completions.create(model=CHAT, messages=[])

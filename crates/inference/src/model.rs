@@ -8,22 +8,24 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{Device, Tensor};
-use candle_transformers::models::{quantized_llama, quantized_phi3, quantized_qwen3};
+use candle_transformers::models::{quantized_phi3, quantized_qwen3};
 
 mod gemma3;
+mod llama;
+mod qembed;
 
 use crate::error::LoadError;
 use crate::gguf::GgufFile;
 use crate::template::{ChatTemplate, CHATML_TEMPLATE};
 use crate::tokenizer::PodTokenizer;
 
-/// Rotary tables are precomputed for the whole window; Gemma 3's trained 32k context would
-/// cost more memory than a small model is worth, so the window is capped here.
-const GEMMA3_MAX_CONTEXT: usize = 8192;
+/// Longest context served: rotary tables and worst-case KV caches grow with it, and the small
+/// models pod ships default to are not useful beyond it.
+const MAX_CONTEXT: usize = 8192;
 
 #[derive(Debug, Clone)]
 enum Weights {
-    Llama(quantized_llama::ModelWeights),
+    Llama(llama::Llama),
     Gemma3(gemma3::Gemma3),
     Qwen3(quantized_qwen3::ModelWeights),
     Phi3(quantized_phi3::ModelWeights),
@@ -32,7 +34,10 @@ enum Weights {
 impl Weights {
     fn forward(&mut self, x: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
         match self {
-            Weights::Llama(m) => m.forward(x, pos),
+            Weights::Llama(m) => {
+                let ids: Vec<u32> = x.flatten_all()?.to_vec1()?;
+                m.forward(&ids, pos)
+            }
             Weights::Gemma3(m) => m.forward(x, pos),
             Weights::Qwen3(m) => m.forward(x, pos),
             Weights::Phi3(m) => m.forward(x, pos),
@@ -86,8 +91,7 @@ impl ChatModel {
         let trained_ctx = file.context_length().unwrap_or(2048);
         // candle's llama implementation precomputes rotary tables for a fixed window.
         let context_length = match arch.as_str() {
-            "llama" | "mistral" => trained_ctx.min(quantized_llama::MAX_SEQ_LEN),
-            "gemma3" => trained_ctx.min(GEMMA3_MAX_CONTEXT),
+            "llama" | "mistral" | "gemma3" => trained_ctx.min(MAX_CONTEXT),
             _ => trained_ctx,
         };
         let quantization = file.quantization();
@@ -102,7 +106,7 @@ impl ChatModel {
         };
         let weights = match arch.as_str() {
             "llama" | "mistral" => Weights::Llama(
-                quantized_llama::ModelWeights::from_gguf(content, &mut reader, device)
+                llama::Llama::from_gguf(content, &mut reader, &arch, context_length, device)
                     .map_err(model_err)?,
             ),
             "gemma3" => Weights::Gemma3(

@@ -45,7 +45,7 @@ fn serve(keys: &str, ready: bool) -> (String, LocalBackend) {
 fn agent() -> ureq::Agent {
     ureq::Agent::config_builder()
         .http_status_as_error(false)
-        .timeout_global(Some(Duration::from_secs(120)))
+        .timeout_global(Some(Duration::from_secs(300)))
         .build()
         .into()
 }
@@ -254,7 +254,7 @@ fn completions_embeddings_and_models() {
     assert!(ids.contains(&CHAT) && ids.contains(&EMBED), "{ids:?}");
     let m = send("GET", &format!("{base}/v1/models/{CHAT}"), None, None);
     assert_eq!(m.status, 200);
-    assert_eq!(m.json()["context_length"], 4096);
+    assert_eq!(m.json()["context_length"], 8192);
     send("GET", &format!("{base}/v1/models/nope"), None, None).assert_error(404);
     let doc = send("GET", &format!("{base}/openapi.json"), None, None).json();
     assert!(doc["paths"]["/v1/chat/completions"]["post"].is_object());
@@ -350,7 +350,7 @@ fn bad_requests_get_openai_errors() {
             "model",
         ),
         (
-            json!({"model": CHAT, "messages": [{"role": "user", "content": "word ".repeat(5000)}]}),
+            json!({"model": CHAT, "messages": [{"role": "user", "content": "word ".repeat(10000)}]}),
             400,
             "messages",
         ),

@@ -102,9 +102,9 @@ fn missing_file_is_one_clear_line() {
 
 #[test]
 fn prompt_over_the_context_is_one_clear_line() {
-    let long = "word ".repeat(5000);
+    let long = "word ".repeat(10000);
     let o = pod(&["infer", "--prompt", &long]);
-    assert_one_line_error(&o, "over the model's context length of 4096 tokens");
+    assert_one_line_error(&o, "over the model's context length of 8192 tokens");
 }
 
 #[test]

@@ -196,7 +196,7 @@ async fn bad_requests_are_clear_errors() {
         .unwrap_err();
     assert!(err.to_string().contains("messages"), "{err}");
 
-    let long = "word ".repeat(5000);
+    let long = "word ".repeat(10000);
     let err = engine
         .generate(GenerateRequest::new(DEFAULT_CHAT_MODEL, chat(&long)))
         .unwrap_err();

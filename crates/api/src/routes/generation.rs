@@ -243,7 +243,14 @@ pub(super) fn stream<B: Backend, F: ChunkFormat>(
             map.insert(i, UnboundedReceiverStream::new(g.events));
         }
         let mut timers: Vec<Timer> = (0..map.len()).map(|_| Timer::new()).collect();
-        while let Some((i, event)) = map.next().await {
+        loop {
+            // Watch the client while waiting for the engine, so a hang-up cancels the work
+            // at once instead of at the next token.
+            let next = tokio::select! {
+                () = tx.closed() => return,
+                next = map.next() => next,
+            };
+            let Some((i, event)) = next else { break };
             let chunk = match event {
                 GenerateEvent::Delta {
                     text,

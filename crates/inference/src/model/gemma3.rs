@@ -10,6 +10,8 @@ use candle_core::quantized::{gguf_file, QMatMul};
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
 use candle_transformers::quantized_nn::RmsNorm;
 
+use super::qembed::QEmbedding;
+
 /// Gemma 3 repeats five local (sliding-window) layers and one global layer.
 const DEFAULT_SLIDING_WINDOW_PATTERN: usize = 6;
 const DEFAULT_LOCAL_ROPE_BASE: f32 = 10_000.0;
@@ -152,7 +154,7 @@ impl Layer {
 /// Gemma 3 weights plus one sequence's KV cache.
 #[derive(Debug, Clone)]
 pub(crate) struct Gemma3 {
-    embed: Tensor,
+    embed: QEmbedding,
     hidden: usize,
     layers: Vec<Layer>,
     norm: RmsNorm,
@@ -192,7 +194,7 @@ impl Gemma3 {
         let global_rope = Rope::new(head_dim, global_base, max_len, dev)?;
 
         let embed_q = ct.tensor(r, "token_embd.weight", dev)?;
-        let embed = embed_q.dequantize(dev)?;
+        let embed = QEmbedding::new(&embed_q, dev)?;
         let output = match ct.tensor(r, "output.weight", dev) {
             Ok(t) => QMatMul::from_qtensor(t)?,
             Err(_) => QMatMul::from_qtensor(embed_q)?,
@@ -247,10 +249,10 @@ impl Gemma3 {
     /// Logits of the token after `tokens` (shape `[1, vocab]`).
     pub(crate) fn forward(&mut self, tokens: &Tensor, pos: usize) -> Result<Tensor> {
         let (b, seq_len) = tokens.dims2()?;
-        let ids = tokens.flatten_all()?;
+        let ids: Vec<u32> = tokens.flatten_all()?.to_vec1()?;
         let mut x = self
             .embed
-            .index_select(&ids, 0)?
+            .lookup(&ids)?
             .reshape((b, seq_len, self.hidden))?;
         x = (x * (self.hidden as f64).sqrt())?;
         for layer in &mut self.layers {

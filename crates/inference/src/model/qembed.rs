@@ -1,0 +1,62 @@
+//! Token embeddings kept quantised: rows are dequantised on lookup, so a model does not carry
+//! an f32 copy of its (often largest) tensor.
+
+use std::borrow::Cow;
+
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
+use candle_core::{Device, Result, Tensor};
+
+#[derive(Debug, Clone)]
+pub(crate) struct QEmbedding {
+    data: std::sync::Arc<Vec<u8>>,
+    dtype: GgmlDType,
+    rows: usize,
+    hidden: usize,
+    row_bytes: usize,
+    device: Device,
+}
+
+impl QEmbedding {
+    /// Wraps a `[rows, hidden]` quantised matrix.
+    pub(crate) fn new(t: &QTensor, device: &Device) -> Result<Self> {
+        let (rows, hidden) = t.shape().dims2()?;
+        let dtype = t.dtype();
+        if hidden % dtype.block_size() != 0 {
+            candle_core::bail!("embedding rows of {hidden} values are not whole {dtype:?} blocks");
+        }
+        let row_bytes = hidden / dtype.block_size() * dtype.type_size();
+        let data = t.data()?.into_owned();
+        if data.len() != rows * row_bytes {
+            candle_core::bail!(
+                "embedding tensor has {} bytes, expected {}",
+                data.len(),
+                rows * row_bytes
+            );
+        }
+        Ok(Self {
+            data: std::sync::Arc::new(data),
+            dtype,
+            rows,
+            hidden,
+            row_bytes,
+            device: device.clone(),
+        })
+    }
+
+    /// The rows of `ids` as a `[ids.len(), hidden]` f32 tensor.
+    pub(crate) fn lookup(&self, ids: &[u32]) -> Result<Tensor> {
+        let mut bytes = Vec::with_capacity(ids.len() * self.row_bytes);
+        for &id in ids {
+            let id = id as usize;
+            if id >= self.rows {
+                candle_core::bail!(
+                    "token id {id} is outside the embedding table of {} rows",
+                    self.rows
+                );
+            }
+            bytes.extend_from_slice(&self.data[id * self.row_bytes..(id + 1) * self.row_bytes]);
+        }
+        let storage = QStorage::from_data(Cow::Owned(bytes), &self.device, self.dtype)?;
+        QTensor::new(storage, (ids.len(), self.hidden))?.dequantize(&self.device)
+    }
+}
