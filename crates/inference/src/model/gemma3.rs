@@ -193,11 +193,11 @@ impl Gemma3 {
         let local_rope = Rope::new(head_dim, local_base, max_len, dev)?;
         let global_rope = Rope::new(head_dim, global_base, max_len, dev)?;
 
-        let embed_q = ct.tensor(r, "token_embd.weight", dev)?;
-        let embed = QEmbedding::new(&embed_q, dev)?;
+        let embed_q = std::sync::Arc::new(ct.tensor(r, "token_embd.weight", dev)?);
+        let embed = QEmbedding::new(std::sync::Arc::clone(&embed_q), dev)?;
         let output = match ct.tensor(r, "output.weight", dev) {
             Ok(t) => QMatMul::from_qtensor(t)?,
-            Err(_) => QMatMul::from_qtensor(embed_q)?,
+            Err(_) => QMatMul::from_arc(embed_q)?,
         };
         let norm = RmsNorm::from_qtensor(ct.tensor(r, "output_norm.weight", dev)?, eps)?;
         let mut layers = Vec::with_capacity(blocks);

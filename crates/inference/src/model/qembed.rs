@@ -2,13 +2,17 @@
 //! an f32 copy of its (often largest) tensor.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{Device, Result, Tensor};
 
 #[derive(Debug, Clone)]
 pub(crate) struct QEmbedding {
-    data: std::sync::Arc<Vec<u8>>,
+    /// The table, shared with the output head when the model ties them.
+    source: Arc<QTensor>,
+    /// A host copy, only for devices whose storage cannot be borrowed.
+    host: Option<Arc<Vec<u8>>>,
     dtype: GgmlDType,
     rows: usize,
     hidden: usize,
@@ -18,23 +22,28 @@ pub(crate) struct QEmbedding {
 
 impl QEmbedding {
     /// Wraps a `[rows, hidden]` quantised matrix.
-    pub(crate) fn new(t: &QTensor, device: &Device) -> Result<Self> {
+    pub(crate) fn new(t: Arc<QTensor>, device: &Device) -> Result<Self> {
         let (rows, hidden) = t.shape().dims2()?;
         let dtype = t.dtype();
         if hidden % dtype.block_size() != 0 {
             candle_core::bail!("embedding rows of {hidden} values are not whole {dtype:?} blocks");
         }
         let row_bytes = hidden / dtype.block_size() * dtype.type_size();
-        let data = t.data()?.into_owned();
-        if data.len() != rows * row_bytes {
+        let len = t.data()?.len();
+        if len != rows * row_bytes {
             candle_core::bail!(
-                "embedding tensor has {} bytes, expected {}",
-                data.len(),
+                "embedding tensor has {len} bytes, expected {}",
                 rows * row_bytes
             );
         }
+        let host = if device.is_cpu() {
+            None
+        } else {
+            Some(Arc::new(t.data()?.into_owned()))
+        };
         Ok(Self {
-            data: std::sync::Arc::new(data),
+            source: t,
+            host,
             dtype,
             rows,
             hidden,
@@ -45,6 +54,10 @@ impl QEmbedding {
 
     /// The rows of `ids` as a `[ids.len(), hidden]` f32 tensor.
     pub(crate) fn lookup(&self, ids: &[u32]) -> Result<Tensor> {
+        let data = match &self.host {
+            Some(h) => Cow::Borrowed(h.as_slice()),
+            None => self.source.data()?,
+        };
         let mut bytes = Vec::with_capacity(ids.len() * self.row_bytes);
         for &id in ids {
             let id = id as usize;
@@ -54,7 +67,7 @@ impl QEmbedding {
                     self.rows
                 );
             }
-            bytes.extend_from_slice(&self.data[id * self.row_bytes..(id + 1) * self.row_bytes]);
+            bytes.extend_from_slice(&data[id * self.row_bytes..(id + 1) * self.row_bytes]);
         }
         let storage = QStorage::from_data(Cow::Owned(bytes), &self.device, self.dtype)?;
         QTensor::new(storage, (ids.len(), self.hidden))?.dequantize(&self.device)
