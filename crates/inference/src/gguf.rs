@@ -30,7 +30,8 @@ impl GgufFile {
         let mut reader = BufReader::new(file);
         let content = Content::read(&mut reader).map_err(|e| LoadError::InvalidGguf {
             path: path.to_owned(),
-            reason: e.to_string(),
+            // candle appends a backtrace when RUST_BACKTRACE is set; keep the message.
+            reason: e.to_string().lines().next().unwrap_or_default().to_owned(),
         })?;
         Ok(Self {
             path: path.to_owned(),
