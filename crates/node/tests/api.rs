@@ -414,6 +414,36 @@ fn not_ready_means_503_with_retry_after() {
     );
 }
 
+#[test]
+fn full_queue_means_429_with_retry_after() {
+    let engine = pod_inference::Engine::start(pod_inference::EngineConfig {
+        max_queue: 0,
+        ..Default::default()
+    });
+    let model = pod_node::loader::resolve(&common::store(), CHAT, true).unwrap();
+    pod_node::loader::load_into(&engine, &model, pod_inference::DeviceSpec::Cpu).unwrap();
+    let backend = LocalBackend::new(engine, "local");
+    backend.set_ready(true);
+    let app = pod_api::router(AppState::new(backend, ApiConfig::default()));
+    let (tx, rx) = std::sync::mpsc::channel::<SocketAddr>();
+    thread::spawn(move || {
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            tx.send(listener.local_addr().unwrap()).unwrap();
+            axum::serve(listener, app).await.unwrap();
+        });
+    });
+    let base = format!(
+        "http://{}",
+        rx.recv_timeout(Duration::from_secs(10)).unwrap()
+    );
+    let r = post(&base, "/v1/chat/completions", &chat_body("hi", 2));
+    let v = r.assert_error(429);
+    assert_eq!(v["error"]["code"], "queue_full");
+    assert_eq!(r.header("retry-after"), Some("1"));
+}
+
 fn metric(text: &str, name: &str, labels: &[&str]) -> f64 {
     text.lines()
         .filter(|l| l.starts_with(name) && labels.iter().all(|x| l.contains(x)))
