@@ -164,16 +164,23 @@ impl From<EngineError> for ApiError {
     }
 }
 
+impl ApiError {
+    /// 413.
+    pub fn payload_too_large() -> Self {
+        let mut e = ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "invalid_request_error",
+            "The request body is too large",
+        );
+        e.code = Some("request_too_large");
+        e
+    }
+}
+
 impl From<JsonRejection> for ApiError {
     fn from(r: JsonRejection) -> Self {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            let mut e = ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "invalid_request_error",
-                "The request body is too large",
-            );
-            e.code = Some("request_too_large");
-            return e;
+            return ApiError::payload_too_large();
         }
         ApiError::invalid("", format!("Invalid JSON body: {}", r.body_text()))
     }

@@ -9,6 +9,7 @@ use pod_inference::{DeviceSpec, Engine, EngineConfig};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::identity::Identity;
 use crate::loader::{self, ResolveError};
 use crate::profile::Profile;
 use crate::store::ModelStore;
@@ -16,6 +17,8 @@ use crate::store::ModelStore;
 /// How to run a node.
 #[derive(Debug, Clone)]
 pub struct StartOptions {
+    /// The node's identity; its PeerId names the node in responses.
+    pub identity: Identity,
     /// Capabilities.
     pub profile: Profile,
     /// Models to load instead of the profile's defaults (empty: the defaults).
@@ -80,17 +83,20 @@ pub async fn run(store: ModelStore, opts: StartOptions) -> Result<(), DaemonErro
     let local = listener.local_addr().map_err(DaemonError::Serve)?;
 
     let engine = Engine::start(opts.engine.clone());
-    let backend = LocalBackend::new(engine.clone(), "local");
+    let peer_id = opts.identity.peer_id().to_string();
+    let backend = LocalBackend::new(engine.clone(), peer_id.clone());
     let state = AppState::new(
         backend.clone(),
         ApiConfig {
             keys: opts.api_keys.clone(),
+            node_name: peer_id.clone(),
             ..ApiConfig::default()
         },
     );
     let app = pod_api::router(Arc::clone(&state));
     tracing::info!(
         api = %format!("http://{local}"),
+        peer_id = %peer_id,
         profile = %opts.profile,
         auth = if opts.api_keys.is_empty() { "none" } else { "api-key" },
         "API listening; loading models"

@@ -7,6 +7,7 @@ pub mod bench;
 pub mod catalogue;
 pub mod daemon;
 pub mod home;
+pub mod identity;
 pub mod loader;
 pub mod profile;
 pub mod progress;

@@ -17,6 +17,7 @@ use pod_inference::{
 use pod_node::catalogue::{self, CATALOGUE, DEFAULT_CHAT_MODEL};
 use pod_node::daemon::{self, StartOptions};
 use pod_node::home::default_home;
+use pod_node::identity::Identity;
 use pod_node::loader;
 use pod_node::profile::Profile;
 use pod_node::store::{ModelFormat, ModelStore};
@@ -47,6 +48,33 @@ enum Command {
     Infer(InferArgs),
     /// Measure prompt-processing and generation speed of a chat model (like llama-bench).
     Bench(BenchArgs),
+    /// Show, export or import the node's identity (its ed25519 key and PeerId).
+    #[command(subcommand)]
+    Identity(IdentityCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum IdentityCommand {
+    /// Print the PeerId and public key (creating the identity on first use).
+    Show {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the identity, secret key included, as JSON for `pod identity import`.
+    Export {
+        /// Write to this file (mode 0600) instead of stdout.
+        #[arg(long, short)]
+        output: Option<PathBuf>,
+    },
+    /// Install an identity exported by `pod identity export`.
+    Import {
+        /// The export file.
+        file: PathBuf,
+        /// Replace an existing, different identity (its PeerId is lost).
+        #[arg(long)]
+        force: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -206,9 +234,10 @@ fn run(cli: Cli) -> Result<()> {
         .with_context(|| format!("cannot open the model store under {}", home.display()))?;
     match cli.command {
         Command::Models(cmd) => models(&store, cmd),
-        Command::Start(args) => start(store, args),
+        Command::Start(args) => start(&home, store, args),
         Command::Infer(args) => infer(&store, args),
         Command::Bench(args) => bench(&store, args),
+        Command::Identity(cmd) => identity(&home, cmd),
     }
 }
 
@@ -391,7 +420,8 @@ fn bench(store: &ModelStore, args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-fn start(store: ModelStore, args: StartArgs) -> Result<()> {
+fn start(home: &std::path::Path, store: ModelStore, args: StartArgs) -> Result<()> {
+    let (identity, _) = Identity::load_or_create(home)?;
     let api_keys = match &args.api_key_file {
         None => pod_api::ApiKeys::default(),
         Some(path) => {
@@ -405,6 +435,7 @@ fn start(store: ModelStore, args: StartArgs) -> Result<()> {
         }
     };
     let opts = StartOptions {
+        identity,
         profile: args.profile,
         models: args.models,
         api_host: args.api_host,
@@ -424,4 +455,61 @@ fn start(store: ModelStore, args: StartArgs) -> Result<()> {
     let result = runtime.block_on(daemon::run(store, opts));
     runtime.shutdown_timeout(Duration::from_secs(1));
     Ok(result?)
+}
+
+fn identity(home: &std::path::Path, cmd: IdentityCommand) -> Result<()> {
+    match cmd {
+        IdentityCommand::Show { json } => {
+            let (id, _) = Identity::load_or_create(home)?;
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({
+                        "peer_id": id.peer_id().to_string(),
+                        "public_key": id.public_key_base64(),
+                        "type": "ed25519",
+                    })
+                );
+            } else {
+                println!("peer id:    {}", id.peer_id());
+                println!(
+                    "public key: {} (ed25519, protobuf, base64)",
+                    id.public_key_base64()
+                );
+            }
+        }
+        IdentityCommand::Export { output } => {
+            let (id, _) = Identity::load_or_create(home)?;
+            let text = serde_json::to_string_pretty(&id.export()?)?;
+            match output {
+                None => println!("{text}"),
+                Some(path) => {
+                    write_private(&path, &text)
+                        .with_context(|| format!("cannot write {}", path.display()))?;
+                    eprintln!(
+                        "wrote {} (it holds the secret key; keep it private)",
+                        path.display()
+                    );
+                }
+            }
+        }
+        IdentityCommand::Import { file, force } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("cannot read {}", file.display()))?;
+            let id = Identity::import(home, &text, force)?;
+            println!("imported identity {}", id.peer_id());
+        }
+    }
+    Ok(())
+}
+
+fn write_private(path: &std::path::Path, text: &str) -> std::io::Result<()> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    let mut f = options.open(path)?;
+    f.write_all(text.as_bytes())?;
+    f.write_all(b"\n")?;
+    f.sync_all()
 }

@@ -119,3 +119,50 @@ fn bad_flags_are_rejected() {
     let o = pod(&["infer", "--prompt", "hi", "--temperature", "5"]);
     assert_one_line_error(&o, "temperature");
 }
+
+fn pod_in(home: &std::path::Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_pod"))
+        .arg("--home")
+        .arg(home)
+        .args(["--log", "warn"])
+        .args(args)
+        .output()
+        .expect("run pod")
+}
+
+#[test]
+fn identity_is_stable_exportable_and_importable() {
+    let a = tempfile::tempdir().unwrap();
+    let show = |home: &std::path::Path| -> serde_json::Value {
+        let o = pod_in(home, &["identity", "show", "--json"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        serde_json::from_slice(&o.stdout).unwrap()
+    };
+    let first = show(a.path());
+    assert!(first["peer_id"].as_str().unwrap().starts_with("12D3KooW"));
+    assert_eq!(show(a.path()), first, "the PeerId survives restarts");
+
+    let export = a.path().join("backup.json");
+    let o = pod_in(
+        a.path(),
+        &["identity", "export", "--output", export.to_str().unwrap()],
+    );
+    assert!(o.status.success(), "{}", stderr(&o));
+    let b = tempfile::tempdir().unwrap();
+    let o = pod_in(b.path(), &["identity", "import", export.to_str().unwrap()]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(show(b.path())["peer_id"], first["peer_id"]);
+
+    let c = tempfile::tempdir().unwrap();
+    show(c.path());
+    let o = pod_in(c.path(), &["identity", "import", export.to_str().unwrap()]);
+    assert_one_line_error(&o, "pass --force");
+
+    std::fs::write(c.path().join("identity"), b"not a key").unwrap();
+    let o = pod_in(c.path(), &["identity", "show"]);
+    assert_one_line_error(&o, "is corrupted");
+    assert_eq!(
+        std::fs::read(c.path().join("identity")).unwrap(),
+        b"not a key"
+    );
+}
