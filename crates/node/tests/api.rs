@@ -16,12 +16,17 @@ use serde_json::{json, Value};
 const CHAT: &str = "smollm2-135m-instruct";
 const EMBED: &str = "all-minilm-l6-v2";
 
-/// Serves the API on an ephemeral port from a background runtime.
+/// Serves the API over the shared engine on an ephemeral port.
 fn serve(keys: &str, ready: bool) -> (String, LocalBackend) {
     let backend = LocalBackend::new(common::engine(), "local");
     backend.set_ready(ready);
+    (serve_backend(backend.clone(), keys), backend)
+}
+
+/// Serves the API over `backend` from a background runtime; returns the base URL.
+fn serve_backend(backend: LocalBackend, keys: &str) -> String {
     let state = AppState::new(
-        backend.clone(),
+        backend,
         ApiConfig {
             keys: ApiKeys::parse(keys),
             max_body_bytes: 1024 * 1024,
@@ -39,7 +44,7 @@ fn serve(keys: &str, ready: bool) -> (String, LocalBackend) {
         });
     });
     let addr = rx.recv_timeout(Duration::from_secs(10)).unwrap();
-    (format!("http://{addr}"), backend)
+    format!("http://{addr}")
 }
 
 fn agent() -> ureq::Agent {
@@ -442,20 +447,7 @@ fn full_queue_means_429_with_retry_after() {
     pod_node::loader::load_into(&engine, &model, pod_inference::DeviceSpec::Cpu).unwrap();
     let backend = LocalBackend::new(engine, "local");
     backend.set_ready(true);
-    let app = pod_api::router(AppState::new(backend, ApiConfig::default()));
-    let (tx, rx) = std::sync::mpsc::channel::<SocketAddr>();
-    thread::spawn(move || {
-        let rt = tokio::runtime::Runtime::new().unwrap();
-        rt.block_on(async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            tx.send(listener.local_addr().unwrap()).unwrap();
-            axum::serve(listener, app).await.unwrap();
-        });
-    });
-    let base = format!(
-        "http://{}",
-        rx.recv_timeout(Duration::from_secs(10)).unwrap()
-    );
+    let base = serve_backend(backend, "");
     let r = post(&base, "/v1/chat/completions", &chat_body("hi", 2));
     let v = r.assert_error(429);
     assert_eq!(v["error"]["code"], "queue_full");
