@@ -101,6 +101,8 @@ pub fn router<B: Backend>(state: Arc<AppState<B>>) -> Router {
             tracing::info_span!("http", method = %req.method(), path = %req.uri().path(), request_id = %id)
         })
         .on_request(())
+        // Status codes are in the response log line; a 503 while loading is not an error.
+        .on_failure(())
         .on_response(
             |res: &axum::http::Response<_>, latency: Duration, _span: &tracing::Span| {
                 tracing::info!(status = res.status().as_u16(), ms = latency.as_millis() as u64, "request");
