@@ -58,7 +58,10 @@ async fn single_inputs_match_the_reference() {
         assert_eq!(got.vector.len(), 384, "{}", case.name);
         assert_eq!(got.tokens, case.tokens, "token count of {}", case.name);
         let cos = cosine(&got.vector, &case.embedding);
-        eprintln!("{}: {} tokens, cosine to reference {cos:.6}", case.name, got.tokens);
+        eprintln!(
+            "{}: {} tokens, cosine to reference {cos:.6}",
+            case.name, got.tokens
+        );
         assert!(cos >= 0.999, "{}: cosine {cos}", case.name);
         let norm: f32 = got.vector.iter().map(|x| x * x).sum::<f32>().sqrt();
         assert!((norm - 1.0).abs() < 1e-4, "{}: norm {norm}", case.name);
