@@ -166,3 +166,34 @@ fn identity_is_stable_exportable_and_importable() {
         b"not a key"
     );
 }
+
+#[test]
+fn json_logs_are_one_object_per_line() {
+    let o = Command::new(env!("CARGO_BIN_EXE_pod"))
+        .arg("--home")
+        .arg(common::test_home())
+        .args([
+            "--log-format",
+            "json",
+            "infer",
+            "--prompt",
+            "hi",
+            "--max-tokens",
+            "2",
+        ])
+        .output()
+        .expect("run pod");
+    assert!(o.status.success(), "{}", stderr(&o));
+    let err = stderr(&o);
+    let logs: Vec<serde_json::Value> = err
+        .lines()
+        .filter(|l| l.starts_with('{'))
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect();
+    let loaded = logs
+        .iter()
+        .find(|l| l["message"] == "model loaded")
+        .unwrap_or_else(|| panic!("no model-loaded line in {err}"));
+    assert_eq!(loaded["level"], "INFO");
+    assert_eq!(loaded["architecture"], "llama");
+}
