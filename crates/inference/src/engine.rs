@@ -582,13 +582,15 @@ impl Worker {
             Command::Generate(job) => self.waiting.push_back(job),
             Command::Embed(req, reply) => {
                 let result = match self.embedding.get(&req.model) {
-                    Some(m) => m
-                        .embed(&req.input)
-                        .map(|data| EmbedResponse {
-                            prompt_tokens: data.iter().map(|e| e.tokens).sum(),
-                            data,
-                        })
-                        .map_err(EngineError::Internal),
+                    Some(m) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        m.embed(&req.input)
+                    }))
+                    .unwrap_or_else(|_| Err("embedding model code panicked".into()))
+                    .map(|data| EmbedResponse {
+                        prompt_tokens: data.iter().map(|e| e.tokens).sum(),
+                        data,
+                    })
+                    .map_err(EngineError::Internal),
                     None => Err(EngineError::UnknownModel(req.model)),
                 };
                 let _ = reply.send(result);
@@ -650,7 +652,7 @@ impl Worker {
                     true
                 } else {
                     match self.chat.get(&a.job.model) {
-                        Some(model) => match step(a, model, &self.config, &self.stats) {
+                        Some(model) => match guarded_step(a, model, &self.config, &self.stats) {
                             Ok(Step::Continue) => false,
                             Ok(Step::Finished) => {
                                 self.stats.completed.fetch_add(1, Ordering::Relaxed);
@@ -674,6 +676,29 @@ impl Worker {
             }
         }
     }
+}
+
+/// [`step`], with a panic in model code turned into an error for this request alone, so one
+/// bad input cannot take the engine down for everyone.
+fn guarded_step(
+    a: &mut Active,
+    model: &ChatModel,
+    config: &EngineConfig,
+    stats: &EngineStats,
+) -> Result<Step, EngineError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        step(a, model, config, stats)
+    }))
+    .unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_owned())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".into());
+        Err(EngineError::Internal(format!(
+            "model code panicked: {what}"
+        )))
+    })
 }
 
 /// One step of one sequence: a prompt chunk, or one generated token.
