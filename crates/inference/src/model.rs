@@ -13,6 +13,7 @@ use candle_transformers::models::{quantized_phi3, quantized_qwen3};
 mod gemma3;
 mod llama;
 mod qembed;
+mod weights;
 
 use crate::error::LoadError;
 use crate::gguf::GgufFile;

@@ -7,10 +7,11 @@
 //! RMSNorm → residual. Embeddings are scaled by √hidden; the output head is tied.
 
 use candle_core::quantized::{gguf_file, QMatMul};
-use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
+use candle_core::{Device, IndexOp, Module, Result, Tensor};
 use candle_transformers::quantized_nn::RmsNorm;
 
 use super::qembed::QEmbedding;
+use super::weights;
 
 /// Gemma 3 repeats five local (sliding-window) layers and one global layer.
 const DEFAULT_SLIDING_WINDOW_PATTERN: usize = 6;
@@ -25,19 +26,8 @@ struct Rope {
 
 impl Rope {
     fn new(head_dim: usize, base: f32, max_len: usize, device: &Device) -> Result<Self> {
-        let inv: Vec<f32> = (0..head_dim)
-            .step_by(2)
-            .map(|i| 1.0 / base.powf(i as f32 / head_dim as f32))
-            .collect();
-        let inv = Tensor::new(inv.as_slice(), device)?.reshape((1, head_dim / 2))?;
-        let pos = Tensor::arange(0, max_len as u32, device)?
-            .to_dtype(DType::F32)?
-            .reshape((max_len, 1))?;
-        let freqs = pos.matmul(&inv)?;
-        Ok(Self {
-            cos: freqs.cos()?,
-            sin: freqs.sin()?,
-        })
+        let (cos, sin) = weights::rope_tables(head_dim, base, max_len, device)?;
+        Ok(Self { cos, sin })
     }
 
     fn apply(&self, x: &Tensor, pos: usize) -> Result<Tensor> {
@@ -193,35 +183,39 @@ impl Gemma3 {
         let local_rope = Rope::new(head_dim, local_base, max_len, dev)?;
         let global_rope = Rope::new(head_dim, global_base, max_len, dev)?;
 
-        let embed_q = std::sync::Arc::new(ct.tensor(r, "token_embd.weight", dev)?);
-        let embed = QEmbedding::new(std::sync::Arc::clone(&embed_q), dev)?;
-        let output = match ct.tensor(r, "output.weight", dev) {
-            Ok(t) => QMatMul::from_qtensor(t)?,
-            Err(_) => QMatMul::from_arc(embed_q)?,
-        };
-        let norm = RmsNorm::from_qtensor(ct.tensor(r, "output_norm.weight", dev)?, eps)?;
+        let head = weights::head(&ct, r, eps, dev)?;
         let mut layers = Vec::with_capacity(blocks);
         for i in 0..blocks {
-            let mut q = |name: &str| -> Result<QMatMul> {
-                QMatMul::from_qtensor(ct.tensor(r, &format!("blk.{i}.{name}.weight"), dev)?)
+            let mut blk = weights::Block {
+                ct: &ct,
+                r: &mut *r,
+                dev,
+                layer: i,
+                eps,
             };
-            let (wq, wk, wv, wo) = (q("attn_q")?, q("attn_k")?, q("attn_v")?, q("attn_output")?);
-            let (gate, up, down) = (q("ffn_gate")?, q("ffn_up")?, q("ffn_down")?);
-            let mut n = |name: &str| -> Result<RmsNorm> {
-                RmsNorm::from_qtensor(ct.tensor(r, &format!("blk.{i}.{name}.weight"), dev)?, eps)
-            };
+            let (wq, wk, wv, wo) = (
+                blk.matmul("attn_q")?,
+                blk.matmul("attn_k")?,
+                blk.matmul("attn_v")?,
+                blk.matmul("attn_output")?,
+            );
+            let (gate, up, down) = (
+                blk.matmul("ffn_gate")?,
+                blk.matmul("ffn_up")?,
+                blk.matmul("ffn_down")?,
+            );
             let local = (i + 1) % pattern != 0;
             layers.push(Layer {
                 wq,
                 wk,
                 wv,
                 wo,
-                q_norm: n("attn_q_norm")?,
-                k_norm: n("attn_k_norm")?,
-                attn_norm: n("attn_norm")?,
-                post_attn_norm: n("post_attention_norm")?,
-                ffn_norm: n("ffn_norm")?,
-                post_ffn_norm: n("post_ffw_norm")?,
+                q_norm: blk.norm("attn_q_norm")?,
+                k_norm: blk.norm("attn_k_norm")?,
+                attn_norm: blk.norm("attn_norm")?,
+                post_attn_norm: blk.norm("post_attention_norm")?,
+                ffn_norm: blk.norm("ffn_norm")?,
+                post_ffn_norm: blk.norm("post_ffw_norm")?,
                 gate,
                 up,
                 down,
@@ -238,11 +232,11 @@ impl Gemma3 {
             });
         }
         Ok(Self {
-            embed,
+            embed: head.embed,
             hidden,
             layers,
-            norm,
-            output,
+            norm: head.norm,
+            output: head.output,
         })
     }
 

@@ -5,10 +5,11 @@
 //! the token embeddings quantised and sizes rotary tables to the model's own context.
 
 use candle_core::quantized::{gguf_file, QMatMul};
-use candle_core::{DType, Device, IndexOp, Module, Result, Tensor};
+use candle_core::{Device, IndexOp, Module, Result, Tensor};
 use candle_transformers::quantized_nn::RmsNorm;
 
 use super::qembed::QEmbedding;
+use super::weights;
 
 #[derive(Debug, Clone)]
 struct Layer {
@@ -76,40 +77,35 @@ impl Llama {
             .and_then(|v| v.to_f32())
             .unwrap_or(10_000.0);
 
-        let inv: Vec<f32> = (0..rope_dim)
-            .step_by(2)
-            .map(|i| 1.0 / base.powf(i as f32 / rope_dim as f32))
-            .collect();
-        let inv = Tensor::new(inv.as_slice(), dev)?.reshape((1, rope_dim / 2))?;
-        let freqs = Tensor::arange(0, max_len as u32, dev)?
-            .to_dtype(DType::F32)?
-            .reshape((max_len, 1))?
-            .matmul(&inv)?;
-
-        let embed_q = std::sync::Arc::new(ct.tensor(r, "token_embd.weight", dev)?);
-        let embed = QEmbedding::new(std::sync::Arc::clone(&embed_q), dev)?;
-        let output = match ct.tensor(r, "output.weight", dev) {
-            Ok(t) => QMatMul::from_qtensor(t)?,
-            Err(_) => QMatMul::from_arc(embed_q)?,
-        };
-        let norm = RmsNorm::from_qtensor(ct.tensor(r, "output_norm.weight", dev)?, eps)?;
+        let (cos, sin) = weights::rope_tables(rope_dim, base, max_len, dev)?;
+        let head = weights::head(&ct, r, eps, dev)?;
         let mut layers = Vec::with_capacity(blocks);
         for i in 0..blocks {
-            let mut q = |name: &str| -> Result<QMatMul> {
-                QMatMul::from_qtensor(ct.tensor(r, &format!("blk.{i}.{name}.weight"), dev)?)
+            let mut blk = weights::Block {
+                ct: &ct,
+                r: &mut *r,
+                dev,
+                layer: i,
+                eps,
             };
-            let (wq, wk, wv, wo) = (q("attn_q")?, q("attn_k")?, q("attn_v")?, q("attn_output")?);
-            let (gate, up, down) = (q("ffn_gate")?, q("ffn_up")?, q("ffn_down")?);
-            let mut n = |name: &str| -> Result<RmsNorm> {
-                RmsNorm::from_qtensor(ct.tensor(r, &format!("blk.{i}.{name}.weight"), dev)?, eps)
-            };
+            let (wq, wk, wv, wo) = (
+                blk.matmul("attn_q")?,
+                blk.matmul("attn_k")?,
+                blk.matmul("attn_v")?,
+                blk.matmul("attn_output")?,
+            );
+            let (gate, up, down) = (
+                blk.matmul("ffn_gate")?,
+                blk.matmul("ffn_up")?,
+                blk.matmul("ffn_down")?,
+            );
             layers.push(Layer {
                 wq,
                 wk,
                 wv,
                 wo,
-                attn_norm: n("attn_norm")?,
-                ffn_norm: n("ffn_norm")?,
+                attn_norm: blk.norm("attn_norm")?,
+                ffn_norm: blk.norm("ffn_norm")?,
                 gate,
                 up,
                 down,
@@ -117,12 +113,12 @@ impl Llama {
             });
         }
         Ok(Self {
-            embed,
+            embed: head.embed,
             layers,
-            norm,
-            output,
-            cos: freqs.cos()?,
-            sin: freqs.sin()?,
+            norm: head.norm,
+            output: head.output,
+            cos,
+            sin,
             n_head,
             n_kv_head,
             head_dim,
