@@ -187,10 +187,7 @@ pub(crate) async fn chat_completions<B: Backend>(
             include_usage,
         ));
     }
-    let mut collected = Vec::with_capacity(generations.len());
-    for g in generations {
-        collected.push(generation::collect(&state, &req.model, g).await?);
-    }
+    let collected = generation::collect_all(&state, &req.model, generations).await?;
     let usage = generation::total_usage(&collected);
     let want_logprobs = request.logprobs.is_some();
     let body = ChatCompletion {

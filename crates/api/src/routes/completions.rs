@@ -134,10 +134,7 @@ pub(crate) async fn completions<B: Backend>(
             include_usage,
         ));
     }
-    let mut collected = Vec::with_capacity(generations.len());
-    for g in generations {
-        collected.push(generation::collect(&state, &req.model, g).await?);
-    }
+    let collected = generation::collect_all(&state, &req.model, generations).await?;
     let usage = generation::total_usage(&collected);
     let choices = collected
         .into_iter()

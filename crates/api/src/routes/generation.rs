@@ -190,6 +190,19 @@ pub(super) async fn collect<B: Backend>(
     Err(ApiError::from(pod_inference::EngineError::Stopped))
 }
 
+/// Drains every choice, in order.
+pub(super) async fn collect_all<B: Backend>(
+    state: &AppState<B>,
+    model: &str,
+    generations: Vec<Generation>,
+) -> Result<Vec<Collected>, ApiError> {
+    let mut out = Vec::with_capacity(generations.len());
+    for g in generations {
+        out.push(collect(state, model, g).await?);
+    }
+    Ok(out)
+}
+
 /// Sums usage over choices; the prompt is counted once, as OpenAI does.
 pub(super) fn total_usage(choices: &[Collected]) -> crate::openai::Usage {
     let prompt = choices.first().map_or(0, |c| c.usage.prompt_tokens);
