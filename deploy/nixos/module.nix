@@ -1,0 +1,355 @@
+# NixOS module for pod: services.pod.*
+#
+# From the flake (pins the package to the flake's own build):
+#
+#   inputs.pod.url = "github:pod-mesh/pod";
+#   ...
+#   imports = [ pod.nixosModules.default ];
+#   services.pod.enable = true;
+#
+# Those two lines replace a Hyperspace agent: the node starts at boot, serves the
+# OpenAI-compatible API on 127.0.0.1:8080 and joins the mesh on port 4001. See deploy/README.md.
+#
+# Without the flake, `imports = [ ./path/to/pod/deploy/nixos/module.nix ];` builds the package
+# from the same source with the system's nixpkgs (package.nix).
+{
+  config,
+  lib,
+  pkgs,
+  ...
+}:
+
+let
+  inherit (lib)
+    concatMap
+    concatStringsSep
+    hasPrefix
+    literalExpression
+    mkEnableOption
+    mkIf
+    mkMerge
+    mkOption
+    optional
+    optionals
+    types
+    ;
+
+  cfg = config.services.pod;
+
+  defaultUser = "pod";
+  defaultGroup = "pod";
+  stateDir = "/var/lib/pod";
+
+  # LoadCredential= copies the key file into the service's credentials directory, readable by the
+  # service user even when the original is root-only; systemd expands %d to that directory.
+  credentialName = "api-keys";
+  credentialArg = {
+    raw = "%d/${credentialName}";
+  };
+
+  apiIsLoopback = builtins.elem cfg.apiHost [
+    "localhost"
+    "::1"
+  ] || hasPrefix "127." cfg.apiHost;
+
+  # One ExecStart word. A JSON string is a valid systemd double-quoted word; `%` and `$` are
+  # doubled so systemd expands neither specifiers nor variables in configured values. Words
+  # given as { raw = ...; } are meant for systemd (%d) and are passed unescaped.
+  execWord =
+    arg: if builtins.isAttrs arg then arg.raw else lib.replaceStrings [ "%" "$" ] [ "%%" "$$" ] (builtins.toJSON arg);
+
+  startArgs =
+    [
+      "--home"
+      stateDir
+      "--log-format"
+      "json"
+      "start"
+      "--profile"
+      cfg.profile
+      "--api-host"
+      cfg.apiHost
+      "--api-port"
+      (toString cfg.apiPort)
+      "--p2p-port"
+      (toString cfg.p2pPort)
+    ]
+    ++ optionals (cfg.apiKeyFile != null) [
+      "--api-key-file"
+      credentialArg
+    ]
+    ++ concatMap (addr: [
+      "--bootstrap"
+      addr
+    ]) cfg.bootstrap
+    ++ optionals cfg.rocm.enable [
+      "--device"
+      "rocm"
+    ]
+    ++ cfg.extraArgs;
+
+  execStart = concatStringsSep " " (map execWord ([ "${cfg.package}/bin/pod" ] ++ startArgs));
+in
+{
+  options.services.pod = {
+    enable = mkEnableOption "pod, the peer-to-peer AI node (OpenAI-compatible API and libp2p mesh)";
+
+    package = mkOption {
+      type = types.package;
+      default = pkgs.callPackage ./package.nix { };
+      defaultText = literalExpression "pod built from this source (the flake's module uses the flake's packages.\${system}.default)";
+      description = "The pod package to run. Its `bin/pod` is the service's executable.";
+    };
+
+    user = mkOption {
+      type = types.str;
+      default = defaultUser;
+      description = ''
+        User the service runs as. The module creates the system user `pod` when this is left at
+        its default; any other user must exist already.
+      '';
+    };
+
+    group = mkOption {
+      type = types.str;
+      default = defaultGroup;
+      description = ''
+        Group the service runs as. The module creates the group `pod` when this is left at its
+        default; any other group must exist already.
+      '';
+    };
+
+    profile = mkOption {
+      type = types.enum [
+        "auto"
+        "full"
+        "inference"
+        "embedding"
+        "relay"
+        "storage"
+      ];
+      default = "auto";
+      description = ''
+        Node profile (`pod start --profile`): which roles the node takes on in the mesh and
+        which models it loads. `auto` lets pod decide from the machine's resources.
+      '';
+    };
+
+    apiHost = mkOption {
+      type = types.str;
+      default = "127.0.0.1";
+      example = "0.0.0.0";
+      description = ''
+        Address the OpenAI-compatible HTTP API binds (`--api-host`). Any address other than
+        loopback needs `apiKeyFile`, or `--public-api` in `extraArgs` to serve without keys.
+      '';
+    };
+
+    apiPort = mkOption {
+      type = types.port;
+      default = 8080;
+      description = "TCP port of the HTTP API (`--api-port`).";
+    };
+
+    p2pPort = mkOption {
+      type = types.port;
+      default = 4001;
+      description = "Port of the libp2p mesh, TCP and QUIC over UDP (`--p2p-port`).";
+    };
+
+    apiKeyFile = mkOption {
+      type = types.nullOr types.path;
+      default = null;
+      example = "/run/secrets/pod-api-keys";
+      description = ''
+        File with the API keys, one per line (`--api-key-file`). The service reads it through
+        systemd's LoadCredential=, so the file may be owned by root with mode 0400. Give it as a
+        string path outside the Nix store (for example a file managed by agenix or sops-nix):
+        anything in the store is readable by every local user.
+      '';
+    };
+
+    bootstrap = mkOption {
+      type = types.listOf (types.strMatching "/.+");
+      default = [ ];
+      example = [ "/dns4/boot.example.org/tcp/4001/p2p/12D3KooWExamplePeerId" ];
+      description = "Multiaddrs of peers to join the mesh through (one `--bootstrap` each).";
+    };
+
+    openFirewall = mkOption {
+      type = types.bool;
+      default = false;
+      description = ''
+        Open the mesh port (`p2pPort`, TCP and UDP for QUIC) in the firewall, and the API port
+        too when `apiHost` is not a loopback address.
+      '';
+    };
+
+    autoStart = mkOption {
+      type = types.bool;
+      default = true;
+      description = "Start the service at boot (wanted by multi-user.target).";
+    };
+
+    extraArgs = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+      example = [
+        "--no-mdns"
+        "--external-addr"
+        "/ip4/203.0.113.7/tcp/4001"
+      ];
+      description = "Further arguments appended to `pod start`.";
+    };
+
+    rocm = {
+      enable = mkEnableOption ''
+        AMD GPUs through ROCm: passes `--device rocm` and gives the service /dev/kfd and the DRM
+        render nodes (video and render groups) instead of a private /dev
+      '';
+
+      gfxVersionOverride = mkOption {
+        type = types.nullOr types.str;
+        default = null;
+        example = "9.0.6";
+        description = ''
+          Value for HSA_OVERRIDE_GFX_VERSION, for GPUs the installed ROCm does not list, e.g.
+          "9.0.6" for an MI50 (gfx906). Only used when `rocm.enable` is set.
+        '';
+      };
+    };
+  };
+
+  config = mkIf cfg.enable {
+    assertions = [
+      {
+        assertion = cfg.apiKeyFile == null || !(hasPrefix "${builtins.storeDir}/" (toString cfg.apiKeyFile));
+        message = ''
+          services.pod.apiKeyFile is in the Nix store, where every local user can read it. Give
+          the path of a file outside the store as a string, e.g. "/run/secrets/pod-api-keys".
+        '';
+      }
+      {
+        assertion =
+          apiIsLoopback
+          || cfg.apiKeyFile != null
+          || builtins.elem "--public-api" cfg.extraArgs
+          || builtins.elem "--no-api" cfg.extraArgs;
+        message = ''
+          services.pod.apiHost = "${cfg.apiHost}" exposes the API beyond this machine: set
+          services.pod.apiKeyFile, or add "--public-api" to services.pod.extraArgs to serve it
+          without keys (pod refuses to start otherwise).
+        '';
+      }
+    ];
+
+    warnings = optional (cfg.rocm.gfxVersionOverride != null && !cfg.rocm.enable) ''
+      services.pod.rocm.gfxVersionOverride is set but services.pod.rocm.enable is not, so it has
+      no effect.
+    '';
+
+    users.users = mkIf (cfg.user == defaultUser) {
+      ${defaultUser} = {
+        isSystemUser = true;
+        group = cfg.group;
+        home = stateDir;
+        description = "pod peer-to-peer AI node";
+      };
+    };
+
+    users.groups = mkIf (cfg.group == defaultGroup) { ${defaultGroup} = { }; };
+
+    # The same binary as the service's, for `pod models list`, `pod identity show`, ...
+    environment.systemPackages = [ cfg.package ];
+
+    networking.firewall = mkIf cfg.openFirewall {
+      allowedTCPPorts = [ cfg.p2pPort ] ++ optional (!apiIsLoopback) cfg.apiPort;
+      # QUIC
+      allowedUDPPorts = [ cfg.p2pPort ];
+    };
+
+    systemd.services.pod = {
+      description = "pod peer-to-peer AI node";
+      documentation = [ "https://github.com/pod-mesh/pod" ];
+      wantedBy = mkIf cfg.autoStart [ "multi-user.target" ];
+      wants = [ "network-online.target" ];
+      after = [ "network-online.target" ];
+
+      environment = mkMerge [
+        { POD_HOME = stateDir; }
+        (mkIf (cfg.rocm.enable && cfg.rocm.gfxVersionOverride != null) {
+          HSA_OVERRIDE_GFX_VERSION = cfg.rocm.gfxVersionOverride;
+        })
+      ];
+
+      serviceConfig = mkMerge [
+        {
+          # pod sends READY=1 once the API listens and the models are loaded.
+          Type = "notify";
+          NotifyAccess = "main";
+          ExecStart = execStart;
+          # The first start downloads the profile's models.
+          TimeoutStartSec = "15min";
+          # SIGTERM: pod stops accepting requests and lets in-flight ones finish
+          # (--shutdown-grace, 10 s by default) before it exits.
+          KillSignal = "SIGTERM";
+          TimeoutStopSec = "30s";
+          Restart = "on-failure";
+          RestartSec = "5s";
+
+          User = cfg.user;
+          Group = cfg.group;
+          DynamicUser = false;
+          StateDirectory = "pod";
+          StateDirectoryMode = "0750";
+          WorkingDirectory = stateDir;
+          UMask = "0077";
+          # libp2p keeps many connections open.
+          LimitNOFILE = 65536;
+
+          ProtectSystem = "strict";
+          ProtectHome = true;
+          PrivateTmp = true;
+          NoNewPrivileges = true;
+          ProtectKernelTunables = true;
+          ProtectKernelModules = true;
+          ProtectKernelLogs = true;
+          ProtectControlGroups = true;
+          ProtectHostname = true;
+          RestrictSUIDSGID = true;
+          RestrictRealtime = true;
+          RestrictNamespaces = true;
+          LockPersonality = true;
+          CapabilityBoundingSet = "";
+          # AF_NETLINK: libp2p watches the host's interfaces and addresses.
+          RestrictAddressFamilies = [
+            "AF_INET"
+            "AF_INET6"
+            "AF_UNIX"
+            "AF_NETLINK"
+          ];
+          SystemCallArchitectures = "native";
+        }
+        (mkIf (!cfg.rocm.enable) { PrivateDevices = true; })
+        (mkIf cfg.rocm.enable {
+          # A private /dev would hide the GPU; only the ROCm devices are let through instead.
+          PrivateDevices = false;
+          DevicePolicy = "closed";
+          # DeviceAllow= takes device nodes or classes, not directories: the DRM nodes under
+          # /dev/dri (card*, renderD*) are the class char-drm.
+          DeviceAllow = [
+            "/dev/kfd rw"
+            "char-drm rw"
+          ];
+          SupplementaryGroups = [
+            "video"
+            "render"
+          ];
+        })
+        (mkIf (cfg.apiKeyFile != null) {
+          LoadCredential = [ "${credentialName}:${toString cfg.apiKeyFile}" ];
+        })
+      ];
+    };
+  };
+}

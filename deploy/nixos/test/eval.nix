@@ -1,0 +1,284 @@
+# Evaluates deploy/nixos/module.nix and flake.nix without nixpkgs, for scripts/nix-check:
+#
+#   nix-instantiate --eval --strict --json deploy/nixos/test/eval.nix -A scenarios
+#   nix-instantiate --eval --strict --json deploy/nixos/test/eval.nix -A flake
+#   nix-instantiate --eval --strict --json deploy/nixos/test/eval.nix -A mustFail.<name>   (must fail)
+#
+# With `--arg libPath /path/to/nixpkgs/lib` the real nixpkgs lib (its module system and types)
+# replaces stub-lib.nix. The NixOS options the module sets are declared by nixos-options.nix and
+# the packages by stub-pkgs.nix in both cases.
+{
+  libPath ? null,
+}:
+
+let
+  lib = if libPath == null then import ./stub-lib.nix else import libPath;
+  pkgsFor = system: import ./stub-pkgs.nix { inherit lib system; };
+  pkgs = pkgsFor "x86_64-linux";
+  root = toString ../../..;
+
+  testPackage = {
+    type = "derivation";
+    name = "pod-test";
+    outPath = "${builtins.storeDir}/00000000000000000000000000000000-pod-test";
+  };
+
+  evalConfig =
+    modules:
+    (lib.evalModules {
+      specialArgs = { inherit pkgs; };
+      modules = [ ./nixos-options.nix ] ++ modules;
+    }).config;
+
+  summarize =
+    config:
+    let
+      svc = config.systemd.services.pod or null;
+    in
+    {
+      service =
+        if svc == null then
+          null
+        else
+          {
+            inherit (svc)
+              description
+              documentation
+              wantedBy
+              wants
+              after
+              environment
+              serviceConfig
+              ;
+          };
+      firewall = {
+        tcp = config.networking.firewall.allowedTCPPorts;
+        udp = config.networking.firewall.allowedUDPPorts;
+      };
+      users = builtins.mapAttrs (_: u: {
+        inherit (u) isSystemUser group home;
+      }) config.users.users;
+      groups = builtins.attrNames config.users.groups;
+      systemPackages = map (p: p.name) config.environment.systemPackages;
+      failedAssertions = map (a: a.message) (builtins.filter (a: !a.assertion) config.assertions);
+      inherit (config) warnings;
+    };
+
+  # services.pod settings, with the test package unless the scenario is about the default.
+  withPod = settings: [
+    ../module.nix
+    { services.pod = { package = testPackage; } // settings; }
+  ];
+  scenario = settings: summarize (evalConfig (withPod settings));
+
+  keyFile = "/run/secrets/pod-api-keys";
+in
+{
+  scenarios = {
+    disabled = scenario { };
+    # Nothing but enable: the package is the module's own default (package.nix).
+    default = summarize (
+      evalConfig [
+        ../module.nix
+        { services.pod.enable = true; }
+      ]
+    );
+    openFirewall = scenario {
+      enable = true;
+      openFirewall = true;
+    };
+    openFirewallPublic = scenario {
+      enable = true;
+      openFirewall = true;
+      apiHost = "0.0.0.0";
+      apiKeyFile = keyFile;
+    };
+    publicApiNoKeys = scenario {
+      enable = true;
+      openFirewall = true;
+      apiHost = "::";
+      extraArgs = [ "--public-api" ];
+    };
+    apiKeyFile = scenario {
+      enable = true;
+      apiKeyFile = keyFile;
+    };
+    rocm = scenario {
+      enable = true;
+      rocm.enable = true;
+      rocm.gfxVersionOverride = "9.0.6";
+    };
+    rocmNoOverride = scenario {
+      enable = true;
+      rocm.enable = true;
+    };
+    overrideWithoutRocm = scenario {
+      enable = true;
+      rocm.gfxVersionOverride = "9.0.6";
+    };
+    custom = scenario {
+      enable = true;
+      profile = "inference";
+      apiPort = 9000;
+      p2pPort = 4010;
+      user = "ai";
+      group = "ai";
+      autoStart = false;
+      bootstrap = [
+        "/dns4/boot-1.example.org/tcp/4001/p2p/12D3KooWBootOne"
+        "/ip4/198.51.100.2/udp/4001/quic-v1/p2p/12D3KooWBootTwo"
+      ];
+      extraArgs = [
+        "--no-mdns"
+        "--listen"
+        "/ip4/0.0.0.0/tcp/4010"
+        "--external-addr"
+        "/dns4/a%d$HOME \"x\".example/tcp/4010"
+      ];
+    };
+    # Failed assertions, not evaluation errors.
+    publicWithoutKeys = scenario {
+      enable = true;
+      apiHost = "0.0.0.0";
+    };
+    keyFileInStore = scenario {
+      enable = true;
+      apiKeyFile = "${builtins.storeDir}/00000000000000000000000000000000-keys";
+    };
+    # A user's mkForce wins over the module's value.
+    forcedTimeout = summarize (
+      evalConfig (
+        withPod { enable = true; }
+        ++ [ { systemd.services.pod.serviceConfig.TimeoutStartSec = lib.mkForce "1h"; } ]
+      )
+    );
+  };
+
+  # Each must fail to evaluate; scripts/nix-check checks the error message.
+  mustFail = {
+    apiPortNotAPort = scenario {
+      enable = true;
+      apiPort = "8080";
+    };
+    unknownProfile = scenario {
+      enable = true;
+      profile = "gpu";
+    };
+    misspeltOption = scenario {
+      enable = true;
+      apiPrt = 9000;
+    };
+    bootstrapNotMultiaddr = scenario {
+      enable = true;
+      bootstrap = [ "198.51.100.2:4001" ];
+    };
+    conflictingUnitValue = summarize (
+      evalConfig (
+        withPod { enable = true; } ++ [ { systemd.services.pod.serviceConfig.TimeoutStartSec = "1h"; } ]
+      )
+    );
+  };
+
+  flake =
+    let
+      flake = import ../../../flake.nix;
+      nixpkgs = {
+        inherit lib;
+        legacyPackages = lib.genAttrs [ "x86_64-linux" "aarch64-linux" ] pkgsFor;
+      };
+      outputs = flake.outputs { inherit self nixpkgs; };
+      self = outputs // {
+        outPath = root;
+      };
+      pkg = outputs.packages.x86_64-linux.default;
+      a = pkg.drvAttrs;
+      rel = p: lib.removePrefix (root + "/") (toString p);
+      moduleConfig = evalConfig [
+        outputs.nixosModules.default
+        { services.pod.enable = true; }
+      ];
+    in
+    {
+      nixpkgsUrl = flake.inputs.nixpkgs.url;
+      systems = builtins.attrNames outputs.packages;
+      packageAttrs = builtins.mapAttrs (_: builtins.attrNames) outputs.packages;
+      packageNames = builtins.mapAttrs (_: ps: ps.default.name) outputs.packages;
+      packagePath = toString pkg;
+      cargoVersion = (builtins.fromTOML (builtins.readFile ../../../Cargo.toml)).workspace.package.version;
+      package = {
+        inherit (a)
+          pname
+          version
+          cargoBuildFlags
+          doCheck
+          postInstall
+          ;
+        lockFile = rel a.cargoLock.lockFile;
+        nativeBuildInputs = map (p: p.name) a.nativeBuildInputs;
+        mainProgram = a.meta.mainProgram;
+        platforms = a.meta.platforms;
+        # Which paths the source filter keeps.
+        src = builtins.listToAttrs (
+          map
+            (p: {
+              name = p.path;
+              value = a.src.filter "${root}/${p.path}" p.type;
+            })
+            [
+              {
+                path = "Cargo.toml";
+                type = "regular";
+              }
+              {
+                path = "Cargo.lock";
+                type = "regular";
+              }
+              {
+                path = ".cargo";
+                type = "directory";
+              }
+              {
+                path = ".cargo/config.toml";
+                type = "regular";
+              }
+              {
+                path = "crates";
+                type = "directory";
+              }
+              {
+                path = "crates/node/src/main.rs";
+                type = "regular";
+              }
+              {
+                path = "target";
+                type = "directory";
+              }
+              {
+                path = "tests";
+                type = "directory";
+              }
+              {
+                path = "bench";
+                type = "directory";
+              }
+              {
+                path = "deploy";
+                type = "directory";
+              }
+              {
+                path = "README.md";
+                type = "regular";
+              }
+            ]
+        );
+        # Forces Nix to read the filtered source tree (the store path is computed, not written).
+        srcStorePath = toString a.src;
+      };
+      aarch64Package = outputs.packages.aarch64-linux.default.name;
+      module = {
+        execStart = moduleConfig.systemd.services.pod.serviceConfig.ExecStart;
+        systemPackages = map toString moduleConfig.environment.systemPackages;
+      };
+      overlayPackage = (outputs.overlays.default pkgs pkgs).pod.name;
+    };
+}
