@@ -355,6 +355,7 @@ def start_server(name: str, args, model: Path, port: int) -> Server:
             str(args.pod), "--home", str(args.home), "start",
             "--profile", "inference", "--model", args.pod_model,
             "--api-host", "127.0.0.1", "--api-port", str(port),
+            "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns",
             "--max-batch", str(SLOTS), "--no-pull", "--log", "warn",
         ]
     else:

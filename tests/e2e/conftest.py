@@ -24,6 +24,15 @@ def pod_home() -> str:
     return os.environ.get("POD_HOME", str(Path.home() / ".cache" / "pod"))
 
 
+# Tests keep the mesh on loopback, on free ports, and off mDNS (which would join every pod
+# running on the machine).
+MESH_ON_LOOPBACK = ["--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"]
+
+
+def pod_command(home: str) -> list[str]:
+    return [pod_binary(), "--home", home, "--models-dir", str(Path(pod_home()) / "models")]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -37,8 +46,10 @@ class Pod:
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile(prefix="pod-e2e-", suffix=".log", delete=False)
-        cmd = [pod_binary(), "--home", pod_home(), "start", "--api-port", str(self.port),
-               "--model", CHAT, "--model", EMBED, *extra]
+        # Each pod gets its own state directory (identity) and shares the verified models.
+        self.home = tempfile.mkdtemp(prefix="pod-e2e-home-")
+        cmd = [*pod_command(self.home), "start", "--api-port", str(self.port),
+               *MESH_ON_LOOPBACK, "--model", CHAT, "--model", EMBED, *extra]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         self.wait_ready(timeout=120)
 

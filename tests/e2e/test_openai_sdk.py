@@ -8,7 +8,7 @@ import time
 
 import openai
 import pytest
-from conftest import CHAT, EMBED, Pod, free_port, pod_binary, pod_home
+from conftest import CHAT, EMBED, MESH_ON_LOOPBACK, Pod, free_port, pod_command
 
 
 def client(pod, key="unused"):
@@ -107,7 +107,8 @@ def test_api_keys():
 
 
 def test_public_bind_without_keys_is_refused():
-    r = subprocess.run([pod_binary(), "--home", pod_home(), "start", "--profile", "relay",
+    home = tempfile.mkdtemp(prefix="pod-e2e-home-")
+    r = subprocess.run([*pod_command(home), "start", "--profile", "relay", *MESH_ON_LOOPBACK,
                         "--api-host", "0.0.0.0", "--api-port", str(free_port())],
                        capture_output=True, text=True, timeout=60)
     assert r.returncode != 0

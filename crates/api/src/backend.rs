@@ -10,6 +10,8 @@ use pod_inference::{
 };
 use tokio::sync::mpsc;
 
+use crate::node::{NodeView, PeerView};
+
 /// A model as the API lists it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelEntry {
@@ -48,6 +50,14 @@ pub trait Backend: Send + Sync + 'static {
         &self,
         req: EmbedRequest,
     ) -> impl Future<Output = Result<EmbedResponse, EngineError>> + Send;
+    /// This node as `/pod/v1/node` shows it; `None` when there is no mesh.
+    fn node(&self) -> impl Future<Output = Option<NodeView>> + Send {
+        async { None }
+    }
+    /// The peer table as `/pod/v1/peers` shows it; `None` when there is no mesh.
+    fn peers(&self) -> impl Future<Output = Option<Vec<PeerView>>> + Send {
+        async { None }
+    }
 }
 
 /// The local engine as a backend.

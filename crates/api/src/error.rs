@@ -70,6 +70,17 @@ impl ApiError {
         e
     }
 
+    /// 404 for mesh routes on a node without a mesh.
+    pub fn no_mesh() -> Self {
+        let mut e = Self::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "This node runs without a mesh",
+        );
+        e.code = Some("no_mesh");
+        e
+    }
+
     /// 405.
     pub fn method_not_allowed() -> Self {
         Self::new(

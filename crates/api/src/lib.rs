@@ -11,6 +11,7 @@ pub mod auth;
 pub mod backend;
 pub mod error;
 pub mod metrics;
+pub mod node;
 pub mod openai;
 mod routes;
 

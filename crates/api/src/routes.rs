@@ -5,6 +5,7 @@ mod completions;
 mod embeddings;
 mod generation;
 mod models;
+mod node;
 mod system;
 
 use std::sync::Arc;
@@ -38,6 +39,10 @@ pub mod paths {
     pub const METRICS: &str = "/metrics";
     /// This API's OpenAPI document.
     pub const OPENAPI: &str = "/openapi.json";
+    /// This node: PeerId, addresses, NAT status.
+    pub const NODE: &str = "/pod/v1/node";
+    /// The peers this node knows.
+    pub const PEERS: &str = "/pod/v1/peers";
 }
 
 /// JSON body extractor whose rejections are OpenAI-shaped errors.
@@ -63,6 +68,8 @@ impl<T: serde::Serialize> IntoResponse for ApiJson<T> {
         models::get_model,
         system::health,
         system::metrics,
+        node::node,
+        node::peers,
     ),
     components(schemas(
         openai::ChatCompletionRequest,
@@ -75,6 +82,10 @@ impl<T: serde::Serialize> IntoResponse for ApiJson<T> {
         openai::ModelList,
         openai::ModelObject,
         openai::ErrorBody,
+        crate::node::NodeView,
+        crate::node::PeerList,
+        crate::node::PeerView,
+        crate::node::PeerLoad,
     ))
 )]
 pub struct ApiDoc;
@@ -89,6 +100,8 @@ pub(crate) fn routes<B: Backend>(state: Arc<AppState<B>>) -> Router {
         .route(paths::HEALTH, get(system::health::<B>))
         .route(paths::METRICS, get(system::metrics::<B>))
         .route(paths::OPENAPI, get(system::openapi))
+        .route(paths::NODE, get(node::node::<B>))
+        .route(paths::PEERS, get(node::peers::<B>))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)

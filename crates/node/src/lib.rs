@@ -3,12 +3,14 @@
 #![deny(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod backend;
 pub mod bench;
 pub mod catalogue;
 pub mod daemon;
 pub mod home;
 pub mod identity;
 pub mod loader;
+pub mod mesh;
 pub mod profile;
 pub mod progress;
 pub mod source;

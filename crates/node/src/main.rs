@@ -10,15 +10,17 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
+use libp2p::Multiaddr;
 use pod_inference::{
     ChatMessage, DeviceSpec, Engine, EngineConfig, GenerateEvent, GenerateRequest, Prompt, Role,
     SamplingParams,
 };
 use pod_node::catalogue::{self, CATALOGUE, DEFAULT_CHAT_MODEL};
-use pod_node::daemon::{self, StartOptions};
+use pod_node::daemon::{self, DaemonFile, StartOptions};
 use pod_node::home::default_home;
 use pod_node::identity::Identity;
 use pod_node::loader;
+use pod_node::mesh::MeshConfig;
 use pod_node::profile::Profile;
 use pod_node::store::{ModelFormat, ModelStore};
 
@@ -30,6 +32,9 @@ struct Cli {
     /// State directory (models, identity, config). Default: $POD_HOME, else ~/.local/share/pod.
     #[arg(long, global = true, value_name = "DIR")]
     home: Option<PathBuf>,
+    /// Model store. Default: the `models` folder of the state directory.
+    #[arg(long, global = true, value_name = "DIR", env = "POD_MODELS_DIR")]
+    models_dir: Option<PathBuf>,
     /// Log filter, e.g. `info`, `debug`, `pod_inference=trace` (also RUST_LOG).
     #[arg(long, global = true, default_value = "info", value_name = "FILTER")]
     log: String,
@@ -54,6 +59,29 @@ enum Command {
     /// Show, export or import the node's identity (its ed25519 key and PeerId).
     #[command(subcommand)]
     Identity(IdentityCommand),
+    /// List the peers the running node knows: addresses, round-trip time, models, load.
+    Peers(PeersArgs),
+}
+
+#[derive(Debug, Args)]
+struct PeersArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    daemon: DaemonArgs,
+}
+
+/// How commands reach the running node.
+#[derive(Debug, Args)]
+struct DaemonArgs {
+    /// Base URL of the node's API. Default: the address the node in the state directory
+    /// recorded, else http://127.0.0.1:8080.
+    #[arg(long, value_name = "URL", env = "POD_API")]
+    api: Option<String>,
+    /// API key, if the node requires one.
+    #[arg(long, value_name = "KEY", env = "POD_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -116,6 +144,27 @@ struct StartArgs {
     /// Do not download missing catalogued models; fail instead.
     #[arg(long)]
     no_pull: bool,
+    /// Mesh port: TCP and UDP (QUIC) on every interface. Ignored when --listen is given.
+    #[arg(long, default_value_t = pod_node::mesh::DEFAULT_P2P_PORT, value_name = "PORT")]
+    p2p_port: u16,
+    /// Mesh listen address instead of the --p2p-port defaults (repeatable), e.g.
+    /// /ip4/192.168.1.5/tcp/4001 or /ip4/0.0.0.0/udp/4001/quic-v1.
+    #[arg(long, value_name = "MULTIADDR")]
+    listen: Vec<Multiaddr>,
+    /// Address peers can reach this node at, when it is behind port forwarding (repeatable).
+    #[arg(long, value_name = "MULTIADDR")]
+    external_addr: Vec<Multiaddr>,
+    /// Peer to join the mesh through, ending in /p2p/<PeerId> (repeatable).
+    #[arg(long, value_name = "MULTIADDR")]
+    bootstrap: Vec<Multiaddr>,
+    /// Do not discover peers on the local network with mDNS.
+    #[arg(long)]
+    no_mdns: bool,
+    /// Seconds between capability announcements when nothing changes; peers forget a silent
+    /// node after three of these.
+    #[arg(long, default_value_t = 10, value_name = "SECONDS",
+          value_parser = clap::value_parser!(u64).range(1..=3600))]
+    announce_interval: u64,
 }
 
 #[derive(Debug, Args)]
@@ -246,14 +295,18 @@ enum LogFormat {
 
 fn run(cli: Cli) -> Result<()> {
     let home = cli.home.unwrap_or_else(default_home);
-    let store = ModelStore::open(&home)
-        .with_context(|| format!("cannot open the model store under {}", home.display()))?;
+    let store = match &cli.models_dir {
+        Some(dir) => ModelStore::open_dir(dir),
+        None => ModelStore::open(&home),
+    }
+    .with_context(|| format!("cannot open the model store under {}", home.display()))?;
     match cli.command {
         Command::Models(cmd) => models(&store, cmd),
         Command::Start(args) => start(&home, store, args),
         Command::Infer(args) => infer(&store, args),
         Command::Bench(args) => bench(&store, args),
         Command::Identity(cmd) => identity(&home, cmd),
+        Command::Peers(args) => peers(&home, args),
     }
 }
 
@@ -450,6 +503,7 @@ fn start(home: &std::path::Path, store: ModelStore, args: StartArgs) -> Result<(
             keys
         }
     };
+    let mesh = mesh_config(&args);
     let opts = StartOptions {
         identity,
         profile: args.profile,
@@ -466,11 +520,123 @@ fn start(home: &std::path::Path, store: ModelStore, args: StartArgs) -> Result<(
         },
         pull: !args.no_pull,
         grace: Duration::from_secs(args.shutdown_grace),
+        mesh,
+        home: home.to_path_buf(),
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     let result = runtime.block_on(daemon::run(store, opts));
     runtime.shutdown_timeout(Duration::from_secs(1));
     Ok(result?)
+}
+
+fn mesh_config(args: &StartArgs) -> MeshConfig {
+    let (listen, listen_optional) = if args.listen.is_empty() {
+        MeshConfig::listen_on_port(args.p2p_port)
+    } else {
+        (args.listen.clone(), Vec::new())
+    };
+    let announce_interval = Duration::from_secs(args.announce_interval);
+    MeshConfig {
+        listen,
+        listen_optional,
+        external: args.external_addr.clone(),
+        bootstrap: args.bootstrap.clone(),
+        mdns: !args.no_mdns,
+        relay_server: args.profile.relays(),
+        announce_interval,
+        peer_expiry: announce_interval * 3,
+        ..MeshConfig::default()
+    }
+}
+
+/// A GET of the running node's API, with its JSON answer.
+fn daemon_get(home: &std::path::Path, args: &DaemonArgs, path: &str) -> Result<serde_json::Value> {
+    let base = args
+        .api
+        .clone()
+        .or_else(|| DaemonFile::read(home).map(|d| d.api))
+        .unwrap_or_else(|| "http://127.0.0.1:8080".to_owned());
+    let url = format!("{}{path}", base.trim_end_matches('/'));
+    let agent = ureq::Agent::new_with_config(
+        ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(10)))
+            .http_status_as_error(false)
+            .build(),
+    );
+    let mut req = agent.get(&url);
+    if let Some(key) = &args.api_key {
+        req = req.header("Authorization", &format!("Bearer {key}"));
+    }
+    let mut res = req
+        .call()
+        .map_err(|e| anyhow::anyhow!("no pod is running at {base} ({e})"))?;
+    let status = res.status();
+    let text = res
+        .body_mut()
+        .read_to_string()
+        .with_context(|| format!("cannot read the answer of {url}"))?;
+    let body: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{url} did not answer JSON"))?;
+    if !status.is_success() {
+        let msg = body["error"]["message"]
+            .as_str()
+            .unwrap_or("request failed");
+        bail!("{url}: {} {msg}", status.as_u16());
+    }
+    Ok(body)
+}
+
+fn peers(home: &std::path::Path, args: PeersArgs) -> Result<()> {
+    let body = daemon_get(home, &args.daemon, pod_api::paths::PEERS)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&body["data"])?);
+        return Ok(());
+    }
+    let rows = body["data"].as_array().cloned().unwrap_or_default();
+    if rows.is_empty() {
+        println!("no peers");
+        return Ok(());
+    }
+    println!(
+        "{:<52} {:<14} {:>8} {:>10} {:>9}  MODELS",
+        "PEER", "AGENT", "RTT", "LOAD", "SEEN"
+    );
+    for p in rows {
+        let models: Vec<&str> = p["models"]
+            .as_array()
+            .map(|m| m.iter().filter_map(|m| m["name"].as_str()).collect())
+            .unwrap_or_default();
+        let rtt = p["rtt_ms"]
+            .as_f64()
+            .map_or("-".to_owned(), |ms| format!("{ms:.1}ms"));
+        let load = if p["load"].is_object() {
+            format!(
+                "{}+{}q",
+                p["load"]["active"].as_u64().unwrap_or(0),
+                p["load"]["queued"].as_u64().unwrap_or(0)
+            )
+        } else {
+            "-".to_owned()
+        };
+        let seen = format!(
+            "{:.1}s ago",
+            p["last_seen_ms"].as_f64().unwrap_or(0.0) / 1000.0
+        );
+        println!(
+            "{:<52} {:<14} {:>8} {:>10} {:>9}  {}",
+            p["peer_id"].as_str().unwrap_or("?"),
+            p["agent"].as_str().unwrap_or("-"),
+            rtt,
+            load,
+            seen,
+            if models.is_empty() {
+                "-".to_owned()
+            } else {
+                models.join(", ")
+            }
+        );
+    }
+    Ok(())
 }
 
 fn identity(home: &std::path::Path, cmd: IdentityCommand) -> Result<()> {

@@ -44,6 +44,11 @@ impl Profile {
         }
     }
 
+    /// Whether the node relays connections (circuit relay v2 server) for peers behind NAT.
+    pub fn relays(self) -> bool {
+        matches!(self, Profile::Relay | Profile::Full)
+    }
+
     /// The profile's name.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -87,7 +87,13 @@ fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
 impl ModelStore {
     /// The store under `home` (`$POD_HOME`), created if missing.
     pub fn open(home: &Path) -> Result<Self, StoreError> {
-        let root = home.join("models");
+        Self::open_dir(&home.join("models"))
+    }
+
+    /// Opens (creating if needed) a store kept in `root` itself, apart from the state
+    /// directory (`--models-dir`).
+    pub fn open_dir(root: &Path) -> Result<Self, StoreError> {
+        let root = root.to_path_buf();
         fs::create_dir_all(&root).map_err(io_err(&root))?;
         let hf_endpoint = std::env::var(HF_ENDPOINT_ENV)
             .ok()

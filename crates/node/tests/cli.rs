@@ -197,3 +197,64 @@ fn json_logs_are_one_object_per_line() {
     assert_eq!(loaded["level"], "INFO");
     assert_eq!(loaded["architecture"], "llama");
 }
+
+/// The help block of one flag in `pod start --help`.
+fn help_block<'a>(help: &'a str, flag: &str) -> Option<&'a str> {
+    let start = help
+        .find(&format!("      {flag} "))
+        .or_else(|| help.find(&format!("      {flag}\n")))?;
+    let rest = &help[start..];
+    let end = rest[6..]
+        .find("\n  -")
+        .or_else(|| rest[6..].find("\n      -"))
+        .map_or(rest.len(), |i| i + 6);
+    Some(&rest[..end])
+}
+
+#[test]
+fn the_nixos_module_passes_only_flags_the_binary_has_with_its_defaults() {
+    let flags_file = tempfile::NamedTempFile::new().unwrap();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let check = Command::new(root.join("scripts/nix-check"))
+        .arg("--emit-flags")
+        .arg(flags_file.path())
+        .output()
+        .expect("run scripts/nix-check");
+    assert!(
+        check.status.success(),
+        "nix-check failed: {}",
+        String::from_utf8_lossy(&check.stderr)
+    );
+    let flags: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(flags_file.path()).unwrap()).unwrap();
+    let global = pod(&["--help"]);
+    let start = pod(&["start", "--help"]);
+    let global = String::from_utf8_lossy(&global.stdout).into_owned();
+    let start = String::from_utf8_lossy(&start.stdout).into_owned();
+    for flag in flags["global_flags"].as_array().unwrap() {
+        let flag = flag.as_str().unwrap();
+        assert!(
+            help_block(&global, flag).is_some(),
+            "`pod --help` lacks {flag}"
+        );
+    }
+    for flag in flags["start_flags"].as_array().unwrap() {
+        let flag = flag.as_str().unwrap();
+        let block =
+            help_block(&start, flag).unwrap_or_else(|| panic!("`pod start --help` lacks {flag}"));
+        let takes_value = flags["takes_value"][flag].as_bool().unwrap();
+        assert_eq!(
+            block.lines().next().unwrap().contains('<'),
+            takes_value,
+            "{flag}: module and binary disagree on whether it takes a value:\n{block}"
+        );
+    }
+    for (flag, value) in flags["start_defaults"].as_object().unwrap() {
+        let block = help_block(&start, flag).unwrap();
+        let want = format!("[default: {}]", value.as_str().unwrap());
+        assert!(
+            block.contains(&want),
+            "{flag}: module default {want} vs binary:\n{block}"
+        );
+    }
+}

@@ -9,6 +9,8 @@ use pod_node::catalogue::{DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDING_MODEL};
 use pod_node::loader;
 use pod_node::store::ModelStore;
 
+pub mod process;
+
 /// Where tests keep downloaded models: `$POD_HOME`, else `~/.cache/pod`, so every test run
 /// (and every test process) shares one verified copy.
 pub fn test_home() -> PathBuf {

@@ -1,0 +1,76 @@
+//! The node's own routes under `/pod/v1`: this node and the peers it knows.
+
+use pod_inference::ModelInfo;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+/// `GET /pod/v1/node`: this node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct NodeView {
+    /// The node's libp2p PeerId.
+    pub peer_id: String,
+    /// Software and version, e.g. `pod/0.1.0`.
+    pub agent: String,
+    /// The profile it runs.
+    pub profile: String,
+    /// Multiaddrs it listens on.
+    pub listen_addrs: Vec<String>,
+    /// Multiaddrs others reach it at (confirmed by AutoNAT, or configured).
+    pub external_addrs: Vec<String>,
+    /// `public`, `private` or `unknown` (AutoNAT).
+    pub nat_status: String,
+    /// Peers with an open connection.
+    pub connected_peers: usize,
+    /// Peers in the peer table.
+    pub known_peers: usize,
+    /// Seconds since the node started.
+    pub uptime_seconds: u64,
+}
+
+/// `GET /pod/v1/peers`: the peer table.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct PeerList {
+    /// Always `list`.
+    pub object: String,
+    /// The peers, sorted by id.
+    pub data: Vec<PeerView>,
+}
+
+/// One peer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct PeerView {
+    /// Its PeerId.
+    pub peer_id: String,
+    /// Its identify agent version, if it was identified (`pod/<version>` for pods).
+    pub agent: Option<String>,
+    /// Addresses it was seen at or announced.
+    pub addrs: Vec<String>,
+    /// Whether a connection to it is open.
+    pub connected: bool,
+    /// Latest ping round-trip time in milliseconds.
+    pub rtt_ms: Option<f64>,
+    /// Its profile, from its announcement.
+    pub profile: Option<String>,
+    /// Models it serves, from its announcement.
+    #[schema(value_type = Vec<Object>)]
+    pub models: Vec<ModelInfo>,
+    /// Its load, from its announcement.
+    pub load: Option<PeerLoad>,
+    /// Its compute device, from its announcement.
+    pub device: Option<String>,
+    /// Whether its HTTP API takes requests, from its announcement.
+    pub api_ready: Option<bool>,
+    /// Milliseconds since it was last heard of.
+    pub last_seen_ms: u64,
+}
+
+/// A peer's announced load.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct PeerLoad {
+    /// Requests waiting.
+    pub queued: usize,
+    /// Sequences being generated.
+    pub active: usize,
+    /// Sequences it generates at once.
+    pub max_active: usize,
+}

@@ -1,0 +1,41 @@
+//! `/pod/v1/node` and `/pod/v1/peers`.
+
+use std::sync::Arc;
+
+use axum::extract::State;
+use axum::Json;
+
+use crate::error::ApiError;
+use crate::node::{NodeView, PeerList};
+use crate::{AppState, Backend};
+
+/// This node: PeerId, listen and external addresses, NAT status, profile.
+#[utoipa::path(get, path = "/pod/v1/node", responses(
+    (status = 200, body = NodeView),
+    (status = 404, description = "This node runs without a mesh"),
+))]
+pub(crate) async fn node<B: Backend>(
+    State(state): State<Arc<AppState<B>>>,
+) -> Result<Json<NodeView>, ApiError> {
+    state
+        .backend
+        .node()
+        .await
+        .map(Json)
+        .ok_or_else(ApiError::no_mesh)
+}
+
+/// The peers this node knows: addresses, round-trip time, models, load, last seen.
+#[utoipa::path(get, path = "/pod/v1/peers", responses(
+    (status = 200, body = PeerList),
+    (status = 404, description = "This node runs without a mesh"),
+))]
+pub(crate) async fn peers<B: Backend>(
+    State(state): State<Arc<AppState<B>>>,
+) -> Result<Json<PeerList>, ApiError> {
+    let data = state.backend.peers().await.ok_or_else(ApiError::no_mesh)?;
+    Ok(Json(PeerList {
+        object: "list".into(),
+        data,
+    }))
+}

@@ -1,0 +1,108 @@
+//! The libp2p protocols a pod speaks, combined into one `NetworkBehaviour`.
+
+use std::time::Duration;
+
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::NetworkBehaviour;
+use libp2p::{
+    allow_block_list, autonat, connection_limits, dcutr, gossipsub, identify, identity, kad, mdns,
+    ping, relay, StreamProtocol,
+};
+
+use super::capability::MAX_ANNOUNCEMENT_BYTES;
+use super::{MeshConfig, MeshError};
+
+/// Kademlia protocol name: pods keep their own DHT and never join the public IPFS one.
+pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/pod/kad/1.0.0");
+
+/// Identify's protocol version string.
+pub(super) const IDENTIFY_PROTOCOL_VERSION: &str = "/pod/1.0.0";
+
+/// The agent version pods send in identify.
+pub fn agent_version() -> String {
+    format!("pod/{}", env!("CARGO_PKG_VERSION"))
+}
+
+/// Every protocol of a pod, one field each.
+#[derive(NetworkBehaviour)]
+pub(crate) struct Behaviour {
+    pub(crate) blocked: allow_block_list::Behaviour<allow_block_list::BlockedPeers>,
+    pub(crate) limits: connection_limits::Behaviour,
+    pub(crate) relay_client: relay::client::Behaviour,
+    pub(crate) relay: Toggle<relay::Behaviour>,
+    pub(crate) dcutr: dcutr::Behaviour,
+    pub(crate) identify: identify::Behaviour,
+    pub(crate) ping: ping::Behaviour,
+    pub(crate) kademlia: kad::Behaviour<kad::store::MemoryStore>,
+    pub(crate) gossipsub: gossipsub::Behaviour,
+    pub(crate) mdns: Toggle<mdns::tokio::Behaviour>,
+    pub(crate) autonat: autonat::Behaviour,
+}
+
+impl Behaviour {
+    pub(crate) fn new(
+        key: &identity::Keypair,
+        relay_client: relay::client::Behaviour,
+        config: &MeshConfig,
+    ) -> Result<Self, MeshError> {
+        let peer_id = key.public().to_peer_id();
+
+        let limits = connection_limits::ConnectionLimits::default()
+            .with_max_pending_incoming(Some(config.max_pending_incoming))
+            .with_max_established_incoming(Some(config.max_established_incoming))
+            .with_max_established(Some(config.max_established))
+            .with_max_established_per_peer(Some(config.max_connections_per_peer));
+
+        let gossip_config = gossipsub::ConfigBuilder::default()
+            .heartbeat_interval(Duration::from_millis(700))
+            // Announcements are checked before they are forwarded.
+            .validate_messages()
+            .validation_mode(gossipsub::ValidationMode::Strict)
+            .max_transmit_size(MAX_ANNOUNCEMENT_BYTES + 1024)
+            .build()
+            .map_err(|e| MeshError::Setup(format!("gossipsub config: {e}")))?;
+        let gossipsub = gossipsub::Behaviour::new(
+            gossipsub::MessageAuthenticity::Signed(key.clone()),
+            gossip_config,
+        )
+        .map_err(|e| MeshError::Setup(format!("gossipsub: {e}")))?;
+
+        let mut kad_config = kad::Config::new(KAD_PROTOCOL);
+        kad_config.set_query_timeout(Duration::from_secs(30));
+        let mut kademlia =
+            kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
+        // Pods listen for each other; answering DHT queries is part of being a pod, also on a
+        // LAN where AutoNAT would never confirm a public address.
+        kademlia.set_mode(Some(kad::Mode::Server));
+
+        let mdns = if config.mdns {
+            Some(
+                mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)
+                    .map_err(|e| MeshError::Setup(format!("mDNS: {e}")))?,
+            )
+        } else {
+            None
+        };
+
+        let relay = config
+            .relay_server
+            .then(|| relay::Behaviour::new(peer_id, relay::Config::default()));
+
+        Ok(Self {
+            blocked: allow_block_list::Behaviour::default(),
+            limits: connection_limits::Behaviour::new(limits),
+            relay_client,
+            relay: relay.into(),
+            dcutr: dcutr::Behaviour::new(peer_id),
+            identify: identify::Behaviour::new(
+                identify::Config::new(IDENTIFY_PROTOCOL_VERSION.into(), key.public())
+                    .with_agent_version(agent_version()),
+            ),
+            ping: ping::Behaviour::new(ping::Config::new().with_interval(config.ping_interval)),
+            kademlia,
+            gossipsub,
+            mdns: mdns.into(),
+            autonat: autonat::Behaviour::new(peer_id, autonat::Config::default()),
+        })
+    }
+}

@@ -1,0 +1,231 @@
+//! What a pod tells the mesh about itself: the capability announcement gossiped on
+//! [`CAPABILITY_TOPIC`], and the checks a received one must pass.
+
+use pod_inference::ModelInfo;
+use serde::{Deserialize, Serialize};
+
+/// Gossipsub topic of capability announcements. The suffix is the schema version: a pod that
+/// changes the schema incompatibly announces on a new topic, and old pods simply do not hear it.
+pub const CAPABILITY_TOPIC: &str = "/pod/capabilities/1";
+
+/// Largest encoded announcement accepted or sent, in bytes.
+pub const MAX_ANNOUNCEMENT_BYTES: usize = 16 * 1024;
+
+/// Most models one announcement may list.
+pub const MAX_MODELS: usize = 64;
+
+/// Most addresses one announcement may list.
+pub const MAX_ADDRS: usize = 16;
+
+/// Longest string field (names, architectures, addresses) in an announcement.
+const MAX_FIELD_LEN: usize = 256;
+
+/// One pod's announcement: who it is, what it serves and how busy it is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Capabilities {
+    /// Software and version, e.g. `pod/0.1.0`.
+    pub agent: String,
+    /// The profile the pod runs (`inference`, `relay`, ...).
+    pub profile: String,
+    /// Models it serves to the mesh.
+    pub models: Vec<ModelInfo>,
+    /// Current load.
+    pub load: Load,
+    /// What it runs on.
+    pub hardware: Hardware,
+    /// Its HTTP API, if it serves one.
+    pub api: Option<ApiInfo>,
+    /// Multiaddrs it can be dialled at (listen and confirmed external addresses).
+    pub addrs: Vec<String>,
+    /// Increases with every announcement from one run of a pod; receivers ignore announcements
+    /// older than one they already hold.
+    pub seq: u64,
+}
+
+/// Requests a pod is handling.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Load {
+    /// Requests waiting for a slot.
+    pub queued: usize,
+    /// Sequences being generated.
+    pub active: usize,
+    /// Sequences it generates at once.
+    pub max_active: usize,
+}
+
+/// A summary of the machine.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hardware {
+    /// Compute device of the models, e.g. `cpu` or `cuda:0`.
+    pub device: String,
+    /// Logical CPU cores.
+    pub cpu_cores: usize,
+    /// Installed memory in bytes (0 when unknown).
+    pub memory_bytes: u64,
+}
+
+/// The pod's HTTP API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ApiInfo {
+    /// API flavour and version, e.g. `openai/v1`.
+    pub version: String,
+    /// Whether it takes requests now (models loaded).
+    pub ready: bool,
+}
+
+/// Why a received announcement was dropped.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AnnouncementError {
+    /// Larger than [`MAX_ANNOUNCEMENT_BYTES`].
+    #[error("announcement of {0} bytes is over the limit")]
+    TooLarge(usize),
+    /// Not a valid announcement.
+    #[error("malformed announcement: {0}")]
+    Malformed(String),
+    /// Valid JSON, but a list or field is over its limit.
+    #[error("announcement over limits: {0}")]
+    OverLimits(&'static str),
+}
+
+impl Capabilities {
+    /// The wire form.
+    pub fn encode(&self) -> Vec<u8> {
+        // Serialising plain data with string keys cannot fail.
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    /// Parses and checks a received announcement.
+    pub fn decode(bytes: &[u8]) -> Result<Self, AnnouncementError> {
+        if bytes.len() > MAX_ANNOUNCEMENT_BYTES {
+            return Err(AnnouncementError::TooLarge(bytes.len()));
+        }
+        let caps: Capabilities = serde_json::from_slice(bytes)
+            .map_err(|e| AnnouncementError::Malformed(e.to_string()))?;
+        caps.check()?;
+        Ok(caps)
+    }
+
+    /// Checks the limits on lists and strings.
+    pub fn check(&self) -> Result<(), AnnouncementError> {
+        if self.models.len() > MAX_MODELS {
+            return Err(AnnouncementError::OverLimits("too many models"));
+        }
+        if self.addrs.len() > MAX_ADDRS {
+            return Err(AnnouncementError::OverLimits("too many addresses"));
+        }
+        let long = |s: &str| s.len() > MAX_FIELD_LEN;
+        if long(&self.agent) || long(&self.profile) || long(&self.hardware.device) {
+            return Err(AnnouncementError::OverLimits("field too long"));
+        }
+        if self.addrs.iter().any(|a| long(a))
+            || self
+                .models
+                .iter()
+                .any(|m| long(&m.name) || long(&m.architecture) || long(&m.quantization))
+        {
+            return Err(AnnouncementError::OverLimits("field too long"));
+        }
+        if self.api.as_ref().is_some_and(|a| long(&a.version)) {
+            return Err(AnnouncementError::OverLimits("field too long"));
+        }
+        Ok(())
+    }
+
+    /// Whether two announcements say the same thing, ignoring the sequence number.
+    pub fn same_content(&self, other: &Capabilities) -> bool {
+        Capabilities {
+            seq: 0,
+            ..self.clone()
+        } == Capabilities {
+            seq: 0,
+            ..other.clone()
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use pod_inference::ModelKind;
+
+    use super::*;
+
+    fn sample() -> Capabilities {
+        Capabilities {
+            agent: "pod/0.1.0".into(),
+            profile: "inference".into(),
+            models: vec![ModelInfo {
+                name: "smollm2-135m-instruct".into(),
+                kind: ModelKind::Chat,
+                architecture: "llama".into(),
+                quantization: "Q4_1".into(),
+                context_length: 8192,
+                dimension: None,
+            }],
+            load: Load {
+                queued: 1,
+                active: 2,
+                max_active: 8,
+            },
+            hardware: Hardware {
+                device: "cpu".into(),
+                cpu_cores: 2,
+                memory_bytes: 1 << 34,
+            },
+            api: Some(ApiInfo {
+                version: "openai/v1".into(),
+                ready: true,
+            }),
+            addrs: vec!["/ip4/127.0.0.1/tcp/4001".into()],
+            seq: 7,
+        }
+    }
+
+    #[test]
+    fn round_trips() {
+        let caps = sample();
+        assert_eq!(Capabilities::decode(&caps.encode()), Ok(caps));
+    }
+
+    #[test]
+    fn rejects_garbage_and_oversize() {
+        assert!(matches!(
+            Capabilities::decode(b"\x00\xffnot json"),
+            Err(AnnouncementError::Malformed(_))
+        ));
+        assert!(matches!(
+            Capabilities::decode(br#"{"agent": 5}"#),
+            Err(AnnouncementError::Malformed(_))
+        ));
+        let big = vec![b' '; MAX_ANNOUNCEMENT_BYTES + 1];
+        assert_eq!(
+            Capabilities::decode(&big),
+            Err(AnnouncementError::TooLarge(MAX_ANNOUNCEMENT_BYTES + 1))
+        );
+    }
+
+    #[test]
+    fn rejects_lists_over_limits() {
+        let mut caps = sample();
+        caps.addrs = vec!["/ip4/127.0.0.1/tcp/1".into(); MAX_ADDRS + 1];
+        assert_eq!(
+            Capabilities::decode(&caps.encode()),
+            Err(AnnouncementError::OverLimits("too many addresses"))
+        );
+        let mut caps = sample();
+        caps.models[0].name = "x".repeat(MAX_FIELD_LEN + 1);
+        assert_eq!(
+            Capabilities::decode(&caps.encode()),
+            Err(AnnouncementError::OverLimits("field too long"))
+        );
+    }
+
+    #[test]
+    fn same_content_ignores_seq() {
+        let a = sample();
+        let mut b = sample();
+        b.seq = 99;
+        assert!(a.same_content(&b));
+        b.load.active = 3;
+        assert!(!a.same_content(&b));
+    }
+}

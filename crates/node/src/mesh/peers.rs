@@ -1,0 +1,279 @@
+//! The peer table: every peer the node is connected to or has heard announce itself, with its
+//! addresses, round-trip time, capabilities and when it was last heard of.
+
+use std::collections::{BTreeSet, HashMap};
+use std::time::{Duration, Instant, SystemTime};
+
+use libp2p::{Multiaddr, PeerId};
+use serde::Serialize;
+
+use super::capability::Capabilities;
+
+/// Most addresses remembered per peer; older ones are forgotten first.
+const MAX_ADDRS_PER_PEER: usize = 16;
+
+/// What the node knows about one peer.
+#[derive(Debug, Clone)]
+struct PeerEntry {
+    addrs: BTreeSet<Multiaddr>,
+    connections: usize,
+    rtt: Option<Duration>,
+    agent: Option<String>,
+    capabilities: Option<Capabilities>,
+    last_seen: Instant,
+    last_seen_wall: SystemTime,
+}
+
+impl PeerEntry {
+    fn new(now: Instant) -> Self {
+        Self {
+            addrs: BTreeSet::new(),
+            connections: 0,
+            rtt: None,
+            agent: None,
+            capabilities: None,
+            last_seen: now,
+            last_seen_wall: SystemTime::now(),
+        }
+    }
+
+    fn seen(&mut self, now: Instant) {
+        self.last_seen = now;
+        self.last_seen_wall = SystemTime::now();
+    }
+}
+
+/// A peer as `pod peers` and `/pod/v1/peers` show it.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct PeerSnapshot {
+    /// The peer's id.
+    pub peer_id: PeerId,
+    /// Addresses it was seen at or announced.
+    pub addrs: Vec<Multiaddr>,
+    /// Whether a connection to it is open now.
+    pub connected: bool,
+    /// Latest ping round-trip time.
+    pub rtt: Option<Duration>,
+    /// Its identify agent version, e.g. `pod/0.1.0`.
+    pub agent: Option<String>,
+    /// Its latest capability announcement; `None` for peers that are not pods or have not
+    /// announced yet.
+    pub capabilities: Option<Capabilities>,
+    /// How long ago it was last heard of.
+    pub last_seen_ago: Duration,
+    /// When it was last heard of, in wall-clock time.
+    pub last_seen_at: SystemTime,
+}
+
+/// Peers by id, with expiry of those gone silent.
+#[derive(Debug, Default)]
+pub struct PeerTable {
+    peers: HashMap<PeerId, PeerEntry>,
+}
+
+impl PeerTable {
+    fn entry(&mut self, peer: PeerId, now: Instant) -> &mut PeerEntry {
+        self.peers
+            .entry(peer)
+            .or_insert_with(|| PeerEntry::new(now))
+    }
+
+    /// A connection to `peer` at `addr` opened.
+    pub fn connected(&mut self, peer: PeerId, addr: Option<Multiaddr>, now: Instant) {
+        let e = self.entry(peer, now);
+        e.connections += 1;
+        e.seen(now);
+        if let Some(addr) = addr {
+            insert_addr(&mut e.addrs, addr);
+        }
+    }
+
+    /// A connection to `peer` closed.
+    pub fn disconnected(&mut self, peer: PeerId, now: Instant) {
+        if let Some(e) = self.peers.get_mut(&peer) {
+            e.connections = e.connections.saturating_sub(1);
+            e.seen(now);
+        }
+    }
+
+    /// Identify told us the peer's agent and listen addresses.
+    pub fn identified(
+        &mut self,
+        peer: PeerId,
+        agent: String,
+        addrs: impl IntoIterator<Item = Multiaddr>,
+        now: Instant,
+    ) {
+        let e = self.entry(peer, now);
+        e.agent = Some(agent);
+        for a in addrs {
+            insert_addr(&mut e.addrs, a);
+        }
+        e.seen(now);
+    }
+
+    /// A ping to the peer came back.
+    pub fn pinged(&mut self, peer: PeerId, rtt: Duration, now: Instant) {
+        let e = self.entry(peer, now);
+        e.rtt = Some(rtt);
+        e.seen(now);
+    }
+
+    /// The peer announced its capabilities. Returns false (and changes nothing) when the
+    /// announcement is older than the one held.
+    pub fn announced(&mut self, peer: PeerId, caps: Capabilities, now: Instant) -> bool {
+        let e = self.entry(peer, now);
+        if e.capabilities.as_ref().is_some_and(|c| c.seq >= caps.seq) {
+            // A pod that restarted starts counting again; accept a lower number once the old
+            // run has been silent for a while (the entry expires and is recreated).
+            return false;
+        }
+        for a in caps
+            .addrs
+            .iter()
+            .filter_map(|a| a.parse::<Multiaddr>().ok())
+        {
+            insert_addr(&mut e.addrs, a);
+        }
+        e.capabilities = Some(caps);
+        e.seen(now);
+        true
+    }
+
+    /// Forgets peers with no open connection that have not been heard of for `expiry`;
+    /// returns them.
+    pub fn expire(&mut self, expiry: Duration, now: Instant) -> Vec<PeerId> {
+        let gone: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, e)| e.connections == 0 && now.duration_since(e.last_seen) >= expiry)
+            .map(|(p, _)| *p)
+            .collect();
+        for p in &gone {
+            self.peers.remove(p);
+        }
+        gone
+    }
+
+    /// Forgets a peer now (it was found to be unreachable or misbehaving).
+    pub fn remove(&mut self, peer: &PeerId) {
+        self.peers.remove(peer);
+    }
+
+    /// Whether the peer is known.
+    pub fn contains(&self, peer: &PeerId) -> bool {
+        self.peers.contains_key(peer)
+    }
+
+    /// Whether a connection to the peer is open.
+    pub fn is_connected(&self, peer: &PeerId) -> bool {
+        self.peers.get(peer).is_some_and(|e| e.connections > 0)
+    }
+
+    /// Every known peer, sorted by id.
+    pub fn snapshot(&self, now: Instant) -> Vec<PeerSnapshot> {
+        let mut out: Vec<PeerSnapshot> = self
+            .peers
+            .iter()
+            .map(|(id, e)| PeerSnapshot {
+                peer_id: *id,
+                addrs: e.addrs.iter().cloned().collect(),
+                connected: e.connections > 0,
+                rtt: e.rtt,
+                agent: e.agent.clone(),
+                capabilities: e.capabilities.clone(),
+                last_seen_ago: now.saturating_duration_since(e.last_seen),
+                last_seen_at: e.last_seen_wall,
+            })
+            .collect();
+        out.sort_by_key(|p| p.peer_id.to_bytes());
+        out
+    }
+
+    /// Number of known peers.
+    pub fn len(&self) -> usize {
+        self.peers.len()
+    }
+
+    /// Whether no peer is known.
+    pub fn is_empty(&self) -> bool {
+        self.peers.is_empty()
+    }
+}
+
+fn insert_addr(addrs: &mut BTreeSet<Multiaddr>, addr: Multiaddr) {
+    if addrs.len() >= MAX_ADDRS_PER_PEER && !addrs.contains(&addr) {
+        // Keep the set bounded against a peer that announces ever new addresses.
+        if let Some(first) = addrs.iter().next().cloned() {
+            addrs.remove(&first);
+        }
+    }
+    addrs.insert(addr);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mesh::capability::{Hardware, Load};
+
+    fn caps(seq: u64) -> Capabilities {
+        Capabilities {
+            agent: "pod/test".into(),
+            profile: "inference".into(),
+            models: vec![],
+            load: Load::default(),
+            hardware: Hardware::default(),
+            api: None,
+            addrs: vec!["/ip4/127.0.0.1/tcp/4001".into()],
+            seq,
+        }
+    }
+
+    #[test]
+    fn silent_unconnected_peers_expire() {
+        let mut t = PeerTable::default();
+        let start = Instant::now();
+        let a = PeerId::random();
+        let b = PeerId::random();
+        t.connected(a, None, start);
+        assert!(t.announced(b, caps(1), start));
+        let later = start + Duration::from_secs(10);
+        assert_eq!(t.expire(Duration::from_secs(5), later), vec![b]);
+        assert!(t.contains(&a), "a connected peer never expires");
+        t.disconnected(a, later);
+        assert!(t.expire(Duration::from_secs(5), later).is_empty());
+        assert_eq!(
+            t.expire(Duration::from_secs(5), later + Duration::from_secs(5)),
+            vec![a]
+        );
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn older_announcements_are_ignored() {
+        let mut t = PeerTable::default();
+        let now = Instant::now();
+        let p = PeerId::random();
+        assert!(t.announced(p, caps(5), now));
+        assert!(!t.announced(p, caps(4), now));
+        assert!(!t.announced(p, caps(5), now));
+        assert!(t.announced(p, caps(6), now));
+        let snap = t.snapshot(now);
+        assert_eq!(snap[0].capabilities.as_ref().map(|c| c.seq), Some(6));
+        assert_eq!(snap[0].addrs.len(), 1);
+    }
+
+    #[test]
+    fn addresses_stay_bounded() {
+        let mut t = PeerTable::default();
+        let now = Instant::now();
+        let p = PeerId::random();
+        for port in 0..100u16 {
+            let addr: Multiaddr = format!("/ip4/127.0.0.1/tcp/{port}")
+                .parse()
+                .expect("valid multiaddr");
+            t.connected(p, Some(addr), now);
+        }
+        assert_eq!(t.snapshot(now)[0].addrs.len(), MAX_ADDRS_PER_PEER);
+    }
+}
