@@ -75,11 +75,10 @@ async fn until_all(
                 continue;
             }
             let peers = viewer.peers().await?;
-            let ok = nodes.iter().filter(|o| o.peer_id() != viewer.peer_id()).all(|o| {
-                peers
-                    .iter()
-                    .any(|p| p.peer_id == o.peer_id() && check(p))
-            });
+            let ok = nodes
+                .iter()
+                .filter(|o| o.peer_id() != viewer.peer_id())
+                .all(|o| peers.iter().any(|p| p.peer_id == o.peer_id() && check(p)));
             if !ok {
                 done = false;
                 break;
@@ -118,7 +117,9 @@ async fn run(n: usize) -> anyhow::Result<(Duration, Duration, Duration)> {
             &nodes,
             |p| {
                 p.peer_id != speaker_id
-                    || p.capabilities.as_ref().is_some_and(|c| c.load.active == round)
+                    || p.capabilities
+                        .as_ref()
+                        .is_some_and(|c| c.load.active == round)
             },
             Some(speaker),
         )
@@ -126,7 +127,11 @@ async fn run(n: usize) -> anyhow::Result<(Duration, Duration, Duration)> {
         delays.push(t.elapsed());
     }
     delays.sort();
-    Ok((formation, delays[delays.len() / 2], delays[delays.len() - 1]))
+    Ok((
+        formation,
+        delays[delays.len() / 2],
+        delays[delays.len() - 1],
+    ))
 }
 
 #[tokio::main]
@@ -135,7 +140,11 @@ async fn main() -> anyhow::Result<()> {
         .skip(1)
         .map(|a| a.parse())
         .collect::<Result<_, _>>()?;
-    let sizes = if sizes.is_empty() { vec![3, 10, 30] } else { sizes };
+    let sizes = if sizes.is_empty() {
+        vec![3, 10, 30]
+    } else {
+        sizes
+    };
     println!("in-process swarms on 127.0.0.1; every node bootstraps from node 0; {ROUNDS} propagation rounds");
     println!("| nodes | formation (ms) | propagation median (ms) | propagation max (ms) |");
     println!("|------:|---------------:|------------------------:|---------------------:|");
