@@ -76,6 +76,39 @@ pub struct GenerateRequest {
     /// Constrain the output to one JSON object; generation stops when it is complete.
     #[serde(default)]
     pub json: bool,
+    /// Continue a generation another node started: these completion tokens were already
+    /// generated (and `emitted_bytes` bytes of their text delivered to the client).
+    #[serde(default)]
+    pub resume: Option<Resume>,
+}
+
+/// Where a generation interrupted elsewhere (say, on a node that died mid-stream) picks up.
+///
+/// The engine feeds these tokens to the model after the prompt, replays them through everything
+/// that generated tokens drive (incremental detokenisation, held-back stop-string text, the JSON
+/// constraint, penalties, the seeded RNG) and continues sampling after them. Of
+/// the text the replay produces, the first `emitted_bytes` bytes are not sent again; the rest
+/// arrives in the first [`GenerateEvent::Delta`], so the client's stream goes on with no gap
+/// and no repeat. Deltas carry only new tokens, while `max_tokens` and
+/// [`Usage::completion_tokens`] count the resumed ones too.
+///
+/// With the same request, model and device, the resumed stream is exactly the rest of the
+/// uninterrupted one, for greedy decoding and seeded sampling alike: the resumed tokens are fed
+/// one at a time, as they were when generated, so the attention cache is bit-for-bit the same
+/// (a batched prefill is faster but rounds differently, which soon changes near-tie choices),
+/// and the sampler's RNG takes one value per token whatever the sampling mode. Resuming thus
+/// costs about one decoding step per resumed token.
+///
+/// When the completion already ended within these tokens (end-of-turn token, stop string,
+/// complete JSON object, `max_tokens` or the context reached), it finishes there without
+/// sampling: the unsent text, then [`GenerateEvent::Done`]; tokens after that point are ignored.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Resume {
+    /// Completion tokens already generated, in order: the concatenated `tokens` of the deltas
+    /// the client received.
+    pub tokens: Vec<u32>,
+    /// Bytes of completion text the client already has: the total length of the deltas' `text`.
+    pub emitted_bytes: usize,
 }
 
 impl GenerateRequest {
@@ -89,6 +122,7 @@ impl GenerateRequest {
             stop: Vec::new(),
             logprobs: None,
             json: false,
+            resume: None,
         }
     }
 }
@@ -215,7 +249,7 @@ pub struct EngineStats {
     pub completed: AtomicU64,
     /// Completions abandoned because the caller went away.
     pub cancelled: AtomicU64,
-    /// Prompt tokens processed.
+    /// Prompt tokens processed (and resumed completion tokens fed back in).
     pub prompt_tokens: AtomicU64,
     /// Tokens generated.
     pub completion_tokens: AtomicU64,
@@ -236,13 +270,135 @@ enum Entry {
 
 struct Job {
     model: String,
-    prompt: Vec<u32>,
-    max_tokens: usize,
-    sampling: SamplingParams,
-    stop: Vec<String>,
+    /// What to feed before sampling: the prompt (in chunks), then any resumed completion
+    /// tokens (one at a time).
+    context: Vec<u32>,
+    /// How many of `context` are the prompt.
+    prompt_len: usize,
     logprobs: Option<usize>,
-    json: bool,
+    state: Pipeline,
     events: mpsc::UnboundedSender<GenerateEvent>,
+}
+
+/// Per-sequence state that each generated token advances, apart from the model's KV cache.
+struct Pipeline {
+    sampler: Sampler,
+    decoder: DecodeStream,
+    stops: StopMatcher,
+    json: Option<JsonPrefix>,
+    /// Completion tokens so far, resumed ones included.
+    generated: usize,
+    limits: Limits,
+}
+
+/// When a completion ends for length.
+#[derive(Debug, Clone, Copy)]
+struct Limits {
+    prompt_len: usize,
+    max_tokens: usize,
+    context_length: usize,
+}
+
+/// What one completion token did to the text.
+struct Advance {
+    /// Text now safe to send (may be empty).
+    text: String,
+    /// Set when this token ended the completion.
+    finish: Option<FinishReason>,
+}
+
+impl Pipeline {
+    fn new(
+        tokenizer: &Arc<PodTokenizer>,
+        req: &GenerateRequest,
+        prompt: &[u32],
+        limits: Limits,
+    ) -> Self {
+        Self {
+            sampler: Sampler::new(req.sampling.clone(), prompt),
+            decoder: tokenizer.stream(),
+            stops: StopMatcher::new(&req.stop),
+            json: req.json.then(JsonPrefix::default),
+            generated: 0,
+            limits,
+        }
+    }
+
+    /// Takes a chosen completion token (the sampler and the JSON state already advanced past
+    /// it) through detokenisation, stop matching and the limits.
+    fn push(&mut self, tokenizer: &PodTokenizer, token: u32) -> Result<Advance, EngineError> {
+        self.generated += 1;
+        if tokenizer.is_stop_token(token) {
+            return Ok(Advance {
+                text: self.stops.finish(),
+                finish: Some(FinishReason::Stop),
+            });
+        }
+        let piece = self
+            .decoder
+            .push(token)
+            .map_err(EngineError::Internal)?
+            .unwrap_or_default();
+        let mut text = match self.stops.push(&piece) {
+            StopOutcome::Stopped(text) => {
+                return Ok(Advance {
+                    text,
+                    finish: Some(FinishReason::Stop),
+                })
+            }
+            StopOutcome::Continue(text) => text,
+        };
+        let finish = if self.json.as_ref().is_some_and(JsonPrefix::is_complete) {
+            Some(FinishReason::Stop)
+        } else {
+            let l = self.limits;
+            let at_context_end = l.prompt_len + self.generated >= l.context_length;
+            (self.generated >= l.max_tokens || at_context_end).then_some(FinishReason::Length)
+        };
+        if finish.is_some() {
+            text.push_str(&self.stops.finish());
+        }
+        Ok(Advance { text, finish })
+    }
+
+    /// Replays already generated completion tokens, as if this pipeline had produced them.
+    /// Returns the text they yield and, when the completion ended within them, why; tokens
+    /// after that point are left out (`generated` says how many were taken).
+    fn replay(
+        &mut self,
+        tokenizer: &PodTokenizer,
+        tokens: &[u32],
+    ) -> Result<(String, Option<FinishReason>), EngineError> {
+        let mut text = String::new();
+        for (i, &token) in tokens.iter().enumerate() {
+            if let Some(state) = self.json.take() {
+                self.json = Some(json_step(tokenizer, &state, token).ok_or_else(|| {
+                    EngineError::InvalidRequest(format!(
+                        "`resume.tokens`: token {i} (id {token}) cannot continue the JSON output"
+                    ))
+                })?);
+            }
+            self.sampler.replay(token);
+            let advance = self.push(tokenizer, token)?;
+            text.push_str(&advance.text);
+            if advance.finish.is_some() {
+                return Ok((text, advance.finish));
+            }
+        }
+        Ok((text, None))
+    }
+}
+
+/// The JSON state after `token`, or `None` when JSON-constrained sampling may not pick it.
+fn json_step(tokenizer: &PodTokenizer, state: &JsonPrefix, token: u32) -> Option<JsonPrefix> {
+    if tokenizer.is_stop_token(token) {
+        return None;
+    }
+    let piece = tokenizer.token_piece(token);
+    if piece.is_empty() || piece.contains('\u{FFFD}') {
+        return None;
+    }
+    state.advance(&piece)
 }
 
 enum Command {
@@ -441,6 +597,9 @@ impl EngineHandle {
     }
 
     /// Queues a completion; events arrive on the returned receiver. Drop it to cancel.
+    ///
+    /// With [`GenerateRequest::resume`], the resumed tokens are checked and replayed here, so a
+    /// resume that does not fit the request fails at once with [`EngineError::InvalidRequest`].
     pub fn generate(
         &self,
         req: GenerateRequest,
@@ -453,32 +612,88 @@ impl EngineHandle {
                 "`max_tokens` must be at least 1".into(),
             ));
         }
-        let prompt = self.tokenize_prompt(&req.model, &req.prompt)?;
-        let context_length = match self.read_models().get(&req.model) {
-            Some(Entry::Chat(c)) => c.info.context_length,
+        let mut context = self.tokenize_prompt(&req.model, &req.prompt)?;
+        let prompt_len = context.len();
+        let (tokenizer, info) = match self.read_models().get(&req.model) {
+            Some(Entry::Chat(c)) => (Arc::clone(&c.tokenizer), c.info.clone()),
             _ => return Err(EngineError::UnknownModel(req.model.clone())),
         };
+        let context_length = info.context_length;
         let requested = req.max_tokens.unwrap_or(0);
-        if prompt.len() + requested > context_length || prompt.len() >= context_length {
+        if prompt_len + requested > context_length || prompt_len >= context_length {
             return Err(EngineError::ContextLength {
-                prompt_tokens: prompt.len(),
+                prompt_tokens: prompt_len,
                 max_tokens: requested,
                 context_length,
             });
+        }
+        let limits = Limits {
+            prompt_len,
+            max_tokens: req.max_tokens.unwrap_or(context_length - prompt_len),
+            context_length,
+        };
+        let mut state = Pipeline::new(&tokenizer, &req, &context, limits);
+        let mut unsent = String::new();
+        let mut finished = None;
+        if let Some(resume) = &req.resume {
+            check_resume(resume, prompt_len, &info)?;
+            let (text, finish) = state.replay(&tokenizer, &resume.tokens)?;
+            let Some(rest) = text.get(resume.emitted_bytes..) else {
+                return Err(EngineError::InvalidRequest(
+                    if resume.emitted_bytes > text.len() {
+                        format!(
+                            "`resume.emitted_bytes` is {}, but the resumed tokens yield only {} \
+                             bytes of text so far",
+                            resume.emitted_bytes,
+                            text.len()
+                        )
+                    } else {
+                        format!(
+                            "`resume.emitted_bytes` ({}) falls inside a character of the \
+                             resumed text",
+                            resume.emitted_bytes
+                        )
+                    },
+                ));
+            };
+            unsent = rest.to_owned();
+            finished = finish;
+            context.extend_from_slice(&resume.tokens[..state.generated]);
+        }
+        let (tx, rx) = mpsc::unbounded_channel();
+        let send_unsent = || {
+            if !unsent.is_empty() {
+                let _ = tx.send(GenerateEvent::Delta {
+                    text: unsent.clone(),
+                    tokens: Vec::new(),
+                    logprobs: Vec::new(),
+                });
+            }
+        };
+        if let Some(finish_reason) = finished {
+            // Nothing left to generate: the resumed tokens already ended the completion.
+            send_unsent();
+            let _ = tx.send(GenerateEvent::Done {
+                finish_reason,
+                usage: Usage {
+                    prompt_tokens: prompt_len,
+                    completion_tokens: state.generated,
+                },
+            });
+            self.stats.completed.fetch_add(1, Ordering::Relaxed);
+            return Ok(rx);
         }
         let queued = self.stats.queued.load(Ordering::Relaxed);
         if queued >= self.config.max_queue {
             return Err(EngineError::QueueFull(queued));
         }
-        let (tx, rx) = mpsc::unbounded_channel();
+        send_unsent();
         let job = Job {
             model: req.model,
-            max_tokens: req.max_tokens.unwrap_or(context_length - prompt.len()),
-            prompt,
-            sampling: req.sampling,
-            stop: req.stop,
+            context,
+            prompt_len,
             logprobs: req.logprobs,
-            json: req.json,
+            state,
             events: tx,
         };
         self.stats.queued.fetch_add(1, Ordering::Relaxed);
@@ -518,19 +733,41 @@ impl EngineHandle {
     }
 }
 
+/// Checks what can be checked of a resume before replaying it.
+fn check_resume(
+    resume: &Resume,
+    prompt_len: usize,
+    info: &ChatModelInfo,
+) -> Result<(), EngineError> {
+    let vocab = info.vocab_size;
+    if let Some((i, bad)) = resume
+        .tokens
+        .iter()
+        .enumerate()
+        .find(|(_, t)| **t as usize >= vocab)
+    {
+        return Err(EngineError::InvalidRequest(format!(
+            "`resume.tokens`: token {i} has id {bad}, outside the vocabulary of {vocab} tokens"
+        )));
+    }
+    if prompt_len + resume.tokens.len() > info.context_length {
+        return Err(EngineError::InvalidRequest(format!(
+            "`resume.tokens`: the prompt's {prompt_len} tokens and {} resumed tokens exceed the \
+             model's context length of {} tokens",
+            resume.tokens.len(),
+            info.context_length
+        )));
+    }
+    Ok(())
+}
+
 struct Active {
     job: Box<Job>,
     seq: Sequence,
     fed: usize,
     next_input: Option<u32>,
-    sampler: Sampler,
-    decoder: DecodeStream,
-    stops: StopMatcher,
-    generated: usize,
-    context_length: usize,
     pending_tokens: Vec<u32>,
     pending_logprobs: Vec<TokenLogprob>,
-    json: Option<JsonPrefix>,
 }
 
 struct Worker {
@@ -622,20 +859,12 @@ impl Worker {
                     )));
                 continue;
             };
-            let sampler = Sampler::new(job.sampling.clone(), &job.prompt);
-            let stops = StopMatcher::new(&job.stop);
             self.active.push(Active {
                 seq: model.new_sequence(),
                 fed: 0,
                 next_input: None,
-                sampler,
-                decoder: model.tokenizer().stream(),
-                stops,
-                generated: 0,
-                context_length: model.info().context_length,
                 pending_tokens: Vec::new(),
                 pending_logprobs: Vec::new(),
-                json: job.json.then(JsonPrefix::default),
                 job,
             });
             self.stats.active.fetch_add(1, Ordering::Relaxed);
@@ -701,7 +930,11 @@ fn guarded_step(
     })
 }
 
-/// One step of one sequence: a prompt chunk, or one generated token.
+/// One step of one sequence: a prompt chunk, one resumed token, or one generated token.
+///
+/// Resumed tokens are fed one at a time, exactly as they were when generated: a forward over
+/// many tokens computes attention with differently shaped matrix products, whose rounding
+/// differs in the last bits, and that is enough to change later near-tie choices.
 fn step(
     a: &mut Active,
     model: &ChatModel,
@@ -709,14 +942,19 @@ fn step(
     stats: &EngineStats,
 ) -> Result<Step, EngineError> {
     let internal = |e: candle_core::Error| EngineError::Internal(e.to_string());
-    let mut logits = if a.fed < a.job.prompt.len() {
-        let end = (a.fed + config.prefill_chunk.max(1)).min(a.job.prompt.len());
-        let logits = a.seq.forward(&a.job.prompt[a.fed..end]).map_err(internal)?;
+    let context = &a.job.context;
+    let mut logits = if a.fed < context.len() {
+        let end = if a.fed < a.job.prompt_len {
+            (a.fed + config.prefill_chunk.max(1)).min(a.job.prompt_len)
+        } else {
+            a.fed + 1
+        };
+        let logits = a.seq.forward(&context[a.fed..end]).map_err(internal)?;
         stats
             .prompt_tokens
             .fetch_add((end - a.fed) as u64, Ordering::Relaxed);
         a.fed = end;
-        if a.fed < a.job.prompt.len() {
+        if a.fed < context.len() {
             return Ok(Step::Continue);
         }
         logits
@@ -729,85 +967,53 @@ fn step(
 
     let logprob_info = a.job.logprobs.map(|k| (log_softmax(&logits), k));
     let tokenizer = model.tokenizer();
-    let token = match a.json.take() {
-        None => a.sampler.sample(&mut logits),
-        Some(state) => {
-            let mut next_state = None;
-            let token = a.sampler.sample_constrained(&mut logits, |t| {
-                if tokenizer.is_stop_token(t) {
-                    return false;
-                }
-                let piece = tokenizer.token_piece(t);
-                if piece.is_empty() || piece.contains('\u{FFFD}') {
-                    return false;
-                }
-                next_state = state.advance(&piece);
-                next_state.is_some()
+    let state = &mut a.job.state;
+    let token = match state.json.take() {
+        None => state.sampler.sample(&mut logits),
+        Some(json) => {
+            let mut next_json = None;
+            let token = state.sampler.sample_constrained(&mut logits, |t| {
+                next_json = json_step(tokenizer, &json, t);
+                next_json.is_some()
             });
             let Some(token) = token else {
                 return Err(EngineError::Internal(
                     "no token can continue the JSON output".into(),
                 ));
             };
-            a.json = next_state;
+            state.json = next_json;
             token
         }
     };
-    a.sampler.accept(token);
-    a.generated += 1;
+    state.sampler.accept(token);
     stats.completion_tokens.fetch_add(1, Ordering::Relaxed);
-    let usage = Usage {
-        prompt_tokens: a.job.prompt.len(),
-        completion_tokens: a.generated,
-    };
 
-    if tokenizer.is_stop_token(token) {
-        let rest = a.stops.finish();
-        flush(a, rest);
-        send_done(a, FinishReason::Stop, usage);
-        return Ok(Step::Finished);
-    }
-    a.pending_tokens.push(token);
-    if let Some((lp, k)) = logprob_info {
-        a.pending_logprobs.push(TokenLogprob {
-            id: token,
-            text: tokenizer.token_piece(token),
-            logprob: lp.get(token as usize).copied().unwrap_or(f32::NEG_INFINITY),
-            top: top_logprobs(&lp, k)
-                .into_iter()
-                .map(|(id, l)| (id, tokenizer.token_piece(id), l))
-                .collect(),
-        });
-    }
-    let piece = a
-        .decoder
-        .push(token)
-        .map_err(EngineError::Internal)?
-        .unwrap_or_default();
-    match a.stops.push(&piece) {
-        StopOutcome::Stopped(text) => {
-            flush(a, text);
-            send_done(a, FinishReason::Stop, usage);
-            return Ok(Step::Finished);
-        }
-        StopOutcome::Continue(text) => {
-            if !text.is_empty() {
-                flush(a, text);
-            }
+    if !tokenizer.is_stop_token(token) {
+        a.pending_tokens.push(token);
+        if let Some((lp, k)) = logprob_info {
+            a.pending_logprobs.push(TokenLogprob {
+                id: token,
+                text: tokenizer.token_piece(token),
+                logprob: lp.get(token as usize).copied().unwrap_or(f32::NEG_INFINITY),
+                top: top_logprobs(&lp, k)
+                    .into_iter()
+                    .map(|(id, l)| (id, tokenizer.token_piece(id), l))
+                    .collect(),
+            });
         }
     }
-    if a.json.as_ref().is_some_and(JsonPrefix::is_complete) {
-        let rest = a.stops.finish();
-        flush(a, rest);
-        send_done(a, FinishReason::Stop, usage);
+    let Advance { text, finish } = a.job.state.push(tokenizer, token)?;
+    if let Some(finish_reason) = finish {
+        flush(a, text);
+        let usage = Usage {
+            prompt_tokens: a.job.prompt_len,
+            completion_tokens: a.job.state.generated,
+        };
+        send_done(a, finish_reason, usage);
         return Ok(Step::Finished);
     }
-    let at_context_end = a.job.prompt.len() + a.generated >= a.context_length;
-    if a.generated >= a.job.max_tokens || at_context_end {
-        let rest = a.stops.finish();
-        flush(a, rest);
-        send_done(a, FinishReason::Length, usage);
-        return Ok(Step::Finished);
+    if !text.is_empty() {
+        flush(a, text);
     }
     a.next_input = Some(token);
     Ok(Step::Continue)

@@ -93,4 +93,7 @@ pub enum EngineError {
     /// The model failed while computing.
     #[error("inference failed: {0}")]
     Internal(String),
+    /// No node that serves the model could take or finish the request (peers gone or busy).
+    #[error("{0}")]
+    Unavailable(String),
 }

@@ -28,7 +28,7 @@ pub use device::DeviceSpec;
 pub use embedding::{Embedding, EmbeddingModel};
 pub use engine::{
     EmbedRequest, EmbedResponse, Engine, EngineConfig, EngineHandle, EngineStats, FinishReason,
-    GenerateEvent, GenerateRequest, ModelInfo, ModelKind, Prompt, TokenLogprob, Usage,
+    GenerateEvent, GenerateRequest, ModelInfo, ModelKind, Prompt, Resume, TokenLogprob, Usage,
 };
 pub use error::{EngineError, LoadError};
 pub use model::{ChatModel, ChatModelInfo, Sequence};

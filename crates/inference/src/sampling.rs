@@ -85,6 +85,12 @@ impl SamplingParams {
 }
 
 /// Per-sequence sampling state: the RNG and the counts the penalties need.
+///
+/// Every sampled token takes exactly one value from the sequence's RNG, whatever the sampling
+/// mode: the value seeds a generator private to that token, from which the choice (and any
+/// retry of a constrained choice) draws. The sequence's RNG therefore only depends on how many
+/// tokens were sampled, so [`Sampler::replay`] can bring a fresh sampler to the exact state of
+/// one that generated given tokens without knowing the logits it saw.
 #[derive(Debug)]
 pub struct Sampler {
     params: SamplingParams,
@@ -120,10 +126,23 @@ impl Sampler {
         }
     }
 
+    /// Brings the sampler to the state it would be in had it sampled `token` itself: the token
+    /// is recorded for the penalties and the RNG advanced past that token's value.
+    pub fn replay(&mut self, token: u32) {
+        let _ = self.token_rng();
+        self.accept(token);
+    }
+
+    /// The generator for one token, seeded with the sequence RNG's next value.
+    fn token_rng(&mut self) -> StdRng {
+        StdRng::seed_from_u64(self.rng.random::<u64>())
+    }
+
     /// Picks the next token from raw logits (modified in place by the penalties).
     pub fn sample(&mut self, logits: &mut [f32]) -> u32 {
         self.apply_penalties(logits);
-        self.choose(logits)
+        let mut rng = self.token_rng();
+        self.choose(logits, &mut rng)
     }
 
     /// Picks the next token among those `allowed` accepts: a rejected token is masked out and
@@ -135,11 +154,12 @@ impl Sampler {
         mut allowed: impl FnMut(u32) -> bool,
     ) -> Option<u32> {
         self.apply_penalties(logits);
+        let mut rng = self.token_rng();
         for _ in 0..logits.len() {
             if !logits.iter().any(|l| l.is_finite()) {
                 return None;
             }
-            let token = self.choose(logits);
+            let token = self.choose(logits, &mut rng);
             if allowed(token) {
                 return Some(token);
             }
@@ -150,7 +170,7 @@ impl Sampler {
         None
     }
 
-    fn choose(&mut self, logits: &[f32]) -> u32 {
+    fn choose(&self, logits: &[f32], rng: &mut StdRng) -> u32 {
         if self.params.temperature <= 0.0 {
             return argmax(logits);
         }
@@ -188,7 +208,7 @@ impl Sampler {
             keep = keep.min(n);
         }
         let total: f32 = probs[..keep].iter().sum();
-        let mut r = self.rng.random::<f32>() * total;
+        let mut r = rng.random::<f32>() * total;
         for (i, p) in probs[..keep].iter().enumerate() {
             r -= p;
             if r <= 0.0 {
@@ -289,6 +309,65 @@ mod tests {
         assert_eq!(run(), run());
         let distinct: std::collections::HashSet<_> = run().into_iter().collect();
         assert!(distinct.len() > 1, "temperature 1 should explore");
+    }
+
+    /// Logits that differ from step to step, so a sampler's history matters.
+    fn varied_logits(step: usize) -> Vec<f32> {
+        (0..16)
+            .map(|i| ((i * 7 + step * 3) % 11) as f32 * 0.3 - (i as f32) * 0.05)
+            .collect()
+    }
+
+    #[test]
+    fn replay_reproduces_the_rest_of_a_sampled_run() {
+        let params = SamplingParams {
+            temperature: 1.2,
+            seed: Some(7),
+            presence_penalty: 0.4,
+            frequency_penalty: 0.3,
+            repetition_penalty: 1.3,
+            repetition_window: 4,
+            ..Default::default()
+        };
+        // Constrained steps reject some candidates, so they draw more than once.
+        let pick = |s: &mut Sampler, step: usize| {
+            if step.is_multiple_of(3) {
+                s.sample_constrained(&mut varied_logits(step), |t| t % 2 == 1)
+                    .unwrap()
+            } else {
+                s.sample(&mut varied_logits(step))
+            }
+        };
+        let prompt = [3, 5, 8];
+        let mut full = Sampler::new(params.clone(), &prompt);
+        let tokens: Vec<u32> = (0..40)
+            .map(|step| {
+                let t = pick(&mut full, step);
+                full.accept(t);
+                t
+            })
+            .collect();
+        assert!(
+            tokens
+                .iter()
+                .collect::<std::collections::HashSet<_>>()
+                .len()
+                > 3
+        );
+        for cut in [0, 1, 3, 17, 39] {
+            let mut resumed = Sampler::new(params.clone(), &prompt);
+            for t in &tokens[..cut] {
+                resumed.replay(*t);
+            }
+            let rest: Vec<u32> = (cut..40)
+                .map(|step| {
+                    let t = pick(&mut resumed, step);
+                    resumed.accept(t);
+                    t
+                })
+                .collect();
+            assert_eq!(rest, tokens[cut..], "cut after {cut} tokens");
+        }
     }
 
     #[test]
