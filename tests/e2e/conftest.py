@@ -1,5 +1,6 @@
 """Fixtures for multi-process end-to-end tests: real `pod` processes on 127.0.0.1."""
 
+import json
 import os
 import signal
 import socket
@@ -42,14 +43,14 @@ def free_port() -> int:
 class Pod:
     """A running `pod start` process."""
 
-    def __init__(self, *extra: str):
+    def __init__(self, *extra: str, models=(CHAT, EMBED)):
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile(prefix="pod-e2e-", suffix=".log", delete=False)
         # Each pod gets its own state directory (identity) and shares the verified models.
         self.home = tempfile.mkdtemp(prefix="pod-e2e-home-")
         cmd = [*pod_command(self.home), "start", "--api-port", str(self.port),
-               *MESH_ON_LOOPBACK, "--model", CHAT, "--model", EMBED, *extra]
+               *MESH_ON_LOOPBACK, *[a for m in models for a in ("--model", m)], *extra]
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT)
         self.wait_ready(timeout=120)
 
@@ -66,6 +67,19 @@ class Pod:
                 pass
             time.sleep(0.2)
         raise TimeoutError(f"pod not ready after {timeout}s:\n{self.output()}")
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.base + path, timeout=10) as r:
+            return json.load(r)
+
+    @property
+    def peer_id(self) -> str:
+        return self.get("/pod/v1/node")["peer_id"]
+
+    def p2p_addr(self) -> str:
+        """The pod's mesh address on loopback, with its PeerId."""
+        node = self.get("/pod/v1/node")
+        return f"{node['listen_addrs'][0]}/p2p/{node['peer_id']}"
 
     def output(self) -> str:
         return Path(self.log.name).read_text(errors="replace")

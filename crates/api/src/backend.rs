@@ -10,7 +10,7 @@ use pod_inference::{
 };
 use tokio::sync::mpsc;
 
-use crate::node::{NodeView, PeerView};
+use crate::node::{NodeView, PeerView, ReceiptsView};
 
 /// A model as the API lists it.
 #[derive(Debug, Clone, PartialEq)]
@@ -32,6 +32,15 @@ pub struct Generation {
     pub served_by: String,
 }
 
+/// Finished embeddings.
+#[derive(Debug)]
+pub struct Embeddings {
+    /// The vectors.
+    pub response: EmbedResponse,
+    /// The node that computed them, for the `x-pod-served-by` header.
+    pub served_by: String,
+}
+
 /// The inference side of the API.
 pub trait Backend: Send + Sync + 'static {
     /// Models that can be requested.
@@ -49,13 +58,17 @@ pub trait Backend: Send + Sync + 'static {
     fn embed(
         &self,
         req: EmbedRequest,
-    ) -> impl Future<Output = Result<EmbedResponse, EngineError>> + Send;
+    ) -> impl Future<Output = Result<Embeddings, EngineError>> + Send;
     /// This node as `/pod/v1/node` shows it; `None` when there is no mesh.
     fn node(&self) -> impl Future<Output = Option<NodeView>> + Send {
         async { None }
     }
     /// The peer table as `/pod/v1/peers` shows it; `None` when there is no mesh.
     fn peers(&self) -> impl Future<Output = Option<Vec<PeerView>>> + Send {
+        async { None }
+    }
+    /// The receipt ledger's totals per peer; `None` when there is no mesh.
+    fn receipts(&self) -> impl Future<Output = Option<ReceiptsView>> + Send {
         async { None }
     }
 }
@@ -123,7 +136,10 @@ impl Backend for LocalBackend {
         })
     }
 
-    async fn embed(&self, req: EmbedRequest) -> Result<EmbedResponse, EngineError> {
-        self.engine.embed(req).await
+    async fn embed(&self, req: EmbedRequest) -> Result<Embeddings, EngineError> {
+        Ok(Embeddings {
+            response: self.engine.embed(req).await?,
+            served_by: self.name.clone(),
+        })
     }
 }

@@ -171,6 +171,12 @@ impl From<EngineError> for ApiError {
                 err
             }
             EngineError::Internal(_) => ApiError::internal(&e),
+            EngineError::Unavailable(m) => {
+                let mut err = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", m);
+                err.code = Some("no_provider");
+                err.retry_after = Some(2);
+                err
+            }
         }
     }
 }

@@ -28,7 +28,7 @@ use tower_http::request_id::{
 use tower_http::trace::TraceLayer;
 
 pub use auth::ApiKeys;
-pub use backend::{Backend, Generation, LocalBackend, ModelEntry};
+pub use backend::{Backend, Embeddings, Generation, LocalBackend, ModelEntry};
 pub use error::ApiError;
 pub use metrics::Metrics;
 pub use routes::paths;

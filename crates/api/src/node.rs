@@ -74,3 +74,40 @@ pub struct PeerLoad {
     /// Sequences it generates at once.
     pub max_active: usize,
 }
+
+/// `GET /pod/v1/receipts`: work exchanged with each peer, from the signed receipt ledger.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ReceiptsView {
+    /// Always `list`.
+    pub object: String,
+    /// One row per counterpart peer, sorted by id.
+    pub data: Vec<PeerWork>,
+    /// Receipts in the ledger.
+    pub receipts: usize,
+    /// Ledger lines skipped because their signature does not verify.
+    pub invalid: usize,
+    /// Ledger lines skipped because they are incomplete (a crash mid-write).
+    pub torn: usize,
+}
+
+/// Work exchanged with one peer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct PeerWork {
+    /// The peer.
+    pub peer: String,
+    /// Work this node did for the peer.
+    pub served: WorkTotals,
+    /// Work the peer did for this node.
+    pub consumed: WorkTotals,
+}
+
+/// Totals of one direction.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct WorkTotals {
+    /// Requests, partial ones (cut short by a failover) included.
+    pub requests: u64,
+    /// Input tokens processed.
+    pub prompt_tokens: u64,
+    /// Tokens generated.
+    pub completion_tokens: u64,
+}

@@ -43,6 +43,8 @@ pub mod paths {
     pub const NODE: &str = "/pod/v1/node";
     /// The peers this node knows.
     pub const PEERS: &str = "/pod/v1/peers";
+    /// Work exchanged with peers, from signed receipts.
+    pub const RECEIPTS: &str = "/pod/v1/receipts";
 }
 
 /// JSON body extractor whose rejections are OpenAI-shaped errors.
@@ -70,6 +72,7 @@ impl<T: serde::Serialize> IntoResponse for ApiJson<T> {
         system::metrics,
         node::node,
         node::peers,
+        node::receipts,
     ),
     components(schemas(
         openai::ChatCompletionRequest,
@@ -86,6 +89,9 @@ impl<T: serde::Serialize> IntoResponse for ApiJson<T> {
         crate::node::PeerList,
         crate::node::PeerView,
         crate::node::PeerLoad,
+        crate::node::ReceiptsView,
+        crate::node::PeerWork,
+        crate::node::WorkTotals,
     ))
 )]
 pub struct ApiDoc;
@@ -102,6 +108,7 @@ pub(crate) fn routes<B: Backend>(state: Arc<AppState<B>>) -> Router {
         .route(paths::OPENAPI, get(system::openapi))
         .route(paths::NODE, get(node::node::<B>))
         .route(paths::PEERS, get(node::peers::<B>))
+        .route(paths::RECEIPTS, get(node::receipts::<B>))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)

@@ -1,13 +1,34 @@
-//! The API's backend in a node: the local engine, plus the mesh for `/pod/v1/*`.
+//! The API's backend in a node: the local engine for the models it holds, the mesh's peers
+//! for the others (`/pod/infer/1.0.0`), and the mesh's views for `/pod/v1/*`.
 
+use std::collections::BTreeMap;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
-use pod_api::node::{NodeView, PeerLoad, PeerView};
-use pod_api::{Backend, Generation, LocalBackend, ModelEntry};
-use pod_inference::{EmbedRequest, EmbedResponse, EngineError, GenerateRequest};
+use libp2p::PeerId;
+use pod_api::node::{NodeView, PeerLoad, PeerView, PeerWork, ReceiptsView, WorkTotals};
+use pod_api::{Backend, Embeddings, Generation, LocalBackend, ModelEntry};
+use pod_inference::{EmbedRequest, EngineError, GenerateRequest};
 
+use crate::infer::client::{ClientConfig, InferClient, Providers};
 use crate::mesh::{self, PeerSnapshot};
 use crate::profile::Profile;
+use crate::receipts::Ledger;
+
+/// Where requests for a model go.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Route {
+    /// Local when this node holds the model, else the best peer.
+    #[default]
+    Auto,
+    /// Only this node's models.
+    Local,
+    /// Only peers, even for models this node holds.
+    Mesh,
+}
+
+/// The peer table as last read, shared by routing and model listings.
+type PeerCache = Arc<RwLock<Vec<PeerSnapshot>>>;
 
 /// What the node's API talks to.
 #[derive(Debug, Clone)]
@@ -16,16 +37,43 @@ pub struct NodeBackend {
     mesh: mesh::Client,
     profile: Profile,
     started: Instant,
+    peers: PeerCache,
+    infer: InferClient,
+    route: Route,
+    ledger: Option<Arc<Ledger>>,
 }
 
 impl NodeBackend {
-    /// A backend over the local engine and the mesh.
-    pub fn new(local: LocalBackend, mesh: mesh::Client, profile: Profile) -> Self {
+    /// A backend over the local engine and the mesh; keeps a copy of the peer table fresh
+    /// (spawns a task, so call it inside a tokio runtime).
+    pub fn new(
+        local: LocalBackend,
+        mesh: mesh::Client,
+        profile: Profile,
+        ledger: Option<Arc<Ledger>>,
+        route: Route,
+    ) -> Self {
+        let peers: PeerCache = Arc::default();
+        tokio::spawn(refresh_peers(mesh.clone(), Arc::clone(&peers)));
+        let ranking = Arc::clone(&peers);
+        let providers: Providers =
+            Arc::new(move |model: &str, exclude: &[PeerId]| rank(&ranking, model, exclude));
+        let infer = InferClient::new(
+            mesh.streams(),
+            mesh.peer_id(),
+            ledger.clone(),
+            ClientConfig::default(),
+            providers,
+        );
         Self {
             local,
             mesh,
             profile,
             started: Instant::now(),
+            peers,
+            infer,
+            route,
+            ledger,
         }
     }
 
@@ -33,11 +81,90 @@ impl NodeBackend {
     pub fn local(&self) -> &LocalBackend {
         &self.local
     }
+
+    /// The requesting side of remote inference.
+    pub fn infer_client(&self) -> &InferClient {
+        &self.infer
+    }
+
+    fn holds(&self, model: &str) -> bool {
+        self.route != Route::Mesh && self.local.models().iter().any(|m| m.info.name == model)
+    }
+}
+
+/// Re-reads the peer table a few times a second until the mesh stops.
+async fn refresh_peers(mesh: mesh::Client, cache: PeerCache) {
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tick.tick().await;
+        let Ok(peers) = mesh.peers().await else {
+            return;
+        };
+        if let Ok(mut c) = cache.write() {
+            *c = peers;
+        }
+    }
+}
+
+/// Peers that announce `model` and a ready API, best first: fewest requests per slot, then
+/// lowest round-trip time; connected peers before ones only heard of.
+fn rank(cache: &PeerCache, model: &str, exclude: &[PeerId]) -> Vec<PeerId> {
+    let Ok(peers) = cache.read() else {
+        return Vec::new();
+    };
+    let mut scored: Vec<(bool, u64, PeerId)> = peers
+        .iter()
+        .filter(|p| !exclude.contains(&p.peer_id))
+        .filter_map(|p| {
+            let caps = p.capabilities.as_ref()?;
+            let serves = caps.models.iter().any(|m| m.name == model);
+            let ready = caps.api.as_ref().is_some_and(|a| a.ready);
+            if !serves || !ready {
+                return None;
+            }
+            let slots = caps.load.max_active.max(1) as u64;
+            let busy = (caps.load.active + caps.load.queued) as u64;
+            // Expected wait in "milli-slots" plus the round trip in microseconds / 100.
+            let rtt = p.rtt.map_or(50_000, |d| d.as_micros() as u64);
+            let score = busy * 1000 / slots * 10 + rtt / 100;
+            Some((!p.connected, score, p.peer_id))
+        })
+        .collect();
+    scored.sort();
+    scored.into_iter().map(|(_, _, p)| p).collect()
 }
 
 impl Backend for NodeBackend {
     fn models(&self) -> Vec<ModelEntry> {
-        self.local.models()
+        let mut by_name: BTreeMap<String, ModelEntry> = BTreeMap::new();
+        if self.route != Route::Mesh {
+            for m in self.local.models() {
+                by_name.insert(m.info.name.clone(), m);
+            }
+        }
+        if self.route != Route::Local {
+            if let Ok(peers) = self.peers.read() {
+                for p in peers.iter() {
+                    let Some(caps) = &p.capabilities else {
+                        continue;
+                    };
+                    if !caps.api.as_ref().is_some_and(|a| a.ready) {
+                        continue;
+                    }
+                    for info in &caps.models {
+                        by_name
+                            .entry(info.name.clone())
+                            .and_modify(|e| e.providers += 1)
+                            .or_insert_with(|| ModelEntry {
+                                info: info.clone(),
+                                providers: 1,
+                                owned_by: p.peer_id.to_string(),
+                            });
+                    }
+                }
+            }
+        }
+        by_name.into_values().collect()
     }
 
     fn is_ready(&self) -> bool {
@@ -49,11 +176,31 @@ impl Backend for NodeBackend {
     }
 
     async fn generate(&self, req: GenerateRequest) -> Result<Generation, EngineError> {
-        self.local.generate(req).await
+        if self.holds(&req.model) {
+            return self.local.generate(req).await;
+        }
+        if self.route == Route::Local {
+            return Err(EngineError::UnknownModel(req.model));
+        }
+        let (peer, events) = self.infer.generate(req).await?;
+        Ok(Generation {
+            events,
+            served_by: peer.to_string(),
+        })
     }
 
-    async fn embed(&self, req: EmbedRequest) -> Result<EmbedResponse, EngineError> {
-        self.local.embed(req).await
+    async fn embed(&self, req: EmbedRequest) -> Result<Embeddings, EngineError> {
+        if self.holds(&req.model) {
+            return self.local.embed(req).await;
+        }
+        if self.route == Route::Local {
+            return Err(EngineError::UnknownModel(req.model));
+        }
+        let (peer, response) = self.infer.embed(&req.model, req.input).await?;
+        Ok(Embeddings {
+            response,
+            served_by: peer.to_string(),
+        })
     }
 
     async fn node(&self) -> Option<NodeView> {
@@ -73,6 +220,14 @@ impl Backend for NodeBackend {
             known_peers: info.known_peers,
             uptime_seconds: self.started.elapsed().as_secs(),
         })
+    }
+
+    async fn receipts(&self) -> Option<ReceiptsView> {
+        let ledger = self.ledger.clone()?;
+        tokio::task::spawn_blocking(move || receipts_view(&ledger))
+            .await
+            .ok()
+            .flatten()
     }
 
     async fn peers(&self) -> Option<Vec<PeerView>> {
@@ -106,3 +261,41 @@ pub fn peer_view(p: PeerSnapshot) -> PeerView {
 /// How often the node refreshes what it announces (the mesh publishes only changes, and
 /// re-announces on its own period).
 pub const ANNOUNCE_REFRESH: Duration = Duration::from_millis(500);
+
+/// The ledger's totals as the API shows them.
+pub fn receipts_view(ledger: &Ledger) -> Option<ReceiptsView> {
+    let read = match ledger.entries() {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the receipt ledger");
+            return None;
+        }
+    };
+    let totals = |t: crate::receipts::Totals| WorkTotals {
+        requests: t.requests,
+        prompt_tokens: t.prompt_tokens,
+        completion_tokens: t.completion_tokens,
+    };
+    let summary = match ledger.summary() {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot read the receipt ledger");
+            return None;
+        }
+    };
+    let data = summary
+        .into_iter()
+        .map(|p| PeerWork {
+            peer: p.peer,
+            served: totals(p.served),
+            consumed: totals(p.consumed),
+        })
+        .collect();
+    Some(ReceiptsView {
+        object: "list".into(),
+        data,
+        receipts: read.entries.len(),
+        invalid: read.invalid,
+        torn: read.torn,
+    })
+}

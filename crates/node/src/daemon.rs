@@ -11,12 +11,14 @@ use pod_inference::{DeviceSpec, Engine, EngineConfig, EngineHandle};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
-use crate::backend::{NodeBackend, ANNOUNCE_REFRESH};
+use crate::backend::{NodeBackend, Route, ANNOUNCE_REFRESH};
 use crate::identity::Identity;
+use crate::infer::server::{InferServer, ServerConfig};
 use crate::loader::{self, ResolveError};
 use crate::mesh::capability::{ApiInfo, Hardware, Load};
 use crate::mesh::{self, Capabilities, MeshConfig, MeshError};
 use crate::profile::Profile;
+use crate::receipts::Ledger;
 use crate::store::ModelStore;
 
 /// How to run a node.
@@ -48,6 +50,10 @@ pub struct StartOptions {
     pub mesh: MeshConfig,
     /// State directory; the running daemon's address is written to `daemon.json` there.
     pub home: PathBuf,
+    /// Serve this node's models to peers (false: only to its own API).
+    pub serve_mesh: bool,
+    /// Where API requests go: local models, peers, or both.
+    pub route: Route,
 }
 
 /// The node could not start or failed while running.
@@ -139,7 +145,30 @@ pub async fn run(store: ModelStore, opts: StartOptions) -> Result<(), DaemonErro
 
     let (mesh, event_loop) = mesh::new(opts.identity.keypair().clone(), opts.mesh.clone())?;
     tokio::spawn(event_loop.run());
-    let backend = NodeBackend::new(local_backend.clone(), mesh.clone(), opts.profile);
+    let ledger = match Ledger::open(&opts.home) {
+        Ok(l) => Some(Arc::new(l)),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot open the receipt ledger; receipts are not kept");
+            None
+        }
+    };
+    let server = InferServer::new(
+        engine.clone(),
+        opts.identity.keypair().clone(),
+        ledger.clone(),
+        ServerConfig {
+            serve_mesh: opts.serve_mesh,
+            ..ServerConfig::default()
+        },
+    );
+    tokio::spawn(server.run(mesh.streams()));
+    let backend = NodeBackend::new(
+        local_backend.clone(),
+        mesh.clone(),
+        opts.profile,
+        ledger,
+        opts.route,
+    );
     let announcer = tokio::spawn(announce(
         mesh.clone(),
         engine.clone(),

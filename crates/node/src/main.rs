@@ -15,6 +15,7 @@ use pod_inference::{
     ChatMessage, DeviceSpec, Engine, EngineConfig, GenerateEvent, GenerateRequest, Prompt, Role,
     SamplingParams,
 };
+use pod_node::backend::Route;
 use pod_node::catalogue::{self, CATALOGUE, DEFAULT_CHAT_MODEL};
 use pod_node::daemon::{self, DaemonFile, StartOptions};
 use pod_node::home::default_home;
@@ -61,6 +62,12 @@ enum Command {
     Identity(IdentityCommand),
     /// List the peers the running node knows: addresses, round-trip time, models, load.
     Peers(PeersArgs),
+    /// Work served to and consumed from each peer, from the signed receipt ledger.
+    Receipts {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -160,6 +167,13 @@ struct StartArgs {
     /// Do not discover peers on the local network with mDNS.
     #[arg(long)]
     no_mdns: bool,
+    /// Do not run requests for peers; this node's models serve only its own API.
+    #[arg(long)]
+    no_serve_mesh: bool,
+    /// Where API requests go: `auto` (local models here, others on the best peer), `local`
+    /// (this node's models only), `mesh` (always a peer, even for models held here).
+    #[arg(long, default_value = "auto", value_parser = parse_route)]
+    route: Route,
     /// Seconds between capability announcements when nothing changes; peers forget a silent
     /// node after three of these.
     #[arg(long, default_value_t = 10, value_name = "SECONDS",
@@ -251,6 +265,19 @@ struct InferArgs {
     /// Do not download a missing catalogued model; fail instead.
     #[arg(long)]
     no_pull: bool,
+    /// Run the prompt on a peer of the mesh instead of this machine. The mesh is joined through
+    /// --bootstrap peers, the running local node (if any) and mDNS.
+    #[arg(long, conflicts_with = "local")]
+    p2p: bool,
+    /// Run the prompt on this machine (the default).
+    #[arg(long)]
+    local: bool,
+    /// With --p2p: a peer to join the mesh through, ending in /p2p/<PeerId> (repeatable).
+    #[arg(long, value_name = "MULTIADDR", requires = "p2p")]
+    bootstrap: Vec<Multiaddr>,
+    /// With --p2p: seconds to wait for a peer that serves the model.
+    #[arg(long, default_value_t = 15, value_name = "SECONDS", requires = "p2p")]
+    wait: u64,
 }
 
 fn main() -> ExitCode {
@@ -303,10 +330,11 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Models(cmd) => models(&store, cmd),
         Command::Start(args) => start(&home, store, args),
-        Command::Infer(args) => infer(&store, args),
+        Command::Infer(args) => infer(&home, &store, args),
         Command::Bench(args) => bench(&store, args),
         Command::Identity(cmd) => identity(&home, cmd),
         Command::Peers(args) => peers(&home, args),
+        Command::Receipts { json } => receipts(&home, json),
     }
 }
 
@@ -384,16 +412,7 @@ fn models(store: &ModelStore, cmd: ModelsCommand) -> Result<()> {
     }
 }
 
-fn infer(store: &ModelStore, args: InferArgs) -> Result<()> {
-    let resolved = loader::resolve(store, &args.model, !args.no_pull)?;
-    if resolved.format != ModelFormat::Gguf {
-        bail!(
-            "`{}` is an embedding model; `pod infer` needs a chat model",
-            args.model
-        );
-    }
-    let engine = Engine::start(EngineConfig::default());
-    loader::load_into(&engine, &resolved, args.device)?;
+fn infer(home: &std::path::Path, store: &ModelStore, args: InferArgs) -> Result<()> {
     let prompt = if args.raw {
         Prompt::Text(args.prompt)
     } else {
@@ -404,8 +423,8 @@ fn infer(store: &ModelStore, args: InferArgs) -> Result<()> {
         messages.push(ChatMessage::new(Role::User, args.prompt));
         Prompt::Chat(messages)
     };
-    let request = GenerateRequest {
-        model: resolved.name.clone(),
+    let mut request = GenerateRequest {
+        model: args.model.clone(),
         prompt,
         sampling: SamplingParams {
             temperature: args.temperature,
@@ -420,12 +439,103 @@ fn infer(store: &ModelStore, args: InferArgs) -> Result<()> {
         stop: args.stop,
         logprobs: None,
         json: false,
+        resume: None,
     };
-    let started = Instant::now();
+    if args.p2p {
+        let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+        let (served_by, mut events) =
+            runtime.block_on(infer_on_peer(home, &args.bootstrap, args.wait, request))?;
+        eprintln!("[served by {served_by}]");
+        return print_completion(|| runtime.block_on(events.recv()));
+    }
+    let resolved = loader::resolve(store, &args.model, !args.no_pull)?;
+    if resolved.format != ModelFormat::Gguf {
+        bail!(
+            "`{}` is an embedding model; `pod infer` needs a chat model",
+            args.model
+        );
+    }
+    request.model = resolved.name.clone();
+    let engine = Engine::start(EngineConfig::default());
+    loader::load_into(&engine, &resolved, args.device)?;
     let mut events = engine.generate(request)?;
+    print_completion(|| events.blocking_recv())
+}
+
+/// Joins the mesh with a throwaway identity and starts the request on the best peer.
+async fn infer_on_peer(
+    home: &std::path::Path,
+    bootstrap: &[Multiaddr],
+    wait: u64,
+    request: GenerateRequest,
+) -> Result<(String, tokio::sync::mpsc::UnboundedReceiver<GenerateEvent>)> {
+    use pod_api::Backend as _;
+    let mut peers = bootstrap.to_vec();
+    // The node running on this machine, if any, is the nearest way in.
+    if let Some(d) = DaemonFile::read(home) {
+        let node = daemon_get(
+            home,
+            &DaemonArgs {
+                api: Some(d.api),
+                api_key: None,
+            },
+            pod_api::paths::NODE,
+        );
+        if let Ok(node) = node {
+            let id = node["peer_id"].as_str().unwrap_or_default();
+            peers.extend(
+                node["listen_addrs"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|a| a.as_str())
+                    .filter_map(|a| format!("{a}/p2p/{id}").parse::<Multiaddr>().ok()),
+            );
+        }
+    }
+    let config = MeshConfig {
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse()?],
+        listen_optional: Vec::new(),
+        bootstrap: peers.clone(),
+        mdns: peers.is_empty(),
+        ..MeshConfig::default()
+    };
+    let key = libp2p::identity::Keypair::generate_ed25519();
+    let (mesh, event_loop) = pod_node::mesh::new(key, config)?;
+    tokio::spawn(event_loop.run());
+    let engine = Engine::start(EngineConfig::default());
+    let local = pod_api::LocalBackend::new(engine, mesh.peer_id().to_string());
+    let backend =
+        pod_node::backend::NodeBackend::new(local, mesh, Profile::Relay, None, Route::Mesh);
+    let deadline = Instant::now() + Duration::from_secs(wait);
+    while !backend
+        .models()
+        .iter()
+        .any(|m| m.info.name == request.model)
+    {
+        if Instant::now() > deadline {
+            bail!(
+                "no peer serving `{}` found within {wait} s{}",
+                request.model,
+                if peers.is_empty() {
+                    " (no --bootstrap peer and no local node; relying on mDNS)"
+                } else {
+                    ""
+                }
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let generation = backend.generate(request).await?;
+    Ok((generation.served_by, generation.events))
+}
+
+/// Streams a completion to stdout and its statistics to stderr.
+fn print_completion(mut next: impl FnMut() -> Option<GenerateEvent>) -> Result<()> {
+    let started = Instant::now();
     let mut first_token = None;
     let mut stdout = std::io::stdout().lock();
-    while let Some(event) = events.blocking_recv() {
+    while let Some(event) = next() {
         match event {
             GenerateEvent::Delta { text, .. } => {
                 first_token.get_or_insert_with(Instant::now);
@@ -522,11 +632,24 @@ fn start(home: &std::path::Path, store: ModelStore, args: StartArgs) -> Result<(
         grace: Duration::from_secs(args.shutdown_grace),
         mesh,
         home: home.to_path_buf(),
+        serve_mesh: !args.no_serve_mesh,
+        route: args.route,
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     let result = runtime.block_on(daemon::run(store, opts));
     runtime.shutdown_timeout(Duration::from_secs(1));
     Ok(result?)
+}
+
+fn parse_route(s: &str) -> std::result::Result<Route, String> {
+    match s {
+        "auto" => Ok(Route::Auto),
+        "local" => Ok(Route::Local),
+        "mesh" => Ok(Route::Mesh),
+        other => Err(format!(
+            "unknown route `{other}` (expected auto, local or mesh)"
+        )),
+    }
 }
 
 fn mesh_config(args: &StartArgs) -> MeshConfig {
@@ -634,6 +757,43 @@ fn peers(home: &std::path::Path, args: PeersArgs) -> Result<()> {
             } else {
                 models.join(", ")
             }
+        );
+    }
+    Ok(())
+}
+
+fn receipts(home: &std::path::Path, json: bool) -> Result<()> {
+    let ledger = pod_node::receipts::Ledger::open(home)?;
+    let view = pod_node::backend::receipts_view(&ledger)
+        .with_context(|| format!("cannot read {}", ledger.path().display()))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&view)?);
+        return Ok(());
+    }
+    if view.data.is_empty() {
+        println!("no receipts yet");
+    } else {
+        println!(
+            "{:<52} {:>8} {:>10} {:>10}   {:>8} {:>10} {:>10}",
+            "PEER", "SERVED", "PROMPT", "COMPLETION", "CONSUMED", "PROMPT", "COMPLETION"
+        );
+        for p in &view.data {
+            println!(
+                "{:<52} {:>8} {:>10} {:>10}   {:>8} {:>10} {:>10}",
+                p.peer,
+                p.served.requests,
+                p.served.prompt_tokens,
+                p.served.completion_tokens,
+                p.consumed.requests,
+                p.consumed.prompt_tokens,
+                p.consumed.completion_tokens
+            );
+        }
+    }
+    if view.invalid > 0 || view.torn > 0 {
+        eprintln!(
+            "skipped {} records with bad signatures and {} incomplete lines",
+            view.invalid, view.torn
         );
     }
     Ok(())

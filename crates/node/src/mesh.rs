@@ -206,12 +206,21 @@ enum Command {
 }
 
 /// A handle to the mesh. Cheap to clone; every method talks to the [`EventLoop`].
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Client {
     peer_id: PeerId,
+    streams: libp2p_stream::Control,
     commands: mpsc::Sender<Command>,
     events: broadcast::Sender<MeshEvent>,
     stats: Arc<MeshStats>,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client")
+            .field("peer_id", &self.peer_id)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Client {
@@ -246,6 +255,12 @@ impl Client {
         let (tx, rx) = oneshot::channel();
         self.send(Command::Dial(addr, tx)).await?;
         rx.await.map_err(|_| MeshError::Stopped)?
+    }
+
+    /// A handle to open and accept streams of application protocols (inference, blobs)
+    /// without going through the event loop.
+    pub fn streams(&self) -> libp2p_stream::Control {
+        self.streams.clone()
     }
 
     /// Subscribes to mesh events. A subscriber that falls behind misses events (and is told
@@ -301,6 +316,7 @@ pub fn new(key: Keypair, config: MeshConfig) -> Result<(Client, EventLoop), Mesh
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(120)))
         .build();
 
+    let streams = swarm.behaviour().stream.new_control();
     let (commands_tx, commands_rx) = mpsc::channel(64);
     let (events_tx, _) = broadcast::channel(256);
     let stats = Arc::new(MeshStats::default());
@@ -315,6 +331,7 @@ pub fn new(key: Keypair, config: MeshConfig) -> Result<(Client, EventLoop), Mesh
     Ok((
         Client {
             peer_id,
+            streams,
             commands: commands_tx,
             events: events_tx,
             stats,

@@ -3,6 +3,7 @@
 use std::sync::Arc;
 
 use axum::extract::State;
+use axum::response::IntoResponse;
 use axum::Json;
 use base64::Engine as _;
 use pod_inference::EmbedRequest;
@@ -28,7 +29,7 @@ const MAX_INPUTS: usize = 2048;
 pub(crate) async fn embeddings<B: Backend>(
     State(state): State<Arc<AppState<B>>>,
     ApiJson(req): ApiJson<EmbeddingRequest>,
-) -> Result<Json<EmbeddingResponse>, ApiError> {
+) -> Result<axum::response::Response, ApiError> {
     if req.model.is_empty() {
         return Err(ApiError::invalid("model", "`model` is required"));
     }
@@ -59,7 +60,10 @@ pub(crate) async fn embeddings<B: Backend>(
     if !state.backend.is_ready() {
         return Err(ApiError::loading());
     }
-    let out = state
+    let crate::Embeddings {
+        response: out,
+        served_by,
+    } = state
         .backend
         .embed(EmbedRequest {
             model: req.model.clone(),
@@ -82,7 +86,7 @@ pub(crate) async fn embeddings<B: Backend>(
             },
         })
         .collect();
-    Ok(Json(EmbeddingResponse {
+    let body = Json(EmbeddingResponse {
         object: "list".into(),
         data,
         model: req.model,
@@ -90,5 +94,9 @@ pub(crate) async fn embeddings<B: Backend>(
             prompt_tokens: out.prompt_tokens,
             total_tokens: out.prompt_tokens,
         },
-    }))
+    });
+    Ok(super::generation::with_served_by(
+        body.into_response(),
+        &served_by,
+    ))
 }

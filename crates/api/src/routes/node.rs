@@ -6,7 +6,7 @@ use axum::extract::State;
 use axum::Json;
 
 use crate::error::ApiError;
-use crate::node::{NodeView, PeerList};
+use crate::node::{NodeView, PeerList, ReceiptsView};
 use crate::{AppState, Backend};
 
 /// This node: PeerId, listen and external addresses, NAT status, profile.
@@ -38,4 +38,20 @@ pub(crate) async fn peers<B: Backend>(
         object: "list".into(),
         data,
     }))
+}
+
+/// Work this node did for each peer and each peer did for it, from the signed receipts.
+#[utoipa::path(get, path = "/pod/v1/receipts", responses(
+    (status = 200, body = ReceiptsView),
+    (status = 404, description = "This node runs without a mesh"),
+))]
+pub(crate) async fn receipts<B: Backend>(
+    State(state): State<Arc<AppState<B>>>,
+) -> Result<Json<ReceiptsView>, ApiError> {
+    state
+        .backend
+        .receipts()
+        .await
+        .map(Json)
+        .ok_or_else(ApiError::no_mesh)
 }

@@ -37,6 +37,7 @@ pub(crate) struct Behaviour {
     pub(crate) gossipsub: gossipsub::Behaviour,
     pub(crate) mdns: Toggle<mdns::tokio::Behaviour>,
     pub(crate) autonat: autonat::Behaviour,
+    pub(crate) stream: libp2p_stream::Behaviour,
 }
 
 impl Behaviour {
@@ -103,6 +104,7 @@ impl Behaviour {
             gossipsub,
             mdns: mdns.into(),
             autonat: autonat::Behaviour::new(peer_id, autonat::Config::default()),
+            stream: libp2p_stream::Behaviour::new(),
         })
     }
 }

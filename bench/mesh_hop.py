@@ -1,0 +1,102 @@
+#!/usr/bin/env python3
+r"""The cost of one mesh hop: a chat stream served by pod A directly, against the same stream
+sent to pod B (relay profile, no models), which forwards it over /pod/infer/1.0.0 to A.
+
+Both pods run on 127.0.0.1 from the same binary; A holds the model, B bootstraps from A.
+Each round sends the same greedy streaming request (max_tokens 64) from C concurrent clients
+(C = 1, then 8), alternating direct and routed, so that both see the same machine state.
+Reported: median time to first token, median per-stream decode tokens/s and median aggregate
+tokens/s over all rounds, and routed/direct ratios.
+
+  python3 bench/mesh_hop.py [--pod target/release/pod] [--rounds 5]
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from api import free_port, median, request_body, run_batch  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "smollm2-135m-instruct"
+CONCURRENCY = (1, 8)
+
+
+def get(port: int, path: str):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+        return json.load(r)
+
+
+def start(pod: str, models_dir: str, *args: str) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    home = tempfile.mkdtemp(prefix="pod-bench-")
+    cmd = [pod, "--home", home, "--models-dir", models_dir, "--log", "warn", "start",
+           "--api-port", str(port), "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns",
+           "--announce-interval", "1", *args]
+    proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if get(port, "/health")["status"] == "ok":
+                return proc, port
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise SystemExit(f"pod on port {port} did not become ready")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pod", default=str(ROOT / "target" / "release" / "pod"))
+    ap.add_argument("--models-dir", default=str(Path(os.environ.get("POD_HOME", Path.home() / ".cache" / "pod")) / "models"))
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--max-tokens", type=int, default=64)
+    args = ap.parse_args()
+
+    a, a_port = start(args.pod, args.models_dir, "--profile", "inference", "--model", MODEL)
+    node = get(a_port, "/pod/v1/node")
+    a_addr = f"{node['listen_addrs'][0]}/p2p/{node['peer_id']}"
+    b, b_port = start(args.pod, args.models_dir, "--profile", "relay", "--bootstrap", a_addr)
+    try:
+        deadline = time.monotonic() + 30
+        while MODEL not in {m["id"] for m in get(b_port, "/v1/models")["data"]}:
+            if time.monotonic() > deadline:
+                raise SystemExit("the relay never saw the model")
+            time.sleep(0.2)
+        body = request_body("pod", MODEL, args.max_tokens)
+        for port in (a_port, b_port):  # warm-up
+            run_batch(port, body, 1)
+        results = {(route, c): [] for route in ("direct", "routed") for c in CONCURRENCY}
+        for _ in range(args.rounds):
+            for c in CONCURRENCY:
+                for route, port in (("direct", a_port), ("routed", b_port)):
+                    results[(route, c)].append(run_batch(port, body, c))
+        print(f"pod {args.pod}, model {MODEL}, greedy, max_tokens {args.max_tokens}, {args.rounds} rounds, 127.0.0.1")
+        print("| clients | metric | direct | via relay | ratio |")
+        print("|---:|---|---:|---:|---:|")
+        for c in CONCURRENCY:
+            def stat(route, key):
+                batches = results[(route, c)]
+                if key == "aggregate_tps":
+                    return median([b[key] for b in batches])
+                return median([s[key] for b in batches for s in b["streams"] if s[key] is not None])
+            for key, label in (("ttft_ms", "TTFT ms (p50)"), ("decode_tps", "decode t/s per stream (p50)"),
+                               ("aggregate_tps", "aggregate t/s")):
+                d, r = stat("direct", key), stat("routed", key)
+                extra = f" (+{r - d:.1f} ms)" if key == "ttft_ms" else ""
+                print(f"| {c} | {label} | {d:.1f} | {r:.1f}{extra} | {r / d:.3f} |")
+    finally:
+        for p in (b, a):
+            p.terminate()
+            p.wait(timeout=20)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,402 @@
+//! The serving side of `/pod/infer/1.0.0`: requests from peers go through the same engine
+//! queue as local ones, with per-peer limits, and end with a signed receipt.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use libp2p::identity::Keypair;
+use libp2p::PeerId;
+use pod_inference::{
+    EmbedRequest, EngineError, EngineHandle, GenerateEvent, GenerateRequest, ModelKind,
+};
+
+use super::{read_frame, write_frame, Frame, Request, MAX_REQUEST_BYTES, PROTOCOL};
+use crate::receipts::{Ledger, Receipt, Role, SignedReceipt};
+
+/// Limits on what peers may ask of this node.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// Serve peers at all (false: this node's models are for its own API only).
+    pub serve_mesh: bool,
+    /// Requests one peer may have running at once.
+    pub max_concurrent_per_peer: usize,
+    /// Requests one peer may start per minute.
+    pub max_requests_per_minute_per_peer: u32,
+    /// How long a peer may take to send its request after opening the stream.
+    pub request_timeout: Duration,
+    /// Longest silence on a stream; a heartbeat frame is sent when nothing else was.
+    pub heartbeat: Duration,
+    /// A progress receipt is sent every this many generated tokens.
+    pub progress_every_tokens: usize,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        Self {
+            serve_mesh: true,
+            max_concurrent_per_peer: 8,
+            max_requests_per_minute_per_peer: 600,
+            request_timeout: Duration::from_secs(10),
+            heartbeat: Duration::from_secs(1),
+            progress_every_tokens: 8,
+        }
+    }
+}
+
+/// Counters of the inference server.
+#[derive(Debug, Default)]
+pub struct ServerStats {
+    /// Requests accepted from peers.
+    pub accepted: AtomicU64,
+    /// Requests refused: limits, unknown model, serving disabled.
+    pub refused: AtomicU64,
+    /// Streams that sent garbage or nothing in time.
+    pub malformed: AtomicU64,
+    /// Requests cancelled because the requester went away.
+    pub cancelled: AtomicU64,
+}
+
+#[derive(Debug, Default)]
+struct PeerUse {
+    active: usize,
+    window_start: Option<Instant>,
+    in_window: u32,
+}
+
+/// Serves `/pod/infer/1.0.0` from the local engine.
+#[derive(Debug)]
+pub struct InferServer {
+    engine: EngineHandle,
+    key: Keypair,
+    ledger: Option<Arc<Ledger>>,
+    config: ServerConfig,
+    peers: Mutex<HashMap<PeerId, PeerUse>>,
+    stats: ServerStats,
+}
+
+/// Releases a peer's concurrency slot when a request ends.
+struct Slot<'a> {
+    server: &'a InferServer,
+    peer: PeerId,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut peers) = self.server.peers.lock() {
+            if let Some(u) = peers.get_mut(&self.peer) {
+                u.active = u.active.saturating_sub(1);
+            }
+        }
+    }
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+impl InferServer {
+    /// A server over `engine`, signing receipts with `key`.
+    pub fn new(
+        engine: EngineHandle,
+        key: Keypair,
+        ledger: Option<Arc<Ledger>>,
+        config: ServerConfig,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            engine,
+            key,
+            ledger,
+            config,
+            peers: Mutex::new(HashMap::new()),
+            stats: ServerStats::default(),
+        })
+    }
+
+    /// The server's counters.
+    pub fn stats(&self) -> &ServerStats {
+        &self.stats
+    }
+
+    /// Accepts streams until the mesh stops.
+    pub async fn run(self: Arc<Self>, mut control: libp2p_stream::Control) {
+        let mut incoming = match control.accept(PROTOCOL) {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot serve {PROTOCOL}");
+                return;
+            }
+        };
+        while let Some((peer, stream)) = incoming.next().await {
+            let server = Arc::clone(&self);
+            tokio::spawn(async move { server.handle(peer, stream).await });
+        }
+    }
+
+    /// Takes a slot for `peer`, or says why not.
+    fn admit(&self, peer: PeerId) -> Result<Slot<'_>, EngineError> {
+        let mut peers = self
+            .peers
+            .lock()
+            .map_err(|_| EngineError::Internal("peer table poisoned".into()))?;
+        let u = peers.entry(peer).or_default();
+        let now = Instant::now();
+        match u.window_start {
+            Some(t) if now.duration_since(t) < Duration::from_secs(60) => u.in_window += 1,
+            _ => {
+                u.window_start = Some(now);
+                u.in_window = 1;
+            }
+        }
+        if u.in_window > self.config.max_requests_per_minute_per_peer
+            || u.active >= self.config.max_concurrent_per_peer
+        {
+            return Err(EngineError::QueueFull(u.active));
+        }
+        u.active += 1;
+        Ok(Slot { server: self, peer })
+    }
+
+    async fn handle(&self, peer: PeerId, stream: libp2p::Stream) {
+        let (mut rd, mut wr) = stream.split();
+        let request: Request = match tokio::time::timeout(
+            self.config.request_timeout,
+            read_frame(&mut rd, MAX_REQUEST_BYTES),
+        )
+        .await
+        {
+            Ok(Ok(r)) => r,
+            Ok(Err(e)) => {
+                self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%peer, error = %e, "bad inference request");
+                let _ = write_frame(
+                    &mut wr,
+                    &Frame::Error(EngineError::InvalidRequest(e.to_string())),
+                )
+                .await;
+                let _ = wr.close().await;
+                return;
+            }
+            Err(_) => {
+                self.stats.malformed.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%peer, "no inference request in time");
+                let _ = wr.close().await;
+                return;
+            }
+        };
+        let refuse = |e: EngineError| {
+            self.stats.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(%peer, id = request.id(), reason = %e, "refused a peer's request");
+            Frame::Error(e)
+        };
+        if !self.config.serve_mesh {
+            let frame = refuse(EngineError::Unavailable(
+                "this pod does not serve the mesh".into(),
+            ));
+            let _ = write_frame(&mut wr, &frame).await;
+            return;
+        }
+        let (model, kind) = match &request {
+            Request::Generate { request, .. } => (request.model.clone(), ModelKind::Chat),
+            Request::Embed { model, .. } => (model.clone(), ModelKind::Embedding),
+        };
+        if !self
+            .engine
+            .models()
+            .iter()
+            .any(|m| m.name == model && m.kind == kind)
+        {
+            let _ = write_frame(&mut wr, &refuse(EngineError::UnknownModel(model))).await;
+            return;
+        }
+        let _slot = match self.admit(peer) {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = write_frame(&mut wr, &refuse(e)).await;
+                return;
+            }
+        };
+        self.stats.accepted.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(%peer, id = request.id(), %model, "serving a peer's request");
+        match request {
+            Request::Generate { id, request } => self.generate(peer, id, request, rd, wr).await,
+            Request::Embed { id, model, input } => {
+                self.embed(peer, id, model, input, wr).await;
+            }
+        }
+    }
+
+    fn receipt(
+        &self,
+        peer: PeerId,
+        id: &str,
+        model: &str,
+        (prompt_tokens, completion_tokens): (usize, usize),
+        started_at_ms: u64,
+        partial: bool,
+    ) -> Option<SignedReceipt> {
+        let receipt = Receipt {
+            request_id: id.to_owned(),
+            model: model.to_owned(),
+            prompt_tokens: prompt_tokens as u64,
+            completion_tokens: completion_tokens as u64,
+            requester: peer.to_string(),
+            server: self.key.public().to_peer_id().to_string(),
+            started_at_ms,
+            finished_at_ms: now_ms(),
+            partial,
+        };
+        match SignedReceipt::sign(receipt, &self.key) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot sign a receipt");
+                None
+            }
+        }
+    }
+
+    fn record(&self, receipt: &Option<SignedReceipt>) {
+        if let (Some(ledger), Some(r)) = (&self.ledger, receipt) {
+            if let Err(e) = ledger.append(Role::Served, r) {
+                tracing::warn!(error = %e, "cannot write the receipt ledger");
+            }
+        }
+    }
+
+    async fn generate<R, W>(
+        &self,
+        peer: PeerId,
+        id: String,
+        request: GenerateRequest,
+        mut rd: R,
+        mut wr: W,
+    ) where
+        R: futures::AsyncRead + Unpin,
+        W: futures::AsyncWrite + Unpin,
+    {
+        let started_at = now_ms();
+        let model = request.model.clone();
+        let resumed = request.resume.as_ref().map_or(0, |r| r.tokens.len());
+        let mut events = match self.engine.generate(request) {
+            Ok(e) => e,
+            Err(e) => {
+                let _ = write_frame(&mut wr, &Frame::Error(e)).await;
+                return;
+            }
+        };
+        if write_frame(&mut wr, &Frame::Accepted).await.is_err() {
+            return;
+        }
+        // The requester never writes after its request: a read that returns means it hung up.
+        let mut probe = [0u8; 1];
+        let hung_up = rd.read(&mut probe);
+        tokio::pin!(hung_up);
+        let mut heartbeat = tokio::time::interval(self.config.heartbeat);
+        heartbeat.tick().await;
+        let mut produced = 0usize;
+        let mut since_progress = 0usize;
+        let mut prompt_tokens = 0usize;
+        loop {
+            let frame = tokio::select! {
+                _ = &mut hung_up => {
+                    self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                    tracing::info!(%peer, %id, produced, "requester went away: cancelled");
+                    return;
+                }
+                _ = heartbeat.tick() => Frame::Heartbeat,
+                event = events.recv() => match event {
+                    Some(GenerateEvent::Delta { text, tokens, logprobs }) => {
+                        produced += tokens.len();
+                        since_progress += tokens.len();
+                        Frame::Delta { text, tokens, logprobs }
+                    }
+                    Some(GenerateEvent::Done { finish_reason, usage }) => {
+                        prompt_tokens = usage.prompt_tokens + resumed;
+                        let receipt = self.receipt(
+                            peer,
+                            &id,
+                            &model,
+                            (prompt_tokens, usage.completion_tokens.saturating_sub(resumed)),
+                            started_at,
+                            false,
+                        );
+                        self.record(&receipt);
+                        let done = Frame::Done { finish_reason, usage, receipt };
+                        let _ = write_frame(&mut wr, &done).await;
+                        let _ = wr.close().await;
+                        tracing::info!(%peer, %id, completion_tokens = produced, "served a peer's request");
+                        return;
+                    }
+                    Some(GenerateEvent::Error(e)) => Frame::Error(e),
+                    None => Frame::Error(EngineError::Stopped),
+                },
+            };
+            let last = matches!(frame, Frame::Error(_));
+            if write_frame(&mut wr, &frame).await.is_err() {
+                self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                tracing::info!(%peer, %id, "requester unreachable: cancelled");
+                return;
+            }
+            if last {
+                let _ = wr.close().await;
+                return;
+            }
+            heartbeat.reset();
+            if since_progress >= self.config.progress_every_tokens {
+                since_progress = 0;
+                if let Some(receipt) = self.receipt(
+                    peer,
+                    &id,
+                    &model,
+                    (prompt_tokens, produced),
+                    started_at,
+                    true,
+                ) {
+                    if write_frame(&mut wr, &Frame::Progress { receipt })
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn embed<W>(&self, peer: PeerId, id: String, model: String, input: Vec<String>, mut wr: W)
+    where
+        W: futures::AsyncWrite + Unpin,
+    {
+        let started_at = now_ms();
+        if write_frame(&mut wr, &Frame::Accepted).await.is_err() {
+            return;
+        }
+        let frame = match self
+            .engine
+            .embed(EmbedRequest {
+                model: model.clone(),
+                input,
+            })
+            .await
+        {
+            Ok(r) => {
+                let receipt =
+                    self.receipt(peer, &id, &model, (r.prompt_tokens, 0), started_at, false);
+                self.record(&receipt);
+                Frame::Embeddings {
+                    data: r.data.into_iter().map(|e| e.vector).collect(),
+                    prompt_tokens: r.prompt_tokens,
+                    receipt,
+                }
+            }
+            Err(e) => Frame::Error(e),
+        };
+        let _ = write_frame(&mut wr, &frame).await;
+        let _ = wr.close().await;
+    }
+}

@@ -1,0 +1,362 @@
+//! `/pod/infer/1.0.0` between in-process nodes on 127.0.0.1 with the real chat model: honest
+//! serving, and peers that send garbage, lie in their receipts, never answer, or hang up.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use libp2p::identity::Keypair;
+use libp2p::{Multiaddr, PeerId};
+use pod_inference::{
+    ChatMessage, EngineError, GenerateEvent, GenerateRequest, Prompt, Role, SamplingParams, Usage,
+};
+use pod_node::catalogue::DEFAULT_CHAT_MODEL;
+use pod_node::infer::client::{ClientConfig, InferClient};
+use pod_node::infer::server::{InferServer, ServerConfig};
+use pod_node::infer::{read_frame, write_frame, Frame, Request, PROTOCOL};
+use pod_node::mesh::{self, Client, MeshConfig};
+use pod_node::receipts::{Ledger, Receipt, SignedReceipt};
+
+const WAIT: Duration = Duration::from_secs(20);
+
+fn config(bootstrap: Vec<Multiaddr>) -> MeshConfig {
+    MeshConfig {
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+        listen_optional: vec![],
+        bootstrap,
+        mdns: false,
+        ..MeshConfig::default()
+    }
+}
+
+async fn node(key: Keypair, bootstrap: Vec<Multiaddr>) -> (Client, Multiaddr) {
+    let (client, event_loop) = mesh::new(key, config(bootstrap)).unwrap();
+    tokio::spawn(event_loop.run());
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let info = client.node_info().await.unwrap();
+        if let Some(a) = info.listen_addrs.first() {
+            let addr = a
+                .clone()
+                .with(libp2p::multiaddr::Protocol::P2p(info.peer_id));
+            return (client, addr);
+        }
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// An honest node serving the real engine.
+async fn honest(server_config: ServerConfig) -> (Client, Multiaddr, Arc<InferServer>) {
+    let key = Keypair::generate_ed25519();
+    let (client, addr) = node(key.clone(), vec![]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Arc::new(Ledger::open(dir.path()).unwrap());
+    std::mem::forget(dir);
+    let server = InferServer::new(common::engine(), key, Some(ledger), server_config);
+    tokio::spawn(Arc::clone(&server).run(client.streams()));
+    (client, addr, server)
+}
+
+/// A requester connected to `peers`, asking them in the given order.
+async fn requester(peers: &[(PeerId, Multiaddr)]) -> (Client, InferClient, Arc<Ledger>) {
+    let (client, _) = node(
+        Keypair::generate_ed25519(),
+        peers.iter().map(|p| p.1.clone()).collect(),
+    )
+    .await;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let known = client.peers().await.unwrap();
+        if peers
+            .iter()
+            .all(|(id, _)| known.iter().any(|p| p.peer_id == *id && p.connected))
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "requester did not connect");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let ledger = Arc::new(Ledger::open(dir.path()).unwrap());
+    std::mem::forget(dir);
+    let order: Vec<PeerId> = peers.iter().map(|p| p.0).collect();
+    let infer = InferClient::new(
+        client.streams(),
+        client.peer_id(),
+        Some(Arc::clone(&ledger)),
+        ClientConfig {
+            open_timeout: Duration::from_secs(2),
+            stall_timeout: Duration::from_secs(2),
+        },
+        Arc::new(move |_model: &str, exclude: &[PeerId]| {
+            order
+                .iter()
+                .filter(|p| !exclude.contains(p))
+                .copied()
+                .collect()
+        }),
+    );
+    (client, infer, ledger)
+}
+
+fn greedy(max_tokens: usize) -> GenerateRequest {
+    GenerateRequest {
+        max_tokens: Some(max_tokens),
+        sampling: SamplingParams::default(),
+        ..GenerateRequest::new(
+            DEFAULT_CHAT_MODEL,
+            Prompt::Chat(vec![ChatMessage::new(Role::User, "Count to five.")]),
+        )
+    }
+}
+
+/// Drains events into (text, done usage, error).
+async fn drain(
+    mut events: tokio::sync::mpsc::UnboundedReceiver<GenerateEvent>,
+) -> (String, Option<Usage>, Option<EngineError>) {
+    let mut text = String::new();
+    let deadline = tokio::time::Instant::now() + WAIT * 3;
+    loop {
+        match tokio::time::timeout_at(deadline, events.recv())
+            .await
+            .expect("events in time")
+        {
+            Some(GenerateEvent::Delta { text: t, .. }) => text.push_str(&t),
+            Some(GenerateEvent::Done { usage, .. }) => return (text, Some(usage), None),
+            Some(GenerateEvent::Error(e)) => return (text, None, Some(e)),
+            None => return (text, None, None),
+        }
+    }
+}
+
+/// The answer of the local engine, for comparison.
+async fn local_answer(max_tokens: usize) -> String {
+    drain(common::engine().generate(greedy(max_tokens)).unwrap())
+        .await
+        .0
+}
+
+/// A node that accepts `/pod/infer` streams and answers with `behave(request, writer)`.
+async fn rogue<F, Fut>(behave: F) -> (PeerId, Multiaddr, Keypair)
+where
+    F: Fn(Request, futures::io::WriteHalf<libp2p::Stream>, Keypair) -> Fut + Send + Sync + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let key = Keypair::generate_ed25519();
+    let (client, addr) = node(key.clone(), vec![]).await;
+    let mut incoming = client.streams().accept(PROTOCOL).unwrap();
+    let behave = Arc::new(behave);
+    let k = key.clone();
+    tokio::spawn(async move {
+        let _keep = client;
+        while let Some((_, stream)) = incoming.next().await {
+            let (mut rd, wr) = stream.split();
+            let Ok(req) = read_frame::<_, Request>(&mut rd, 1 << 22).await else {
+                continue;
+            };
+            let behave = Arc::clone(&behave);
+            let k = k.clone();
+            tokio::spawn(async move {
+                let _rd = rd;
+                behave(req, wr, k).await;
+            });
+        }
+    });
+    (key.public().to_peer_id(), addr, key)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_answers_like_the_local_engine_and_both_keep_receipts() {
+    let (h, h_addr, server) = honest(ServerConfig::default()).await;
+    let (_r, infer, ledger) = requester(&[(h.peer_id(), h_addr)]).await;
+    let (peer, events) = infer.generate(greedy(24)).await.unwrap();
+    assert_eq!(peer, h.peer_id());
+    let (text, usage, err) = drain(events).await;
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(text, local_answer(24).await);
+    assert_eq!(usage.unwrap().completion_tokens, 24);
+    let read = ledger.entries().unwrap();
+    assert_eq!(read.entries.len(), 1);
+    assert_eq!(read.entries[0].signed.receipt.completion_tokens, 24);
+    assert_eq!(
+        read.entries[0].signed.receipt.server,
+        h.peer_id().to_string()
+    );
+    assert_eq!(server.stats().accepted.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn garbage_frames_fail_over_to_an_honest_peer() {
+    let (g, g_addr, _) = rogue(|_req, mut wr, _k| async move {
+        let _ = write_frame(&mut wr, &Frame::Accepted).await;
+        let _ = wr
+            .write_all(&[0, 0, 0, 5, b'{', b'{', b'{', b'{', b'{'])
+            .await;
+        let _ = wr.flush().await;
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    })
+    .await;
+    let (h, h_addr, _) = honest(ServerConfig::default()).await;
+    let (_r, infer, _) = requester(&[(g, g_addr), (h.peer_id(), h_addr)]).await;
+    let (first, events) = infer.generate(greedy(16)).await.unwrap();
+    assert_eq!(first, g, "the rogue is asked first");
+    let (text, usage, err) = drain(events).await;
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(text, local_answer(16).await);
+    assert_eq!(usage.unwrap().completion_tokens, 16);
+    assert_eq!(infer.stats().failovers.load(Ordering::Relaxed), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_receipt_that_lies_about_token_counts_is_rejected() {
+    let (l, l_addr, _) = rogue(|req, mut wr, key| async move {
+        let Request::Generate { id, .. } = req else {
+            return;
+        };
+        let _ = write_frame(&mut wr, &Frame::Accepted).await;
+        let delta = Frame::Delta {
+            text: "hi".into(),
+            tokens: vec![1, 2],
+            logprobs: vec![],
+        };
+        let _ = write_frame(&mut wr, &delta).await;
+        let receipt = SignedReceipt::sign(
+            Receipt {
+                request_id: id,
+                model: DEFAULT_CHAT_MODEL.into(),
+                prompt_tokens: 10,
+                completion_tokens: 100,
+                requester: String::new(),
+                server: key.public().to_peer_id().to_string(),
+                started_at_ms: 0,
+                finished_at_ms: 0,
+                partial: false,
+            },
+            &key,
+        )
+        .ok();
+        let done = Frame::Done {
+            finish_reason: pod_inference::FinishReason::Length,
+            usage: Usage {
+                prompt_tokens: 10,
+                completion_tokens: 2,
+            },
+            receipt,
+        };
+        let _ = write_frame(&mut wr, &done).await;
+    })
+    .await;
+    let (_r, infer, ledger) = requester(&[(l, l_addr)]).await;
+    let (_, events) = infer.generate(greedy(4)).await.unwrap();
+    let (text, usage, _) = drain(events).await;
+    assert_eq!(text, "hi");
+    assert_eq!(usage.unwrap().completion_tokens, 2);
+    assert_eq!(infer.stats().receipts_rejected.load(Ordering::Relaxed), 1);
+    assert!(
+        ledger.entries().unwrap().entries.is_empty(),
+        "a lying receipt is never kept"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_never_answers_is_given_up_in_bounded_time() {
+    let (s, s_addr, _) = rogue(|_req, _wr, _k| async move {
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    })
+    .await;
+    let (_r, infer, _) = requester(&[(s, s_addr.clone())]).await;
+    let started = Instant::now();
+    let err = infer.generate(greedy(4)).await.unwrap_err();
+    assert!(matches!(err, EngineError::Unavailable(_)), "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+
+    // With an honest peer behind it, the request still succeeds.
+    let (h, h_addr, _) = honest(ServerConfig::default()).await;
+    let (_r, infer, _) = requester(&[(s, s_addr), (h.peer_id(), h_addr)]).await;
+    let (peer, events) = infer.generate(greedy(8)).await.unwrap();
+    assert_eq!(peer, h.peer_id());
+    assert_eq!(drain(events).await.0, local_answer(8).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_refuses_garbage_and_unknown_models_and_keeps_serving() {
+    let (h, h_addr, server) = honest(ServerConfig::default()).await;
+    let (r, infer, _) = requester(&[(h.peer_id(), h_addr)]).await;
+    let mut control = r.streams();
+
+    // Not a frame at all.
+    let stream = control.open_stream(h.peer_id(), PROTOCOL).await.unwrap();
+    let (mut rd, mut wr) = stream.split();
+    wr.write_all(b"\x00\x00\x00\x03abc").await.unwrap();
+    wr.flush().await.unwrap();
+    let answer: Frame = read_frame(&mut rd, 1 << 20).await.unwrap();
+    assert!(
+        matches!(answer, Frame::Error(EngineError::InvalidRequest(_))),
+        "{answer:?}"
+    );
+
+    // A frame that claims to be 4 GiB.
+    let stream = control.open_stream(h.peer_id(), PROTOCOL).await.unwrap();
+    let (mut rd, mut wr) = stream.split();
+    wr.write_all(&u32::MAX.to_be_bytes()).await.unwrap();
+    wr.flush().await.unwrap();
+    let answer: Frame = read_frame(&mut rd, 1 << 20).await.unwrap();
+    assert!(
+        matches!(answer, Frame::Error(EngineError::InvalidRequest(_))),
+        "{answer:?}"
+    );
+    assert_eq!(server.stats().malformed.load(Ordering::Relaxed), 2);
+
+    // A model it does not serve.
+    let mut req = greedy(4);
+    req.model = "not-here".into();
+    let err = infer.generate(req).await.unwrap_err();
+    assert!(matches!(err, EngineError::UnknownModel(_)), "{err:?}");
+    assert!(server.stats().refused.load(Ordering::Relaxed) >= 1);
+
+    // Still serving.
+    let (_, events) = infer.generate(greedy(8)).await.unwrap();
+    assert_eq!(drain(events).await.0, local_answer(8).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hanging_up_cancels_the_remote_generation() {
+    let (h, h_addr, server) = honest(ServerConfig::default()).await;
+    let (_r, infer, _) = requester(&[(h.peer_id(), h_addr)]).await;
+    let (_, mut events) = infer.generate(greedy(400)).await.unwrap();
+    // Wait for the first text, then go away.
+    let first = tokio::time::timeout(WAIT, events.recv()).await.unwrap();
+    assert!(
+        matches!(first, Some(GenerateEvent::Delta { .. })),
+        "{first:?}"
+    );
+    drop(events);
+    let deadline = Instant::now() + WAIT;
+    while server.stats().cancelled.load(Ordering::Relaxed) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the server never noticed the hang-up"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_that_serves_only_itself_refuses_peers() {
+    let (h, h_addr, _) = honest(ServerConfig {
+        serve_mesh: false,
+        ..ServerConfig::default()
+    })
+    .await;
+    let (_r, infer, _) = requester(&[(h.peer_id(), h_addr)]).await;
+    let err = infer.generate(greedy(4)).await.unwrap_err();
+    assert!(err.to_string().contains("does not serve the mesh"), "{err}");
+}
