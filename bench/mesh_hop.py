@@ -40,7 +40,9 @@ def start(pod: str, models_dir: str, *args: str) -> tuple[subprocess.Popen, int]
     cmd = [pod, "--home", home, "--models-dir", models_dir, "--log", "warn", "start",
            "--api-port", str(port), "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns",
            "--announce-interval", "1", *args]
-    proc = subprocess.Popen(cmd, stderr=subprocess.DEVNULL)
+    log = open(Path(home) / "pod.log", "wb")
+    proc = subprocess.Popen(cmd, stderr=log)
+    print(f"pod {' '.join(args)}: log in {log.name}", file=sys.stderr)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         try:

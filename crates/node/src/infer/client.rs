@@ -117,10 +117,22 @@ impl InferClient {
     async fn open(&self, peer: PeerId, request: &Request) -> Result<Session, EngineError> {
         let attempt = async {
             let mut control = self.control.clone();
-            let stream = control
-                .open_stream(peer, PROTOCOL)
-                .await
-                .map_err(|e| EngineError::Unavailable(format!("peer {peer}: {e}")))?;
+            // A connection can close just as a stream is opened on it (two nodes dialling each
+            // other at once keep only one connection): try again on a fresh one.
+            let mut attempt = 0;
+            let stream = loop {
+                match control.open_stream(peer, PROTOCOL).await {
+                    Ok(s) => break s,
+                    Err(libp2p_stream::OpenStreamError::Io(e)) if attempt < 2 => {
+                        attempt += 1;
+                        tracing::debug!(%peer, error = %e, "stream open failed; retrying");
+                        tokio::time::sleep(Duration::from_millis(50 * attempt)).await;
+                    }
+                    Err(e) => {
+                        return Err(EngineError::Unavailable(format!("peer {peer}: {e}")));
+                    }
+                }
+            };
             let (mut rd, mut wr) = stream.split();
             write_frame(&mut wr, request)
                 .await

@@ -37,7 +37,9 @@ impl Default for ServerConfig {
     fn default() -> Self {
         Self {
             serve_mesh: true,
-            max_concurrent_per_peer: 8,
+            // A relay fronting a whole team's clients is one peer: allow it a queue's worth;
+            // the engine still runs only its slots at once.
+            max_concurrent_per_peer: 64,
             max_requests_per_minute_per_peer: 600,
             request_timeout: Duration::from_secs(10),
             heartbeat: Duration::from_secs(1),
@@ -212,12 +214,14 @@ impl InferServer {
             .any(|m| m.name == model && m.kind == kind)
         {
             let _ = write_frame(&mut wr, &refuse(EngineError::UnknownModel(model))).await;
+            let _ = wr.close().await;
             return;
         }
         let _slot = match self.admit(peer) {
             Ok(s) => s,
             Err(e) => {
                 let _ = write_frame(&mut wr, &refuse(e)).await;
+                let _ = wr.close().await;
                 return;
             }
         };
@@ -286,6 +290,7 @@ impl InferServer {
             Ok(e) => e,
             Err(e) => {
                 let _ = write_frame(&mut wr, &Frame::Error(e)).await;
+                let _ = wr.close().await;
                 return;
             }
         };
