@@ -265,3 +265,71 @@ fn a_js_libp2p_node_completes_identify_and_ping_with_a_pod() {
     assert_eq!(js_seen["peer_id"], report["local_peer_id"]);
     assert!(js_seen["connected"].as_bool().unwrap());
 }
+
+#[test]
+fn pod_infer_p2p_runs_on_a_peer_and_matches_a_local_run() {
+    let a = PodProcess::start(&[
+        "--profile",
+        "inference",
+        "--model",
+        CHAT,
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--announce-interval",
+        "1",
+    ]);
+    let addr = a.tcp_addr();
+    let prompt = ["--prompt", "Name a colour.", "--max-tokens", "12"];
+    let empty = tempfile::tempdir().unwrap();
+    let p2p = common::process::pod_command(empty.path())
+        .args(["--log", "warn", "infer", "--p2p", "--bootstrap", &addr])
+        .args(prompt)
+        .output()
+        .expect("pod infer --p2p");
+    assert!(
+        p2p.status.success(),
+        "{}",
+        String::from_utf8_lossy(&p2p.stderr)
+    );
+    let local = common::process::pod_command(empty.path())
+        .args(["--log", "warn", "infer", "--local"])
+        .args(prompt)
+        .output()
+        .expect("pod infer --local");
+    assert!(
+        local.status.success(),
+        "{}",
+        String::from_utf8_lossy(&local.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&p2p.stdout),
+        String::from_utf8_lossy(&local.stdout)
+    );
+    let err = String::from_utf8_lossy(&p2p.stderr);
+    assert!(err.contains(&format!("[served by {}]", a.peer_id)), "{err}");
+
+    // No provider: a bounded wait and one clear line.
+    let none = common::process::pod_command(empty.path())
+        .args([
+            "--log",
+            "warn",
+            "infer",
+            "--p2p",
+            "--bootstrap",
+            &addr,
+            "--wait",
+            "2",
+            "--model",
+            "no-such-model",
+        ])
+        .args(prompt)
+        .output()
+        .expect("pod infer --p2p");
+    assert!(!none.status.success());
+    let err = String::from_utf8_lossy(&none.stderr);
+    assert!(
+        err.trim()
+            .starts_with("error: no peer serving `no-such-model`"),
+        "{err}"
+    );
+}
