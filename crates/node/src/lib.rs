@@ -5,6 +5,7 @@
 
 pub mod backend;
 pub mod bench;
+pub mod blob;
 pub mod catalogue;
 pub mod daemon;
 pub mod home;

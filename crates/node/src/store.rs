@@ -232,6 +232,50 @@ impl ModelStore {
         })
     }
 
+    /// Where a download from peers keeps its partial file between attempts.
+    pub fn partial_path(&self, sha256: &str) -> PathBuf {
+        self.root.join(".partial").join(sha256)
+    }
+
+    /// Whether one file of a model is present and verified.
+    pub fn file_present(&self, entry: &CatalogueEntry, file: &FileSpec) -> bool {
+        let dir = self.model_dir(entry.name);
+        read_verified(&dir).files.get(file.name)
+            == Some(&VerifiedFile {
+                sha256: file.sha256.to_owned(),
+                size: file.size,
+            })
+            && fs::metadata(dir.join(file.name)).is_ok_and(|m| m.len() == file.size)
+    }
+
+    /// Moves a complete file, already checked against `file.sha256` by the caller, into the
+    /// model's directory and records it as verified.
+    pub fn install_verified(
+        &self,
+        entry: &CatalogueEntry,
+        file: &FileSpec,
+        from: &Path,
+    ) -> Result<PathBuf, StoreError> {
+        let dir = self.model_dir(entry.name);
+        fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+        let target = dir.join(file.name);
+        if let Some(parent) = target.parent() {
+            fs::create_dir_all(parent).map_err(io_err(parent))?;
+        }
+        fs::rename(from, &target).map_err(io_err(&target))?;
+        sync_dir(&dir);
+        let mut verified = read_verified(&dir);
+        verified.files.insert(
+            file.name.to_owned(),
+            VerifiedFile {
+                sha256: file.sha256.to_owned(),
+                size: file.size,
+            },
+        );
+        write_verified(&dir, &verified)?;
+        Ok(target)
+    }
+
     /// Deletes a model's files; returns whether there was anything to delete.
     pub fn remove(&self, name: &str) -> Result<bool, StoreError> {
         let dir = self.model_dir(name);

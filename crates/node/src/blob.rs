@@ -1,0 +1,805 @@
+//! `/pod/blob/1.0.0`: pods share the model files they hold.
+//!
+//! A file is named by the SHA-256 of its content and described by a [`Manifest`]: its size and
+//! the SHA-256 of every [`CHUNK_SIZE`] chunk. A requester asks a provider for the manifest,
+//! then for ranges of chunks, verifies each chunk against the manifest before writing it, and
+//! spreads the ranges over several providers. A chunk that fails verification is fetched again
+//! elsewhere and its provider is dropped after [`MAX_STRIKES`] bad chunks. The partial file
+//! keeps its name between attempts, so an interrupted download resumes from the chunks that
+//! verify. The whole file is checked against the pinned SHA-256 before it becomes a model.
+//!
+//! Frames: a 4-byte big-endian length and JSON for requests and replies; chunk data follows a
+//! `Chunks` reply as raw length-prefixed frames. Requests name files only by hash, so a peer can
+//! never reach a path: the server looks the hash up in its own index of verified store files.
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use libp2p::{PeerId, StreamProtocol};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::catalogue::CATALOGUE;
+use crate::infer::{read_frame, write_frame};
+use crate::store::ModelStore;
+
+/// The protocol name.
+pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/pod/blob/1.0.0");
+
+/// Bytes per chunk.
+pub const CHUNK_SIZE: u64 = 1024 * 1024;
+
+/// Most chunks one request may ask for.
+pub const MAX_CHUNKS_PER_REQUEST: u32 = 16;
+
+/// Bad chunks after which a provider is dropped from a download.
+pub const MAX_STRIKES: u32 = 2;
+
+/// Largest JSON frame (a manifest of a 64 GiB file is about 4.5 MB).
+const MAX_JSON_FRAME: usize = 8 * 1024 * 1024;
+
+/// What a file is made of.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    /// SHA-256 of the whole file, lowercase hex.
+    pub sha256: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Bytes per chunk (the last one may be shorter).
+    pub chunk_size: u64,
+    /// SHA-256 of each chunk, lowercase hex.
+    pub chunks: Vec<String>,
+}
+
+impl Manifest {
+    /// Hashes a file into a manifest.
+    pub fn of_file(path: &Path) -> std::io::Result<Manifest> {
+        use std::io::Read;
+        let mut file = File::open(path)?;
+        let mut whole = Sha256::new();
+        let mut chunks = Vec::new();
+        let mut buf = vec![0u8; CHUNK_SIZE as usize];
+        let mut size = 0u64;
+        loop {
+            let mut filled = 0;
+            while filled < buf.len() {
+                let n = file.read(&mut buf[filled..])?;
+                if n == 0 {
+                    break;
+                }
+                filled += n;
+            }
+            if filled == 0 {
+                break;
+            }
+            whole.update(&buf[..filled]);
+            chunks.push(hex::encode(Sha256::digest(&buf[..filled])));
+            size += filled as u64;
+            if filled < buf.len() {
+                break;
+            }
+        }
+        Ok(Manifest {
+            sha256: hex::encode(whole.finalize()),
+            size,
+            chunk_size: CHUNK_SIZE,
+            chunks,
+        })
+    }
+
+    /// Whether the manifest is consistent with a file of `sha256` and `size`.
+    fn matches(&self, sha256: &str, size: u64) -> bool {
+        self.sha256 == sha256
+            && self.size == size
+            && self.chunk_size == CHUNK_SIZE
+            && self.chunks.len() as u64 == size.div_ceil(CHUNK_SIZE)
+    }
+
+    fn chunk_len(&self, index: usize) -> u64 {
+        let start = index as u64 * self.chunk_size;
+        self.chunk_size.min(self.size.saturating_sub(start))
+    }
+}
+
+/// A request for file data.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BlobRequest {
+    /// The manifest of a file.
+    Manifest {
+        /// The file's SHA-256.
+        sha256: String,
+    },
+    /// Chunks `first..first + count` of a file.
+    Chunks {
+        /// The file's SHA-256.
+        sha256: String,
+        /// First chunk index.
+        first: u32,
+        /// How many.
+        count: u32,
+    },
+}
+
+/// The answer to a [`BlobRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BlobReply {
+    /// The manifest.
+    Manifest(Manifest),
+    /// The chunks follow as raw frames.
+    Chunks,
+    /// Refused.
+    Error(String),
+}
+
+/// A file this node serves.
+#[derive(Debug, Clone)]
+struct Served {
+    path: PathBuf,
+    manifest: Option<Arc<Manifest>>,
+}
+
+/// Counters of blob serving and fetching.
+#[derive(Debug, Default)]
+pub struct BlobStats {
+    /// Bytes of chunks sent to peers.
+    pub bytes_served: AtomicU64,
+    /// Bytes of verified chunks received from peers.
+    pub bytes_fetched: AtomicU64,
+    /// Requests refused (unknown file, bad range, limits).
+    pub refused: AtomicU64,
+    /// Streams being served now.
+    pub active: AtomicU64,
+}
+
+/// Serves the verified files of a model store to peers, read-only.
+#[derive(Debug)]
+pub struct BlobServer {
+    files: Mutex<HashMap<String, Served>>,
+    per_peer: Mutex<HashMap<PeerId, usize>>,
+    max_streams_per_peer: usize,
+    bytes_per_sec_per_stream: u64,
+    stats: BlobStats,
+}
+
+impl BlobServer {
+    /// A server for every verified file of the catalogued models in `store`, with at most 4
+    /// streams per peer and no bandwidth cap.
+    pub fn new(store: &ModelStore) -> Arc<Self> {
+        Self::with_limits(store, 4, 0)
+    }
+
+    /// A server with limits: streams per peer, and bytes per second per stream (0: none).
+    pub fn with_limits(
+        store: &ModelStore,
+        streams_per_peer: usize,
+        bytes_per_sec: u64,
+    ) -> Arc<Self> {
+        let mut files = HashMap::new();
+        for entry in CATALOGUE {
+            if !store.is_present(entry) {
+                continue;
+            }
+            for f in entry.files {
+                files.insert(
+                    f.sha256.to_owned(),
+                    Served {
+                        path: store.model_dir(entry.name).join(f.name),
+                        manifest: None,
+                    },
+                );
+            }
+        }
+        Arc::new(Self {
+            files: Mutex::new(files),
+            per_peer: Mutex::new(HashMap::new()),
+            max_streams_per_peer: streams_per_peer,
+            bytes_per_sec_per_stream: bytes_per_sec,
+            stats: BlobStats::default(),
+        })
+    }
+
+    /// SHA-256 and size of every file served.
+    pub fn files(&self) -> Vec<(String, u64)> {
+        let Ok(files) = self.files.lock() else {
+            return Vec::new();
+        };
+        files
+            .iter()
+            .filter_map(|(sha, s)| Some((sha.clone(), std::fs::metadata(&s.path).ok()?.len())))
+            .collect()
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &BlobStats {
+        &self.stats
+    }
+
+    /// The manifest of a served file, computed on first use.
+    fn manifest(&self, sha256: &str) -> Result<(PathBuf, Arc<Manifest>), String> {
+        let served = {
+            let files = self.files.lock().map_err(|_| "index poisoned".to_owned())?;
+            files
+                .get(sha256)
+                .cloned()
+                .ok_or_else(|| "no such file here".to_owned())?
+        };
+        if let Some(m) = served.manifest {
+            return Ok((served.path, m));
+        }
+        let manifest = Arc::new(Manifest::of_file(&served.path).map_err(|e| e.to_string())?);
+        if manifest.sha256 != sha256 {
+            return Err("the stored file no longer matches its hash".into());
+        }
+        if let Ok(mut files) = self.files.lock() {
+            if let Some(s) = files.get_mut(sha256) {
+                s.manifest = Some(Arc::clone(&manifest));
+            }
+        }
+        Ok((served.path, manifest))
+    }
+
+    /// Accepts streams until the mesh stops.
+    pub async fn run(self: Arc<Self>, mut control: libp2p_stream::Control) {
+        let mut incoming = match control.accept(PROTOCOL) {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot serve {PROTOCOL}");
+                return;
+            }
+        };
+        while let Some((peer, stream)) = incoming.next().await {
+            let server = Arc::clone(&self);
+            tokio::spawn(async move { server.handle(peer, stream).await });
+        }
+    }
+
+    async fn handle(&self, peer: PeerId, stream: libp2p::Stream) {
+        let admitted = self.per_peer.lock().is_ok_and(|mut m| {
+            let n = m.entry(peer).or_default();
+            if *n >= self.max_streams_per_peer {
+                false
+            } else {
+                *n += 1;
+                true
+            }
+        });
+        let (mut rd, mut wr) = stream.split();
+        if !admitted {
+            self.stats.refused.fetch_add(1, Ordering::Relaxed);
+            let _ = write_frame(&mut wr, &BlobReply::Error("too many streams".into())).await;
+            let _ = wr.close().await;
+            return;
+        }
+        self.stats.active.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = self.serve(&mut rd, &mut wr).await {
+            self.stats.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%peer, error = %e, "blob request refused");
+            let _ = write_frame(&mut wr, &BlobReply::Error(e)).await;
+        }
+        let _ = wr.close().await;
+        self.stats.active.fetch_sub(1, Ordering::Relaxed);
+        if let Ok(mut m) = self.per_peer.lock() {
+            if let Some(n) = m.get_mut(&peer) {
+                *n = n.saturating_sub(1);
+            }
+        }
+    }
+
+    async fn serve<R, W>(&self, rd: &mut R, wr: &mut W) -> Result<(), String>
+    where
+        R: futures::AsyncRead + Unpin,
+        W: futures::AsyncWrite + Unpin,
+    {
+        let request: BlobRequest =
+            tokio::time::timeout(Duration::from_secs(10), read_frame(rd, 4096))
+                .await
+                .map_err(|_| "no request in time".to_owned())?
+                .map_err(|e| e.to_string())?;
+        match request {
+            BlobRequest::Manifest { sha256 } => {
+                check_hash(&sha256)?;
+                let (_, manifest) = self.manifest(&sha256)?;
+                write_frame(wr, &BlobReply::Manifest((*manifest).clone()))
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            BlobRequest::Chunks {
+                sha256,
+                first,
+                count,
+            } => {
+                check_hash(&sha256)?;
+                if count == 0 || count > MAX_CHUNKS_PER_REQUEST {
+                    return Err(format!("ask for 1 to {MAX_CHUNKS_PER_REQUEST} chunks"));
+                }
+                let (path, manifest) = self.manifest(&sha256)?;
+                let end = first as u64 + count as u64;
+                if end > manifest.chunks.len() as u64 {
+                    return Err("range beyond the end of the file".into());
+                }
+                write_frame(wr, &BlobReply::Chunks)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let started = Instant::now();
+                let mut sent = 0u64;
+                for index in first..first + count {
+                    let len = manifest.chunk_len(index as usize);
+                    let offset = index as u64 * manifest.chunk_size;
+                    let path = path.clone();
+                    let data = tokio::task::spawn_blocking(move || read_at(&path, offset, len))
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .map_err(|e| e.to_string())?;
+                    let mut frame = Vec::with_capacity(4 + data.len());
+                    frame.extend_from_slice(&(data.len() as u32).to_be_bytes());
+                    frame.extend_from_slice(&data);
+                    wr.write_all(&frame).await.map_err(|e| e.to_string())?;
+                    sent += data.len() as u64;
+                    self.stats
+                        .bytes_served
+                        .fetch_add(data.len() as u64, Ordering::Relaxed);
+                    if self.bytes_per_sec_per_stream > 0 {
+                        let due = Duration::from_secs_f64(
+                            sent as f64 / self.bytes_per_sec_per_stream as f64,
+                        );
+                        if let Some(wait) = due.checked_sub(started.elapsed()) {
+                            tokio::time::sleep(wait).await;
+                        }
+                    }
+                }
+                wr.flush().await.map_err(|e| e.to_string())
+            }
+        }
+    }
+}
+
+fn check_hash(sha256: &str) -> Result<(), String> {
+    if sha256.len() == 64
+        && sha256
+            .bytes()
+            .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase())
+    {
+        Ok(())
+    } else {
+        Err("files are named by a lowercase hex SHA-256".into())
+    }
+}
+
+fn read_at(path: &Path, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let file = File::open(path)?;
+    let mut buf = vec![0u8; len as usize];
+    file.read_exact_at(&mut buf, offset)?;
+    Ok(buf)
+}
+
+/// Where the bytes of a download came from.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct FetchReport {
+    /// Verified bytes per provider.
+    pub bytes_from: Vec<(PeerId, u64)>,
+    /// Chunks already present and verified in the partial file (resumed).
+    pub chunks_reused: usize,
+    /// Chunks fetched in this attempt.
+    pub chunks_fetched: usize,
+    /// Providers dropped for sending chunks that failed verification.
+    pub bad_providers: Vec<PeerId>,
+}
+
+/// A download could not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// No provider gave a usable manifest.
+    #[error("no peer has a manifest for {0}")]
+    NoManifest(String),
+    /// Every provider failed before the file was complete.
+    #[error("peers failed with {missing} chunks missing: {reasons}")]
+    Incomplete {
+        /// Chunks not fetched.
+        missing: usize,
+        /// Why the providers failed.
+        reasons: String,
+    },
+    /// The finished file does not hash to the pinned value.
+    #[error("the assembled file does not match its SHA-256")]
+    Mismatch,
+    /// Local I/O.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Downloads a file from peers into `partial` (kept between attempts for resuming). On success
+/// the file at `partial` is complete and matches `sha256`.
+pub async fn fetch(
+    control: libp2p_stream::Control,
+    providers: &[PeerId],
+    sha256: &str,
+    size: u64,
+    partial: &Path,
+    stats: Option<Arc<BlobStats>>,
+) -> Result<FetchReport, FetchError> {
+    let mut manifest = None;
+    for peer in providers {
+        match request_manifest(control.clone(), *peer, sha256).await {
+            Ok(m) if m.matches(sha256, size) => {
+                manifest = Some(m);
+                break;
+            }
+            Ok(_) => tracing::warn!(%peer, "peer sent a manifest that does not match the file"),
+            Err(e) => tracing::debug!(%peer, error = %e, "no manifest from peer"),
+        }
+    }
+    let manifest = Arc::new(manifest.ok_or_else(|| FetchError::NoManifest(sha256.to_owned()))?);
+
+    // Resume: keep the chunks of an earlier attempt that verify.
+    if let Some(dir) = partial.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(partial)?;
+    file.set_len(size)?;
+    let file = Arc::new(file);
+    let verified = {
+        let file = Arc::clone(&file);
+        let manifest = Arc::clone(&manifest);
+        tokio::task::spawn_blocking(move || present_chunks(&file, &manifest))
+            .await
+            .map_err(|e| FetchError::Io(std::io::Error::other(e)))??
+    };
+    let missing: VecDeque<usize> = (0..manifest.chunks.len())
+        .filter(|i| !verified[*i])
+        .collect();
+    let mut report = FetchReport {
+        chunks_reused: manifest.chunks.len() - missing.len(),
+        ..FetchReport::default()
+    };
+    let queue = Arc::new(Mutex::new(missing));
+    let mut workers = Vec::new();
+    for peer in providers.iter().copied() {
+        let job = Worker {
+            control: control.clone(),
+            peer,
+            sha256: sha256.to_owned(),
+            manifest: Arc::clone(&manifest),
+            file: Arc::clone(&file),
+            queue: Arc::clone(&queue),
+            stats: stats.clone(),
+        };
+        workers.push(tokio::spawn(job.run()));
+    }
+    let mut reasons = Vec::new();
+    for (peer, w) in providers.iter().zip(workers) {
+        match w.await {
+            Ok(outcome) => {
+                report.chunks_fetched += outcome.chunks;
+                if outcome.bytes > 0 {
+                    report.bytes_from.push((*peer, outcome.bytes));
+                }
+                if outcome.strikes >= MAX_STRIKES {
+                    report.bad_providers.push(*peer);
+                }
+                if let Some(r) = outcome.failure {
+                    reasons.push(format!("{peer}: {r}"));
+                }
+            }
+            Err(e) => reasons.push(format!("{peer}: {e}")),
+        }
+    }
+    let left = queue.lock().map(|q| q.len()).unwrap_or(usize::MAX);
+    if left > 0 {
+        return Err(FetchError::Incomplete {
+            missing: left,
+            reasons: reasons.join("; "),
+        });
+    }
+    file.sync_all()?;
+    let path = partial.to_owned();
+    let actual = tokio::task::spawn_blocking(move || crate::store::sha256_file(&path))
+        .await
+        .map_err(|e| FetchError::Io(std::io::Error::other(e)))??;
+    if actual != sha256 {
+        return Err(FetchError::Mismatch);
+    }
+    Ok(report)
+}
+
+/// Which chunks of the partial file already match the manifest.
+fn present_chunks(file: &File, manifest: &Manifest) -> std::io::Result<Vec<bool>> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; manifest.chunk_size as usize];
+    let mut out = Vec::with_capacity(manifest.chunks.len());
+    for (i, want) in manifest.chunks.iter().enumerate() {
+        let len = manifest.chunk_len(i) as usize;
+        file.read_exact_at(&mut buf[..len], i as u64 * manifest.chunk_size)?;
+        out.push(hex::encode(Sha256::digest(&buf[..len])) == *want);
+    }
+    Ok(out)
+}
+
+async fn request_manifest(
+    mut control: libp2p_stream::Control,
+    peer: PeerId,
+    sha256: &str,
+) -> Result<Manifest, String> {
+    let work = async {
+        let stream = control
+            .open_stream(peer, PROTOCOL)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (mut rd, mut wr) = stream.split();
+        write_frame(
+            &mut wr,
+            &BlobRequest::Manifest {
+                sha256: sha256.to_owned(),
+            },
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        match read_frame::<_, BlobReply>(&mut rd, MAX_JSON_FRAME).await {
+            Ok(BlobReply::Manifest(m)) => Ok(m),
+            Ok(BlobReply::Error(e)) => Err(e),
+            Ok(BlobReply::Chunks) => Err("unexpected chunks".into()),
+            Err(e) => Err(e.to_string()),
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), work)
+        .await
+        .map_err(|_| "timed out".to_owned())?
+}
+
+struct Worker {
+    control: libp2p_stream::Control,
+    peer: PeerId,
+    sha256: String,
+    manifest: Arc<Manifest>,
+    file: Arc<File>,
+    queue: Arc<Mutex<VecDeque<usize>>>,
+    stats: Option<Arc<BlobStats>>,
+}
+
+#[derive(Debug, Default)]
+struct Outcome {
+    chunks: usize,
+    bytes: u64,
+    strikes: u32,
+    failure: Option<String>,
+}
+
+impl Worker {
+    /// Takes runs of consecutive missing chunks from the shared queue until it is empty or this
+    /// provider fails.
+    async fn run(mut self) -> Outcome {
+        let mut out = Outcome::default();
+        loop {
+            let run = {
+                let Ok(mut q) = self.queue.lock() else {
+                    return out;
+                };
+                let Some(first) = q.pop_front() else {
+                    return out;
+                };
+                let mut run = vec![first];
+                while run.len() < MAX_CHUNKS_PER_REQUEST as usize
+                    && q.front() == Some(&(first + run.len()))
+                {
+                    if let Some(i) = q.pop_front() {
+                        run.push(i);
+                    }
+                }
+                run
+            };
+            match self.fetch_run(&run, &mut out).await {
+                Ok(rejected) => {
+                    if !rejected.is_empty() {
+                        self.requeue(&rejected);
+                    }
+                    if out.strikes >= MAX_STRIKES {
+                        tracing::warn!(peer = %self.peer, "dropping a provider that sent chunks failing verification");
+                        out.failure = Some("sent chunks that failed verification".into());
+                        return out;
+                    }
+                }
+                Err((unfetched, e)) => {
+                    self.requeue(&unfetched);
+                    out.failure = Some(e);
+                    return out;
+                }
+            }
+        }
+    }
+
+    fn requeue(&self, chunks: &[usize]) {
+        if let Ok(mut q) = self.queue.lock() {
+            // At the back: another provider takes them next.
+            q.extend(chunks.iter().copied());
+        }
+    }
+
+    /// Fetches one run; returns the chunks that failed verification, or the unfetched ones
+    /// and why the provider failed.
+    async fn fetch_run(
+        &mut self,
+        run: &[usize],
+        out: &mut Outcome,
+    ) -> Result<Vec<usize>, (Vec<usize>, String)> {
+        let fail = |from: usize, e: String| (run[from..].to_vec(), e);
+        let stream = tokio::time::timeout(
+            Duration::from_secs(10),
+            self.control.open_stream(self.peer, PROTOCOL),
+        )
+        .await
+        .map_err(|_| fail(0, "stream open timed out".into()))?
+        .map_err(|e| fail(0, e.to_string()))?;
+        let (mut rd, mut wr) = stream.split();
+        let request = BlobRequest::Chunks {
+            sha256: self.sha256.clone(),
+            first: run[0] as u32,
+            count: run.len() as u32,
+        };
+        write_frame(&mut wr, &request)
+            .await
+            .map_err(|e| fail(0, e.to_string()))?;
+        match tokio::time::timeout(
+            Duration::from_secs(30),
+            read_frame::<_, BlobReply>(&mut rd, MAX_JSON_FRAME),
+        )
+        .await
+        {
+            Ok(Ok(BlobReply::Chunks)) => {}
+            Ok(Ok(BlobReply::Error(e))) => return Err(fail(0, e)),
+            Ok(Ok(_)) => return Err(fail(0, "unexpected reply".into())),
+            Ok(Err(e)) => return Err(fail(0, e.to_string())),
+            Err(_) => return Err(fail(0, "no reply in time".into())),
+        }
+        let mut rejected = Vec::new();
+        for (k, &index) in run.iter().enumerate() {
+            let want = self.manifest.chunk_len(index) as usize;
+            let read = async {
+                let mut len = [0u8; 4];
+                rd.read_exact(&mut len).await?;
+                let len = u32::from_be_bytes(len) as usize;
+                if len != want {
+                    return Err(std::io::Error::other(format!(
+                        "chunk of {len} bytes, expected {want}"
+                    )));
+                }
+                let mut data = vec![0u8; len];
+                rd.read_exact(&mut data).await?;
+                Ok(data)
+            };
+            let data = match tokio::time::timeout(Duration::from_secs(30), read).await {
+                Ok(Ok(d)) => d,
+                Ok(Err(e)) => return Err(fail(k, e.to_string())),
+                Err(_) => return Err(fail(k, "chunk not received in time".into())),
+            };
+            if hex::encode(Sha256::digest(&data)) != self.manifest.chunks[index] {
+                out.strikes += 1;
+                rejected.push(index);
+                continue;
+            }
+            let file = Arc::clone(&self.file);
+            let offset = index as u64 * self.manifest.chunk_size;
+            let len = data.len() as u64;
+            let written = tokio::task::spawn_blocking(move || {
+                use std::os::unix::fs::FileExt;
+                file.write_all_at(&data, offset)
+            })
+            .await;
+            match written {
+                Ok(Ok(())) => {
+                    out.chunks += 1;
+                    out.bytes += len;
+                    if let Some(s) = &self.stats {
+                        s.bytes_fetched.fetch_add(len, Ordering::Relaxed);
+                    }
+                }
+                Ok(Err(e)) => return Err(fail(k, e.to_string())),
+                Err(e) => return Err(fail(k, e.to_string())),
+            }
+        }
+        Ok(rejected)
+    }
+}
+
+/// One file of a model pulled from peers.
+#[derive(Debug, Clone, Serialize)]
+pub struct PulledFile {
+    /// The file's name in the model directory.
+    pub file: String,
+    /// Where its bytes came from.
+    pub report: FetchReport,
+}
+
+/// Pulls the missing files of a catalogued model from `providers` (best first), verified chunk
+/// by chunk and as a whole against the catalogue's pinned SHA-256, and installs them in the
+/// store. Files already present are skipped.
+pub async fn pull_from_peers(
+    store: &ModelStore,
+    entry: &crate::catalogue::CatalogueEntry,
+    control: libp2p_stream::Control,
+    providers: &[PeerId],
+    stats: Option<Arc<BlobStats>>,
+) -> Result<Vec<PulledFile>, FetchError> {
+    let mut out = Vec::new();
+    for file in entry.files {
+        if store.file_present(entry, file) {
+            continue;
+        }
+        let partial = store.partial_path(file.sha256);
+        let report = fetch(
+            control.clone(),
+            providers,
+            file.sha256,
+            file.size,
+            &partial,
+            stats.clone(),
+        )
+        .await?;
+        store
+            .install_verified(entry, file, &partial)
+            .map_err(|e| FetchError::Io(std::io::Error::other(e.to_string())))?;
+        tracing::info!(
+            model = entry.name,
+            file = file.name,
+            peers = report.bytes_from.len(),
+            resumed_chunks = report.chunks_reused,
+            "pulled from peers"
+        );
+        out.push(PulledFile {
+            file: file.name.to_owned(),
+            report,
+        });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manifests_describe_files_chunk_by_chunk() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let data: Vec<u8> = (0..(CHUNK_SIZE * 2 + 10))
+            .map(|i| (i % 251) as u8)
+            .collect();
+        std::fs::write(&path, &data).unwrap();
+        let m = Manifest::of_file(&path).unwrap();
+        assert_eq!(m.size, data.len() as u64);
+        assert_eq!(m.chunks.len(), 3);
+        assert_eq!(m.sha256, hex::encode(Sha256::digest(&data)));
+        assert_eq!(
+            m.chunks[2],
+            hex::encode(Sha256::digest(&data[2 * CHUNK_SIZE as usize..]))
+        );
+        assert!(m.matches(&m.sha256.clone(), m.size));
+        assert!(!m.matches(&m.sha256.clone(), m.size + 1));
+        assert_eq!(m.chunk_len(2), 10);
+    }
+
+    #[test]
+    fn only_lowercase_hashes_name_files() {
+        assert!(check_hash(&"a".repeat(64)).is_ok());
+        for bad in [
+            "../../etc/passwd",
+            "",
+            &"A".repeat(64),
+            &"g".repeat(64),
+            &"a".repeat(65),
+        ] {
+            assert!(check_hash(bad).is_err(), "{bad}");
+        }
+    }
+}
