@@ -42,6 +42,7 @@ fn caps(active: usize) -> Capabilities {
         hardware: Hardware::default(),
         api: None,
         addrs: vec![],
+        files: vec![],
         seq: 0,
     }
 }

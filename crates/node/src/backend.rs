@@ -82,6 +82,11 @@ impl NodeBackend {
         &self.local
     }
 
+    /// The mesh this backend routes through.
+    pub fn mesh(&self) -> &mesh::Client {
+        &self.mesh
+    }
+
     /// The requesting side of remote inference.
     pub fn infer_client(&self) -> &InferClient {
         &self.infer

@@ -764,6 +764,76 @@ pub async fn pull_from_peers(
     Ok(out)
 }
 
+/// Pods in `peers` that announce the file `sha256`, connected ones first, then by ping time.
+pub fn providers_of(peers: &[crate::mesh::PeerSnapshot], sha256: &str) -> Vec<PeerId> {
+    let mut found: Vec<(bool, Duration, PeerId)> = peers
+        .iter()
+        .filter(|p| {
+            p.capabilities
+                .as_ref()
+                .is_some_and(|c| c.files.iter().any(|f| f == sha256))
+        })
+        .map(|p| (!p.connected, p.rtt.unwrap_or(Duration::MAX), p.peer_id))
+        .collect();
+    found.sort();
+    found.into_iter().map(|(_, _, p)| p).collect()
+}
+
+/// Pulls a catalogued model from the pods of the mesh that serve its files, waiting up to
+/// `wait` for them to be heard of. `Ok(None)` when no pod serves every missing file, so the
+/// caller falls back to the catalogue's sources.
+pub async fn pull_via_mesh(
+    store: &ModelStore,
+    entry: &crate::catalogue::CatalogueEntry,
+    mesh: &crate::mesh::Client,
+    wait: Duration,
+) -> Result<Option<Vec<PulledFile>>, FetchError> {
+    let missing: Vec<_> = entry
+        .files
+        .iter()
+        .filter(|f| !store.file_present(entry, f))
+        .collect();
+    if missing.is_empty() {
+        return Ok(Some(Vec::new()));
+    }
+    let deadline = Instant::now() + wait;
+    let providers = loop {
+        let peers = mesh.peers().await.unwrap_or_default();
+        let per_file: Vec<Vec<PeerId>> = missing
+            .iter()
+            .map(|f| providers_of(&peers, f.sha256))
+            .collect();
+        if per_file.iter().all(|p| !p.is_empty()) {
+            break per_file;
+        }
+        if Instant::now() >= deadline {
+            return Ok(None);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let mut pulled = Vec::new();
+    for (file, peers) in missing.into_iter().zip(providers) {
+        let partial = store.partial_path(file.sha256);
+        let report = fetch(
+            mesh.streams(),
+            &peers,
+            file.sha256,
+            file.size,
+            &partial,
+            None,
+        )
+        .await?;
+        store
+            .install_verified(entry, file, &partial)
+            .map_err(|e| FetchError::Io(std::io::Error::other(e.to_string())))?;
+        pulled.push(PulledFile {
+            file: file.name.to_owned(),
+            report,
+        });
+    }
+    Ok(Some(pulled))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

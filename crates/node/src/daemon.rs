@@ -1,4 +1,5 @@
-//! `pod start`: load the models, serve the API, stop gracefully on ctrl-c or SIGTERM.
+//! `pod start`: load the models, serve the API, stop gracefully on ctrl-c or SIGTERM; and
+//! `daemon.json`, through which `pod status`, `pod stop` and `pod peers` find the running node.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -12,6 +13,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::backend::{NodeBackend, Route, ANNOUNCE_REFRESH};
+use crate::blob::BlobServer;
 use crate::identity::Identity;
 use crate::infer::server::{InferServer, ServerConfig};
 use crate::loader::{self, ResolveError};
@@ -30,6 +32,8 @@ pub struct StartOptions {
     pub profile: Profile,
     /// Models to load instead of the profile's defaults (empty: the defaults).
     pub models: Vec<String>,
+    /// Serve the HTTP API (false: mesh and serving peers only).
+    pub api: bool,
     /// Address the API binds.
     pub api_host: IpAddr,
     /// Port the API binds (0: any free port).
@@ -40,6 +44,8 @@ pub struct StartOptions {
     pub public_api: bool,
     /// Compute device.
     pub device: DeviceSpec,
+    /// The device `device` opened, e.g. `cpu` or `cuda:0`, for announcements and `pod status`.
+    pub device_name: String,
     /// Engine limits.
     pub engine: EngineConfig,
     /// Pull missing catalogued models.
@@ -63,7 +69,7 @@ pub enum DaemonError {
     #[error("{0}")]
     Refused(String),
     /// The API address could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
+    #[error("cannot listen on {addr}: {source}{}", bind_hint(source))]
     Bind {
         /// The address.
         addr: SocketAddr,
@@ -84,6 +90,50 @@ pub enum DaemonError {
     /// The mesh could not start.
     #[error(transparent)]
     Mesh(#[from] MeshError),
+    /// Another node runs with the same state directory (and so the same identity).
+    #[error("a pod is already running with the state directory {} (pid {pid}{}); stop it with `pod stop` or use another --home", home.display(), api.as_deref().map(|a| format!(", {a}")).unwrap_or_default())]
+    AlreadyRunning {
+        /// The state directory.
+        home: PathBuf,
+        /// The running node's process.
+        pid: u32,
+        /// Its API.
+        api: Option<String>,
+    },
+}
+
+fn bind_hint(e: &std::io::Error) -> &'static str {
+    match e.kind() {
+        std::io::ErrorKind::AddrInUse => {
+            " (another program, perhaps another pod, has the port; choose another with --api-port)"
+        }
+        std::io::ErrorKind::PermissionDenied => " (ports below 1024 need privileges)",
+        std::io::ErrorKind::AddrNotAvailable => " (no interface of this machine has that address)",
+        _ => "",
+    }
+}
+
+impl StartOptions {
+    /// Refuses unsafe or contradictory settings.
+    pub fn check(&self) -> Result<(), DaemonError> {
+        check_api_exposure(self.api, self.api_host, &self.api_keys, self.public_api)
+    }
+}
+
+/// Refuses an API open to the network without keys unless `public` says so; `pod start
+/// --dry-run` runs the same check.
+pub fn check_api_exposure(
+    api: bool,
+    host: IpAddr,
+    keys: &ApiKeys,
+    public: bool,
+) -> Result<(), DaemonError> {
+    if api && !host.is_loopback() && keys.is_empty() && !public {
+        return Err(DaemonError::Refused(format!(
+            "refusing to serve the API on {host} without API keys; pass --api-key-file, or --public-api to serve it open"
+        )));
+    }
+    Ok(())
 }
 
 /// What `daemon.json` in the state directory says about the running node, for `pod status`,
@@ -92,10 +142,37 @@ pub enum DaemonError {
 pub struct DaemonFile {
     /// Process id.
     pub pid: u32,
-    /// Base URL of the API, e.g. `http://127.0.0.1:8080`.
-    pub api: String,
+    /// Base URL of the API, e.g. `http://127.0.0.1:8080`; `None` with `--no-api`.
+    pub api: Option<String>,
     /// The node's PeerId.
     pub peer_id: String,
+    /// When the node started, Unix seconds.
+    #[serde(default)]
+    pub started_at: u64,
+    /// The process's start time in clock ticks after boot (Linux), which tells the node apart
+    /// from a later process that got the same pid.
+    #[serde(default)]
+    pub process_start: Option<u64>,
+    /// The profile that runs (`auto` resolved).
+    #[serde(default)]
+    pub profile: String,
+    /// The compute device models were loaded on, e.g. `cpu` or `cuda:0`.
+    #[serde(default)]
+    pub device: String,
+    /// pod's version.
+    #[serde(default)]
+    pub version: String,
+}
+
+/// Whether the process a `daemon.json` names still runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Liveness {
+    /// It runs.
+    Running,
+    /// It exited (or is a zombie waiting for its parent); the file is stale.
+    Exited,
+    /// A different process has the pid now; the file is stale.
+    Replaced,
 }
 
 impl DaemonFile {
@@ -118,6 +195,35 @@ impl DaemonFile {
         Ok(())
     }
 
+    /// Whether the process still runs.
+    pub fn liveness(&self) -> Liveness {
+        match process_state(self.pid) {
+            None => Liveness::Exited,
+            Some(p) if p.zombie => Liveness::Exited,
+            Some(p) => match (self.process_start, p.start_ticks) {
+                (Some(recorded), Some(now)) if recorded != now => Liveness::Replaced,
+                _ => Liveness::Running,
+            },
+        }
+    }
+
+    /// Asks the node to stop, as systemd would: SIGTERM.
+    pub fn terminate(&self) -> std::io::Result<()> {
+        let pid = i32::try_from(self.pid)
+            .ok()
+            .and_then(rustix::process::Pid::from_raw)
+            .ok_or_else(|| std::io::Error::other(format!("bad pid {}", self.pid)))?;
+        rustix::process::kill_process(pid, rustix::process::Signal::TERM)
+            .map_err(std::io::Error::from)
+    }
+
+    /// Removes the file when it is stale.
+    pub fn remove_stale(home: &Path) {
+        if DaemonFile::read(home).is_some_and(|d| d.liveness() != Liveness::Running) {
+            let _ = std::fs::remove_file(Self::path(home));
+        }
+    }
+
     fn remove_if_ours(home: &Path) {
         if DaemonFile::read(home).is_some_and(|d| d.pid == std::process::id()) {
             let _ = std::fs::remove_file(Self::path(home));
@@ -127,17 +233,30 @@ impl DaemonFile {
 
 /// Runs the node until ctrl-c or SIGTERM.
 pub async fn run(store: ModelStore, opts: StartOptions) -> Result<(), DaemonError> {
-    if !opts.api_host.is_loopback() && opts.api_keys.is_empty() && !opts.public_api {
-        return Err(DaemonError::Refused(format!(
-            "refusing to serve the API on {} without API keys; pass --api-key-file, or --public-api to serve it open",
-            opts.api_host
-        )));
+    opts.check()?;
+    if let Some(other) = DaemonFile::read(&opts.home) {
+        if other.pid != std::process::id() && other.liveness() == Liveness::Running {
+            return Err(DaemonError::AlreadyRunning {
+                home: opts.home.clone(),
+                pid: other.pid,
+                api: other.api,
+            });
+        }
     }
-    let addr = SocketAddr::new(opts.api_host, opts.api_port);
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| DaemonError::Bind { addr, source })?;
-    let local = listener.local_addr().map_err(DaemonError::Serve)?;
+    let listener = if opts.api {
+        let addr = SocketAddr::new(opts.api_host, opts.api_port);
+        let listener = TcpListener::bind(addr)
+            .await
+            .map_err(|source| DaemonError::Bind { addr, source })?;
+        Some(listener)
+    } else {
+        None
+    };
+    let local = listener
+        .as_ref()
+        .map(TcpListener::local_addr)
+        .transpose()
+        .map_err(DaemonError::Serve)?;
 
     let engine = Engine::start(opts.engine.clone());
     let peer_id = opts.identity.peer_id().to_string();
@@ -169,12 +288,23 @@ pub async fn run(store: ModelStore, opts: StartOptions) -> Result<(), DaemonErro
         ledger,
         opts.route,
     );
+    // Storage and full profiles serve their verified model files to peers.
+    let files = if opts.profile.serves_files() {
+        let blobs = BlobServer::new(&store);
+        let files: Vec<String> = blobs.files().into_iter().map(|(sha, _)| sha).collect();
+        tracing::info!(files = files.len(), "serving model files to peers");
+        tokio::spawn(blobs.run(mesh.streams()));
+        files
+    } else {
+        Vec::new()
+    };
     let announcer = tokio::spawn(announce(
         mesh.clone(),
         engine.clone(),
         local_backend.clone(),
         opts.profile,
-        opts.device,
+        (opts.device_name.clone(), opts.api),
+        files,
     ));
 
     let state = AppState::new(
@@ -188,27 +318,49 @@ pub async fn run(store: ModelStore, opts: StartOptions) -> Result<(), DaemonErro
     let app = pod_api::router(Arc::clone(&state));
     let daemon_file = DaemonFile {
         pid: std::process::id(),
-        api: format!("http://{}", client_addr(local)),
+        api: local.map(|l| format!("http://{}", client_addr(l))),
         peer_id: peer_id.clone(),
+        started_at: unix_now(),
+        process_start: process_state(std::process::id()).and_then(|p| p.start_ticks),
+        profile: opts.profile.to_string(),
+        device: opts.device_name.clone(),
+        version: env!("CARGO_PKG_VERSION").to_owned(),
     };
     if let Err(e) = daemon_file.write(&opts.home) {
         tracing::warn!(error = %e, "cannot write daemon.json; `pod status` will not find this node");
     }
-    tracing::info!(
-        api = %format!("http://{local}"),
-        peer_id = %peer_id,
-        profile = %opts.profile,
-        auth = if opts.api_keys.is_empty() { "none" } else { "api-key" },
-        "API listening; loading models"
-    );
+    match local {
+        Some(local) => tracing::info!(
+            api = %format!("http://{local}"),
+            peer_id = %peer_id,
+            profile = %opts.profile,
+            auth = if opts.api_keys.is_empty() { "none" } else { "api-key" },
+            "API listening; loading models"
+        ),
+        None => tracing::info!(
+            peer_id = %peer_id,
+            profile = %opts.profile,
+            "no HTTP API (--no-api); loading models"
+        ),
+    }
 
     let (stop_tx, mut stop_rx) = watch::channel(false);
+    // Without an API the "server" only waits for the stop, so the life cycle below is the same.
     let mut server = tokio::spawn(async move {
-        axum::serve(listener, app)
-            .with_graceful_shutdown(async move {
-                let _ = stop_rx.wait_for(|s| *s).await;
-            })
-            .await
+        let stopped = async move {
+            let _ = stop_rx.wait_for(|s| *s).await;
+        };
+        match listener {
+            Some(listener) => {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(stopped)
+                    .await
+            }
+            None => {
+                stopped.await;
+                Ok(())
+            }
+        }
     });
 
     let result: Result<(), DaemonError> = async {
@@ -317,6 +469,48 @@ pub async fn run(store: ModelStore, opts: StartOptions) -> Result<(), DaemonErro
     result
 }
 
+/// What the system says about a process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ProcessState {
+    zombie: bool,
+    /// Start time in clock ticks after boot; `None` off Linux.
+    start_ticks: Option<u64>,
+}
+
+/// `None` when no process has the pid.
+fn process_state(pid: u32) -> Option<ProcessState> {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // After the command name in parentheses (which may hold spaces): the state is the
+        // first field, the start time the twentieth (field 22 of proc(5)).
+        Ok(stat) => {
+            let rest = &stat[stat.rfind(')')? + 1..];
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            Some(ProcessState {
+                zombie: matches!(fields.first(), Some(&"Z") | Some(&"X")),
+                start_ticks: fields.get(19).and_then(|s| s.parse().ok()),
+            })
+        }
+        Err(_) if Path::new("/proc/self/stat").exists() => None,
+        // No procfs: signal 0 tests for existence.
+        Err(_) => {
+            let pid = rustix::process::Pid::from_raw(i32::try_from(pid).ok()?)?;
+            match rustix::process::test_kill_process(pid) {
+                Ok(()) | Err(rustix::io::Errno::PERM) => Some(ProcessState {
+                    zombie: false,
+                    start_ticks: None,
+                }),
+                Err(_) => None,
+            }
+        }
+    }
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
 /// The address clients should use for a listener: loopback when it listens on every interface.
 fn client_addr(local: SocketAddr) -> SocketAddr {
     match local.ip() {
@@ -336,13 +530,14 @@ async fn announce(
     engine: EngineHandle,
     api: LocalBackend,
     profile: Profile,
-    device: DeviceSpec,
+    (device, http_api): (String, bool),
+    files: Vec<String>,
 ) {
     use pod_api::Backend as _;
     let hardware = Hardware {
-        device: device.to_string(),
+        device,
         cpu_cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
-        memory_bytes: total_memory_bytes().unwrap_or(0),
+        memory_bytes: crate::profile::memory_bytes().unwrap_or(0),
     };
     let mut tick = tokio::time::interval(ANNOUNCE_REFRESH);
     loop {
@@ -358,11 +553,14 @@ async fn announce(
                 max_active: engine.config().max_active,
             },
             hardware: hardware.clone(),
+            // Peers route to nodes whose `api.ready` is set, over the mesh, whether or not the
+            // node has an HTTP API; `version: none` says it has none.
             api: Some(ApiInfo {
-                version: "openai/v1".into(),
+                version: if http_api { "openai/v1" } else { "none" }.into(),
                 ready: api.is_ready(),
             }),
             addrs: Vec::new(),
+            files: files.clone(),
             seq: 0,
         };
         if mesh.announce(caps).await.is_err() {
@@ -376,14 +574,6 @@ fn notify_systemd(state: &[sd_notify::NotifyState<'_>]) {
     if let Err(e) = sd_notify::notify(state) {
         tracing::debug!(error = %e, "cannot notify systemd");
     }
-}
-
-/// Installed memory, from `/proc/meminfo`.
-fn total_memory_bytes() -> Option<u64> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
 }
 
 /// Resolves on ctrl-c or SIGTERM.
@@ -411,5 +601,71 @@ pub async fn shutdown_signal() {
     tokio::select! {
         () = ctrl_c => {}
         () = term => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file(pid: u32, process_start: Option<u64>) -> DaemonFile {
+        DaemonFile {
+            pid,
+            api: None,
+            peer_id: String::new(),
+            started_at: 0,
+            process_start,
+            profile: String::new(),
+            device: String::new(),
+            version: String::new(),
+        }
+    }
+
+    #[test]
+    fn tells_running_exited_and_reused_pids_apart() {
+        let me = std::process::id();
+        let start = process_state(me).and_then(|p| p.start_ticks);
+        assert_eq!(file(me, start).liveness(), Liveness::Running);
+        // Above the kernel's pid_max (at most 2^22).
+        assert_eq!(file(1 << 23, None).liveness(), Liveness::Exited);
+        if let Some(start) = start {
+            assert_eq!(file(me, Some(start + 1)).liveness(), Liveness::Replaced);
+        }
+    }
+
+    #[test]
+    fn a_zombie_has_exited() {
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let pid = child.id();
+        // Not reaped yet: a zombie until `wait`.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while file(pid, None).liveness() == Liveness::Running {
+            assert!(Instant::now() < deadline, "`true` did not exit");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(file(pid, None).liveness(), Liveness::Exited);
+        child.wait().unwrap();
+    }
+
+    #[test]
+    fn old_daemon_files_still_read() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            DaemonFile::path(dir.path()),
+            r#"{"pid": 7, "api": "http://127.0.0.1:8080", "peer_id": "12D3KooW"}"#,
+        )
+        .unwrap();
+        let d = DaemonFile::read(dir.path()).unwrap();
+        assert_eq!(d.api.as_deref(), Some("http://127.0.0.1:8080"));
+        assert_eq!(d.process_start, None);
+    }
+
+    #[test]
+    fn bind_errors_say_what_to_do() {
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = taken.local_addr().unwrap();
+        let source = std::net::TcpListener::bind(addr).unwrap_err();
+        let msg = DaemonError::Bind { addr, source }.to_string();
+        assert!(msg.contains("--api-port"), "{msg}");
     }
 }

@@ -7,6 +7,7 @@ pub mod backend;
 pub mod bench;
 pub mod blob;
 pub mod catalogue;
+pub mod config;
 pub mod daemon;
 pub mod home;
 pub mod identity;

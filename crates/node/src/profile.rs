@@ -1,26 +1,99 @@
-//! Profiles: which models and services a node runs.
+//! Profiles: which models and services a node runs, and how `auto` picks one for a machine.
 
 use std::fmt;
 use std::str::FromStr;
 
+use pod_inference::DeviceSpec;
+
 use crate::catalogue::{DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDING_MODEL};
+
+/// Below this much memory `auto` runs the relay profile: the default models need about 1 GiB
+/// loaded, and a machine this small is better used as a front door to the mesh.
+pub const RELAY_BELOW_BYTES: u64 = 2 << 30;
 
 /// A set of capabilities, chosen with `pod start --profile`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Profile {
-    /// Everything this machine can run (today: the default chat and embedding models).
+    /// Picks one of the others from the machine's hardware: see [`Profile::choose`].
     #[default]
     Auto,
-    /// Every capability.
+    /// Every capability: chat and embedding models, relay server, storage.
     Full,
-    /// Chat models.
+    /// Chat models on the best device.
     Inference,
     /// Embedding models.
     Embedding,
-    /// No local models: the API fronts the mesh's models.
+    /// No local models: the API fronts the mesh's models; relays for peers behind NAT.
     Relay,
     /// Serves model files to peers; no local inference.
     Storage,
+}
+
+/// What `auto` resolved to, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Choice {
+    /// The profile that runs (never [`Profile::Auto`]).
+    pub profile: Profile,
+    /// Why, for a log line: empty when the profile was named explicitly.
+    pub reason: String,
+}
+
+/// What the machine offers, as far as profiles care.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Hardware {
+    /// Memory available to this process: installed memory, or a smaller cgroup limit.
+    /// `None`: unknown (not Linux, or `/proc` unreadable).
+    pub memory_bytes: Option<u64>,
+    /// Whether a GPU backend (CUDA) is compiled into this binary.
+    pub gpu_compiled: bool,
+    /// The GPU device that opened, e.g. `cuda:0`; `None`: no GPU backend, or no device.
+    pub gpu: Option<String>,
+}
+
+impl Hardware {
+    /// Looks at this machine. Opens the GPU once when a GPU backend is compiled in and the
+    /// device setting allows one (`cpu` skips the probe).
+    pub fn detect(device: DeviceSpec) -> Hardware {
+        let gpu_compiled = cfg!(feature = "cuda");
+        let gpu = match device {
+            DeviceSpec::Cpu => None,
+            _ if !gpu_compiled => None,
+            DeviceSpec::Auto | DeviceSpec::Cuda(_) | DeviceSpec::Rocm(_) => {
+                let spec = if device == DeviceSpec::Auto {
+                    DeviceSpec::Cuda(0)
+                } else {
+                    device
+                };
+                spec.open()
+                    .ok()
+                    .filter(|d| !d.is_cpu())
+                    .map(|_| spec.to_string())
+            }
+        };
+        Hardware {
+            memory_bytes: memory_bytes(),
+            gpu_compiled,
+            gpu,
+        }
+    }
+}
+
+/// Memory this process may use: `MemTotal`, capped by a cgroup v2 `memory.max` (containers,
+/// systemd `MemoryMax=`).
+pub fn memory_bytes() -> Option<u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemTotal:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    let total = kib * 1024;
+    let limit = std::fs::read_to_string("/sys/fs/cgroup/memory.max")
+        .ok()
+        .and_then(|s| s.trim().parse::<u64>().ok());
+    Some(limit.map_or(total, |l| l.min(total)))
+}
+
+/// Bytes as GiB with one decimal, for messages.
+pub fn gib(bytes: u64) -> String {
+    format!("{:.1} GiB", bytes as f64 / f64::from(1u32 << 30))
 }
 
 impl Profile {
@@ -34,6 +107,45 @@ impl Profile {
         Profile::Storage,
     ];
 
+    /// The profile that runs on `hw`: named profiles stand; `auto` takes relay below
+    /// [`RELAY_BELOW_BYTES`] of memory, inference when a GPU backend is compiled in and a GPU
+    /// opened, else full.
+    pub fn choose(self, hw: &Hardware) -> Choice {
+        if self != Profile::Auto {
+            return Choice {
+                profile: self,
+                reason: String::new(),
+            };
+        }
+        let memory = hw.memory_bytes.map(gib);
+        if let Some(bytes) = hw.memory_bytes.filter(|b| *b < RELAY_BELOW_BYTES) {
+            return Choice {
+                profile: Profile::Relay,
+                reason: format!(
+                    "{} of memory is under {}: no local models, the API serves the mesh's",
+                    gib(bytes),
+                    gib(RELAY_BELOW_BYTES)
+                ),
+            };
+        }
+        let memory = memory.map_or("memory unknown".to_owned(), |m| format!("{m} of memory"));
+        if let Some(gpu) = &hw.gpu {
+            return Choice {
+                profile: Profile::Inference,
+                reason: format!("GPU {gpu} present and {memory}: chat models on the GPU"),
+            };
+        }
+        let gpu = if hw.gpu_compiled {
+            "no GPU found"
+        } else {
+            "no GPU backend compiled in"
+        };
+        Choice {
+            profile: Profile::Full,
+            reason: format!("{memory}, {gpu}: chat and embedding models on the CPU"),
+        }
+    }
+
     /// The models the profile loads when no `--model` is given.
     pub fn default_models(self) -> Vec<&'static str> {
         match self {
@@ -44,9 +156,26 @@ impl Profile {
         }
     }
 
+    /// Whether the node serves its model files to peers (`/pod/blob/1.0.0`).
+    pub fn serves_files(self) -> bool {
+        matches!(self, Profile::Storage | Profile::Full)
+    }
+
     /// Whether the node relays connections (circuit relay v2 server) for peers behind NAT.
     pub fn relays(self) -> bool {
         matches!(self, Profile::Relay | Profile::Full)
+    }
+
+    /// One line on what the profile is for.
+    pub fn summary(self) -> &'static str {
+        match self {
+            Profile::Auto => "picks relay, inference or full from this machine's memory and GPU",
+            Profile::Full => "chat and embedding models, relay server, model storage",
+            Profile::Inference => "chat models on the best device",
+            Profile::Embedding => "embedding models",
+            Profile::Relay => "no local models: relay server, and the API fronts the mesh's models",
+            Profile::Storage => "serves model files to peers; no local inference",
+        }
     }
 
     /// The profile's name.
@@ -81,5 +210,68 @@ impl FromStr for Profile {
                     Profile::ALL.map(Profile::as_str).join(", ")
                 )
             })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hw(gib: u64, gpu: Option<&str>) -> Hardware {
+        Hardware {
+            memory_bytes: Some(gib << 30),
+            gpu_compiled: gpu.is_some(),
+            gpu: gpu.map(str::to_owned),
+        }
+    }
+
+    #[test]
+    fn auto_picks_relay_on_small_machines() {
+        let c = Profile::Auto.choose(&Hardware {
+            memory_bytes: Some(1 << 30),
+            ..Hardware::default()
+        });
+        assert_eq!(c.profile, Profile::Relay);
+        assert!(c.reason.contains("1.0 GiB"), "{}", c.reason);
+        // Even with a GPU: the models would not fit beside the OS.
+        let small_gpu = Hardware {
+            memory_bytes: Some(1 << 30),
+            ..hw(1, Some("cuda:0"))
+        };
+        assert_eq!(Profile::Auto.choose(&small_gpu).profile, Profile::Relay);
+    }
+
+    #[test]
+    fn auto_picks_inference_with_a_gpu_and_full_without() {
+        let c = Profile::Auto.choose(&hw(32, Some("cuda:0")));
+        assert_eq!(c.profile, Profile::Inference);
+        assert!(c.reason.contains("cuda:0"), "{}", c.reason);
+        let c = Profile::Auto.choose(&hw(32, None));
+        assert_eq!(c.profile, Profile::Full);
+        assert!(
+            c.reason.contains("no GPU backend compiled in"),
+            "{}",
+            c.reason
+        );
+        let c = Profile::Auto.choose(&Hardware::default());
+        assert_eq!(c.profile, Profile::Full);
+        assert!(c.reason.contains("memory unknown"), "{}", c.reason);
+    }
+
+    #[test]
+    fn named_profiles_stand() {
+        for p in Profile::ALL.into_iter().filter(|p| *p != Profile::Auto) {
+            let c = p.choose(&hw(1, None));
+            assert_eq!(c.profile, p);
+            assert!(c.reason.is_empty());
+        }
+    }
+
+    #[test]
+    fn parses_names_and_lists_them_in_errors() {
+        assert_eq!("relay".parse::<Profile>(), Ok(Profile::Relay));
+        let err = "gpu".parse::<Profile>().unwrap_err();
+        assert!(err.contains("unknown profile `gpu`"), "{err}");
+        assert!(err.contains("storage"), "{err}");
     }
 }

@@ -2,7 +2,12 @@
 
 mod common;
 
-use std::process::{Command, Output};
+use std::io::{Read, Write};
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::process::{pod_command, PodProcess};
 
 fn pod(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_pod"))
@@ -256,5 +261,584 @@ fn the_nixos_module_passes_only_flags_the_binary_has_with_its_defaults() {
             block.contains(&want),
             "{flag}: module default {want} vs binary:\n{block}"
         );
+    }
+}
+
+// ---------------------------------------------------------------- start, status, stop, chat
+
+/// Runs `cmd` with `input` on stdin; kills it and fails the test after `timeout`.
+fn run_bounded(cmd: &mut Command, input: &str, timeout: Duration) -> Output {
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn pod");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let input = input.to_owned();
+    let writer = std::thread::spawn(move || {
+        let _ = stdin.write_all(input.as_bytes());
+    });
+    let drain = |mut r: Box<dyn Read + Send>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = r.read_to_end(&mut buf);
+            buf
+        })
+    };
+    let out = drain(Box::new(child.stdout.take().expect("stdout")));
+    let err = drain(Box::new(child.stderr.take().expect("stderr")));
+    let deadline = Instant::now() + timeout;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{cmd:?} did not finish within {timeout:?}:\n{}",
+                String::from_utf8_lossy(&err.join().unwrap_or_default())
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let _ = writer.join();
+    Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    }
+}
+
+/// `pod --home HOME --log warn ARGS`, bounded to 60 s.
+fn pod_at(home: &Path, args: &[&str]) -> Output {
+    run_bounded(
+        Command::new(env!("CARGO_BIN_EXE_pod"))
+            .arg("--home")
+            .arg(home)
+            .args(["--log", "warn"])
+            .args(args),
+        "",
+        Duration::from_secs(60),
+    )
+}
+
+fn json_of(o: &Output) -> serde_json::Value {
+    assert!(o.status.success(), "{}", stderr(o));
+    serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&o.stdout)))
+}
+
+/// A port nothing listens on now (bound, then released).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+#[test]
+fn version_json_names_the_build() {
+    let home = tempfile::tempdir().unwrap();
+    let v = json_of(&pod_at(home.path(), &["version", "--json"]));
+    assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
+    assert_eq!(v["features"]["cuda"], cfg!(feature = "cuda"));
+    assert_eq!(v["features"]["rocm"], false);
+    assert!(v["target"]
+        .as_str()
+        .unwrap()
+        .contains(std::env::consts::ARCH));
+    assert_eq!(v["protocols"]["infer"], "/pod/infer/1.0.0");
+    let text = pod_at(home.path(), &["version"]);
+    assert!(String::from_utf8_lossy(&text.stdout).starts_with("pod "));
+}
+
+#[test]
+fn dry_run_lists_each_profiles_models_and_services_and_binds_nothing() {
+    let home = tempfile::tempdir().unwrap();
+    // The API port is taken: a dry run must not notice, because it binds nothing.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let plan = |profile: &str, extra: &[&str]| {
+        let mut args = vec![
+            "start",
+            "--dry-run",
+            "--json",
+            "--profile",
+            profile,
+            "--api-port",
+            &port,
+        ];
+        args.extend_from_slice(extra);
+        json_of(&pod_at(home.path(), &args))
+    };
+    let names = |p: &serde_json::Value| -> Vec<String> {
+        p["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["name"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let full = plan("full", &[]);
+    assert_eq!(
+        names(&full),
+        ["smollm2-135m-instruct", "all-minilm-l6-v2"],
+        "{full}"
+    );
+    assert_eq!(full["mesh"]["relay_server"], true);
+    assert_eq!(full["mesh"]["serve_mesh"], true);
+    assert_eq!(full["storage"], true);
+    assert_eq!(full["api"]["enabled"], true);
+    assert_eq!(full["api"]["url"], format!("http://127.0.0.1:{port}"));
+    assert_eq!(full["mesh"]["mdns"], true);
+    assert_eq!(full["reason"], serde_json::Value::Null);
+
+    let inference = plan("inference", &[]);
+    assert_eq!(names(&inference), ["smollm2-135m-instruct"]);
+    assert_eq!(inference["mesh"]["relay_server"], false);
+    assert_eq!(inference["storage"], false);
+    let embedding = plan("embedding", &[]);
+    assert_eq!(names(&embedding), ["all-minilm-l6-v2"]);
+    let relay = plan("relay", &["--no-mdns"]);
+    assert!(names(&relay).is_empty());
+    assert_eq!(relay["mesh"]["relay_server"], true);
+    assert_eq!(relay["mesh"]["serve_mesh"], false, "no models to serve");
+    assert_eq!(relay["mesh"]["mdns"], false);
+    assert_eq!(relay["device"]["resolved"], "none");
+    let storage = plan("storage", &["--no-api"]);
+    assert!(names(&storage).is_empty());
+    assert_eq!(storage["storage"], true);
+    assert_eq!(storage["api"]["enabled"], false);
+    assert_eq!(storage["api"]["url"], serde_json::Value::Null);
+
+    // auto says what it picked and why, in the plan and in a log line.
+    let auto = run_bounded(
+        Command::new(env!("CARGO_BIN_EXE_pod"))
+            .arg("--home")
+            .arg(home.path())
+            .args(["start", "--dry-run", "--api-port", &port]),
+        "",
+        Duration::from_secs(60),
+    );
+    assert!(auto.status.success(), "{}", stderr(&auto));
+    let text = String::from_utf8_lossy(&auto.stdout);
+    let first = text.lines().next().unwrap();
+    assert!(first.starts_with("profile   "), "{text}");
+    assert!(first.contains("(auto: "), "{text}");
+    assert!(first.contains("memory"), "{text}");
+    assert!(
+        stderr(&auto).contains("profile auto picked"),
+        "{}",
+        stderr(&auto)
+    );
+    let auto = plan("auto", &[]);
+    assert_eq!(auto["requested_profile"], "auto");
+    assert!(["full", "inference", "relay"].contains(&auto["profile"].as_str().unwrap()));
+    assert!(!auto["reason"].as_str().unwrap().is_empty());
+
+    // Nothing was started: no identity, no daemon.json.
+    assert!(!home.path().join("identity").exists());
+    assert!(!home.path().join("daemon.json").exists());
+}
+
+#[test]
+fn flags_beat_environment_beats_config_file_beats_defaults() {
+    let home = tempfile::tempdir().unwrap();
+    std::fs::write(
+        home.path().join("config.toml"),
+        "profile = \"relay\"\napi_port = 9001\nmdns = false\nannounce_interval = 30\n",
+    )
+    .unwrap();
+    let plan = |env: &[(&str, &str)], args: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pod"));
+        cmd.arg("--home")
+            .arg(home.path())
+            .args(["--log", "warn", "start", "--dry-run", "--json"])
+            .args(args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        json_of(&run_bounded(&mut cmd, "", Duration::from_secs(60)))
+    };
+    let file = plan(&[], &[]);
+    assert_eq!(file["profile"], "relay");
+    assert_eq!(file["api"]["port"], 9001);
+    assert_eq!(file["mesh"]["mdns"], false);
+    assert_eq!(file["mesh"]["announce_interval_seconds"], 30);
+    assert_eq!(file["sources"]["api_port"], "config");
+    assert_eq!(file["sources"]["max_batch"], "default");
+    assert_eq!(file["engine"]["max_batch"], 8);
+    assert_eq!(file["config_file"]["found"], true);
+
+    let env = plan(&[("POD_API_PORT", "9002"), ("POD_NO_MDNS", "false")], &[]);
+    assert_eq!(env["api"]["port"], 9002);
+    assert_eq!(env["sources"]["api_port"], "env");
+    assert_eq!(
+        env["mesh"]["mdns"], true,
+        "POD_NO_MDNS=false beats mdns = false"
+    );
+    assert_eq!(env["profile"], "relay");
+
+    let flag = plan(&[("POD_API_PORT", "9002")], &["--api-port", "9003"]);
+    assert_eq!(flag["api"]["port"], 9003);
+    assert_eq!(flag["sources"]["api_port"], "flag");
+
+    // --config names another file, which then must exist.
+    let other = home.path().join("other.toml");
+    std::fs::write(&other, "api_port = 9004\n").unwrap();
+    let o = plan(&[], &["--config", other.to_str().unwrap()]);
+    assert_eq!(o["api"]["port"], 9004);
+    assert_eq!(o["profile"], "full", "the default file is not read then");
+    let o = pod_at(
+        home.path(),
+        &["--config", "/nonexistent/pod.toml", "start", "--dry-run"],
+    );
+    assert_one_line_error(&o, "cannot read config file /nonexistent/pod.toml");
+}
+
+#[test]
+fn the_example_config_parses() {
+    let home = tempfile::tempdir().unwrap();
+    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/config.example.toml");
+    let plan = json_of(&pod_at(
+        home.path(),
+        &[
+            "--config",
+            example.to_str().unwrap(),
+            "start",
+            "--dry-run",
+            "--json",
+        ],
+    ));
+    assert_eq!(plan["config_file"]["found"], true);
+    assert_eq!(plan["sources"]["api_port"], "config");
+    assert_eq!(plan["api"]["port"], 8080);
+    assert_eq!(plan["requested_profile"], "auto");
+}
+
+#[test]
+fn bad_config_keys_and_values_name_the_key_and_the_file() {
+    let home = tempfile::tempdir().unwrap();
+    let path = home.path().join("config.toml");
+    let file = path.display().to_string();
+    let cases = [
+        ("api_prot = 9000\n", "unknown key `api_prot`"),
+        ("[mesh]\nport = 1\n", "unknown key `mesh`"),
+        ("api_port = \"eighty\"\n", "bad value for `api_port`"),
+        ("api_port = 99999\n", "bad value for `api_port`"),
+        (
+            "profile = \"gpu\"\n",
+            "bad value for `profile`: unknown profile `gpu`",
+        ),
+        (
+            "bootstrap = [\"not-an-address\"]\n",
+            "bad value for `bootstrap`",
+        ),
+        ("max_batch = 0\n", "bad value for `max_batch`"),
+        ("api_port = \n", "line 1"),
+    ];
+    for (text, needle) in cases {
+        std::fs::write(&path, text).unwrap();
+        let o = pod_at(home.path(), &["start", "--dry-run"]);
+        assert_one_line_error(&o, needle);
+        assert_one_line_error(&o, &file);
+        // A real start fails the same way, before binding anything.
+        let o = pod_at(home.path(), &["start", "--api-port", "0"]);
+        assert_one_line_error(&o, needle);
+    }
+    assert!(!home.path().join("identity").exists());
+}
+
+#[test]
+fn unknown_profile_is_one_clear_line() {
+    let home = tempfile::tempdir().unwrap();
+    let o = pod_at(home.path(), &["start", "--profile", "gpu"]);
+    assert_one_line_error(&o, "unknown profile `gpu`");
+    assert!(stderr(&o).contains("relay"), "lists the profiles");
+    let o = run_bounded(
+        Command::new(env!("CARGO_BIN_EXE_pod"))
+            .arg("--home")
+            .arg(home.path())
+            .args(["start", "--dry-run"])
+            .env("POD_PROFILE", "gpu"),
+        "",
+        Duration::from_secs(60),
+    );
+    assert_one_line_error(&o, "unknown profile `gpu`");
+    // A usage error is one line too, and --json belongs to --dry-run.
+    let o = pod_at(home.path(), &["start", "--json"]);
+    assert_one_line_error(&o, "--dry-run");
+}
+
+#[test]
+fn a_missing_gpu_backend_is_one_clear_line() {
+    let home = tempfile::tempdir().unwrap();
+    let o = pod_at(
+        home.path(),
+        &[
+            "start",
+            "--profile",
+            "inference",
+            "--device",
+            "rocm",
+            "--dry-run",
+        ],
+    );
+    assert_one_line_error(
+        &o,
+        "--device rocm:0: this pod was built without ROCm support",
+    );
+    if !cfg!(feature = "cuda") {
+        let o = pod_at(
+            home.path(),
+            &[
+                "start",
+                "--profile",
+                "inference",
+                "--device",
+                "cuda",
+                "--dry-run",
+            ],
+        );
+        assert_one_line_error(&o, "without CUDA support");
+    }
+    // HSA_OVERRIDE_GFX_VERSION is passed through and logged.
+    let o = run_bounded(
+        Command::new(env!("CARGO_BIN_EXE_pod"))
+            .arg("--home")
+            .arg(home.path())
+            .args([
+                "start",
+                "--profile",
+                "inference",
+                "--device",
+                "rocm",
+                "--dry-run",
+            ])
+            .env("HSA_OVERRIDE_GFX_VERSION", "9.0.6"),
+        "",
+        Duration::from_secs(60),
+    );
+    assert!(!o.status.success());
+    assert!(
+        stderr(&o).contains("hsa_override_gfx_version=9.0.6"),
+        "{}",
+        stderr(&o)
+    );
+}
+
+#[test]
+fn a_taken_api_port_is_one_clear_line() {
+    let home = tempfile::tempdir().unwrap();
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let o = pod_at(
+        home.path(),
+        &[
+            "start",
+            "--profile",
+            "relay",
+            "--api-port",
+            &port,
+            "--no-mdns",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+        ],
+    );
+    assert_one_line_error(&o, &format!("cannot listen on 127.0.0.1:{port}"));
+    assert_one_line_error(&o, "choose another with --api-port");
+}
+
+#[test]
+fn status_and_stop_without_a_pod_say_so() {
+    let home = tempfile::tempdir().unwrap();
+    for cmd in [
+        &["status"][..],
+        &["status", "--json"],
+        &["stop"],
+        &["peers"],
+    ] {
+        let o = pod_at(home.path(), cmd);
+        assert_one_line_error(&o, "no pod is running");
+    }
+    // A daemon.json left by a pod that died: no process has this pid (above any pid_max).
+    let pid = 1 << 23;
+    std::fs::write(
+        home.path().join("daemon.json"),
+        format!(r#"{{"pid": {pid}, "api": "http://127.0.0.1:9", "peer_id": "12D3KooW"}}"#),
+    )
+    .unwrap();
+    let o = pod_at(home.path(), &["status"]);
+    assert_one_line_error(&o, &format!("no pod is running (process {pid}"));
+    let o = pod_at(home.path(), &["stop"]);
+    assert_one_line_error(&o, "no pod is running");
+    assert!(
+        !home.path().join("daemon.json").exists(),
+        "stop removes a stale daemon.json"
+    );
+}
+
+#[test]
+fn status_chat_and_stop_drive_a_running_pod() {
+    let mut p = PodProcess::start(&["--profile", "inference", "--listen", "/ip4/127.0.0.1/tcp/0"]);
+    let cli = |args: &[&str], input: &str| {
+        run_bounded(
+            pod_command(&p.home).args(["--log", "warn"]).args(args),
+            input,
+            Duration::from_secs(120),
+        )
+    };
+
+    let status = json_of(&cli(&["status", "--json"], ""));
+    assert_eq!(status["running"], true);
+    assert_eq!(status["ready"], true);
+    assert_eq!(status["api"], p.api.as_str());
+    assert_eq!(status["peer_id"], p.peer_id.as_str());
+    assert_eq!(status["pid"], p.child.id());
+    assert_eq!(status["profile"], "inference");
+    assert!(status["uptime_seconds"].is_u64());
+    assert!(!status["device"].as_str().unwrap().is_empty());
+    assert_eq!(status["models"][0]["name"], "smollm2-135m-instruct");
+    assert_eq!(status["models"][0]["local"], true);
+    assert_eq!(status["peers"]["connected"], 0);
+    assert_eq!(status["requests"]["queued"], 0);
+    assert_eq!(status["requests"]["served"], 0);
+    let text = cli(&["status"], "");
+    assert!(text.status.success(), "{}", stderr(&text));
+    assert!(String::from_utf8_lossy(&text.stdout).contains("ready"));
+
+    // A second pod on the same state directory (same identity) is refused.
+    let o = cli(
+        &[
+            "start",
+            "--api-port",
+            "0",
+            "--no-mdns",
+            "--profile",
+            "relay",
+        ],
+        "",
+    );
+    assert_one_line_error(&o, "a pod is already running with the state directory");
+
+    let prompt_tokens = || -> u64 {
+        let status = json_of(&cli(&["status", "--json"], ""));
+        status["tokens"]["prompt"].as_u64().unwrap()
+    };
+    let chat_args = ["chat", "--max-tokens", "12", "--temperature", "0"];
+    // A question, /reset, the same question: the same greedy answer twice, from the same
+    // prompt (whatever the model says, and even if it spans lines).
+    let before = prompt_tokens();
+    let chat = cli(&chat_args, "What is 2 + 2?\n/reset\nWhat is 2 + 2?\n");
+    assert!(chat.status.success(), "{}", stderr(&chat));
+    let out = String::from_utf8_lossy(&chat.stdout).into_owned();
+    let (first, second) = chat.stdout.split_at(chat.stdout.len() / 2);
+    assert!(first.len() > 1, "{out}");
+    assert_eq!(first, second, "{out}");
+    let fresh = prompt_tokens() - before;
+    // Without /reset the second question carries the first and its answer.
+    let before = prompt_tokens();
+    let chat = cli(&chat_args, "What is 2 + 2?\nWhat is 2 + 2?\n");
+    assert!(chat.status.success(), "{}", stderr(&chat));
+    let with_history = prompt_tokens() - before;
+    assert!(
+        with_history > fresh,
+        "{with_history} vs {fresh} prompt tokens"
+    );
+    // /exit ends the conversation before the next line.
+    let chat = cli(&["chat", "--max-tokens", "4"], "/exit\nnever asked\n");
+    assert!(chat.status.success(), "{}", stderr(&chat));
+    assert!(chat.stdout.is_empty());
+    let o = cli(&["chat", "--model", "no-such-model"], "hi\n");
+    assert_one_line_error(&o, "no chat model `no-such-model`");
+
+    let status = json_of(&cli(&["status", "--json"], ""));
+    assert_eq!(status["requests"]["served"], 4, "{status}");
+    assert!(status["tokens"]["completion"].as_u64().unwrap() > 0);
+
+    let stopped = json_of(&cli(&["stop", "--json", "--timeout", "30"], ""));
+    assert_eq!(stopped["stopped"], true);
+    assert_eq!(stopped["pid"], p.child.id());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let exit = loop {
+        if let Some(status) = p.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "pod did not exit:\n{}", p.log());
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(exit.success(), "SIGTERM is a clean stop: {exit}");
+    assert!(!p.home.join("daemon.json").exists());
+    let o = cli(&["status"], "");
+    assert_one_line_error(&o, "no pod is running");
+    let o = cli(&["stop"], "");
+    assert_one_line_error(&o, "no pod is running");
+}
+
+#[test]
+fn a_pod_without_an_api_serves_the_mesh_and_stops() {
+    let home = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let listen = format!("/ip4/127.0.0.1/tcp/{port}");
+    let log = std::fs::File::create(home.path().join("pod.log")).unwrap();
+    let mut child = pod_command(home.path())
+        .args(["start", "--profile", "inference", "--no-api", "--no-mdns"])
+        .args(["--listen", &listen])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let read_log = || std::fs::read_to_string(home.path().join("pod.log")).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !read_log().contains(" ready ") {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "pod exited:\n{}",
+            read_log()
+        );
+        assert!(Instant::now() < deadline, "pod not ready:\n{}", read_log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let daemon: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(home.path().join("daemon.json")).unwrap())
+            .unwrap();
+    assert_eq!(daemon["api"], serde_json::Value::Null);
+
+    let status = json_of(&pod_at(home.path(), &["status", "--json"]));
+    assert_eq!(status["api"], serde_json::Value::Null);
+    assert_eq!(status["pid"], child.id());
+    assert_eq!(status["profile"], "inference");
+    let o = pod_at(home.path(), &["peers"]);
+    assert_one_line_error(&o, "has no HTTP API");
+
+    // Its model still serves peers: chat with it over the mesh.
+    let peer = format!("{listen}/p2p/{}", daemon["peer_id"].as_str().unwrap());
+    let other = tempfile::tempdir().unwrap();
+    let chat = run_bounded(
+        Command::new(env!("CARGO_BIN_EXE_pod"))
+            .arg("--home")
+            .arg(other.path())
+            .args(["chat", "--p2p", "--bootstrap", &peer, "--max-tokens", "8"])
+            .args(["--temperature", "0", "--wait", "30"]),
+        "What is 2 + 2?\n",
+        Duration::from_secs(120),
+    );
+    assert!(chat.status.success(), "{}", stderr(&chat));
+    assert!(!chat.stdout.is_empty());
+
+    let o = pod_at(home.path(), &["stop"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(String::from_utf8_lossy(&o.stdout).starts_with("stopped pod 12D3KooW"));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "pod did not exit:\n{}",
+            read_log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
 }

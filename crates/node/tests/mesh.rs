@@ -43,6 +43,7 @@ fn caps(model: &str) -> Capabilities {
         hardware: Hardware::default(),
         api: None,
         addrs: vec![],
+        files: vec![],
         seq: 0,
     }
 }

@@ -333,3 +333,54 @@ fn pod_infer_p2p_runs_on_a_peer_and_matches_a_local_run() {
         "{err}"
     );
 }
+
+#[test]
+fn models_pull_fetches_from_a_storage_pod_first() {
+    common::model_path(CHAT);
+    let a = PodProcess::start(&[
+        "--profile",
+        "storage",
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--announce-interval",
+        "1",
+    ]);
+    let addr = a.tcp_addr();
+    let empty = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pod"))
+        .arg("--home")
+        .arg(empty.path())
+        .args([
+            "--log",
+            "warn",
+            "models",
+            "pull",
+            CHAT,
+            "--bootstrap",
+            &addr,
+        ])
+        .output()
+        .expect("pod models pull");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains(&format!("98362432 bytes from peer {}", a.peer_id)),
+        "{stdout}"
+    );
+    assert!(stdout.contains("(from peers)"), "{stdout}");
+    let pulled = std::fs::read(empty.path().join("models").join(CHAT).join("model.gguf")).unwrap();
+    let original = std::fs::read(common::model_path(CHAT)).unwrap();
+    assert!(pulled == original, "the pulled file differs");
+    // Pulling again finds it in place.
+    let again = std::process::Command::new(env!("CARGO_BIN_EXE_pod"))
+        .arg("--home")
+        .arg(empty.path())
+        .args(["--log", "warn", "models", "pull", CHAT, "--no-peers"])
+        .output()
+        .expect("pod models pull");
+    assert!(String::from_utf8_lossy(&again.stdout).contains("already here"));
+}

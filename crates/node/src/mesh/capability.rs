@@ -37,6 +37,10 @@ pub struct Capabilities {
     pub api: Option<ApiInfo>,
     /// Multiaddrs it can be dialled at (listen and confirmed external addresses).
     pub addrs: Vec<String>,
+    /// SHA-256 of the model files it serves to peers over `/pod/blob/1.0.0` (storage and full
+    /// profiles).
+    #[serde(default)]
+    pub files: Vec<String>,
     /// Increases with every announcement from one run of a pod; receivers ignore announcements
     /// older than one they already hold.
     pub seq: u64,
@@ -113,6 +117,14 @@ impl Capabilities {
         if self.addrs.len() > MAX_ADDRS {
             return Err(AnnouncementError::OverLimits("too many addresses"));
         }
+        if self.files.len() > MAX_MODELS * 4
+            || self
+                .files
+                .iter()
+                .any(|f| f.len() != 64 || !f.bytes().all(|b| b.is_ascii_hexdigit()))
+        {
+            return Err(AnnouncementError::OverLimits("bad file list"));
+        }
         let long = |s: &str| s.len() > MAX_FIELD_LEN;
         if long(&self.agent) || long(&self.profile) || long(&self.hardware.device) {
             return Err(AnnouncementError::OverLimits("field too long"));
@@ -176,6 +188,7 @@ mod tests {
                 ready: true,
             }),
             addrs: vec!["/ip4/127.0.0.1/tcp/4001".into()],
+            files: vec!["ab".repeat(32)],
             seq: 7,
         }
     }

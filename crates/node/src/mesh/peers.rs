@@ -225,6 +225,7 @@ mod tests {
             hardware: Hardware::default(),
             api: None,
             addrs: vec!["/ip4/127.0.0.1/tcp/4001".into()],
+            files: vec![],
             seq,
         }
     }

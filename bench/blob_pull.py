@@ -1,0 +1,104 @@
+#!/usr/bin/env python3
+r"""Pull throughput of `pod models pull` from 1 and 2 storage pods on 127.0.0.1, against a plain
+copy of the same file on the same disk.
+
+Storage pods serve the shared model store (`--models-dir`); each pull goes into a fresh, empty
+state directory, so every byte crosses the mesh (Noise + Yamux over TCP) and is verified chunk
+by chunk and as a whole. Rounds alternate copy, 1 peer, 2 peers; medians are reported.
+
+  python3 bench/blob_pull.py [--pod target/release/pod] [--rounds 3]
+"""
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from api import free_port  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "smollm2-135m-instruct"
+
+
+def get(port: int, path: str):
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
+        return json.load(r)
+
+
+def storage_pod(pod: str, models_dir: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    home = tempfile.mkdtemp(prefix="pod-bench-")
+    proc = subprocess.Popen([pod, "--home", home, "--models-dir", models_dir, "--log", "warn", "start",
+                             "--profile", "storage", "--api-port", str(port), "--no-mdns",
+                             "--listen", "/ip4/127.0.0.1/tcp/0", "--announce-interval", "1"],
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            if get(port, "/health")["status"] == "ok":
+                node = get(port, "/pod/v1/node")
+                return proc, f"{node['listen_addrs'][0]}/p2p/{node['peer_id']}"
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise SystemExit("storage pod did not start")
+
+
+def pull(pod: str, addrs: list[str]) -> float:
+    home = tempfile.mkdtemp(prefix="pod-bench-pull-")
+    cmd = [pod, "--home", home, "--log", "warn", "models", "pull", MODEL]
+    for a in addrs:
+        cmd += ["--bootstrap", a]
+    t = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    elapsed = time.perf_counter() - t
+    if out.returncode != 0 or "(from peers)" not in out.stdout:
+        raise SystemExit(f"pull failed: {out.stdout}{out.stderr}")
+    shutil.rmtree(home)
+    return elapsed
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--pod", default=str(ROOT / "target" / "release" / "pod"))
+    ap.add_argument("--models-dir", default=str(Path(os.environ.get("POD_HOME", Path.home() / ".cache" / "pod")) / "models"))
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+    source = Path(args.models_dir) / MODEL / "model.gguf"
+    size = source.stat().st_size
+    pods = [storage_pod(args.pod, args.models_dir) for _ in range(2)]
+    try:
+        times = {"copy": [], "1 peer": [], "2 peers": []}
+        for _ in range(args.rounds):
+            dst = Path(tempfile.mkdtemp(prefix="pod-bench-copy-")) / "model.gguf"
+            t = time.perf_counter()
+            shutil.copyfile(source, dst)
+            with open(dst, "rb+") as f:
+                os.fsync(f.fileno())
+            times["copy"].append(time.perf_counter() - t)
+            shutil.rmtree(dst.parent)
+            times["1 peer"].append(pull(args.pod, [pods[0][1]]))
+            times["2 peers"].append(pull(args.pod, [pods[0][1], pods[1][1]]))
+        copy = statistics.median(times["copy"])
+        print(f"{MODEL}: {size / 1e6:.1f} MB, {args.rounds} rounds, medians; pulls include joining the mesh and the final SHA-256 check")
+        print("| method | seconds | MB/s | vs copy |")
+        print("|---|---:|---:|---:|")
+        for k, v in times.items():
+            m = statistics.median(v)
+            print(f"| {k} | {m:.2f} | {size / 1e6 / m:.0f} | {copy / m:.2f} |")
+    finally:
+        for p, _ in pods:
+            p.terminate()
+            p.wait(timeout=20)
+
+
+if __name__ == "__main__":
+    main()
