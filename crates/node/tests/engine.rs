@@ -3,6 +3,8 @@
 
 mod common;
 
+use common::{run, Run};
+
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
@@ -19,49 +21,6 @@ fn chat(text: &str) -> Prompt {
     Prompt::Chat(vec![ChatMessage::new(Role::User, text)])
 }
 
-struct Outcome {
-    text: String,
-    tokens: Vec<u32>,
-    finish: FinishReason,
-    prompt_tokens: usize,
-    completion_tokens: usize,
-}
-
-async fn run(req: GenerateRequest) -> Outcome {
-    let mut rx = common::engine().generate(req).expect("accepted");
-    let mut text = String::new();
-    let mut tokens = Vec::new();
-    loop {
-        let event = timeout(WAIT, rx.recv())
-            .await
-            .expect("engine answered in time")
-            .expect("stream ends with Done");
-        match event {
-            GenerateEvent::Delta {
-                text: t,
-                tokens: ids,
-                ..
-            } => {
-                text.push_str(&t);
-                tokens.extend(ids);
-            }
-            GenerateEvent::Done {
-                finish_reason,
-                usage,
-            } => {
-                return Outcome {
-                    text,
-                    tokens,
-                    finish: finish_reason,
-                    prompt_tokens: usage.prompt_tokens,
-                    completion_tokens: usage.completion_tokens,
-                }
-            }
-            GenerateEvent::Error(e) => panic!("generation failed: {e}"),
-        }
-    }
-}
-
 fn greedy(prompt: &str, max_tokens: usize) -> GenerateRequest {
     GenerateRequest {
         max_tokens: Some(max_tokens),
@@ -72,19 +31,19 @@ fn greedy(prompt: &str, max_tokens: usize) -> GenerateRequest {
 #[tokio::test]
 async fn greedy_answer_is_sensible_and_counted() {
     let out = run(greedy("What is 2 + 2?", 24)).await;
-    assert!(out.text.contains('4'), "{:?}", out.text);
+    assert!(out.text().contains('4'), "{:?}", out.text());
     assert_eq!(out.finish, FinishReason::Stop);
-    assert!(out.prompt_tokens > 10);
-    assert!(out.completion_tokens >= out.tokens.len());
-    assert!(out.completion_tokens <= 24);
+    assert!(out.usage.prompt_tokens > 10);
+    assert!(out.usage.completion_tokens >= out.tokens().len());
+    assert!(out.usage.completion_tokens <= 24);
 }
 
 #[tokio::test]
 async fn max_tokens_ends_with_length() {
     let out = run(greedy("Write a long story about a dragon.", 5)).await;
     assert_eq!(out.finish, FinishReason::Length);
-    assert_eq!(out.completion_tokens, 5);
-    assert_eq!(out.tokens.len(), 5);
+    assert_eq!(out.usage.completion_tokens, 5);
+    assert_eq!(out.tokens().len(), 5);
 }
 
 #[tokio::test]
@@ -92,13 +51,13 @@ async fn stop_sequence_is_never_emitted() {
     let full = run(greedy("Count from 1 to 10, separated by commas.", 40)).await;
     // Stop on a piece of text the unconstrained answer is known to contain.
     let stop = "4";
-    let at = full.text.find(stop).expect("the count reaches 4");
+    let at = full.text().find(stop).expect("the count reaches 4");
     let mut req = greedy("Count from 1 to 10, separated by commas.", 40);
     req.stop = vec![stop.into()];
     let out = run(req).await;
     assert_eq!(out.finish, FinishReason::Stop);
-    assert_eq!(out.text, full.text[..at]);
-    assert!(!out.text.contains(stop));
+    assert_eq!(out.text(), full.text()[..at]);
+    assert!(!out.text().contains(stop));
 }
 
 #[tokio::test]
@@ -114,10 +73,10 @@ async fn same_seed_same_text_and_different_seed_differs() {
     };
     let a = run(sampled(7)).await;
     let b = run(sampled(7)).await;
-    assert_eq!(a.tokens, b.tokens);
+    assert_eq!(a.tokens(), b.tokens());
     let mut differs = false;
     for seed in 8..12 {
-        if run(sampled(seed)).await.tokens != a.tokens {
+        if run(sampled(seed)).await.tokens() != a.tokens() {
             differs = true;
             break;
         }
@@ -135,17 +94,17 @@ async fn concurrent_requests_match_solo_runs() {
     ];
     let mut solo = Vec::new();
     for p in prompts {
-        solo.push(run(greedy(p, 16)).await.tokens);
+        solo.push(run(greedy(p, 16)).await.tokens());
     }
     let together = futures_join(prompts.iter().map(|p| run(greedy(p, 16)))).await;
     for ((p, a), b) in prompts.iter().zip(&solo).zip(&together) {
-        assert_eq!(a, &b.tokens, "{p}: concurrent run differs from solo run");
+        assert_eq!(a, &b.tokens(), "{p}: concurrent run differs from solo run");
     }
 }
 
-async fn futures_join<F: std::future::Future<Output = Outcome> + Send + 'static>(
+async fn futures_join<F: std::future::Future<Output = Run> + Send + 'static>(
     futures: impl Iterator<Item = F>,
-) -> Vec<Outcome> {
+) -> Vec<Run> {
     let handles: Vec<_> = futures.map(tokio::spawn).collect();
     let mut out = Vec::new();
     for h in handles {
@@ -172,7 +131,7 @@ async fn dropping_the_receiver_cancels_within_a_step() {
     }
     // The engine still serves.
     let out = run(greedy("What is the capital of France?", 4)).await;
-    assert_eq!(out.completion_tokens, 4);
+    assert_eq!(out.usage.completion_tokens, 4);
 }
 
 #[tokio::test]
@@ -232,7 +191,7 @@ async fn utf8_output_is_never_split() {
     .await;
     // Every delta was valid UTF-8 by construction (String); check the assembled text decodes
     // the same as a one-shot decode would, i.e. no replacement characters crept in.
-    assert!(!out.text.contains('\u{FFFD}'), "{:?}", out.text);
+    assert!(!out.text().contains('\u{FFFD}'), "{:?}", out.text());
 }
 
 #[tokio::test]

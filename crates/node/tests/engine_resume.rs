@@ -4,41 +4,14 @@
 
 mod common;
 
-use std::time::Duration;
+use common::{run, Run};
 
 use pod_inference::{
-    ChatMessage, EngineError, FinishReason, GenerateEvent, GenerateRequest, Prompt, Resume, Role,
-    SamplingParams, Usage,
+    ChatMessage, EngineError, FinishReason, GenerateRequest, Prompt, Resume, Role, SamplingParams,
 };
 use pod_node::catalogue::DEFAULT_CHAT_MODEL;
-use tokio::time::timeout;
-
-const WAIT: Duration = Duration::from_secs(120);
-
-/// One delta as the client saw it.
-#[derive(Debug, Clone, PartialEq)]
-struct Delta {
-    text: String,
-    tokens: Vec<u32>,
-}
-
-/// A whole stream.
-#[derive(Debug, Clone)]
-struct Run {
-    deltas: Vec<Delta>,
-    finish: FinishReason,
-    usage: Usage,
-}
 
 impl Run {
-    fn text(&self) -> String {
-        self.deltas.iter().map(|d| d.text.as_str()).collect()
-    }
-
-    fn tokens(&self) -> Vec<u32> {
-        self.deltas.iter().flat_map(|d| d.tokens.clone()).collect()
-    }
-
     /// What the client had received when the serving node died right after the `n`th token:
     /// those tokens, and the text of the deltas it got by then. A cut inside a delta (its text
     /// was still held back) leaves that delta out.
@@ -78,31 +51,6 @@ fn greedy(prompt: &str, max_tokens: usize) -> GenerateRequest {
     GenerateRequest {
         max_tokens: Some(max_tokens),
         ..GenerateRequest::new(DEFAULT_CHAT_MODEL, chat(prompt))
-    }
-}
-
-async fn run(req: GenerateRequest) -> Run {
-    let mut rx = common::engine().generate(req).expect("accepted");
-    let mut deltas = Vec::new();
-    loop {
-        let event = timeout(WAIT, rx.recv())
-            .await
-            .expect("engine answered in time")
-            .expect("stream ends with Done");
-        match event {
-            GenerateEvent::Delta { text, tokens, .. } => deltas.push(Delta { text, tokens }),
-            GenerateEvent::Done {
-                finish_reason,
-                usage,
-            } => {
-                return Run {
-                    deltas,
-                    finish: finish_reason,
-                    usage,
-                }
-            }
-            GenerateEvent::Error(e) => panic!("generation failed: {e}"),
-        }
     }
 }
 

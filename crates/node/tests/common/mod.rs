@@ -4,7 +4,10 @@
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use pod_inference::{DeviceSpec, Engine, EngineConfig, EngineHandle};
+use pod_inference::{
+    DeviceSpec, Engine, EngineConfig, EngineHandle, FinishReason, GenerateEvent, GenerateRequest,
+    Usage,
+};
 use pod_node::catalogue::{DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDING_MODEL};
 use pod_node::loader;
 use pod_node::store::ModelStore;
@@ -52,4 +55,56 @@ pub fn fixture(name: &str) -> serde_json::Value {
     let text =
         std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()));
     serde_json::from_str(&text).expect("fixture json")
+}
+
+/// One delta of a completion as a client saw it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delta {
+    pub text: String,
+    pub tokens: Vec<u32>,
+}
+
+/// A whole completion stream.
+#[derive(Debug, Clone)]
+pub struct Run {
+    pub deltas: Vec<Delta>,
+    pub finish: FinishReason,
+    pub usage: Usage,
+}
+
+impl Run {
+    pub fn text(&self) -> String {
+        self.deltas.iter().map(|d| d.text.as_str()).collect()
+    }
+
+    pub fn tokens(&self) -> Vec<u32> {
+        self.deltas.iter().flat_map(|d| d.tokens.clone()).collect()
+    }
+}
+
+/// Runs a request on the shared [`engine`] to its end; panics on an error or after two minutes
+/// without an event.
+pub async fn run(req: GenerateRequest) -> Run {
+    let mut rx = engine().generate(req).expect("accepted");
+    let mut deltas = Vec::new();
+    loop {
+        let event = tokio::time::timeout(std::time::Duration::from_secs(120), rx.recv())
+            .await
+            .expect("engine answered in time")
+            .expect("stream ends with Done");
+        match event {
+            GenerateEvent::Delta { text, tokens, .. } => deltas.push(Delta { text, tokens }),
+            GenerateEvent::Done {
+                finish_reason,
+                usage,
+            } => {
+                return Run {
+                    deltas,
+                    finish: finish_reason,
+                    usage,
+                }
+            }
+            GenerateEvent::Error(e) => panic!("generation failed: {e}"),
+        }
+    }
 }
