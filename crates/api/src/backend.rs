@@ -10,7 +10,8 @@ use pod_inference::{
 };
 use tokio::sync::mpsc;
 
-use crate::node::{NodeView, PeerView, ReceiptsView};
+use crate::metrics::BlobTotals;
+use crate::node::{FileList, NodeView, PeerView, ReceiptsView};
 
 /// A model as the API lists it.
 #[derive(Debug, Clone, PartialEq)]
@@ -69,6 +70,15 @@ pub trait Backend: Send + Sync + 'static {
     }
     /// The receipt ledger's totals per peer; `None` when there is no mesh.
     fn receipts(&self) -> impl Future<Output = Option<ReceiptsView>> + Send {
+        async { None }
+    }
+    /// Model-file transfers with peers, for `/metrics`; `None` when there is no mesh.
+    fn blob_totals(&self) -> Option<BlobTotals> {
+        None
+    }
+    /// The model files this node serves to peers, as `/pod/v1/files` shows them; `None` when
+    /// there is no mesh.
+    fn files(&self) -> impl Future<Output = Option<FileList>> + Send {
         async { None }
     }
 }

@@ -30,7 +30,7 @@ use tower_http::trace::TraceLayer;
 pub use auth::ApiKeys;
 pub use backend::{Backend, Embeddings, Generation, LocalBackend, ModelEntry};
 pub use error::ApiError;
-pub use metrics::Metrics;
+pub use metrics::{BlobTotals, Metrics};
 pub use routes::paths;
 pub use routes::ApiDoc;
 

@@ -1,13 +1,16 @@
-//! Prometheus metrics: requests by route and status, tokens, latency histograms, load.
+//! Prometheus metrics: requests by route and status, tokens, latency histograms, load, and
+//! the model-file transfers of `/pod/blob/1.0.0`.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use axum::extract::{MatchedPath, Request, State};
 use axum::middleware::Next;
 use axum::response::Response;
-use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::{ConstCounter, Counter};
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
@@ -38,6 +41,64 @@ pub struct Metrics {
     queued: Gauge,
     active: Gauge,
     models: Gauge,
+    blob: Arc<BlobCollector>,
+}
+
+/// Totals of the model-file transfers (`/pod/blob/1.0.0`) since the node started, as the
+/// backend counts them.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BlobTotals {
+    /// Bytes of chunks sent to peers.
+    pub bytes_served: u64,
+    /// Bytes of verified chunks received from peers.
+    pub bytes_fetched: u64,
+    /// Requests of peers that were refused (unknown file, bad range, malformed, limits).
+    pub requests_refused: u64,
+    /// Chunks received from peers that failed verification.
+    pub chunks_corrupt: u64,
+}
+
+/// The blob totals as last read from the backend; encoded as counters on each scrape. The
+/// backend owns the real counters, so these are copies, never incremented here.
+#[derive(Debug, Default)]
+struct BlobCollector {
+    bytes_served: AtomicU64,
+    bytes_fetched: AtomicU64,
+    requests_refused: AtomicU64,
+    chunks_corrupt: AtomicU64,
+}
+
+impl Collector for BlobCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), fmt::Error> {
+        let counters = [
+            (
+                "blob_bytes_served",
+                "Bytes of model-file chunks sent to peers",
+                &self.bytes_served,
+            ),
+            (
+                "blob_bytes_fetched",
+                "Bytes of verified model-file chunks received from peers",
+                &self.bytes_fetched,
+            ),
+            (
+                "blob_requests_refused",
+                "Model-file requests of peers refused: unknown file, bad range, malformed, limits",
+                &self.requests_refused,
+            ),
+            (
+                "blob_chunks_corrupt",
+                "Model-file chunks received from peers that failed verification",
+                &self.chunks_corrupt,
+            ),
+        ];
+        for (name, help, value) in counters {
+            let counter = ConstCounter::new(value.load(Ordering::Relaxed));
+            let metric = encoder.encode_descriptor(name, help, None, counter.metric_type())?;
+            counter.encode(metric)?;
+        }
+        Ok(())
+    }
 }
 
 impl fmt::Debug for Metrics {
@@ -104,6 +165,8 @@ impl Metrics {
             "Models loaded on this node",
             models.clone(),
         );
+        let blob = Arc::new(BlobCollector::default());
+        registry.register_collector(Box::new(Arc::clone(&blob)));
         Self {
             registry,
             http,
@@ -114,7 +177,20 @@ impl Metrics {
             queued,
             active,
             models,
+            blob,
         }
+    }
+
+    /// Takes the backend's blob transfer totals, exposed as `pod_blob_*_total` counters.
+    pub fn blob_totals(&self, totals: BlobTotals) {
+        let b = &self.blob;
+        b.bytes_served.store(totals.bytes_served, Ordering::Relaxed);
+        b.bytes_fetched
+            .store(totals.bytes_fetched, Ordering::Relaxed);
+        b.requests_refused
+            .store(totals.requests_refused, Ordering::Relaxed);
+        b.chunks_corrupt
+            .store(totals.chunks_corrupt, Ordering::Relaxed);
     }
 
     /// Records a finished completion's token counts.
@@ -175,4 +251,35 @@ pub async fn track<B: Backend>(
         })
         .inc();
     res
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blob_totals_render_as_prefixed_counters() {
+        let m = Metrics::new();
+        let text = m.render(0, 0, 0);
+        assert!(text.contains("pod_blob_bytes_served_total 0"), "{text}");
+        m.blob_totals(BlobTotals {
+            bytes_served: 7,
+            bytes_fetched: 11,
+            requests_refused: 2,
+            chunks_corrupt: 3,
+        });
+        let text = m.render(0, 0, 0);
+        for line in [
+            "# TYPE pod_blob_bytes_served counter",
+            "pod_blob_bytes_served_total 7",
+            "pod_blob_bytes_fetched_total 11",
+            "pod_blob_requests_refused_total 2",
+            "pod_blob_chunks_corrupt_total 3",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "{line} missing from:\n{text}"
+            );
+        }
+    }
 }

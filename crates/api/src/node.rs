@@ -1,4 +1,5 @@
-//! The node's own routes under `/pod/v1`: this node and the peers it knows.
+//! The node's own routes under `/pod/v1`: this node, the peers it knows, the work exchanged
+//! with them and the model files it serves.
 
 use pod_inference::ModelInfo;
 use serde::{Deserialize, Serialize};
@@ -110,4 +111,32 @@ pub struct WorkTotals {
     pub prompt_tokens: u64,
     /// Tokens generated.
     pub completion_tokens: u64,
+}
+
+/// `GET /pod/v1/files`: the model files this node serves to peers over `/pod/blob/1.0.0`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct FileList {
+    /// Always `list`.
+    pub object: String,
+    /// Whether this node serves model files at all (the `storage` and `full` profiles).
+    pub serving: bool,
+    /// The files served, sorted by model and file name; empty when `serving` is false.
+    pub data: Vec<FileView>,
+}
+
+/// One served file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct FileView {
+    /// The catalogue model the file belongs to.
+    pub model: String,
+    /// The file's name in the model's directory.
+    pub file: String,
+    /// SHA-256 of the file, lowercase hex: its name on the mesh.
+    pub sha256: String,
+    /// Size in bytes.
+    pub size: u64,
+    /// Distinct peers this node sent chunks of the file to since it started.
+    pub peers_served: usize,
+    /// Bytes of the file sent to peers since the node started.
+    pub bytes_served: u64,
 }

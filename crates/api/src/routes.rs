@@ -45,6 +45,8 @@ pub mod paths {
     pub const PEERS: &str = "/pod/v1/peers";
     /// Work exchanged with peers, from signed receipts.
     pub const RECEIPTS: &str = "/pod/v1/receipts";
+    /// The model files this node serves to peers.
+    pub const FILES: &str = "/pod/v1/files";
 }
 
 /// JSON body extractor whose rejections are OpenAI-shaped errors.
@@ -73,6 +75,7 @@ impl<T: serde::Serialize> IntoResponse for ApiJson<T> {
         node::node,
         node::peers,
         node::receipts,
+        node::files,
     ),
     components(schemas(
         openai::ChatCompletionRequest,
@@ -92,6 +95,8 @@ impl<T: serde::Serialize> IntoResponse for ApiJson<T> {
         crate::node::ReceiptsView,
         crate::node::PeerWork,
         crate::node::WorkTotals,
+        crate::node::FileList,
+        crate::node::FileView,
     ))
 )]
 pub struct ApiDoc;
@@ -109,6 +114,7 @@ pub(crate) fn routes<B: Backend>(state: Arc<AppState<B>>) -> Router {
         .route(paths::NODE, get(node::node::<B>))
         .route(paths::PEERS, get(node::peers::<B>))
         .route(paths::RECEIPTS, get(node::receipts::<B>))
+        .route(paths::FILES, get(node::files::<B>))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)

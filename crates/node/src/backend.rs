@@ -6,10 +6,13 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
-use pod_api::node::{NodeView, PeerLoad, PeerView, PeerWork, ReceiptsView, WorkTotals};
-use pod_api::{Backend, Embeddings, Generation, LocalBackend, ModelEntry};
+use pod_api::node::{
+    FileList, FileView, NodeView, PeerLoad, PeerView, PeerWork, ReceiptsView, WorkTotals,
+};
+use pod_api::{Backend, BlobTotals, Embeddings, Generation, LocalBackend, ModelEntry};
 use pod_inference::{EmbedRequest, EngineError, GenerateRequest};
 
+use crate::blob::{BlobServer, BlobStats};
 use crate::infer::client::{ClientConfig, InferClient, Providers};
 use crate::mesh::{self, PeerSnapshot};
 use crate::profile::Profile;
@@ -41,6 +44,8 @@ pub struct NodeBackend {
     infer: InferClient,
     route: Route,
     ledger: Option<Arc<Ledger>>,
+    blob_stats: Arc<BlobStats>,
+    blobs: Option<Arc<BlobServer>>,
 }
 
 impl NodeBackend {
@@ -74,7 +79,22 @@ impl NodeBackend {
             infer,
             route,
             ledger,
+            blob_stats: Arc::default(),
+            blobs: None,
         }
+    }
+
+    /// Counts model-file transfers in `stats` and lists the files `server` serves (`None`:
+    /// this node serves none).
+    pub fn with_blobs(mut self, stats: Arc<BlobStats>, server: Option<Arc<BlobServer>>) -> Self {
+        self.blob_stats = stats;
+        self.blobs = server;
+        self
+    }
+
+    /// The counters of model-file transfers.
+    pub fn blob_stats(&self) -> &Arc<BlobStats> {
+        &self.blob_stats
     }
 
     /// The local engine's backend.
@@ -238,6 +258,38 @@ impl Backend for NodeBackend {
     async fn peers(&self) -> Option<Vec<PeerView>> {
         let peers = self.mesh.peers().await.ok()?;
         Some(peers.into_iter().map(peer_view).collect())
+    }
+
+    fn blob_totals(&self) -> Option<BlobTotals> {
+        use std::sync::atomic::Ordering::Relaxed;
+        let s = &self.blob_stats;
+        Some(BlobTotals {
+            bytes_served: s.bytes_served.load(Relaxed),
+            bytes_fetched: s.bytes_fetched.load(Relaxed),
+            requests_refused: s.refused.load(Relaxed),
+            chunks_corrupt: s.chunks_corrupt.load(Relaxed),
+        })
+    }
+
+    async fn files(&self) -> Option<FileList> {
+        let data = self.blobs.as_ref().map(|b| {
+            b.served()
+                .into_iter()
+                .map(|f| FileView {
+                    model: f.model,
+                    file: f.file,
+                    sha256: f.sha256,
+                    size: f.size,
+                    peers_served: f.peers_served,
+                    bytes_served: f.bytes_served,
+                })
+                .collect()
+        });
+        Some(FileList {
+            object: "list".into(),
+            serving: data.is_some(),
+            data: data.unwrap_or_default(),
+        })
     }
 }
 

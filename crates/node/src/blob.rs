@@ -12,7 +12,7 @@
 //! `Chunks` reply as raw length-prefixed frames. Requests name files only by hash, so a peer can
 //! never reach a path: the server looks the hash up in its own index of verified store files.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -141,8 +141,13 @@ pub enum BlobReply {
 /// A file this node serves.
 #[derive(Debug, Clone)]
 struct Served {
+    model: &'static str,
+    file: &'static str,
     path: PathBuf,
     manifest: Option<Arc<Manifest>>,
+    /// Peers that were sent chunks of it.
+    served_to: HashSet<PeerId>,
+    bytes_served: u64,
 }
 
 /// Counters of blob serving and fetching.
@@ -154,18 +159,45 @@ pub struct BlobStats {
     pub bytes_fetched: AtomicU64,
     /// Requests refused (unknown file, bad range, limits).
     pub refused: AtomicU64,
+    /// Chunks received that failed verification.
+    pub chunks_corrupt: AtomicU64,
     /// Streams being served now.
     pub active: AtomicU64,
+}
+
+/// One served file as `pod models list` and `/pod/v1/files` show it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ServedFile {
+    /// The catalogue model it belongs to.
+    pub model: String,
+    /// Its name in the model's directory.
+    pub file: String,
+    /// Its SHA-256.
+    pub sha256: String,
+    /// Its size in bytes.
+    pub size: u64,
+    /// Distinct peers sent chunks of it since the server started.
+    pub peers_served: usize,
+    /// Bytes of it sent since the server started.
+    pub bytes_served: u64,
+}
+
+/// What one peer is doing with this server: open streams, and when its next byte may go out
+/// under the bandwidth limit.
+#[derive(Debug)]
+struct PeerUse {
+    streams: usize,
+    next_send: Instant,
 }
 
 /// Serves the verified files of a model store to peers, read-only.
 #[derive(Debug)]
 pub struct BlobServer {
     files: Mutex<HashMap<String, Served>>,
-    per_peer: Mutex<HashMap<PeerId, usize>>,
+    per_peer: Mutex<HashMap<PeerId, PeerUse>>,
     max_streams_per_peer: usize,
-    bytes_per_sec_per_stream: u64,
-    stats: BlobStats,
+    bytes_per_sec_per_peer: u64,
+    stats: Arc<BlobStats>,
 }
 
 impl BlobServer {
@@ -175,34 +207,50 @@ impl BlobServer {
         Self::with_limits(store, 4, 0)
     }
 
-    /// A server with limits: streams per peer, and bytes per second per stream (0: none).
+    /// A server with limits: streams per peer, and bytes per second per peer over all of its
+    /// streams (0: none).
     pub fn with_limits(
         store: &ModelStore,
         streams_per_peer: usize,
         bytes_per_sec: u64,
     ) -> Arc<Self> {
-        let mut files = HashMap::new();
+        let server = Arc::new(Self {
+            files: Mutex::new(HashMap::new()),
+            per_peer: Mutex::new(HashMap::new()),
+            max_streams_per_peer: streams_per_peer,
+            bytes_per_sec_per_peer: bytes_per_sec,
+            stats: Arc::new(BlobStats::default()),
+        });
+        server.add_present(store);
+        server
+    }
+
+    /// Starts serving the verified files of catalogued models that arrived in `store` since
+    /// (a model pulled while the node runs); returns how many files were added.
+    pub fn add_present(&self, store: &ModelStore) -> usize {
+        let Ok(mut files) = self.files.lock() else {
+            return 0;
+        };
+        let mut added = 0;
         for entry in CATALOGUE {
             if !store.is_present(entry) {
                 continue;
             }
             for f in entry.files {
-                files.insert(
-                    f.sha256.to_owned(),
+                files.entry(f.sha256.to_owned()).or_insert_with(|| {
+                    added += 1;
                     Served {
+                        model: entry.name,
+                        file: f.name,
                         path: store.model_dir(entry.name).join(f.name),
                         manifest: None,
-                    },
-                );
+                        served_to: HashSet::new(),
+                        bytes_served: 0,
+                    }
+                });
             }
         }
-        Arc::new(Self {
-            files: Mutex::new(files),
-            per_peer: Mutex::new(HashMap::new()),
-            max_streams_per_peer: streams_per_peer,
-            bytes_per_sec_per_stream: bytes_per_sec,
-            stats: BlobStats::default(),
-        })
+        added
     }
 
     /// SHA-256 and size of every file served.
@@ -216,9 +264,59 @@ impl BlobServer {
             .collect()
     }
 
-    /// The counters.
-    pub fn stats(&self) -> &BlobStats {
+    /// Every file served with how much of it went to how many peers, by model and file name.
+    pub fn served(&self) -> Vec<ServedFile> {
+        let Ok(files) = self.files.lock() else {
+            return Vec::new();
+        };
+        let mut out: Vec<ServedFile> = files
+            .iter()
+            .map(|(sha, s)| ServedFile {
+                model: s.model.to_owned(),
+                file: s.file.to_owned(),
+                sha256: sha.clone(),
+                size: std::fs::metadata(&s.path).map_or(0, |m| m.len()),
+                peers_served: s.served_to.len(),
+                bytes_served: s.bytes_served,
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.model, &a.file).cmp(&(&b.model, &b.file)));
+        out
+    }
+
+    /// The counters; share them with [`fetch`] to count both directions in one place.
+    pub fn stats(&self) -> &Arc<BlobStats> {
         &self.stats
+    }
+
+    /// Records `bytes` of `sha256` sent to `peer`.
+    fn record_sent(&self, peer: PeerId, sha256: &str, bytes: u64) {
+        self.stats.bytes_served.fetch_add(bytes, Ordering::Relaxed);
+        if let Ok(mut files) = self.files.lock() {
+            if let Some(s) = files.get_mut(sha256) {
+                s.served_to.insert(peer);
+                s.bytes_served += bytes;
+            }
+        }
+    }
+
+    /// How long to wait before sending `bytes` more to `peer` under the per-peer bandwidth
+    /// limit; reserves the slot.
+    fn pace(&self, peer: PeerId, bytes: u64) -> Duration {
+        if self.bytes_per_sec_per_peer == 0 {
+            return Duration::ZERO;
+        }
+        let Ok(mut per_peer) = self.per_peer.lock() else {
+            return Duration::ZERO;
+        };
+        let now = Instant::now();
+        let Some(p) = per_peer.get_mut(&peer) else {
+            return Duration::ZERO;
+        };
+        let start = p.next_send.max(now);
+        p.next_send =
+            start + Duration::from_secs_f64(bytes as f64 / self.bytes_per_sec_per_peer as f64);
+        start - now
     }
 
     /// The manifest of a served file, computed on first use.
@@ -262,11 +360,17 @@ impl BlobServer {
 
     async fn handle(&self, peer: PeerId, stream: libp2p::Stream) {
         let admitted = self.per_peer.lock().is_ok_and(|mut m| {
-            let n = m.entry(peer).or_default();
-            if *n >= self.max_streams_per_peer {
+            let now = Instant::now();
+            // Forget idle peers whose pacing no longer holds anything back.
+            m.retain(|_, p| p.streams > 0 || p.next_send > now);
+            let p = m.entry(peer).or_insert(PeerUse {
+                streams: 0,
+                next_send: now,
+            });
+            if p.streams >= self.max_streams_per_peer {
                 false
             } else {
-                *n += 1;
+                p.streams += 1;
                 true
             }
         });
@@ -278,7 +382,7 @@ impl BlobServer {
             return;
         }
         self.stats.active.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = self.serve(&mut rd, &mut wr).await {
+        if let Err(e) = self.serve(peer, &mut rd, &mut wr).await {
             self.stats.refused.fetch_add(1, Ordering::Relaxed);
             tracing::debug!(%peer, error = %e, "blob request refused");
             let _ = write_frame(&mut wr, &BlobReply::Error(e)).await;
@@ -286,13 +390,13 @@ impl BlobServer {
         let _ = wr.close().await;
         self.stats.active.fetch_sub(1, Ordering::Relaxed);
         if let Ok(mut m) = self.per_peer.lock() {
-            if let Some(n) = m.get_mut(&peer) {
-                *n = n.saturating_sub(1);
+            if let Some(p) = m.get_mut(&peer) {
+                p.streams = p.streams.saturating_sub(1);
             }
         }
     }
 
-    async fn serve<R, W>(&self, rd: &mut R, wr: &mut W) -> Result<(), String>
+    async fn serve<R, W>(&self, peer: PeerId, rd: &mut R, wr: &mut W) -> Result<(), String>
     where
         R: futures::AsyncRead + Unpin,
         W: futures::AsyncWrite + Unpin,
@@ -327,8 +431,6 @@ impl BlobServer {
                 write_frame(wr, &BlobReply::Chunks)
                     .await
                     .map_err(|e| e.to_string())?;
-                let started = Instant::now();
-                let mut sent = 0u64;
                 for index in first..first + count {
                     let len = manifest.chunk_len(index as usize);
                     let offset = index as u64 * manifest.chunk_size;
@@ -337,22 +439,15 @@ impl BlobServer {
                         .await
                         .map_err(|e| e.to_string())?
                         .map_err(|e| e.to_string())?;
+                    let wait = self.pace(peer, data.len() as u64);
+                    if !wait.is_zero() {
+                        tokio::time::sleep(wait).await;
+                    }
                     let mut frame = Vec::with_capacity(4 + data.len());
                     frame.extend_from_slice(&(data.len() as u32).to_be_bytes());
                     frame.extend_from_slice(&data);
                     wr.write_all(&frame).await.map_err(|e| e.to_string())?;
-                    sent += data.len() as u64;
-                    self.stats
-                        .bytes_served
-                        .fetch_add(data.len() as u64, Ordering::Relaxed);
-                    if self.bytes_per_sec_per_stream > 0 {
-                        let due = Duration::from_secs_f64(
-                            sent as f64 / self.bytes_per_sec_per_stream as f64,
-                        );
-                        if let Some(wait) = due.checked_sub(started.elapsed()) {
-                            tokio::time::sleep(wait).await;
-                        }
-                    }
+                    self.record_sent(peer, &sha256, data.len() as u64);
                 }
                 wr.flush().await.map_err(|e| e.to_string())
             }
@@ -684,6 +779,9 @@ impl Worker {
                 Err(_) => return Err(fail(k, "chunk not received in time".into())),
             };
             if hex::encode(Sha256::digest(&data)) != self.manifest.chunks[index] {
+                if let Some(s) = &self.stats {
+                    s.chunks_corrupt.fetch_add(1, Ordering::Relaxed);
+                }
                 out.strikes += 1;
                 rejected.push(index);
                 continue;
@@ -787,6 +885,7 @@ pub async fn pull_via_mesh(
     entry: &crate::catalogue::CatalogueEntry,
     mesh: &crate::mesh::Client,
     wait: Duration,
+    stats: Option<Arc<BlobStats>>,
 ) -> Result<Option<Vec<PulledFile>>, FetchError> {
     let missing: Vec<_> = entry
         .files
@@ -820,7 +919,7 @@ pub async fn pull_via_mesh(
             file.sha256,
             file.size,
             &partial,
-            None,
+            stats.clone(),
         )
         .await?;
         store

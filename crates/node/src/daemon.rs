@@ -13,7 +13,8 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::backend::{NodeBackend, Route, ANNOUNCE_REFRESH};
-use crate::blob::BlobServer;
+use crate::blob::{self, BlobServer, BlobStats};
+use crate::catalogue;
 use crate::identity::Identity;
 use crate::infer::server::{InferServer, ServerConfig};
 use crate::loader::{self, ResolveError};
@@ -281,30 +282,30 @@ pub async fn run(store: ModelStore, opts: StartOptions) -> Result<(), DaemonErro
         },
     );
     tokio::spawn(server.run(mesh.streams()));
+    // Storage and full profiles serve their verified model files to peers.
+    let blobs = opts.profile.serves_files().then(|| BlobServer::new(&store));
+    let blob_stats = blobs
+        .as_ref()
+        .map_or_else(|| Arc::new(BlobStats::default()), |b| Arc::clone(b.stats()));
+    if let Some(blobs) = &blobs {
+        tracing::info!(files = blobs.files().len(), "serving model files to peers");
+        tokio::spawn(Arc::clone(blobs).run(mesh.streams()));
+    }
     let backend = NodeBackend::new(
         local_backend.clone(),
         mesh.clone(),
         opts.profile,
         ledger,
         opts.route,
-    );
-    // Storage and full profiles serve their verified model files to peers.
-    let files = if opts.profile.serves_files() {
-        let blobs = BlobServer::new(&store);
-        let files: Vec<String> = blobs.files().into_iter().map(|(sha, _)| sha).collect();
-        tracing::info!(files = files.len(), "serving model files to peers");
-        tokio::spawn(blobs.run(mesh.streams()));
-        files
-    } else {
-        Vec::new()
-    };
+    )
+    .with_blobs(Arc::clone(&blob_stats), blobs.clone());
     let announcer = tokio::spawn(announce(
         mesh.clone(),
         engine.clone(),
         local_backend.clone(),
         opts.profile,
         (opts.device_name.clone(), opts.api),
-        files,
+        blobs.clone(),
     ));
 
     let state = AppState::new(
@@ -388,23 +389,32 @@ pub async fn run(store: ModelStore, opts: StartOptions) -> Result<(), DaemonErro
             let engine = engine.clone();
             let device = opts.device;
             let pull = opts.pull;
-            tokio::task::spawn_blocking(move || -> Result<(), DaemonError> {
-                for name in models {
-                    let resolved = loader::resolve(&store, &name, pull).map_err(|source| {
-                        DaemonError::Load {
-                            model: name.clone(),
-                            source: Box::new(source),
-                        }
-                    })?;
-                    loader::load_into(&engine, &resolved, device).map_err(|source| {
-                        DaemonError::Load {
-                            model: name.clone(),
-                            source: Box::new(source),
-                        }
-                    })?;
+            let mesh = mesh.clone();
+            let stats = Arc::clone(&blob_stats);
+            let blobs = blobs.clone();
+            async move {
+                if pull {
+                    pull_from_peers(&store, &models, &mesh, stats, blobs.as_deref()).await;
                 }
-                Ok(())
-            })
+                tokio::task::spawn_blocking(move || -> Result<(), DaemonError> {
+                    for name in models {
+                        let resolved = loader::resolve(&store, &name, pull).map_err(|source| {
+                            DaemonError::Load {
+                                model: name.clone(),
+                                source: Box::new(source),
+                            }
+                        })?;
+                        loader::load_into(&engine, &resolved, device).map_err(|source| {
+                            DaemonError::Load {
+                                model: name.clone(),
+                                source: Box::new(source),
+                            }
+                        })?;
+                    }
+                    Ok(())
+                })
+                .await
+            }
         };
         tokio::select! {
             loaded = load => {
@@ -524,14 +534,61 @@ fn client_addr(local: SocketAddr) -> SocketAddr {
     }
 }
 
-/// Keeps the node's capability announcement current: models, load, API readiness.
+/// How long a starting node waits to hear of pods serving the files of a missing model before
+/// it downloads the model from its sources.
+const PEER_PULL_WAIT: Duration = Duration::from_secs(3);
+
+/// Pulls the missing catalogued models among `models` from pods of the mesh that serve them;
+/// what cannot be had from peers is left for the catalogue's sources. Pulled files are served
+/// on by `blobs`.
+async fn pull_from_peers(
+    store: &ModelStore,
+    models: &[String],
+    mesh: &mesh::Client,
+    stats: Arc<BlobStats>,
+    blobs: Option<&BlobServer>,
+) {
+    for name in models {
+        let Some(entry) = catalogue::find(name) else {
+            continue;
+        };
+        if store.is_present(entry) {
+            continue;
+        }
+        match blob::pull_via_mesh(store, entry, mesh, PEER_PULL_WAIT, Some(Arc::clone(&stats)))
+            .await
+        {
+            Ok(Some(files)) => {
+                for f in &files {
+                    tracing::info!(
+                        model = %name,
+                        file = %f.file,
+                        peers = f.report.bytes_from.len(),
+                        resumed_chunks = f.report.chunks_reused,
+                        "pulled from peers"
+                    );
+                }
+                if let Some(blobs) = blobs {
+                    blobs.add_present(store);
+                }
+            }
+            Ok(None) => tracing::info!(model = %name, "no peer serves it; using its sources"),
+            Err(e) => {
+                tracing::warn!(model = %name, error = %e, "pulling from peers failed; using its sources");
+            }
+        }
+    }
+}
+
+/// Keeps the node's capability announcement current: models, load, API readiness, and the
+/// files it serves.
 async fn announce(
     mesh: mesh::Client,
     engine: EngineHandle,
     api: LocalBackend,
     profile: Profile,
     (device, http_api): (String, bool),
-    files: Vec<String>,
+    blobs: Option<Arc<BlobServer>>,
 ) {
     use pod_api::Backend as _;
     let hardware = Hardware {
@@ -560,7 +617,10 @@ async fn announce(
                 ready: api.is_ready(),
             }),
             addrs: Vec::new(),
-            files: files.clone(),
+            files: blobs
+                .as_ref()
+                .map(|b| b.files().into_iter().map(|(sha, _)| sha).collect())
+                .unwrap_or_default(),
             seq: 0,
         };
         if mesh.announce(caps).await.is_err() {

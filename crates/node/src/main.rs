@@ -335,7 +335,9 @@ struct BenchArgs {
 
 #[derive(Debug, Subcommand)]
 enum ModelsCommand {
-    /// Show the catalogue and which models are downloaded.
+    /// Show the catalogue, which models are downloaded and, when the node running with this
+    /// state directory serves model files (storage and full profiles), which ones it serves
+    /// and to how many peers.
     List {
         /// Print JSON instead of a table.
         #[arg(long)]
@@ -1829,6 +1831,16 @@ async fn chat_on_mesh(
 fn models(home: &Path, store: &ModelStore, cmd: ModelsCommand) -> Result<()> {
     match cmd {
         ModelsCommand::List { json } => {
+            let served = served_files(home);
+            // Per model: whether the running node serves every file of it, and to how many
+            // peers (the most of any one of its files).
+            let serving = |e: &catalogue::CatalogueEntry| -> Option<u64> {
+                let served = served.as_ref()?;
+                e.files
+                    .iter()
+                    .map(|f| served.get(f.sha256).copied())
+                    .try_fold(0, |most, peers| Some(most.max(peers?)))
+            };
             let rows: Vec<serde_json::Value> = CATALOGUE
                 .iter()
                 .map(|e| {
@@ -1840,6 +1852,8 @@ fn models(home: &Path, store: &ModelStore, cmd: ModelsCommand) -> Result<()> {
                         },
                         "size": e.size(),
                         "downloaded": store.is_present(e),
+                        "serving": serving(e).is_some(),
+                        "peers_served": serving(e).unwrap_or(0),
                         "path": store.model_dir(e.name),
                         "license": e.license,
                         "description": e.description,
@@ -1850,12 +1864,12 @@ fn models(home: &Path, store: &ModelStore, cmd: ModelsCommand) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
                 println!(
-                    "{:<24} {:<10} {:>9}  {:<10} DESCRIPTION",
-                    "NAME", "KIND", "SIZE", "STATUS"
+                    "{:<24} {:<10} {:>9}  {:<10} {:<14} DESCRIPTION",
+                    "NAME", "KIND", "SIZE", "STATUS", "SERVED"
                 );
                 for e in CATALOGUE {
                     println!(
-                        "{:<24} {:<10} {:>7} MB  {:<10} {}",
+                        "{:<24} {:<10} {:>7} MB  {:<10} {:<14} {}",
                         e.name,
                         match e.format {
                             ModelFormat::Gguf => "chat",
@@ -1863,6 +1877,11 @@ fn models(home: &Path, store: &ModelStore, cmd: ModelsCommand) -> Result<()> {
                         },
                         e.size() / 1_000_000,
                         if store.is_present(e) { "pulled" } else { "-" },
+                        match serving(e) {
+                            Some(1) => "to 1 peer".to_owned(),
+                            Some(n) => format!("to {n} peers"),
+                            None => "-".to_owned(),
+                        },
                         e.description
                     );
                 }
@@ -1905,6 +1924,7 @@ fn models(home: &Path, store: &ModelStore, cmd: ModelsCommand) -> Result<()> {
                             entry,
                             backend.mesh(),
                             wait,
+                            None,
                         )) {
                             Ok(Some(files)) => {
                                 for f in &files {
@@ -1954,6 +1974,33 @@ fn models(home: &Path, store: &ModelStore, cmd: ModelsCommand) -> Result<()> {
             }
         }
     }
+}
+
+/// The files the node running with this state directory serves to peers, by SHA-256, with
+/// the number of peers each was sent to; `None` when no node runs here, it has no API, or it
+/// serves no files (not the `storage` or `full` profile).
+fn served_files(home: &Path) -> Option<std::collections::HashMap<String, u64>> {
+    let daemon = DaemonFile::read(home).filter(|d| d.liveness() == Liveness::Running)?;
+    let key = std::env::var("POD_API_KEY").ok();
+    let body = Api::new(daemon.api.as_deref()?, key)
+        .get_json(pod_api::paths::FILES)
+        .map_err(|e| tracing::debug!(error = %e, "cannot ask the running node what it serves"))
+        .ok()?;
+    if body["serving"] != serde_json::Value::Bool(true) {
+        return None;
+    }
+    Some(
+        body["data"]
+            .as_array()?
+            .iter()
+            .filter_map(|f| {
+                Some((
+                    f["sha256"].as_str()?.to_owned(),
+                    f["peers_served"].as_u64()?,
+                ))
+            })
+            .collect(),
+    )
 }
 
 fn infer(home: &Path, store: &ModelStore, args: InferArgs) -> Result<()> {

@@ -1,4 +1,4 @@
-//! `/pod/v1/node` and `/pod/v1/peers`.
+//! `/pod/v1/node`, `/pod/v1/peers`, `/pod/v1/receipts` and `/pod/v1/files`.
 
 use std::sync::Arc;
 
@@ -6,7 +6,7 @@ use axum::extract::State;
 use axum::Json;
 
 use crate::error::ApiError;
-use crate::node::{NodeView, PeerList, ReceiptsView};
+use crate::node::{FileList, NodeView, PeerList, ReceiptsView};
 use crate::{AppState, Backend};
 
 /// This node: PeerId, listen and external addresses, NAT status, profile.
@@ -51,6 +51,22 @@ pub(crate) async fn receipts<B: Backend>(
     state
         .backend
         .receipts()
+        .await
+        .map(Json)
+        .ok_or_else(ApiError::no_mesh)
+}
+
+/// The model files this node serves to peers, with how many peers each was sent to.
+#[utoipa::path(get, path = "/pod/v1/files", responses(
+    (status = 200, body = FileList),
+    (status = 404, description = "This node runs without a mesh"),
+))]
+pub(crate) async fn files<B: Backend>(
+    State(state): State<Arc<AppState<B>>>,
+) -> Result<Json<FileList>, ApiError> {
+    state
+        .backend
+        .files()
         .await
         .map(Json)
         .ok_or_else(ApiError::no_mesh)

@@ -41,6 +41,9 @@ pub(crate) async fn health<B: Backend>(State(state): State<Arc<AppState<B>>>) ->
 pub(crate) async fn metrics<B: Backend>(State(state): State<Arc<AppState<B>>>) -> Response {
     let (queued, active) = state.backend.load();
     let models = state.backend.models().len();
+    if let Some(totals) = state.backend.blob_totals() {
+        state.metrics.blob_totals(totals);
+    }
     (
         [(
             header::CONTENT_TYPE,

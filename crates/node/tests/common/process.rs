@@ -1,5 +1,5 @@
 //! Real `pod start` processes on 127.0.0.1, each with its own state directory (identity) and
-//! the shared, verified model store.
+//! the shared, verified model store (or a store of its own).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -22,11 +22,13 @@ pub struct PodProcess {
 
 /// `pod` with the shared model store and the given state directory.
 pub fn pod_command(home: &Path) -> Command {
+    pod_command_with_models(home, &test_home().join("models"))
+}
+
+/// `pod` with the given state directory and model store.
+pub fn pod_command_with_models(home: &Path, models: &Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_pod"));
-    cmd.arg("--home")
-        .arg(home)
-        .arg("--models-dir")
-        .arg(test_home().join("models"));
+    cmd.arg("--home").arg(home).arg("--models-dir").arg(models);
     cmd
 }
 
@@ -40,12 +42,25 @@ impl PodProcess {
         p
     }
 
+    /// Starts a pod with a fresh state directory and its own model store `models`.
+    pub fn start_with_models(models: &Path, args: &[&str]) -> PodProcess {
+        let dir = tempfile::tempdir().expect("temp home");
+        let home = dir.path().to_path_buf();
+        let mut p = Self::spawn(&home, models, args);
+        p._home_dir = Some(dir);
+        p
+    }
+
     /// Starts a pod with the given state directory (to restart one with the same identity).
     pub fn start_in(home: &Path, args: &[&str]) -> PodProcess {
+        Self::spawn(home, &test_home().join("models"), args)
+    }
+
+    fn spawn(home: &Path, models: &Path, args: &[&str]) -> PodProcess {
         let log = home.join(format!("pod-{}.log", std::process::id()));
         let _ = std::fs::remove_file(home.join("daemon.json"));
         let log_file = std::fs::File::create(&log).expect("log file");
-        let child = pod_command(home)
+        let child = pod_command_with_models(home, models)
             .args([
                 "--log",
                 "info,pod_node=debug",
@@ -92,6 +107,21 @@ impl PodProcess {
             );
             std::thread::sleep(Duration::from_millis(100));
         }
+    }
+
+    /// GET a path of the pod's API as text; panics on transport errors.
+    pub fn get_text(&self, path: &str) -> String {
+        http_get_text(&format!("{}{path}", self.api))
+            .unwrap_or_else(|| panic!("GET {path} failed:\n{}", self.log()))
+    }
+
+    /// The value of an unlabelled Prometheus sample of `/metrics`, e.g.
+    /// `pod_blob_bytes_served_total`; panics when it is missing.
+    pub fn metric(&self, name: &str) -> u64 {
+        let text = self.get_text("/metrics");
+        text.lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {name} in /metrics:\n{text}"))
     }
 
     /// GET a path of the pod's API; panics on transport errors.
@@ -187,6 +217,16 @@ pub fn http_get(url: &str) -> Option<(u16, serde_json::Value)> {
     let status = res.status().as_u16();
     let text = res.body_mut().read_to_string().ok()?;
     Some((status, serde_json::from_str(&text).unwrap_or_default()))
+}
+
+/// GET a URL as text, or `None` if it could not connect or did not answer 200.
+pub fn http_get_text(url: &str) -> Option<String> {
+    let agent = ureq::Agent::new_with_config(
+        ureq::Agent::config_builder()
+            .timeout_global(Some(Duration::from_secs(10)))
+            .build(),
+    );
+    agent.get(url).call().ok()?.body_mut().read_to_string().ok()
 }
 
 /// Polls `f` every 100 ms until it returns `Some`, for at most `timeout`.
