@@ -877,9 +877,19 @@ pub fn providers_of(peers: &[crate::mesh::PeerSnapshot], sha256: &str) -> Vec<Pe
     found.into_iter().map(|(_, _, p)| p).collect()
 }
 
+/// The DHT key of a file: its SHA-256, as 32 bytes. Pods that serve a file put a provider
+/// record under it.
+pub fn dht_key(sha256: &str) -> Vec<u8> {
+    hex::decode(sha256).unwrap_or_else(|_| sha256.as_bytes().to_vec())
+}
+
+/// Shortest gap between two DHT lookups of the same file while waiting for providers.
+const DHT_RETRY: Duration = Duration::from_secs(1);
+
 /// Pulls a catalogued model from the pods of the mesh that serve its files, waiting up to
-/// `wait` for them to be heard of. `Ok(None)` when no pod serves every missing file, so the
-/// caller falls back to the catalogue's sources.
+/// `wait` for them to be heard of: through their capability announcements, or, for files no
+/// announcement names, through provider records in the DHT. `Ok(None)` when no pod serves
+/// every missing file, so the caller falls back to the catalogue's sources.
 pub async fn pull_via_mesh(
     store: &ModelStore,
     entry: &crate::catalogue::CatalogueEntry,
@@ -896,20 +906,42 @@ pub async fn pull_via_mesh(
         return Ok(Some(Vec::new()));
     }
     let deadline = Instant::now() + wait;
-    let providers = loop {
+    let mut providers: Vec<Vec<PeerId>> = vec![Vec::new(); missing.len()];
+    let mut asked_dht: Vec<Option<Instant>> = vec![None; missing.len()];
+    loop {
         let peers = mesh.peers().await.unwrap_or_default();
-        let per_file: Vec<Vec<PeerId>> = missing
-            .iter()
-            .map(|f| providers_of(&peers, f.sha256))
-            .collect();
-        if per_file.iter().all(|p| !p.is_empty()) {
-            break per_file;
+        for (file, found) in missing.iter().zip(providers.iter_mut()) {
+            if found.is_empty() {
+                *found = providers_of(&peers, file.sha256);
+            }
+        }
+        for ((file, found), asked) in missing.iter().zip(providers.iter_mut()).zip(&mut asked_dht) {
+            if !found.is_empty() || asked.is_some_and(|t| t.elapsed() < DHT_RETRY) {
+                continue;
+            }
+            *asked = Some(Instant::now());
+            let left = deadline.saturating_duration_since(Instant::now());
+            if let Ok(Ok(peers)) =
+                tokio::time::timeout(left, mesh.providers(dht_key(file.sha256))).await
+            {
+                if !peers.is_empty() {
+                    tracing::debug!(
+                        file = file.name,
+                        providers = peers.len(),
+                        "providers found in the DHT"
+                    );
+                }
+                *found = peers;
+            }
+        }
+        if providers.iter().all(|p| !p.is_empty()) {
+            break;
         }
         if Instant::now() >= deadline {
             return Ok(None);
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    }
     let mut pulled = Vec::new();
     for (file, peers) in missing.into_iter().zip(providers) {
         let partial = store.partial_path(file.sha256);

@@ -290,6 +290,7 @@ pub async fn run(store: ModelStore, opts: StartOptions) -> Result<(), DaemonErro
     if let Some(blobs) = &blobs {
         tracing::info!(files = blobs.files().len(), "serving model files to peers");
         tokio::spawn(Arc::clone(blobs).run(mesh.streams()));
+        tokio::spawn(provide_files(mesh.clone(), Arc::clone(blobs)));
     }
     let backend = NodeBackend::new(
         local_backend.clone(),
@@ -576,6 +577,48 @@ async fn pull_from_peers(
             Err(e) => {
                 tracing::warn!(model = %name, error = %e, "pulling from peers failed; using its sources");
             }
+        }
+    }
+}
+
+/// How often the provider records of served files are renewed in the DHT.
+const REPROVIDE_INTERVAL: Duration = Duration::from_secs(600);
+
+/// Puts a provider record in the DHT for every file `blobs` serves: at once, for files added
+/// later, every [`REPROVIDE_INTERVAL`], and again when a peer connects and the last records
+/// are older than 30 s (the newcomer may be closer to the files' keys than any earlier peer).
+async fn provide_files(mesh: mesh::Client, blobs: Arc<BlobServer>) {
+    use std::collections::HashMap;
+    use tokio::sync::broadcast::error::RecvError;
+    let mut events = mesh.events();
+    let mut provided: HashMap<String, Instant> = HashMap::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        for (sha, _) in blobs.files() {
+            if provided
+                .get(&sha)
+                .is_some_and(|t| t.elapsed() < REPROVIDE_INTERVAL)
+            {
+                continue;
+            }
+            match mesh.provide(blob::dht_key(&sha)).await {
+                Ok(()) => {
+                    tracing::debug!(file = %sha, "provider record published");
+                    provided.insert(sha, Instant::now());
+                }
+                Err(MeshError::Stopped) => return,
+                Err(e) => tracing::warn!(file = %sha, error = %e, "cannot publish provider record"),
+            }
+        }
+        tokio::select! {
+            _ = tick.tick() => {}
+            event = events.recv() => match event {
+                Ok(mesh::MeshEvent::Connected(_)) => {
+                    provided.retain(|_, t| t.elapsed() < Duration::from_secs(30));
+                }
+                Err(RecvError::Closed) => return,
+                _ => {}
+            },
         }
     }
 }

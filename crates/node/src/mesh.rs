@@ -5,7 +5,7 @@
 //! swarm. The loop ends when every client is dropped.
 //!
 //! Protocols: TCP and QUIC-v1 transports with Noise and Yamux, identify (agent `pod/<version>`),
-//! ping, Kademlia under `/pod/kad/1.0.0`, gossipsub (capability announcements on
+//! ping, Kademlia under `/pod/kad/1.0.0` (peer routing, and provider records for served files), gossipsub (capability announcements on
 //! [`capability::CAPABILITY_TOPIC`]), mDNS, AutoNAT, circuit relay v2 (client always, server on
 //! request) and DCUtR hole punching.
 
@@ -137,6 +137,9 @@ pub enum MeshError {
         /// Why.
         reason: String,
     },
+    /// The DHT refused a record (its local store is full).
+    #[error("the DHT refused the record: {0}")]
+    Dht(String),
     /// The event loop has stopped.
     #[error("the mesh has stopped")]
     Stopped,
@@ -203,6 +206,8 @@ enum Command {
     Node(oneshot::Sender<NodeInfo>),
     Announce(Box<Capabilities>),
     Dial(Multiaddr, oneshot::Sender<Result<(), MeshError>>),
+    Provide(Vec<u8>, oneshot::Sender<Result<(), MeshError>>),
+    Providers(Vec<u8>, oneshot::Sender<Vec<PeerId>>),
 }
 
 /// A handle to the mesh. Cheap to clone; every method talks to the [`EventLoop`].
@@ -255,6 +260,24 @@ impl Client {
         let (tx, rx) = oneshot::channel();
         self.send(Command::Dial(addr, tx)).await?;
         rx.await.map_err(|_| MeshError::Stopped)?
+    }
+
+    /// Records in the DHT that this node provides `key` (e.g. the SHA-256 of a file it serves):
+    /// stored here and on the peers closest to the key. Returns when those peers were asked.
+    /// Records expire unless renewed, so call it again from time to time.
+    pub async fn provide(&self, key: Vec<u8>) -> Result<(), MeshError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Provide(key, tx)).await?;
+        rx.await.map_err(|_| MeshError::Stopped)?
+    }
+
+    /// The peers that provide `key`, as the DHT knows them (this node excluded). The node
+    /// starts dialling them as they are found, so streams to them open without further lookup.
+    /// Empty when none is found within the DHT's query timeout.
+    pub async fn providers(&self, key: Vec<u8>) -> Result<Vec<PeerId>, MeshError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::Providers(key, tx)).await?;
+        rx.await.map_err(|_| MeshError::Stopped)
     }
 
     /// A handle to open and accept streams of application protocols (inference, blobs)

@@ -1,5 +1,6 @@
 //! `/pod/blob/1.0.0` between in-process nodes on 127.0.0.1, with the real default chat model
-//! as the shared file: a verified pull, resuming, a lying provider, and refused requests.
+//! as the shared file: a verified pull, resuming, a lying provider, refused requests, and
+//! providers found through the DHT alone.
 
 mod common;
 
@@ -45,8 +46,16 @@ async fn node(bootstrap: Vec<Multiaddr>) -> (Client, Multiaddr) {
 
 /// A storage node serving the shared test store (which holds the default models).
 async fn provider(bytes_per_sec: u64) -> (Client, Multiaddr, Arc<BlobServer>) {
+    provider_via(vec![], bytes_per_sec).await
+}
+
+/// A storage node that joins the mesh through `bootstrap`.
+async fn provider_via(
+    bootstrap: Vec<Multiaddr>,
+    bytes_per_sec: u64,
+) -> (Client, Multiaddr, Arc<BlobServer>) {
     common::model_path(DEFAULT_CHAT_MODEL);
-    let (client, addr) = node(vec![]).await;
+    let (client, addr) = node(bootstrap).await;
     let server = BlobServer::with_limits(&common::store(), 4, bytes_per_sec);
     tokio::spawn(Arc::clone(&server).run(client.streams()));
     (client, addr, server)
@@ -245,4 +254,57 @@ async fn paths_unknown_files_huge_ranges_and_garbage_are_refused() {
     )
     .await;
     assert!(matches!(reply, BlobReply::Manifest(m) if m.sha256 == sha));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_is_found_through_dht_provider_records_alone() {
+    // B only relays DHT records; A serves the file and says so in the DHT, never in gossip
+    // (nobody here announces capabilities); C knows only B.
+    let (b, b_addr) = node(vec![]).await;
+    let (a, _, _) = provider_via(vec![b_addr.clone()], 0).await;
+    let sha = entry().files[0].sha256;
+    tokio::time::timeout(WAIT, a.provide(blob::dht_key(sha)))
+        .await
+        .expect("provide in time")
+        .unwrap();
+    let (c, _) = node(vec![b_addr]).await;
+    assert!(c
+        .peers()
+        .await
+        .unwrap()
+        .iter()
+        .all(|p| p.capabilities.is_none()));
+    assert!(!c
+        .peers()
+        .await
+        .unwrap()
+        .iter()
+        .any(|p| p.peer_id == a.peer_id() && p.connected));
+
+    let found = tokio::time::timeout(WAIT, c.providers(blob::dht_key(sha)))
+        .await
+        .expect("lookup in time")
+        .unwrap();
+    assert_eq!(found, vec![a.peer_id()]);
+    // Nobody provides an unknown hash.
+    let none = tokio::time::timeout(WAIT, c.providers(blob::dht_key(&"0".repeat(64))))
+        .await
+        .expect("lookup in time")
+        .unwrap();
+    assert!(none.is_empty(), "{none:?}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let store = ModelStore::open(dir.path()).unwrap();
+    let pulled = blob::pull_via_mesh(&store, entry(), &c, WAIT, None)
+        .await
+        .unwrap()
+        .expect("providers found");
+    assert_eq!(
+        pulled[0].report.bytes_from,
+        vec![(a.peer_id(), entry().files[0].size)]
+    );
+    let ours = std::fs::read(store.model_dir(DEFAULT_CHAT_MODEL).join("model.gguf")).unwrap();
+    let theirs = std::fs::read(common::model_path(DEFAULT_CHAT_MODEL)).unwrap();
+    assert!(ours == theirs, "the pulled file differs");
+    drop(b);
 }

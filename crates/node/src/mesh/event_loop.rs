@@ -1,15 +1,16 @@
 //! The task that owns the swarm: it answers [`Client`](super::Client) commands, keeps the peer
 //! table, and publishes and checks capability announcements.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 use libp2p::multiaddr::Protocol;
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{DialError, SwarmEvent};
 use libp2p::{autonat, gossipsub, identify, kad, mdns, ping, relay, Multiaddr, PeerId, Swarm};
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::behaviour::{agent_version, Behaviour, BehaviourEvent, KAD_PROTOCOL};
 use super::capability::{Capabilities, CAPABILITY_TOPIC, MAX_ADDRS};
@@ -56,6 +57,8 @@ pub struct EventLoop {
     dialled: HashMap<PeerId, Instant>,
     relays: Vec<(PeerId, Multiaddr)>,
     relay_reservations: usize,
+    pending_provide: HashMap<kad::QueryId, oneshot::Sender<Result<(), MeshError>>>,
+    pending_providers: HashMap<kad::QueryId, (BTreeSet<PeerId>, oneshot::Sender<Vec<PeerId>>)>,
 }
 
 impl std::fmt::Debug for EventLoop {
@@ -97,6 +100,8 @@ impl EventLoop {
             dialled: HashMap::new(),
             relays: Vec::new(),
             relay_reservations: 0,
+            pending_provide: HashMap::new(),
+            pending_providers: HashMap::new(),
         }
     }
 
@@ -198,6 +203,81 @@ impl EventLoop {
                 });
                 let _ = tx.send(result);
             }
+            Command::Provide(key, tx) => {
+                match self
+                    .swarm
+                    .behaviour_mut()
+                    .kademlia
+                    .start_providing(kad::RecordKey::new(&key))
+                {
+                    Ok(id) => {
+                        self.pending_provide.insert(id, tx);
+                    }
+                    Err(e) => {
+                        let _ = tx.send(Err(MeshError::Dht(e.to_string())));
+                    }
+                }
+            }
+            Command::Providers(key, tx) => {
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .kademlia
+                    .get_providers(kad::RecordKey::new(&key));
+                self.pending_providers.insert(id, (BTreeSet::new(), tx));
+            }
+        }
+    }
+
+    fn on_query(&mut self, id: kad::QueryId, result: kad::QueryResult, last: bool) {
+        match result {
+            kad::QueryResult::StartProviding(result) => {
+                if let Err(e) = &result {
+                    // The record is kept here and answered from here all the same.
+                    tracing::debug!(error = %e, "provider record reached no peer");
+                }
+                if let Some(tx) = self.pending_provide.remove(&id) {
+                    let _ = tx.send(Ok(()));
+                }
+            }
+            kad::QueryResult::GetProviders(result) => {
+                let found = match result {
+                    Ok(kad::GetProvidersOk::FoundProviders { providers, .. }) => providers,
+                    Ok(kad::GetProvidersOk::FinishedWithNoAdditionalRecord { .. }) => {
+                        Default::default()
+                    }
+                    Err(e) => {
+                        tracing::debug!(error = %e, "provider lookup ended");
+                        Default::default()
+                    }
+                };
+                let me = *self.swarm.local_peer_id();
+                let Some((providers, _)) = self.pending_providers.get_mut(&id) else {
+                    return;
+                };
+                for peer in found.into_iter().filter(|p| *p != me) {
+                    if providers.insert(peer) && !self.swarm.is_connected(&peer) {
+                        // Dial while the query still holds the addresses it learned for the
+                        // provider; once it ends they are gone.
+                        let opts = DialOpts::peer_id(peer)
+                            .condition(PeerCondition::DisconnectedAndNotDialing)
+                            .build();
+                        if let Err(e) = self.swarm.dial(opts) {
+                            tracing::debug!(%peer, error = %dial_error_text(&e), "cannot dial provider");
+                        }
+                    }
+                }
+                let done = last || !providers.is_empty();
+                if done {
+                    if let Some((providers, tx)) = self.pending_providers.remove(&id) {
+                        let _ = tx.send(providers.into_iter().collect());
+                    }
+                    if let Some(mut query) = self.swarm.behaviour_mut().kademlia.query_mut(&id) {
+                        query.finish();
+                    }
+                }
+            }
+            _ => {}
         }
     }
 
@@ -418,6 +498,12 @@ impl EventLoop {
             BehaviourEvent::Dcutr(event) => {
                 tracing::debug!(peer = %event.remote_peer_id, result = ?event.result.is_ok(), "hole punch");
             }
+            BehaviourEvent::Kademlia(kad::Event::OutboundQueryProgressed {
+                id,
+                result,
+                step,
+                ..
+            }) => self.on_query(id, result, step.last),
             BehaviourEvent::Kademlia(kad::Event::RoutingUpdated { peer, .. }) => {
                 tracing::trace!(%peer, "DHT routing updated");
             }
