@@ -2,11 +2,14 @@
 //! [`EngineHandle`]s.
 //!
 //! Callers never touch tensors. [`EngineHandle::generate`] renders and tokenizes the prompt,
-//! checks it, and queues it; the engine thread streams [`GenerateEvent`]s back. Active
-//! sequences take turns one step at a time (a prompt chunk or one token), so concurrent callers
-//! all make progress; dropping the receiver cancels a request before its next step. The loop is
-//! shaped for batching: each step gathers the active sequences, and a batched forward can
-//! replace the per-sequence one without changing the protocol.
+//! checks it, and queues it; the engine thread streams [`GenerateEvent`]s back.
+//!
+//! Continuous batching: every step runs one forward pass over all active sequences of a model
+//! (each decoding sequence feeds its last token, prompts share the rest of the step's token
+//! budget), then samples each sequence on its own. New requests join between steps and
+//! finished ones leave; dropping the receiver cancels a request before its next step.
+//! Finished sequences stay in a prefix cache so a later request starting with the same tokens
+//! continues from their attention cache.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -33,8 +36,15 @@ pub struct EngineConfig {
     pub max_active: usize,
     /// Requests allowed to wait; beyond this [`EngineError::QueueFull`] is returned.
     pub max_queue: usize,
-    /// Prompt tokens fed per step, so one long prompt does not stall the others.
+    /// Tokens fed per step over all sequences: each decoding sequence feeds one, prompts
+    /// share the rest, so one long prompt does not stall the others.
     pub prefill_chunk: usize,
+    /// Bytes of attention cache kept from finished requests for reuse by later ones that start
+    /// with the same tokens (0 turns the prefix cache off).
+    pub prefix_cache_bytes: usize,
+    /// Longest prompt plus completion per request, below the models' own context lengths;
+    /// it bounds each sequence's attention cache. `None`: each model's own.
+    pub max_context: Option<usize>,
 }
 
 impl Default for EngineConfig {
@@ -43,6 +53,8 @@ impl Default for EngineConfig {
             max_active: 8,
             max_queue: 256,
             prefill_chunk: 512,
+            prefix_cache_bytes: 256 << 20,
+            max_context: None,
         }
     }
 }
@@ -253,6 +265,10 @@ pub struct EngineStats {
     pub prompt_tokens: AtomicU64,
     /// Tokens generated.
     pub completion_tokens: AtomicU64,
+    /// Prompt tokens taken from the prefix cache instead of being computed.
+    pub cached_prompt_tokens: AtomicU64,
+    /// Forward passes run; with several sequences batched, fewer than the tokens fed.
+    pub forward_passes: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -448,6 +464,7 @@ impl Engine {
             embedding: HashMap::new(),
             waiting: VecDeque::new(),
             active: Vec::new(),
+            prefixes: PrefixCache::default(),
             stats: Arc::clone(&stats),
             config: config.clone(),
         };
@@ -469,10 +486,14 @@ impl Engine {
 impl EngineHandle {
     /// Hands a loaded chat model to the engine under `name`.
     pub fn add_chat_model(&self, name: &str, model: ChatModel) -> Result<(), EngineError> {
+        let mut info = model.info().clone();
+        if let Some(cap) = self.config.max_context {
+            info.context_length = info.context_length.min(cap.max(1));
+        }
         let entry = ChatEntry {
             tokenizer: Arc::clone(model.tokenizer()),
             template: Arc::clone(model.template()),
-            info: model.info().clone(),
+            info,
         };
         self.commands
             .send(Command::AddChat(name.to_owned(), Box::new(model)))
@@ -766,8 +787,97 @@ struct Active {
     seq: Sequence,
     fed: usize,
     next_input: Option<u32>,
+    /// Every token fed to `seq`, in order: what the prefix cache keys it by.
+    history: Vec<u32>,
     pending_tokens: Vec<u32>,
     pending_logprobs: Vec<TokenLogprob>,
+}
+
+impl Active {
+    /// The tokens this sequence feeds in the next step: a prompt chunk of up to `budget`
+    /// tokens (never fewer than one), or the token sampled last.
+    fn input(&self, invariant: bool, chunk: usize, budget: usize) -> Result<Vec<u32>, EngineError> {
+        let context = &self.job.context;
+        if self.fed < context.len() {
+            let end = if invariant {
+                // Prompt and resumed tokens alike: the model gives the same logits however
+                // they are split.
+                self.fed + budget.clamp(1, context.len() - self.fed)
+            } else if self.fed < self.job.prompt_len {
+                (self.fed + chunk.max(1)).min(self.job.prompt_len)
+            } else {
+                // Replayed one at a time, exactly as they were generated: other models'
+                // multi-token passes round differently.
+                self.fed + 1
+            };
+            return Ok(context[self.fed..end].to_vec());
+        }
+        match self.next_input {
+            Some(tok) => Ok(vec![tok]),
+            None => Err(EngineError::Internal("sequence has no next token".into())),
+        }
+    }
+}
+
+/// Finished sequences kept so that a request starting with the same tokens (a shared system
+/// prompt, the next turn of a conversation) skips recomputing them. Least recently used go
+/// first once the caches exceed the byte budget.
+#[derive(Default)]
+struct PrefixCache {
+    entries: VecDeque<(String, Vec<u32>, Sequence)>,
+    bytes: usize,
+}
+
+/// Shortest shared prefix worth reusing.
+const MIN_PREFIX: usize = 16;
+
+impl PrefixCache {
+    fn store(&mut self, model: &str, tokens: Vec<u32>, seq: Sequence, budget: usize) {
+        let size = seq.cache_bytes();
+        if tokens.len() < MIN_PREFIX || size == 0 || size > budget {
+            return;
+        }
+        // An entry that is a prefix of this one is redundant now.
+        let mut kept = VecDeque::with_capacity(self.entries.len() + 1);
+        for e in self.entries.drain(..) {
+            if e.0 == model && tokens.starts_with(&e.1) {
+                self.bytes -= e.2.cache_bytes();
+            } else {
+                kept.push_back(e);
+            }
+        }
+        self.entries = kept;
+        self.bytes += size;
+        self.entries.push_back((model.to_owned(), tokens, seq));
+        while self.bytes > budget {
+            match self.entries.pop_front() {
+                Some(e) => self.bytes -= e.2.cache_bytes(),
+                None => break,
+            }
+        }
+    }
+
+    /// A copy of the cached sequence sharing the longest prefix with `context`, cut to that
+    /// prefix (always leaving at least one token of `context` to feed).
+    fn lookup(&mut self, model: &str, context: &[u32]) -> Option<(Sequence, usize)> {
+        let (best, common) = self
+            .entries
+            .iter()
+            .enumerate()
+            .filter(|(_, e)| e.0 == model)
+            .map(|(i, e)| {
+                let common = e.1.iter().zip(context).take_while(|(a, b)| a == b).count();
+                (i, common.min(context.len().saturating_sub(1)))
+            })
+            .max_by_key(|&(_, common)| common)?;
+        if common < MIN_PREFIX {
+            return None;
+        }
+        let entry = self.entries.remove(best)?;
+        let mut seq = entry.2.clone();
+        self.entries.push_back(entry);
+        seq.truncate(common).then_some((seq, common))
+    }
 }
 
 struct Worker {
@@ -776,6 +886,7 @@ struct Worker {
     embedding: HashMap<String, EmbeddingModel>,
     waiting: VecDeque<Box<Job>>,
     active: Vec<Active>,
+    prefixes: PrefixCache,
     stats: Arc<EngineStats>,
     config: EngineConfig,
 }
@@ -859,10 +970,21 @@ impl Worker {
                     )));
                 continue;
             };
+            let (seq, fed) = match self.prefixes.lookup(&job.model, &job.context) {
+                Some((seq, fed)) => {
+                    self.stats
+                        .cached_prompt_tokens
+                        .fetch_add(fed as u64, Ordering::Relaxed);
+                    tracing::debug!(tokens = fed, "prompt prefix reused from the cache");
+                    (seq, fed)
+                }
+                None => (model.new_sequence(), 0),
+            };
             self.active.push(Active {
-                seq: model.new_sequence(),
-                fed: 0,
+                seq,
+                fed,
                 next_input: None,
+                history: job.context[..fed].to_vec(),
                 pending_tokens: Vec::new(),
                 pending_logprobs: Vec::new(),
                 job,
@@ -871,54 +993,113 @@ impl Worker {
         }
     }
 
+    /// One step of every active sequence: for each model, one forward pass over all its
+    /// sequences (decoders feed one token each; prompts share what is left of the step's
+    /// token budget), then sampling for each.
     fn step_all(&mut self) {
-        let mut i = 0;
-        while i < self.active.len() {
-            let done = {
-                let a = &mut self.active[i];
-                if a.job.events.is_closed() {
-                    self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
-                    true
-                } else {
-                    match self.chat.get(&a.job.model) {
-                        Some(model) => match guarded_step(a, model, &self.config, &self.stats) {
-                            Ok(Step::Continue) => false,
-                            Ok(Step::Finished) => {
-                                self.stats.completed.fetch_add(1, Ordering::Relaxed);
-                                true
-                            }
-                            Err(e) => {
-                                tracing::error!(error = %e, model = %a.job.model, "generation failed");
-                                let _ = a.job.events.send(GenerateEvent::Error(e));
-                                true
-                            }
-                        },
-                        None => true,
+        let mut done = vec![false; self.active.len()];
+        for (a, d) in self.active.iter().zip(done.iter_mut()) {
+            if a.job.events.is_closed() {
+                self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                *d = true;
+            }
+        }
+        let mut models: Vec<String> = Vec::new();
+        for (a, &d) in self.active.iter().zip(&done) {
+            if !d && !models.contains(&a.job.model) {
+                models.push(a.job.model.clone());
+            }
+        }
+        for name in models {
+            let Some(model) = self.chat.get(&name) else {
+                for (a, d) in self.active.iter().zip(done.iter_mut()) {
+                    if a.job.model == name {
+                        *d = true;
                     }
                 }
+                continue;
             };
-            if done {
+            let invariant = model.batch_invariant();
+            let chunk = self.config.prefill_chunk.max(1);
+            let mut budget = chunk;
+            let mut inputs: Vec<(usize, Vec<u32>)> = Vec::new();
+            // Decoders first, one token each; then prompts, while the budget lasts.
+            for decoding in [true, false] {
+                for (i, a) in self.active.iter().enumerate() {
+                    if done[i] || a.job.model != name || (a.fed >= a.job.context.len()) != decoding
+                    {
+                        continue;
+                    }
+                    if !decoding
+                        && budget == 0
+                        && inputs
+                            .iter()
+                            .any(|(j, _)| self.active[*j].fed < self.active[*j].job.context.len())
+                    {
+                        continue;
+                    }
+                    match a.input(invariant, chunk, budget) {
+                        Ok(toks) => {
+                            budget = budget.saturating_sub(toks.len());
+                            inputs.push((i, toks));
+                        }
+                        Err(e) => {
+                            let _ = a.job.events.send(GenerateEvent::Error(e));
+                            done[i] = true;
+                        }
+                    }
+                }
+            }
+            let results = forward(model, &mut self.active, &inputs);
+            let passes = if invariant { 1 } else { inputs.len() };
+            self.stats
+                .forward_passes
+                .fetch_add(passes as u64, Ordering::Relaxed);
+            for ((i, toks), result) in inputs.into_iter().zip(results) {
+                let a = &mut self.active[i];
+                let outcome = result.and_then(|logits| {
+                    a.history.extend_from_slice(&toks);
+                    guarded(|| after_forward(a, model, toks.len(), logits, &self.stats))
+                });
+                match outcome {
+                    Ok(Step::Continue) => {}
+                    Ok(Step::Finished) => {
+                        self.stats.completed.fetch_add(1, Ordering::Relaxed);
+                        done[i] = true;
+                        if invariant {
+                            let history = std::mem::take(&mut a.history);
+                            let seq = std::mem::replace(&mut a.seq, model.new_sequence());
+                            self.prefixes.store(
+                                &name,
+                                history,
+                                seq,
+                                self.config.prefix_cache_bytes,
+                            );
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, model = %name, "generation failed");
+                        let _ = a.job.events.send(GenerateEvent::Error(e));
+                        done[i] = true;
+                    }
+                }
+            }
+        }
+        let mut i = self.active.len();
+        while i > 0 {
+            i -= 1;
+            if done[i] {
                 self.active.swap_remove(i);
                 self.stats.active.fetch_sub(1, Ordering::Relaxed);
-            } else {
-                i += 1;
             }
         }
     }
 }
 
-/// [`step`], with a panic in model code turned into an error for this request alone, so one
+/// Runs `f`, with a panic in model code turned into an error for this request alone, so one
 /// bad input cannot take the engine down for everyone.
-fn guarded_step(
-    a: &mut Active,
-    model: &ChatModel,
-    config: &EngineConfig,
-    stats: &EngineStats,
-) -> Result<Step, EngineError> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        step(a, model, config, stats)
-    }))
-    .unwrap_or_else(|panic| {
+fn guarded<T>(f: impl FnOnce() -> Result<T, EngineError>) -> Result<T, EngineError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|panic| {
         let what = panic
             .downcast_ref::<&str>()
             .map(|s| (*s).to_owned())
@@ -930,40 +1111,64 @@ fn guarded_step(
     })
 }
 
-/// One step of one sequence: a prompt chunk, one resumed token, or one generated token.
-///
-/// Resumed tokens are fed one at a time, exactly as they were when generated: a forward over
-/// many tokens computes attention with differently shaped matrix products, whose rounding
-/// differs in the last bits, and that is enough to change later near-tie choices.
-fn step(
+/// Feeds `inputs` (index into `active`, tokens) through `model` in one batched pass; if that
+/// fails, each sequence alone, so that one bad sequence fails only itself.
+fn forward(
+    model: &ChatModel,
+    active: &mut [Active],
+    inputs: &[(usize, Vec<u32>)],
+) -> Vec<Result<Vec<f32>, EngineError>> {
+    let internal = |e: candle_core::Error| EngineError::Internal(e.to_string());
+    if inputs.len() > 1 {
+        let mut seqs: Vec<&mut Sequence> = Vec::with_capacity(inputs.len());
+        let mut lens = Vec::with_capacity(inputs.len());
+        let mut it = inputs.iter().map(|(i, _)| *i).peekable();
+        for (i, a) in active.iter_mut().enumerate() {
+            if it.peek() == Some(&i) {
+                it.next();
+                lens.push(a.seq.len());
+                seqs.push(&mut a.seq);
+            }
+        }
+        let tokens: Vec<&[u32]> = inputs.iter().map(|(_, t)| &t[..]).collect();
+        let batched = guarded(|| model.forward_batch(&mut seqs, &tokens).map_err(internal));
+        match batched {
+            Ok(logits) if logits.len() == inputs.len() => {
+                return logits.into_iter().map(Ok).collect()
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "batched step failed; retrying sequences one by one")
+            }
+        }
+        for (s, len) in seqs.iter_mut().zip(lens) {
+            s.truncate(len);
+        }
+    }
+    inputs
+        .iter()
+        .map(|(i, toks)| guarded(|| active[*i].seq.forward(toks).map_err(internal)))
+        .collect()
+}
+
+/// What follows a forward pass of one sequence that fed `fed_now` tokens: more prompt to come,
+/// or sample, detokenise and stream the next token.
+fn after_forward(
     a: &mut Active,
     model: &ChatModel,
-    config: &EngineConfig,
+    fed_now: usize,
+    mut logits: Vec<f32>,
     stats: &EngineStats,
 ) -> Result<Step, EngineError> {
-    let internal = |e: candle_core::Error| EngineError::Internal(e.to_string());
-    let context = &a.job.context;
-    let mut logits = if a.fed < context.len() {
-        let end = if a.fed < a.job.prompt_len {
-            (a.fed + config.prefill_chunk.max(1)).min(a.job.prompt_len)
-        } else {
-            a.fed + 1
-        };
-        let logits = a.seq.forward(&context[a.fed..end]).map_err(internal)?;
+    if a.fed < a.job.context.len() {
+        a.fed += fed_now;
         stats
             .prompt_tokens
-            .fetch_add((end - a.fed) as u64, Ordering::Relaxed);
-        a.fed = end;
-        if a.fed < context.len() {
+            .fetch_add(fed_now as u64, Ordering::Relaxed);
+        if a.fed < a.job.context.len() {
             return Ok(Step::Continue);
         }
-        logits
-    } else {
-        let Some(tok) = a.next_input.take() else {
-            return Err(EngineError::Internal("sequence has no next token".into()));
-        };
-        a.seq.forward(&[tok]).map_err(internal)?
-    };
+    }
 
     let logprob_info = a.job.logprobs.map(|k| (log_softmax(&logits), k));
     let tokenizer = model.tokenizer();

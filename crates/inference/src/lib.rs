@@ -1,6 +1,7 @@
 //! pod's local inference engine.
 //!
-//! Chat models are loaded from GGUF files (candle's quantised kernels), with the tokenizer and
+//! Chat models are loaded from GGUF files (projections on pod's fused quantised CPU kernels,
+//! [`kernels`], or candle's on other devices and formats), with the tokenizer and
 //! chat template taken from the file's own metadata. Sentence-embedding models (BERT family) are
 //! loaded from safetensors plus `tokenizer.json`. One [`Engine`] thread owns every loaded model;
 //! callers talk to it through the cloneable [`EngineHandle`], sending a request and receiving a
@@ -15,6 +16,7 @@ pub mod engine;
 pub mod error;
 pub mod gguf;
 pub mod json;
+pub mod kernels;
 pub mod model;
 pub mod sampling;
 pub mod stop;
@@ -33,3 +35,9 @@ pub use engine::{
 pub use error::{EngineError, LoadError};
 pub use model::{ChatModel, ChatModelInfo, Sequence};
 pub use sampling::SamplingParams;
+
+/// CPU threads inference uses when none are configured: one per physical core available to
+/// this process.
+pub fn default_threads() -> usize {
+    candle_core::utils::get_num_threads()
+}

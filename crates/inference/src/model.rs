@@ -10,11 +10,14 @@ use std::sync::Arc;
 use candle_core::{Device, Tensor};
 use candle_transformers::models::{quantized_phi3, quantized_qwen3};
 
+mod fast;
 mod gemma3;
+mod linear;
 mod llama;
 mod qembed;
 mod weights;
 
+use self::fast::{FastLlama, KvCache};
 use crate::error::LoadError;
 use crate::gguf::GgufFile;
 use crate::template::{ChatTemplate, CHATML_TEMPLATE};
@@ -26,6 +29,8 @@ const MAX_CONTEXT: usize = 8192;
 
 #[derive(Debug, Clone)]
 enum Weights {
+    /// The llama family on pod's own CPU path (see [`fast`]), batched and batch-invariant.
+    Fast(Arc<FastLlama>),
     Llama(llama::Llama),
     Gemma3(gemma3::Gemma3),
     Qwen3(quantized_qwen3::ModelWeights),
@@ -35,6 +40,7 @@ enum Weights {
 impl Weights {
     fn forward(&mut self, x: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
         match self {
+            Weights::Fast(_) => candle_core::bail!("the CPU llama path keeps its own caches"),
             Weights::Llama(m) => {
                 let ids: Vec<u32> = x.flatten_all()?.to_vec1()?;
                 m.forward(&ids, pos)
@@ -70,11 +76,21 @@ pub struct ChatModel {
 }
 
 /// Attention caches of one sequence plus the position of its next token.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Sequence {
-    weights: Weights,
+    state: SeqState,
     pos: usize,
     device: Device,
+}
+
+#[derive(Debug, Clone)]
+enum SeqState {
+    Fast {
+        model: Arc<FastLlama>,
+        cache: KvCache,
+    },
+    /// candle's models keep the caches inside their own copy of the (shared) weights.
+    Candle(Weights),
 }
 
 impl ChatModel {
@@ -106,6 +122,12 @@ impl ChatModel {
             source,
         };
         let weights = match arch.as_str() {
+            "llama" | "mistral" if FastLlama::supported(&content, &arch, device) => {
+                Weights::Fast(Arc::new(
+                    FastLlama::from_gguf(&content, &mut reader, &arch, context_length)
+                        .map_err(model_err)?,
+                ))
+            }
             "llama" | "mistral" => Weights::Llama(
                 llama::Llama::from_gguf(content, &mut reader, &arch, context_length, device)
                     .map_err(model_err)?,
@@ -156,11 +178,65 @@ impl ChatModel {
 
     /// A new, empty sequence (its own KV cache; weights shared).
     pub fn new_sequence(&self) -> Sequence {
+        let state = match &self.weights {
+            Weights::Fast(m) => SeqState::Fast {
+                model: Arc::clone(m),
+                cache: m.new_cache(),
+            },
+            other => SeqState::Candle(other.clone()),
+        };
         Sequence {
-            weights: self.weights.clone(),
+            state,
             pos: 0,
             device: self.device.clone(),
         }
+    }
+
+    /// Whether this model computes every token's logits the same way alone or batched, in a
+    /// prompt or decoded one by one (bit for bit): then [`forward_batch`](Self::forward_batch)
+    /// runs all sequences in one pass, many resumed tokens can be fed at once, and a cached
+    /// prompt prefix can stand in for recomputing it.
+    pub fn batch_invariant(&self) -> bool {
+        matches!(self.weights, Weights::Fast(_))
+    }
+
+    /// Feeds `tokens[i]` to `seqs[i]` for every `i` and returns each sequence's next-token
+    /// logits. Batch-invariant models do this in one pass; others one sequence after the
+    /// other. On error the sequences are left as they were.
+    pub fn forward_batch(
+        &self,
+        seqs: &mut [&mut Sequence],
+        tokens: &[&[u32]],
+    ) -> candle_core::Result<Vec<Vec<f32>>> {
+        if seqs.len() != tokens.len() {
+            candle_core::bail!("{} sequences for {} token lists", seqs.len(), tokens.len());
+        }
+        let Weights::Fast(model) = &self.weights else {
+            return seqs
+                .iter_mut()
+                .zip(tokens)
+                .map(|(s, t)| s.forward(t))
+                .collect();
+        };
+        let mut caches = Vec::with_capacity(seqs.len());
+        for s in seqs.iter_mut() {
+            match &mut s.state {
+                SeqState::Fast { cache, .. } => caches.push(cache),
+                SeqState::Candle(_) => candle_core::bail!("sequence of another model"),
+            }
+        }
+        let lens: Vec<usize> = caches.iter().map(|c| c.len()).collect();
+        let out = model.forward_batch(&mut caches, tokens);
+        if out.is_err() {
+            for (c, len) in caches.iter_mut().zip(lens) {
+                c.truncate(len);
+            }
+            return out;
+        }
+        for (s, t) in seqs.iter_mut().zip(tokens) {
+            s.pos += t.len();
+        }
+        out
     }
 }
 
@@ -171,8 +247,27 @@ impl Sequence {
         if tokens.is_empty() {
             candle_core::bail!("forward called with no tokens");
         }
+        let weights = match &mut self.state {
+            SeqState::Fast { model, cache } => {
+                let len = cache.len();
+                let out = model.forward_batch(&mut [&mut *cache], &[tokens]);
+                return match out {
+                    Ok(mut logits) => {
+                        self.pos += tokens.len();
+                        logits
+                            .pop()
+                            .ok_or_else(|| candle_core::Error::Msg("no logits".into()))
+                    }
+                    Err(e) => {
+                        cache.truncate(len);
+                        Err(e)
+                    }
+                };
+            }
+            SeqState::Candle(w) => w,
+        };
         let input = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
-        let out = self.weights.forward(&input, self.pos)?;
+        let out = weights.forward(&input, self.pos)?;
         self.pos += tokens.len();
         let vocab = out.dims().last().copied().unwrap_or(0);
         let flat = out.flatten_all()?.to_dtype(candle_core::DType::F32)?;
@@ -188,5 +283,26 @@ impl Sequence {
     /// Whether nothing was fed yet.
     pub fn is_empty(&self) -> bool {
         self.pos == 0
+    }
+
+    /// Bytes of attention cache this sequence holds (0 where the model does not say).
+    pub fn cache_bytes(&self) -> usize {
+        match &self.state {
+            SeqState::Fast { cache, .. } => cache.bytes(),
+            SeqState::Candle(_) => 0,
+        }
+    }
+
+    /// Keeps only the first `len` tokens fed, so that a copy of a sequence can continue from a
+    /// shared prefix. Only batch-invariant models can; returns whether it was done.
+    pub fn truncate(&mut self, len: usize) -> bool {
+        match &mut self.state {
+            SeqState::Fast { cache, .. } if len <= self.pos => {
+                cache.truncate(len);
+                self.pos = len;
+                true
+            }
+            _ => false,
+        }
     }
 }

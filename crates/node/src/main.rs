@@ -45,6 +45,10 @@ struct Cli {
     /// exists); a file named here must exist.
     #[arg(long, global = true, value_name = "FILE", env = "POD_CONFIG")]
     config: Option<PathBuf>,
+    /// CPU threads for inference (default: one per physical core; RAYON_NUM_THREADS also works).
+    #[arg(long, global = true, value_name = "N", env = "POD_THREADS",
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    threads: Option<usize>,
     /// Log filter, e.g. `info`, `debug`, `pod_inference=trace` (RUST_LOG, when set, wins).
     #[arg(
         long,
@@ -259,6 +263,20 @@ struct StartArgs {
     #[arg(long, default_value_t = 8, env = "POD_MAX_BATCH",
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     max_batch: usize,
+    /// Longest prompt plus completion per request, in tokens (default: each model's own
+    /// context length, at most 8192). Bounds the memory each sequence's cache can take.
+    #[arg(long, value_name = "TOKENS", env = "POD_CTX_SIZE",
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(16..))]
+    ctx_size: Option<usize>,
+    /// Memory for the prompt prefix cache, in MiB: finished requests' attention caches kept so
+    /// that requests starting the same way (system prompts, conversations) skip that work.
+    #[arg(
+        long,
+        default_value_t = 256,
+        value_name = "MIB",
+        env = "POD_PREFIX_CACHE"
+    )]
+    prefix_cache: usize,
     /// Requests allowed to queue before new ones get 429.
     #[arg(long, default_value_t = 256, env = "POD_MAX_QUEUE")]
     max_queue: usize,
@@ -434,6 +452,7 @@ fn main() -> ExitCode {
         Ok(parsed) => parsed,
         Err(e) => return usage_error(e),
     };
+    set_threads(cli.threads);
     match run(cli, &matches) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -441,6 +460,22 @@ fn main() -> ExitCode {
             eprintln!("error: {}", one_line(&e));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Fixes the inference thread count once, before any pool starts: the kernels' pool and candle
+/// read it from the environment (and would otherwise probe the CPU list on every operation).
+fn set_threads(threads: Option<usize>) {
+    const VARS: [&str; 2] = ["RAYON_NUM_THREADS", "CANDLE_NUM_THREADS"];
+    let n = threads
+        .or_else(|| {
+            VARS.iter()
+                .find_map(|v| std::env::var(v).ok()?.parse().ok())
+                .filter(|&n: &usize| n > 0)
+        })
+        .unwrap_or_else(pod_inference::default_threads);
+    for var in VARS {
+        std::env::set_var(var, n.to_string());
     }
 }
 
@@ -815,6 +850,8 @@ fn start(home: &Path, mut global: Global, mut args: StartArgs, m: &ArgMatches) -
         engine: EngineConfig {
             max_active: args.max_batch.max(1),
             max_queue: args.max_queue,
+            max_context: args.ctx_size,
+            prefix_cache_bytes: args.prefix_cache << 20,
             ..EngineConfig::default()
         },
         pull: !args.no_pull,
@@ -985,7 +1022,12 @@ fn print_plan(
         },
         "storage": plan.profile.profile.serves_files(),
         "route": config::route_name(args.route),
-        "engine": { "max_batch": args.max_batch, "max_queue": args.max_queue },
+        "engine": {
+            "max_batch": args.max_batch,
+            "max_queue": args.max_queue,
+            "ctx_size": args.ctx_size,
+            "prefix_cache_mib": args.prefix_cache,
+        },
         "shutdown_grace_seconds": args.shutdown_grace,
         "config_file": config_file,
         "sources": sources,

@@ -6,10 +6,11 @@
 //! sliding-window mask on local layers) → RMSNorm → residual; RMSNorm → GELU-gated MLP →
 //! RMSNorm → residual. Embeddings are scaled by √hidden; the output head is tied.
 
-use candle_core::quantized::{gguf_file, QMatMul};
+use candle_core::quantized::gguf_file;
 use candle_core::{Device, IndexOp, Module, Result, Tensor};
 use candle_transformers::quantized_nn::RmsNorm;
 
+use super::linear::{forward_many, Linear};
 use super::qembed::QEmbedding;
 use super::weights;
 
@@ -40,19 +41,19 @@ impl Rope {
 
 #[derive(Debug, Clone)]
 struct Layer {
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
-    wo: QMatMul,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    wo: Linear,
     q_norm: RmsNorm,
     k_norm: RmsNorm,
     attn_norm: RmsNorm,
     post_attn_norm: RmsNorm,
     ffn_norm: RmsNorm,
     post_ffn_norm: RmsNorm,
-    gate: QMatMul,
-    up: QMatMul,
-    down: QMatMul,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
     n_head: usize,
     n_kv_head: usize,
     head_dim: usize,
@@ -64,19 +65,14 @@ struct Layer {
 impl Layer {
     fn attention(&mut self, x: &Tensor, pos: usize) -> Result<Tensor> {
         let (b, seq_len, _) = x.dims3()?;
-        let q = self
-            .wq
-            .forward(x)?
+        let [q, k, v] = forward_many([&self.wq, &self.wk, &self.wv], x)?;
+        let q = q
             .reshape((b, seq_len, self.n_head, self.head_dim))?
             .transpose(1, 2)?;
-        let k = self
-            .wk
-            .forward(x)?
+        let k = k
             .reshape((b, seq_len, self.n_kv_head, self.head_dim))?
             .transpose(1, 2)?;
-        let v = self
-            .wv
-            .forward(x)?
+        let v = v
             .reshape((b, seq_len, self.n_kv_head, self.head_dim))?
             .transpose(1, 2)?
             .contiguous()?;
@@ -135,9 +131,8 @@ impl Layer {
     }
 
     fn mlp(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = self.gate.forward(x)?.gelu()?;
-        let up = self.up.forward(x)?;
-        self.down.forward(&(gate * up)?)
+        let [gate, up] = forward_many([&self.gate, &self.up], x)?;
+        self.down.forward(&(gate.gelu()? * up)?)
     }
 }
 
@@ -148,7 +143,7 @@ pub(crate) struct Gemma3 {
     hidden: usize,
     layers: Vec<Layer>,
     norm: RmsNorm,
-    output: QMatMul,
+    output: Linear,
 }
 
 impl Gemma3 {

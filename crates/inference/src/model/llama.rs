@@ -2,26 +2,29 @@
 //!
 //! Per layer: RMSNorm → attention (RoPE on q and k, grouped-query attention, causal mask) →
 //! residual; RMSNorm → SwiGLU MLP → residual. Unlike candle-transformers' version this keeps
-//! the token embeddings quantised and sizes rotary tables to the model's own context.
+//! the token embeddings quantised and sizes rotary tables to the model's own context, and its
+//! projections run on pod's fused kernels on the CPU, each layer's input quantised once for
+//! q/k/v and once for gate/up.
 
-use candle_core::quantized::{gguf_file, QMatMul};
+use candle_core::quantized::gguf_file;
 use candle_core::{Device, IndexOp, Module, Result, Tensor};
 use candle_transformers::quantized_nn::RmsNorm;
 
+use super::linear::{forward_many, Linear};
 use super::qembed::QEmbedding;
 use super::weights;
 
 #[derive(Debug, Clone)]
 struct Layer {
-    wq: QMatMul,
-    wk: QMatMul,
-    wv: QMatMul,
-    wo: QMatMul,
+    wq: Linear,
+    wk: Linear,
+    wv: Linear,
+    wo: Linear,
     attn_norm: RmsNorm,
     ffn_norm: RmsNorm,
-    gate: QMatMul,
-    up: QMatMul,
-    down: QMatMul,
+    gate: Linear,
+    up: Linear,
+    down: Linear,
     kv: Option<(Tensor, Tensor)>,
 }
 
@@ -31,7 +34,7 @@ pub(crate) struct Llama {
     embed: QEmbedding,
     layers: Vec<Layer>,
     norm: RmsNorm,
-    output: QMatMul,
+    output: Linear,
     cos: Tensor,
     sin: Tensor,
     n_head: usize,
@@ -150,20 +153,12 @@ impl Llama {
         };
         let (n_head, n_kv, hd) = (self.n_head, self.n_kv_head, self.head_dim);
         for li in 0..self.layers.len() {
-            let h = self.layers[li].attn_norm.forward(&x)?;
-            let q = self.layers[li]
-                .wq
-                .forward(&h)?
-                .reshape((1, seq_len, n_head, hd))?
-                .transpose(1, 2)?;
-            let k = self.layers[li]
-                .wk
-                .forward(&h)?
-                .reshape((1, seq_len, n_kv, hd))?
-                .transpose(1, 2)?;
-            let v = self.layers[li]
-                .wv
-                .forward(&h)?
+            let layer = &self.layers[li];
+            let h = layer.attn_norm.forward(&x)?;
+            let [q, k, v] = forward_many([&layer.wq, &layer.wk, &layer.wv], &h)?;
+            let q = q.reshape((1, seq_len, n_head, hd))?.transpose(1, 2)?;
+            let k = k.reshape((1, seq_len, n_kv, hd))?.transpose(1, 2)?;
+            let v = v
                 .reshape((1, seq_len, n_kv, hd))?
                 .transpose(1, 2)?
                 .contiguous()?;
@@ -191,9 +186,8 @@ impl Llama {
                 .reshape((1, seq_len, n_head * hd))?;
             x = (layer.wo.forward(&y)? + x)?;
             let h = layer.ffn_norm.forward(&x)?;
-            let g = candle_nn::ops::silu(&layer.gate.forward(&h)?)?;
-            let u = layer.up.forward(&h)?;
-            x = (layer.down.forward(&(g * u)?)? + x)?;
+            let [g, u] = forward_many([&layer.gate, &layer.up], &h)?;
+            x = (layer.down.forward(&(candle_nn::ops::silu(&g)? * u)?)? + x)?;
         }
         let last = x.i((.., seq_len - 1, ..))?.contiguous()?;
         self.output.forward(&self.norm.forward(&last)?)

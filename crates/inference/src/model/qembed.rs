@@ -7,12 +7,13 @@ use std::sync::Arc;
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
 use candle_core::{Device, Result, Tensor};
 
+use super::linear::RawTensor;
+
 #[derive(Debug, Clone)]
 pub(crate) struct QEmbedding {
-    /// The table, shared with the output head when the model ties them.
-    source: Arc<QTensor>,
-    /// A host copy, only for devices whose storage cannot be borrowed.
-    host: Option<Arc<Vec<u8>>>,
+    /// The table's blocks in host memory, shared with the output head when the model ties
+    /// them.
+    data: Arc<[u8]>,
     dtype: GgmlDType,
     rows: usize,
     hidden: usize,
@@ -22,28 +23,21 @@ pub(crate) struct QEmbedding {
 
 impl QEmbedding {
     /// Wraps a `[rows, hidden]` quantised matrix.
-    pub(crate) fn new(t: Arc<QTensor>, device: &Device) -> Result<Self> {
-        let (rows, hidden) = t.shape().dims2()?;
-        let dtype = t.dtype();
-        if hidden % dtype.block_size() != 0 {
+    pub(crate) fn new(t: &RawTensor, device: &Device) -> Result<Self> {
+        let (rows, hidden, dtype) = (t.rows, t.cols, t.dtype);
+        if !hidden.is_multiple_of(dtype.block_size()) {
             candle_core::bail!("embedding rows of {hidden} values are not whole {dtype:?} blocks");
         }
         let row_bytes = hidden / dtype.block_size() * dtype.type_size();
-        let len = t.data()?.len();
+        let len = t.data.len();
         if len != rows * row_bytes {
             candle_core::bail!(
                 "embedding tensor has {len} bytes, expected {}",
                 rows * row_bytes
             );
         }
-        let host = if device.is_cpu() {
-            None
-        } else {
-            Some(Arc::new(t.data()?.into_owned()))
-        };
         Ok(Self {
-            source: t,
-            host,
+            data: Arc::clone(&t.data),
             dtype,
             rows,
             hidden,
@@ -54,10 +48,7 @@ impl QEmbedding {
 
     /// The rows of `ids` as a `[ids.len(), hidden]` f32 tensor.
     pub(crate) fn lookup(&self, ids: &[u32]) -> Result<Tensor> {
-        let data = match &self.host {
-            Some(h) => Cow::Borrowed(h.as_slice()),
-            None => self.source.data()?,
-        };
+        let data = &self.data;
         let mut bytes = Vec::with_capacity(ids.len() * self.row_bytes);
         for &id in ids {
             let id = id as usize;

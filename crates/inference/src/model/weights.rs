@@ -1,21 +1,55 @@
 //! Loading pieces every GGUF decoder shares: the embedding/output head, per-layer tensors and
 //! rotary tables.
 
-use std::io::{Read, Seek};
-use std::sync::Arc;
+use std::io::{Read, Seek, SeekFrom};
 
-use candle_core::quantized::{gguf_file, QMatMul};
+use candle_core::quantized::gguf_file;
 use candle_core::{DType, Device, Result, Tensor};
 use candle_transformers::quantized_nn::RmsNorm;
 
+use super::linear::{Linear, RawTensor};
 use super::qembed::QEmbedding;
+
+/// The blocks of the 2-D tensor `name`, as stored in the file.
+pub(super) fn raw<R: Read + Seek>(
+    ct: &gguf_file::Content,
+    r: &mut R,
+    name: &str,
+) -> Result<RawTensor> {
+    let Some(info) = ct.tensor_infos.get(name) else {
+        candle_core::bail!("cannot find tensor info for {name}");
+    };
+    let (rows, cols) = info.shape.dims2()?;
+    let (bs, ts) = (info.ggml_dtype.block_size(), info.ggml_dtype.type_size());
+    if !cols.is_multiple_of(bs) {
+        candle_core::bail!(
+            "{name}: rows of {cols} values are not whole {:?} blocks",
+            info.ggml_dtype
+        );
+    }
+    let len = rows * (cols / bs) * ts;
+    let start = ct.tensor_data_offset.saturating_add(info.offset);
+    let file_len = r.seek(SeekFrom::End(0))?;
+    if file_len.saturating_sub(start) < len as u64 {
+        candle_core::bail!("{name}: {len} bytes at offset {start} run past the end of the file");
+    }
+    r.seek(SeekFrom::Start(start))?;
+    let mut data = vec![0u8; len];
+    r.read_exact(&mut data)?;
+    Ok(RawTensor {
+        dtype: info.ggml_dtype,
+        rows,
+        cols,
+        data: data.into(),
+    })
+}
 
 /// Token embeddings, final norm and output projection (tied to the embeddings when the file
 /// has no `output.weight`).
 pub(super) struct Head {
     pub(super) embed: QEmbedding,
     pub(super) norm: RmsNorm,
-    pub(super) output: QMatMul,
+    pub(super) output: Linear,
 }
 
 pub(super) fn head<R: Read + Seek>(
@@ -24,11 +58,13 @@ pub(super) fn head<R: Read + Seek>(
     eps: f64,
     dev: &Device,
 ) -> Result<Head> {
-    let embed_q = Arc::new(ct.tensor(r, "token_embd.weight", dev)?);
-    let embed = QEmbedding::new(Arc::clone(&embed_q), dev)?;
-    let output = match ct.tensor(r, "output.weight", dev) {
-        Ok(t) => QMatMul::from_qtensor(t)?,
-        Err(_) => QMatMul::from_arc(embed_q)?,
+    let embed_t = raw(ct, r, "token_embd.weight")?;
+    let embed = QEmbedding::new(&embed_t, dev)?;
+    // Tied heads share the embedding's bytes.
+    let output = if ct.tensor_infos.contains_key("output.weight") {
+        Linear::new(&raw(ct, r, "output.weight")?, dev)?
+    } else {
+        Linear::new(&embed_t, dev)?
     };
     let norm = RmsNorm::from_qtensor(ct.tensor(r, "output_norm.weight", dev)?, eps)?;
     Ok(Head {
@@ -48,13 +84,13 @@ pub(super) struct Block<'a, R> {
 }
 
 impl<R: Read + Seek> Block<'_, R> {
-    pub(super) fn matmul(&mut self, name: &str) -> Result<QMatMul> {
-        let t = self.ct.tensor(
+    pub(super) fn matmul(&mut self, name: &str) -> Result<Linear> {
+        let t = raw(
+            self.ct,
             self.r,
             &format!("blk.{}.{name}.weight", self.layer),
-            self.dev,
         )?;
-        QMatMul::from_qtensor(t)
+        Linear::new(&t, self.dev)
     }
 
     pub(super) fn norm(&mut self, name: &str) -> Result<RmsNorm> {

@@ -85,7 +85,12 @@ impl Run {
 /// Runs a request on the shared [`engine`] to its end; panics on an error or after two minutes
 /// without an event.
 pub async fn run(req: GenerateRequest) -> Run {
-    let mut rx = engine().generate(req).expect("accepted");
+    run_on(&engine(), req).await
+}
+
+/// [`run`] on a given engine.
+pub async fn run_on(engine: &EngineHandle, req: GenerateRequest) -> Run {
+    let mut rx = engine.generate(req).expect("accepted");
     let mut deltas = Vec::new();
     loop {
         let event = tokio::time::timeout(std::time::Duration::from_secs(120), rx.recv())

@@ -1,0 +1,159 @@
+//! Fused quantised matrix products on the CPU for the GGUF block formats.
+//!
+//! Weights stay in their GGUF blocks ([`QMatrix`]); activations are quantised once per row to
+//! 8-bit blocks ([`QuantizedRows`]: blocks of 32 for `Q4_0`, `Q4_1`, `Q5_0` and `Q8_0`,
+//! super-blocks of 256 for `Q4_K` and `Q6_K`) and dotted block by block in integer
+//! arithmetic, each block's sum scaled once in f32, as ggml does. [`matmul_many`] runs one
+//! input through several matrices in a single pass over the worker pool.
+//!
+//! On x86-64 the kernels use AVX-512 VNNI or AVX2 when the CPU has them (checked at run time;
+//! `POD_CPU_KERNELS=avx2` or `=portable` caps the choice) and portable ones otherwise; models
+//! use them only where [`accelerated`] (elsewhere, candle's kernels serve better). A row's
+//! result is computed the same way whatever it is batched with, so prefill and decode of the
+//! same tokens give bit-identical projections.
+//!
+//! Accuracy: quantising activations to 8 bits moves each by at most half a step, which bounds
+//! every output's error against an f32 product (the same trade llama.cpp makes);
+//! `tests/kernels.rs` checks that bound against candle on random blocks of every format.
+
+mod dot;
+mod format;
+mod matmul;
+mod quantize;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+pub use format::QuantFormat;
+pub use matmul::{matmul_many, QMatrix};
+pub use quantize::QuantizedRows;
+
+/// Whether this CPU runs the SIMD kernels. Without them the portable ones still give the same
+/// results, but slower than candle's own kernels for batches, so models then stay on candle.
+pub fn accelerated() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        x86::level() > x86::Level::Portable
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// A fused kernel was handed inconsistent shapes or data.
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    /// The input's length is not a whole number of rows.
+    #[error("{len} activations are not whole rows of {cols}")]
+    InputShape {
+        /// Values given.
+        len: usize,
+        /// Values per row.
+        cols: usize,
+    },
+    /// Rows of this width do not split into whole blocks of the format.
+    #[error("rows of {cols} values are not whole {format:?} blocks")]
+    PartialBlock {
+        /// The format.
+        format: QuantFormat,
+        /// Values per row.
+        cols: usize,
+    },
+    /// A weight matrix's bytes do not match its shape.
+    #[error("{format:?} matrix of {rows}x{cols} cannot have {len} bytes")]
+    DataSize {
+        /// The format.
+        format: QuantFormat,
+        /// Rows.
+        rows: usize,
+        /// Values per row.
+        cols: usize,
+        /// Bytes given.
+        len: usize,
+    },
+    /// The activations are not as wide as the matrix's rows.
+    #[error("matrix rows have {expected} values, activations {got}")]
+    InputWidth {
+        /// The matrix's row width.
+        expected: usize,
+        /// The activations' row width.
+        got: usize,
+    },
+    /// The activations were not quantised in the form this format reads.
+    #[error("activations were not quantised for {0:?} weights")]
+    NotQuantizedFor(QuantFormat),
+    /// An output buffer has the wrong length.
+    #[error("output holds {got} values, the product has {expected}")]
+    OutputSize {
+        /// Values the product has.
+        expected: usize,
+        /// Values the buffer holds.
+        got: usize,
+    },
+    /// A different number of matrices and output buffers.
+    #[error("{matrices} matrices but {outputs} output buffers")]
+    OutputCount {
+        /// Matrices given.
+        matrices: usize,
+        /// Output buffers given.
+        outputs: usize,
+    },
+}
+
+/// Random weights and inputs for the kernel tests.
+#[cfg(test)]
+pub(crate) mod testutil {
+    use rand::rngs::StdRng;
+    use rand::{Rng, SeedableRng};
+
+    use super::QuantFormat;
+
+    fn put_f16(b: &mut [u8], at: usize, v: f32) {
+        b[at..at + 2].copy_from_slice(&half::f16::from_f32(v).to_le_bytes());
+    }
+
+    /// `rows` rows of `cols` values of random blocks with plausible scales.
+    pub(crate) fn random_matrix(
+        format: QuantFormat,
+        rows: usize,
+        cols: usize,
+        seed: u64,
+    ) -> Vec<u8> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let blocks = rows * cols / format.block_values();
+        let mut data = vec![0u8; blocks * format.block_bytes()];
+        rng.fill(&mut data[..]);
+        for b in data.chunks_exact_mut(format.block_bytes()) {
+            let sign = if rng.random::<bool>() { 1.0 } else { -1.0 };
+            let d = sign * rng.random_range(0.002..0.05f32);
+            match format {
+                QuantFormat::Q4_0 | QuantFormat::Q5_0 | QuantFormat::Q8_0 => put_f16(b, 0, d),
+                QuantFormat::Q4_1 => {
+                    put_f16(b, 0, d.abs());
+                    put_f16(b, 2, rng.random_range(-0.4..0.1f32));
+                }
+                QuantFormat::Q4K => {
+                    put_f16(b, 0, d.abs() / 10.0);
+                    put_f16(b, 2, rng.random_range(0.0..0.005f32));
+                }
+                QuantFormat::Q6K => put_f16(b, 208, d.abs() / 10.0),
+            }
+        }
+        data
+    }
+
+    /// `len` activations, mostly small with a few large ones, as in a transformer.
+    pub(crate) fn random_input(len: usize, seed: u64) -> Vec<f32> {
+        let mut rng = StdRng::seed_from_u64(seed);
+        (0..len)
+            .map(|_| {
+                let v: f32 = rng.random_range(-1.0..1.0);
+                if rng.random_range(0..50) == 0 {
+                    v * 20.0
+                } else {
+                    v
+                }
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,206 @@
+//! Portable fused dot products: one weight row (GGUF blocks) against `T` quantised activation
+//! rows at once, so that each weight block is unpacked once per `T` rows. Plain safe Rust over
+//! fixed-size arrays, which the compiler vectorises; the x86 module has hand-written versions
+//! of the same functions, and these are its reference.
+//!
+//! Each row's result is computed by the same sequence of operations whatever `T` is, so a
+//! row's output does not depend on the rows it was batched with.
+
+use super::format::{f16_at, q4k_scales_mins, q6k_values, QuantFormat, QK, QK_K};
+use super::quantize::{Q8Block, Q8KBlock};
+
+#[inline(always)]
+fn idot<const N: usize>(a: &[i8; N], b: &[i8; N]) -> i32 {
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| i32::from(x) * i32::from(y))
+        .sum()
+}
+
+/// A 32-value block format, read as small integers `q` with `x = scale * q + offset`.
+pub(crate) trait Block32 {
+    /// The format.
+    const FORMAT: QuantFormat;
+    /// Bytes per block.
+    const BYTES: usize = Self::FORMAT.block_bytes();
+    /// `(scale, offset, q)` of one block.
+    fn unpack(b: &[u8]) -> (f32, f32, [i8; QK]);
+}
+
+/// Marker types selecting a 32-value format at compile time.
+pub(crate) mod fmt {
+    /// `Q4_0`.
+    #[derive(Debug)]
+    pub(crate) struct Q4_0;
+    /// `Q4_1`.
+    #[derive(Debug)]
+    pub(crate) struct Q4_1;
+    /// `Q5_0`.
+    #[derive(Debug)]
+    pub(crate) struct Q5_0;
+    /// `Q8_0`.
+    #[derive(Debug)]
+    pub(crate) struct Q8_0;
+}
+
+#[inline(always)]
+fn nibbles(qs: &[u8]) -> [i8; QK] {
+    let mut q = [0i8; QK];
+    for j in 0..16 {
+        q[j] = (qs[j] & 0x0F) as i8;
+        q[j + 16] = (qs[j] >> 4) as i8;
+    }
+    q
+}
+
+impl Block32 for fmt::Q4_0 {
+    const FORMAT: QuantFormat = QuantFormat::Q4_0;
+    #[inline(always)]
+    fn unpack(b: &[u8]) -> (f32, f32, [i8; QK]) {
+        let d = f16_at(b, 0);
+        (d, -8.0 * d, nibbles(&b[2..18]))
+    }
+}
+
+impl Block32 for fmt::Q4_1 {
+    const FORMAT: QuantFormat = QuantFormat::Q4_1;
+    #[inline(always)]
+    fn unpack(b: &[u8]) -> (f32, f32, [i8; QK]) {
+        (f16_at(b, 0), f16_at(b, 2), nibbles(&b[4..20]))
+    }
+}
+
+impl Block32 for fmt::Q5_0 {
+    const FORMAT: QuantFormat = QuantFormat::Q5_0;
+    #[inline(always)]
+    fn unpack(b: &[u8]) -> (f32, f32, [i8; QK]) {
+        let d = f16_at(b, 0);
+        let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+        let mut q = nibbles(&b[6..22]);
+        for (j, v) in q.iter_mut().enumerate() {
+            *v |= (((qh >> j) & 1) << 4) as i8;
+        }
+        (d, -16.0 * d, q)
+    }
+}
+
+impl Block32 for fmt::Q8_0 {
+    const FORMAT: QuantFormat = QuantFormat::Q8_0;
+    #[inline(always)]
+    fn unpack(b: &[u8]) -> (f32, f32, [i8; QK]) {
+        let mut q = [0i8; QK];
+        for (v, &byte) in q.iter_mut().zip(&b[2..34]) {
+            *v = byte as i8;
+        }
+        (f16_at(b, 0), 0.0, q)
+    }
+}
+
+/// Dots one row of a 32-value format with `T` activation rows.
+#[inline(always)]
+pub(crate) fn rows_q8<B: Block32, const T: usize>(w: &[u8], xs: [&[Q8Block]; T]) -> [f32; T] {
+    let mut acc = [0.0f32; T];
+    let mut off = [0.0f32; T];
+    for (i, b) in w.chunks_exact(B::BYTES).enumerate() {
+        let (d, m, q) = B::unpack(b);
+        for t in 0..T {
+            let y = &xs[t][i];
+            acc[t] += (d * y.d) * idot(&q, &y.qs) as f32;
+            off[t] += m * y.s;
+        }
+    }
+    let mut out = [0.0f32; T];
+    for t in 0..T {
+        out[t] = acc[t] + off[t];
+    }
+    out
+}
+
+/// `rows_q8` over consecutive weight rows of `row_bytes`: `outs[t][j]` gets weight row `j`
+/// dotted with activation row `t`.
+pub(crate) fn tile_q8<B: Block32, const T: usize>(
+    w: &[u8],
+    row_bytes: usize,
+    xs: [&[Q8Block]; T],
+    outs: &mut [&mut [f32]],
+) {
+    for (j, row) in w.chunks_exact(row_bytes).enumerate() {
+        let r = rows_q8::<B, T>(row, xs);
+        for t in 0..T {
+            outs[t][j] = r[t];
+        }
+    }
+}
+
+/// `rows_q4k` or `rows_q6k` over consecutive weight rows, as [`tile_q8`].
+pub(crate) fn tile_q8k<const T: usize>(
+    format: QuantFormat,
+    w: &[u8],
+    row_bytes: usize,
+    xs: [&[Q8KBlock]; T],
+    outs: &mut [&mut [f32]],
+) {
+    for (j, row) in w.chunks_exact(row_bytes).enumerate() {
+        let r = if format == QuantFormat::Q4K {
+            rows_q4k::<T>(row, xs)
+        } else {
+            rows_q6k::<T>(row, xs)
+        };
+        for t in 0..T {
+            outs[t][j] = r[t];
+        }
+    }
+}
+
+/// Dots one `Q4_K` row with `T` activation rows.
+#[inline(always)]
+pub(crate) fn rows_q4k<const T: usize>(w: &[u8], xs: [&[Q8KBlock]; T]) -> [f32; T] {
+    let mut acc = [0.0f32; T];
+    for (i, b) in w.chunks_exact(QuantFormat::Q4K.block_bytes()).enumerate() {
+        let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+        let (scales, mins) = q4k_scales_mins(&b[4..16]);
+        let mut q = [0i8; QK_K];
+        for (c, qs) in b[16..144].chunks_exact(32).enumerate() {
+            for l in 0..32 {
+                q[64 * c + l] = (qs[l] & 0x0F) as i8;
+                q[64 * c + 32 + l] = (qs[l] >> 4) as i8;
+            }
+        }
+        for t in 0..T {
+            let y = &xs[t][i];
+            let mut sumi = 0i32;
+            let mut summ = 0i32;
+            for s in 0..8 {
+                let isum = idot(&q.as_chunks::<32>().0[s], &y.qs.as_chunks::<32>().0[s]);
+                sumi += i32::from(scales[s]) * isum;
+                let ysum = i32::from(y.bsums[2 * s]) + i32::from(y.bsums[2 * s + 1]);
+                summ += i32::from(mins[s]) * ysum;
+            }
+            acc[t] += y.d * (d * sumi as f32 - dmin * summ as f32);
+        }
+    }
+    acc
+}
+
+/// Dots one `Q6_K` row with `T` activation rows.
+#[inline(always)]
+pub(crate) fn rows_q6k<const T: usize>(w: &[u8], xs: [&[Q8KBlock]; T]) -> [f32; T] {
+    let mut acc = [0.0f32; T];
+    for (i, b) in w.chunks_exact(QuantFormat::Q6K.block_bytes()).enumerate() {
+        let d = f16_at(b, 208);
+        let mut qu = [0u8; QK_K];
+        q6k_values(b, &mut qu);
+        let q: [i8; QK_K] = qu.map(|v| v as i8);
+        for t in 0..T {
+            let y = &xs[t][i];
+            let mut sumi = 0i32;
+            for g in 0..16 {
+                let isum = idot(&q.as_chunks::<16>().0[g], &y.qs.as_chunks::<16>().0[g])
+                    - 32 * i32::from(y.bsums[g]);
+                sumi += i32::from(b[192 + g] as i8) * isum;
+            }
+            acc[t] += y.d * (d * sumi as f32);
+        }
+    }
+    acc
+}

@@ -1,0 +1,225 @@
+//! The GGUF block formats the fused kernels read, their byte layouts and a reference
+//! dequantiser for each.
+//!
+//! Layouts (little-endian, `f16` scales), as ggml defines them:
+//! - `Q4_0`, 18 bytes per 32 values: `d`, 16 bytes of nibbles; value `j` is the low nibble of
+//!   byte `j`, value `j + 16` its high nibble; `x = d * (q - 8)`.
+//! - `Q4_1`, 20 bytes: `d`, `m`, nibbles as `Q4_0`; `x = d * q + m`.
+//! - `Q5_0`, 22 bytes: `d`, 4 bytes of fifth bits (bit `j` belongs to value `j`), nibbles as
+//!   `Q4_0`; `x = d * (q - 16)`.
+//! - `Q8_0`, 34 bytes: `d`, 32 signed bytes; `x = d * q`.
+//! - `Q4_K`, 144 bytes per 256 values: `d`, `dmin`, 12 bytes packing eight 6-bit scales and
+//!   eight 6-bit mins, 128 bytes of nibbles (each 32-byte run holds two 32-value sub-blocks: low
+//!   nibbles first); `x = d * scale * q - dmin * min`.
+//! - `Q6_K`, 210 bytes per 256 values: 128 bytes of low nibbles, 64 bytes of high bit pairs,
+//!   sixteen signed 8-bit scales (one per 16 values), `d`; `x = d * scale * (q - 32)`.
+
+use candle_core::quantized::GgmlDType;
+
+/// Values per block of the 32-value formats.
+pub(crate) const QK: usize = 32;
+/// Values per super-block of the K-quant formats.
+pub(crate) const QK_K: usize = 256;
+
+/// A GGUF quantisation format that has a fused kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QuantFormat {
+    /// 4-bit values with one scale per 32.
+    Q4_0,
+    /// 4-bit values with one scale and one offset per 32.
+    Q4_1,
+    /// 5-bit values with one scale per 32.
+    Q5_0,
+    /// 8-bit values with one scale per 32.
+    Q8_0,
+    /// 4-bit values in super-blocks of 256 with 6-bit sub-block scales and mins.
+    Q4K,
+    /// 6-bit values in super-blocks of 256 with 8-bit sub-block scales.
+    Q6K,
+}
+
+/// Which 8-bit form the activations take for a weight format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ActivationForm {
+    /// Blocks of 32 with an f32 scale and the sum of the quantised values.
+    Q8,
+    /// Super-blocks of 256 with an f32 scale and sums of each run of 16.
+    Q8K,
+}
+
+impl QuantFormat {
+    /// Every supported format.
+    pub const ALL: [QuantFormat; 6] = [
+        QuantFormat::Q4_0,
+        QuantFormat::Q4_1,
+        QuantFormat::Q5_0,
+        QuantFormat::Q8_0,
+        QuantFormat::Q4K,
+        QuantFormat::Q6K,
+    ];
+
+    /// The format of a GGUF tensor type, or `None` when no fused kernel reads it.
+    pub fn from_ggml(dtype: GgmlDType) -> Option<Self> {
+        Some(match dtype {
+            GgmlDType::Q4_0 => Self::Q4_0,
+            GgmlDType::Q4_1 => Self::Q4_1,
+            GgmlDType::Q5_0 => Self::Q5_0,
+            GgmlDType::Q8_0 => Self::Q8_0,
+            GgmlDType::Q4K => Self::Q4K,
+            GgmlDType::Q6K => Self::Q6K,
+            _ => return None,
+        })
+    }
+
+    /// candle's name for the same format.
+    pub fn ggml(self) -> GgmlDType {
+        match self {
+            Self::Q4_0 => GgmlDType::Q4_0,
+            Self::Q4_1 => GgmlDType::Q4_1,
+            Self::Q5_0 => GgmlDType::Q5_0,
+            Self::Q8_0 => GgmlDType::Q8_0,
+            Self::Q4K => GgmlDType::Q4K,
+            Self::Q6K => GgmlDType::Q6K,
+        }
+    }
+
+    /// Values per block.
+    pub const fn block_values(self) -> usize {
+        match self {
+            Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q8_0 => QK,
+            Self::Q4K | Self::Q6K => QK_K,
+        }
+    }
+
+    /// Bytes per block.
+    pub const fn block_bytes(self) -> usize {
+        match self {
+            Self::Q4_0 => 18,
+            Self::Q4_1 => 20,
+            Self::Q5_0 => 22,
+            Self::Q8_0 => 34,
+            Self::Q4K => 144,
+            Self::Q6K => 210,
+        }
+    }
+
+    pub(crate) const fn activation(self) -> ActivationForm {
+        match self {
+            Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q8_0 => ActivationForm::Q8,
+            Self::Q4K | Self::Q6K => ActivationForm::Q8K,
+        }
+    }
+
+    /// Expands one row of blocks (`bytes`) into `out`, which holds `block_values()` values per
+    /// block. This is the definition the fused kernels are tested against.
+    ///
+    /// # Panics
+    /// When `bytes` and `out` do not hold the same whole number of blocks.
+    pub fn dequantize_row(self, bytes: &[u8], out: &mut [f32]) {
+        let (bb, bv) = (self.block_bytes(), self.block_values());
+        assert!(
+            bytes.len().is_multiple_of(bb) && out.len() == bytes.len() / bb * bv,
+            "{self:?}: {} bytes do not expand to {} values",
+            bytes.len(),
+            out.len()
+        );
+        for (b, y) in bytes.chunks_exact(bb).zip(out.chunks_exact_mut(bv)) {
+            match self {
+                Self::Q4_0 => {
+                    let d = f16_at(b, 0);
+                    for j in 0..16 {
+                        y[j] = d * (f32::from(b[2 + j] & 0x0F) - 8.0);
+                        y[j + 16] = d * (f32::from(b[2 + j] >> 4) - 8.0);
+                    }
+                }
+                Self::Q4_1 => {
+                    let (d, m) = (f16_at(b, 0), f16_at(b, 2));
+                    for j in 0..16 {
+                        y[j] = d * f32::from(b[4 + j] & 0x0F) + m;
+                        y[j + 16] = d * f32::from(b[4 + j] >> 4) + m;
+                    }
+                }
+                Self::Q5_0 => {
+                    let d = f16_at(b, 0);
+                    let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
+                    for j in 0..16 {
+                        let lo = (b[6 + j] & 0x0F) | (((qh >> j) & 1) as u8) << 4;
+                        let hi = (b[6 + j] >> 4) | (((qh >> (j + 16)) & 1) as u8) << 4;
+                        y[j] = d * (f32::from(lo) - 16.0);
+                        y[j + 16] = d * (f32::from(hi) - 16.0);
+                    }
+                }
+                Self::Q8_0 => {
+                    let d = f16_at(b, 0);
+                    for (v, &q) in y.iter_mut().zip(&b[2..34]) {
+                        *v = d * f32::from(q as i8);
+                    }
+                }
+                Self::Q4K => {
+                    let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+                    let (scales, mins) = q4k_scales_mins(&b[4..16]);
+                    for (c, q) in b[16..144].chunks_exact(32).enumerate() {
+                        for (half, shift) in [(0, 0), (1, 4)] {
+                            let s = 2 * c + half;
+                            let (ds, ms) = (d * f32::from(scales[s]), dmin * f32::from(mins[s]));
+                            for (l, &byte) in q.iter().enumerate() {
+                                y[32 * s + l] = ds * f32::from((byte >> shift) & 0x0F) - ms;
+                            }
+                        }
+                    }
+                }
+                Self::Q6K => {
+                    let d = f16_at(b, 208);
+                    let mut q = [0u8; QK_K];
+                    q6k_values(b, &mut q);
+                    for (i, v) in y.iter_mut().enumerate() {
+                        let scale = f32::from(b[192 + i / 16] as i8);
+                        *v = d * scale * (f32::from(q[i]) - 32.0);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The f16 at byte `at` of a block, widened.
+#[inline(always)]
+pub(crate) fn f16_at(block: &[u8], at: usize) -> f32 {
+    half::f16::from_le_bytes([block[at], block[at + 1]]).to_f32()
+}
+
+/// The eight 6-bit scales and eight 6-bit mins packed into a `Q4_K` block's 12 bytes: the
+/// first four of each sit in the low six bits of bytes 0-3 (scales) and 4-7 (mins); the last
+/// four take their low nibbles from bytes 8-11 and their top two bits from the spare high bits
+/// of bytes 0-7.
+#[inline(always)]
+pub(crate) fn q4k_scales_mins(p: &[u8]) -> ([u8; 8], [u8; 8]) {
+    let mut scales = [0u8; 8];
+    let mut mins = [0u8; 8];
+    for j in 0..4 {
+        scales[j] = p[j] & 63;
+        mins[j] = p[j + 4] & 63;
+        scales[j + 4] = (p[j + 8] & 0x0F) | ((p[j] >> 6) << 4);
+        mins[j + 4] = (p[j + 8] >> 4) | ((p[j + 4] >> 6) << 4);
+    }
+    (scales, mins)
+}
+
+/// The 256 unsigned 6-bit values of a `Q6_K` block, in order. Each half of 128 values takes
+/// 64 low-nibble bytes and 32 high-bit bytes: value `l + 32 * c` (`l < 32`, `c < 4`) has its
+/// low nibble in byte `l` (c even) or `l + 32` (c odd), low half for c < 2, and its top two
+/// bits at bit `2 * c` of high byte `l`.
+#[inline(always)]
+pub(crate) fn q6k_values(block: &[u8], out: &mut [u8; QK_K]) {
+    for half in 0..2 {
+        let ql = &block[64 * half..64 * half + 64];
+        let qh = &block[128 + 32 * half..128 + 32 * half + 32];
+        let y = &mut out[128 * half..128 * half + 128];
+        for l in 0..32 {
+            y[l] = (ql[l] & 0x0F) | ((qh[l] & 0x03) << 4);
+            y[l + 32] = (ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 0x03) << 4);
+            y[l + 64] = (ql[l] >> 4) | (((qh[l] >> 4) & 0x03) << 4);
+            y[l + 96] = (ql[l + 32] >> 4) | (((qh[l] >> 6) & 0x03) << 4);
+        }
+    }
+}

@@ -1,0 +1,372 @@
+//! A quantised weight matrix in its GGUF blocks, and the parallel driver that multiplies
+//! quantised activation rows by one or several such matrices.
+//!
+//! Work is cut into items of (a run of weight rows) × (up to [`TILE`] activation rows), and
+//! runs of items are shared out over candle's CPU worker pool (one thread per physical core,
+//! the calling thread included; `RAYON_NUM_THREADS` or `CANDLE_NUM_THREADS` override), whose
+//! workers spin briefly between calls, which matters at a hundred calls per decoded token.
+//! Every output element comes from the same per-row kernel whatever the item shape, so results
+//! do not depend on the batch size or the thread count.
+
+use std::fmt;
+use std::sync::{Arc, Mutex, PoisonError};
+
+use super::dot::{self, fmt as f};
+use super::format::{ActivationForm, QuantFormat};
+use super::quantize::QuantizedRows;
+use super::KernelError;
+
+/// Activation rows dotted with each weight block while it is unpacked.
+const TILE: usize = 4;
+/// Fewest weight rows per work item: enough to amortise taking an item.
+const MIN_CHUNK: usize = 16;
+/// Work items per matrix to aim for.
+const ITEMS_PER_MATRIX: usize = 64;
+/// Runs of consecutive items per thread, taken one at a time.
+const RUNS_PER_THREAD: usize = 4;
+
+/// A `[rows, cols]` weight matrix stored as GGUF blocks, row after row; cheap to clone (the
+/// bytes are shared).
+#[derive(Clone)]
+pub struct QMatrix {
+    format: QuantFormat,
+    rows: usize,
+    cols: usize,
+    row_bytes: usize,
+    data: Arc<[u8]>,
+}
+
+impl fmt::Debug for QMatrix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("QMatrix")
+            .field("format", &self.format)
+            .field("rows", &self.rows)
+            .field("cols", &self.cols)
+            .finish_non_exhaustive()
+    }
+}
+
+impl QMatrix {
+    /// Wraps `data`, `rows` rows of `cols` values in `format`'s blocks (GGUF's layout).
+    pub fn new(
+        format: QuantFormat,
+        rows: usize,
+        cols: usize,
+        data: Arc<[u8]>,
+    ) -> Result<Self, KernelError> {
+        if cols == 0 || !cols.is_multiple_of(format.block_values()) {
+            return Err(KernelError::PartialBlock { format, cols });
+        }
+        let row_bytes = cols / format.block_values() * format.block_bytes();
+        if data.len() != rows * row_bytes {
+            return Err(KernelError::DataSize {
+                format,
+                rows,
+                cols,
+                len: data.len(),
+            });
+        }
+        Ok(Self {
+            format,
+            rows,
+            cols,
+            row_bytes,
+            data,
+        })
+    }
+
+    /// The block format.
+    pub fn format(&self) -> QuantFormat {
+        self.format
+    }
+
+    /// Output features (rows of the matrix).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Input features (values per row).
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The raw blocks, row after row.
+    pub fn data(&self) -> &Arc<[u8]> {
+        &self.data
+    }
+
+    /// Row `i` expanded to f32 (`out` holds `cols` values).
+    pub fn dequantize_row(&self, i: usize, out: &mut [f32]) {
+        let bytes = &self.data[i * self.row_bytes..(i + 1) * self.row_bytes];
+        self.format.dequantize_row(bytes, out);
+    }
+
+    /// `out[r * rows + j] = x_r · row_j` for every quantised activation row `r` of `x`.
+    pub fn matmul(&self, x: &QuantizedRows, out: &mut [f32]) -> Result<(), KernelError> {
+        matmul_many(&[self], x, &mut [out])
+    }
+}
+
+/// [`QMatrix::matmul`] of the same activations by several matrices in one pass over the
+/// thread pool (the q/k/v or gate/up projections of a layer): `outs[g]` receives `x · ws[g]ᵀ`.
+pub fn matmul_many(
+    ws: &[&QMatrix],
+    x: &QuantizedRows,
+    outs: &mut [&mut [f32]],
+) -> Result<(), KernelError> {
+    if ws.len() != outs.len() {
+        return Err(KernelError::OutputCount {
+            matrices: ws.len(),
+            outputs: outs.len(),
+        });
+    }
+    let m = x.rows();
+    for (w, out) in ws.iter().zip(outs.iter()) {
+        if w.cols != x.cols() {
+            return Err(KernelError::InputWidth {
+                expected: w.cols,
+                got: x.cols(),
+            });
+        }
+        if !x.has(w.format.activation()) {
+            return Err(KernelError::NotQuantizedFor(w.format));
+        }
+        if out.len() != m * w.rows {
+            return Err(KernelError::OutputSize {
+                expected: m * w.rows,
+                got: out.len(),
+            });
+        }
+    }
+    if m == 0 {
+        return Ok(());
+    }
+    let mut items = work_items(ws, m, outs);
+    let pool = candle_core::utils::barrier_pool();
+    // A few runs of items per thread: a thread slowed down by other processes hands the rest
+    // of its share to the others.
+    let per_run = items
+        .len()
+        .div_ceil((pool.n_workers() + 1) * RUNS_PER_THREAD);
+    let runs: Vec<Mutex<&mut [Item<'_>]>> = items.chunks_mut(per_run).map(Mutex::new).collect();
+    pool.execute_chunked(runs.len(), |range| {
+        for r in range {
+            let mut run = runs[r].lock().unwrap_or_else(PoisonError::into_inner);
+            for item in run.iter_mut() {
+                run_item(ws[item.matrix], x, item);
+            }
+        }
+    });
+    Ok(())
+}
+
+/// Weight rows `c0..c1` of matrix `matrix` against activation rows `i0..i0 + n`; `segs[t]`
+/// is output row `i0 + t`, columns `c0..c1`.
+#[derive(Debug)]
+struct Item<'a> {
+    matrix: usize,
+    c0: usize,
+    c1: usize,
+    i0: usize,
+    n: usize,
+    segs: [&'a mut [f32]; TILE],
+}
+
+/// Cuts the outputs into items, weight-row run major, so that consecutive items (taken by the
+/// same thread) reuse the weight rows from cache across activation tiles.
+fn work_items<'a>(ws: &[&QMatrix], m: usize, outs: &'a mut [&mut [f32]]) -> Vec<Item<'a>> {
+    let tiles = m.div_ceil(TILE);
+    let chunk_of = |w: &QMatrix| {
+        let per_tile = ITEMS_PER_MATRIX.div_ceil(tiles);
+        w.rows.div_ceil(per_tile).max(MIN_CHUNK)
+    };
+    let total: usize = ws
+        .iter()
+        .map(|w| w.rows.div_ceil(chunk_of(w)) * tiles)
+        .sum();
+    let mut items = Vec::with_capacity(total);
+    for (g, (w, out)) in ws.iter().zip(outs.iter_mut()).enumerate() {
+        let chunk = chunk_of(w);
+        let base = items.len();
+        for c0 in (0..w.rows).step_by(chunk) {
+            for i0 in (0..m).step_by(TILE) {
+                items.push(Item {
+                    matrix: g,
+                    c0,
+                    c1: w.rows.min(c0 + chunk),
+                    i0,
+                    n: TILE.min(m - i0),
+                    segs: Default::default(),
+                });
+            }
+        }
+        for (i, row) in out.chunks_mut(w.rows).enumerate() {
+            for (c, seg) in row.chunks_mut(chunk).enumerate() {
+                items[base + c * tiles + i / TILE].segs[i % TILE] = seg;
+            }
+        }
+    }
+    items
+}
+
+fn run_item(w: &QMatrix, x: &QuantizedRows, item: &mut Item<'_>) {
+    let rows = &w.data[item.c0 * w.row_bytes..item.c1 * w.row_bytes];
+    let (i0, segs) = (item.i0, &mut item.segs[..]);
+    match item.n {
+        1 => tile::<1>(w, rows, x, i0, segs),
+        2 => tile::<2>(w, rows, x, i0, segs),
+        3 => tile::<3>(w, rows, x, i0, segs),
+        _ => tile::<TILE>(w, rows, x, i0, segs),
+    }
+}
+
+/// Dots each of `rows` (whole weight rows of `w`) with activation rows `i0..i0 + T`.
+fn tile<const T: usize>(
+    w: &QMatrix,
+    rows: &[u8],
+    x: &QuantizedRows,
+    i0: usize,
+    outs: &mut [&mut [f32]],
+) {
+    let rb = w.row_bytes;
+    match w.format.activation() {
+        ActivationForm::Q8 => {
+            let xs = std::array::from_fn(|t| x.q8_row(i0 + t).unwrap_or_default());
+            #[cfg(target_arch = "x86_64")]
+            if super::x86::tile_q8::<T>(w.format, rows, rb, xs, outs) {
+                return;
+            }
+            match w.format {
+                QuantFormat::Q4_0 => dot::tile_q8::<f::Q4_0, T>(rows, rb, xs, outs),
+                QuantFormat::Q4_1 => dot::tile_q8::<f::Q4_1, T>(rows, rb, xs, outs),
+                QuantFormat::Q5_0 => dot::tile_q8::<f::Q5_0, T>(rows, rb, xs, outs),
+                _ => dot::tile_q8::<f::Q8_0, T>(rows, rb, xs, outs),
+            }
+        }
+        ActivationForm::Q8K => {
+            let xs = std::array::from_fn(|t| x.q8k_row(i0 + t).unwrap_or_default());
+            #[cfg(target_arch = "x86_64")]
+            if super::x86::tile_q8k::<T>(w.format, rows, rb, xs, outs) {
+                return;
+            }
+            dot::tile_q8k::<T>(w.format, rows, rb, xs, outs);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testutil::{random_input, random_matrix};
+    use super::*;
+
+    fn matrix(format: QuantFormat, rows: usize, cols: usize, seed: u64) -> QMatrix {
+        let data = random_matrix(format, rows, cols, seed);
+        QMatrix::new(format, rows, cols, data.into()).unwrap()
+    }
+
+    /// Σ |w_ij x_j| for each output, the scale of its rounding error.
+    fn magnitudes(w: &QMatrix, x: &[f32]) -> Vec<f32> {
+        let mut row = vec![0.0; w.cols];
+        let mut out = Vec::new();
+        for xs in x.chunks_exact(w.cols) {
+            for j in 0..w.rows {
+                w.dequantize_row(j, &mut row);
+                out.push(row.iter().zip(xs).map(|(a, b)| (a * b).abs()).sum());
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn rows_do_not_depend_on_batch_or_grouping() {
+        for format in QuantFormat::ALL {
+            let k = 512;
+            let a = matrix(format, 40, k, 1);
+            let b = matrix(format, 24, k, 2);
+            let m = 7;
+            let x = random_input(m * k, 3);
+            let mut q = QuantizedRows::new();
+            q.quantize(&x, k, [format]).unwrap();
+            let mut ya = vec![0.0; m * 40];
+            let mut yb = vec![0.0; m * 24];
+            matmul_many(&[&a, &b], &q, &mut [&mut ya, &mut yb]).unwrap();
+            for r in 0..m {
+                let mut q1 = QuantizedRows::new();
+                q1.quantize(&x[r * k..(r + 1) * k], k, [format]).unwrap();
+                let mut y1 = vec![0.0; 40];
+                a.matmul(&q1, &mut y1).unwrap();
+                assert_eq!(&ya[r * 40..(r + 1) * 40], &y1[..], "{format:?} row {r}");
+                let mut y1 = vec![0.0; 24];
+                b.matmul(&q1, &mut y1).unwrap();
+                assert_eq!(&yb[r * 24..(r + 1) * 24], &y1[..], "{format:?} row {r}");
+            }
+        }
+    }
+
+    /// Each instruction set the CPU has against the portable kernels, over 1 to 4 rows.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn simd_kernels_agree_with_portable() {
+        use super::super::x86::{self, Level};
+        for level in [Level::Avx2, Level::Avx512Vnni] {
+            if level > x86::level() {
+                continue;
+            }
+            for format in QuantFormat::ALL {
+                let (n, k) = (9, 768);
+                let w = matrix(format, n, k, 11);
+                let x = random_input(4 * k, 12);
+                let mag = magnitudes(&w, &x);
+                let mut q = QuantizedRows::new();
+                q.quantize(&x, k, [format]).unwrap();
+                let (data, rb) = (&w.data[..], w.row_bytes);
+                let mut fast = vec![vec![0.0f32; n]; 4];
+                let mut slow = vec![vec![0.0f32; n]; 4];
+                let mut fo: Vec<&mut [f32]> = fast.iter_mut().map(|v| &mut v[..]).collect();
+                let mut so: Vec<&mut [f32]> = slow.iter_mut().map(|v| &mut v[..]).collect();
+                if format.activation() == ActivationForm::Q8 {
+                    let xs: [_; 4] = std::array::from_fn(|t| q.q8_row(t).unwrap());
+                    assert!(x86::tile_q8_at::<4>(level, format, data, rb, xs, &mut fo));
+                    match format {
+                        QuantFormat::Q4_0 => dot::tile_q8::<f::Q4_0, 4>(data, rb, xs, &mut so),
+                        QuantFormat::Q4_1 => dot::tile_q8::<f::Q4_1, 4>(data, rb, xs, &mut so),
+                        QuantFormat::Q5_0 => dot::tile_q8::<f::Q5_0, 4>(data, rb, xs, &mut so),
+                        _ => dot::tile_q8::<f::Q8_0, 4>(data, rb, xs, &mut so),
+                    }
+                } else {
+                    let xs: [_; 4] = std::array::from_fn(|t| q.q8k_row(t).unwrap());
+                    assert!(x86::tile_q8k::<4>(format, data, rb, xs, &mut fo));
+                    dot::tile_q8k::<4>(format, data, rb, xs, &mut so);
+                }
+                for t in 0..4 {
+                    for j in 0..n {
+                        let (a, b) = (fo[t][j], so[t][j]);
+                        let tol = 1e-6 * mag[t * n + j];
+                        assert!(
+                            (a - b).abs() <= tol,
+                            "{level:?} {format:?} [{t},{j}]: {a} vs {b}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn shapes_are_checked() {
+        let w = matrix(QuantFormat::Q4_1, 8, 64, 5);
+        let mut q = QuantizedRows::new();
+        q.quantize(&random_input(64, 6), 64, [QuantFormat::Q4_1])
+            .unwrap();
+        let mut out = vec![0.0; 7];
+        assert!(matches!(
+            w.matmul(&q, &mut out),
+            Err(KernelError::OutputSize { .. })
+        ));
+        let k = matrix(QuantFormat::Q6K, 8, 256, 5);
+        let mut out = vec![0.0; 8];
+        assert!(k.matmul(&q, &mut out).is_err());
+        assert!(QMatrix::new(QuantFormat::Q8_0, 2, 32, vec![0; 67].into()).is_err());
+        assert!(QMatrix::new(QuantFormat::Q8_0, 2, 48, vec![0; 0].into()).is_err());
+    }
+}

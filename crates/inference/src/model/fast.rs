@@ -1,0 +1,490 @@
+//! The llama family on the CPU without candle's tensor ops: plain f32 rows, pod's fused
+//! quantised kernels for every projection, and attention computed row by row against a KV
+//! cache that grows in place.
+//!
+//! One forward call takes rows from any number of sequences (a prompt chunk of one, the next
+//! token of several others): projections run over all rows at once (matrix-matrix), attention
+//! runs per row against that row's own sequence. Every value of a row is computed by the same
+//! code in the same order whatever else is in the batch and whether the row came from a
+//! prompt or from decoding, so a sequence's logits are bit-identical alone, batched, prefilled
+//! or replayed.
+
+use std::io::{Read, Seek};
+use std::sync::{Mutex, PoisonError};
+
+use candle_core::quantized::gguf_file;
+use candle_core::{Device, Result};
+
+use super::linear::{Linear, RawTensor};
+use super::weights;
+use crate::kernels::{self, QMatrix, QuantFormat, QuantizedRows};
+
+/// Fewest tokens of KV cache added when a sequence outgrows its cache (else half again what
+/// it holds, so long sequences copy their cache a logarithmic number of times).
+const KV_GROWTH: usize = 256;
+/// Attention work (query rows × heads × cached positions) below which it runs on the calling
+/// thread alone: waking the pool costs more.
+const PARALLEL_ATTENTION: usize = 32 * 1024;
+
+#[derive(Debug, Clone)]
+struct Norm {
+    weight: Vec<f32>,
+    eps: f32,
+}
+
+impl Norm {
+    fn load<R: Read + Seek>(
+        ct: &gguf_file::Content,
+        r: &mut R,
+        name: &str,
+        eps: f32,
+    ) -> Result<Self> {
+        let weight = ct
+            .tensor(r, name, &Device::Cpu)?
+            .dequantize(&Device::Cpu)?
+            .flatten_all()?
+            .to_vec1()?;
+        Ok(Self { weight, eps })
+    }
+
+    /// RMS-normalises each row of `x` into `out`.
+    fn apply(&self, x: &[f32], out: &mut [f32]) {
+        let d = self.weight.len();
+        for (xs, os) in x.chunks_exact(d).zip(out.chunks_exact_mut(d)) {
+            let ss = dot(xs, xs);
+            let scale = 1.0 / (ss / d as f32 + self.eps).sqrt();
+            for ((o, &v), &w) in os.iter_mut().zip(xs).zip(&self.weight) {
+                *o = v * scale * w;
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Layer {
+    attn_norm: Norm,
+    ffn_norm: Norm,
+    wq: QMatrix,
+    wk: QMatrix,
+    wv: QMatrix,
+    wo: QMatrix,
+    gate: QMatrix,
+    up: QMatrix,
+    down: QMatrix,
+}
+
+/// Llama weights on the CPU, shared by every sequence.
+#[derive(Debug)]
+pub(crate) struct FastLlama {
+    embed: QMatrix,
+    layers: Vec<Layer>,
+    norm: Norm,
+    output: QMatrix,
+    /// `[max_len, head_dim / 2]` rotary tables.
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    max_len: usize,
+    hidden: usize,
+    n_head: usize,
+    n_kv_head: usize,
+    head_dim: usize,
+    neox: bool,
+}
+
+/// One sequence's keys and values: per layer, `[position][kv head][head_dim]`.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct KvCache {
+    k: Vec<Vec<f32>>,
+    v: Vec<Vec<f32>>,
+    len: usize,
+    /// Values per position and layer (KV heads × head_dim).
+    width: usize,
+}
+
+impl KvCache {
+    /// Positions cached.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Forgets positions from `len` on (a prefix stays valid), including any a failed
+    /// forward pass had begun to write.
+    pub(crate) fn truncate(&mut self, len: usize) {
+        self.len = self.len.min(len);
+        for l in self.k.iter_mut().chain(self.v.iter_mut()) {
+            l.truncate(self.len * self.width);
+        }
+    }
+
+    /// Bytes of keys and values held.
+    pub(crate) fn bytes(&self) -> usize {
+        self.len * self.width * (self.k.len() + self.v.len()) * std::mem::size_of::<f32>()
+    }
+}
+
+fn fused(l: Linear, name: &str) -> Result<QMatrix> {
+    match l {
+        Linear::Fused(m) => Ok(m),
+        Linear::Candle(_) => candle_core::bail!("{name}: no fused kernel for this format"),
+    }
+}
+
+fn matrix(t: &RawTensor, name: &str) -> Result<QMatrix> {
+    fused(Linear::new(t, &Device::Cpu)?, name)
+}
+
+impl FastLlama {
+    /// Whether a llama GGUF can run here: a CPU with the SIMD kernels, every matrix in a
+    /// format they read, and full-width rotary embeddings.
+    pub(crate) fn supported(ct: &gguf_file::Content, arch: &str, dev: &Device) -> bool {
+        if !dev.is_cpu() || !kernels::accelerated() {
+            return false;
+        }
+        let md = |k: &str| {
+            ct.metadata
+                .get(&format!("{arch}.{k}"))
+                .and_then(|v| v.to_u32().ok())
+        };
+        let (Some(n_head), Some(hidden)) = (md("attention.head_count"), md("embedding_length"))
+        else {
+            return false;
+        };
+        if n_head == 0 || !hidden.is_multiple_of(n_head) {
+            return false;
+        }
+        let head_dim = hidden / n_head;
+        if md("rope.dimension_count").is_some_and(|d| d != head_dim) {
+            return false;
+        }
+        ct.tensor_infos.iter().all(|(name, info)| {
+            info.shape.dims().len() != 2
+                || name.ends_with("norm.weight")
+                || QuantFormat::from_ggml(info.ggml_dtype).is_some()
+        })
+    }
+
+    pub(crate) fn from_gguf<R: Read + Seek>(
+        ct: &gguf_file::Content,
+        r: &mut R,
+        arch: &str,
+        max_len: usize,
+    ) -> Result<Self> {
+        let md = |k: &str| {
+            ct.metadata
+                .get(&format!("{arch}.{k}"))
+                .ok_or_else(|| candle_core::Error::Msg(format!("missing {arch}.{k}")))
+        };
+        let n_head = md("attention.head_count")?.to_u32()? as usize;
+        let n_kv_head = md("attention.head_count_kv")
+            .and_then(|v| v.to_u32())
+            .map_or(n_head, |v| v as usize);
+        if n_kv_head == 0 || !n_head.is_multiple_of(n_kv_head) {
+            candle_core::bail!("{n_head} attention heads cannot share {n_kv_head} KV heads");
+        }
+        let blocks = md("block_count")?.to_u32()? as usize;
+        let hidden = md("embedding_length")?.to_u32()? as usize;
+        let head_dim = hidden / n_head;
+        let eps = md("attention.layer_norm_rms_epsilon")?.to_f32()?;
+        let base = md("rope.freq_base")
+            .and_then(|v| v.to_f32())
+            .unwrap_or(10_000.0);
+
+        let embed_t = weights::raw(ct, r, "token_embd.weight")?;
+        let embed = matrix(&embed_t, "token_embd.weight")?;
+        let output = if ct.tensor_infos.contains_key("output.weight") {
+            matrix(&weights::raw(ct, r, "output.weight")?, "output.weight")?
+        } else {
+            embed.clone()
+        };
+        let norm = Norm::load(ct, r, "output_norm.weight", eps)?;
+        let mut layers = Vec::with_capacity(blocks);
+        for i in 0..blocks {
+            let mut m = |name: &str| {
+                let full = format!("blk.{i}.{name}.weight");
+                matrix(&weights::raw(ct, r, &full)?, &full)
+            };
+            let (wq, wk, wv, wo) = (m("attn_q")?, m("attn_k")?, m("attn_v")?, m("attn_output")?);
+            let (gate, up, down) = (m("ffn_gate")?, m("ffn_up")?, m("ffn_down")?);
+            layers.push(Layer {
+                attn_norm: Norm::load(ct, r, &format!("blk.{i}.attn_norm.weight"), eps)?,
+                ffn_norm: Norm::load(ct, r, &format!("blk.{i}.ffn_norm.weight"), eps)?,
+                wq,
+                wk,
+                wv,
+                wo,
+                gate,
+                up,
+                down,
+            });
+        }
+        let half = head_dim / 2;
+        let mut cos = Vec::with_capacity(max_len * half);
+        let mut sin = Vec::with_capacity(max_len * half);
+        for p in 0..max_len {
+            for i in 0..half {
+                let inv = 1.0 / base.powf((2 * i) as f32 / head_dim as f32);
+                let angle = p as f32 * inv;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        Ok(Self {
+            embed,
+            layers,
+            norm,
+            output,
+            cos,
+            sin,
+            max_len,
+            hidden,
+            n_head,
+            n_kv_head,
+            head_dim,
+            neox: false,
+        })
+    }
+
+    /// An empty cache for a new sequence.
+    pub(crate) fn new_cache(&self) -> KvCache {
+        KvCache {
+            k: vec![Vec::new(); self.layers.len()],
+            v: vec![Vec::new(); self.layers.len()],
+            len: 0,
+            width: self.n_kv_head * self.head_dim,
+        }
+    }
+
+    fn rope(&self, x: &mut [f32], pos: usize) {
+        let (hd, half) = (self.head_dim, self.head_dim / 2);
+        let cos = &self.cos[pos * half..(pos + 1) * half];
+        let sin = &self.sin[pos * half..(pos + 1) * half];
+        for head in x.chunks_exact_mut(hd) {
+            for i in 0..half {
+                let (a, b) = if self.neox {
+                    (i, i + half)
+                } else {
+                    (2 * i, 2 * i + 1)
+                };
+                let (x0, x1) = (head[a], head[b]);
+                head[a] = x0 * cos[i] - x1 * sin[i];
+                head[b] = x0 * sin[i] + x1 * cos[i];
+            }
+        }
+    }
+
+    /// Feeds `tokens[s]` to sequence `caches[s]`, for every `s` at once, and returns the logits
+    /// of the token after each sequence's last one.
+    pub(crate) fn forward_batch(
+        &self,
+        caches: &mut [&mut KvCache],
+        tokens: &[&[u32]],
+    ) -> Result<Vec<Vec<f32>>> {
+        if caches.len() != tokens.len() {
+            candle_core::bail!("{} caches for {} token lists", caches.len(), tokens.len());
+        }
+        // Row r: which sequence, at which position.
+        let mut rows: Vec<(usize, usize)> = Vec::new();
+        let mut ids: Vec<u32> = Vec::new();
+        let mut last_rows = Vec::with_capacity(tokens.len());
+        for (s, (cache, toks)) in caches.iter().zip(tokens).enumerate() {
+            if toks.is_empty() {
+                candle_core::bail!("forward called with no tokens");
+            }
+            if cache.len + toks.len() > self.max_len {
+                candle_core::bail!(
+                    "{} tokens exceed the context of {} tokens",
+                    cache.len + toks.len(),
+                    self.max_len
+                );
+            }
+            rows.extend((0..toks.len()).map(|i| (s, cache.len + i)));
+            ids.extend_from_slice(toks);
+            last_rows.push(rows.len() - 1);
+        }
+        let m = rows.len();
+        let (d, hd) = (self.hidden, self.head_dim);
+        let kv_w = self.n_kv_head * hd;
+
+        let mut x = vec![0.0f32; m * d];
+        for (&id, xs) in ids.iter().zip(x.chunks_exact_mut(d)) {
+            if id as usize >= self.embed.rows() {
+                candle_core::bail!(
+                    "token id {id} is outside the embedding table of {} rows",
+                    self.embed.rows()
+                );
+            }
+            self.embed.dequantize_row(id as usize, xs);
+        }
+        for (cache, toks) in caches.iter_mut().zip(tokens) {
+            let need = (cache.len + toks.len()) * kv_w;
+            let grow = (cache.len / 2).max(KV_GROWTH) * kv_w;
+            for l in cache.k.iter_mut().chain(cache.v.iter_mut()) {
+                if l.capacity() < need {
+                    l.reserve_exact(need + grow - l.len());
+                }
+            }
+        }
+
+        let mut h = vec![0.0f32; m * d];
+        let mut q = vec![0.0f32; m * d];
+        let mut k = vec![0.0f32; m * kv_w];
+        let mut v = vec![0.0f32; m * kv_w];
+        let mut att = vec![0.0f32; m * d];
+        let ff = self.layers.first().map_or(0, |l| l.gate.rows());
+        let mut g = vec![0.0f32; m * ff];
+        let mut u = vec![0.0f32; m * ff];
+        let mut qa = QuantizedRows::new();
+
+        for (li, layer) in self.layers.iter().enumerate() {
+            layer.attn_norm.apply(&x, &mut h);
+            project(
+                &mut qa,
+                &h,
+                &[&layer.wq, &layer.wk, &layer.wv],
+                &mut [&mut q, &mut k, &mut v],
+            )?;
+            for (r, &(s, pos)) in rows.iter().enumerate() {
+                self.rope(&mut q[r * d..(r + 1) * d], pos);
+                self.rope(&mut k[r * kv_w..(r + 1) * kv_w], pos);
+                let cache = &mut caches[s];
+                cache.k[li].extend_from_slice(&k[r * kv_w..(r + 1) * kv_w]);
+                cache.v[li].extend_from_slice(&v[r * kv_w..(r + 1) * kv_w]);
+            }
+            self.attention(li, caches, &rows, &q, &mut att);
+            project(&mut qa, &att, &[&layer.wo], &mut [&mut h])?;
+            add(&mut x, &h);
+            layer.ffn_norm.apply(&x, &mut h);
+            project(
+                &mut qa,
+                &h,
+                &[&layer.gate, &layer.up],
+                &mut [&mut g, &mut u],
+            )?;
+            for (gv, &uv) in g.iter_mut().zip(&u) {
+                *gv = *gv / (1.0 + (-*gv).exp()) * uv;
+            }
+            project(&mut qa, &g, &[&layer.down], &mut [&mut h])?;
+            add(&mut x, &h);
+        }
+        for (cache, toks) in caches.iter_mut().zip(tokens) {
+            cache.len += toks.len();
+        }
+
+        let b = last_rows.len();
+        let mut last = vec![0.0f32; b * d];
+        for (i, &r) in last_rows.iter().enumerate() {
+            self.norm
+                .apply(&x[r * d..(r + 1) * d], &mut last[i * d..(i + 1) * d]);
+        }
+        let vocab = self.output.rows();
+        let mut logits = vec![0.0f32; b * vocab];
+        project(&mut qa, &last, &[&self.output], &mut [&mut logits])?;
+        Ok(logits.chunks_exact(vocab).map(<[f32]>::to_vec).collect())
+    }
+
+    /// Causal attention of each row's query against its own sequence's cached keys and values
+    /// up to and including the row's position.
+    fn attention(
+        &self,
+        layer: usize,
+        caches: &[&mut KvCache],
+        rows: &[(usize, usize)],
+        q: &[f32],
+        out: &mut [f32],
+    ) {
+        let (hd, n_head) = (self.head_dim, self.n_head);
+        let rep = n_head / self.n_kv_head;
+        let kv_w = self.n_kv_head * hd;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let one = |r: usize, head: usize, o: &mut [f32], scores: &mut Vec<f32>| {
+            let (s, pos) = rows[r];
+            let (ks, vs) = (&caches[s].k[layer], &caches[s].v[layer]);
+            let off = (head / rep) * hd;
+            let qh = &q[r * n_head * hd + head * hd..][..hd];
+            scores.clear();
+            let mut max = f32::NEG_INFINITY;
+            for j in 0..=pos {
+                let sc = dot(qh, &ks[j * kv_w + off..][..hd]) * scale;
+                max = max.max(sc);
+                scores.push(sc);
+            }
+            let mut sum = 0.0f32;
+            for sc in scores.iter_mut() {
+                *sc = (*sc - max).exp();
+                sum += *sc;
+            }
+            o.fill(0.0);
+            for (j, &w) in scores.iter().enumerate() {
+                let w = w / sum;
+                for (ov, &vv) in o.iter_mut().zip(&vs[j * kv_w + off..][..hd]) {
+                    *ov += w * vv;
+                }
+            }
+        };
+        let work: usize = rows.iter().map(|&(_, p)| (p + 1) * n_head).sum();
+        if work < PARALLEL_ATTENTION {
+            let mut scores = Vec::new();
+            for (r, orow) in out.chunks_exact_mut(n_head * hd).enumerate() {
+                for (head, o) in orow.chunks_exact_mut(hd).enumerate() {
+                    one(r, head, o, &mut scores);
+                }
+            }
+            return;
+        }
+        let cells: Vec<Mutex<&mut [f32]>> = out.chunks_exact_mut(hd).map(Mutex::new).collect();
+        let pool = candle_core::utils::barrier_pool();
+        pool.execute_chunked(cells.len(), |range| {
+            let mut scores = Vec::new();
+            for c in range {
+                let mut o = cells[c].lock().unwrap_or_else(PoisonError::into_inner);
+                one(c / n_head, c % n_head, &mut o, &mut scores);
+            }
+        });
+    }
+}
+
+/// `outs[i] = x · ws[i]ᵀ` with `x` quantised once.
+fn project(
+    qa: &mut QuantizedRows,
+    x: &[f32],
+    ws: &[&QMatrix],
+    outs: &mut [&mut Vec<f32>],
+) -> Result<()> {
+    let cols = ws.first().map_or(0, |w| w.cols());
+    let err = |e: kernels::KernelError| candle_core::Error::Msg(e.to_string());
+    qa.quantize(x, cols, ws.iter().map(|w| w.format()))
+        .map_err(err)?;
+    let m = x.len() / cols.max(1);
+    let mut slices: Vec<&mut [f32]> = outs
+        .iter_mut()
+        .zip(ws)
+        .map(|(o, w)| {
+            o.resize(m * w.rows(), 0.0);
+            &mut o[..]
+        })
+        .collect();
+    kernels::matmul_many(ws, qa, &mut slices).map_err(err)
+}
+
+fn add(x: &mut [f32], y: &[f32]) {
+    for (a, &b) in x.iter_mut().zip(y) {
+        *a += b;
+    }
+}
+
+/// A dot product with eight running sums, a fixed order the compiler can vectorise.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let mut tail = 0.0;
+    for (x, y) in ra.iter().zip(rb) {
+        tail += x * y;
+    }
+    (acc[0] + acc[4]) + (acc[1] + acc[5]) + (acc[2] + acc[6]) + (acc[3] + acc[7]) + tail
+}
