@@ -42,6 +42,7 @@ pub const KEYS: &[&str] = &[
     "serve_mesh",
     "route",
     "announce_interval",
+    "serve_rate",
     "log",
     "log_format",
 ];
@@ -100,6 +101,8 @@ pub struct FileConfig {
     pub route: Option<Route>,
     /// `--announce-interval`, 1 to 3600 seconds.
     pub announce_interval: Option<u64>,
+    /// `--serve-rate`: bytes per second per peer for model files; 0: no limit.
+    pub serve_rate: Option<u64>,
     /// `--log`.
     pub log: Option<String>,
     /// `--log-format`.

@@ -61,6 +61,8 @@ pub struct StartOptions {
     pub serve_mesh: bool,
     /// Where API requests go: local models, peers, or both.
     pub route: Route,
+    /// Bytes per second each peer may pull model files at (0: no limit).
+    pub serve_rate: u64,
 }
 
 /// The node could not start or failed while running.
@@ -283,7 +285,10 @@ pub async fn run(store: ModelStore, opts: StartOptions) -> Result<(), DaemonErro
     );
     tokio::spawn(server.run(mesh.streams()));
     // Storage and full profiles serve their verified model files to peers.
-    let blobs = opts.profile.serves_files().then(|| BlobServer::new(&store));
+    let blobs = opts
+        .profile
+        .serves_files()
+        .then(|| BlobServer::with_limits(&store, BLOB_STREAMS_PER_PEER, opts.serve_rate));
     let blob_stats = blobs
         .as_ref()
         .map_or_else(|| Arc::new(BlobStats::default()), |b| Arc::clone(b.stats()));
@@ -534,6 +539,9 @@ fn client_addr(local: SocketAddr) -> SocketAddr {
         _ => local,
     }
 }
+
+/// Streams of model-file requests one peer may have open at once.
+const BLOB_STREAMS_PER_PEER: usize = 4;
 
 /// How long a starting node waits to hear of pods serving the files of a missing model before
 /// it downloads the model from its sources.

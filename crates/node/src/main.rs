@@ -330,6 +330,15 @@ struct StartArgs {
     #[arg(long, default_value_t = 10, value_name = "SECONDS",
           value_parser = clap::value_parser!(u64).range(1..=3600), env = "POD_ANNOUNCE_INTERVAL")]
     announce_interval: u64,
+    /// Bytes per second each peer may pull model files at from this node, over all of its
+    /// streams (storage and full profiles); 0: no limit.
+    #[arg(
+        long,
+        default_value_t = 0,
+        value_name = "BYTES",
+        env = "POD_SERVE_RATE"
+    )]
+    serve_rate: u64,
 }
 
 #[derive(Debug, Args)]
@@ -377,6 +386,10 @@ enum ModelsCommand {
         /// Seconds to wait for peers that serve the model's files.
         #[arg(long, default_value_t = 3, value_name = "SECONDS")]
         peer_wait: u64,
+        /// Only peers: fail, keeping what was fetched for the next pull to resume, rather than
+        /// download from the catalogue's sources.
+        #[arg(long, conflicts_with = "no_peers")]
+        no_sources: bool,
     },
     /// Delete a downloaded model.
     Remove {
@@ -768,6 +781,14 @@ fn apply_config(
         &mut args.announce_interval,
         file.announce_interval,
     );
+    layer(
+        &mut s,
+        m,
+        "serve_rate",
+        "serve_rate",
+        &mut args.serve_rate,
+        file.serve_rate,
+    );
     layer(&mut s, m, "log", "log", &mut global.log, file.log);
     layer(
         &mut s,
@@ -860,6 +881,7 @@ fn start(home: &Path, mut global: Global, mut args: StartArgs, m: &ArgMatches) -
         home: home.to_path_buf(),
         serve_mesh: !args.no_serve_mesh,
         route: args.route,
+        serve_rate: args.serve_rate,
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     let result = runtime.block_on(daemon::run(store, opts));
@@ -1021,6 +1043,7 @@ fn print_plan(
             "announce_interval_seconds": args.announce_interval,
         },
         "storage": plan.profile.profile.serves_files(),
+        "serve_rate_bytes_per_second": args.serve_rate,
         "route": config::route_name(args.route),
         "engine": {
             "max_batch": args.max_batch,
@@ -1935,6 +1958,7 @@ fn models(home: &Path, store: &ModelStore, cmd: ModelsCommand) -> Result<()> {
             no_peers,
             bootstrap,
             peer_wait,
+            no_sources,
         } => {
             let mut mesh: Option<(tokio::runtime::Runtime, NodeBackend)> = None;
             for name in &names {
@@ -1986,8 +2010,12 @@ fn models(home: &Path, store: &ModelStore, cmd: ModelsCommand) -> Result<()> {
                                 println!("{name}: {} (from peers)", store.model_dir(name).display());
                                 continue;
                             }
+                            Ok(None) if no_sources => bail!("{name}: no peer serves it"),
                             Ok(None) => eprintln!(
                                 "{name}: no peer serves it; downloading from its sources"
+                            ),
+                            Err(e) if no_sources => bail!(
+                                "{name}: pulling from peers failed ({e}); run the pull again to resume"
                             ),
                             Err(e) => eprintln!(
                                 "{name}: pulling from peers failed ({e}); downloading from its sources"

@@ -5,9 +5,9 @@
 //! swarm. The loop ends when every client is dropped.
 //!
 //! Protocols: TCP and QUIC-v1 transports with Noise and Yamux, identify (agent `pod/<version>`),
-//! ping, Kademlia under `/pod/kad/1.0.0` (peer routing, and provider records for served files), gossipsub (capability announcements on
-//! [`capability::CAPABILITY_TOPIC`]), mDNS, AutoNAT, circuit relay v2 (client always, server on
-//! request) and DCUtR hole punching.
+//! ping, Kademlia under `/pod/kad/1.0.0` (peer routing, and provider records for served
+//! files), gossipsub (capability announcements on [`capability::CAPABILITY_TOPIC`]), mDNS,
+//! AutoNAT, circuit relay v2 (client always, server on request) and DCUtR hole punching.
 
 pub mod capability;
 pub mod peers;

@@ -1,12 +1,18 @@
 //! `/pod/blob/1.0.0` between real `pod` processes on 127.0.0.1: a starting pod pulls its
-//! missing model from a storage pod, both count the bytes in `/metrics`, and `pod models list`
-//! shows what is served to how many peers.
+//! missing model from a storage pod, both count the bytes in `/metrics`, `pod models list`
+//! shows what is served to how many peers, and a pull cut by killing its provider resumes
+//! from the verified chunks once the provider is back.
 
 mod common;
 
 use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
-use common::process::{pod_command_with_models, PodProcess};
+use common::process::{pod_command_with_models, wait_until, PodProcess};
+
+/// Bytes per chunk of `/pod/blob/1.0.0`.
+const CHUNK: u64 = 1024 * 1024;
 
 const CHAT: &str = "smollm2-135m-instruct";
 /// Size of the default chat model's GGUF file.
@@ -105,4 +111,104 @@ fn models_list(home: &Path, models: &Path, json: bool) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
+}
+
+/// `pod models pull CHAT` from peers only into the state directory `home`, through `bootstrap`.
+fn pull_from(home: &Path, bootstrap: &str) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pod"));
+    cmd.arg("--home").arg(home).args([
+        "--log",
+        "warn",
+        "models",
+        "pull",
+        CHAT,
+        "--no-sources",
+        "--bootstrap",
+        bootstrap,
+    ]);
+    cmd
+}
+
+/// The number in front of `infix` on the first line of `stdout` holding it, e.g. the bytes of
+/// "model.gguf: 123 bytes from peer X".
+fn number_before(stdout: &str, infix: &str) -> Option<u64> {
+    stdout.lines().find_map(|l| {
+        let (head, _) = l.split_once(infix)?;
+        head.rsplit(' ').next()?.parse().ok()
+    })
+}
+
+#[test]
+fn a_pull_cut_by_killing_its_provider_resumes_without_refetching_verified_chunks() {
+    common::model_path(CHAT);
+    // 20 MB/s per peer: the 98 MB file takes about 5 s, so the kill lands mid-transfer.
+    let args = [
+        "--profile",
+        "storage",
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--announce-interval",
+        "1",
+        "--serve-rate",
+        "20000000",
+    ];
+    let a_home = tempfile::tempdir().unwrap();
+    let mut a = PodProcess::start_in(a_home.path(), &args);
+    let a_id = a.peer_id.clone();
+    let b_home = tempfile::tempdir().unwrap();
+    let b_out = b_home.path().join("pull-1.out");
+    let mut first = pull_from(b_home.path(), &a.tcp_addr())
+        .stdout(std::fs::File::create(&b_out).unwrap())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("pod models pull");
+
+    // Kill A (SIGKILL, no goodbye) once it has sent about a third of the file.
+    let sent = wait_until(Duration::from_secs(60), "a third of the file sent", || {
+        let sent = a.metric("pod_blob_bytes_served_total");
+        (sent >= CHAT_SIZE / 3).then_some(sent)
+    });
+    a.child.kill().unwrap();
+    a.child.wait().unwrap();
+    assert!(sent < CHAT_SIZE, "the pull finished before the kill");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = first.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "the cut pull did not end");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(first.stderr.as_mut().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "the cut pull succeeded: {err}");
+    assert!(err.contains("run the pull again to resume"), "{err}");
+    let models = b_home.path().join("models");
+    assert!(!models.join(CHAT).join("model.gguf").exists());
+
+    // A comes back with the same identity (and another port); B pulls again.
+    drop(a);
+    let a = PodProcess::start_in(a_home.path(), &args);
+    assert_eq!(a.peer_id, a_id);
+    let second = pull_from(b_home.path(), &a.tcp_addr())
+        .output()
+        .expect("pod models pull");
+    let stdout = String::from_utf8_lossy(&second.stdout);
+    assert!(
+        second.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+    let kept = number_before(&stdout, " chunks kept from an interrupted pull")
+        .unwrap_or_else(|| panic!("no resumed chunks: {stdout}"));
+    let fetched = number_before(&stdout, &format!(" bytes from peer {a_id}"))
+        .unwrap_or_else(|| panic!("nothing fetched from A: {stdout}"));
+    assert!(kept > 0 && fetched < CHAT_SIZE, "{stdout}");
+    // Only the chunks not kept crossed the mesh again (the last chunk is shorter).
+    let total_chunks = CHAT_SIZE.div_ceil(CHUNK);
+    assert_eq!(fetched.div_ceil(CHUNK), total_chunks - kept, "{stdout}");
+    assert_eq!(a.metric("pod_blob_bytes_served_total"), fetched);
+    let pulled = std::fs::read(models.join(CHAT).join("model.gguf")).unwrap();
+    let original = std::fs::read(common::model_path(CHAT)).unwrap();
+    assert!(pulled == original, "the resumed file differs");
 }
