@@ -7,7 +7,7 @@ two never compete for the CPU.
 
   pod:          RAYON_NUM_THREADS=T CANDLE_NUM_THREADS=T \
                     pod --home HOME start --profile inference --model MODEL \
-                        --api-port PORT --max-batch 8 --no-pull
+                        --api-port PORT --max-batch 8 --prefix-cache 0 --no-pull
   llama-server: llama-server -m MODEL.gguf --host 127.0.0.1 --port PORT \
                     -t T -np 8 -c 16384          (8 slots of 2048 tokens)
 
@@ -21,9 +21,10 @@ measurement sends the same streaming request from C concurrent clients
    "stream_options": {"include_usage": true}}
 
 llama-server also gets "cache_prompt": false, so that it does not reuse the KV
-cache of the identical prompt from the previous request (pod has no prompt
-cache). Neither gets "ignore_eos": the prompt makes the model write until
-max_tokens, and the number of tokens each stream really produced is reported.
+cache of the identical prompt from the previous request, and pod runs with
+--prefix-cache 0 for the same reason. Neither gets "ignore_eos": the prompt
+makes the model write until max_tokens, and the number of tokens each stream
+really produced is reported.
 
 Per client:
   TTFT     request sent -> first chunk with non-empty delta.content
@@ -356,7 +357,7 @@ def start_server(name: str, args, model: Path, port: int) -> Server:
             "--profile", "inference", "--model", args.pod_model,
             "--api-host", "127.0.0.1", "--api-port", str(port),
             "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns",
-            "--max-batch", str(SLOTS), "--no-pull", "--log", "warn",
+            "--max-batch", str(SLOTS), "--prefix-cache", "0", "--no-pull", "--log", "warn",
         ]
     else:
         cmd = [
@@ -547,7 +548,7 @@ def main() -> None:
                 "prompt": PROMPT,
                 "commands": {
                     "pod": "pod --home HOME start --profile inference --model "
-                           f"{args.pod_model} --api-port PORT --max-batch {SLOTS} "
+                           f"{args.pod_model} --api-port PORT --max-batch {SLOTS} --prefix-cache 0 "
                            f"--no-pull (RAYON_NUM_THREADS={args.threads})",
                     "llama-server": f"llama-server -m {model.name} --host 127.0.0.1 "
                                     f"--port PORT -t {args.threads} -np {SLOTS} "

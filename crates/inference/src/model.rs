@@ -17,7 +17,7 @@ mod llama;
 mod qembed;
 mod weights;
 
-use self::fast::{FastLlama, KvCache};
+use self::fast::{Decoder, KvCache};
 use crate::error::LoadError;
 use crate::gguf::GgufFile;
 use crate::template::{ChatTemplate, CHATML_TEMPLATE};
@@ -29,8 +29,9 @@ const MAX_CONTEXT: usize = 8192;
 
 #[derive(Debug, Clone)]
 enum Weights {
-    /// The llama family on pod's own CPU path (see [`fast`]), batched and batch-invariant.
-    Fast(Arc<FastLlama>),
+    /// The llama family and Gemma 3 on pod's own CPU path (see [`fast`]), batched and
+    /// batch-invariant.
+    Fast(Arc<Decoder>),
     Llama(llama::Llama),
     Gemma3(gemma3::Gemma3),
     Qwen3(quantized_qwen3::ModelWeights),
@@ -40,7 +41,7 @@ enum Weights {
 impl Weights {
     fn forward(&mut self, x: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
         match self {
-            Weights::Fast(_) => candle_core::bail!("the CPU llama path keeps its own caches"),
+            Weights::Fast(_) => candle_core::bail!("the CPU decoder keeps its own caches"),
             Weights::Llama(m) => {
                 let ids: Vec<u32> = x.flatten_all()?.to_vec1()?;
                 m.forward(&ids, pos)
@@ -86,7 +87,7 @@ pub struct Sequence {
 #[derive(Debug, Clone)]
 enum SeqState {
     Fast {
-        model: Arc<FastLlama>,
+        model: Arc<Decoder>,
         cache: KvCache,
     },
     /// candle's models keep the caches inside their own copy of the (shared) weights.
@@ -122,12 +123,10 @@ impl ChatModel {
             source,
         };
         let weights = match arch.as_str() {
-            "llama" | "mistral" if FastLlama::supported(&content, &arch, device) => {
-                Weights::Fast(Arc::new(
-                    FastLlama::from_gguf(&content, &mut reader, &arch, context_length)
-                        .map_err(model_err)?,
-                ))
-            }
+            _ if Decoder::supported(&content, &arch, device) => Weights::Fast(Arc::new(
+                Decoder::from_gguf(&content, &mut reader, &arch, context_length)
+                    .map_err(model_err)?,
+            )),
             "llama" | "mistral" => Weights::Llama(
                 llama::Llama::from_gguf(content, &mut reader, &arch, context_length, device)
                     .map_err(model_err)?,

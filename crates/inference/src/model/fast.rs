@@ -1,6 +1,11 @@
-//! The llama family on the CPU without candle's tensor ops: plain f32 rows, pod's fused
-//! quantised kernels for every projection, and attention computed row by row against a KV
-//! cache that grows in place.
+//! Decoders of the llama family and Gemma 3 on the CPU without candle's tensor ops: plain f32
+//! rows, pod's fused quantised kernels for every projection, and attention computed row by row
+//! against a KV cache that grows in place.
+//!
+//! Llama: RMSNorm → attention (interleaved RoPE) → residual; RMSNorm → SwiGLU → residual.
+//! Gemma 3 adds: embeddings scaled by √hidden, RMSNorm on each query and key head, NeoX RoPE
+//! with a local and a global base, a sliding window on local layers, RMSNorm after attention
+//! and after the feed-forward, and tanh-approximated GELU.
 //!
 //! One forward call takes rows from any number of sequences (a prompt chunk of one, the next
 //! token of several others): projections run over all rows at once (matrix-matrix), attention
@@ -24,7 +29,7 @@ use crate::kernels::{self, QMatrix, QuantFormat, QuantizedRows};
 const KV_GROWTH: usize = 256;
 /// Attention work (query rows × heads × cached positions) below which it runs on the calling
 /// thread alone: waking the pool costs more.
-const PARALLEL_ATTENTION: usize = 32 * 1024;
+const PARALLEL_ATTENTION: usize = 4 * 1024;
 
 #[derive(Debug, Clone)]
 struct Norm {
@@ -60,10 +65,66 @@ impl Norm {
     }
 }
 
+/// Feed-forward gate activation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Activation {
+    Silu,
+    /// The tanh approximation.
+    Gelu,
+}
+
+impl Activation {
+    fn apply(self, x: f32) -> f32 {
+        match self {
+            Activation::Silu => x / (1.0 + (-x).exp()),
+            Activation::Gelu => {
+                const SQRT_TWO_OVER_PI: f32 = 0.797_884_6;
+                0.5 * x * (1.0 + (SQRT_TWO_OVER_PI * x * (1.0 + 0.044_715 * x * x)).tanh())
+            }
+        }
+    }
+}
+
+/// Cosine and sine tables `[max_len, head_dim / 2]` for one RoPE base.
+#[derive(Debug, Clone)]
+struct RopeTable {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl RopeTable {
+    fn new(head_dim: usize, base: f32, max_len: usize) -> Self {
+        let half = head_dim / 2;
+        let inv: Vec<f32> = (0..half)
+            .map(|i| 1.0 / base.powf((2 * i) as f32 / head_dim as f32))
+            .collect();
+        let mut cos = Vec::with_capacity(max_len * half);
+        let mut sin = Vec::with_capacity(max_len * half);
+        for p in 0..max_len {
+            for f in &inv {
+                let angle = p as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        Self { cos, sin }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Layer {
     attn_norm: Norm,
     ffn_norm: Norm,
+    /// Gemma 3: per-head norms of queries and keys, norms of the attention and feed-forward
+    /// outputs.
+    q_norm: Option<Norm>,
+    k_norm: Option<Norm>,
+    post_attn_norm: Option<Norm>,
+    post_ffn_norm: Option<Norm>,
+    /// Keys this far back or further are not attended to (local layers).
+    window: Option<usize>,
+    /// Index of this layer's table in [`Decoder::ropes`].
+    rope: usize,
     wq: QMatrix,
     wk: QMatrix,
     wv: QMatrix,
@@ -73,22 +134,24 @@ struct Layer {
     down: QMatrix,
 }
 
-/// Llama weights on the CPU, shared by every sequence.
+/// Decoder weights on the CPU, shared by every sequence.
 #[derive(Debug)]
-pub(crate) struct FastLlama {
+pub(crate) struct Decoder {
     embed: QMatrix,
+    /// Multiplier of the embeddings (Gemma: √hidden).
+    embed_scale: Option<f32>,
     layers: Vec<Layer>,
     norm: Norm,
     output: QMatrix,
-    /// `[max_len, head_dim / 2]` rotary tables.
-    cos: Vec<f32>,
-    sin: Vec<f32>,
+    ropes: Vec<RopeTable>,
     max_len: usize,
     hidden: usize,
     n_head: usize,
     n_kv_head: usize,
     head_dim: usize,
+    /// NeoX-style (halves) rotation instead of interleaved pairs.
     neox: bool,
+    activation: Activation,
 }
 
 /// One sequence's keys and values: per layer, `[position][kv head][head_dim]`.
@@ -133,11 +196,19 @@ fn matrix(t: &RawTensor, name: &str) -> Result<QMatrix> {
     fused(Linear::new(t, &Device::Cpu)?, name)
 }
 
-impl FastLlama {
-    /// Whether a llama GGUF can run here: a CPU with the SIMD kernels, every matrix in a
-    /// format they read, and full-width rotary embeddings.
+/// Gemma 3 repeats five local (sliding-window) layers and one global layer.
+const GEMMA3_WINDOW_PATTERN: usize = 6;
+const GEMMA3_LOCAL_ROPE_BASE: f32 = 10_000.0;
+const GEMMA3_GLOBAL_ROPE_BASE: f32 = 1_000_000.0;
+
+impl Decoder {
+    /// Whether a GGUF decoder can run here: a llama-family or Gemma 3 model, a CPU with the
+    /// SIMD kernels, every matrix in a format they read, and full-width rotary embeddings.
     pub(crate) fn supported(ct: &gguf_file::Content, arch: &str, dev: &Device) -> bool {
-        if !dev.is_cpu() || !kernels::accelerated() {
+        if !matches!(arch, "llama" | "mistral" | "gemma3")
+            || !dev.is_cpu()
+            || !kernels::accelerated()
+        {
             return false;
         }
         let md = |k: &str| {
@@ -149,11 +220,15 @@ impl FastLlama {
         else {
             return false;
         };
-        if n_head == 0 || !hidden.is_multiple_of(n_head) {
+        if n_head == 0 {
             return false;
         }
-        let head_dim = hidden / n_head;
-        if md("rope.dimension_count").is_some_and(|d| d != head_dim) {
+        let head_dim = md("attention.key_length").unwrap_or(hidden / n_head);
+        if head_dim == 0
+            || !head_dim.is_multiple_of(2)
+            || md("rope.dimension_count").is_some_and(|d| d != head_dim)
+            || md("attention.value_length").is_some_and(|d| d != head_dim)
+        {
             return false;
         }
         ct.tensor_infos.iter().all(|(name, info)| {
@@ -174,6 +249,7 @@ impl FastLlama {
                 .get(&format!("{arch}.{k}"))
                 .ok_or_else(|| candle_core::Error::Msg(format!("missing {arch}.{k}")))
         };
+        let gemma = arch == "gemma3";
         let n_head = md("attention.head_count")?.to_u32()? as usize;
         let n_kv_head = md("attention.head_count_kv")
             .and_then(|v| v.to_u32())
@@ -183,11 +259,36 @@ impl FastLlama {
         }
         let blocks = md("block_count")?.to_u32()? as usize;
         let hidden = md("embedding_length")?.to_u32()? as usize;
-        let head_dim = hidden / n_head;
+        let head_dim = md("attention.key_length")
+            .and_then(|v| v.to_u32())
+            .map_or(hidden / n_head.max(1), |v| v as usize);
         let eps = md("attention.layer_norm_rms_epsilon")?.to_f32()?;
-        let base = md("rope.freq_base")
-            .and_then(|v| v.to_f32())
-            .unwrap_or(10_000.0);
+        let (ropes, window, pattern) = if gemma {
+            let global = md("rope.freq_base")
+                .and_then(|v| v.to_f32())
+                .unwrap_or(GEMMA3_GLOBAL_ROPE_BASE);
+            let local = md("rope.local_freq_base")
+                .and_then(|v| v.to_f32())
+                .unwrap_or(GEMMA3_LOCAL_ROPE_BASE);
+            let window = md("attention.sliding_window")?.to_u32()? as usize;
+            let pattern = md("attention.sliding_window_type")
+                .and_then(|v| v.to_u32())
+                .map_or(GEMMA3_WINDOW_PATTERN, |v| v as usize)
+                .max(1);
+            (
+                vec![
+                    RopeTable::new(head_dim, local, max_len),
+                    RopeTable::new(head_dim, global, max_len),
+                ],
+                Some(window),
+                pattern,
+            )
+        } else {
+            let base = md("rope.freq_base")
+                .and_then(|v| v.to_f32())
+                .unwrap_or(10_000.0);
+            (vec![RopeTable::new(head_dim, base, max_len)], None, 1)
+        };
 
         let embed_t = weights::raw(ct, r, "token_embd.weight")?;
         let embed = matrix(&embed_t, "token_embd.weight")?;
@@ -205,9 +306,17 @@ impl FastLlama {
             };
             let (wq, wk, wv, wo) = (m("attn_q")?, m("attn_k")?, m("attn_v")?, m("attn_output")?);
             let (gate, up, down) = (m("ffn_gate")?, m("ffn_up")?, m("ffn_down")?);
+            let mut norm = |name: &str| Norm::load(ct, r, &format!("blk.{i}.{name}.weight"), eps);
+            let local = gemma && (i + 1) % pattern != 0;
             layers.push(Layer {
-                attn_norm: Norm::load(ct, r, &format!("blk.{i}.attn_norm.weight"), eps)?,
-                ffn_norm: Norm::load(ct, r, &format!("blk.{i}.ffn_norm.weight"), eps)?,
+                attn_norm: norm("attn_norm")?,
+                ffn_norm: norm("ffn_norm")?,
+                q_norm: gemma.then(|| norm("attn_q_norm")).transpose()?,
+                k_norm: gemma.then(|| norm("attn_k_norm")).transpose()?,
+                post_attn_norm: gemma.then(|| norm("post_attention_norm")).transpose()?,
+                post_ffn_norm: gemma.then(|| norm("post_ffw_norm")).transpose()?,
+                window: if local { window } else { None },
+                rope: usize::from(gemma && !local),
                 wq,
                 wk,
                 wv,
@@ -217,30 +326,24 @@ impl FastLlama {
                 down,
             });
         }
-        let half = head_dim / 2;
-        let mut cos = Vec::with_capacity(max_len * half);
-        let mut sin = Vec::with_capacity(max_len * half);
-        for p in 0..max_len {
-            for i in 0..half {
-                let inv = 1.0 / base.powf((2 * i) as f32 / head_dim as f32);
-                let angle = p as f32 * inv;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
-            }
-        }
         Ok(Self {
             embed,
+            embed_scale: gemma.then(|| (hidden as f64).sqrt() as f32),
             layers,
             norm,
             output,
-            cos,
-            sin,
+            ropes,
             max_len,
             hidden,
             n_head,
             n_kv_head,
             head_dim,
-            neox: false,
+            neox: gemma,
+            activation: if gemma {
+                Activation::Gelu
+            } else {
+                Activation::Silu
+            },
         })
     }
 
@@ -254,10 +357,11 @@ impl FastLlama {
         }
     }
 
-    fn rope(&self, x: &mut [f32], pos: usize) {
+    fn rope(&self, table: usize, x: &mut [f32], pos: usize) {
         let (hd, half) = (self.head_dim, self.head_dim / 2);
-        let cos = &self.cos[pos * half..(pos + 1) * half];
-        let sin = &self.sin[pos * half..(pos + 1) * half];
+        let t = &self.ropes[table];
+        let cos = &t.cos[pos * half..(pos + 1) * half];
+        let sin = &t.sin[pos * half..(pos + 1) * half];
         for head in x.chunks_exact_mut(hd) {
             for i in 0..half {
                 let (a, b) = if self.neox {
@@ -303,7 +407,7 @@ impl FastLlama {
         }
         let m = rows.len();
         let (d, hd) = (self.hidden, self.head_dim);
-        let kv_w = self.n_kv_head * hd;
+        let (q_w, kv_w) = (self.n_head * hd, self.n_kv_head * hd);
 
         let mut x = vec![0.0f32; m * d];
         for (&id, xs) in ids.iter().zip(x.chunks_exact_mut(d)) {
@@ -314,6 +418,11 @@ impl FastLlama {
                 );
             }
             self.embed.dequantize_row(id as usize, xs);
+            if let Some(scale) = self.embed_scale {
+                for v in xs.iter_mut() {
+                    *v *= scale;
+                }
+            }
         }
         for (cache, toks) in caches.iter_mut().zip(tokens) {
             let need = (cache.len + toks.len()) * kv_w;
@@ -326,10 +435,11 @@ impl FastLlama {
         }
 
         let mut h = vec![0.0f32; m * d];
-        let mut q = vec![0.0f32; m * d];
+        let mut q = vec![0.0f32; m * q_w];
         let mut k = vec![0.0f32; m * kv_w];
         let mut v = vec![0.0f32; m * kv_w];
-        let mut att = vec![0.0f32; m * d];
+        let mut att = vec![0.0f32; m * q_w];
+        let mut tmp = Vec::new();
         let ff = self.layers.first().map_or(0, |l| l.gate.rows());
         let mut g = vec![0.0f32; m * ff];
         let mut u = vec![0.0f32; m * ff];
@@ -343,15 +453,27 @@ impl FastLlama {
                 &[&layer.wq, &layer.wk, &layer.wv],
                 &mut [&mut q, &mut k, &mut v],
             )?;
+            for (norm, xs) in [(&layer.q_norm, &mut q), (&layer.k_norm, &mut k)] {
+                if let Some(norm) = norm {
+                    tmp.resize(xs.len(), 0.0);
+                    norm.apply(xs, &mut tmp);
+                    std::mem::swap(xs, &mut tmp);
+                }
+            }
             for (r, &(s, pos)) in rows.iter().enumerate() {
-                self.rope(&mut q[r * d..(r + 1) * d], pos);
-                self.rope(&mut k[r * kv_w..(r + 1) * kv_w], pos);
+                self.rope(layer.rope, &mut q[r * q_w..(r + 1) * q_w], pos);
+                self.rope(layer.rope, &mut k[r * kv_w..(r + 1) * kv_w], pos);
                 let cache = &mut caches[s];
                 cache.k[li].extend_from_slice(&k[r * kv_w..(r + 1) * kv_w]);
                 cache.v[li].extend_from_slice(&v[r * kv_w..(r + 1) * kv_w]);
             }
             self.attention(li, caches, &rows, &q, &mut att);
             project(&mut qa, &att, &[&layer.wo], &mut [&mut h])?;
+            if let Some(norm) = &layer.post_attn_norm {
+                tmp.resize(h.len(), 0.0);
+                norm.apply(&h, &mut tmp);
+                std::mem::swap(&mut h, &mut tmp);
+            }
             add(&mut x, &h);
             layer.ffn_norm.apply(&x, &mut h);
             project(
@@ -361,9 +483,14 @@ impl FastLlama {
                 &mut [&mut g, &mut u],
             )?;
             for (gv, &uv) in g.iter_mut().zip(&u) {
-                *gv = *gv / (1.0 + (-*gv).exp()) * uv;
+                *gv = self.activation.apply(*gv) * uv;
             }
             project(&mut qa, &g, &[&layer.down], &mut [&mut h])?;
+            if let Some(norm) = &layer.post_ffn_norm {
+                tmp.resize(h.len(), 0.0);
+                norm.apply(&h, &mut tmp);
+                std::mem::swap(&mut h, &mut tmp);
+            }
             add(&mut x, &h);
         }
         for (cache, toks) in caches.iter_mut().zip(tokens) {
@@ -396,14 +523,16 @@ impl FastLlama {
         let rep = n_head / self.n_kv_head;
         let kv_w = self.n_kv_head * hd;
         let scale = 1.0 / (hd as f32).sqrt();
+        let window = self.layers[layer].window;
         let one = |r: usize, head: usize, o: &mut [f32], scores: &mut Vec<f32>| {
             let (s, pos) = rows[r];
+            let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
             let (ks, vs) = (&caches[s].k[layer], &caches[s].v[layer]);
             let off = (head / rep) * hd;
             let qh = &q[r * n_head * hd + head * hd..][..hd];
             scores.clear();
             let mut max = f32::NEG_INFINITY;
-            for j in 0..=pos {
+            for j in first..=pos {
                 let sc = dot(qh, &ks[j * kv_w + off..][..hd]) * scale;
                 max = max.max(sc);
                 scores.push(sc);
@@ -414,7 +543,7 @@ impl FastLlama {
                 sum += *sc;
             }
             o.fill(0.0);
-            for (j, &w) in scores.iter().enumerate() {
+            for (j, &w) in (first..).zip(scores.iter()) {
                 let w = w / sum;
                 for (ov, &vv) in o.iter_mut().zip(&vs[j * kv_w + off..][..hd]) {
                     *ov += w * vv;
