@@ -35,6 +35,7 @@ pub struct Metrics {
     registry: Registry,
     http: Family<HttpLabels, Counter>,
     prompt_tokens: Family<ModelLabels, Counter>,
+    cached_prompt_tokens: Family<ModelLabels, Counter>,
     completion_tokens: Family<ModelLabels, Counter>,
     ttft: Histogram,
     per_token: Histogram,
@@ -129,6 +130,12 @@ impl Metrics {
             "Prompt tokens processed",
             prompt_tokens.clone(),
         );
+        let cached_prompt_tokens = Family::<ModelLabels, Counter>::default();
+        registry.register(
+            "cached_prompt_tokens",
+            "Prompt tokens taken from the prefix cache instead of being computed",
+            cached_prompt_tokens.clone(),
+        );
         let completion_tokens = Family::<ModelLabels, Counter>::default();
         registry.register(
             "completion_tokens",
@@ -171,6 +178,7 @@ impl Metrics {
             registry,
             http,
             prompt_tokens,
+            cached_prompt_tokens,
             completion_tokens,
             ttft,
             per_token,
@@ -204,6 +212,16 @@ impl Metrics {
         self.completion_tokens
             .get_or_create(&labels)
             .inc_by(completion as u64);
+    }
+
+    /// Records prompt tokens a completion took from the prefix cache.
+    pub fn cached_tokens(&self, model: &str, cached: usize) {
+        let labels = ModelLabels {
+            model: model.to_owned(),
+        };
+        self.cached_prompt_tokens
+            .get_or_create(&labels)
+            .inc_by(cached as u64);
     }
 
     /// Records time to first token.

@@ -207,15 +207,35 @@ pub struct Usage {
     pub completion_tokens: usize,
     /// Sum of both.
     pub total_tokens: usize,
+    /// Breakdown of the prompt tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens_details: Option<PromptTokensDetails>,
+}
+
+/// What became of the prompt tokens.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct PromptTokensDetails {
+    /// Prompt tokens served from the prefix cache of an earlier request that began the same
+    /// way.
+    pub cached_tokens: usize,
+}
+
+impl Usage {
+    /// Counts, with the cached prompt tokens reported when there are any.
+    pub fn new(prompt_tokens: usize, completion_tokens: usize, cached_tokens: usize) -> Self {
+        Self {
+            prompt_tokens,
+            completion_tokens,
+            total_tokens: prompt_tokens + completion_tokens,
+            prompt_tokens_details: (cached_tokens > 0)
+                .then_some(PromptTokensDetails { cached_tokens }),
+        }
+    }
 }
 
 impl From<pod_inference::Usage> for Usage {
     fn from(u: pod_inference::Usage) -> Self {
-        Self {
-            prompt_tokens: u.prompt_tokens,
-            completion_tokens: u.completion_tokens,
-            total_tokens: u.prompt_tokens + u.completion_tokens,
-        }
+        Self::new(u.prompt_tokens, u.completion_tokens, u.cached_tokens)
     }
 }
 

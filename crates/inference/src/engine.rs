@@ -179,6 +179,9 @@ pub struct Usage {
     pub prompt_tokens: usize,
     /// Tokens generated.
     pub completion_tokens: usize,
+    /// Prompt tokens whose attention came from the prefix cache rather than being computed.
+    #[serde(default)]
+    pub cached_tokens: usize,
 }
 
 /// What the engine streams back for a completion.
@@ -699,6 +702,7 @@ impl EngineHandle {
                 usage: Usage {
                     prompt_tokens: prompt_len,
                     completion_tokens: state.generated,
+                    cached_tokens: 0,
                 },
             });
             self.stats.completed.fetch_add(1, Ordering::Relaxed);
@@ -789,6 +793,8 @@ struct Active {
     next_input: Option<u32>,
     /// Every token fed to `seq`, in order: what the prefix cache keys it by.
     history: Vec<u32>,
+    /// Tokens of the context taken from the prefix cache.
+    cached: usize,
     pending_tokens: Vec<u32>,
     pending_logprobs: Vec<TokenLogprob>,
 }
@@ -985,6 +991,7 @@ impl Worker {
                 fed,
                 next_input: None,
                 history: job.context[..fed].to_vec(),
+                cached: fed,
                 pending_tokens: Vec::new(),
                 pending_logprobs: Vec::new(),
                 job,
@@ -1213,6 +1220,7 @@ fn after_forward(
         let usage = Usage {
             prompt_tokens: a.job.prompt_len,
             completion_tokens: a.job.state.generated,
+            cached_tokens: a.cached.min(a.job.prompt_len),
         };
         send_done(a, finish_reason, usage);
         return Ok(Step::Finished);

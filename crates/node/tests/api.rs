@@ -553,3 +553,52 @@ fn thirty_two_streams_half_disconnecting_leave_the_server_healthy() {
     );
     assert_eq!(metric(&text, "pod_queue_depth", &[]), 0.0);
 }
+
+#[test]
+fn repeated_prompt_reports_cached_tokens_in_usage_and_metrics() {
+    let (base, _backend) = serve("", true);
+    let body = json!({
+        "model": CHAT,
+        "messages": [
+            {"role": "system", "content": "You are a terse assistant on a home server. Reply in five words or fewer."},
+            {"role": "user", "content": "Name a planet."}
+        ],
+        "temperature": 0,
+        "max_tokens": 8
+    });
+    let first: Value =
+        serde_json::from_str(&post(&base, "/v1/chat/completions", &body).body).unwrap();
+    assert!(
+        first["usage"].get("prompt_tokens_details").is_none(),
+        "{first}"
+    );
+    let second: Value =
+        serde_json::from_str(&post(&base, "/v1/chat/completions", &body).body).unwrap();
+    let prompt = second["usage"]["prompt_tokens"].as_u64().unwrap();
+    let cached = second["usage"]["prompt_tokens_details"]["cached_tokens"]
+        .as_u64()
+        .unwrap_or(0);
+    assert_eq!(cached, prompt - 1, "{second}");
+    assert_eq!(
+        first["choices"][0]["message"]["content"],
+        second["choices"][0]["message"]["content"]
+    );
+    // Streams report it in their usage chunk too.
+    let mut streamed = body.clone();
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let (events, done) = sse(&base, "/v1/chat/completions", &streamed);
+    assert!(done);
+    let usage = &events.last().unwrap()["usage"];
+    assert_eq!(
+        usage["prompt_tokens_details"]["cached_tokens"],
+        json!(prompt - 1),
+        "{usage}"
+    );
+    let text = send("GET", &format!("{base}/metrics"), None, None).body;
+    assert_eq!(
+        metric(&text, "pod_cached_prompt_tokens_total", &[CHAT]),
+        2.0 * (prompt - 1) as f64,
+        "{text}"
+    );
+}

@@ -244,6 +244,7 @@ async fn a_receipt_that_lies_about_token_counts_is_rejected() {
             usage: Usage {
                 prompt_tokens: 10,
                 completion_tokens: 2,
+                cached_tokens: 0,
             },
             receipt,
         };

@@ -180,6 +180,7 @@ pub(super) async fn collect<B: Backend>(
                 state
                     .metrics
                     .tokens(model, usage.prompt_tokens, usage.completion_tokens);
+                state.metrics.cached_tokens(model, usage.cached_tokens);
                 out.finish_reason = finish_reason.as_str().into();
                 out.usage = usage;
                 return Ok(out);
@@ -206,12 +207,9 @@ pub(super) async fn collect_all<B: Backend>(
 /// Sums usage over choices; the prompt is counted once, as OpenAI does.
 pub(super) fn total_usage(choices: &[Collected]) -> crate::openai::Usage {
     let prompt = choices.first().map_or(0, |c| c.usage.prompt_tokens);
+    let cached = choices.first().map_or(0, |c| c.usage.cached_tokens);
     let completion: usize = choices.iter().map(|c| c.usage.completion_tokens).sum();
-    crate::openai::Usage {
-        prompt_tokens: prompt,
-        completion_tokens: completion,
-        total_tokens: prompt + completion,
-    }
+    crate::openai::Usage::new(prompt, completion, cached)
 }
 
 /// How one endpoint spells its stream chunks.
@@ -285,6 +283,7 @@ pub(super) fn stream<B: Backend, F: ChunkFormat>(
                     state
                         .metrics
                         .tokens(&model, usage.prompt_tokens, usage.completion_tokens);
+                    state.metrics.cached_tokens(&model, usage.cached_tokens);
                     usages.push(Collected {
                         usage,
                         ..Default::default()
