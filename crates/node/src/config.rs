@@ -28,6 +28,9 @@ pub const KEYS: &[&str] = &[
     "device",
     "max_batch",
     "max_queue",
+    "threads",
+    "ctx_size",
+    "prefix_cache",
     "api",
     "api_host",
     "api_port",
@@ -68,6 +71,12 @@ pub struct FileConfig {
     pub max_batch: Option<usize>,
     /// `--max-queue`.
     pub max_queue: Option<usize>,
+    /// `--threads`, at least 1.
+    pub threads: Option<usize>,
+    /// `--ctx-size`, at least 16 tokens.
+    pub ctx_size: Option<usize>,
+    /// `--prefix-cache`, MiB; 0 turns the prefix cache off.
+    pub prefix_cache: Option<usize>,
     /// `false`: `--no-api`.
     pub api: Option<bool>,
     /// `--api-host`.
@@ -275,8 +284,11 @@ impl FileConfig {
 
     /// Limits the types alone do not express; the message is for the one key set.
     fn check_ranges(&self) -> Result<(), String> {
-        if self.max_batch == Some(0) {
+        if self.max_batch == Some(0) || self.threads == Some(0) {
             return Err("must be at least 1".into());
+        }
+        if self.ctx_size.is_some_and(|c| c < 16) {
+            return Err("must be at least 16 tokens".into());
         }
         if let Some(s) = self.announce_interval {
             if !(1..=3600).contains(&s) {
@@ -473,6 +485,8 @@ mod tests {
                 "expected a sequence",
             ),
             ("max_batch = 0", "max_batch", "at least 1"),
+            ("threads = 0", "threads", "at least 1"),
+            ("ctx_size = 8", "ctx_size", "at least 16 tokens"),
             ("announce_interval = 0", "announce_interval", "1..=3600"),
             ("mdns = \"yes\"", "mdns", "expected a boolean"),
             ("log_format = \"xml\"", "log_format", "xml"),

@@ -561,6 +561,7 @@ fn run(cli: Cli, matches: &ArgMatches) -> Result<()> {
             config: cli.config,
             log: cli.log,
             log_format: cli.log_format,
+            threads: cli.threads,
         };
         return start(&home, global, args, sub);
     }
@@ -596,6 +597,7 @@ struct Global {
     config: Option<PathBuf>,
     log: String,
     log_format: LogFormat,
+    threads: Option<usize>,
 }
 
 /// Where each effective `pod start` setting came from: `flag`, `env`, `config` or `default`.
@@ -789,6 +791,30 @@ fn apply_config(
         &mut args.serve_rate,
         file.serve_rate,
     );
+    layer(
+        &mut s,
+        m,
+        "threads",
+        "threads",
+        &mut global.threads,
+        file.threads.map(Some),
+    );
+    layer(
+        &mut s,
+        m,
+        "ctx_size",
+        "ctx_size",
+        &mut args.ctx_size,
+        file.ctx_size.map(Some),
+    );
+    layer(
+        &mut s,
+        m,
+        "prefix_cache",
+        "prefix_cache",
+        &mut args.prefix_cache,
+        file.prefix_cache,
+    );
     layer(&mut s, m, "log", "log", &mut global.log, file.log);
     layer(
         &mut s,
@@ -832,6 +858,8 @@ fn start(home: &Path, mut global: Global, mut args: StartArgs, m: &ArgMatches) -
     let file = FileConfig::load(&config_path, global.config.is_some())?;
     let config_found = file.is_some();
     let sources = apply_config(&mut args, &mut global, file.unwrap_or_default(), m);
+    // The file may set the thread count; nothing has started a thread pool yet.
+    set_threads(global.threads);
     init_tracing(&global.log, global.log_format);
     let store = match &global.models_dir {
         Some(dir) => ModelStore::open_dir(dir),
