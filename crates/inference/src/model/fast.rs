@@ -152,6 +152,34 @@ pub(crate) struct Decoder {
     /// NeoX-style (halves) rotation instead of interleaved pairs.
     neox: bool,
     activation: Activation,
+    /// Working buffers of the forward pass, kept between calls so that steady-state decoding
+    /// allocates nothing but the logits it returns.
+    scratch: Mutex<Scratch>,
+}
+
+#[derive(Debug, Default)]
+struct Scratch {
+    rows: Vec<(usize, usize)>,
+    ids: Vec<u32>,
+    last_rows: Vec<usize>,
+    x: Vec<f32>,
+    h: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    att: Vec<f32>,
+    tmp: Vec<f32>,
+    g: Vec<f32>,
+    u: Vec<f32>,
+    last: Vec<f32>,
+    logits: Vec<f32>,
+    qa: QuantizedRows,
+}
+
+/// `v` holding `n` values (whatever they are: every user overwrites them).
+fn sized(v: &mut Vec<f32>, n: usize) -> &mut Vec<f32> {
+    v.resize(n, 0.0);
+    v
 }
 
 /// One sequence's keys and values: per layer, `[position][kv head][head_dim]`.
@@ -344,6 +372,7 @@ impl Decoder {
             } else {
                 Activation::Silu
             },
+            scratch: Mutex::default(),
         })
     }
 
@@ -386,10 +415,28 @@ impl Decoder {
         if caches.len() != tokens.len() {
             candle_core::bail!("{} caches for {} token lists", caches.len(), tokens.len());
         }
+        let mut scratch = self.scratch.lock().unwrap_or_else(PoisonError::into_inner);
+        let Scratch {
+            rows,
+            ids,
+            last_rows,
+            x,
+            h,
+            q,
+            k,
+            v,
+            att,
+            tmp,
+            g,
+            u,
+            last,
+            logits,
+            qa,
+        } = &mut *scratch;
         // Row r: which sequence, at which position.
-        let mut rows: Vec<(usize, usize)> = Vec::new();
-        let mut ids: Vec<u32> = Vec::new();
-        let mut last_rows = Vec::with_capacity(tokens.len());
+        rows.clear();
+        ids.clear();
+        last_rows.clear();
         for (s, (cache, toks)) in caches.iter().zip(tokens).enumerate() {
             if toks.is_empty() {
                 candle_core::bail!("forward called with no tokens");
@@ -409,7 +456,7 @@ impl Decoder {
         let (d, hd) = (self.hidden, self.head_dim);
         let (q_w, kv_w) = (self.n_head * hd, self.n_kv_head * hd);
 
-        let mut x = vec![0.0f32; m * d];
+        let x = sized(x, m * d);
         for (&id, xs) in ids.iter().zip(x.chunks_exact_mut(d)) {
             if id as usize >= self.embed.rows() {
                 candle_core::bail!(
@@ -434,30 +481,17 @@ impl Decoder {
             }
         }
 
-        let mut h = vec![0.0f32; m * d];
-        let mut q = vec![0.0f32; m * q_w];
-        let mut k = vec![0.0f32; m * kv_w];
-        let mut v = vec![0.0f32; m * kv_w];
-        let mut att = vec![0.0f32; m * q_w];
-        let mut tmp = Vec::new();
-        let ff = self.layers.first().map_or(0, |l| l.gate.rows());
-        let mut g = vec![0.0f32; m * ff];
-        let mut u = vec![0.0f32; m * ff];
-        let mut qa = QuantizedRows::new();
+        let h = sized(h, m * d);
+        let att = sized(att, m * q_w);
 
         for (li, layer) in self.layers.iter().enumerate() {
-            layer.attn_norm.apply(&x, &mut h);
-            project(
-                &mut qa,
-                &h,
-                &[&layer.wq, &layer.wk, &layer.wv],
-                &mut [&mut q, &mut k, &mut v],
-            )?;
-            for (norm, xs) in [(&layer.q_norm, &mut q), (&layer.k_norm, &mut k)] {
+            layer.attn_norm.apply(x, h);
+            project(qa, h, &[&layer.wq, &layer.wk, &layer.wv], &mut [q, k, v])?;
+            for (norm, xs) in [(&layer.q_norm, &mut *q), (&layer.k_norm, &mut *k)] {
                 if let Some(norm) = norm {
                     tmp.resize(xs.len(), 0.0);
-                    norm.apply(xs, &mut tmp);
-                    std::mem::swap(xs, &mut tmp);
+                    norm.apply(xs, tmp);
+                    std::mem::swap(xs, tmp);
                 }
             }
             for (r, &(s, pos)) in rows.iter().enumerate() {
@@ -467,45 +501,39 @@ impl Decoder {
                 cache.k[li].extend_from_slice(&k[r * kv_w..(r + 1) * kv_w]);
                 cache.v[li].extend_from_slice(&v[r * kv_w..(r + 1) * kv_w]);
             }
-            self.attention(li, caches, &rows, &q, &mut att);
-            project(&mut qa, &att, &[&layer.wo], &mut [&mut h])?;
+            self.attention(li, caches, rows, q, att);
+            project(qa, att, &[&layer.wo], &mut [h])?;
             if let Some(norm) = &layer.post_attn_norm {
                 tmp.resize(h.len(), 0.0);
-                norm.apply(&h, &mut tmp);
-                std::mem::swap(&mut h, &mut tmp);
+                norm.apply(h, tmp);
+                std::mem::swap(h, tmp);
             }
-            add(&mut x, &h);
-            layer.ffn_norm.apply(&x, &mut h);
-            project(
-                &mut qa,
-                &h,
-                &[&layer.gate, &layer.up],
-                &mut [&mut g, &mut u],
-            )?;
-            for (gv, &uv) in g.iter_mut().zip(&u) {
+            add(x, h);
+            layer.ffn_norm.apply(x, h);
+            project(qa, h, &[&layer.gate, &layer.up], &mut [g, u])?;
+            for (gv, &uv) in g.iter_mut().zip(u.iter()) {
                 *gv = self.activation.apply(*gv) * uv;
             }
-            project(&mut qa, &g, &[&layer.down], &mut [&mut h])?;
+            project(qa, g, &[&layer.down], &mut [h])?;
             if let Some(norm) = &layer.post_ffn_norm {
                 tmp.resize(h.len(), 0.0);
-                norm.apply(&h, &mut tmp);
-                std::mem::swap(&mut h, &mut tmp);
+                norm.apply(h, tmp);
+                std::mem::swap(h, tmp);
             }
-            add(&mut x, &h);
+            add(x, h);
         }
         for (cache, toks) in caches.iter_mut().zip(tokens) {
             cache.len += toks.len();
         }
 
         let b = last_rows.len();
-        let mut last = vec![0.0f32; b * d];
+        let last = sized(last, b * d);
         for (i, &r) in last_rows.iter().enumerate() {
             self.norm
                 .apply(&x[r * d..(r + 1) * d], &mut last[i * d..(i + 1) * d]);
         }
         let vocab = self.output.rows();
-        let mut logits = vec![0.0f32; b * vocab];
-        project(&mut qa, &last, &[&self.output], &mut [&mut logits])?;
+        project(qa, last, &[&self.output], &mut [logits])?;
         Ok(logits.chunks_exact(vocab).map(<[f32]>::to_vec).collect())
     }
 
