@@ -838,7 +838,8 @@ struct PrefixCache {
 const MIN_PREFIX: usize = 16;
 
 impl PrefixCache {
-    fn store(&mut self, model: &str, tokens: Vec<u32>, seq: Sequence, budget: usize) {
+    fn store(&mut self, model: &str, tokens: Vec<u32>, mut seq: Sequence, budget: usize) {
+        seq.shrink_to_fit();
         let size = seq.cache_bytes();
         if tokens.len() < MIN_PREFIX || size == 0 || size > budget {
             return;

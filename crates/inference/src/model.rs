@@ -292,6 +292,14 @@ impl Sequence {
         }
     }
 
+    /// Gives back cache memory reserved for tokens not fed yet (for a sequence that is kept
+    /// but will not grow soon).
+    pub fn shrink_to_fit(&mut self) {
+        if let SeqState::Fast { cache, .. } = &mut self.state {
+            cache.shrink_to_fit();
+        }
+    }
+
     /// Keeps only the first `len` tokens fed, so that a copy of a sequence can continue from a
     /// shared prefix. Only batch-invariant models can; returns whether it was done.
     pub fn truncate(&mut self, len: usize) -> bool {

@@ -207,6 +207,13 @@ impl KvCache {
         }
     }
 
+    /// Gives back memory reserved for positions not yet written.
+    pub(crate) fn shrink_to_fit(&mut self) {
+        for l in self.k.iter_mut().chain(self.v.iter_mut()) {
+            l.shrink_to_fit();
+        }
+    }
+
     /// Bytes of keys and values held.
     pub(crate) fn bytes(&self) -> usize {
         self.len * self.width * (self.k.len() + self.v.len()) * std::mem::size_of::<f32>()
