@@ -4,7 +4,7 @@ copy of the same file on the same disk.
 
 Storage pods serve the shared model store (`--models-dir`); each pull goes into a fresh, empty
 state directory, so every byte crosses the mesh (Noise + Yamux over TCP) and is verified chunk
-by chunk and as a whole. Rounds alternate copy, 1 peer, 2 peers; medians are reported.
+by chunk (which, with the chained manifest, verifies the whole file). Rounds alternate copy, 1 peer, 2 peers; medians are reported.
 
   python3 bench/blob_pull.py [--pod target/release/pod] [--rounds 3]
 """
@@ -88,7 +88,7 @@ def main() -> None:
             times["1 peer"].append(pull(args.pod, [pods[0][1]]))
             times["2 peers"].append(pull(args.pod, [pods[0][1], pods[1][1]]))
         copy = statistics.median(times["copy"])
-        print(f"{MODEL}: {size / 1e6:.1f} MB, {args.rounds} rounds, medians; pulls include joining the mesh and the final SHA-256 check")
+        print(f"{MODEL}: {size / 1e6:.1f} MB, {args.rounds} rounds, medians; pulls include starting pod, joining the mesh and verifying every chunk")
         print("| method | seconds | MB/s | vs copy |")
         print("|---|---:|---:|---:|")
         for k, v in times.items():

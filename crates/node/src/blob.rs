@@ -1,12 +1,15 @@
 //! `/pod/blob/1.0.0`: pods share the model files they hold.
 //!
-//! A file is named by the SHA-256 of its content and described by a [`Manifest`]: its size and
-//! the SHA-256 of every [`CHUNK_SIZE`] chunk. A requester asks a provider for the manifest,
-//! then for ranges of chunks, verifies each chunk against the manifest before writing it, and
-//! spreads the ranges over several providers. A chunk that fails verification is fetched again
-//! elsewhere and its provider is dropped after [`MAX_STRIKES`] bad chunks. The partial file
-//! keeps its name between attempts, so an interrupted download resumes from the chunks that
-//! verify. The whole file is checked against the pinned SHA-256 before it becomes a model.
+//! A file is named by the SHA-256 of its content and described by a [`Manifest`]: its size and,
+//! for every [`CHUNK_SIZE`] chunk, SHA-256's chaining value after that chunk (the last one is
+//! the file's SHA-256 itself). A chunk is checked alone by running SHA-256's compression over
+//! it from the value before it, so checking every chunk is checking the whole file against its
+//! pinned SHA-256, with one pass of hashing. A requester asks a provider for the manifest, then
+//! for ranges of chunks, verifies each chunk before writing it, and spreads the ranges over
+//! several providers and several streams per provider. A chunk that fails verification is
+//! fetched again elsewhere and its provider is dropped after [`MAX_STRIKES`] bad chunks. The
+//! partial file keeps its name between attempts, so an interrupted download resumes from the
+//! chunks that verify.
 //!
 //! Frames: a 4-byte big-endian length and JSON for requests and replies; chunk data follows a
 //! `Chunks` reply as raw length-prefixed frames. Requests name files only by hash, so a peer can
@@ -15,7 +18,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -36,6 +39,10 @@ pub const CHUNK_SIZE: u64 = 1024 * 1024;
 
 /// Most chunks one request may ask for.
 pub const MAX_CHUNKS_PER_REQUEST: u32 = 16;
+
+/// Streams a server takes from one peer at once by default: twice what a requester opens
+/// ([`STREAMS_PER_PROVIDER`]), so a stream that is closing never gets a new one refused.
+pub const MAX_STREAMS_PER_PEER: usize = 8;
 
 /// Bad chunks after which a provider is dropped from a download.
 pub const MAX_STRIKES: u32 = 2;
@@ -61,49 +68,132 @@ impl Manifest {
     pub fn of_file(path: &Path) -> std::io::Result<Manifest> {
         use std::io::Read;
         let mut file = File::open(path)?;
-        let mut whole = Sha256::new();
-        let mut chunks = Vec::new();
+        let size = file.metadata()?.len();
+        let count = size.div_ceil(CHUNK_SIZE) as usize;
+        let mut chunks = Vec::with_capacity(count);
         let mut buf = vec![0u8; CHUNK_SIZE as usize];
-        let mut size = 0u64;
-        loop {
-            let mut filled = 0;
-            while filled < buf.len() {
-                let n = file.read(&mut buf[filled..])?;
-                if n == 0 {
-                    break;
-                }
-                filled += n;
-            }
-            if filled == 0 {
-                break;
-            }
-            whole.update(&buf[..filled]);
-            chunks.push(hex::encode(Sha256::digest(&buf[..filled])));
-            size += filled as u64;
-            if filled < buf.len() {
-                break;
-            }
+        let mut state = SHA256_IV;
+        for index in 0..count {
+            let len = CHUNK_SIZE.min(size - index as u64 * CHUNK_SIZE) as usize;
+            file.read_exact(&mut buf[..len])?;
+            state = if index + 1 == count {
+                sha256_finish(&state, &buf[..len], size)
+            } else {
+                sha256_chain(&state, &buf[..len])
+            };
+            chunks.push(state_hex(&state));
         }
         Ok(Manifest {
-            sha256: hex::encode(whole.finalize()),
+            sha256: chunks
+                .last()
+                .cloned()
+                .unwrap_or_else(|| hex::encode(Sha256::digest([]))),
             size,
             chunk_size: CHUNK_SIZE,
             chunks,
         })
     }
 
-    /// Whether the manifest is consistent with a file of `sha256` and `size`.
+    /// Whether the manifest is consistent with a file of `sha256` and `size`: if it is, a file
+    /// whose every chunk verifies hashes to `sha256`.
     fn matches(&self, sha256: &str, size: u64) -> bool {
         self.sha256 == sha256
             && self.size == size
             && self.chunk_size == CHUNK_SIZE
             && self.chunks.len() as u64 == size.div_ceil(CHUNK_SIZE)
+            && self
+                .chunks
+                .last()
+                .map_or(hex::encode(Sha256::digest([])) == sha256, |last| {
+                    last == sha256
+                })
+    }
+
+    /// Whether `data` is chunk `index` of the file: SHA-256 run over it from the chaining value
+    /// before it gives the one after it.
+    pub fn verify_chunk(&self, index: usize, data: &[u8]) -> bool {
+        if index >= self.chunks.len() || data.len() as u64 != self.chunk_len(index) {
+            return false;
+        }
+        let before = match index {
+            0 => SHA256_IV,
+            _ => match parse_state(&self.chunks[index - 1]) {
+                Some(s) => s,
+                None => return false,
+            },
+        };
+        let after = if index + 1 == self.chunks.len() {
+            sha256_finish(&before, data, self.size)
+        } else {
+            sha256_chain(&before, data)
+        };
+        state_hex(&after) == self.chunks[index]
     }
 
     fn chunk_len(&self, index: usize) -> u64 {
         let start = index as u64 * self.chunk_size;
         self.chunk_size.min(self.size.saturating_sub(start))
     }
+}
+
+/// SHA-256's initial chaining value (FIPS 180-4, 5.3.3).
+const SHA256_IV: [u32; 8] = [
+    0x6a09_e667,
+    0xbb67_ae85,
+    0x3c6e_f372,
+    0xa54f_f53a,
+    0x510e_527f,
+    0x9b05_688c,
+    0x1f83_d9ab,
+    0x5be0_cd19,
+];
+
+/// SHA-256's compression over whole 64-byte blocks of `data` from `state`.
+fn sha256_chain(state: &[u32; 8], data: &[u8]) -> [u32; 8] {
+    let mut s = *state;
+    for block in data.chunks_exact(64) {
+        sha2::compress256(
+            &mut s,
+            std::slice::from_ref(sha2::digest::generic_array::GenericArray::from_slice(block)),
+        );
+    }
+    s
+}
+
+/// The end of SHA-256: the last bytes of the message from `state`, then the padding with the
+/// message's length `total` in bytes. The result, written big-endian, is the digest.
+fn sha256_finish(state: &[u32; 8], data: &[u8], total: u64) -> [u32; 8] {
+    let whole = data.len() / 64 * 64;
+    let state = sha256_chain(state, &data[..whole]);
+    let rest = &data[whole..];
+    let mut tail = [0u8; 128];
+    tail[..rest.len()].copy_from_slice(rest);
+    tail[rest.len()] = 0x80;
+    let end = if rest.len() + 9 <= 64 { 64 } else { 128 };
+    tail[end - 8..end].copy_from_slice(&total.wrapping_mul(8).to_be_bytes());
+    sha256_chain(&state, &tail[..end])
+}
+
+/// A chaining value as 64 lowercase hex digits (the digest's form).
+fn state_hex(state: &[u32; 8]) -> String {
+    hex::encode(
+        state
+            .iter()
+            .flat_map(|w| w.to_be_bytes())
+            .collect::<Vec<u8>>(),
+    )
+}
+
+fn parse_state(text: &str) -> Option<[u32; 8]> {
+    let bytes = hex::decode(text).ok()?;
+    if bytes.len() != 32 {
+        return None;
+    }
+    let mut state = [0u32; 8];
+    for (w, b) in state.iter_mut().zip(bytes.chunks_exact(4)) {
+        *w = u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+    }
+    Some(state)
 }
 
 /// A request for file data.
@@ -201,10 +291,10 @@ pub struct BlobServer {
 }
 
 impl BlobServer {
-    /// A server for every verified file of the catalogued models in `store`, with at most 4
-    /// streams per peer and no bandwidth cap.
+    /// A server for every verified file of the catalogued models in `store`, with at most
+    /// [`MAX_STREAMS_PER_PEER`] streams per peer and no bandwidth cap.
     pub fn new(store: &ModelStore) -> Arc<Self> {
-        Self::with_limits(store, 4, 0)
+        Self::with_limits(store, MAX_STREAMS_PER_PEER, 0)
     }
 
     /// A server with limits: streams per peer, and bytes per second per peer over all of its
@@ -431,22 +521,33 @@ impl BlobServer {
                 write_frame(wr, &BlobReply::Chunks)
                     .await
                     .map_err(|e| e.to_string())?;
-                for index in first..first + count {
+                let file = Arc::new(File::open(&path).map_err(|e| e.to_string())?);
+                // Reads chunk `index` on the blocking pool.
+                let read = |index: u32| {
+                    let file = Arc::clone(&file);
                     let len = manifest.chunk_len(index as usize);
                     let offset = index as u64 * manifest.chunk_size;
-                    let path = path.clone();
-                    let data = tokio::task::spawn_blocking(move || read_at(&path, offset, len))
+                    tokio::task::spawn_blocking(move || read_at(&file, offset, len))
+                };
+                // One chunk is read from disk while the one before goes out.
+                let mut next = Some(read(first));
+                for index in first..first + count {
+                    let Some(reading) = next.take() else { break };
+                    let data = reading
                         .await
                         .map_err(|e| e.to_string())?
                         .map_err(|e| e.to_string())?;
+                    if index + 1 < first + count {
+                        next = Some(read(index + 1));
+                    }
                     let wait = self.pace(peer, data.len() as u64);
                     if !wait.is_zero() {
                         tokio::time::sleep(wait).await;
                     }
-                    let mut frame = Vec::with_capacity(4 + data.len());
-                    frame.extend_from_slice(&(data.len() as u32).to_be_bytes());
-                    frame.extend_from_slice(&data);
-                    wr.write_all(&frame).await.map_err(|e| e.to_string())?;
+                    wr.write_all(&(data.len() as u32).to_be_bytes())
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    wr.write_all(&data).await.map_err(|e| e.to_string())?;
                     self.record_sent(peer, &sha256, data.len() as u64);
                 }
                 wr.flush().await.map_err(|e| e.to_string())
@@ -467,9 +568,8 @@ fn check_hash(sha256: &str) -> Result<(), String> {
     }
 }
 
-fn read_at(path: &Path, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
+fn read_at(file: &File, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
     use std::os::unix::fs::FileExt;
-    let file = File::open(path)?;
     let mut buf = vec![0u8; len as usize];
     file.read_exact_at(&mut buf, offset)?;
     Ok(buf)
@@ -520,6 +620,7 @@ pub async fn fetch(
     partial: &Path,
     stats: Option<Arc<BlobStats>>,
 ) -> Result<FetchReport, FetchError> {
+    let started = Instant::now();
     let mut manifest = None;
     for peer in providers {
         match request_manifest(control.clone(), *peer, sha256).await {
@@ -532,11 +633,17 @@ pub async fn fetch(
         }
     }
     let manifest = Arc::new(manifest.ok_or_else(|| FetchError::NoManifest(sha256.to_owned()))?);
+    tracing::debug!(
+        seconds = started.elapsed().as_secs_f64(),
+        chunks = manifest.chunks.len(),
+        "manifest received"
+    );
 
-    // Resume: keep the chunks of an earlier attempt that verify.
+    // Resume: keep the chunks of an earlier attempt that verify. A new partial file has none.
     if let Some(dir) = partial.parent() {
         std::fs::create_dir_all(dir)?;
     }
+    let fresh = !partial.exists();
     let file = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -545,7 +652,9 @@ pub async fn fetch(
         .open(partial)?;
     file.set_len(size)?;
     let file = Arc::new(file);
-    let verified = {
+    let verified = if fresh {
+        vec![false; manifest.chunks.len()]
+    } else {
         let file = Arc::clone(&file);
         let manifest = Arc::clone(&manifest);
         tokio::task::spawn_blocking(move || present_chunks(&file, &manifest))
@@ -559,33 +668,46 @@ pub async fn fetch(
         chunks_reused: manifest.chunks.len() - missing.len(),
         ..FetchReport::default()
     };
+
     let queue = Arc::new(Mutex::new(missing));
     let mut workers = Vec::new();
     for peer in providers.iter().copied() {
-        let job = Worker {
-            control: control.clone(),
-            peer,
-            sha256: sha256.to_owned(),
-            manifest: Arc::clone(&manifest),
-            file: Arc::clone(&file),
-            queue: Arc::clone(&queue),
-            stats: stats.clone(),
-        };
-        workers.push(tokio::spawn(job.run()));
+        let strikes = Arc::new(AtomicU32::new(0));
+        for _ in 0..STREAMS_PER_PROVIDER {
+            let job = Worker {
+                control: control.clone(),
+                peer,
+                sha256: sha256.to_owned(),
+                manifest: Arc::clone(&manifest),
+                file: Arc::clone(&file),
+                queue: Arc::clone(&queue),
+                stats: stats.clone(),
+                strikes: Arc::clone(&strikes),
+            };
+            workers.push((peer, Arc::clone(&strikes), tokio::spawn(job.run())));
+        }
     }
     let mut reasons = Vec::new();
-    for (peer, w) in providers.iter().zip(workers) {
+    for (peer, strikes, w) in workers {
         match w.await {
             Ok(outcome) => {
                 report.chunks_fetched += outcome.chunks;
                 if outcome.bytes > 0 {
-                    report.bytes_from.push((*peer, outcome.bytes));
+                    match report.bytes_from.iter_mut().find(|(p, _)| *p == peer) {
+                        Some((_, bytes)) => *bytes += outcome.bytes,
+                        None => report.bytes_from.push((peer, outcome.bytes)),
+                    }
                 }
-                if outcome.strikes >= MAX_STRIKES {
-                    report.bad_providers.push(*peer);
+                if strikes.load(Ordering::Relaxed) >= MAX_STRIKES
+                    && !report.bad_providers.contains(&peer)
+                {
+                    report.bad_providers.push(peer);
                 }
                 if let Some(r) = outcome.failure {
-                    reasons.push(format!("{peer}: {r}"));
+                    let reason = format!("{peer}: {r}");
+                    if !reasons.contains(&reason) {
+                        reasons.push(reason);
+                    }
                 }
             }
             Err(e) => reasons.push(format!("{peer}: {e}")),
@@ -598,14 +720,13 @@ pub async fn fetch(
             reasons: reasons.join("; "),
         });
     }
-    file.sync_all()?;
-    let path = partial.to_owned();
-    let actual = tokio::task::spawn_blocking(move || crate::store::sha256_file(&path))
-        .await
-        .map_err(|e| FetchError::Io(std::io::Error::other(e)))??;
-    if actual != sha256 {
+    // Every chunk verified against a manifest whose last value is the pinned SHA-256: the file
+    // hashes to it.
+    if manifest.chunks.is_empty() && hex::encode(Sha256::digest([])) != sha256 {
         return Err(FetchError::Mismatch);
     }
+    file.sync_all()?;
+    tracing::debug!(seconds = started.elapsed().as_secs_f64(), "file complete");
     Ok(report)
 }
 
@@ -614,10 +735,10 @@ fn present_chunks(file: &File, manifest: &Manifest) -> std::io::Result<Vec<bool>
     use std::os::unix::fs::FileExt;
     let mut buf = vec![0u8; manifest.chunk_size as usize];
     let mut out = Vec::with_capacity(manifest.chunks.len());
-    for (i, want) in manifest.chunks.iter().enumerate() {
+    for i in 0..manifest.chunks.len() {
         let len = manifest.chunk_len(i) as usize;
         file.read_exact_at(&mut buf[..len], i as u64 * manifest.chunk_size)?;
-        out.push(hex::encode(Sha256::digest(&buf[..len])) == *want);
+        out.push(manifest.verify_chunk(i, &buf[..len]));
     }
     Ok(out)
 }
@@ -653,6 +774,18 @@ async fn request_manifest(
         .map_err(|_| "timed out".to_owned())?
 }
 
+/// Streams each provider is asked over at once; a serving pod takes up to 4 per peer. While
+/// one stream's chunk is being verified and written, the others keep data flowing.
+const STREAMS_PER_PROVIDER: usize = 4;
+
+/// Chunks asked for in one request: enough to amortise the request, few enough that the last
+/// requests of a file spread over every stream.
+const CHUNKS_PER_RUN: usize = 8;
+
+/// Times a stream retries a run after a transport error before giving its provider up.
+const RUN_RETRIES: u32 = 2;
+
+/// One stream's worth of a download from one provider.
 struct Worker {
     control: libp2p_stream::Control,
     peer: PeerId,
@@ -661,14 +794,21 @@ struct Worker {
     file: Arc<File>,
     queue: Arc<Mutex<VecDeque<usize>>>,
     stats: Option<Arc<BlobStats>>,
+    /// Bad chunks from this provider, shared by its streams.
+    strikes: Arc<AtomicU32>,
 }
 
 #[derive(Debug, Default)]
 struct Outcome {
     chunks: usize,
     bytes: u64,
-    strikes: u32,
     failure: Option<String>,
+}
+
+/// What became of one chunk read from a stream.
+enum Landed {
+    Written(u64),
+    Corrupt,
 }
 
 impl Worker {
@@ -676,7 +816,13 @@ impl Worker {
     /// provider fails.
     async fn run(mut self) -> Outcome {
         let mut out = Outcome::default();
+        let mut retries = 0;
         loop {
+            if self.strikes.load(Ordering::Relaxed) >= MAX_STRIKES {
+                tracing::warn!(peer = %self.peer, "dropping a provider that sent chunks failing verification");
+                out.failure = Some("sent chunks that failed verification".into());
+                return out;
+            }
             let run = {
                 let Ok(mut q) = self.queue.lock() else {
                     return out;
@@ -685,9 +831,7 @@ impl Worker {
                     return out;
                 };
                 let mut run = vec![first];
-                while run.len() < MAX_CHUNKS_PER_REQUEST as usize
-                    && q.front() == Some(&(first + run.len()))
-                {
+                while run.len() < CHUNKS_PER_RUN && q.front() == Some(&(first + run.len())) {
                     if let Some(i) = q.pop_front() {
                         run.push(i);
                     }
@@ -696,17 +840,19 @@ impl Worker {
             };
             match self.fetch_run(&run, &mut out).await {
                 Ok(rejected) => {
+                    retries = 0;
                     if !rejected.is_empty() {
                         self.requeue(&rejected);
-                    }
-                    if out.strikes >= MAX_STRIKES {
-                        tracing::warn!(peer = %self.peer, "dropping a provider that sent chunks failing verification");
-                        out.failure = Some("sent chunks that failed verification".into());
-                        return out;
                     }
                 }
                 Err((unfetched, e)) => {
                     self.requeue(&unfetched);
+                    if retries < RUN_RETRIES {
+                        retries += 1;
+                        tracing::debug!(peer = %self.peer, error = %e, "retrying a run");
+                        tokio::time::sleep(Duration::from_millis(100 * u64::from(retries))).await;
+                        continue;
+                    }
                     out.failure = Some(e);
                     return out;
                 }
@@ -716,13 +862,63 @@ impl Worker {
 
     fn requeue(&self, chunks: &[usize]) {
         if let Ok(mut q) = self.queue.lock() {
-            // At the back: another provider takes them next.
+            // At the back: another stream or provider takes them next.
             q.extend(chunks.iter().copied());
         }
     }
 
+    /// Verifies a chunk and writes it in place, on the blocking pool.
+    fn land(
+        &self,
+        index: usize,
+        data: Vec<u8>,
+    ) -> tokio::task::JoinHandle<std::io::Result<Landed>> {
+        let file = Arc::clone(&self.file);
+        let offset = index as u64 * self.manifest.chunk_size;
+        let manifest = Arc::clone(&self.manifest);
+        tokio::task::spawn_blocking(move || {
+            use std::os::unix::fs::FileExt;
+            if !manifest.verify_chunk(index, &data) {
+                return Ok(Landed::Corrupt);
+            }
+            file.write_all_at(&data, offset)?;
+            Ok(Landed::Written(data.len() as u64))
+        })
+    }
+
+    /// Counts a landed chunk; `Err` when it could not be written.
+    async fn landed(
+        &self,
+        index: usize,
+        landing: tokio::task::JoinHandle<std::io::Result<Landed>>,
+        out: &mut Outcome,
+        rejected: &mut Vec<usize>,
+    ) -> Result<(), String> {
+        match landing.await {
+            Ok(Ok(Landed::Written(len))) => {
+                out.chunks += 1;
+                out.bytes += len;
+                if let Some(s) = &self.stats {
+                    s.bytes_fetched.fetch_add(len, Ordering::Relaxed);
+                }
+                Ok(())
+            }
+            Ok(Ok(Landed::Corrupt)) => {
+                if let Some(s) = &self.stats {
+                    s.chunks_corrupt.fetch_add(1, Ordering::Relaxed);
+                }
+                self.strikes.fetch_add(1, Ordering::Relaxed);
+                rejected.push(index);
+                Ok(())
+            }
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
     /// Fetches one run; returns the chunks that failed verification, or the unfetched ones
-    /// and why the provider failed.
+    /// and why the provider failed. Each chunk is verified and written while the next one is
+    /// read from the stream.
     async fn fetch_run(
         &mut self,
         run: &[usize],
@@ -758,6 +954,13 @@ impl Worker {
             Err(_) => return Err(fail(0, "no reply in time".into())),
         }
         let mut rejected = Vec::new();
+        // Chunks not landed from `from` on, and those that failed verification: to fetch again.
+        let unlanded = |from: usize, rejected: &[usize]| {
+            let mut again = run[from..].to_vec();
+            again.extend_from_slice(rejected);
+            again
+        };
+        let mut landing: Option<(usize, usize, tokio::task::JoinHandle<_>)> = None;
         for (k, &index) in run.iter().enumerate() {
             let want = self.manifest.chunk_len(index) as usize;
             let read = async {
@@ -773,37 +976,24 @@ impl Worker {
                 rd.read_exact(&mut data).await?;
                 Ok(data)
             };
-            let data = match tokio::time::timeout(Duration::from_secs(30), read).await {
-                Ok(Ok(d)) => d,
-                Ok(Err(e)) => return Err(fail(k, e.to_string())),
-                Err(_) => return Err(fail(k, "chunk not received in time".into())),
-            };
-            if hex::encode(Sha256::digest(&data)) != self.manifest.chunks[index] {
-                if let Some(s) = &self.stats {
-                    s.chunks_corrupt.fetch_add(1, Ordering::Relaxed);
+            let data = tokio::time::timeout(Duration::from_secs(30), read).await;
+            if let Some((k0, i0, h)) = landing.take() {
+                if let Err(e) = self.landed(i0, h, out, &mut rejected).await {
+                    return Err((unlanded(k0, &rejected), e));
                 }
-                out.strikes += 1;
-                rejected.push(index);
-                continue;
             }
-            let file = Arc::clone(&self.file);
-            let offset = index as u64 * self.manifest.chunk_size;
-            let len = data.len() as u64;
-            let written = tokio::task::spawn_blocking(move || {
-                use std::os::unix::fs::FileExt;
-                file.write_all_at(&data, offset)
-            })
-            .await;
-            match written {
-                Ok(Ok(())) => {
-                    out.chunks += 1;
-                    out.bytes += len;
-                    if let Some(s) = &self.stats {
-                        s.bytes_fetched.fetch_add(len, Ordering::Relaxed);
-                    }
+            let data = match data {
+                Ok(Ok(d)) => d,
+                Ok(Err(e)) => return Err((unlanded(k, &rejected), e.to_string())),
+                Err(_) => {
+                    return Err((unlanded(k, &rejected), "chunk not received in time".into()))
                 }
-                Ok(Err(e)) => return Err(fail(k, e.to_string())),
-                Err(e) => return Err(fail(k, e.to_string())),
+            };
+            landing = Some((k, index, self.land(index, data)));
+        }
+        if let Some((k0, i0, h)) = landing {
+            if let Err(e) = self.landed(i0, h, out, &mut rejected).await {
+                return Err((unlanded(k0, &rejected), e));
             }
         }
         Ok(rejected)
@@ -981,13 +1171,75 @@ mod tests {
         assert_eq!(m.size, data.len() as u64);
         assert_eq!(m.chunks.len(), 3);
         assert_eq!(m.sha256, hex::encode(Sha256::digest(&data)));
-        assert_eq!(
-            m.chunks[2],
-            hex::encode(Sha256::digest(&data[2 * CHUNK_SIZE as usize..]))
-        );
+        assert_eq!(m.chunks[2], m.sha256);
         assert!(m.matches(&m.sha256.clone(), m.size));
         assert!(!m.matches(&m.sha256.clone(), m.size + 1));
         assert_eq!(m.chunk_len(2), 10);
+        let chunk = |i: usize| {
+            let start = i * CHUNK_SIZE as usize;
+            &data[start..(start + CHUNK_SIZE as usize).min(data.len())]
+        };
+        for i in 0..3 {
+            assert!(m.verify_chunk(i, chunk(i)), "chunk {i}");
+            let mut bad = chunk(i).to_vec();
+            bad[5] ^= 1;
+            assert!(!m.verify_chunk(i, &bad), "corrupt chunk {i}");
+        }
+        // A chunk in another place, or cut short, does not verify.
+        assert!(!m.verify_chunk(1, chunk(0)));
+        assert!(!m.verify_chunk(2, &chunk(2)[..9]));
+        assert!(!m.verify_chunk(3, chunk(2)));
+    }
+
+    #[test]
+    fn chunked_sha256_equals_sha256_at_every_padding_boundary() {
+        // Around the block (64) and padding (56) boundaries, and files of whole chunks.
+        let sizes = [
+            0,
+            1,
+            55,
+            56,
+            63,
+            64,
+            65,
+            119,
+            120,
+            CHUNK_SIZE as usize - 1,
+            CHUNK_SIZE as usize,
+            CHUNK_SIZE as usize + 1,
+            2 * CHUNK_SIZE as usize,
+            2 * CHUNK_SIZE as usize + 56,
+        ];
+        let dir = tempfile::tempdir().unwrap();
+        for size in sizes {
+            let data: Vec<u8> = (0..size).map(|i| (i * 7 % 253) as u8).collect();
+            let path = dir.path().join(format!("f{size}"));
+            std::fs::write(&path, &data).unwrap();
+            let m = Manifest::of_file(&path).unwrap();
+            let want = hex::encode(Sha256::digest(&data));
+            assert_eq!(m.sha256, want, "size {size}");
+            assert!(m.matches(&want, size as u64), "size {size}");
+        }
+    }
+
+    #[test]
+    fn a_forged_manifest_cannot_vouch_for_other_data() {
+        // A manifest for other data, relabelled with the real file's hash: its chunks never
+        // chain up to that hash, so the data it describes does not verify to the end.
+        let dir = tempfile::tempdir().unwrap();
+        let real: Vec<u8> = (0..CHUNK_SIZE as usize + 100).map(|i| i as u8).collect();
+        let fake: Vec<u8> = real.iter().map(|b| b ^ 0x55).collect();
+        std::fs::write(dir.path().join("real"), &real).unwrap();
+        std::fs::write(dir.path().join("fake"), &fake).unwrap();
+        let real_m = Manifest::of_file(&dir.path().join("real")).unwrap();
+        let mut forged = Manifest::of_file(&dir.path().join("fake")).unwrap();
+        assert!(!forged.matches(&real_m.sha256, real_m.size));
+        forged.sha256.clone_from(&real_m.sha256);
+        let last = forged.chunks.len() - 1;
+        forged.chunks[last].clone_from(&real_m.sha256);
+        assert!(forged.matches(&real_m.sha256, real_m.size));
+        assert!(forged.verify_chunk(0, &fake[..CHUNK_SIZE as usize]));
+        assert!(!forged.verify_chunk(last, &fake[CHUNK_SIZE as usize..]));
     }
 
     #[test]

@@ -288,7 +288,7 @@ pub async fn run(store: ModelStore, opts: StartOptions) -> Result<(), DaemonErro
     let blobs = opts
         .profile
         .serves_files()
-        .then(|| BlobServer::with_limits(&store, BLOB_STREAMS_PER_PEER, opts.serve_rate));
+        .then(|| BlobServer::with_limits(&store, blob::MAX_STREAMS_PER_PEER, opts.serve_rate));
     let blob_stats = blobs
         .as_ref()
         .map_or_else(|| Arc::new(BlobStats::default()), |b| Arc::clone(b.stats()));
@@ -539,9 +539,6 @@ fn client_addr(local: SocketAddr) -> SocketAddr {
         _ => local,
     }
 }
-
-/// Streams of model-file requests one peer may have open at once.
-const BLOB_STREAMS_PER_PEER: usize = 4;
 
 /// How long a starting node waits to hear of pods serving the files of a missing model before
 /// it downloads the model from its sources.

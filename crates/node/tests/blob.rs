@@ -56,7 +56,8 @@ async fn provider_via(
 ) -> (Client, Multiaddr, Arc<BlobServer>) {
     common::model_path(DEFAULT_CHAT_MODEL);
     let (client, addr) = node(bootstrap).await;
-    let server = BlobServer::with_limits(&common::store(), 4, bytes_per_sec);
+    let server =
+        BlobServer::with_limits(&common::store(), blob::MAX_STREAMS_PER_PEER, bytes_per_sec);
     tokio::spawn(Arc::clone(&server).run(client.streams()));
     (client, addr, server)
 }
@@ -268,18 +269,14 @@ async fn a_file_is_found_through_dht_provider_records_alone() {
         .expect("provide in time")
         .unwrap();
     let (c, _) = node(vec![b_addr]).await;
+    // C may already be connected to A (the DHT's own bootstrap walks to it), but nothing
+    // told it what A serves.
     assert!(c
         .peers()
         .await
         .unwrap()
         .iter()
         .all(|p| p.capabilities.is_none()));
-    assert!(!c
-        .peers()
-        .await
-        .unwrap()
-        .iter()
-        .any(|p| p.peer_id == a.peer_id() && p.connected));
 
     let found = tokio::time::timeout(WAIT, c.providers(blob::dht_key(sha)))
         .await
