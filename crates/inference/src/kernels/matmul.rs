@@ -33,7 +33,7 @@ pub struct QMatrix {
     rows: usize,
     cols: usize,
     row_bytes: usize,
-    data: Arc<[u8]>,
+    data: Arc<Vec<u8>>,
 }
 
 impl fmt::Debug for QMatrix {
@@ -52,7 +52,7 @@ impl QMatrix {
         format: QuantFormat,
         rows: usize,
         cols: usize,
-        data: Arc<[u8]>,
+        data: Arc<Vec<u8>>,
     ) -> Result<Self, KernelError> {
         if cols == 0 || !cols.is_multiple_of(format.block_values()) {
             return Err(KernelError::PartialBlock { format, cols });
@@ -91,7 +91,7 @@ impl QMatrix {
     }
 
     /// The raw blocks, row after row.
-    pub fn data(&self) -> &Arc<[u8]> {
+    pub fn data(&self) -> &Arc<Vec<u8>> {
         &self.data
     }
 

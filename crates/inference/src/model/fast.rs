@@ -74,15 +74,47 @@ enum Activation {
 }
 
 impl Activation {
-    fn apply(self, x: f32) -> f32 {
+    /// `gate[i] = act(gate[i]) * up[i]`, in loops the compiler vectorises.
+    fn gate(self, gate: &mut [f32], up: &[f32]) {
         match self {
-            Activation::Silu => x / (1.0 + (-x).exp()),
+            Activation::Silu => {
+                for (g, &u) in gate.iter_mut().zip(up) {
+                    *g = *g / (1.0 + exp(-*g)) * u;
+                }
+            }
             Activation::Gelu => {
                 const SQRT_TWO_OVER_PI: f32 = 0.797_884_6;
-                0.5 * x * (1.0 + (SQRT_TWO_OVER_PI * x * (1.0 + 0.044_715 * x * x)).tanh())
+                for (g, &u) in gate.iter_mut().zip(up) {
+                    let x = *g;
+                    let y = SQRT_TWO_OVER_PI * x * (1.0 + 0.044_715 * x * x);
+                    // tanh(y) = 1 - 2 / (e^2y + 1)
+                    let tanh = 1.0 - 2.0 / (exp(2.0 * y) + 1.0);
+                    *g = 0.5 * x * (1.0 + tanh) * u;
+                }
             }
         }
     }
+}
+
+/// e^x to within about two units in the last place, without a libm call, so that loops over
+/// it vectorise: x = k ln2 + r with |r| <= ln2/2, e^r by its Taylor series to r^7, times 2^k.
+#[inline(always)]
+fn exp(x: f32) -> f32 {
+    const LOG2_E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    let x = x.clamp(-87.0, 88.0);
+    let k = (x * LOG2_E).round();
+    let r = (x - k * LN2_HI) - k * LN2_LO;
+    let p = 1.0 / 5040.0;
+    let p = p * r + 1.0 / 720.0;
+    let p = p * r + 1.0 / 120.0;
+    let p = p * r + 1.0 / 24.0;
+    let p = p * r + 1.0 / 6.0;
+    let p = p * r + 0.5;
+    let p = p * r + 1.0;
+    let p = p * r + 1.0;
+    p * f32::from_bits(((k as i32 + 127) as u32) << 23)
 }
 
 /// Cosine and sine tables `[max_len, head_dim / 2]` for one RoPE base.
@@ -518,9 +550,7 @@ impl Decoder {
             add(x, h);
             layer.ffn_norm.apply(x, h);
             project(qa, h, &[&layer.gate, &layer.up], &mut [g, u])?;
-            for (gv, &uv) in g.iter_mut().zip(u.iter()) {
-                *gv = self.activation.apply(*gv) * uv;
-            }
+            self.activation.gate(g, u);
             project(qa, g, &[&layer.down], &mut [h])?;
             if let Some(norm) = &layer.post_ffn_norm {
                 tmp.resize(h.len(), 0.0);
@@ -574,7 +604,7 @@ impl Decoder {
             }
             let mut sum = 0.0f32;
             for sc in scores.iter_mut() {
-                *sc = (*sc - max).exp();
+                *sc = exp(*sc - max);
                 sum += *sc;
             }
             o.fill(0.0);
@@ -651,4 +681,47 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
         tail += x * y;
     }
     (acc[0] + acc[4]) + (acc[1] + acc[5]) + (acc[2] + acc[6]) + (acc[3] + acc[7]) + tail
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_is_close_to_libm() {
+        let mut worst = 0.0f32;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let (a, b) = (exp(x), x.exp());
+            worst = worst.max(((a - b) / b).abs());
+            x += 0.0137;
+        }
+        assert!(worst < 4.0 * f32::EPSILON, "relative error {worst}");
+        assert_eq!(exp(0.0), 1.0);
+        assert!(exp(-200.0) < 1e-37 && exp(-200.0) >= 0.0);
+        assert!(exp(200.0).is_finite());
+    }
+
+    #[test]
+    fn activations_match_their_definitions() {
+        let xs: Vec<f32> = (-400..400).map(|i| i as f32 * 0.025).collect();
+        let ones = vec![1.0; xs.len()];
+        let mut silu = xs.clone();
+        Activation::Silu.gate(&mut silu, &ones);
+        let mut gelu = xs.clone();
+        Activation::Gelu.gate(&mut gelu, &ones);
+        for ((&x, &s), &g) in xs.iter().zip(&silu).zip(&gelu) {
+            let want_s = x / (1.0 + (-x).exp());
+            let y = 0.797_884_6 * x * (1.0 + 0.044_715 * x * x);
+            let want_g = 0.5 * x * (1.0 + y.tanh());
+            assert!(
+                (s - want_s).abs() <= 1e-6 * (1.0 + want_s.abs()),
+                "silu({x}) = {s}, not {want_s}"
+            );
+            assert!(
+                (g - want_g).abs() <= 1e-6 * (1.0 + want_g.abs()),
+                "gelu({x}) = {g}, not {want_g}"
+            );
+        }
+    }
 }

@@ -23,7 +23,7 @@ pub(crate) struct RawTensor {
     pub(crate) dtype: GgmlDType,
     pub(crate) rows: usize,
     pub(crate) cols: usize,
-    pub(crate) data: Arc<[u8]>,
+    pub(crate) data: Arc<Vec<u8>>,
 }
 
 impl RawTensor {

@@ -13,7 +13,7 @@ use super::linear::RawTensor;
 pub(crate) struct QEmbedding {
     /// The table's blocks in host memory, shared with the output head when the model ties
     /// them.
-    data: Arc<[u8]>,
+    data: Arc<Vec<u8>>,
     dtype: GgmlDType,
     rows: usize,
     hidden: usize,
