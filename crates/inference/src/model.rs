@@ -114,10 +114,15 @@ impl ChatModel {
         };
         let quantization = file.quantization();
         let GgufFile {
-            content,
+            mut content,
             mut reader,
             path,
         } = file;
+        // The tokenizer is built: its vocabulary arrays (large for 256k-token models) need not
+        // stay in memory while the weights load.
+        content
+            .metadata
+            .retain(|key, _| !key.starts_with("tokenizer.ggml."));
         let model_err = |source| LoadError::Model {
             path: path.clone(),
             source,

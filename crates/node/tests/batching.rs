@@ -6,8 +6,7 @@ use std::sync::atomic::Ordering;
 
 use common::{run_on, Run};
 use pod_inference::{
-    ChatMessage, ChatModel, Device, Engine, EngineConfig, EngineHandle, FinishReason,
-    GenerateRequest, Prompt, Role,
+    ChatMessage, ChatModel, Device, EngineConfig, FinishReason, GenerateRequest, Prompt, Role,
 };
 use pod_node::catalogue::DEFAULT_CHAT_MODEL;
 
@@ -32,14 +31,6 @@ fn tokens(model: &ChatModel, prompt: &str) -> Vec<u32> {
         .render(&[ChatMessage::new(Role::User, prompt)], true)
         .expect("render");
     model.tokenizer().encode(&text).expect("encode")
-}
-
-fn engine(config: EngineConfig) -> EngineHandle {
-    let engine = Engine::start(config);
-    let resolved =
-        pod_node::loader::resolve(&common::store(), DEFAULT_CHAT_MODEL, true).expect("pull");
-    pod_node::loader::load_into(&engine, &resolved, pod_inference::DeviceSpec::Cpu).expect("load");
-    engine
 }
 
 fn greedy(prompt: &str, max_tokens: usize) -> GenerateRequest {
@@ -115,7 +106,7 @@ fn logits_do_not_depend_on_how_tokens_are_fed() {
 #[tokio::test(flavor = "multi_thread")]
 async fn eight_concurrent_requests_batch_and_match_their_solo_runs() {
     let max_tokens = 24;
-    let solo_engine = engine(EngineConfig {
+    let solo_engine = common::engine_with(EngineConfig {
         max_active: 1,
         prefix_cache_bytes: 0,
         ..EngineConfig::default()
@@ -125,7 +116,7 @@ async fn eight_concurrent_requests_batch_and_match_their_solo_runs() {
         solo.push(run_on(&solo_engine, greedy(p, max_tokens)).await);
     }
 
-    let batch_engine = engine(EngineConfig {
+    let batch_engine = common::engine_with(EngineConfig {
         max_active: 8,
         prefix_cache_bytes: 0,
         ..EngineConfig::default()
@@ -169,11 +160,11 @@ async fn eight_concurrent_requests_batch_and_match_their_solo_runs() {
 /// it would have without it.
 #[tokio::test(flavor = "multi_thread")]
 async fn repeated_prompt_reuses_the_prefix_cache() {
-    let cold = engine(EngineConfig {
+    let cold = common::engine_with(EngineConfig {
         prefix_cache_bytes: 0,
         ..EngineConfig::default()
     });
-    let warm = engine(EngineConfig::default());
+    let warm = common::engine_with(EngineConfig::default());
     let conversation = |follow_up: Option<&str>| {
         let mut messages = vec![
             ChatMessage::new(

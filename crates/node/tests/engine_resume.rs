@@ -4,7 +4,28 @@
 
 mod common;
 
-use common::{run, Run};
+use std::sync::OnceLock;
+
+use common::Run;
+use pod_inference::{EngineConfig, EngineHandle};
+
+/// The engine of these tests, without a prefix cache: a resumed request must rebuild its
+/// attention cache from the tokens alone, as on a pod that never saw the request.
+fn engine() -> EngineHandle {
+    static ENGINE: OnceLock<EngineHandle> = OnceLock::new();
+    ENGINE
+        .get_or_init(|| {
+            common::engine_with(EngineConfig {
+                prefix_cache_bytes: 0,
+                ..EngineConfig::default()
+            })
+        })
+        .clone()
+}
+
+async fn run(req: GenerateRequest) -> Run {
+    common::run_on(&engine(), req).await
+}
 
 use pod_inference::{
     ChatMessage, EngineError, FinishReason, GenerateRequest, Prompt, Resume, Role, SamplingParams,
@@ -291,7 +312,7 @@ async fn json_mode_resumes_exactly() {
 
 #[tokio::test]
 async fn invalid_resumes_are_clear_errors() {
-    let engine = common::engine();
+    let engine = engine();
     let req = greedy("Write a short poem about the sea.", 20);
     let full = run(req.clone()).await;
     let with = |resume: Resume| GenerateRequest {

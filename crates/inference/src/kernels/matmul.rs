@@ -1,7 +1,7 @@
 //! A quantised weight matrix in its GGUF blocks, and the parallel driver that multiplies
 //! quantised activation rows by one or several such matrices.
 //!
-//! Work is cut into items of (a run of weight rows) × (up to [`TILE`] activation rows), and
+//! Work is cut into items of (a run of weight rows) × (up to [`tile_rows`] activation rows), and
 //! runs of items are shared out over candle's CPU worker pool (one thread per physical core,
 //! the calling thread included; `RAYON_NUM_THREADS` or `CANDLE_NUM_THREADS` override), whose
 //! workers spin briefly between calls, which matters at a hundred calls per decoded token.
@@ -16,8 +16,18 @@ use super::format::{ActivationForm, QuantFormat};
 use super::quantize::QuantizedRows;
 use super::KernelError;
 
-/// Activation rows dotted with each weight block while it is unpacked.
-const TILE: usize = 4;
+/// Most activation rows dotted with each weight block while it is unpacked.
+const MAX_TILE: usize = 8;
+
+/// Activation rows dotted with each weight block while it is unpacked: 8 where the CPU has 32
+/// vector registers to hold their sums (AVX-512), else 4.
+fn tile_rows() -> usize {
+    #[cfg(target_arch = "x86_64")]
+    if super::x86::level() >= super::x86::Level::Avx512Vnni {
+        return MAX_TILE;
+    }
+    4
+}
 /// Fewest weight rows per work item: enough to amortise taking an item.
 const MIN_CHUNK: usize = 16;
 /// Work items per matrix to aim for.
@@ -169,13 +179,14 @@ struct Item<'a> {
     c1: usize,
     i0: usize,
     n: usize,
-    segs: [&'a mut [f32]; TILE],
+    segs: [&'a mut [f32]; MAX_TILE],
 }
 
 /// Cuts the outputs into items, weight-row run major, so that consecutive items (taken by the
 /// same thread) reuse the weight rows from cache across activation tiles.
 fn work_items<'a>(ws: &[&QMatrix], m: usize, outs: &'a mut [&mut [f32]]) -> Vec<Item<'a>> {
-    let tiles = m.div_ceil(TILE);
+    let tile = tile_rows();
+    let tiles = m.div_ceil(tile);
     let chunk_of = |w: &QMatrix| {
         let per_tile = ITEMS_PER_MATRIX.div_ceil(tiles);
         w.rows.div_ceil(per_tile).max(MIN_CHUNK)
@@ -189,20 +200,20 @@ fn work_items<'a>(ws: &[&QMatrix], m: usize, outs: &'a mut [&mut [f32]]) -> Vec<
         let chunk = chunk_of(w);
         let base = items.len();
         for c0 in (0..w.rows).step_by(chunk) {
-            for i0 in (0..m).step_by(TILE) {
+            for i0 in (0..m).step_by(tile) {
                 items.push(Item {
                     matrix: g,
                     c0,
                     c1: w.rows.min(c0 + chunk),
                     i0,
-                    n: TILE.min(m - i0),
+                    n: tile.min(m - i0),
                     segs: Default::default(),
                 });
             }
         }
         for (i, row) in out.chunks_mut(w.rows).enumerate() {
             for (c, seg) in row.chunks_mut(chunk).enumerate() {
-                items[base + c * tiles + i / TILE].segs[i % TILE] = seg;
+                items[base + c * tiles + i / tile].segs[i % tile] = seg;
             }
         }
     }
@@ -216,7 +227,11 @@ fn run_item(w: &QMatrix, x: &QuantizedRows, item: &mut Item<'_>) {
         1 => tile::<1>(w, rows, x, i0, segs),
         2 => tile::<2>(w, rows, x, i0, segs),
         3 => tile::<3>(w, rows, x, i0, segs),
-        _ => tile::<TILE>(w, rows, x, i0, segs),
+        4 => tile::<4>(w, rows, x, i0, segs),
+        5 => tile::<5>(w, rows, x, i0, segs),
+        6 => tile::<6>(w, rows, x, i0, segs),
+        7 => tile::<7>(w, rows, x, i0, segs),
+        _ => tile::<MAX_TILE>(w, rows, x, i0, segs),
     }
 }
 

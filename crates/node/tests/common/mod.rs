@@ -37,15 +37,18 @@ pub fn model_path(name: &str) -> PathBuf {
 pub fn engine() -> EngineHandle {
     static ENGINE: OnceLock<EngineHandle> = OnceLock::new();
     ENGINE
-        .get_or_init(|| {
-            let engine = Engine::start(EngineConfig::default());
-            for name in [DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDING_MODEL] {
-                let resolved = loader::resolve(&store(), name, true).expect("pull");
-                loader::load_into(&engine, &resolved, DeviceSpec::Cpu).expect("load");
-            }
-            engine
-        })
+        .get_or_init(|| engine_with(EngineConfig::default()))
         .clone()
+}
+
+/// A new engine with `config` and the default chat and embedding models.
+pub fn engine_with(config: EngineConfig) -> EngineHandle {
+    let engine = Engine::start(config);
+    for name in [DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDING_MODEL] {
+        let resolved = loader::resolve(&store(), name, true).expect("pull");
+        loader::load_into(&engine, &resolved, DeviceSpec::Cpu).expect("load");
+    }
+    engine
 }
 
 pub fn fixture(name: &str) -> serde_json::Value {
