@@ -3,10 +3,11 @@ r"""Pull throughput of `pod models pull` from 1 and 2 storage pods on 127.0.0.1,
 copy of the same file on the same disk.
 
 Storage pods serve the shared model store (`--models-dir`); each pull goes into a fresh, empty
-state directory, so every byte crosses the mesh (Noise + Yamux over TCP) and is verified chunk
-by chunk (which, with the chained manifest, verifies the whole file). Rounds alternate copy, 1 peer, 2 peers; medians are reported.
+state directory, so every byte crosses the mesh (Noise + Yamux over TCP, or QUIC with
+`--transport quic`) and is verified chunk by chunk (which, with the chained manifest, verifies
+the whole file). Rounds alternate copy, 1 peer, 2 peers; medians are reported.
 
-  python3 bench/blob_pull.py [--pod target/release/pod] [--rounds 3]
+  python3 bench/blob_pull.py [--pod target/release/pod] [--rounds 3] [--transport tcp|quic]
 """
 
 import argparse
@@ -33,19 +34,23 @@ def get(port: int, path: str):
         return json.load(r)
 
 
-def storage_pod(pod: str, models_dir: str) -> tuple[subprocess.Popen, str]:
+def storage_pod(pod: str, models_dir: str, transport: str) -> tuple[subprocess.Popen, str]:
+    """A storage pod listening on TCP and QUIC; returns it and its `transport` address."""
     port = free_port()
     home = tempfile.mkdtemp(prefix="pod-bench-")
     proc = subprocess.Popen([pod, "--home", home, "--models-dir", models_dir, "--log", "warn", "start",
                              "--profile", "storage", "--api-port", str(port), "--no-mdns",
-                             "--listen", "/ip4/127.0.0.1/tcp/0", "--announce-interval", "1"],
+                             "--listen", "/ip4/127.0.0.1/tcp/0", "--listen", "/ip4/127.0.0.1/udp/0/quic-v1",
+                             "--announce-interval", "1"],
                             stderr=subprocess.DEVNULL)
+    kind = "/quic-v1" if transport == "quic" else "/tcp/"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
             if get(port, "/health")["status"] == "ok":
                 node = get(port, "/pod/v1/node")
-                return proc, f"{node['listen_addrs'][0]}/p2p/{node['peer_id']}"
+                addr = next(a for a in node["listen_addrs"] if kind in a)
+                return proc, f"{addr}/p2p/{node['peer_id']}"
         except OSError:
             time.sleep(0.2)
     proc.kill()
@@ -71,10 +76,12 @@ def main() -> None:
     ap.add_argument("--pod", default=str(ROOT / "target" / "release" / "pod"))
     ap.add_argument("--models-dir", default=str(Path(os.environ.get("POD_HOME", Path.home() / ".cache" / "pod")) / "models"))
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--transport", choices=["tcp", "quic"], default="tcp",
+                    help="how the puller reaches the storage pods (both listen on both)")
     args = ap.parse_args()
     source = Path(args.models_dir) / MODEL / "model.gguf"
     size = source.stat().st_size
-    pods = [storage_pod(args.pod, args.models_dir) for _ in range(2)]
+    pods = [storage_pod(args.pod, args.models_dir, args.transport) for _ in range(2)]
     try:
         times = {"copy": [], "1 peer": [], "2 peers": []}
         for _ in range(args.rounds):
@@ -88,12 +95,12 @@ def main() -> None:
             times["1 peer"].append(pull(args.pod, [pods[0][1]]))
             times["2 peers"].append(pull(args.pod, [pods[0][1], pods[1][1]]))
         copy = statistics.median(times["copy"])
-        print(f"{MODEL}: {size / 1e6:.1f} MB, {args.rounds} rounds, medians; pulls include starting pod, joining the mesh and verifying every chunk")
+        print(f"{MODEL}: {size / 1e6:.1f} MB, {args.rounds} rounds, medians, {args.transport}; pulls include starting pod, joining the mesh and verifying every chunk")
         print("| method | seconds | MB/s | vs copy |")
         print("|---|---:|---:|---:|")
         for k, v in times.items():
             m = statistics.median(v)
-            print(f"| {k} | {m:.2f} | {size / 1e6 / m:.0f} | {copy / m:.2f} |")
+            print(f"| {k} | {m:.3f} | {size / 1e6 / m:.0f} | {copy / m:.2f} |")
     finally:
         for p, _ in pods:
             p.terminate()

@@ -18,7 +18,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -522,33 +522,34 @@ impl BlobServer {
                     .await
                     .map_err(|e| e.to_string())?;
                 let file = Arc::new(File::open(&path).map_err(|e| e.to_string())?);
-                // Reads chunk `index` on the blocking pool.
-                let read = |index: u32| {
+                // Reads chunk `index` into `buf` on the blocking pool, as one frame.
+                let read = |index: u32, buf: Vec<u8>| {
                     let file = Arc::clone(&file);
                     let len = manifest.chunk_len(index as usize);
                     let offset = index as u64 * manifest.chunk_size;
-                    tokio::task::spawn_blocking(move || read_at(&file, offset, len))
+                    tokio::task::spawn_blocking(move || read_frame_at(&file, offset, len, buf))
                 };
-                // One chunk is read from disk while the one before goes out.
-                let mut next = Some(read(first));
+                // One chunk is read from disk while the one before goes out; the two buffers
+                // take turns, so no chunk costs a fresh allocation.
+                let mut spare = Vec::new();
+                let mut next = Some(read(first, Vec::new()));
                 for index in first..first + count {
                     let Some(reading) = next.take() else { break };
-                    let data = reading
+                    let frame = reading
                         .await
                         .map_err(|e| e.to_string())?
                         .map_err(|e| e.to_string())?;
                     if index + 1 < first + count {
-                        next = Some(read(index + 1));
+                        next = Some(read(index + 1, std::mem::take(&mut spare)));
                     }
-                    let wait = self.pace(peer, data.len() as u64);
+                    let len = (frame.len() - 4) as u64;
+                    let wait = self.pace(peer, len);
                     if !wait.is_zero() {
                         tokio::time::sleep(wait).await;
                     }
-                    wr.write_all(&(data.len() as u32).to_be_bytes())
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    wr.write_all(&data).await.map_err(|e| e.to_string())?;
-                    self.record_sent(peer, &sha256, data.len() as u64);
+                    wr.write_all(&frame).await.map_err(|e| e.to_string())?;
+                    self.record_sent(peer, &sha256, len);
+                    spare = frame;
                 }
                 wr.flush().await.map_err(|e| e.to_string())
             }
@@ -568,10 +569,14 @@ fn check_hash(sha256: &str) -> Result<(), String> {
     }
 }
 
-fn read_at(file: &File, offset: u64, len: u64) -> std::io::Result<Vec<u8>> {
+/// Reads `len` bytes at `offset` into `buf` as a chunk frame: their length (4 bytes, big-endian)
+/// then the bytes. `buf` is reused; it is only zeroed where it grows.
+fn read_frame_at(file: &File, offset: u64, len: u64, mut buf: Vec<u8>) -> std::io::Result<Vec<u8>> {
     use std::os::unix::fs::FileExt;
-    let mut buf = vec![0u8; len as usize];
-    file.read_exact_at(&mut buf, offset)?;
+    let header = u32::try_from(len).map_err(std::io::Error::other)?;
+    buf.resize(4 + len as usize, 0);
+    buf[..4].copy_from_slice(&header.to_be_bytes());
+    file.read_exact_at(&mut buf[4..], offset)?;
     Ok(buf)
 }
 
@@ -670,6 +675,7 @@ pub async fn fetch(
     };
 
     let queue = Arc::new(Mutex::new(missing));
+    let writeback = Arc::new(Writeback::new(Arc::clone(&file)));
     let mut workers = Vec::new();
     for peer in providers.iter().copied() {
         let strikes = Arc::new(AtomicU32::new(0));
@@ -680,9 +686,11 @@ pub async fn fetch(
                 sha256: sha256.to_owned(),
                 manifest: Arc::clone(&manifest),
                 file: Arc::clone(&file),
+                writeback: Arc::clone(&writeback),
                 queue: Arc::clone(&queue),
                 stats: stats.clone(),
                 strikes: Arc::clone(&strikes),
+                spare: Vec::new(),
             };
             workers.push((peer, Arc::clone(&strikes), tokio::spawn(job.run())));
         }
@@ -725,8 +733,13 @@ pub async fn fetch(
     if manifest.chunks.is_empty() && hex::encode(Sha256::digest([])) != sha256 {
         return Err(FetchError::Mismatch);
     }
+    let synced = Instant::now();
     file.sync_all()?;
-    tracing::debug!(seconds = started.elapsed().as_secs_f64(), "file complete");
+    tracing::debug!(
+        seconds = started.elapsed().as_secs_f64(),
+        fsync_seconds = synced.elapsed().as_secs_f64(),
+        "file complete"
+    );
     Ok(report)
 }
 
@@ -785,6 +798,47 @@ const CHUNKS_PER_RUN: usize = 8;
 /// Times a stream retries a run after a transport error before giving its provider up.
 const RUN_RETRIES: u32 = 2;
 
+/// Bytes written to a partial file after which they are flushed to disk in the background.
+const WRITEBACK_BYTES: u64 = 16 * 1024 * 1024;
+
+/// Flushes a partial file to disk while its download goes on, every [`WRITEBACK_BYTES`], so
+/// that the disk writes in parallel with the transfer and the final `fsync` only waits for the
+/// last few chunks instead of the whole file.
+#[derive(Debug)]
+struct Writeback {
+    file: Arc<File>,
+    /// Bytes written since the last flush started.
+    unflushed: AtomicU64,
+    /// A flush is running: at most one at a time.
+    flushing: Arc<AtomicBool>,
+}
+
+impl Writeback {
+    fn new(file: Arc<File>) -> Self {
+        Self {
+            file,
+            unflushed: AtomicU64::new(0),
+            flushing: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Counts `bytes` written; starts a flush on the blocking pool when enough are waiting
+    /// and none runs. A failed flush is left to the final `fsync` to report.
+    fn landed(&self, bytes: u64) {
+        let waiting = self.unflushed.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        if waiting < WRITEBACK_BYTES || self.flushing.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        self.unflushed.fetch_sub(waiting, Ordering::Relaxed);
+        let file = Arc::clone(&self.file);
+        let flushing = Arc::clone(&self.flushing);
+        tokio::task::spawn_blocking(move || {
+            let _ = file.sync_data();
+            flushing.store(false, Ordering::Release);
+        });
+    }
+}
+
 /// One stream's worth of a download from one provider.
 struct Worker {
     control: libp2p_stream::Control,
@@ -792,10 +846,13 @@ struct Worker {
     sha256: String,
     manifest: Arc<Manifest>,
     file: Arc<File>,
+    writeback: Arc<Writeback>,
     queue: Arc<Mutex<VecDeque<usize>>>,
     stats: Option<Arc<BlobStats>>,
     /// Bad chunks from this provider, shared by its streams.
     strikes: Arc<AtomicU32>,
+    /// Chunk buffers back from the blocking pool, to read the next chunks into.
+    spare: Vec<Vec<u8>>,
 }
 
 #[derive(Debug, Default)]
@@ -805,10 +862,10 @@ struct Outcome {
     failure: Option<String>,
 }
 
-/// What became of one chunk read from a stream.
+/// What became of one chunk read from a stream; either way its buffer comes back.
 enum Landed {
-    Written(u64),
-    Corrupt,
+    Written(Vec<u8>),
+    Corrupt(Vec<u8>),
 }
 
 impl Worker {
@@ -879,23 +936,26 @@ impl Worker {
         tokio::task::spawn_blocking(move || {
             use std::os::unix::fs::FileExt;
             if !manifest.verify_chunk(index, &data) {
-                return Ok(Landed::Corrupt);
+                return Ok(Landed::Corrupt(data));
             }
             file.write_all_at(&data, offset)?;
-            Ok(Landed::Written(data.len() as u64))
+            Ok(Landed::Written(data))
         })
     }
 
     /// Counts a landed chunk; `Err` when it could not be written.
     async fn landed(
-        &self,
+        &mut self,
         index: usize,
         landing: tokio::task::JoinHandle<std::io::Result<Landed>>,
         out: &mut Outcome,
         rejected: &mut Vec<usize>,
     ) -> Result<(), String> {
         match landing.await {
-            Ok(Ok(Landed::Written(len))) => {
+            Ok(Ok(Landed::Written(data))) => {
+                let len = data.len() as u64;
+                self.spare.push(data);
+                self.writeback.landed(len);
                 out.chunks += 1;
                 out.bytes += len;
                 if let Some(s) = &self.stats {
@@ -903,7 +963,8 @@ impl Worker {
                 }
                 Ok(())
             }
-            Ok(Ok(Landed::Corrupt)) => {
+            Ok(Ok(Landed::Corrupt(data))) => {
+                self.spare.push(data);
                 if let Some(s) = &self.stats {
                     s.chunks_corrupt.fetch_add(1, Ordering::Relaxed);
                 }
@@ -963,6 +1024,8 @@ impl Worker {
         let mut landing: Option<(usize, usize, tokio::task::JoinHandle<_>)> = None;
         for (k, &index) in run.iter().enumerate() {
             let want = self.manifest.chunk_len(index) as usize;
+            // Only the part of a reused buffer that grows is zeroed.
+            let mut data = self.spare.pop().unwrap_or_default();
             let read = async {
                 let mut len = [0u8; 4];
                 rd.read_exact(&mut len).await?;
@@ -972,7 +1035,7 @@ impl Worker {
                         "chunk of {len} bytes, expected {want}"
                     )));
                 }
-                let mut data = vec![0u8; len];
+                data.resize(len, 0);
                 rd.read_exact(&mut data).await?;
                 Ok(data)
             };
