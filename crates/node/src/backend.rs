@@ -6,9 +6,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
-use pod_api::node::{
-    FileList, FileView, NodeView, PeerLoad, PeerView, PeerWork, ReceiptsView, WorkTotals,
-};
+use pod_api::node::{FileList, NodeView, PeerLoad, PeerView, PeerWork, ReceiptsView, WorkTotals};
 use pod_api::{Backend, BlobTotals, Embeddings, Generation, LocalBackend, ModelEntry};
 use pod_inference::{EmbedRequest, EngineError, GenerateRequest};
 
@@ -272,19 +270,7 @@ impl Backend for NodeBackend {
     }
 
     async fn files(&self) -> Option<FileList> {
-        let data = self.blobs.as_ref().map(|b| {
-            b.served()
-                .into_iter()
-                .map(|f| FileView {
-                    model: f.model,
-                    file: f.file,
-                    sha256: f.sha256,
-                    size: f.size,
-                    peers_served: f.peers_served,
-                    bytes_served: f.bytes_served,
-                })
-                .collect()
-        });
+        let data = self.blobs.as_ref().map(|b| b.served());
         Some(FileList {
             object: "list".into(),
             serving: data.is_some(),

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::{PeerId, StreamProtocol};
+use pod_api::node::FileView;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -255,23 +256,6 @@ pub struct BlobStats {
     pub active: AtomicU64,
 }
 
-/// One served file as `pod models list` and `/pod/v1/files` show it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct ServedFile {
-    /// The catalogue model it belongs to.
-    pub model: String,
-    /// Its name in the model's directory.
-    pub file: String,
-    /// Its SHA-256.
-    pub sha256: String,
-    /// Its size in bytes.
-    pub size: u64,
-    /// Distinct peers sent chunks of it since the server started.
-    pub peers_served: usize,
-    /// Bytes of it sent since the server started.
-    pub bytes_served: u64,
-}
-
 /// What one peer is doing with this server: open streams, and when its next byte may go out
 /// under the bandwidth limit.
 #[derive(Debug)]
@@ -355,13 +339,13 @@ impl BlobServer {
     }
 
     /// Every file served with how much of it went to how many peers, by model and file name.
-    pub fn served(&self) -> Vec<ServedFile> {
+    pub fn served(&self) -> Vec<FileView> {
         let Ok(files) = self.files.lock() else {
             return Vec::new();
         };
-        let mut out: Vec<ServedFile> = files
+        let mut out: Vec<FileView> = files
             .iter()
-            .map(|(sha, s)| ServedFile {
+            .map(|(sha, s)| FileView {
                 model: s.model.to_owned(),
                 file: s.file.to_owned(),
                 sha256: sha.clone(),
