@@ -1031,24 +1031,22 @@ impl Worker {
             let chunk = self.config.prefill_chunk.max(1);
             let mut budget = chunk;
             let mut inputs: Vec<(usize, Vec<u32>)> = Vec::new();
-            // Decoders first, one token each; then prompts, while the budget lasts.
+            // Decoders first, one token each; then prompts, while the budget lasts (the first
+            // prompt always gets at least one token).
+            let mut prompting = false;
             for decoding in [true, false] {
                 for (i, a) in self.active.iter().enumerate() {
                     if done[i] || a.job.model != name || (a.fed >= a.job.context.len()) != decoding
                     {
                         continue;
                     }
-                    if !decoding
-                        && budget == 0
-                        && inputs
-                            .iter()
-                            .any(|(j, _)| self.active[*j].fed < self.active[*j].job.context.len())
-                    {
+                    if !decoding && budget == 0 && prompting {
                         continue;
                     }
                     match a.input(invariant, chunk, budget) {
                         Ok(toks) => {
                             budget = budget.saturating_sub(toks.len());
+                            prompting |= !decoding;
                             inputs.push((i, toks));
                         }
                         Err(e) => {
@@ -1058,8 +1056,7 @@ impl Worker {
                     }
                 }
             }
-            let results = forward(model, &mut self.active, &inputs);
-            let passes = if invariant { 1 } else { inputs.len() };
+            let (results, passes) = forward(model, &mut self.active, &inputs);
             self.stats
                 .forward_passes
                 .fetch_add(passes as u64, Ordering::Relaxed);
@@ -1119,30 +1116,29 @@ fn guarded<T>(f: impl FnOnce() -> Result<T, EngineError>) -> Result<T, EngineErr
     })
 }
 
-/// Feeds `inputs` (index into `active`, tokens) through `model` in one batched pass; if that
-/// fails, each sequence alone, so that one bad sequence fails only itself.
+/// Feeds `inputs` (index into `active`, tokens; each index once) through `model`: in one
+/// batched pass where the model batches, and if that fails or it does not, each sequence alone,
+/// so that one bad sequence fails only itself. Returns the results in the order of `inputs`
+/// and the number of forward passes run.
 fn forward(
     model: &ChatModel,
     active: &mut [Active],
     inputs: &[(usize, Vec<u32>)],
-) -> Vec<Result<Vec<f32>, EngineError>> {
+) -> (Vec<Result<Vec<f32>, EngineError>>, usize) {
     let internal = |e: candle_core::Error| EngineError::Internal(e.to_string());
-    if inputs.len() > 1 {
-        let mut seqs: Vec<&mut Sequence> = Vec::with_capacity(inputs.len());
-        let mut lens = Vec::with_capacity(inputs.len());
-        let mut it = inputs.iter().map(|(i, _)| *i).peekable();
-        for (i, a) in active.iter_mut().enumerate() {
-            if it.peek() == Some(&i) {
-                it.next();
-                lens.push(a.seq.len());
-                seqs.push(&mut a.seq);
-            }
-        }
+    if inputs.len() > 1 && model.batch_invariant() {
+        let mut slots: Vec<Option<&mut Sequence>> =
+            active.iter_mut().map(|a| Some(&mut a.seq)).collect();
+        let mut seqs: Vec<&mut Sequence> = inputs
+            .iter()
+            .filter_map(|(i, _)| slots.get_mut(*i).and_then(Option::take))
+            .collect();
+        let lens: Vec<usize> = seqs.iter().map(|s| s.len()).collect();
         let tokens: Vec<&[u32]> = inputs.iter().map(|(_, t)| &t[..]).collect();
         let batched = guarded(|| model.forward_batch(&mut seqs, &tokens).map_err(internal));
         match batched {
             Ok(logits) if logits.len() == inputs.len() => {
-                return logits.into_iter().map(Ok).collect()
+                return (logits.into_iter().map(Ok).collect(), 1)
             }
             Ok(_) => {}
             Err(e) => {
@@ -1153,10 +1149,11 @@ fn forward(
             s.truncate(len);
         }
     }
-    inputs
+    let results = inputs
         .iter()
         .map(|(i, toks)| guarded(|| active[*i].seq.forward(toks).map_err(internal)))
-        .collect()
+        .collect();
+    (results, inputs.len())
 }
 
 /// What follows a forward pass of one sequence that fed `fed_now` tokens: more prompt to come,

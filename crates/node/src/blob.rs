@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use futures::{AsyncReadExt, AsyncWriteExt};
 use libp2p::{PeerId, StreamProtocol};
 use pod_api::node::FileView;
 use serde::{Deserialize, Serialize};
@@ -418,18 +418,12 @@ impl BlobServer {
     }
 
     /// Accepts streams until the mesh stops.
-    pub async fn run(self: Arc<Self>, mut control: libp2p_stream::Control) {
-        let mut incoming = match control.accept(PROTOCOL) {
-            Ok(i) => i,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot serve {PROTOCOL}");
-                return;
-            }
-        };
-        while let Some((peer, stream)) = incoming.next().await {
+    pub async fn run(self: Arc<Self>, control: libp2p_stream::Control) {
+        crate::mesh::serve_streams(control, PROTOCOL, move |peer, stream| {
             let server = Arc::clone(&self);
-            tokio::spawn(async move { server.handle(peer, stream).await });
-        }
+            async move { server.handle(peer, stream).await }
+        })
+        .await;
     }
 
     async fn handle(&self, peer: PeerId, stream: libp2p::Stream) {
@@ -1071,32 +1065,47 @@ pub async fn pull_from_peers(
         if store.file_present(entry, file) {
             continue;
         }
-        let partial = store.partial_path(file.sha256);
-        let report = fetch(
-            control.clone(),
-            providers,
-            file.sha256,
-            file.size,
-            &partial,
-            stats.clone(),
-        )
-        .await?;
-        store
-            .install_verified(entry, file, &partial)
-            .map_err(|e| FetchError::Io(std::io::Error::other(e.to_string())))?;
-        tracing::info!(
-            model = entry.name,
-            file = file.name,
-            peers = report.bytes_from.len(),
-            resumed_chunks = report.chunks_reused,
-            "pulled from peers"
+        out.push(
+            pull_file(
+                store,
+                entry,
+                file,
+                control.clone(),
+                providers,
+                stats.clone(),
+            )
+            .await?,
         );
-        out.push(PulledFile {
-            file: file.name.to_owned(),
-            report,
-        });
     }
     Ok(out)
+}
+
+/// Fetches one file of `entry` from `providers` into its partial file and installs it in the
+/// store once it matches the pinned SHA-256.
+async fn pull_file(
+    store: &ModelStore,
+    entry: &crate::catalogue::CatalogueEntry,
+    file: &crate::catalogue::FileSpec,
+    control: libp2p_stream::Control,
+    providers: &[PeerId],
+    stats: Option<Arc<BlobStats>>,
+) -> Result<PulledFile, FetchError> {
+    let partial = store.partial_path(file.sha256);
+    let report = fetch(control, providers, file.sha256, file.size, &partial, stats).await?;
+    store
+        .install_verified(entry, file, &partial)
+        .map_err(|e| FetchError::Io(std::io::Error::other(e.to_string())))?;
+    tracing::info!(
+        model = entry.name,
+        file = file.name,
+        peers = report.bytes_from.len(),
+        resumed_chunks = report.chunks_reused,
+        "pulled from peers"
+    );
+    Ok(PulledFile {
+        file: file.name.to_owned(),
+        report,
+    })
 }
 
 /// Pods in `peers` that announce the file `sha256`, connected ones first, then by ping time.
@@ -1181,23 +1190,7 @@ pub async fn pull_via_mesh(
     }
     let mut pulled = Vec::new();
     for (file, peers) in missing.into_iter().zip(providers) {
-        let partial = store.partial_path(file.sha256);
-        let report = fetch(
-            mesh.streams(),
-            &peers,
-            file.sha256,
-            file.size,
-            &partial,
-            stats.clone(),
-        )
-        .await?;
-        store
-            .install_verified(entry, file, &partial)
-            .map_err(|e| FetchError::Io(std::io::Error::other(e.to_string())))?;
-        pulled.push(PulledFile {
-            file: file.name.to_owned(),
-            report,
-        });
+        pulled.push(pull_file(store, entry, file, mesh.streams(), &peers, stats.clone()).await?);
     }
     Ok(Some(pulled))
 }

@@ -362,3 +362,24 @@ pub fn new(key: Keypair, config: MeshConfig) -> Result<(Client, EventLoop), Mesh
         event_loop,
     ))
 }
+
+/// Accepts streams of `protocol` until the mesh stops, each handled on its own task.
+pub async fn serve_streams<F, Fut>(
+    mut control: libp2p_stream::Control,
+    protocol: libp2p::StreamProtocol,
+    handle: F,
+) where
+    F: Fn(PeerId, libp2p::Stream) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let mut incoming = match control.accept(protocol.clone()) {
+        Ok(i) => i,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot serve {protocol}");
+            return;
+        }
+    };
+    while let Some((peer, stream)) = futures::StreamExt::next(&mut incoming).await {
+        tokio::spawn(handle(peer, stream));
+    }
+}

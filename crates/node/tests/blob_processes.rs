@@ -18,17 +18,20 @@ const CHAT: &str = "smollm2-135m-instruct";
 /// Size of the default chat model's GGUF file.
 const CHAT_SIZE: u64 = 98_362_432;
 
+/// Flags of a storage pod serving the shared model store on loopback.
+const STORAGE: [&str; 6] = [
+    "--profile",
+    "storage",
+    "--listen",
+    "/ip4/127.0.0.1/tcp/0",
+    "--announce-interval",
+    "1",
+];
+
 /// A storage pod serving the shared model store on loopback.
 fn storage_pod() -> PodProcess {
     common::model_path(CHAT);
-    PodProcess::start(&[
-        "--profile",
-        "storage",
-        "--listen",
-        "/ip4/127.0.0.1/tcp/0",
-        "--announce-interval",
-        "1",
-    ])
+    PodProcess::start(&STORAGE)
 }
 
 #[test]
@@ -142,16 +145,7 @@ fn number_before(stdout: &str, infix: &str) -> Option<u64> {
 fn a_pull_cut_by_killing_its_provider_resumes_without_refetching_verified_chunks() {
     common::model_path(CHAT);
     // 20 MB/s per peer: the 98 MB file takes about 5 s, so the kill lands mid-transfer.
-    let args = [
-        "--profile",
-        "storage",
-        "--listen",
-        "/ip4/127.0.0.1/tcp/0",
-        "--announce-interval",
-        "1",
-        "--serve-rate",
-        "20000000",
-    ];
+    let args = [&STORAGE[..], &["--serve-rate", "20000000"]].concat();
     let a_home = tempfile::tempdir().unwrap();
     let mut a = PodProcess::start_in(a_home.path(), &args);
     let a_id = a.peer_id.clone();

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
+use futures::{AsyncReadExt, AsyncWriteExt};
 use libp2p::identity::Keypair;
 use libp2p::PeerId;
 use pod_inference::{
@@ -126,18 +126,12 @@ impl InferServer {
     }
 
     /// Accepts streams until the mesh stops.
-    pub async fn run(self: Arc<Self>, mut control: libp2p_stream::Control) {
-        let mut incoming = match control.accept(PROTOCOL) {
-            Ok(i) => i,
-            Err(e) => {
-                tracing::error!(error = %e, "cannot serve {PROTOCOL}");
-                return;
-            }
-        };
-        while let Some((peer, stream)) = incoming.next().await {
+    pub async fn run(self: Arc<Self>, control: libp2p_stream::Control) {
+        crate::mesh::serve_streams(control, PROTOCOL, move |peer, stream| {
             let server = Arc::clone(&self);
-            tokio::spawn(async move { server.handle(peer, stream).await });
-        }
+            async move { server.handle(peer, stream).await }
+        })
+        .await;
     }
 
     /// Takes a slot for `peer`, or says why not.

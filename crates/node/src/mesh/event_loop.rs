@@ -601,13 +601,7 @@ impl EventLoop {
             return;
         }
         self.dialled.insert(peer, now);
-        let addrs: Vec<Multiaddr> = self
-            .peers
-            .snapshot(now)
-            .into_iter()
-            .find(|p| p.peer_id == peer)
-            .map(|p| p.addrs)
-            .unwrap_or_default();
+        let addrs = self.peers.addrs(&peer);
         if addrs.is_empty() {
             return;
         }

@@ -170,6 +170,14 @@ impl PeerTable {
         self.peers.get(peer).is_some_and(|e| e.connections > 0)
     }
 
+    /// The addresses known for `peer` (none when it is unknown).
+    pub fn addrs(&self, peer: &PeerId) -> Vec<Multiaddr> {
+        self.peers
+            .get(peer)
+            .map(|e| e.addrs.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+
     /// Every known peer, sorted by id.
     pub fn snapshot(&self, now: Instant) -> Vec<PeerSnapshot> {
         let mut out: Vec<PeerSnapshot> = self
