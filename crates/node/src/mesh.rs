@@ -203,6 +203,7 @@ impl MeshStats {
 #[derive(Debug)]
 enum Command {
     Peers(oneshot::Sender<Vec<PeerSnapshot>>),
+    DirectIps(PeerId, oneshot::Sender<Vec<std::net::IpAddr>>),
     Node(oneshot::Sender<NodeInfo>),
     Announce(Box<Capabilities>),
     Dial(Multiaddr, oneshot::Sender<Result<(), MeshError>>),
@@ -238,6 +239,14 @@ impl Client {
     pub async fn peers(&self) -> Result<Vec<PeerSnapshot>, MeshError> {
         let (tx, rx) = oneshot::channel();
         self.send(Command::Peers(tx)).await?;
+        rx.await.map_err(|_| MeshError::Stopped)
+    }
+
+    /// The peer's IP addresses on the open connections that reach it directly (not through
+    /// a relay); empty when there are none.
+    pub async fn direct_ips(&self, peer: PeerId) -> Result<Vec<std::net::IpAddr>, MeshError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(Command::DirectIps(peer, tx)).await?;
         rx.await.map_err(|_| MeshError::Stopped)
     }
 

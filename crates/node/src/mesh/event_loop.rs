@@ -2,13 +2,14 @@
 //! table, and publishes and checks capability announcements.
 
 use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
-use libp2p::swarm::{DialError, SwarmEvent};
+use libp2p::swarm::{ConnectionId, DialError, SwarmEvent};
 use libp2p::{autonat, gossipsub, identify, kad, mdns, ping, relay, Multiaddr, PeerId, Swarm};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
@@ -59,6 +60,8 @@ pub struct EventLoop {
     relay_reservations: usize,
     pending_provide: HashMap<kad::QueryId, oneshot::Sender<Result<(), MeshError>>>,
     pending_providers: HashMap<kad::QueryId, (BTreeSet<PeerId>, oneshot::Sender<Vec<PeerId>>)>,
+    /// Open connections that are not relayed, with the peer and its IP address on them.
+    direct: HashMap<ConnectionId, (PeerId, IpAddr)>,
 }
 
 impl std::fmt::Debug for EventLoop {
@@ -102,6 +105,7 @@ impl EventLoop {
             relay_reservations: 0,
             pending_provide: HashMap::new(),
             pending_providers: HashMap::new(),
+            direct: HashMap::new(),
         }
     }
 
@@ -178,6 +182,16 @@ impl EventLoop {
         match command {
             Command::Peers(tx) => {
                 let _ = tx.send(self.peers.snapshot(Instant::now()));
+            }
+            Command::DirectIps(peer, tx) => {
+                let mut ips: Vec<IpAddr> = self
+                    .direct
+                    .values()
+                    .filter(|(p, _)| *p == peer)
+                    .map(|(_, ip)| *ip)
+                    .collect();
+                ips.dedup();
+                let _ = tx.send(ips);
             }
             Command::Node(tx) => {
                 let _ = tx.send(self.node_info());
@@ -374,11 +388,15 @@ impl EventLoop {
             }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
+                connection_id,
                 endpoint,
                 num_established,
                 ..
             } => {
                 let addr = endpoint.get_remote_address().clone();
+                if let Some(ip) = direct_ip(&addr) {
+                    self.direct.insert(connection_id, (peer_id, ip));
+                }
                 self.peers.connected(peer_id, Some(addr.clone()), now);
                 if num_established.get() == 1 {
                     tracing::debug!(peer = %peer_id, %addr, "connected");
@@ -387,10 +405,12 @@ impl EventLoop {
             }
             SwarmEvent::ConnectionClosed {
                 peer_id,
+                connection_id,
                 num_established,
                 cause,
                 ..
             } => {
+                self.direct.remove(&connection_id);
                 self.peers.disconnected(peer_id, now);
                 if num_established == 0 {
                     tracing::debug!(peer = %peer_id, cause = ?cause, "disconnected");
@@ -677,6 +697,19 @@ fn ensure_port_free(addr: &Multiaddr) -> Result<(), MeshError> {
             e.to_string()
         },
     })
+}
+
+/// The peer's IP address on a connection that reaches it directly, over TCP or QUIC; `None`
+/// for relayed connections and other transports.
+fn direct_ip(addr: &Multiaddr) -> Option<IpAddr> {
+    if addr.iter().any(|p| matches!(p, Protocol::P2pCircuit)) {
+        return None;
+    }
+    match addr.iter().next()? {
+        Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
+        Protocol::Ip6(ip) => Some(IpAddr::V6(ip)),
+        _ => None,
+    }
 }
 
 /// Whether an address is worth handing to others: not a wildcard.
