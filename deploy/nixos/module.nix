@@ -47,6 +47,13 @@ let
     raw = "%d/${credentialName}";
   };
 
+  # Profiles that serve model files to peers (`auto` may resolve to `full`).
+  servesFiles = builtins.elem cfg.profile [
+    "auto"
+    "full"
+    "storage"
+  ];
+
   apiIsLoopback = builtins.elem cfg.apiHost [
     "localhost"
     "::1"
@@ -180,8 +187,9 @@ in
       type = types.bool;
       default = false;
       description = ''
-        Open the mesh port (`p2pPort`, TCP and UDP for QUIC) in the firewall, and the API port
-        too when `apiHost` is not a loopback address.
+        Open the mesh port (`p2pPort`, TCP and UDP for QUIC) in the firewall; the TCP port after
+        it, for bulk connections that carry model files, with the `auto`, `full` and `storage`
+        profiles; and the API port when `apiHost` is not a loopback address.
       '';
     };
 
@@ -263,7 +271,13 @@ in
     environment.systemPackages = [ cfg.package ];
 
     networking.firewall = mkIf cfg.openFirewall {
-      allowedTCPPorts = [ cfg.p2pPort ] ++ optional (!apiIsLoopback) cfg.apiPort;
+      allowedTCPPorts = [
+        cfg.p2pPort
+      ]
+      # Bulk connections for model files (`--bulk-port`, the mesh port plus one), on the
+      # profiles that serve them.
+      ++ optional (servesFiles && cfg.p2pPort < 65535) (cfg.p2pPort + 1)
+      ++ optional (!apiIsLoopback) cfg.apiPort;
       # QUIC
       allowedUDPPorts = [ cfg.p2pPort ];
     };

@@ -14,6 +14,18 @@
 //! Frames: a 4-byte big-endian length and JSON for requests and replies; chunk data follows a
 //! `Chunks` reply as raw length-prefixed frames. Requests name files only by hash, so a peer can
 //! never reach a path: the server looks the hash up in its own index of verified store files.
+//!
+//! Bulk connections: a server may also listen on a plain TCP port (by default the mesh port
+//! plus one). A peer asks for a [`BlobRequest::Bulk`] ticket over the mesh, where the peer is
+//! authenticated and the stream encrypted; the ticket is 32 random bytes, good for one
+//! connection within [`TICKET_TTL`]. The peer opens a TCP connection to that port at the IP
+//! address its mesh connection reaches, sends the ticket, and then makes the same requests
+//! as on a mesh stream, one after another, on that connection, counted as one of its streams
+//! under the same limits. The data skips Noise and Yamux, which is where most of a pull's CPU
+//! went: its integrity does not rest on the transport, since every chunk is checked against
+//! the manifest, whose last value is the catalogue's pinned SHA-256. What is lost is only
+//! secrecy: an observer of the network sees which public model file is fetched. A pod that
+//! wants none of that serves and pulls over the mesh alone (`--no-bulk`).
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::File;
@@ -22,7 +34,10 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use futures::{AsyncReadExt, AsyncWriteExt};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::AtomicU16;
+
+use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::{PeerId, StreamProtocol};
 use pod_api::node::FileView;
 use serde::{Deserialize, Serialize};
@@ -47,6 +62,21 @@ pub const MAX_STREAMS_PER_PEER: usize = 8;
 
 /// Bad chunks after which a provider is dropped from a download.
 pub const MAX_STRIKES: u32 = 2;
+
+/// How long a bulk ticket may wait for its connection.
+pub const TICKET_TTL: Duration = Duration::from_secs(30);
+
+/// Bytes in a bulk ticket.
+pub const TICKET_LEN: usize = 32;
+
+/// Bulk connections that may wait at once for their ticket; more are closed at once.
+const MAX_UNTICKETED: usize = 64;
+
+/// How long a bulk connection may take to send its ticket.
+const TICKET_WAIT: Duration = Duration::from_secs(5);
+
+/// How long a bulk connection may stay idle between requests.
+const BULK_IDLE: Duration = Duration::from_secs(30);
 
 /// Largest JSON frame (a manifest of a 64 GiB file is about 4.5 MB).
 const MAX_JSON_FRAME: usize = 8 * 1024 * 1024;
@@ -215,6 +245,8 @@ pub enum BlobRequest {
         /// How many.
         count: u32,
     },
+    /// A ticket for a bulk connection (see the module's documentation). Only over the mesh.
+    Bulk,
 }
 
 /// The answer to a [`BlobRequest`].
@@ -225,6 +257,13 @@ pub enum BlobReply {
     Manifest(Manifest),
     /// The chunks follow as raw frames.
     Chunks,
+    /// A bulk ticket: connect to `port` at this server's IP address and send `ticket`.
+    Bulk {
+        /// The server's bulk TCP port.
+        port: u16,
+        /// The ticket, lowercase hex of [`TICKET_LEN`] bytes.
+        ticket: String,
+    },
     /// Refused.
     Error(String),
 }
@@ -272,6 +311,12 @@ pub struct BlobServer {
     max_streams_per_peer: usize,
     bytes_per_sec_per_peer: u64,
     stats: Arc<BlobStats>,
+    /// The bulk TCP port; 0 while there is none.
+    bulk_port: AtomicU16,
+    /// Bulk tickets not yet used: which peer each was given to, and until when it holds.
+    tickets: Mutex<HashMap<[u8; TICKET_LEN], (PeerId, Instant)>>,
+    /// Bulk connections waiting for their ticket.
+    unticketed: AtomicU64,
 }
 
 impl BlobServer {
@@ -294,6 +339,9 @@ impl BlobServer {
             max_streams_per_peer: streams_per_peer,
             bytes_per_sec_per_peer: bytes_per_sec,
             stats: Arc::new(BlobStats::default()),
+            bulk_port: AtomicU16::new(0),
+            tickets: Mutex::new(HashMap::new()),
+            unticketed: AtomicU64::new(0),
         });
         server.add_present(store);
         server
@@ -426,7 +474,117 @@ impl BlobServer {
         .await;
     }
 
+    /// Listens for bulk connections at `addrs` (their IPs; the port of the first, 0 for any
+    /// free one, and the port it got for the others) until the process ends; returns the port.
+    /// Fails only when the first address cannot be bound; the others are skipped.
+    pub async fn listen_bulk(self: &Arc<Self>, addrs: &[SocketAddr]) -> std::io::Result<u16> {
+        let Some(first) = addrs.first() else {
+            return Err(std::io::Error::other("no address to listen on"));
+        };
+        let listener = bulk_listener(*first)?;
+        let port = listener.local_addr()?.port();
+        let mut listeners = vec![listener];
+        for addr in &addrs[1..] {
+            match bulk_listener(SocketAddr::new(addr.ip(), port)) {
+                Ok(l) => listeners.push(l),
+                // E.g. no IPv6 on this host.
+                Err(e) => {
+                    tracing::debug!(ip = %addr.ip(), port, error = %e, "cannot listen for bulk connections")
+                }
+            }
+        }
+        self.bulk_port.store(port, Ordering::Relaxed);
+        for listener in listeners {
+            let server = Arc::clone(self);
+            tokio::spawn(async move { server.accept_bulk(listener).await });
+        }
+        Ok(port)
+    }
+
+    /// The bulk TCP port, if this server listens on one.
+    pub fn bulk_port(&self) -> Option<u16> {
+        Some(self.bulk_port.load(Ordering::Relaxed)).filter(|p| *p != 0)
+    }
+
+    /// Gives `peer` a ticket for one bulk connection.
+    fn ticket(&self, peer: PeerId) -> Result<(u16, [u8; TICKET_LEN]), String> {
+        let port = self
+            .bulk_port()
+            .ok_or_else(|| "no bulk connections here".to_owned())?;
+        let mut tickets = self
+            .tickets
+            .lock()
+            .map_err(|_| "tickets poisoned".to_owned())?;
+        let now = Instant::now();
+        tickets.retain(|_, (_, until)| *until > now);
+        if tickets.values().filter(|(p, _)| *p == peer).count() >= self.max_streams_per_peer {
+            return Err("too many unused bulk tickets".into());
+        }
+        let ticket: [u8; TICKET_LEN] = rand::random();
+        tickets.insert(ticket, (peer, now + TICKET_TTL));
+        Ok((port, ticket))
+    }
+
+    /// Takes back a ticket: the peer it was given to, if it is valid.
+    fn redeem(&self, ticket: &[u8; TICKET_LEN]) -> Option<PeerId> {
+        let (peer, until) = self.tickets.lock().ok()?.remove(ticket)?;
+        (until > Instant::now()).then_some(peer)
+    }
+
+    async fn accept_bulk(self: Arc<Self>, listener: tokio::net::TcpListener) {
+        loop {
+            let (socket, from) = match listener.accept().await {
+                Ok(a) => a,
+                Err(e) => {
+                    // Out of descriptors and the like: wait rather than spin.
+                    tracing::warn!(error = %e, "cannot accept a bulk connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            if self.unticketed.fetch_add(1, Ordering::AcqRel) >= MAX_UNTICKETED as u64 {
+                self.unticketed.fetch_sub(1, Ordering::AcqRel);
+                self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
+            let server = Arc::clone(&self);
+            tokio::spawn(async move { server.bulk_connection(socket, from).await });
+        }
+    }
+
+    /// A bulk connection: its ticket, then requests as on a stream of the peer it names.
+    async fn bulk_connection(&self, socket: tokio::net::TcpStream, from: SocketAddr) {
+        use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
+        let (rd, wr) = socket.into_split();
+        let (mut rd, mut wr) = (rd.compat(), wr.compat_write());
+        let mut ticket = [0u8; TICKET_LEN];
+        let read = tokio::time::timeout(TICKET_WAIT, rd.read_exact(&mut ticket)).await;
+        self.unticketed.fetch_sub(1, Ordering::AcqRel);
+        let peer = match read {
+            Ok(Ok(())) => self.redeem(&ticket),
+            _ => None,
+        };
+        let Some(peer) = peer else {
+            self.stats.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::debug!(%from, "bulk connection without a valid ticket refused");
+            return;
+        };
+        tracing::debug!(%peer, %from, "bulk connection");
+        self.session(peer, &mut rd, &mut wr, true).await;
+    }
+
     async fn handle(&self, peer: PeerId, stream: libp2p::Stream) {
+        let (mut rd, mut wr) = stream.split();
+        self.session(peer, &mut rd, &mut wr, false).await;
+    }
+
+    /// Serves one peer's stream, or bulk connection (`bulk`: request after request until it
+    /// closes or idles), as one of that peer's streams under the limits.
+    async fn session<R, W>(&self, peer: PeerId, rd: &mut R, wr: &mut W, bulk: bool)
+    where
+        R: AsyncRead + Unpin,
+        W: ChunkSink,
+    {
         let admitted = self.per_peer.lock().is_ok_and(|mut m| {
             let now = Instant::now();
             // Forget idle peers whose pacing no longer holds anything back.
@@ -442,18 +600,39 @@ impl BlobServer {
                 true
             }
         });
-        let (mut rd, mut wr) = stream.split();
         if !admitted {
             self.stats.refused.fetch_add(1, Ordering::Relaxed);
-            let _ = write_frame(&mut wr, &BlobReply::Error("too many streams".into())).await;
+            let _ = write_frame(wr, &BlobReply::Error("too many streams".into())).await;
             let _ = wr.close().await;
             return;
         }
         self.stats.active.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = self.serve(peer, &mut rd, &mut wr).await {
-            self.stats.refused.fetch_add(1, Ordering::Relaxed);
-            tracing::debug!(%peer, error = %e, "blob request refused");
-            let _ = write_frame(&mut wr, &BlobReply::Error(e)).await;
+        loop {
+            let request = if bulk {
+                match tokio::time::timeout(BULK_IDLE, read_frame(rd, 4096)).await {
+                    // Closed or idle between requests: the peer is done.
+                    Err(_) | Ok(Err(crate::infer::FrameError::Io(_))) => break,
+                    Ok(r) => r.map_err(|e| e.to_string()),
+                }
+            } else {
+                match tokio::time::timeout(Duration::from_secs(10), read_frame(rd, 4096)).await {
+                    Ok(r) => r.map_err(|e| e.to_string()),
+                    Err(_) => Err("no request in time".to_owned()),
+                }
+            };
+            let served = match request {
+                Ok(request) => self.serve(peer, request, wr, bulk).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = served {
+                self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::debug!(%peer, error = %e, bulk, "blob request refused");
+                let _ = write_frame(wr, &BlobReply::Error(e)).await;
+                break;
+            }
+            if !bulk {
+                break;
+            }
         }
         let _ = wr.close().await;
         self.stats.active.fetch_sub(1, Ordering::Relaxed);
@@ -464,17 +643,30 @@ impl BlobServer {
         }
     }
 
-    async fn serve<R, W>(&self, peer: PeerId, rd: &mut R, wr: &mut W) -> Result<(), String>
+    async fn serve<W>(
+        &self,
+        peer: PeerId,
+        request: BlobRequest,
+        wr: &mut W,
+        bulk: bool,
+    ) -> Result<(), String>
     where
-        R: futures::AsyncRead + Unpin,
-        W: futures::AsyncWrite + Unpin,
+        W: ChunkSink,
     {
-        let request: BlobRequest =
-            tokio::time::timeout(Duration::from_secs(10), read_frame(rd, 4096))
-                .await
-                .map_err(|_| "no request in time".to_owned())?
-                .map_err(|e| e.to_string())?;
         match request {
+            BlobRequest::Bulk if bulk => Err("ask for bulk tickets over the mesh".into()),
+            BlobRequest::Bulk => {
+                let (port, ticket) = self.ticket(peer)?;
+                write_frame(
+                    wr,
+                    &BlobReply::Bulk {
+                        port,
+                        ticket: hex::encode(ticket),
+                    },
+                )
+                .await
+                .map_err(|e| e.to_string())
+            }
             BlobRequest::Manifest { sha256 } => {
                 check_hash(&sha256)?;
                 let (_, manifest) = self.manifest(&sha256)?;
@@ -500,6 +692,27 @@ impl BlobServer {
                     .await
                     .map_err(|e| e.to_string())?;
                 let file = Arc::new(File::open(&path).map_err(|e| e.to_string())?);
+                if let Some(socket) = wr.socket() {
+                    // A bulk connection: the kernel sends from the page cache.
+                    let socket = Arc::new(rustix::io::dup(socket).map_err(|e| e.to_string())?);
+                    for index in first..first + count {
+                        let len = manifest.chunk_len(index as usize);
+                        let wait = self.pace(peer, len);
+                        if !wait.is_zero() {
+                            tokio::time::sleep(wait).await;
+                        }
+                        let (socket, file) = (Arc::clone(&socket), Arc::clone(&file));
+                        let offset = index as u64 * manifest.chunk_size;
+                        tokio::task::spawn_blocking(move || {
+                            send_chunk(&socket, &file, offset, len)
+                        })
+                        .await
+                        .map_err(|e| e.to_string())?
+                        .map_err(|e| e.to_string())?;
+                        self.record_sent(peer, &sha256, len);
+                    }
+                    return Ok(());
+                }
                 // Reads chunk `index` into `buf` on the blocking pool, as one frame.
                 let read = |index: u32, buf: Vec<u8>| {
                     let file = Arc::clone(&file);
@@ -533,6 +746,90 @@ impl BlobServer {
             }
         }
     }
+}
+
+/// A listening socket for bulk connections; an IPv6 one takes IPv6 only, so `::` and `0.0.0.0`
+/// can both be bound on one port, as the mesh does.
+fn bulk_listener(addr: SocketAddr) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv6() {
+        let socket = tokio::net::TcpSocket::new_v6()?;
+        rustix::net::sockopt::set_ipv6_v6only(&socket, true)?;
+        socket
+    } else {
+        tokio::net::TcpSocket::new_v4()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(1024)
+}
+
+/// Where a server's replies and chunks go.
+trait ChunkSink: AsyncWrite + Unpin {
+    /// The plain TCP socket under this writer, which chunks can be sent down with sendfile(2).
+    fn socket(&self) -> Option<&tokio::net::TcpStream> {
+        None
+    }
+}
+
+impl ChunkSink for futures::io::WriteHalf<libp2p::Stream> {}
+
+impl ChunkSink for tokio_util::compat::Compat<tokio::net::tcp::OwnedWriteHalf> {
+    fn socket(&self) -> Option<&tokio::net::TcpStream> {
+        Some(self.get_ref().as_ref())
+    }
+}
+
+/// Sends a chunk frame down a bulk connection's socket (a duplicate of its descriptor): the
+/// length, then `len` bytes of `file` at `offset` with sendfile(2), so they go from the page
+/// cache to the socket without passing through this process. For the blocking pool: a file not
+/// in the page cache is read here, and a full socket is waited for here, up to [`BULK_IDLE`]
+/// each time.
+fn send_chunk(
+    socket: &rustix::fd::OwnedFd,
+    file: &File,
+    offset: u64,
+    len: u64,
+) -> std::io::Result<()> {
+    use rustix::io::Errno;
+    let wait = || {
+        let mut fds = [rustix::event::PollFd::new(
+            socket,
+            rustix::event::PollFlags::OUT,
+        )];
+        let timeout = rustix::event::Timespec {
+            tv_sec: BULK_IDLE.as_secs() as i64,
+            tv_nsec: 0,
+        };
+        match rustix::event::poll(&mut fds, Some(&timeout)) {
+            Ok(0) => Err(std::io::Error::from(std::io::ErrorKind::TimedOut)),
+            Ok(_) | Err(Errno::INTR) => Ok(()),
+            Err(e) => Err(e.into()),
+        }
+    };
+    let header = u32::try_from(len)
+        .map_err(std::io::Error::other)?
+        .to_be_bytes();
+    let mut written = 0;
+    while written < header.len() {
+        match rustix::io::write(socket, &header[written..]) {
+            Ok(n) => written += n,
+            Err(Errno::AGAIN) => wait()?,
+            Err(Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let (mut at, end) = (offset, offset + len);
+    while at < end {
+        let left = (end - at) as usize;
+        match rustix::fs::sendfile(socket, file, Some(&mut at), left) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(_) => {}
+            Err(Errno::AGAIN) => wait()?,
+            Err(Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 fn check_hash(sha256: &str) -> Result<(), String> {
@@ -569,6 +866,27 @@ pub struct FetchReport {
     pub chunks_fetched: usize,
     /// Providers dropped for sending chunks that failed verification.
     pub bad_providers: Vec<PeerId>,
+    /// Providers that sent chunks over bulk connections (the others used mesh streams only).
+    pub bulk_from: Vec<PeerId>,
+}
+
+/// How a pull goes about it.
+#[derive(Debug, Clone)]
+pub struct PullOptions {
+    /// Where to count the bytes fetched and the corrupt chunks.
+    pub stats: Option<Arc<BlobStats>>,
+    /// Fetch over bulk connections where providers offer them (see the module's
+    /// documentation); false: mesh streams only.
+    pub bulk: bool,
+}
+
+impl Default for PullOptions {
+    fn default() -> Self {
+        Self {
+            stats: None,
+            bulk: true,
+        }
+    }
 }
 
 /// A download could not complete.
@@ -596,14 +914,15 @@ pub enum FetchError {
 /// Downloads a file from peers into `partial` (kept between attempts for resuming). On success
 /// the file at `partial` is complete and matches `sha256`.
 pub async fn fetch(
-    control: libp2p_stream::Control,
+    mesh: &crate::mesh::Client,
     providers: &[PeerId],
     sha256: &str,
     size: u64,
     partial: &Path,
-    stats: Option<Arc<BlobStats>>,
+    opts: &PullOptions,
 ) -> Result<FetchReport, FetchError> {
     let started = Instant::now();
+    let control = mesh.streams();
     let mut manifest = None;
     for peer in providers {
         match request_manifest(control.clone(), *peer, sha256).await {
@@ -652,11 +971,17 @@ pub async fn fetch(
         ..FetchReport::default()
     };
 
-    let queue = Arc::new(Mutex::new(missing));
+    let queue = Arc::new(Queue::new(missing));
     let writeback = Arc::new(Writeback::new(Arc::clone(&file)));
     let mut workers = Vec::new();
     for peer in providers.iter().copied() {
         let strikes = Arc::new(AtomicU32::new(0));
+        // A bulk connection goes to the IP the mesh reaches the provider at directly.
+        let bulk_ips = if opts.bulk {
+            mesh.direct_ips(peer).await.unwrap_or_default()
+        } else {
+            Vec::new()
+        };
         for _ in 0..STREAMS_PER_PROVIDER {
             let job = Worker {
                 control: control.clone(),
@@ -666,9 +991,12 @@ pub async fn fetch(
                 file: Arc::clone(&file),
                 writeback: Arc::clone(&writeback),
                 queue: Arc::clone(&queue),
-                stats: stats.clone(),
+                stats: opts.stats.clone(),
                 strikes: Arc::clone(&strikes),
                 spare: Vec::new(),
+                bulk_ips: bulk_ips.clone(),
+                bulk: None,
+                bulk_failures: 0,
             };
             workers.push((peer, Arc::clone(&strikes), tokio::spawn(job.run())));
         }
@@ -683,6 +1011,9 @@ pub async fn fetch(
                         Some((_, bytes)) => *bytes += outcome.bytes,
                         None => report.bytes_from.push((peer, outcome.bytes)),
                     }
+                }
+                if outcome.bulk && !report.bulk_from.contains(&peer) {
+                    report.bulk_from.push(peer);
                 }
                 if strikes.load(Ordering::Relaxed) >= MAX_STRIKES
                     && !report.bad_providers.contains(&peer)
@@ -699,7 +1030,7 @@ pub async fn fetch(
             Err(e) => reasons.push(format!("{peer}: {e}")),
         }
     }
-    let left = queue.lock().map(|q| q.len()).unwrap_or(usize::MAX);
+    let left = queue.left();
     if left > 0 {
         return Err(FetchError::Incomplete {
             missing: left,
@@ -756,7 +1087,7 @@ async fn request_manifest(
         match read_frame::<_, BlobReply>(&mut rd, MAX_JSON_FRAME).await {
             Ok(BlobReply::Manifest(m)) => Ok(m),
             Ok(BlobReply::Error(e)) => Err(e),
-            Ok(BlobReply::Chunks) => Err("unexpected chunks".into()),
+            Ok(_) => Err("unexpected reply".into()),
             Err(e) => Err(e.to_string()),
         }
     };
@@ -765,8 +1096,9 @@ async fn request_manifest(
         .map_err(|_| "timed out".to_owned())?
 }
 
-/// Streams each provider is asked over at once; a serving pod takes up to 4 per peer. While
-/// one stream's chunk is being verified and written, the others keep data flowing.
+/// Streams (or bulk connections) each provider is asked over at once; a serving pod takes up
+/// to 8 per peer. While one stream's chunk is being verified and written, the others keep data
+/// flowing.
 const STREAMS_PER_PROVIDER: usize = 4;
 
 /// Chunks asked for in one request: enough to amortise the request, few enough that the last
@@ -817,6 +1149,79 @@ impl Writeback {
     }
 }
 
+/// The chunks of a download still to fetch, shared by its workers.
+#[derive(Debug, Default)]
+struct Queue {
+    state: Mutex<QueueState>,
+    /// Signalled when taken chunks are done with, some perhaps back in the queue.
+    changed: tokio::sync::Notify,
+}
+
+#[derive(Debug, Default)]
+struct QueueState {
+    waiting: VecDeque<usize>,
+    /// Chunks taken by workers and not yet done with.
+    taken: usize,
+}
+
+impl Queue {
+    fn new(chunks: VecDeque<usize>) -> Self {
+        Self {
+            state: Mutex::new(QueueState {
+                waiting: chunks,
+                taken: 0,
+            }),
+            changed: tokio::sync::Notify::new(),
+        }
+    }
+
+    /// Takes a run of up to [`CHUNKS_PER_RUN`] consecutive chunks. When none is waiting but
+    /// other workers hold some, waits: what fails with them comes back. `None` when the
+    /// download needs nothing more.
+    async fn take(&self) -> Option<Vec<usize>> {
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            {
+                let mut state = self.state.lock().ok()?;
+                if let Some(first) = state.waiting.pop_front() {
+                    let mut run = vec![first];
+                    while run.len() < CHUNKS_PER_RUN
+                        && state.waiting.front() == Some(&(first + run.len()))
+                    {
+                        state.waiting.pop_front();
+                        run.push(first + run.len());
+                    }
+                    state.taken += run.len();
+                    return Some(run);
+                }
+                if state.taken == 0 {
+                    return None;
+                }
+            }
+            changed.await;
+        }
+    }
+
+    /// Ends a run of `taken` chunks; `again` go back at the end of the queue, for another
+    /// stream or provider to take next.
+    fn done(&self, taken: usize, again: &[usize]) {
+        if let Ok(mut state) = self.state.lock() {
+            state.waiting.extend(again.iter().copied());
+            state.taken = state.taken.saturating_sub(taken);
+        }
+        self.changed.notify_waiters();
+    }
+
+    /// Chunks not fetched yet.
+    fn left(&self) -> usize {
+        self.state
+            .lock()
+            .map_or(usize::MAX, |s| s.waiting.len() + s.taken)
+    }
+}
+
 /// One stream's worth of a download from one provider.
 struct Worker {
     control: libp2p_stream::Control,
@@ -825,19 +1230,39 @@ struct Worker {
     manifest: Arc<Manifest>,
     file: Arc<File>,
     writeback: Arc<Writeback>,
-    queue: Arc<Mutex<VecDeque<usize>>>,
+    queue: Arc<Queue>,
     stats: Option<Arc<BlobStats>>,
     /// Bad chunks from this provider, shared by its streams.
     strikes: Arc<AtomicU32>,
     /// Chunk buffers back from the blocking pool, to read the next chunks into.
     spare: Vec<Vec<u8>>,
+    /// The provider's IPs to open a bulk connection to; empty: mesh streams only.
+    bulk_ips: Vec<IpAddr>,
+    /// The bulk connection, once open.
+    bulk: Option<BulkConnection>,
+    /// Bulk connections that could not be opened.
+    bulk_failures: u32,
 }
+
+/// The two halves of a bulk connection.
+type BulkConnection = (
+    tokio_util::compat::Compat<tokio::net::tcp::OwnedReadHalf>,
+    tokio_util::compat::Compat<tokio::net::tcp::OwnedWriteHalf>,
+);
+
+/// How a failure to open a bulk connection starts when the provider refused it.
+const REFUSED: &str = "refused: ";
+
+/// How long a bulk connection may take to open, ticket included.
+const BULK_OPEN: Duration = Duration::from_secs(10);
 
 #[derive(Debug, Default)]
 struct Outcome {
     chunks: usize,
     bytes: u64,
     failure: Option<String>,
+    /// Chunks came over a bulk connection.
+    bulk: bool,
 }
 
 /// What became of one chunk read from a stream; either way its buffer comes back.
@@ -858,30 +1283,16 @@ impl Worker {
                 out.failure = Some("sent chunks that failed verification".into());
                 return out;
             }
-            let run = {
-                let Ok(mut q) = self.queue.lock() else {
-                    return out;
-                };
-                let Some(first) = q.pop_front() else {
-                    return out;
-                };
-                let mut run = vec![first];
-                while run.len() < CHUNKS_PER_RUN && q.front() == Some(&(first + run.len())) {
-                    if let Some(i) = q.pop_front() {
-                        run.push(i);
-                    }
-                }
-                run
+            let Some(run) = self.queue.take().await else {
+                return out;
             };
             match self.fetch_run(&run, &mut out).await {
                 Ok(rejected) => {
                     retries = 0;
-                    if !rejected.is_empty() {
-                        self.requeue(&rejected);
-                    }
+                    self.queue.done(run.len(), &rejected);
                 }
                 Err((unfetched, e)) => {
-                    self.requeue(&unfetched);
+                    self.queue.done(run.len(), &unfetched);
                     if retries < RUN_RETRIES {
                         retries += 1;
                         tracing::debug!(peer = %self.peer, error = %e, "retrying a run");
@@ -892,13 +1303,6 @@ impl Worker {
                     return out;
                 }
             }
-        }
-    }
-
-    fn requeue(&self, chunks: &[usize]) {
-        if let Ok(mut q) = self.queue.lock() {
-            // At the back: another stream or provider takes them next.
-            q.extend(chunks.iter().copied());
         }
     }
 
@@ -955,34 +1359,123 @@ impl Worker {
         }
     }
 
-    /// Fetches one run; returns the chunks that failed verification, or the unfetched ones
-    /// and why the provider failed. Each chunk is verified and written while the next one is
-    /// read from the stream.
+    /// Asks the provider for a bulk ticket over the mesh and opens the connection with it.
+    async fn open_bulk(&self) -> Result<BulkConnection, String> {
+        use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
+        let work = async {
+            let stream = self
+                .control
+                .clone()
+                .open_stream(self.peer, PROTOCOL)
+                .await
+                .map_err(|e| e.to_string())?;
+            let (mut rd, mut wr) = stream.split();
+            write_frame(&mut wr, &BlobRequest::Bulk)
+                .await
+                .map_err(|e| e.to_string())?;
+            let reply = read_frame::<_, BlobReply>(&mut rd, 4096)
+                .await
+                .map_err(|e| e.to_string())?;
+            let _ = wr.close().await;
+            let (port, ticket) = match reply {
+                BlobReply::Bulk { port, ticket } => (port, ticket),
+                BlobReply::Error(e) => return Err(format!("{REFUSED}{e}")),
+                _ => return Err(format!("{REFUSED}unexpected reply")),
+            };
+            let ticket = hex::decode(&ticket)
+                .ok()
+                .filter(|t| t.len() == TICKET_LEN)
+                .ok_or_else(|| "malformed ticket".to_owned())?;
+            let mut why = String::from("no address");
+            for ip in &self.bulk_ips {
+                match tokio::net::TcpStream::connect((*ip, port)).await {
+                    Ok(socket) => {
+                        let (rd, wr) = socket.into_split();
+                        let (rd, mut wr) = (rd.compat(), wr.compat_write());
+                        wr.write_all(&ticket).await.map_err(|e| e.to_string())?;
+                        return Ok((rd, wr));
+                    }
+                    Err(e) => why = format!("{ip} port {port}: {e}"),
+                }
+            }
+            Err(why)
+        };
+        tokio::time::timeout(BULK_OPEN, work)
+            .await
+            .map_err(|_| "timed out".to_owned())?
+    }
+
+    /// Fetches one run, over the bulk connection when there is one (opening it first if the
+    /// provider may offer one), else over a new mesh stream. Returns the chunks that failed
+    /// verification, or the unfetched ones and why the provider failed.
     async fn fetch_run(
         &mut self,
         run: &[usize],
         out: &mut Outcome,
     ) -> Result<Vec<usize>, (Vec<usize>, String)> {
-        let fail = |from: usize, e: String| (run[from..].to_vec(), e);
+        if self.bulk.is_none() && !self.bulk_ips.is_empty() {
+            match self.open_bulk().await {
+                Ok(connection) => self.bulk = Some(connection),
+                Err(e) => {
+                    // Unless the provider said no, once more on the next run (the mesh
+                    // connection the ticket came over may have been replaced meanwhile), then
+                    // mesh streams only.
+                    self.bulk_failures += 1;
+                    if self.bulk_failures >= 2 || e.starts_with(REFUSED) {
+                        self.bulk_ips.clear();
+                    }
+                    tracing::debug!(peer = %self.peer, error = %e, "no bulk connection; this run goes over the mesh");
+                }
+            }
+        }
+        if let Some((mut rd, mut wr)) = self.bulk.take() {
+            let result = self.exchange(&mut rd, &mut wr, run, out).await;
+            if result.is_ok() {
+                out.bulk = true;
+                self.bulk = Some((rd, wr));
+            } else {
+                // Where the connection stands is unknown: the rest goes over the mesh.
+                self.bulk_ips.clear();
+            }
+            return result;
+        }
+        let fail = |e: String| (run.to_vec(), e);
         let stream = tokio::time::timeout(
             Duration::from_secs(10),
             self.control.open_stream(self.peer, PROTOCOL),
         )
         .await
-        .map_err(|_| fail(0, "stream open timed out".into()))?
-        .map_err(|e| fail(0, e.to_string()))?;
+        .map_err(|_| fail("stream open timed out".into()))?
+        .map_err(|e| fail(e.to_string()))?;
         let (mut rd, mut wr) = stream.split();
+        self.exchange(&mut rd, &mut wr, run, out).await
+    }
+
+    /// One run's request and its chunks. Each chunk is verified and written while the next one
+    /// is read.
+    async fn exchange<R, W>(
+        &mut self,
+        rd: &mut R,
+        wr: &mut W,
+        run: &[usize],
+        out: &mut Outcome,
+    ) -> Result<Vec<usize>, (Vec<usize>, String)>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let fail = |from: usize, e: String| (run[from..].to_vec(), e);
         let request = BlobRequest::Chunks {
             sha256: self.sha256.clone(),
             first: run[0] as u32,
             count: run.len() as u32,
         };
-        write_frame(&mut wr, &request)
+        write_frame(wr, &request)
             .await
             .map_err(|e| fail(0, e.to_string()))?;
         match tokio::time::timeout(
             Duration::from_secs(30),
-            read_frame::<_, BlobReply>(&mut rd, MAX_JSON_FRAME),
+            read_frame::<_, BlobReply>(rd, MAX_JSON_FRAME),
         )
         .await
         {
@@ -1056,26 +1549,16 @@ pub struct PulledFile {
 pub async fn pull_from_peers(
     store: &ModelStore,
     entry: &crate::catalogue::CatalogueEntry,
-    control: libp2p_stream::Control,
+    mesh: &crate::mesh::Client,
     providers: &[PeerId],
-    stats: Option<Arc<BlobStats>>,
+    opts: &PullOptions,
 ) -> Result<Vec<PulledFile>, FetchError> {
     let mut out = Vec::new();
     for file in entry.files {
         if store.file_present(entry, file) {
             continue;
         }
-        out.push(
-            pull_file(
-                store,
-                entry,
-                file,
-                control.clone(),
-                providers,
-                stats.clone(),
-            )
-            .await?,
-        );
+        out.push(pull_file(store, entry, file, mesh, providers, opts).await?);
     }
     Ok(out)
 }
@@ -1086,12 +1569,12 @@ async fn pull_file(
     store: &ModelStore,
     entry: &crate::catalogue::CatalogueEntry,
     file: &crate::catalogue::FileSpec,
-    control: libp2p_stream::Control,
+    mesh: &crate::mesh::Client,
     providers: &[PeerId],
-    stats: Option<Arc<BlobStats>>,
+    opts: &PullOptions,
 ) -> Result<PulledFile, FetchError> {
     let partial = store.partial_path(file.sha256);
-    let report = fetch(control, providers, file.sha256, file.size, &partial, stats).await?;
+    let report = fetch(mesh, providers, file.sha256, file.size, &partial, opts).await?;
     store
         .install_verified(entry, file, &partial)
         .map_err(|e| FetchError::Io(std::io::Error::other(e.to_string())))?;
@@ -1099,6 +1582,7 @@ async fn pull_file(
         model = entry.name,
         file = file.name,
         peers = report.bytes_from.len(),
+        bulk = report.bulk_from.len(),
         resumed_chunks = report.chunks_reused,
         "pulled from peers"
     );
@@ -1141,7 +1625,7 @@ pub async fn pull_via_mesh(
     entry: &crate::catalogue::CatalogueEntry,
     mesh: &crate::mesh::Client,
     wait: Duration,
-    stats: Option<Arc<BlobStats>>,
+    opts: &PullOptions,
 ) -> Result<Option<Vec<PulledFile>>, FetchError> {
     let missing: Vec<_> = entry
         .files
@@ -1190,7 +1674,7 @@ pub async fn pull_via_mesh(
     }
     let mut pulled = Vec::new();
     for (file, peers) in missing.into_iter().zip(providers) {
-        pulled.push(pull_file(store, entry, file, mesh.streams(), &peers, stats.clone()).await?);
+        pulled.push(pull_file(store, entry, file, mesh, &peers, opts).await?);
     }
     Ok(Some(pulled))
 }

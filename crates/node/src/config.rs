@@ -46,6 +46,8 @@ pub const KEYS: &[&str] = &[
     "route",
     "announce_interval",
     "serve_rate",
+    "bulk",
+    "bulk_port",
     "log",
     "log_format",
 ];
@@ -112,6 +114,10 @@ pub struct FileConfig {
     pub announce_interval: Option<u64>,
     /// `--serve-rate`: bytes per second per peer for model files; 0: no limit.
     pub serve_rate: Option<u64>,
+    /// `false`: `--no-bulk`.
+    pub bulk: Option<bool>,
+    /// `--bulk-port`.
+    pub bulk_port: Option<u16>,
     /// `--log`.
     pub log: Option<String>,
     /// `--log-format`.

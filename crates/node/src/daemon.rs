@@ -63,6 +63,11 @@ pub struct StartOptions {
     pub route: Route,
     /// Bytes per second each peer may pull model files at (0: no limit).
     pub serve_rate: u64,
+    /// Where to listen for bulk connections when serving files (see [`blob`]'s
+    /// documentation): the IPs, and the port of the first (0: any free one). Empty: none.
+    pub bulk_listen: Vec<std::net::SocketAddr>,
+    /// Pull from peers over their bulk connections where offered.
+    pub pull_bulk: bool,
 }
 
 /// The node could not start or failed while running.
@@ -293,7 +298,26 @@ pub async fn run(store: ModelStore, opts: StartOptions) -> Result<(), DaemonErro
         .as_ref()
         .map_or_else(|| Arc::new(BlobStats::default()), |b| Arc::clone(b.stats()));
     if let Some(blobs) = &blobs {
-        tracing::info!(files = blobs.files().len(), "serving model files to peers");
+        let bulk = if opts.bulk_listen.is_empty() {
+            None
+        } else {
+            match blobs.listen_bulk(&opts.bulk_listen).await {
+                Ok(port) => Some(port),
+                Err(e) => {
+                    tracing::warn!(
+                        addr = %opts.bulk_listen[0],
+                        error = %e,
+                        "cannot listen for bulk connections (pick another port with --bulk-port); serving over the mesh only"
+                    );
+                    None
+                }
+            }
+        };
+        tracing::info!(
+            files = blobs.files().len(),
+            bulk_port = bulk.map_or_else(|| "none".to_owned(), |p| p.to_string()),
+            "serving model files to peers"
+        );
         tokio::spawn(Arc::clone(blobs).run(mesh.streams()));
         tokio::spawn(provide_files(mesh.clone(), Arc::clone(blobs)));
     }
@@ -396,11 +420,14 @@ pub async fn run(store: ModelStore, opts: StartOptions) -> Result<(), DaemonErro
             let device = opts.device;
             let pull = opts.pull;
             let mesh = mesh.clone();
-            let stats = Arc::clone(&blob_stats);
+            let pull_opts = blob::PullOptions {
+                stats: Some(Arc::clone(&blob_stats)),
+                bulk: opts.pull_bulk,
+            };
             let blobs = blobs.clone();
             async move {
                 if pull {
-                    pull_from_peers(&store, &models, &mesh, stats, blobs.as_deref()).await;
+                    pull_from_peers(&store, &models, &mesh, &pull_opts, blobs.as_deref()).await;
                 }
                 tokio::task::spawn_blocking(move || -> Result<(), DaemonError> {
                     for name in models {
@@ -551,7 +578,7 @@ async fn pull_from_peers(
     store: &ModelStore,
     models: &[String],
     mesh: &mesh::Client,
-    stats: Arc<BlobStats>,
+    opts: &blob::PullOptions,
     blobs: Option<&BlobServer>,
 ) {
     for name in models {
@@ -561,15 +588,14 @@ async fn pull_from_peers(
         if store.is_present(entry) {
             continue;
         }
-        match blob::pull_via_mesh(store, entry, mesh, PEER_PULL_WAIT, Some(Arc::clone(&stats)))
-            .await
-        {
+        match blob::pull_via_mesh(store, entry, mesh, PEER_PULL_WAIT, opts).await {
             Ok(Some(files)) => {
                 for f in &files {
                     tracing::info!(
                         model = %name,
                         file = %f.file,
                         peers = f.report.bytes_from.len(),
+                        bulk = f.report.bulk_from.len(),
                         resumed_chunks = f.report.chunks_reused,
                         "pulled from peers"
                     );

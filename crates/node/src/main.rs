@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, IsTerminal, Write};
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Duration;
@@ -339,6 +339,16 @@ struct StartArgs {
         env = "POD_SERVE_RATE"
     )]
     serve_rate: u64,
+    /// Serve and pull model files over the mesh's encrypted streams only. By default storage
+    /// pods also offer plain TCP bulk connections, opened with a one-time ticket given over the
+    /// mesh: several times less CPU per byte; every chunk is still verified against the pinned
+    /// SHA-256, only secrecy is given up.
+    #[arg(long, env = "POD_NO_BULK")]
+    no_bulk: bool,
+    /// TCP port for bulk connections, on the mesh's listen IPs; default: the mesh port plus one
+    /// (4002), any free port when the mesh port is 0.
+    #[arg(long, value_name = "PORT", env = "POD_BULK_PORT")]
+    bulk_port: Option<u16>,
 }
 
 #[derive(Debug, Args)]
@@ -390,6 +400,10 @@ enum ModelsCommand {
         /// download from the catalogue's sources.
         #[arg(long, conflicts_with = "no_peers")]
         no_sources: bool,
+        /// Fetch over mesh streams only (Noise-encrypted), never over the plain TCP bulk
+        /// connections storage pods offer for speed (chunks are verified either way).
+        #[arg(long)]
+        no_bulk: bool,
     },
     /// Delete a downloaded model.
     Remove {
@@ -794,6 +808,22 @@ fn apply_config(
     layer(
         &mut s,
         m,
+        "no_bulk",
+        "bulk",
+        &mut args.no_bulk,
+        file.bulk.map(|b| !b),
+    );
+    layer(
+        &mut s,
+        m,
+        "bulk_port",
+        "bulk_port",
+        &mut args.bulk_port,
+        file.bulk_port.map(Some),
+    );
+    layer(
+        &mut s,
+        m,
         "threads",
         "threads",
         &mut global.threads,
@@ -885,6 +915,7 @@ fn start(home: &Path, mut global: Global, mut args: StartArgs, m: &ArgMatches) -
     }
 
     let (identity, _) = Identity::load_or_create(home)?;
+    let bulk_listen = bulk_listen(&args, &plan.mesh, plan.profile.profile);
     let opts = StartOptions {
         identity,
         profile: plan.profile.profile,
@@ -910,6 +941,8 @@ fn start(home: &Path, mut global: Global, mut args: StartArgs, m: &ArgMatches) -
         serve_mesh: !args.no_serve_mesh,
         route: args.route,
         serve_rate: args.serve_rate,
+        bulk_listen,
+        pull_bulk: !args.no_bulk,
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     let result = runtime.block_on(daemon::run(store, opts));
@@ -1030,6 +1063,38 @@ fn mesh_config(args: &StartArgs, profile: Profile) -> MeshConfig {
     }
 }
 
+/// Where a pod that serves files listens for bulk connections: every IP its mesh listens on,
+/// at `--bulk-port`, else the first mesh port plus one (any free port when that is 0). Empty
+/// with `--no-bulk` and for profiles that serve no files.
+fn bulk_listen(args: &StartArgs, mesh: &MeshConfig, profile: Profile) -> Vec<SocketAddr> {
+    use libp2p::multiaddr::Protocol;
+    if args.no_bulk || !profile.serves_files() {
+        return Vec::new();
+    }
+    let mut out: Vec<SocketAddr> = Vec::new();
+    for addr in mesh.listen.iter().chain(&mesh.listen_optional) {
+        let (mut ip, mut port) = (None, None);
+        for p in addr.iter() {
+            match p {
+                Protocol::Ip4(a) => ip = Some(IpAddr::V4(a)),
+                Protocol::Ip6(a) => ip = Some(IpAddr::V6(a)),
+                Protocol::Tcp(p) | Protocol::Udp(p) => port = Some(p),
+                _ => {}
+            }
+        }
+        let (Some(ip), Some(port)) = (ip, port) else {
+            continue;
+        };
+        if out.iter().all(|a| a.ip() != ip) {
+            let port =
+                args.bulk_port
+                    .unwrap_or_else(|| if port == 0 { 0 } else { port.saturating_add(1) });
+            out.push(SocketAddr::new(ip, port));
+        }
+    }
+    out
+}
+
 fn print_plan(
     args: &StartArgs,
     plan: &Plan,
@@ -1072,6 +1137,11 @@ fn print_plan(
         },
         "storage": plan.profile.profile.serves_files(),
         "serve_rate_bytes_per_second": args.serve_rate,
+        "bulk_listen": bulk_listen(args, &plan.mesh, plan.profile.profile)
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        "pull_bulk": !args.no_bulk,
         "route": config::route_name(args.route),
         "engine": {
             "max_batch": args.max_batch,
@@ -1150,6 +1220,16 @@ fn print_plan(
         yes(serve_mesh)
     );
     println!("storage   {} (model files to peers)", yes(p.serves_files()));
+    let bulk = bulk_listen(args, &plan.mesh, p);
+    if let Some(first) = bulk.first() {
+        println!(
+            "bulk      TCP {} (plain connections for model files, opened with tickets from the mesh)",
+            match first.port() {
+                0 => format!("any free port on {}", first.ip()),
+                port => format!("port {port} on {}", first.ip()),
+            }
+        );
+    }
     println!("routing   {}", config::route_name(args.route));
     println!(
         "config    {} ({})",
@@ -1987,6 +2067,7 @@ fn models(home: &Path, store: &ModelStore, cmd: ModelsCommand) -> Result<()> {
             bootstrap,
             peer_wait,
             no_sources,
+            no_bulk,
         } => {
             let mut mesh: Option<(tokio::runtime::Runtime, NodeBackend)> = None;
             for name in &names {
@@ -2018,12 +2099,23 @@ fn models(home: &Path, store: &ModelStore, cmd: ModelsCommand) -> Result<()> {
                             entry,
                             backend.mesh(),
                             wait,
-                            None,
+                            &pod_node::blob::PullOptions {
+                                stats: None,
+                                bulk: !no_bulk,
+                            },
                         )) {
                             Ok(Some(files)) => {
                                 for f in &files {
                                     for (peer, bytes) in &f.report.bytes_from {
-                                        println!("{name}/{}: {bytes} bytes from peer {peer}", f.file);
+                                        let how = if f.report.bulk_from.contains(peer) {
+                                            "a bulk connection"
+                                        } else {
+                                            "the mesh"
+                                        };
+                                        println!(
+                                            "{name}/{}: {bytes} bytes from peer {peer} over {how}",
+                                            f.file
+                                        );
                                     }
                                     if f.report.chunks_reused > 0 {
                                         println!(

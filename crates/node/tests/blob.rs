@@ -1,6 +1,7 @@
 //! `/pod/blob/1.0.0` between in-process nodes on 127.0.0.1, with the real default chat model
-//! as the shared file: a verified pull, resuming, a lying provider, refused requests, and
-//! providers found through the DHT alone.
+//! as the shared file: a verified pull over bulk connections and over mesh streams alone,
+//! resuming, a lying provider, refused requests and tickets, and providers found through the
+//! DHT alone.
 
 mod common;
 
@@ -11,7 +12,7 @@ use std::time::{Duration, Instant};
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
-use pod_node::blob::{self, BlobReply, BlobRequest, BlobServer, PROTOCOL};
+use pod_node::blob::{self, BlobReply, BlobRequest, BlobServer, PullOptions, PROTOCOL};
 use pod_node::catalogue::{self, DEFAULT_CHAT_MODEL};
 use pod_node::infer::{read_frame, write_frame};
 use pod_node::mesh::{self, Client, MeshConfig};
@@ -44,22 +45,40 @@ async fn node(bootstrap: Vec<Multiaddr>) -> (Client, Multiaddr) {
     }
 }
 
-/// A storage node serving the shared test store (which holds the default models).
-async fn provider(bytes_per_sec: u64) -> (Client, Multiaddr, Arc<BlobServer>) {
-    provider_via(vec![], bytes_per_sec).await
+/// A storage node serving the shared test store (which holds the default models), with a
+/// bulk port on 127.0.0.1 when `bulk`.
+async fn provider(bytes_per_sec: u64, bulk: bool) -> (Client, Multiaddr, Arc<BlobServer>) {
+    provider_via(vec![], bytes_per_sec, bulk).await
 }
 
 /// A storage node that joins the mesh through `bootstrap`.
 async fn provider_via(
     bootstrap: Vec<Multiaddr>,
     bytes_per_sec: u64,
+    bulk: bool,
 ) -> (Client, Multiaddr, Arc<BlobServer>) {
     common::model_path(DEFAULT_CHAT_MODEL);
     let (client, addr) = node(bootstrap).await;
     let server =
         BlobServer::with_limits(&common::store(), blob::MAX_STREAMS_PER_PEER, bytes_per_sec);
+    if bulk {
+        server
+            .listen_bulk(&["127.0.0.1:0".parse().unwrap()])
+            .await
+            .unwrap();
+    }
     tokio::spawn(Arc::clone(&server).run(client.streams()));
     (client, addr, server)
+}
+
+/// The file as the test store holds it.
+fn original() -> Vec<u8> {
+    std::fs::read(common::model_path(DEFAULT_CHAT_MODEL)).unwrap()
+}
+
+/// The file as `store` holds it after a pull.
+fn pulled_file(store: &ModelStore) -> Vec<u8> {
+    std::fs::read(store.model_dir(DEFAULT_CHAT_MODEL).join("model.gguf")).unwrap()
 }
 
 /// A node that answers manifests honestly but flips a byte in every chunk it sends.
@@ -83,6 +102,9 @@ async fn corrupting_provider() -> (PeerId, Multiaddr) {
                     BlobRequest::Manifest { .. } => {
                         let m = blob::Manifest::of_file(&path).unwrap();
                         let _ = write_frame(&mut wr, &BlobReply::Manifest(m)).await;
+                    }
+                    BlobRequest::Bulk => {
+                        let _ = write_frame(&mut wr, &BlobReply::Error("no".into())).await;
                     }
                     BlobRequest::Chunks { first, count, .. } => {
                         let _ = write_frame(&mut wr, &BlobReply::Chunks).await;
@@ -108,42 +130,77 @@ fn entry() -> &'static catalogue::CatalogueEntry {
     catalogue::find(DEFAULT_CHAT_MODEL).unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pull_from_a_peer_is_byte_identical_and_verified() {
-    let (a, a_addr, server) = provider(0).await;
-    let (b, _) = node(vec![a_addr]).await;
+/// Pulls the default model from `a` into a fresh store; returns the store's directory and
+/// the report.
+async fn pull_once(
+    b: &Client,
+    a: PeerId,
+    opts: &PullOptions,
+) -> (tempfile::TempDir, blob::FetchReport) {
     let dir = tempfile::tempdir().unwrap();
     let store = ModelStore::open(dir.path()).unwrap();
-    let pulled = blob::pull_from_peers(&store, entry(), b.streams(), &[a.peer_id()], None)
+    let pulled = blob::pull_from_peers(&store, entry(), b, &[a], opts)
         .await
         .unwrap();
     assert_eq!(pulled.len(), 1);
-    let report = &pulled[0].report;
+    assert!(store.is_present(entry()));
+    assert!(pulled_file(&store) == original(), "the pulled file differs");
+    (dir, pulled[0].report.clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pull_from_a_peer_is_byte_identical_and_verified() {
+    let (a, a_addr, server) = provider(0, true).await;
+    let (b, _) = node(vec![a_addr]).await;
+    let size = entry().files[0].size;
+
+    // Where the provider offers bulk connections, the chunks come over them.
+    let (_dir, report) = pull_once(&b, a.peer_id(), &PullOptions::default()).await;
+    assert_eq!(report.bytes_from, vec![(a.peer_id(), size)]);
+    assert_eq!(report.bulk_from, vec![a.peer_id()]);
+    assert_eq!(report.chunks_reused, 0);
+    assert_eq!(server.stats().bytes_served.load(Ordering::Relaxed), size);
+
+    // A puller that refuses them gets the same file over mesh streams alone.
+    let mesh_only = PullOptions {
+        bulk: false,
+        ..PullOptions::default()
+    };
+    let (_dir, report) = pull_once(&b, a.peer_id(), &mesh_only).await;
+    assert_eq!(report.bytes_from, vec![(a.peer_id(), size)]);
+    assert!(report.bulk_from.is_empty(), "{report:?}");
+    assert_eq!(
+        server.stats().bytes_served.load(Ordering::Relaxed),
+        2 * size
+    );
+    assert_eq!(server.stats().refused.load(Ordering::Relaxed), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_without_a_bulk_port_serves_over_the_mesh() {
+    let (a, a_addr, server) = provider(0, false).await;
+    let (b, _) = node(vec![a_addr]).await;
+    let (_dir, report) = pull_once(&b, a.peer_id(), &PullOptions::default()).await;
     assert_eq!(
         report.bytes_from,
         vec![(a.peer_id(), entry().files[0].size)]
     );
-    assert_eq!(report.chunks_reused, 0);
-    assert!(store.is_present(entry()));
-    let ours = std::fs::read(store.model_dir(DEFAULT_CHAT_MODEL).join("model.gguf")).unwrap();
-    let theirs = std::fs::read(common::model_path(DEFAULT_CHAT_MODEL)).unwrap();
-    assert!(ours == theirs, "the pulled file differs");
-    assert_eq!(
-        server.stats().bytes_served.load(Ordering::Relaxed),
-        entry().files[0].size
-    );
+    assert!(report.bulk_from.is_empty(), "{report:?}");
+    // Each stream asked for a ticket once, was refused, and asked no more.
+    assert_eq!(server.stats().refused.load(Ordering::Relaxed), 4);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_interrupted_pull_resumes_without_refetching_verified_chunks() {
     // 20 MB/s per stream: the 98 MB file takes seconds, so it can be cut halfway.
-    let (a, a_addr, _) = provider(20_000_000).await;
+    let (a, a_addr, _) = provider(20_000_000, true).await;
     let (b, _) = node(vec![a_addr]).await;
     let dir = tempfile::tempdir().unwrap();
     let store = ModelStore::open(dir.path()).unwrap();
+    let opts = PullOptions::default();
     let cut = tokio::time::timeout(
         Duration::from_secs(2),
-        blob::pull_from_peers(&store, entry(), b.streams(), &[a.peer_id()], None),
+        blob::pull_from_peers(&store, entry(), &b, &[a.peer_id()], &opts),
     )
     .await;
     assert!(
@@ -152,10 +209,11 @@ async fn an_interrupted_pull_resumes_without_refetching_verified_chunks() {
     );
     assert!(!store.is_present(entry()));
 
-    let pulled = blob::pull_from_peers(&store, entry(), b.streams(), &[a.peer_id()], None)
+    let pulled = blob::pull_from_peers(&store, entry(), &b, &[a.peer_id()], &opts)
         .await
         .unwrap();
     let report = &pulled[0].report;
+    assert_eq!(report.bulk_from, vec![a.peer_id()]);
     let total = entry().files[0].size.div_ceil(blob::CHUNK_SIZE) as usize;
     assert!(report.chunks_reused > 0, "{report:?}");
     assert_eq!(
@@ -163,30 +221,35 @@ async fn an_interrupted_pull_resumes_without_refetching_verified_chunks() {
         total,
         "{report:?}"
     );
-    let ours = std::fs::read(store.model_dir(DEFAULT_CHAT_MODEL).join("model.gguf")).unwrap();
-    let theirs = std::fs::read(common::model_path(DEFAULT_CHAT_MODEL)).unwrap();
-    assert!(ours == theirs, "the resumed file differs");
+    assert!(
+        pulled_file(&store) == original(),
+        "the resumed file differs"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_provider_of_corrupt_chunks_is_dropped_and_the_file_is_still_right() {
     let (bad, bad_addr) = corrupting_provider().await;
-    let (good, good_addr, _) = provider(0).await;
+    let (good, good_addr, _) = provider(0, true).await;
     let (b, _) = node(vec![bad_addr, good_addr]).await;
     let dir = tempfile::tempdir().unwrap();
     let store = ModelStore::open(dir.path()).unwrap();
-    let pulled = blob::pull_from_peers(&store, entry(), b.streams(), &[bad, good.peer_id()], None)
-        .await
-        .unwrap();
+    let pulled = blob::pull_from_peers(
+        &store,
+        entry(),
+        &b,
+        &[bad, good.peer_id()],
+        &PullOptions::default(),
+    )
+    .await
+    .unwrap();
     let report = &pulled[0].report;
     assert_eq!(report.bad_providers, vec![bad]);
     assert!(
         report.bytes_from.iter().all(|(p, _)| *p == good.peer_id()),
         "{report:?}"
     );
-    let ours = std::fs::read(store.model_dir(DEFAULT_CHAT_MODEL).join("model.gguf")).unwrap();
-    let theirs = std::fs::read(common::model_path(DEFAULT_CHAT_MODEL)).unwrap();
-    assert!(ours == theirs);
+    assert!(pulled_file(&store) == original());
 }
 
 /// Sends one raw request and returns the reply frame.
@@ -207,7 +270,7 @@ async fn ask(client: &Client, peer: PeerId, request: &[u8]) -> BlobReply {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn paths_unknown_files_huge_ranges_and_garbage_are_refused() {
-    let (a, a_addr, server) = provider(0).await;
+    let (a, a_addr, server) = provider(0, false).await;
     let (b, _) = node(vec![a_addr]).await;
     let sha = entry().files[0].sha256;
     let cases: Vec<(String, &str)> = vec![
@@ -228,6 +291,8 @@ async fn paths_unknown_files_huge_ranges_and_garbage_are_refused() {
             "beyond the end",
         ),
         ("this is not json".into(), "malformed"),
+        // This one has no bulk port.
+        (r#""bulk""#.into(), "no bulk connections"),
     ];
     for (request, expect) in &cases {
         match ask(&b, a.peer_id(), request.as_bytes()).await {
@@ -262,7 +327,7 @@ async fn a_file_is_found_through_dht_provider_records_alone() {
     // B only relays DHT records; A serves the file and says so in the DHT, never in gossip
     // (nobody here announces capabilities); C knows only B.
     let (b, b_addr) = node(vec![]).await;
-    let (a, _, _) = provider_via(vec![b_addr.clone()], 0).await;
+    let (a, _, _) = provider_via(vec![b_addr.clone()], 0, false).await;
     let sha = entry().files[0].sha256;
     tokio::time::timeout(WAIT, a.provide(blob::dht_key(sha)))
         .await
@@ -292,7 +357,7 @@ async fn a_file_is_found_through_dht_provider_records_alone() {
 
     let dir = tempfile::tempdir().unwrap();
     let store = ModelStore::open(dir.path()).unwrap();
-    let pulled = blob::pull_via_mesh(&store, entry(), &c, WAIT, None)
+    let pulled = blob::pull_via_mesh(&store, entry(), &c, WAIT, &PullOptions::default())
         .await
         .unwrap()
         .expect("providers found");
@@ -300,8 +365,106 @@ async fn a_file_is_found_through_dht_provider_records_alone() {
         pulled[0].report.bytes_from,
         vec![(a.peer_id(), entry().files[0].size)]
     );
-    let ours = std::fs::read(store.model_dir(DEFAULT_CHAT_MODEL).join("model.gguf")).unwrap();
-    let theirs = std::fs::read(common::model_path(DEFAULT_CHAT_MODEL)).unwrap();
-    assert!(ours == theirs, "the pulled file differs");
+    assert!(pulled_file(&store) == original(), "the pulled file differs");
     drop(b);
+}
+
+/// Opens a bulk connection to `port` on 127.0.0.1 and sends `ticket`.
+async fn bulk_connection(port: u16, ticket: &[u8]) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut socket = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    socket.write_all(ticket).await.unwrap();
+    socket
+}
+
+/// Sends a request on a bulk connection; the reply, or `None` when the server closed it.
+async fn ask_bulk(socket: &mut tokio::net::TcpStream, request: &[u8]) -> Option<BlobReply> {
+    use tokio_util::compat::TokioAsyncReadCompatExt;
+    let (rd, mut wr) = socket.split();
+    // The server may have closed already: then the write or the read fails.
+    let mut frame = (request.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(request);
+    tokio::io::AsyncWriteExt::write_all(&mut wr, &frame)
+        .await
+        .ok()?;
+    tokio::time::timeout(WAIT, read_frame::<_, BlobReply>(&mut rd.compat(), 1 << 20))
+        .await
+        .expect("an answer or a close in time")
+        .ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bulk_connections_need_a_fresh_ticket_from_the_mesh() {
+    let (a, a_addr, server) = provider(0, true).await;
+    let (b, _) = node(vec![a_addr]).await;
+    let port = server.bulk_port().unwrap();
+    let sha = entry().files[0].sha256;
+    let manifest = format!(r#"{{"manifest":{{"sha256":"{sha}"}}}}"#);
+
+    let BlobReply::Bulk {
+        port: offered,
+        ticket,
+    } = ask(&b, a.peer_id(), br#""bulk""#).await
+    else {
+        panic!("no ticket")
+    };
+    assert_eq!(offered, port);
+    let ticket = hex::decode(ticket).unwrap();
+    assert_eq!(ticket.len(), blob::TICKET_LEN);
+
+    // A made-up ticket gets nothing: the connection is closed unanswered.
+    let mut forged = ticket.clone();
+    forged[0] ^= 1;
+    let mut socket = bulk_connection(port, &forged).await;
+    assert_eq!(ask_bulk(&mut socket, manifest.as_bytes()).await, None);
+    // Nor does a short one.
+    let mut socket = bulk_connection(port, &ticket[..16]).await;
+    tokio::io::AsyncWriteExt::shutdown(&mut socket)
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(
+        WAIT,
+        tokio::io::AsyncReadExt::read_to_end(&mut socket, &mut rest),
+    )
+    .await
+    .expect("closed in time");
+    assert!(read.is_err() || rest.is_empty(), "{rest:?}");
+
+    // The real one serves request after request on one connection...
+    let mut socket = bulk_connection(port, &ticket).await;
+    for _ in 0..2 {
+        let reply = ask_bulk(&mut socket, manifest.as_bytes()).await;
+        assert!(
+            matches!(&reply, Some(BlobReply::Manifest(m)) if m.sha256 == sha),
+            "{reply:?}"
+        );
+    }
+    // ...but hands out no tickets there, and closes after a refusal.
+    let reply = ask_bulk(&mut socket, br#""bulk""#).await;
+    assert!(
+        matches!(&reply, Some(BlobReply::Error(e)) if e.contains("over the mesh")),
+        "{reply:?}"
+    );
+    assert_eq!(ask_bulk(&mut socket, manifest.as_bytes()).await, None);
+    // A ticket opens one connection only.
+    let mut again = bulk_connection(port, &ticket).await;
+    assert_eq!(ask_bulk(&mut again, manifest.as_bytes()).await, None);
+    // Forged, short, refused request, reused.
+    assert_eq!(server.stats().refused.load(Ordering::Relaxed), 4);
+
+    // Unused tickets per peer are limited like its streams.
+    for _ in 0..blob::MAX_STREAMS_PER_PEER {
+        assert!(matches!(
+            ask(&b, a.peer_id(), br#""bulk""#).await,
+            BlobReply::Bulk { .. }
+        ));
+    }
+    let reply = ask(&b, a.peer_id(), br#""bulk""#).await;
+    assert!(
+        matches!(&reply, BlobReply::Error(e) if e.contains("too many")),
+        "{reply:?}"
+    );
 }

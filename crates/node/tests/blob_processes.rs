@@ -53,6 +53,8 @@ fn a_starting_pod_pulls_its_model_from_a_storage_pod_and_both_count_the_bytes() 
     );
     let log = b.log();
     assert!(log.contains("pulled from peers"), "{log}");
+    // Over A's bulk connection.
+    assert!(log.contains("bulk=1"), "{log}");
     let pulled = std::fs::read(models.path().join(CHAT).join("model.gguf")).unwrap();
     let original = std::fs::read(common::model_path(CHAT)).unwrap();
     assert!(pulled == original, "the pulled file differs");
@@ -198,6 +200,11 @@ fn a_pull_cut_by_killing_its_provider_resumes_without_refetching_verified_chunks
     let fetched = number_before(&stdout, &format!(" bytes from peer {a_id}"))
         .unwrap_or_else(|| panic!("nothing fetched from A: {stdout}"));
     assert!(kept > 0 && fetched < CHAT_SIZE, "{stdout}");
+    // A storage pod offers a bulk connection on its mesh IP, and the pull took it.
+    assert!(
+        stdout.contains(&format!("bytes from peer {a_id} over a bulk connection")),
+        "{stdout}"
+    );
     // Only the chunks not kept crossed the mesh again (the last chunk is shorter).
     let total_chunks = CHAT_SIZE.div_ceil(CHUNK);
     assert_eq!(fetched.div_ceil(CHUNK), total_chunks - kept, "{stdout}");

@@ -413,6 +413,32 @@ fn dry_run_lists_each_profiles_models_and_services_and_binds_nothing() {
     assert_eq!(storage["storage"], true);
     assert_eq!(storage["api"]["enabled"], false);
     assert_eq!(storage["api"]["url"], serde_json::Value::Null);
+    // Pods that serve files listen for bulk connections on the mesh port plus one, or where
+    // told; others, or with --no-bulk, do not.
+    assert_eq!(
+        storage["bulk_listen"],
+        serde_json::json!(["0.0.0.0:4002", "[::]:4002"])
+    );
+    assert_eq!(
+        full["bulk_listen"],
+        serde_json::json!(["0.0.0.0:4002", "[::]:4002"])
+    );
+    assert_eq!(inference["bulk_listen"], serde_json::json!([]));
+    let bulk =
+        |extra: &[&str]| plan("storage", &[&["--no-api"], extra].concat())["bulk_listen"].clone();
+    assert_eq!(bulk(&["--no-bulk"]), serde_json::json!([]));
+    assert_eq!(
+        bulk(&["--p2p-port", "5000"]),
+        serde_json::json!(["0.0.0.0:5001", "[::]:5001"])
+    );
+    assert_eq!(
+        bulk(&["--listen", "/ip4/127.0.0.1/tcp/0", "--bulk-port", "6000"]),
+        serde_json::json!(["127.0.0.1:6000"])
+    );
+    assert_eq!(
+        bulk(&["--listen", "/ip4/127.0.0.1/tcp/0"]),
+        serde_json::json!(["127.0.0.1:0"])
+    );
 
     // auto says what it picked and why, in the plan and in a log line.
     let auto = run_bounded(

@@ -143,10 +143,16 @@ def check_scenarios(sc, flake):
     equal(len(sc["default"]["systemPackages"]), 1, "default: systemPackages")
 
     # Firewall.
-    equal(sc["openFirewall"]["firewall"], {"tcp": [4001], "udp": [4001]}, "openFirewall, loopback API: firewall")
+    # The bulk port (mesh port + 1) only for profiles that may serve model files.
+    equal(sc["openFirewall"]["firewall"], {"tcp": [4001, 4002], "udp": [4001]}, "openFirewall, loopback API: firewall")
+    equal(
+        sc["openFirewallInference"]["firewall"],
+        {"tcp": [4001], "udp": [4001]},
+        "openFirewall, inference profile: firewall",
+    )
     equal(
         sc["openFirewallPublic"]["firewall"],
-        {"tcp": [4001, 8080], "udp": [4001]},
+        {"tcp": [4001, 4002, 8080], "udp": [4001]},
         "openFirewall, apiHost 0.0.0.0: firewall",
     )
     equal(
@@ -155,7 +161,7 @@ def check_scenarios(sc, flake):
         "openFirewallPublic: pod arguments",
     )
     equal(
-        sc["publicApiNoKeys"]["firewall"], {"tcp": [4001, 8080], "udp": [4001]}, "publicApiNoKeys: firewall"
+        sc["publicApiNoKeys"]["firewall"], {"tcp": [4001, 4002, 8080], "udp": [4001]}, "publicApiNoKeys: firewall"
     )
     equal(argv_of("publicApiNoKeys"), expected_argv(host="::", tail=["--public-api"]), "publicApiNoKeys: pod arguments")
 

@@ -87,6 +87,11 @@ in
       enable = true;
       openFirewall = true;
     };
+    openFirewallInference = scenario {
+      enable = true;
+      openFirewall = true;
+      profile = "inference";
+    };
     openFirewallPublic = scenario {
       enable = true;
       openFirewall = true;
