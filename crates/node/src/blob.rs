@@ -72,8 +72,11 @@ pub const TICKET_LEN: usize = 32;
 /// Bulk connections that may wait at once for their ticket; more are closed at once.
 const MAX_UNTICKETED: usize = 64;
 
+/// Bulk connections from one IP address that may wait at once for their ticket.
+const MAX_UNTICKETED_PER_IP: usize = 8;
+
 /// How long a bulk connection may take to send its ticket.
-const TICKET_WAIT: Duration = Duration::from_secs(5);
+const TICKET_WAIT: Duration = Duration::from_secs(2);
 
 /// How long a bulk connection may stay idle between requests.
 const BULK_IDLE: Duration = Duration::from_secs(30);
@@ -316,7 +319,7 @@ pub struct BlobServer {
     /// Bulk tickets not yet used: which peer each was given to, and until when it holds.
     tickets: Mutex<HashMap<[u8; TICKET_LEN], (PeerId, Instant)>>,
     /// Bulk connections waiting for their ticket.
-    unticketed: AtomicU64,
+    unticketed: Mutex<HashMap<IpAddr, usize>>,
 }
 
 impl BlobServer {
@@ -341,7 +344,7 @@ impl BlobServer {
             stats: Arc::new(BlobStats::default()),
             bulk_port: AtomicU16::new(0),
             tickets: Mutex::new(HashMap::new()),
-            unticketed: AtomicU64::new(0),
+            unticketed: Mutex::new(HashMap::new()),
         });
         server.add_present(store);
         server
@@ -508,9 +511,7 @@ impl BlobServer {
 
     /// Gives `peer` a ticket for one bulk connection.
     fn ticket(&self, peer: PeerId) -> Result<(u16, [u8; TICKET_LEN]), String> {
-        let port = self
-            .bulk_port()
-            .ok_or_else(|| "no bulk connections here".to_owned())?;
+        let port = self.bulk_port().ok_or_else(|| NO_BULK.to_owned())?;
         let mut tickets = self
             .tickets
             .lock()
@@ -542,14 +543,37 @@ impl BlobServer {
                     continue;
                 }
             };
-            if self.unticketed.fetch_add(1, Ordering::AcqRel) >= MAX_UNTICKETED as u64 {
-                self.unticketed.fetch_sub(1, Ordering::AcqRel);
+            if !self.await_ticket(from.ip()) {
                 self.stats.refused.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
+            // Chunk frames go out as soon as they are written.
+            let _ = socket.set_nodelay(true);
             let server = Arc::clone(&self);
             tokio::spawn(async move { server.bulk_connection(socket, from).await });
         }
+    }
+
+    /// Whether a new connection from `ip` may wait for its ticket: only while tickets are out,
+    /// and within [`MAX_UNTICKETED`] waiting connections, [`MAX_UNTICKETED_PER_IP`] per
+    /// address, so no single host can crowd out the others.
+    fn await_ticket(&self, ip: IpAddr) -> bool {
+        if self.tickets.lock().map_or(true, |t| t.is_empty()) {
+            return false;
+        }
+        let Ok(mut waiting) = self.unticketed.lock() else {
+            return false;
+        };
+        let total: usize = waiting.values().sum();
+        let from_ip = waiting.entry(ip).or_insert(0);
+        if total >= MAX_UNTICKETED || *from_ip >= MAX_UNTICKETED_PER_IP {
+            if *from_ip == 0 {
+                waiting.remove(&ip);
+            }
+            return false;
+        }
+        *from_ip += 1;
+        true
     }
 
     /// A bulk connection: its ticket, then requests as on a stream of the peer it names.
@@ -559,7 +583,14 @@ impl BlobServer {
         let (mut rd, mut wr) = (rd.compat(), wr.compat_write());
         let mut ticket = [0u8; TICKET_LEN];
         let read = tokio::time::timeout(TICKET_WAIT, rd.read_exact(&mut ticket)).await;
-        self.unticketed.fetch_sub(1, Ordering::AcqRel);
+        if let Ok(mut waiting) = self.unticketed.lock() {
+            if let Some(n) = waiting.get_mut(&from.ip()) {
+                *n -= 1;
+                if *n == 0 {
+                    waiting.remove(&from.ip());
+                }
+            }
+        }
         let peer = match read {
             Ok(Ok(())) => self.redeem(&ticket),
             _ => None,
@@ -602,8 +633,8 @@ impl BlobServer {
         });
         if !admitted {
             self.stats.refused.fetch_add(1, Ordering::Relaxed);
-            let _ = write_frame(wr, &BlobReply::Error("too many streams".into())).await;
-            let _ = wr.close().await;
+            let _ = send_frame(wr, &BlobReply::Error("too many streams".into())).await;
+            let _ = tokio::time::timeout(REPLY_WAIT, wr.close()).await;
             return;
         }
         self.stats.active.fetch_add(1, Ordering::Relaxed);
@@ -622,19 +653,25 @@ impl BlobServer {
             };
             let served = match request {
                 Ok(request) => self.serve(peer, request, wr, bulk).await,
-                Err(e) => Err(e),
+                Err(e) => Err(Failure::Refused(e)),
             };
-            if let Err(e) = served {
-                self.stats.refused.fetch_add(1, Ordering::Relaxed);
-                tracing::debug!(%peer, error = %e, bulk, "blob request refused");
-                let _ = write_frame(wr, &BlobReply::Error(e)).await;
-                break;
-            }
-            if !bulk {
-                break;
+            match served {
+                Ok(()) if bulk => continue,
+                Ok(()) => break,
+                Err(Failure::Refused(e)) => {
+                    self.stats.refused.fetch_add(1, Ordering::Relaxed);
+                    tracing::debug!(%peer, error = %e, bulk, "blob request refused");
+                    let _ = send_frame(wr, &BlobReply::Error(e)).await;
+                    break;
+                }
+                // The reply was under way: nothing more can be said on this stream.
+                Err(Failure::Broken(e)) => {
+                    tracing::debug!(%peer, error = %e, bulk, "blob stream broke");
+                    break;
+                }
             }
         }
-        let _ = wr.close().await;
+        let _ = tokio::time::timeout(REPLY_WAIT, wr.close()).await;
         self.stats.active.fetch_sub(1, Ordering::Relaxed);
         if let Ok(mut m) = self.per_peer.lock() {
             if let Some(p) = m.get_mut(&peer) {
@@ -649,66 +686,83 @@ impl BlobServer {
         request: BlobRequest,
         wr: &mut W,
         bulk: bool,
-    ) -> Result<(), String>
+    ) -> Result<(), Failure>
     where
         W: ChunkSink,
     {
         match request {
-            BlobRequest::Bulk if bulk => Err("ask for bulk tickets over the mesh".into()),
+            BlobRequest::Bulk if bulk => Err(Failure::Refused(
+                "ask for bulk tickets over the mesh".into(),
+            )),
             BlobRequest::Bulk => {
-                let (port, ticket) = self.ticket(peer)?;
-                write_frame(
-                    wr,
-                    &BlobReply::Bulk {
-                        port,
-                        ticket: hex::encode(ticket),
-                    },
-                )
-                .await
-                .map_err(|e| e.to_string())
+                let (port, ticket) = self.ticket(peer).map_err(Failure::Refused)?;
+                let reply = BlobReply::Bulk {
+                    port,
+                    ticket: hex::encode(ticket),
+                };
+                send_frame(wr, &reply).await.map_err(Failure::Broken)
             }
             BlobRequest::Manifest { sha256 } => {
-                check_hash(&sha256)?;
-                let (_, manifest) = self.manifest(&sha256)?;
-                write_frame(wr, &BlobReply::Manifest((*manifest).clone()))
+                check_hash(&sha256).map_err(Failure::Refused)?;
+                let (_, manifest) = self.manifest(&sha256).map_err(Failure::Refused)?;
+                send_frame(wr, &BlobReply::Manifest((*manifest).clone()))
                     .await
-                    .map_err(|e| e.to_string())
+                    .map_err(Failure::Broken)
             }
             BlobRequest::Chunks {
                 sha256,
                 first,
                 count,
             } => {
-                check_hash(&sha256)?;
+                check_hash(&sha256).map_err(Failure::Refused)?;
                 if count == 0 || count > MAX_CHUNKS_PER_REQUEST {
-                    return Err(format!("ask for 1 to {MAX_CHUNKS_PER_REQUEST} chunks"));
+                    return Err(Failure::Refused(format!(
+                        "ask for 1 to {MAX_CHUNKS_PER_REQUEST} chunks"
+                    )));
                 }
-                let (path, manifest) = self.manifest(&sha256)?;
+                let (path, manifest) = self.manifest(&sha256).map_err(Failure::Refused)?;
                 let end = first as u64 + count as u64;
                 if end > manifest.chunks.len() as u64 {
-                    return Err("range beyond the end of the file".into());
+                    return Err(Failure::Refused("range beyond the end of the file".into()));
                 }
-                write_frame(wr, &BlobReply::Chunks)
+                let file = File::open(&path).map_err(|e| Failure::Refused(e.to_string()))?;
+                let file = Arc::new(file);
+                send_frame(wr, &BlobReply::Chunks)
                     .await
-                    .map_err(|e| e.to_string())?;
-                let file = Arc::new(File::open(&path).map_err(|e| e.to_string())?);
+                    .map_err(Failure::Broken)?;
+                let broken = |e: std::io::Error| Failure::Broken(e.to_string());
                 if let Some(socket) = wr.socket() {
-                    // A bulk connection: the kernel sends from the page cache.
-                    let socket = Arc::new(rustix::io::dup(socket).map_err(|e| e.to_string())?);
+                    // A bulk connection: the kernel sends from the page cache, while the
+                    // blocking pool asks it to read the next chunk ahead from disk.
+                    let ahead = |index: u32| {
+                        let file = Arc::clone(&file);
+                        let len = manifest.chunk_len(index as usize);
+                        let offset = index as u64 * manifest.chunk_size;
+                        tokio::task::spawn_blocking(move || {
+                            use rustix::fs::{fadvise, Advice};
+                            let _ = fadvise(
+                                &*file,
+                                offset,
+                                std::num::NonZeroU64::new(len),
+                                Advice::WillNeed,
+                            );
+                        })
+                    };
+                    let _ = ahead(first).await;
                     for index in first..first + count {
+                        if index + 1 < first + count {
+                            drop(ahead(index + 1));
+                        }
                         let len = manifest.chunk_len(index as usize);
                         let wait = self.pace(peer, len);
                         if !wait.is_zero() {
                             tokio::time::sleep(wait).await;
                         }
-                        let (socket, file) = (Arc::clone(&socket), Arc::clone(&file));
                         let offset = index as u64 * manifest.chunk_size;
-                        tokio::task::spawn_blocking(move || {
-                            send_chunk(&socket, &file, offset, len)
-                        })
-                        .await
-                        .map_err(|e| e.to_string())?
-                        .map_err(|e| e.to_string())?;
+                        tokio::time::timeout(BULK_IDLE, send_chunk(socket, &file, offset, len))
+                            .await
+                            .map_err(|_| Failure::Broken("the peer stopped reading".into()))?
+                            .map_err(broken)?;
                         self.record_sent(peer, &sha256, len);
                     }
                     return Ok(());
@@ -728,8 +782,8 @@ impl BlobServer {
                     let Some(reading) = next.take() else { break };
                     let frame = reading
                         .await
-                        .map_err(|e| e.to_string())?
-                        .map_err(|e| e.to_string())?;
+                        .map_err(|e| Failure::Broken(e.to_string()))?
+                        .map_err(broken)?;
                     if index + 1 < first + count {
                         next = Some(read(index + 1, std::mem::take(&mut spare)));
                     }
@@ -738,11 +792,11 @@ impl BlobServer {
                     if !wait.is_zero() {
                         tokio::time::sleep(wait).await;
                     }
-                    wr.write_all(&frame).await.map_err(|e| e.to_string())?;
+                    wr.write_all(&frame).await.map_err(broken)?;
                     self.record_sent(peer, &sha256, len);
                     spare = frame;
                 }
-                wr.flush().await.map_err(|e| e.to_string())
+                wr.flush().await.map_err(broken)
             }
         }
     }
@@ -779,57 +833,69 @@ impl ChunkSink for tokio_util::compat::Compat<tokio::net::tcp::OwnedWriteHalf> {
     }
 }
 
-/// Sends a chunk frame down a bulk connection's socket (a duplicate of its descriptor): the
-/// length, then `len` bytes of `file` at `offset` with sendfile(2), so they go from the page
-/// cache to the socket without passing through this process. For the blocking pool: a file not
-/// in the page cache is read here, and a full socket is waited for here, up to [`BULK_IDLE`]
-/// each time.
-fn send_chunk(
-    socket: &rustix::fd::OwnedFd,
+/// Sends a chunk frame down a bulk connection's socket: its length, then `len` bytes of `file`
+/// at `offset` with sendfile(2), from the page cache to the socket without passing through this
+/// process. A chunk not in the page cache is read during the call (the caller has the next one
+/// read ahead).
+async fn send_chunk(
+    socket: &tokio::net::TcpStream,
     file: &File,
     offset: u64,
     len: u64,
 ) -> std::io::Result<()> {
-    use rustix::io::Errno;
-    let wait = || {
-        let mut fds = [rustix::event::PollFd::new(
-            socket,
-            rustix::event::PollFlags::OUT,
-        )];
-        let timeout = rustix::event::Timespec {
-            tv_sec: BULK_IDLE.as_secs() as i64,
-            tv_nsec: 0,
-        };
-        match rustix::event::poll(&mut fds, Some(&timeout)) {
-            Ok(0) => Err(std::io::Error::from(std::io::ErrorKind::TimedOut)),
-            Ok(_) | Err(Errno::INTR) => Ok(()),
-            Err(e) => Err(e.into()),
-        }
-    };
     let header = u32::try_from(len)
         .map_err(std::io::Error::other)?
         .to_be_bytes();
     let mut written = 0;
     while written < header.len() {
-        match rustix::io::write(socket, &header[written..]) {
+        socket.writable().await?;
+        match socket.try_write(&header[written..]) {
             Ok(n) => written += n,
-            Err(Errno::AGAIN) => wait()?,
-            Err(Errno::INTR) => {}
-            Err(e) => return Err(e.into()),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
         }
     }
     let (mut at, end) = (offset, offset + len);
     while at < end {
+        socket.writable().await?;
         let left = (end - at) as usize;
-        match rustix::fs::sendfile(socket, file, Some(&mut at), left) {
+        match socket.try_io(tokio::io::Interest::WRITABLE, || {
+            rustix::fs::sendfile(socket, file, Some(&mut at), left).map_err(std::io::Error::from)
+        }) {
             Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
             Ok(_) => {}
-            Err(Errno::AGAIN) => wait()?,
-            Err(Errno::INTR) => {}
-            Err(e) => return Err(e.into()),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+                ) => {}
+            Err(e) => return Err(e),
         }
     }
     Ok(())
+}
+
+/// How long a reply may take to go out.
+const REPLY_WAIT: Duration = Duration::from_secs(30);
+
+/// Writes a reply frame, giving up after [`REPLY_WAIT`] (a peer that stops reading).
+async fn send_frame<W: AsyncWrite + Unpin, T: Serialize>(
+    wr: &mut W,
+    frame: &T,
+) -> Result<(), String> {
+    tokio::time::timeout(REPLY_WAIT, write_frame(wr, frame))
+        .await
+        .map_err(|_| "the peer stopped reading".to_owned())?
+        .map_err(|e| e.to_string())
+}
+
+/// Why a request was not served.
+#[derive(Debug)]
+enum Failure {
+    /// Refused before the reply began: the requester is told why.
+    Refused(String),
+    /// The stream broke while the reply went out.
+    Broken(String),
 }
 
 fn check_hash(sha256: &str) -> Result<(), String> {
@@ -976,6 +1042,7 @@ pub async fn fetch(
     let mut workers = Vec::new();
     for peer in providers.iter().copied() {
         let strikes = Arc::new(AtomicU32::new(0));
+        let bulk_off = Arc::new(AtomicBool::new(false));
         // A bulk connection goes to the IP the mesh reaches the provider at directly.
         let bulk_ips = if opts.bulk {
             mesh.direct_ips(peer).await.unwrap_or_default()
@@ -997,6 +1064,7 @@ pub async fn fetch(
                 bulk_ips: bulk_ips.clone(),
                 bulk: None,
                 bulk_failures: 0,
+                bulk_off: Arc::clone(&bulk_off),
             };
             workers.push((peer, Arc::clone(&strikes), tokio::spawn(job.run())));
         }
@@ -1178,7 +1246,16 @@ impl Queue {
     /// Takes a run of up to [`CHUNKS_PER_RUN`] consecutive chunks. When none is waiting but
     /// other workers hold some, waits: what fails with them comes back. `None` when the
     /// download needs nothing more.
-    async fn take(&self) -> Option<Vec<usize>> {
+    async fn take(queue: &Arc<Self>) -> Option<Taken> {
+        let run = queue.take_run().await?;
+        Some(Taken {
+            queue: Arc::clone(queue),
+            run,
+            settled: false,
+        })
+    }
+
+    async fn take_run(&self) -> Option<Vec<usize>> {
         loop {
             let changed = self.changed.notified();
             tokio::pin!(changed);
@@ -1222,6 +1299,31 @@ impl Queue {
     }
 }
 
+/// A run taken from a [`Queue`]; given back whole if dropped before [`Taken::done`] (a worker
+/// that panicked), so the others do not wait for it forever.
+#[derive(Debug)]
+struct Taken {
+    queue: Arc<Queue>,
+    run: Vec<usize>,
+    settled: bool,
+}
+
+impl Taken {
+    /// Ends the run; `again` go back in the queue.
+    fn done(mut self, again: &[usize]) {
+        self.settled = true;
+        self.queue.done(self.run.len(), again);
+    }
+}
+
+impl Drop for Taken {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.queue.done(self.run.len(), &self.run);
+        }
+    }
+}
+
 /// One stream's worth of a download from one provider.
 struct Worker {
     control: libp2p_stream::Control,
@@ -1242,6 +1344,8 @@ struct Worker {
     bulk: Option<BulkConnection>,
     /// Bulk connections that could not be opened.
     bulk_failures: u32,
+    /// The provider's bulk port is of no use: shared by its streams.
+    bulk_off: Arc<AtomicBool>,
 }
 
 /// The two halves of a bulk connection.
@@ -1250,8 +1354,36 @@ type BulkConnection = (
     tokio_util::compat::Compat<tokio::net::tcp::OwnedWriteHalf>,
 );
 
-/// How a failure to open a bulk connection starts when the provider refused it.
-const REFUSED: &str = "refused: ";
+/// What a server without a bulk port answers a ticket request with.
+const NO_BULK: &str = "no bulk connections here";
+
+/// How long connecting to a bulk port may take: one that cannot be reached is often
+/// filtered rather than refused.
+const BULK_CONNECT: Duration = Duration::from_secs(2);
+
+/// Why no bulk connection opened.
+#[derive(Debug)]
+struct BulkError {
+    why: String,
+    /// Trying again cannot help: the provider has no bulk port, or it cannot be reached.
+    last: bool,
+}
+
+impl BulkError {
+    fn again(why: impl ToString) -> Self {
+        Self {
+            why: why.to_string(),
+            last: false,
+        }
+    }
+
+    fn last(why: impl ToString) -> Self {
+        Self {
+            why: why.to_string(),
+            last: true,
+        }
+    }
+}
 
 /// How long a bulk connection may take to open, ticket included.
 const BULK_OPEN: Duration = Duration::from_secs(10);
@@ -1283,16 +1415,16 @@ impl Worker {
                 out.failure = Some("sent chunks that failed verification".into());
                 return out;
             }
-            let Some(run) = self.queue.take().await else {
+            let Some(taken) = Queue::take(&self.queue).await else {
                 return out;
             };
-            match self.fetch_run(&run, &mut out).await {
+            match self.fetch_run(&taken.run, &mut out).await {
                 Ok(rejected) => {
                     retries = 0;
-                    self.queue.done(run.len(), &rejected);
+                    taken.done(&rejected);
                 }
                 Err((unfetched, e)) => {
-                    self.queue.done(run.len(), &unfetched);
+                    taken.done(&unfetched);
                     if retries < RUN_RETRIES {
                         retries += 1;
                         tracing::debug!(peer = %self.peer, error = %e, "retrying a run");
@@ -1360,49 +1492,57 @@ impl Worker {
     }
 
     /// Asks the provider for a bulk ticket over the mesh and opens the connection with it.
-    async fn open_bulk(&self) -> Result<BulkConnection, String> {
+    async fn open_bulk(&self) -> Result<BulkConnection, BulkError> {
         use tokio_util::compat::{TokioAsyncReadCompatExt, TokioAsyncWriteCompatExt};
-        let work = async {
+        let ask = async {
             let stream = self
                 .control
                 .clone()
                 .open_stream(self.peer, PROTOCOL)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(BulkError::again)?;
             let (mut rd, mut wr) = stream.split();
             write_frame(&mut wr, &BlobRequest::Bulk)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(BulkError::again)?;
             let reply = read_frame::<_, BlobReply>(&mut rd, 4096)
                 .await
-                .map_err(|e| e.to_string())?;
+                .map_err(BulkError::again)?;
             let _ = wr.close().await;
-            let (port, ticket) = match reply {
-                BlobReply::Bulk { port, ticket } => (port, ticket),
-                BlobReply::Error(e) => return Err(format!("{REFUSED}{e}")),
-                _ => return Err(format!("{REFUSED}unexpected reply")),
-            };
-            let ticket = hex::decode(&ticket)
-                .ok()
-                .filter(|t| t.len() == TICKET_LEN)
-                .ok_or_else(|| "malformed ticket".to_owned())?;
-            let mut why = String::from("no address");
-            for ip in &self.bulk_ips {
-                match tokio::net::TcpStream::connect((*ip, port)).await {
-                    Ok(socket) => {
-                        let (rd, wr) = socket.into_split();
-                        let (rd, mut wr) = (rd.compat(), wr.compat_write());
-                        wr.write_all(&ticket).await.map_err(|e| e.to_string())?;
-                        return Ok((rd, wr));
-                    }
-                    Err(e) => why = format!("{ip} port {port}: {e}"),
-                }
+            match reply {
+                BlobReply::Bulk { port, ticket } => hex::decode(&ticket)
+                    .ok()
+                    .filter(|t| t.len() == TICKET_LEN)
+                    .map(|t| (port, t))
+                    .ok_or_else(|| BulkError::last("malformed ticket")),
+                BlobReply::Error(e) if e == NO_BULK => Err(BulkError::last(e)),
+                // Busy: too many streams or tickets for now.
+                BlobReply::Error(e) => Err(BulkError::again(e)),
+                _ => Err(BulkError::last("unexpected reply")),
             }
-            Err(why)
         };
-        tokio::time::timeout(BULK_OPEN, work)
+        let (port, ticket) = tokio::time::timeout(BULK_OPEN, ask)
             .await
-            .map_err(|_| "timed out".to_owned())?
+            .map_err(|_| BulkError::again("no ticket in time"))??;
+        let mut why = String::from("no address");
+        for ip in &self.bulk_ips {
+            let connecting = tokio::net::TcpStream::connect((*ip, port));
+            match tokio::time::timeout(BULK_CONNECT, connecting).await {
+                Ok(Ok(socket)) => {
+                    let _ = socket.set_nodelay(true);
+                    let (rd, wr) = socket.into_split();
+                    let (rd, mut wr) = (rd.compat(), wr.compat_write());
+                    tokio::time::timeout(BULK_CONNECT, wr.write_all(&ticket))
+                        .await
+                        .map_err(|_| BulkError::again("ticket not sent in time"))?
+                        .map_err(BulkError::again)?;
+                    return Ok((rd, wr));
+                }
+                Ok(Err(e)) => why = format!("{ip} port {port}: {e}"),
+                Err(_) => why = format!("{ip} port {port}: no answer"),
+            }
+        }
+        Err(BulkError::last(why))
     }
 
     /// Fetches one run, over the bulk connection when there is one (opening it first if the
@@ -1413,18 +1553,25 @@ impl Worker {
         run: &[usize],
         out: &mut Outcome,
     ) -> Result<Vec<usize>, (Vec<usize>, String)> {
-        if self.bulk.is_none() && !self.bulk_ips.is_empty() {
+        if self.bulk.is_none()
+            && !self.bulk_ips.is_empty()
+            && !self.bulk_off.load(Ordering::Relaxed)
+        {
             match self.open_bulk().await {
                 Ok(connection) => self.bulk = Some(connection),
                 Err(e) => {
-                    // Unless the provider said no, once more on the next run (the mesh
-                    // connection the ticket came over may have been replaced meanwhile), then
-                    // mesh streams only.
+                    // A provider without a reachable bulk port is not asked again by any of
+                    // its streams; after anything else (a busy provider, or the mesh
+                    // connection the ticket came over being replaced), once more on the next
+                    // run, then mesh streams only.
                     self.bulk_failures += 1;
-                    if self.bulk_failures >= 2 || e.starts_with(REFUSED) {
+                    if e.last {
+                        self.bulk_off.store(true, Ordering::Relaxed);
+                    }
+                    if e.last || self.bulk_failures >= 2 {
                         self.bulk_ips.clear();
                     }
-                    tracing::debug!(peer = %self.peer, error = %e, "no bulk connection; this run goes over the mesh");
+                    tracing::debug!(peer = %self.peer, error = %e.why, "no bulk connection; this run goes over the mesh");
                 }
             }
         }

@@ -1064,8 +1064,8 @@ fn mesh_config(args: &StartArgs, profile: Profile) -> MeshConfig {
 }
 
 /// Where a pod that serves files listens for bulk connections: every IP its mesh listens on,
-/// at `--bulk-port`, else the first mesh port plus one (any free port when that is 0). Empty
-/// with `--no-bulk` and for profiles that serve no files.
+/// at `--bulk-port`, else the first mesh port plus one (any free port when that is 0 or
+/// 65535). Empty with `--no-bulk` and for profiles that serve no files.
 fn bulk_listen(args: &StartArgs, mesh: &MeshConfig, profile: Profile) -> Vec<SocketAddr> {
     use libp2p::multiaddr::Protocol;
     if args.no_bulk || !profile.serves_files() {
@@ -1086,9 +1086,13 @@ fn bulk_listen(args: &StartArgs, mesh: &MeshConfig, profile: Profile) -> Vec<Soc
             continue;
         };
         if out.iter().all(|a| a.ip() != ip) {
-            let port =
-                args.bulk_port
-                    .unwrap_or_else(|| if port == 0 { 0 } else { port.saturating_add(1) });
+            let port = args.bulk_port.unwrap_or_else(|| {
+                if port == 0 {
+                    0
+                } else {
+                    port.checked_add(1).unwrap_or(0)
+                }
+            });
             out.push(SocketAddr::new(ip, port));
         }
     }

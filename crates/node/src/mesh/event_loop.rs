@@ -190,6 +190,7 @@ impl EventLoop {
                     .filter(|(p, _)| *p == peer)
                     .map(|(_, ip)| *ip)
                     .collect();
+                ips.sort();
                 ips.dedup();
                 let _ = tx.send(ips);
             }
@@ -707,7 +708,8 @@ fn direct_ip(addr: &Multiaddr) -> Option<IpAddr> {
     }
     match addr.iter().next()? {
         Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
-        Protocol::Ip6(ip) => Some(IpAddr::V6(ip)),
+        // A link-local address needs its interface, which a multiaddr does not carry.
+        Protocol::Ip6(ip) if ip.segments()[0] & 0xffc0 != 0xfe80 => Some(IpAddr::V6(ip)),
         _ => None,
     }
 }
