@@ -160,6 +160,13 @@ impl ModelStore {
             self.fetch_file(entry, file, &target, &mut ctx, &progress)?;
             verified.files.insert(file.name.to_owned(), record);
             write_verified(&dir, &verified)?;
+            // What an interrupted pull from peers kept of this file is of no use now.
+            let partial = self.partial_path(file.sha256);
+            if partial.exists() {
+                if let Err(e) = fs::remove_file(&partial) {
+                    tracing::warn!(path = %partial.display(), error = %e, "cannot remove a partial file");
+                }
+            }
         }
         progress.finish();
         tracing::info!(model = entry.name, dir = %dir.display(), "model ready");

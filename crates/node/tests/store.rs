@@ -111,8 +111,13 @@ fn hf_source_downloads_and_verifies() {
         .with_hf_endpoint(&base);
     let e = entry("hf-model", vec!["hf:org/repo:m.gguf".into()], &body);
     assert!(!store.is_present(e));
+    // Half a file left by a pull from peers that was cut off.
+    let partial = store.partial_path(e.files[0].sha256);
+    std::fs::create_dir_all(partial.parent().unwrap()).unwrap();
+    std::fs::write(&partial, &body[..body.len() / 2]).unwrap();
     let dir = store.pull(e).unwrap();
     assert!(store.is_present(e));
+    assert!(!partial.exists(), "the partial file outlived the download");
     assert_eq!(std::fs::read(dir.join("model.gguf")).unwrap(), body);
     // A second pull is a no-op.
     store.pull(e).unwrap();
