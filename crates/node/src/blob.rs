@@ -320,6 +320,10 @@ pub struct BlobServer {
     tickets: Mutex<HashMap<[u8; TICKET_LEN], (PeerId, Instant)>>,
     /// Bulk connections waiting for their ticket.
     unticketed: Mutex<HashMap<IpAddr, usize>>,
+    /// Where manifests are saved between runs.
+    manifests: PathBuf,
+    /// Held while a file is hashed for its manifest.
+    hashing: tokio::sync::Mutex<()>,
 }
 
 impl BlobServer {
@@ -345,6 +349,8 @@ impl BlobServer {
             bulk_port: AtomicU16::new(0),
             tickets: Mutex::new(HashMap::new()),
             unticketed: Mutex::new(HashMap::new()),
+            manifests: store.manifest_dir(),
+            hashing: tokio::sync::Mutex::new(()),
         });
         server.add_present(store);
         server
@@ -445,18 +451,30 @@ impl BlobServer {
     }
 
     /// The manifest of a served file, computed on first use.
-    fn manifest(&self, sha256: &str) -> Result<(PathBuf, Arc<Manifest>), String> {
-        let served = {
-            let files = self.files.lock().map_err(|_| "index poisoned".to_owned())?;
+    async fn manifest(&self, sha256: &str) -> Result<(PathBuf, Arc<Manifest>), String> {
+        let served = |files: &Mutex<HashMap<String, Served>>| {
+            let files = files.lock().map_err(|_| "index poisoned".to_owned())?;
             files
                 .get(sha256)
-                .cloned()
-                .ok_or_else(|| "no such file here".to_owned())?
+                .map(|s| (s.path.clone(), s.manifest.clone()))
+                .ok_or_else(|| "no such file here".to_owned())
         };
-        if let Some(m) = served.manifest {
-            return Ok((served.path, m));
+        if let (path, Some(m)) = served(&self.files)? {
+            return Ok((path, m));
         }
-        let manifest = Arc::new(Manifest::of_file(&served.path).map_err(|e| e.to_string())?);
+        // One file is hashed at a time; whoever waited may find it done.
+        let _hashing = self.hashing.lock().await;
+        let (path, known) = served(&self.files)?;
+        if let Some(m) = known {
+            return Ok((path, m));
+        }
+        let saved = self.manifests.join(format!("{sha256}.json"));
+        let (file, sha) = (path.clone(), sha256.to_owned());
+        let manifest = tokio::task::spawn_blocking(move || saved_manifest(&saved, &file, &sha))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
+        let manifest = Arc::new(manifest);
         if manifest.sha256 != sha256 {
             return Err("the stored file no longer matches its hash".into());
         }
@@ -465,7 +483,35 @@ impl BlobServer {
                 s.manifest = Some(Arc::clone(&manifest));
             }
         }
-        Ok((served.path, manifest))
+        Ok((path, manifest))
+    }
+
+    /// Makes the manifests of every served file that has none yet, one after another, so the
+    /// first requests do not wait for a whole file to be hashed. Loaded from the store's
+    /// `.manifests` directory when saved there before.
+    pub async fn prepare_manifests(&self) {
+        let missing: Vec<String> = self.files.lock().map_or_else(
+            |_| Vec::new(),
+            |files| {
+                files
+                    .iter()
+                    .filter(|(_, s)| s.manifest.is_none())
+                    .map(|(sha, _)| sha.clone())
+                    .collect()
+            },
+        );
+        for sha256 in missing {
+            let started = Instant::now();
+            match self.manifest(&sha256).await {
+                Ok((path, m)) => tracing::debug!(
+                    file = %path.display(),
+                    chunks = m.chunks.len(),
+                    seconds = started.elapsed().as_secs_f64(),
+                    "manifest ready"
+                ),
+                Err(e) => tracing::warn!(sha256, error = %e, "cannot make a manifest"),
+            }
+        }
     }
 
     /// Accepts streams until the mesh stops.
@@ -704,7 +750,7 @@ impl BlobServer {
             }
             BlobRequest::Manifest { sha256 } => {
                 check_hash(&sha256).map_err(Failure::Refused)?;
-                let (_, manifest) = self.manifest(&sha256).map_err(Failure::Refused)?;
+                let (_, manifest) = self.manifest(&sha256).await.map_err(Failure::Refused)?;
                 send_frame(wr, &BlobReply::Manifest((*manifest).clone()))
                     .await
                     .map_err(Failure::Broken)
@@ -720,7 +766,7 @@ impl BlobServer {
                         "ask for 1 to {MAX_CHUNKS_PER_REQUEST} chunks"
                     )));
                 }
-                let (path, manifest) = self.manifest(&sha256).map_err(Failure::Refused)?;
+                let (path, manifest) = self.manifest(&sha256).await.map_err(Failure::Refused)?;
                 let end = first as u64 + count as u64;
                 if end > manifest.chunks.len() as u64 {
                     return Err(Failure::Refused("range beyond the end of the file".into()));
@@ -896,6 +942,37 @@ enum Failure {
     Refused(String),
     /// The stream broke while the reply went out.
     Broken(String),
+}
+
+/// The manifest of `file`, which should hash to `sha256`: the one saved at `saved` when it
+/// describes a file of this size and hash, else made by hashing the file and saved there
+/// (written whole, then renamed into place). The last chaining value of a saved manifest must be
+/// `sha256`; a manifest damaged elsewhere would only make chunks fail their check at the
+/// requester, which drops this provider.
+fn saved_manifest(saved: &Path, file: &Path, sha256: &str) -> std::io::Result<Manifest> {
+    let size = std::fs::metadata(file)?.len();
+    if let Ok(text) = std::fs::read(saved) {
+        match serde_json::from_slice::<Manifest>(&text) {
+            Ok(m) if m.matches(sha256, size) => return Ok(m),
+            _ => tracing::warn!(path = %saved.display(), "ignoring a damaged saved manifest"),
+        }
+    }
+    let manifest = Manifest::of_file(file)?;
+    if manifest.sha256 == sha256 {
+        let write = || -> std::io::Result<()> {
+            let dir = saved.parent().unwrap_or(Path::new("."));
+            std::fs::create_dir_all(dir)?;
+            let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+            serde_json::to_writer(&mut tmp, &manifest)?;
+            tmp.as_file().sync_all()?;
+            tmp.persist(saved).map_err(|e| e.error)?;
+            Ok(())
+        };
+        if let Err(e) = write() {
+            tracing::warn!(path = %saved.display(), error = %e, "cannot save a manifest");
+        }
+    }
+    Ok(manifest)
 }
 
 fn check_hash(sha256: &str) -> Result<(), String> {
@@ -1911,6 +1988,43 @@ mod tests {
         assert!(forged.matches(&real_m.sha256, real_m.size));
         assert!(forged.verify_chunk(0, &fake[..CHUNK_SIZE as usize]));
         assert!(!forged.verify_chunk(last, &fake[CHUNK_SIZE as usize..]));
+    }
+
+    #[test]
+    fn manifests_are_saved_and_a_damaged_one_is_made_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let data: Vec<u8> = (0..(2 * CHUNK_SIZE + 7))
+            .map(|i| (i * 31 % 251) as u8)
+            .collect();
+        let file = dir.path().join("f");
+        std::fs::write(&file, &data).unwrap();
+        let sha = hex::encode(Sha256::digest(&data));
+        let saved = dir.path().join("m").join(format!("{sha}.json"));
+
+        let made = saved_manifest(&saved, &file, &sha).unwrap();
+        assert_eq!(made.sha256, sha);
+        let on_disk: Manifest = serde_json::from_slice(&std::fs::read(&saved).unwrap()).unwrap();
+        assert_eq!(on_disk, made);
+        // A saved manifest is used as it is: the file is not read again.
+        let mut marked = made.clone();
+        marked.chunks[0] = "0".repeat(64);
+        std::fs::write(&saved, serde_json::to_vec(&marked).unwrap()).unwrap();
+        assert_eq!(saved_manifest(&saved, &file, &sha).unwrap(), marked);
+        // One that does not end in the file's hash is made again, and saved again.
+        let mut damaged = made.clone();
+        damaged.chunks.pop();
+        std::fs::write(&saved, serde_json::to_vec(&damaged).unwrap()).unwrap();
+        assert_eq!(saved_manifest(&saved, &file, &sha).unwrap(), made);
+        std::fs::write(&saved, b"{ not json").unwrap();
+        assert_eq!(saved_manifest(&saved, &file, &sha).unwrap(), made);
+        let on_disk: Manifest = serde_json::from_slice(&std::fs::read(&saved).unwrap()).unwrap();
+        assert_eq!(on_disk, made);
+        // A file that is not what its name says gets its real manifest, which is not saved.
+        std::fs::remove_file(&saved).unwrap();
+        let wrong = "1".repeat(64);
+        let real = saved_manifest(&saved, &file, &wrong).unwrap();
+        assert_eq!(real.sha256, sha);
+        assert!(!saved.exists());
     }
 
     #[test]

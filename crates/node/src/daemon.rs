@@ -319,6 +319,8 @@ pub async fn run(store: ModelStore, opts: StartOptions) -> Result<(), DaemonErro
             "serving model files to peers"
         );
         tokio::spawn(Arc::clone(blobs).run(mesh.streams()));
+        let preparing = Arc::clone(blobs);
+        tokio::spawn(async move { preparing.prepare_manifests().await });
         tokio::spawn(provide_files(mesh.clone(), Arc::clone(blobs)));
     }
     let backend = NodeBackend::new(
@@ -427,7 +429,7 @@ pub async fn run(store: ModelStore, opts: StartOptions) -> Result<(), DaemonErro
             let blobs = blobs.clone();
             async move {
                 if pull {
-                    pull_from_peers(&store, &models, &mesh, &pull_opts, blobs.as_deref()).await;
+                    pull_from_peers(&store, &models, &mesh, &pull_opts, blobs.as_ref()).await;
                 }
                 tokio::task::spawn_blocking(move || -> Result<(), DaemonError> {
                     for name in models {
@@ -579,7 +581,7 @@ async fn pull_from_peers(
     models: &[String],
     mesh: &mesh::Client,
     opts: &blob::PullOptions,
-    blobs: Option<&BlobServer>,
+    blobs: Option<&Arc<BlobServer>>,
 ) {
     for name in models {
         let Some(entry) = catalogue::find(name) else {
@@ -602,6 +604,8 @@ async fn pull_from_peers(
                 }
                 if let Some(blobs) = blobs {
                     blobs.add_present(store);
+                    let preparing = Arc::clone(blobs);
+                    tokio::spawn(async move { preparing.prepare_manifests().await });
                 }
             }
             Ok(None) => tracing::info!(model = %name, "no peer serves it; using its sources"),

@@ -239,6 +239,11 @@ impl ModelStore {
         })
     }
 
+    /// Where a serving pod saves the manifests of the files it serves (`/pod/blob/1.0.0`).
+    pub fn manifest_dir(&self) -> PathBuf {
+        self.root.join(".manifests")
+    }
+
     /// Where a download from peers keeps its partial file between attempts.
     pub fn partial_path(&self, sha256: &str) -> PathBuf {
         self.root.join(".partial").join(sha256)

@@ -160,6 +160,12 @@ async fn a_pull_from_a_peer_is_byte_identical_and_verified() {
     assert_eq!(report.bulk_from, vec![a.peer_id()]);
     assert_eq!(report.chunks_reused, 0);
     assert_eq!(server.stats().bytes_served.load(Ordering::Relaxed), size);
+    // The provider saved the manifest it made, for its next start.
+    let saved = common::store()
+        .manifest_dir()
+        .join(format!("{}.json", entry().files[0].sha256));
+    let saved: blob::Manifest = serde_json::from_slice(&std::fs::read(saved).unwrap()).unwrap();
+    assert_eq!(saved.sha256, entry().files[0].sha256);
 
     // A puller that refuses them gets the same file over mesh streams alone.
     let mesh_only = PullOptions {
