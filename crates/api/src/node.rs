@@ -135,7 +135,8 @@ pub struct FileView {
     pub sha256: String,
     /// Size in bytes.
     pub size: u64,
-    /// Distinct peers this node sent chunks of the file to since it started.
+    /// Distinct peers this node sent chunks of the file to since it started (counted up to
+    /// 10,000).
     pub peers_served: usize,
     /// Bytes of the file sent to peers since the node started.
     pub bytes_served: u64,

@@ -81,6 +81,9 @@ const TICKET_WAIT: Duration = Duration::from_secs(2);
 /// How long a bulk connection may stay idle between requests.
 const BULK_IDLE: Duration = Duration::from_secs(30);
 
+/// Distinct peers counted per served file (`peers_served`); beyond it the count stops.
+pub const MAX_PEERS_COUNTED: usize = 10_000;
+
 /// Largest JSON frame (a manifest of a 64 GiB file is about 4.5 MB).
 const MAX_JSON_FRAME: usize = 8 * 1024 * 1024;
 
@@ -278,7 +281,7 @@ struct Served {
     file: &'static str,
     path: PathBuf,
     manifest: Option<Arc<Manifest>>,
-    /// Peers that were sent chunks of it.
+    /// Peers that were sent chunks of it, up to [`MAX_PEERS_COUNTED`].
     served_to: HashSet<PeerId>,
     bytes_served: u64,
 }
@@ -425,7 +428,10 @@ impl BlobServer {
         self.stats.bytes_served.fetch_add(bytes, Ordering::Relaxed);
         if let Ok(mut files) = self.files.lock() {
             if let Some(s) = files.get_mut(sha256) {
-                s.served_to.insert(peer);
+                // Past the cap the count stays put rather than the set growing without end.
+                if s.served_to.len() < MAX_PEERS_COUNTED {
+                    s.served_to.insert(peer);
+                }
                 s.bytes_served += bytes;
             }
         }
