@@ -91,7 +91,7 @@ def main() -> None:
     size = source.stat().st_size
     pods = [storage_pod(args.pod, args.models_dir, args.transport) for _ in range(2)]
     try:
-        # A storage pod hashes a file for its manifest on the first request: not timed.
+        # Untimed: a storage pod may still be making a file's manifest just after it starts.
         for p in pods:
             pull(args.pod, [p[1]], not args.no_bulk)
         times = {"copy": [], "1 peer": [], "2 peers": []}

@@ -475,6 +475,7 @@ impl BlobServer {
             return Ok((path, m));
         }
         let saved = self.manifests.join(format!("{sha256}.json"));
+        // (A file pulled from peers has the manifest it was checked against saved there.)
         let (file, sha) = (path.clone(), sha256.to_owned());
         let manifest = tokio::task::spawn_blocking(move || saved_manifest(&saved, &file, &sha))
             .await
@@ -965,20 +966,26 @@ fn saved_manifest(saved: &Path, file: &Path, sha256: &str) -> std::io::Result<Ma
     }
     let manifest = Manifest::of_file(file)?;
     if manifest.sha256 == sha256 {
-        let write = || -> std::io::Result<()> {
-            let dir = saved.parent().unwrap_or(Path::new("."));
-            std::fs::create_dir_all(dir)?;
-            let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
-            serde_json::to_writer(&mut tmp, &manifest)?;
-            tmp.as_file().sync_all()?;
-            tmp.persist(saved).map_err(|e| e.error)?;
-            Ok(())
-        };
-        if let Err(e) = write() {
-            tracing::warn!(path = %saved.display(), error = %e, "cannot save a manifest");
-        }
+        save_manifest(saved, &manifest);
     }
     Ok(manifest)
+}
+
+/// Saves a manifest at `saved`, written whole and then renamed into place; a failure is only
+/// logged (the manifest can be made again).
+fn save_manifest(saved: &Path, manifest: &Manifest) {
+    let write = || -> std::io::Result<()> {
+        let dir = saved.parent().unwrap_or(Path::new("."));
+        std::fs::create_dir_all(dir)?;
+        let mut tmp = tempfile::NamedTempFile::new_in(dir)?;
+        serde_json::to_writer(&mut tmp, manifest)?;
+        tmp.as_file().sync_all()?;
+        tmp.persist(saved).map_err(|e| e.error)?;
+        Ok(())
+    };
+    if let Err(e) = write() {
+        tracing::warn!(path = %saved.display(), error = %e, "cannot save a manifest");
+    }
 }
 
 fn check_hash(sha256: &str) -> Result<(), String> {
@@ -1017,6 +1024,9 @@ pub struct FetchReport {
     pub bad_providers: Vec<PeerId>,
     /// Providers that sent chunks over bulk connections (the others used mesh streams only).
     pub bulk_from: Vec<PeerId>,
+    /// The manifest every chunk was checked against.
+    #[serde(skip)]
+    pub manifest: Option<Arc<Manifest>>,
 }
 
 /// How a pull goes about it.
@@ -1117,6 +1127,7 @@ pub async fn fetch(
         .collect();
     let mut report = FetchReport {
         chunks_reused: manifest.chunks.len() - missing.len(),
+        manifest: Some(Arc::clone(&manifest)),
         ..FetchReport::default()
     };
 
@@ -1808,6 +1819,13 @@ async fn pull_file(
     store
         .install_verified(entry, file, &partial)
         .map_err(|e| FetchError::Io(std::io::Error::other(e.to_string())))?;
+    // Every chunk checked against it: serving the file later needs no hashing.
+    if let Some(m) = &report.manifest {
+        save_manifest(
+            &store.manifest_dir().join(format!("{}.json", file.sha256)),
+            m,
+        );
+    }
     tracing::info!(
         model = entry.name,
         file = file.name,

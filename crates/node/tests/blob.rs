@@ -155,7 +155,7 @@ async fn a_pull_from_a_peer_is_byte_identical_and_verified() {
     let size = entry().files[0].size;
 
     // Where the provider offers bulk connections, the chunks come over them.
-    let (_dir, report) = pull_once(&b, a.peer_id(), &PullOptions::default()).await;
+    let (dir, report) = pull_once(&b, a.peer_id(), &PullOptions::default()).await;
     assert_eq!(report.bytes_from, vec![(a.peer_id(), size)]);
     assert_eq!(report.bulk_from, vec![a.peer_id()]);
     assert_eq!(report.chunks_reused, 0);
@@ -166,6 +166,13 @@ async fn a_pull_from_a_peer_is_byte_identical_and_verified() {
         .join(format!("{}.json", entry().files[0].sha256));
     let saved: blob::Manifest = serde_json::from_slice(&std::fs::read(saved).unwrap()).unwrap();
     assert_eq!(saved.sha256, entry().files[0].sha256);
+    // And the puller saved the one it checked the chunks against, for when it serves the file.
+    let pulled = ModelStore::open(dir.path())
+        .unwrap()
+        .manifest_dir()
+        .join(format!("{}.json", entry().files[0].sha256));
+    let pulled: blob::Manifest = serde_json::from_slice(&std::fs::read(pulled).unwrap()).unwrap();
+    assert_eq!(pulled, saved);
 
     // A puller that refuses them gets the same file over mesh streams alone.
     let mesh_only = PullOptions {
