@@ -1451,6 +1451,9 @@ type BulkConnection = (
 /// What a server without a bulk port answers a ticket request with.
 const NO_BULK: &str = "no bulk connections here";
 
+/// Attempts at a bulk connection per stream before it keeps to mesh streams.
+const BULK_TRIES: u32 = 3;
+
 /// How long connecting to a bulk port may take: one that cannot be reached is often
 /// filtered rather than refused.
 const BULK_CONNECT: Duration = Duration::from_secs(2);
@@ -1520,9 +1523,11 @@ impl Worker {
                 Err((unfetched, e)) => {
                     taken.done(&unfetched);
                     if retries < RUN_RETRIES {
-                        retries += 1;
+                        // At once the first time (a stream that went down with a short-lived
+                        // connection), then after a pause.
                         tracing::debug!(peer = %self.peer, error = %e, "retrying a run");
                         tokio::time::sleep(Duration::from_millis(100 * u64::from(retries))).await;
+                        retries += 1;
                         continue;
                     }
                     out.failure = Some(e);
@@ -1647,7 +1652,7 @@ impl Worker {
         run: &[usize],
         out: &mut Outcome,
     ) -> Result<Vec<usize>, (Vec<usize>, String)> {
-        if self.bulk.is_none()
+        while self.bulk.is_none()
             && !self.bulk_ips.is_empty()
             && !self.bulk_off.load(Ordering::Relaxed)
         {
@@ -1655,17 +1660,18 @@ impl Worker {
                 Ok(connection) => self.bulk = Some(connection),
                 Err(e) => {
                     // A provider without a reachable bulk port is not asked again by any of
-                    // its streams; after anything else (a busy provider, or the mesh
-                    // connection the ticket came over being replaced), once more on the next
-                    // run, then mesh streams only.
+                    // its streams. Anything else (a busy provider, or the mesh connection the
+                    // ticket went over closing, as a peer's short-lived probe connections do
+                    // just after it connects) is tried again at once, up to 3 times in all;
+                    // then mesh streams only.
                     self.bulk_failures += 1;
                     if e.last {
                         self.bulk_off.store(true, Ordering::Relaxed);
                     }
-                    if e.last || self.bulk_failures >= 2 {
+                    if e.last || self.bulk_failures >= BULK_TRIES {
                         self.bulk_ips.clear();
                     }
-                    tracing::debug!(peer = %self.peer, error = %e.why, "no bulk connection; this run goes over the mesh");
+                    tracing::debug!(peer = %self.peer, error = %e.why, "no bulk connection");
                 }
             }
         }
