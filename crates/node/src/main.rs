@@ -341,7 +341,7 @@ struct StartArgs {
     serve_rate: u64,
     /// Serve and pull model files over the mesh's encrypted streams only. By default storage
     /// pods also offer plain TCP bulk connections, opened with a one-time ticket given over the
-    /// mesh: several times less CPU per byte; every chunk is still verified against the pinned
+    /// mesh: about half the CPU per byte; every chunk is still verified against the pinned
     /// SHA-256, only secrecy is given up.
     #[arg(long, env = "POD_NO_BULK")]
     no_bulk: bool,
