@@ -1523,8 +1523,8 @@ impl Worker {
                 Err((unfetched, e)) => {
                     taken.done(&unfetched);
                     if retries < RUN_RETRIES {
-                        // At once the first time (a stream that went down with a short-lived
-                        // connection), then after a pause.
+                        // At once the first time (a stream can go down with its connection
+                        // just after the pods connect), then after a pause.
                         tracing::debug!(peer = %self.peer, error = %e, "retrying a run");
                         tokio::time::sleep(Duration::from_millis(100 * u64::from(retries))).await;
                         retries += 1;
@@ -1661,8 +1661,7 @@ impl Worker {
                 Err(e) => {
                     // A provider without a reachable bulk port is not asked again by any of
                     // its streams. Anything else (a busy provider, or the mesh connection the
-                    // ticket went over closing, as a peer's short-lived probe connections do
-                    // just after it connects) is tried again at once, up to 3 times in all;
+                    // ticket went over closing) is tried again at once, up to 3 times in all;
                     // then mesh streams only.
                     self.bulk_failures += 1;
                     if e.last {
