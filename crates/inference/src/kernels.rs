@@ -14,8 +14,10 @@
 //!
 //! Accuracy: quantising activations to 8 bits moves each by at most half a step, which bounds
 //! every output's error against an f32 product (the same trade llama.cpp makes);
-//! `tests/kernels.rs` checks that bound against candle on random blocks of every format.
+//! `kernels/candle_reference.rs` checks that bound against candle on random blocks of every format.
 
+#[cfg(test)]
+mod candle_reference;
 mod dot;
 mod format;
 mod matmul;

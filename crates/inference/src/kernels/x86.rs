@@ -13,7 +13,7 @@ use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
 use super::dot::{fmt, Block32};
-use super::format::{f16_at, q4k_scales_mins, QuantFormat, QK};
+use super::format::{f16_at, q4k_scales_mins, QuantFormat, QK, QK_K};
 use super::quantize::{Q8Block, Q8KBlock};
 
 /// The best instruction set both the CPU and the `POD_CPU_KERNELS` cap allow.
@@ -274,6 +274,21 @@ tile32!(
     dot_u8_i8_vnni
 );
 
+/// The 8 runs of 32 unsigned weight values `q` of a 256-value block, dotted with the
+/// activations `y` (as i16 products) and weighted by their runs' 16-bit scales `sc`: eight i32
+/// sums. Shared by the K-quant formats, which differ only in how `q` and `sc` are unpacked.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn scaled_runs(q: &[__m256i; 8], sc: &[__m256i; 8], y: &[i8; QK_K]) -> __m256i {
+    let (yq, _) = y.as_chunks::<QK>();
+    let mut sumi = _mm256_setzero_si256();
+    for r in 0..8 {
+        let p = _mm256_maddubs_epi16(q[r], load_y(&yq[r]));
+        sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, sc[r]));
+    }
+    sumi
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
 fn tile_q4k<const T: usize>(
     w: &[u8],
@@ -299,12 +314,7 @@ fn tile_q4k<const T: usize>(
             }
             for t in 0..T {
                 let y = &xs[t][i];
-                let (yq, _) = y.qs.as_chunks::<QK>();
-                let mut sumi = _mm256_setzero_si256();
-                for s in 0..8 {
-                    let p = _mm256_maddubs_epi16(q[s], load_y(&yq[s]));
-                    sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, sc[s]));
-                }
+                let sumi = scaled_runs(&q, &sc, &y.qs);
                 let summ: i32 = mins
                     .iter()
                     .zip(y.bsums.chunks_exact(2))
@@ -368,12 +378,7 @@ fn tile_q6k<const T: usize>(
             }
             for t in 0..T {
                 let y = &xs[t][i];
-                let (yq, _) = y.qs.as_chunks::<QK>();
-                let mut sumi = _mm256_setzero_si256();
-                for r in 0..8 {
-                    let p = _mm256_maddubs_epi16(q[r], load_y(&yq[r]));
-                    sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(p, sc[r]));
-                }
+                let sumi = scaled_runs(&q, &sc, &y.qs);
                 let so: i32 = scales
                     .iter()
                     .zip(&y.bsums)

@@ -14,52 +14,10 @@
 use std::borrow::Cow;
 use std::sync::Arc;
 
+use super::testutil::{random_input, random_matrix};
+use super::{matmul_many, QMatrix, QuantFormat, QuantizedRows};
 use candle_core::quantized::{QStorage, QTensor};
 use candle_core::{Device, Tensor};
-use pod_inference::kernels::{matmul_many, QMatrix, QuantFormat, QuantizedRows};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
-
-fn put_f16(b: &mut [u8], at: usize, v: f32) {
-    b[at..at + 2].copy_from_slice(&half::f16::from_f32(v).to_le_bytes());
-}
-
-/// Random blocks: random bytes, with the f16 scales set to plausible values.
-fn random_blocks(format: QuantFormat, rows: usize, cols: usize, rng: &mut StdRng) -> Vec<u8> {
-    let blocks = rows * cols / format.block_values();
-    let mut data = vec![0u8; blocks * format.block_bytes()];
-    rng.fill(&mut data[..]);
-    for b in data.chunks_exact_mut(format.block_bytes()) {
-        let d = rng.random_range(0.002..0.05f32) * if rng.random() { 1.0 } else { -1.0 };
-        match format {
-            QuantFormat::Q4_1 => {
-                put_f16(b, 0, d.abs());
-                put_f16(b, 2, rng.random_range(-0.4..0.1f32));
-            }
-            QuantFormat::Q4K => {
-                put_f16(b, 0, d.abs() / 10.0);
-                put_f16(b, 2, rng.random_range(0.0..0.005f32));
-            }
-            QuantFormat::Q6K => put_f16(b, 208, d.abs() / 10.0),
-            _ => put_f16(b, 0, d),
-        }
-    }
-    data
-}
-
-/// Activations like a transformer's: mostly small, a few outliers.
-fn random_input(len: usize, rng: &mut StdRng) -> Vec<f32> {
-    (0..len)
-        .map(|_| {
-            let v: f32 = rng.random_range(-1.0..1.0);
-            if rng.random_range(0..50) == 0 {
-                v * 20.0
-            } else {
-                v
-            }
-        })
-        .collect()
-}
 
 /// The activations after the kernels' 8-bit round trip: per block, `d = amax / 127`,
 /// `q = round_half_even(x / d)`.
@@ -126,10 +84,10 @@ fn cases() -> Vec<Case> {
 
 #[test]
 fn dequantisation_matches_candle_exactly() {
-    let mut rng = StdRng::seed_from_u64(7);
+    let mut seeds = 700u64..;
     for format in QuantFormat::ALL {
         let (rows, cols) = (5, 512);
-        let data = random_blocks(format, rows, cols, &mut rng);
+        let data = random_matrix(format, rows, cols, seeds.next().unwrap());
         let theirs: Vec<Vec<f32>> = candle_weights(format, rows, cols, &data).to_vec2().unwrap();
         let w = QMatrix::new(format, rows, cols, Arc::from(data)).unwrap();
         let mut ours = vec![0.0; cols];
@@ -142,7 +100,7 @@ fn dequantisation_matches_candle_exactly() {
 
 #[test]
 fn fused_kernels_match_candle_dequantise_then_matmul() {
-    let mut rng = StdRng::seed_from_u64(8);
+    let mut seeds = 800u64..;
     for Case {
         format,
         rows,
@@ -150,8 +108,8 @@ fn fused_kernels_match_candle_dequantise_then_matmul() {
         m,
     } in cases()
     {
-        let data = random_blocks(format, rows, cols, &mut rng);
-        let x = random_input(m * cols, &mut rng);
+        let data = random_matrix(format, rows, cols, seeds.next().unwrap());
+        let x = random_input(m * cols, seeds.next().unwrap());
         let wt = candle_weights(format, rows, cols, &data);
         let xt = Tensor::from_vec(x.clone(), (m, cols), &Device::Cpu).unwrap();
         let candle: Vec<f32> = xt
@@ -218,18 +176,18 @@ fn fused_kernels_match_candle_dequantise_then_matmul() {
 
 #[test]
 fn one_pass_over_several_matrices_equals_separate_passes() {
-    let mut rng = StdRng::seed_from_u64(9);
+    let mut seeds = 900u64..;
     let cols = 512;
     let formats = [QuantFormat::Q5_0, QuantFormat::Q8_0, QuantFormat::Q4K];
     let ws: Vec<QMatrix> = formats
         .iter()
         .zip([64, 17, 40])
         .map(|(&f, rows)| {
-            let data = random_blocks(f, rows, cols, &mut rng);
+            let data = random_matrix(f, rows, cols, seeds.next().unwrap());
             QMatrix::new(f, rows, cols, Arc::from(data)).unwrap()
         })
         .collect();
-    let x = random_input(3 * cols, &mut rng);
+    let x = random_input(3 * cols, seeds.next().unwrap());
     let mut q = QuantizedRows::new();
     q.quantize(&x, cols, formats).unwrap();
     let mut together: Vec<Vec<f32>> = ws.iter().map(|w| vec![0.0; 3 * w.rows()]).collect();
