@@ -9,7 +9,9 @@ use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::process::{pod_command_with_models, wait_until, PodProcess};
+use common::process::{
+    models_pull, pod_command_with_models, stdout_of_success, wait_until, PodProcess,
+};
 
 /// Bytes per chunk of `/pod/blob/1.0.0`.
 const CHUNK: u64 = 1024 * 1024;
@@ -120,18 +122,7 @@ fn models_list(home: &Path, models: &Path, json: bool) -> String {
 
 /// `pod models pull CHAT` from peers only into the state directory `home`, through `bootstrap`.
 fn pull_from(home: &Path, bootstrap: &str) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pod"));
-    cmd.arg("--home").arg(home).args([
-        "--log",
-        "warn",
-        "models",
-        "pull",
-        CHAT,
-        "--no-sources",
-        "--bootstrap",
-        bootstrap,
-    ]);
-    cmd
+    models_pull(home, CHAT, bootstrap, &["--no-sources"])
 }
 
 /// The number in front of `infix` on the first line of `stdout` holding it, e.g. the bytes of
@@ -189,12 +180,7 @@ fn a_pull_cut_by_killing_its_provider_resumes_without_refetching_verified_chunks
     let second = pull_from(b_home.path(), &a.tcp_addr())
         .output()
         .expect("pod models pull");
-    let stdout = String::from_utf8_lossy(&second.stdout);
-    assert!(
-        second.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&second.stderr)
-    );
+    let stdout = stdout_of_success(&second);
     let kept = number_before(&stdout, " chunks kept from an interrupted pull")
         .unwrap_or_else(|| panic!("no resumed chunks: {stdout}"));
     let fetched = number_before(&stdout, &format!(" bytes from peer {a_id}"))

@@ -347,26 +347,10 @@ fn models_pull_fetches_from_a_storage_pod_first() {
     ]);
     let addr = a.tcp_addr();
     let empty = tempfile::tempdir().unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_pod"))
-        .arg("--home")
-        .arg(empty.path())
-        .args([
-            "--log",
-            "warn",
-            "models",
-            "pull",
-            CHAT,
-            "--bootstrap",
-            &addr,
-        ])
+    let out = common::process::models_pull(empty.path(), CHAT, &addr, &[])
         .output()
         .expect("pod models pull");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let stdout = common::process::stdout_of_success(&out);
     assert!(
         stdout.contains(&format!("98362432 bytes from peer {}", a.peer_id)),
         "{stdout}"

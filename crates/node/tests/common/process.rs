@@ -25,6 +25,35 @@ pub fn pod_command(home: &Path) -> Command {
     pod_command_with_models(home, &test_home().join("models"))
 }
 
+/// `pod models pull NAME` into the state directory `home` (its own model store), joining the
+/// mesh through `bootstrap`, with `extra` flags.
+pub fn models_pull(home: &Path, name: &str, bootstrap: &str, extra: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_pod"));
+    cmd.arg("--home").arg(home);
+    cmd.args([
+        "--log",
+        "warn",
+        "models",
+        "pull",
+        name,
+        "--bootstrap",
+        bootstrap,
+    ]);
+    cmd.args(extra);
+    cmd
+}
+
+/// The standard output of a command that must have succeeded; fails with both outputs if not.
+pub fn stdout_of_success(out: &std::process::Output) -> String {
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
 /// `pod` with the given state directory and model store.
 pub fn pod_command_with_models(home: &Path, models: &Path) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_pod"));
