@@ -591,17 +591,8 @@ async fn pull_from_peers(
             continue;
         }
         match blob::pull_via_mesh(store, entry, mesh, PEER_PULL_WAIT, opts).await {
-            Ok(Some(files)) => {
-                for f in &files {
-                    tracing::info!(
-                        model = %name,
-                        file = %f.file,
-                        peers = f.report.bytes_from.len(),
-                        bulk = f.report.bulk_from.len(),
-                        resumed_chunks = f.report.chunks_reused,
-                        "pulled from peers"
-                    );
-                }
+            // Each file pulled was logged as it was installed.
+            Ok(Some(_)) => {
                 if let Some(blobs) = blobs {
                     blobs.add_present(store);
                     let preparing = Arc::clone(blobs);
