@@ -15,6 +15,7 @@ pub mod embedding;
 pub mod engine;
 pub mod error;
 pub mod gguf;
+pub mod gpu;
 pub mod json;
 pub mod kernels;
 pub mod model;

@@ -1,0 +1,22 @@
+//! GPU inference on AMD (ROCm/HIP) and NVIDIA (CUDA) from one kernel source, with nothing of
+//! either SDK needed to build pod.
+//!
+//! - [`kernels`]: the kernel source, written in the common subset of CUDA and HIP, and the
+//!   short per-platform preambles (shuffles, integer dot products, warp width). Reductions work
+//!   in logical 32-lane groups, so the logic that runs on a wave32 NVIDIA card is the logic
+//!   that runs on a wave64 gfx906.
+//! - [`emulator`]: runs that same source on the CPU (each lane a host thread, barriers for
+//!   `__syncthreads` and shuffles) at warp widths 32 and 64, so tests without a GPU execute the
+//!   real kernels and compare them with the CPU backend.
+//! - [`hip`] and [`cuda`]: the vendor runtimes and runtime compilers, loaded with `dlopen` when
+//!   first asked for, never linked.
+//! - [`compile`]: kernel source to code objects for one target (`gfx906`, `sm_90`, ...), and
+//!   the on-disk cache of compiled objects.
+//! - [`devices`]: which runtimes and devices are present, or why not.
+
+pub mod compile;
+pub mod cuda;
+pub mod devices;
+pub mod emulator;
+pub mod hip;
+pub mod kernels;

@@ -1,0 +1,1 @@
+//! Kernel source to code objects for one GPU target, and the cache of compiled objects.

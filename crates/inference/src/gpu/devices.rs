@@ -1,0 +1,1 @@
+//! Which GPU runtimes and devices are present, or why not.

@@ -1,0 +1,1 @@
+//! The HIP runtime and its runtime compiler (hiprtc), loaded at run time.
