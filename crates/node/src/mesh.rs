@@ -12,6 +12,7 @@
 pub mod capability;
 pub mod peers;
 
+mod addresses;
 mod behaviour;
 mod event_loop;
 

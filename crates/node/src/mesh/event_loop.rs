@@ -9,37 +9,29 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use futures::StreamExt;
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
-use libp2p::swarm::{ConnectionId, DialError, SwarmEvent};
+use libp2p::swarm::{ConnectionId, SwarmEvent};
 use libp2p::{autonat, gossipsub, identify, kad, mdns, ping, relay, Multiaddr, PeerId, Swarm};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
+use super::addresses::{
+    dial_error_text, direct_ip, ensure_port_free, is_dialable, peer_id_of, transport_error_text,
+};
 use super::behaviour::{agent_version, Behaviour, BehaviourEvent, KAD_PROTOCOL};
 use super::capability::{Capabilities, CAPABILITY_TOPIC, MAX_ADDRS};
 use super::peers::PeerTable;
 use super::{Command, MeshConfig, MeshError, MeshEvent, MeshStats, NodeInfo};
+use gossip::PeerConduct;
+
+mod gossip;
 
 /// The relay v2 hop protocol: peers that speak it can relay for us.
 const RELAY_HOP_PROTOCOL: &str = "/libp2p/circuit/relay/0.2.0/hop";
 
-/// Shortest gap between two announcements of this node.
-const MIN_ANNOUNCE_GAP: Duration = Duration::from_millis(250);
-
 /// How often the loop checks timers (expiry, re-announcement).
 const TICK: Duration = Duration::from_millis(250);
 
-/// How long to wait before dialling a gossip-learned pod again.
-const REDIAL_GAP: Duration = Duration::from_secs(30);
-
 /// Relays to reserve a slot with when AutoNAT finds the node unreachable.
 const MAX_RELAY_RESERVATIONS: usize = 2;
-
-/// Per-peer counters for rate limiting and misbehaviour.
-#[derive(Debug, Default)]
-struct PeerConduct {
-    window_start: Option<Instant>,
-    in_window: u32,
-    invalid: u32,
-}
 
 /// Owns the swarm. Run it with [`EventLoop::run`].
 pub struct EventLoop {
@@ -329,50 +321,6 @@ impl EventLoop {
         self.maybe_announce(now);
     }
 
-    /// Publishes this node's capabilities if one is due and the last one is not too recent.
-    fn maybe_announce(&mut self, now: Instant) {
-        if !self.announce_due {
-            return;
-        }
-        if self
-            .last_announced
-            .is_some_and(|t| now.duration_since(t) < MIN_ANNOUNCE_GAP)
-        {
-            return;
-        }
-        let Some(own) = self.own.as_mut() else {
-            return;
-        };
-        self.seq += 1;
-        own.seq = self.seq;
-        own.agent = agent_version();
-        own.addrs = self
-            .swarm
-            .external_addresses()
-            .chain(self.swarm.listeners())
-            .filter(|a| is_dialable(a))
-            .take(MAX_ADDRS)
-            .map(ToString::to_string)
-            .collect();
-        let data = own.encode();
-        self.announce_due = false;
-        self.last_announced = Some(now);
-        match self
-            .swarm
-            .behaviour_mut()
-            .gossipsub
-            .publish(self.topic.clone(), data)
-        {
-            Ok(_) => {
-                MeshStats::bump(&self.stats.announcements_sent);
-            }
-            // Alone in the mesh, or no peer subscribed yet: the next announcement will do.
-            Err(gossipsub::PublishError::NoPeersSubscribedToTopic)
-            | Err(gossipsub::PublishError::Duplicate) => {}
-            Err(e) => tracing::debug!(error = %e, "cannot publish capabilities"),
-        }
-    }
-
     fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         let now = Instant::now();
         match event {
@@ -532,108 +480,6 @@ impl EventLoop {
         }
     }
 
-    fn on_announcement(
-        &mut self,
-        source: PeerId,
-        id: gossipsub::MessageId,
-        message: gossipsub::Message,
-        now: Instant,
-    ) {
-        let acceptance = self.judge(source, &message, now);
-        let _ = self
-            .swarm
-            .behaviour_mut()
-            .gossipsub
-            .report_message_validation_result(&id, &source, acceptance);
-    }
-
-    /// Checks one announcement, records it, and says whether gossip should forward it.
-    fn judge(
-        &mut self,
-        source: PeerId,
-        message: &gossipsub::Message,
-        now: Instant,
-    ) -> gossipsub::MessageAcceptance {
-        if message.topic != self.topic.hash() {
-            return gossipsub::MessageAcceptance::Ignore;
-        }
-        // Strict validation guarantees a signed message from `source`'s key.
-        let Some(origin) = message.source else {
-            return gossipsub::MessageAcceptance::Reject;
-        };
-        if origin == *self.swarm.local_peer_id() {
-            return gossipsub::MessageAcceptance::Ignore;
-        }
-        let limit = self.config.max_announcements_per_peer_per_sec;
-        let conduct = self.conduct.entry(origin).or_default();
-        match conduct.window_start {
-            Some(start) if now.duration_since(start) < Duration::from_secs(1) => {
-                conduct.in_window += 1;
-            }
-            _ => {
-                conduct.window_start = Some(now);
-                conduct.in_window = 1;
-            }
-        }
-        if conduct.in_window > limit {
-            MeshStats::bump(&self.stats.announcements_rate_limited);
-            return gossipsub::MessageAcceptance::Ignore;
-        }
-        match Capabilities::decode(&message.data) {
-            Ok(caps) => {
-                MeshStats::bump(&self.stats.announcements_received);
-                let models = caps.models.len();
-                if self.peers.announced(origin, caps, now) {
-                    tracing::debug!(peer = %origin, models, "capabilities announced");
-                    self.emit(MeshEvent::Announced(origin));
-                    self.dial_if_wanted(origin, now);
-                }
-                gossipsub::MessageAcceptance::Accept
-            }
-            Err(e) => {
-                MeshStats::bump(&self.stats.announcements_invalid);
-                tracing::debug!(peer = %origin, via = %source, error = %e, "dropped announcement");
-                let conduct = self.conduct.entry(source).or_default();
-                conduct.invalid += 1;
-                if conduct.invalid >= self.config.max_invalid_announcements {
-                    tracing::warn!(peer = %source, "blocking peer: too many invalid announcements");
-                    MeshStats::bump(&self.stats.peers_blocked);
-                    self.swarm.behaviour_mut().blocked.block_peer(source);
-                    self.peers.remove(&source);
-                    self.conduct.remove(&source);
-                }
-                gossipsub::MessageAcceptance::Reject
-            }
-        }
-    }
-
-    /// Dials a pod learned from gossip when the node has room for more connections.
-    fn dial_if_wanted(&mut self, peer: PeerId, now: Instant) {
-        if self.swarm.is_connected(&peer)
-            || self.swarm.connected_peers().count() >= self.config.target_peers
-        {
-            return;
-        }
-        if self
-            .dialled
-            .get(&peer)
-            .is_some_and(|t| now.duration_since(*t) < REDIAL_GAP)
-        {
-            return;
-        }
-        self.dialled.insert(peer, now);
-        let addrs = self.peers.addrs(&peer);
-        if addrs.is_empty() {
-            return;
-        }
-        let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
-            .addresses(addrs)
-            .build();
-        if let Err(e) = self.swarm.dial(opts) {
-            tracing::debug!(%peer, error = %dial_error_text(&e), "cannot dial announced peer");
-        }
-    }
-
     /// Listens through up to two known relays, so peers can reach this node behind NAT.
     fn reserve_relays(&mut self) {
         let wanted = MAX_RELAY_RESERVATIONS.saturating_sub(self.relay_reservations);
@@ -653,85 +499,4 @@ impl EventLoop {
             }
         }
     }
-}
-
-/// The PeerId at the end of a multiaddr.
-pub(crate) fn peer_id_of(addr: &Multiaddr) -> Option<PeerId> {
-    addr.iter().last().and_then(|p| match p {
-        Protocol::P2p(id) => Some(id),
-        _ => None,
-    })
-}
-
-/// Fails if another process already listens on the address's port. libp2p binds listeners
-/// with `SO_REUSEPORT`, so a second pod on the same port would otherwise start and silently
-/// share the first one's connections.
-fn ensure_port_free(addr: &Multiaddr) -> Result<(), MeshError> {
-    let mut ip = None;
-    let mut socket = None;
-    for p in addr.iter() {
-        match p {
-            Protocol::Ip4(a) => ip = Some(std::net::IpAddr::V4(a)),
-            Protocol::Ip6(a) => ip = Some(std::net::IpAddr::V6(a)),
-            Protocol::Tcp(port) if port != 0 => socket = Some((port, true)),
-            Protocol::Udp(port) if port != 0 => socket = Some((port, false)),
-            _ => {}
-        }
-    }
-    let (Some(ip), Some((port, tcp))) = (ip, socket) else {
-        return Ok(());
-    };
-    let at = std::net::SocketAddr::new(ip, port);
-    let probe = if tcp {
-        std::net::TcpListener::bind(at).map(drop)
-    } else {
-        std::net::UdpSocket::bind(at).map(drop)
-    };
-    probe.map_err(|e| MeshError::Listen {
-        addr: addr.clone(),
-        reason: if e.kind() == std::io::ErrorKind::AddrInUse {
-            format!(
-                "{} port {port} is in use (another pod?); pick another with --p2p-port",
-                if tcp { "TCP" } else { "UDP" }
-            )
-        } else {
-            e.to_string()
-        },
-    })
-}
-
-/// The peer's IP address on a connection that reaches it directly, over TCP or QUIC; `None`
-/// for relayed connections and other transports.
-fn direct_ip(addr: &Multiaddr) -> Option<IpAddr> {
-    if addr.iter().any(|p| matches!(p, Protocol::P2pCircuit)) {
-        return None;
-    }
-    match addr.iter().next()? {
-        Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
-        // A link-local address needs its interface, which a multiaddr does not carry.
-        Protocol::Ip6(ip) if ip.segments()[0] & 0xffc0 != 0xfe80 => Some(IpAddr::V6(ip)),
-        _ => None,
-    }
-}
-
-/// Whether an address is worth handing to others: not a wildcard.
-fn is_dialable(addr: &Multiaddr) -> bool {
-    !addr.iter().any(|p| match p {
-        Protocol::Ip4(ip) => ip.is_unspecified(),
-        Protocol::Ip6(ip) => ip.is_unspecified(),
-        _ => false,
-    })
-}
-
-fn transport_error_text<E: std::error::Error>(e: &libp2p::TransportError<E>) -> String {
-    match e {
-        libp2p::TransportError::MultiaddrNotSupported(a) => {
-            format!("address {a} is not supported")
-        }
-        libp2p::TransportError::Other(e) => e.to_string(),
-    }
-}
-
-fn dial_error_text(e: &DialError) -> String {
-    e.to_string()
 }
