@@ -11,10 +11,10 @@ use pod_api::{Backend, BlobTotals, Embeddings, Generation, LocalBackend, ModelEn
 use pod_inference::{EmbedRequest, EngineError, GenerateRequest};
 
 use crate::blob::{BlobServer, BlobStats};
-use crate::infer::client::{ClientConfig, InferClient, Providers};
 use crate::mesh::{self, PeerSnapshot};
 use crate::profile::Profile;
 use crate::receipts::Ledger;
+use crate::remote::client::{ClientConfig, InferClient, Providers};
 
 /// Where requests for a model go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -44,8 +44,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::catalogue::CATALOGUE;
-use crate::infer::{read_frame, write_frame};
 use crate::store::ModelStore;
+use crate::wire::{read_frame, write_frame};
 
 /// The protocol name.
 pub const PROTOCOL: StreamProtocol = StreamProtocol::new("/pod/blob/1.0.0");
@@ -695,7 +695,7 @@ impl BlobServer {
             let request = if bulk {
                 match tokio::time::timeout(BULK_IDLE, read_frame(rd, 4096)).await {
                     // Closed or idle between requests: the peer is done.
-                    Err(_) | Ok(Err(crate::infer::FrameError::Io(_))) => break,
+                    Err(_) | Ok(Err(crate::wire::FrameError::Io(_))) => break,
                     Ok(r) => r.map_err(|e| e.to_string()),
                 }
             } else {

@@ -16,12 +16,12 @@ use crate::backend::{NodeBackend, Route, ANNOUNCE_REFRESH};
 use crate::blob::{self, BlobServer, BlobStats};
 use crate::catalogue;
 use crate::identity::Identity;
-use crate::infer::server::{InferServer, ServerConfig};
 use crate::loader::{self, ResolveError};
 use crate::mesh::capability::{ApiInfo, Hardware, Load};
 use crate::mesh::{self, Capabilities, MeshConfig, MeshError};
 use crate::profile::Profile;
 use crate::receipts::Ledger;
+use crate::remote::server::{InferServer, ServerConfig};
 use crate::store::ModelStore;
 
 /// How to run a node.

@@ -14,9 +14,9 @@ use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
 use pod_node::blob::{self, BlobReply, BlobRequest, BlobServer, PullOptions, PROTOCOL};
 use pod_node::catalogue::{self, DEFAULT_CHAT_MODEL};
-use pod_node::infer::{read_frame, write_frame};
 use pod_node::mesh::{self, Client, MeshConfig};
 use pod_node::store::ModelStore;
+use pod_node::wire::{read_frame, write_frame};
 
 const WAIT: Duration = Duration::from_secs(20);
 
