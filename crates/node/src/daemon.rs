@@ -429,7 +429,7 @@ pub async fn run(store: ModelStore, opts: StartOptions) -> Result<(), DaemonErro
             let blobs = blobs.clone();
             async move {
                 if pull {
-                    pull_from_peers(&store, &models, &mesh, &pull_opts, blobs.as_ref()).await;
+                    pull_missing_models(&store, &models, &mesh, &pull_opts, blobs.as_ref()).await;
                 }
                 tokio::task::spawn_blocking(move || -> Result<(), DaemonError> {
                     for name in models {
@@ -576,7 +576,7 @@ const PEER_PULL_WAIT: Duration = Duration::from_secs(3);
 /// Pulls the missing catalogued models among `models` from pods of the mesh that serve them;
 /// what cannot be had from peers is left for the catalogue's sources. Pulled files are served
 /// on by `blobs`.
-async fn pull_from_peers(
+async fn pull_missing_models(
     store: &ModelStore,
     models: &[String],
     mesh: &mesh::Client,
