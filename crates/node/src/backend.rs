@@ -6,15 +6,17 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
-use pod_api::node::{FileList, NodeView, PeerLoad, PeerView, PeerWork, ReceiptsView, WorkTotals};
+use pod_api::node::{
+    FileList, FileView, NodeView, PeerLoad, PeerView, PeerWork, ReceiptsView, WorkTotals,
+};
 use pod_api::{Backend, BlobTotals, Embeddings, Generation, LocalBackend, ModelEntry};
 use pod_inference::{EmbedRequest, EngineError, GenerateRequest};
 
-use crate::blob::{BlobServer, BlobStats};
-use crate::infer::client::{ClientConfig, InferClient, Providers};
+use crate::blob::{BlobServer, BlobStats, ServedFile};
 use crate::mesh::{self, PeerSnapshot};
 use crate::profile::Profile;
 use crate::receipts::Ledger;
+use crate::remote::client::{ClientConfig, InferClient, Providers};
 
 /// Where requests for a model go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -270,12 +272,27 @@ impl Backend for NodeBackend {
     }
 
     async fn files(&self) -> Option<FileList> {
-        let data = self.blobs.as_ref().map(|b| b.served());
+        let data = self
+            .blobs
+            .as_ref()
+            .map(|b| b.served().into_iter().map(file_view).collect());
         Some(FileList {
             object: "list".into(),
             serving: data.is_some(),
             data: data.unwrap_or_default(),
         })
+    }
+}
+
+/// A served file as the API shows it.
+pub fn file_view(f: ServedFile) -> FileView {
+    FileView {
+        model: f.model,
+        file: f.file,
+        sha256: f.sha256,
+        size: f.size,
+        peers_served: f.peers_served,
+        bytes_served: f.bytes_served,
     }
 }
 

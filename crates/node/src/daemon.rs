@@ -16,12 +16,12 @@ use crate::backend::{NodeBackend, Route, ANNOUNCE_REFRESH};
 use crate::blob::{self, BlobServer, BlobStats};
 use crate::catalogue;
 use crate::identity::Identity;
-use crate::infer::server::{InferServer, ServerConfig};
 use crate::loader::{self, ResolveError};
 use crate::mesh::capability::{ApiInfo, Hardware, Load};
 use crate::mesh::{self, Capabilities, MeshConfig, MeshError};
 use crate::profile::Profile;
 use crate::receipts::Ledger;
+use crate::remote::server::{InferServer, ServerConfig};
 use crate::store::ModelStore;
 
 /// How to run a node.
@@ -429,7 +429,7 @@ pub async fn run(store: ModelStore, opts: StartOptions) -> Result<(), DaemonErro
             let blobs = blobs.clone();
             async move {
                 if pull {
-                    pull_from_peers(&store, &models, &mesh, &pull_opts, blobs.as_ref()).await;
+                    pull_missing_models(&store, &models, &mesh, &pull_opts, blobs.as_ref()).await;
                 }
                 tokio::task::spawn_blocking(move || -> Result<(), DaemonError> {
                     for name in models {
@@ -576,7 +576,7 @@ const PEER_PULL_WAIT: Duration = Duration::from_secs(3);
 /// Pulls the missing catalogued models among `models` from pods of the mesh that serve them;
 /// what cannot be had from peers is left for the catalogue's sources. Pulled files are served
 /// on by `blobs`.
-async fn pull_from_peers(
+async fn pull_missing_models(
     store: &ModelStore,
     models: &[String],
     mesh: &mesh::Client,

@@ -1654,7 +1654,7 @@ fn version(json: bool) -> Result<()> {
         "features": { "cuda": cuda, "rocm": false },
         "cpu_features": cpu_features,
         "protocols": {
-            "infer": pod_node::infer::PROTOCOL.to_string(),
+            "infer": pod_node::remote::PROTOCOL.to_string(),
             "kad": pod_node::mesh::KAD_PROTOCOL.to_string(),
             "capabilities_topic": pod_node::mesh::capability::CAPABILITY_TOPIC,
             "api": "openai/v1",
@@ -1686,7 +1686,7 @@ fn version(json: bool) -> Result<()> {
     );
     println!(
         "protocols {}, {}, {}",
-        pod_node::infer::PROTOCOL,
+        pod_node::remote::PROTOCOL,
         pod_node::mesh::KAD_PROTOCOL,
         pod_node::mesh::capability::CAPABILITY_TOPIC
     );

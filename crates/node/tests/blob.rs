@@ -14,9 +14,9 @@ use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
 use pod_node::blob::{self, BlobReply, BlobRequest, BlobServer, PullOptions, PROTOCOL};
 use pod_node::catalogue::{self, DEFAULT_CHAT_MODEL};
-use pod_node::infer::{read_frame, write_frame};
 use pod_node::mesh::{self, Client, MeshConfig};
 use pod_node::store::ModelStore;
+use pod_node::wire::{read_frame, write_frame};
 
 const WAIT: Duration = Duration::from_secs(20);
 
@@ -139,7 +139,7 @@ async fn pull_once(
 ) -> (tempfile::TempDir, blob::FetchReport) {
     let dir = tempfile::tempdir().unwrap();
     let store = ModelStore::open(dir.path()).unwrap();
-    let pulled = blob::pull_from_peers(&store, entry(), b, &[a], opts)
+    let pulled = blob::pull_missing_files(&store, entry(), b, &[a], opts)
         .await
         .unwrap();
     assert_eq!(pulled.len(), 1);
@@ -215,7 +215,7 @@ async fn an_interrupted_pull_resumes_without_refetching_verified_chunks() {
     let opts = PullOptions::default();
     let cut = tokio::time::timeout(
         Duration::from_secs(2),
-        blob::pull_from_peers(&store, entry(), &b, &[a.peer_id()], &opts),
+        blob::pull_missing_files(&store, entry(), &b, &[a.peer_id()], &opts),
     )
     .await;
     assert!(
@@ -224,7 +224,7 @@ async fn an_interrupted_pull_resumes_without_refetching_verified_chunks() {
     );
     assert!(!store.is_present(entry()));
 
-    let pulled = blob::pull_from_peers(&store, entry(), &b, &[a.peer_id()], &opts)
+    let pulled = blob::pull_missing_files(&store, entry(), &b, &[a.peer_id()], &opts)
         .await
         .unwrap();
     let report = &pulled[0].report;
@@ -249,7 +249,7 @@ async fn a_provider_of_corrupt_chunks_is_dropped_and_the_file_is_still_right() {
     let (b, _) = node(vec![bad_addr, good_addr]).await;
     let dir = tempfile::tempdir().unwrap();
     let store = ModelStore::open(dir.path()).unwrap();
-    let pulled = blob::pull_from_peers(
+    let pulled = blob::pull_missing_files(
         &store,
         entry(),
         &b,

@@ -14,11 +14,12 @@ use pod_inference::{
     ChatMessage, EngineError, GenerateEvent, GenerateRequest, Prompt, Role, SamplingParams, Usage,
 };
 use pod_node::catalogue::DEFAULT_CHAT_MODEL;
-use pod_node::infer::client::{ClientConfig, InferClient};
-use pod_node::infer::server::{InferServer, ServerConfig};
-use pod_node::infer::{read_frame, write_frame, Frame, Request, PROTOCOL};
 use pod_node::mesh::{self, Client, MeshConfig};
 use pod_node::receipts::{Ledger, Receipt, SignedReceipt};
+use pod_node::remote::client::{ClientConfig, InferClient};
+use pod_node::remote::server::{InferServer, ServerConfig};
+use pod_node::remote::{Frame, Request, PROTOCOL};
+use pod_node::wire::{read_frame, write_frame};
 
 const WAIT: Duration = Duration::from_secs(20);
 

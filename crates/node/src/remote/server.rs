@@ -13,8 +13,9 @@ use pod_inference::{
     EmbedRequest, EngineError, EngineHandle, GenerateEvent, GenerateRequest, ModelKind,
 };
 
-use super::{read_frame, write_frame, Frame, Request, MAX_REQUEST_BYTES, PROTOCOL};
+use super::{Frame, Request, MAX_REQUEST_BYTES, PROTOCOL};
 use crate::receipts::{Ledger, Receipt, Role, SignedReceipt};
+use crate::wire::{read_frame, write_frame};
 
 /// Limits on what peers may ask of this node.
 #[derive(Debug, Clone)]

@@ -14,8 +14,9 @@ use pod_inference::{
 };
 use tokio::sync::mpsc;
 
-use super::{read_frame, write_frame, Frame, Request, MAX_FRAME_BYTES, PROTOCOL};
+use super::{Frame, Request, MAX_FRAME_BYTES, PROTOCOL};
 use crate::receipts::{Ledger, Role, SignedReceipt};
+use crate::wire::{read_frame, write_frame};
 
 /// How the requester waits on peers.
 #[derive(Debug, Clone)]

@@ -1,4 +1,5 @@
-//! `/pod/infer/1.0.0`: one pod asks another to run a completion or an embedding.
+//! `/pod/infer/1.0.0`: one pod asks another to run a completion or an embedding (remote
+//! inference between pods; the inference itself is `pod_inference`'s).
 //!
 //! One libp2p stream per request. Every message is a frame: a 4-byte big-endian length, then
 //! that many bytes of JSON. The requester sends one [`Request`] and keeps its side open;
@@ -6,14 +7,13 @@
 //! [`Frame`]s: `Accepted` once the request is queued, `Delta`s as tokens are produced,
 //! `Heartbeat`s while there is nothing else to say, `Progress` receipts every few tokens, and
 //! one final `Done`, `Embeddings` or `Error`. Frames over the size limits end the stream.
+//! The framing is [`crate::wire`]'s.
 
 pub mod client;
 pub mod server;
 
-use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use libp2p::StreamProtocol;
 use pod_inference::{EngineError, FinishReason, GenerateRequest, TokenLogprob, Usage};
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::receipts::SignedReceipt;
@@ -103,60 +103,10 @@ pub enum Frame {
     Error(EngineError),
 }
 
-/// A frame could not be read.
-#[derive(Debug, thiserror::Error)]
-pub enum FrameError {
-    /// The stream ended or broke.
-    #[error("stream closed: {0}")]
-    Io(#[from] std::io::Error),
-    /// The declared length is over the limit.
-    #[error("frame of {len} bytes is over the {max}-byte limit")]
-    TooLarge {
-        /// Declared length.
-        len: usize,
-        /// The limit.
-        max: usize,
-    },
-    /// The bytes are not a valid message.
-    #[error("malformed frame: {0}")]
-    Malformed(String),
-}
-
-/// Writes one frame and flushes it.
-pub async fn write_frame<W, T>(w: &mut W, message: &T) -> std::io::Result<()>
-where
-    W: AsyncWrite + Unpin,
-    T: Serialize,
-{
-    let body = serde_json::to_vec(message).map_err(std::io::Error::other)?;
-    let len = u32::try_from(body.len()).map_err(std::io::Error::other)?;
-    let mut buf = Vec::with_capacity(4 + body.len());
-    buf.extend_from_slice(&len.to_be_bytes());
-    buf.extend_from_slice(&body);
-    w.write_all(&buf).await?;
-    w.flush().await
-}
-
-/// Reads one frame of at most `max` bytes.
-pub async fn read_frame<R, T>(r: &mut R, max: usize) -> Result<T, FrameError>
-where
-    R: AsyncRead + Unpin,
-    T: DeserializeOwned,
-{
-    let mut len = [0u8; 4];
-    r.read_exact(&mut len).await?;
-    let len = u32::from_be_bytes(len) as usize;
-    if len > max {
-        return Err(FrameError::TooLarge { len, max });
-    }
-    let mut body = vec![0u8; len];
-    r.read_exact(&mut body).await?;
-    serde_json::from_slice(&body).map_err(|e| FrameError::Malformed(e.to_string()))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wire::{read_frame, write_frame, FrameError};
 
     #[tokio::test]
     async fn frames_round_trip_and_limits_hold() {

@@ -1,0 +1,314 @@
+//! The fetching side of `/pod/blob/1.0.0`: one file downloaded from several providers at
+//! once into a partial file, resumed from the chunks of an earlier attempt that verify.
+//!
+//! The missing chunks wait in a [`queue::Queue`]; each provider gets
+//! [`STREAMS_PER_PROVIDER`] workers ([`worker::Worker`]), each taking runs of consecutive
+//! chunks and fetching them from its [`source::ChunkSource`]. A run that fails goes back in
+//! the queue for any worker; a provider whose chunks fail verification [`MAX_STRIKES`] times
+//! is dropped.
+
+mod queue;
+mod source;
+mod worker;
+mod writeback;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::AsyncReadExt;
+use libp2p::PeerId;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+use self::queue::Queue;
+use self::source::{ChunkSource, StreamSource};
+use self::worker::Worker;
+use self::writeback::Writeback;
+use super::protocol::{BlobReply, BlobRequest, MAX_JSON_FRAME, PROTOCOL};
+use super::{BlobStats, Manifest};
+use crate::wire::{read_frame, write_frame};
+
+/// Bad chunks after which a provider is dropped from a download.
+pub const MAX_STRIKES: u32 = 2;
+
+/// Streams (or bulk connections) each provider is asked over at once; a serving pod takes up
+/// to 8 per peer. While one stream's chunk is being verified and written, the others keep data
+/// flowing.
+const STREAMS_PER_PROVIDER: usize = 4;
+
+/// Where the bytes of a download came from.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct FetchReport {
+    /// Verified bytes per provider.
+    pub bytes_from: Vec<(PeerId, u64)>,
+    /// Chunks already present and verified in the partial file (resumed).
+    pub chunks_reused: usize,
+    /// Chunks fetched in this attempt.
+    pub chunks_fetched: usize,
+    /// Providers dropped for sending chunks that failed verification.
+    pub bad_providers: Vec<PeerId>,
+    /// Providers that sent chunks over bulk connections (the others used mesh streams only).
+    pub bulk_from: Vec<PeerId>,
+    /// The manifest every chunk was checked against.
+    #[serde(skip)]
+    pub manifest: Option<Arc<Manifest>>,
+}
+
+/// How a pull goes about it.
+#[derive(Debug, Clone)]
+pub struct PullOptions {
+    /// Where to count the bytes fetched and the corrupt chunks.
+    pub stats: Option<Arc<BlobStats>>,
+    /// Fetch over bulk connections where providers offer them (see the module's
+    /// documentation); false: mesh streams only.
+    pub bulk: bool,
+}
+
+impl Default for PullOptions {
+    fn default() -> Self {
+        Self {
+            stats: None,
+            bulk: true,
+        }
+    }
+}
+
+/// A download could not complete.
+#[derive(Debug, thiserror::Error)]
+pub enum FetchError {
+    /// No provider gave a usable manifest.
+    #[error("no peer has a manifest for {0}")]
+    NoManifest(String),
+    /// Every provider failed before the file was complete.
+    #[error("peers failed with {missing} chunks missing: {reasons}")]
+    Incomplete {
+        /// Chunks not fetched.
+        missing: usize,
+        /// Why the providers failed.
+        reasons: String,
+    },
+    /// The finished file does not hash to the pinned value.
+    #[error("the assembled file does not match its SHA-256")]
+    Mismatch,
+    /// Local I/O.
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Downloads a file from peers into `partial` (kept between attempts for resuming). On success
+/// the file at `partial` is complete and matches `sha256`.
+pub async fn fetch(
+    mesh: &crate::mesh::Client,
+    providers: &[PeerId],
+    sha256: &str,
+    size: u64,
+    partial: &Path,
+    opts: &PullOptions,
+) -> Result<FetchReport, FetchError> {
+    let started = Instant::now();
+    let control = mesh.streams();
+    let mut manifest = None;
+    for peer in providers {
+        match request_manifest(control.clone(), *peer, sha256).await {
+            Ok(m) if m.matches(sha256, size) => {
+                manifest = Some(m);
+                break;
+            }
+            Ok(_) => tracing::warn!(%peer, "peer sent a manifest that does not match the file"),
+            Err(e) => tracing::debug!(%peer, error = %e, "no manifest from peer"),
+        }
+    }
+    let manifest = Arc::new(manifest.ok_or_else(|| FetchError::NoManifest(sha256.to_owned()))?);
+    tracing::debug!(
+        seconds = started.elapsed().as_secs_f64(),
+        chunks = manifest.chunks.len(),
+        "manifest received"
+    );
+    let mut sources = Vec::new();
+    for peer in providers.iter().copied() {
+        // A bulk connection goes to the IP the mesh reaches the provider at directly.
+        let bulk_ips = if opts.bulk {
+            mesh.direct_ips(peer).await.unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let bulk_off = Arc::new(AtomicBool::new(false));
+        let streams = (0..STREAMS_PER_PROVIDER)
+            .map(|_| {
+                StreamSource::new(
+                    control.clone(),
+                    peer,
+                    sha256,
+                    bulk_ips.clone(),
+                    Arc::clone(&bulk_off),
+                )
+            })
+            .collect();
+        sources.push((peer, streams));
+    }
+    download(manifest, partial, sources, opts.stats.clone(), started).await
+}
+
+/// Downloads the file `manifest` describes into `partial` from `providers`, each with its
+/// sources (one per worker).
+async fn download<S: ChunkSource>(
+    manifest: Arc<Manifest>,
+    partial: &Path,
+    providers: Vec<(PeerId, Vec<S>)>,
+    stats: Option<Arc<BlobStats>>,
+    started: Instant,
+) -> Result<FetchReport, FetchError> {
+    let size = manifest.size;
+
+    // Resume: keep the chunks of an earlier attempt that verify. A new partial file has none.
+    if let Some(dir) = partial.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    let fresh = !partial.exists();
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(partial)?;
+    file.set_len(size)?;
+    let file = Arc::new(file);
+    let verified = if fresh {
+        vec![false; manifest.chunks.len()]
+    } else {
+        let file = Arc::clone(&file);
+        let manifest = Arc::clone(&manifest);
+        tokio::task::spawn_blocking(move || present_chunks(&file, &manifest))
+            .await
+            .map_err(|e| FetchError::Io(std::io::Error::other(e)))??
+    };
+    let missing: VecDeque<usize> = (0..manifest.chunks.len())
+        .filter(|i| !verified[*i])
+        .collect();
+    let mut report = FetchReport {
+        chunks_reused: manifest.chunks.len() - missing.len(),
+        manifest: Some(Arc::clone(&manifest)),
+        ..FetchReport::default()
+    };
+
+    let queue = Arc::new(Queue::new(missing));
+    let writeback = Arc::new(Writeback::new(Arc::clone(&file)));
+    let mut workers = Vec::new();
+    for (peer, sources) in providers {
+        let strikes = Arc::new(AtomicU32::new(0));
+        for source in sources {
+            let job = Worker {
+                peer,
+                source,
+                manifest: Arc::clone(&manifest),
+                file: Arc::clone(&file),
+                writeback: Arc::clone(&writeback),
+                queue: Arc::clone(&queue),
+                stats: stats.clone(),
+                strikes: Arc::clone(&strikes),
+                spare: Vec::new(),
+            };
+            workers.push((peer, Arc::clone(&strikes), tokio::spawn(job.run())));
+        }
+    }
+    let mut reasons = Vec::new();
+    for (peer, strikes, w) in workers {
+        match w.await {
+            Ok(outcome) => {
+                report.chunks_fetched += outcome.chunks;
+                if outcome.bytes > 0 {
+                    match report.bytes_from.iter_mut().find(|(p, _)| *p == peer) {
+                        Some((_, bytes)) => *bytes += outcome.bytes,
+                        None => report.bytes_from.push((peer, outcome.bytes)),
+                    }
+                }
+                if outcome.bulk && !report.bulk_from.contains(&peer) {
+                    report.bulk_from.push(peer);
+                }
+                if strikes.load(Ordering::Relaxed) >= MAX_STRIKES
+                    && !report.bad_providers.contains(&peer)
+                {
+                    report.bad_providers.push(peer);
+                }
+                if let Some(r) = outcome.failure {
+                    let reason = format!("{peer}: {r}");
+                    if !reasons.contains(&reason) {
+                        reasons.push(reason);
+                    }
+                }
+            }
+            Err(e) => reasons.push(format!("{peer}: {e}")),
+        }
+    }
+    let left = queue.left();
+    if left > 0 {
+        return Err(FetchError::Incomplete {
+            missing: left,
+            reasons: reasons.join("; "),
+        });
+    }
+    // Every chunk verified against a manifest whose last value is the pinned SHA-256: the file
+    // hashes to it.
+    if manifest.chunks.is_empty() && hex::encode(Sha256::digest([])) != manifest.sha256 {
+        return Err(FetchError::Mismatch);
+    }
+    let synced = Instant::now();
+    file.sync_all()?;
+    tracing::debug!(
+        seconds = started.elapsed().as_secs_f64(),
+        fsync_seconds = synced.elapsed().as_secs_f64(),
+        "file complete"
+    );
+    Ok(report)
+}
+
+/// Which chunks of the partial file already match the manifest.
+fn present_chunks(file: &File, manifest: &Manifest) -> std::io::Result<Vec<bool>> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; manifest.chunk_size as usize];
+    let mut out = Vec::with_capacity(manifest.chunks.len());
+    for i in 0..manifest.chunks.len() {
+        let len = manifest.chunk_len(i) as usize;
+        file.read_exact_at(&mut buf[..len], i as u64 * manifest.chunk_size)?;
+        out.push(manifest.verify_chunk(i, &buf[..len]));
+    }
+    Ok(out)
+}
+
+async fn request_manifest(
+    mut control: libp2p_stream::Control,
+    peer: PeerId,
+    sha256: &str,
+) -> Result<Manifest, String> {
+    let work = async {
+        let stream = control
+            .open_stream(peer, PROTOCOL)
+            .await
+            .map_err(|e| e.to_string())?;
+        let (mut rd, mut wr) = stream.split();
+        write_frame(
+            &mut wr,
+            &BlobRequest::Manifest {
+                sha256: sha256.to_owned(),
+            },
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        match read_frame::<_, BlobReply>(&mut rd, MAX_JSON_FRAME).await {
+            Ok(BlobReply::Manifest(m)) => Ok(m),
+            Ok(BlobReply::Error(e)) => Err(e),
+            Ok(_) => Err("unexpected reply".into()),
+            Err(e) => Err(e.to_string()),
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(30), work)
+        .await
+        .map_err(|_| "timed out".to_owned())?
+}
