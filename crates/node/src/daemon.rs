@@ -18,7 +18,7 @@ use crate::catalogue;
 use crate::identity::Identity;
 use crate::infer::server::{InferServer, ServerConfig};
 use crate::loader::{self, ResolveError};
-use crate::mesh::capability::{ApiInfo, Hardware, Load};
+use crate::mesh::capability::{ApiInfo, HardwareSummary, Load};
 use crate::mesh::{self, Capabilities, MeshConfig, MeshError};
 use crate::profile::Profile;
 use crate::receipts::Ledger;
@@ -660,7 +660,7 @@ async fn announce(
     blobs: Option<Arc<BlobServer>>,
 ) {
     use pod_api::Backend as _;
-    let hardware = Hardware {
+    let hardware = HardwareSummary {
         device,
         cpu_cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
         memory_bytes: crate::profile::memory_bytes().unwrap_or(0),

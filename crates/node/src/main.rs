@@ -26,7 +26,7 @@ use pod_node::home::default_home;
 use pod_node::identity::Identity;
 use pod_node::loader::{self, ResolveError};
 use pod_node::mesh::MeshConfig;
-use pod_node::profile::{self, Hardware, Profile};
+use pod_node::profile::{self, HostResources, Profile};
 use pod_node::store::{ModelFormat, ModelStore};
 
 /// A peer-to-peer AI node: local LLM and embedding inference behind an OpenAI-compatible API,
@@ -952,7 +952,7 @@ fn start(home: &Path, mut global: Global, mut args: StartArgs, m: &ArgMatches) -
 
 /// Resolves the profile, models, device and keys, and checks them as `pod start` would.
 fn plan(store: &ModelStore, args: &StartArgs) -> Result<Plan> {
-    let hardware = Hardware::detect(args.device);
+    let hardware = HostResources::detect(args.device);
     let choice = args.profile.choose(&hardware);
     let names: Vec<String> = if args.models.is_empty() {
         choice
