@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
 use libp2p::Multiaddr;
-use pod_node::mesh::capability::{Hardware, Load};
+use pod_node::mesh::capability::{HardwareSummary, Load};
 use pod_node::mesh::{self, Capabilities, Client, MeshConfig};
 
 const ROUNDS: usize = 10;
@@ -39,7 +39,7 @@ fn caps(active: usize) -> Capabilities {
             active,
             max_active: 8,
         },
-        hardware: Hardware::default(),
+        hardware: HardwareSummary::default(),
         api: None,
         addrs: vec![],
         files: vec![],

@@ -21,12 +21,13 @@ use pod_inference::{
 use pod_node::backend::{NodeBackend, Route};
 use pod_node::catalogue::{self, CATALOGUE, DEFAULT_CHAT_MODEL};
 use pod_node::config::{self, FileConfig, LogFormat};
-use pod_node::daemon::{self, DaemonFile, Liveness, StartOptions};
+use pod_node::daemon_file::{DaemonFile, Liveness};
 use pod_node::home::default_home;
 use pod_node::identity::Identity;
 use pod_node::loader::{self, ResolveError};
 use pod_node::mesh::MeshConfig;
-use pod_node::profile::{self, Hardware, Profile};
+use pod_node::node::{self, Node, StartOptions};
+use pod_node::profile::{self, HostResources, Profile};
 use pod_node::store::{ModelFormat, ModelStore};
 
 /// A peer-to-peer AI node: local LLM and embedding inference behind an OpenAI-compatible API,
@@ -945,14 +946,15 @@ fn start(home: &Path, mut global: Global, mut args: StartArgs, m: &ArgMatches) -
         pull_bulk: !args.no_bulk,
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-    let result = runtime.block_on(daemon::run(store, opts));
+    let result =
+        runtime.block_on(async { Node::start(store, opts).await?.run_until_stopped().await });
     runtime.shutdown_timeout(Duration::from_secs(1));
     Ok(result?)
 }
 
 /// Resolves the profile, models, device and keys, and checks them as `pod start` would.
 fn plan(store: &ModelStore, args: &StartArgs) -> Result<Plan> {
-    let hardware = Hardware::detect(args.device);
+    let hardware = HostResources::detect(args.device);
     let choice = args.profile.choose(&hardware);
     let names: Vec<String> = if args.models.is_empty() {
         choice
@@ -985,7 +987,7 @@ fn plan(store: &ModelStore, args: &StartArgs) -> Result<Plan> {
         }
         _ => pod_api::ApiKeys::default(),
     };
-    daemon::check_api_exposure(!args.no_api, args.api_host, &api_keys, args.public_api)?;
+    node::check_api_exposure(!args.no_api, args.api_host, &api_keys, args.public_api)?;
     Ok(Plan {
         mesh: mesh_config(args, choice.profile),
         profile: choice,

@@ -40,7 +40,7 @@ pub struct Choice {
 
 /// What the machine offers, as far as profiles care.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
-pub struct Hardware {
+pub struct HostResources {
     /// Memory available to this process: installed memory, or a smaller cgroup limit.
     /// `None`: unknown (not Linux, or `/proc` unreadable).
     pub memory_bytes: Option<u64>,
@@ -50,10 +50,10 @@ pub struct Hardware {
     pub gpu: Option<String>,
 }
 
-impl Hardware {
+impl HostResources {
     /// Looks at this machine. Opens the GPU once when a GPU backend is compiled in and the
     /// device setting allows one (`cpu` skips the probe).
-    pub fn detect(device: DeviceSpec) -> Hardware {
+    pub fn detect(device: DeviceSpec) -> HostResources {
         let gpu_compiled = cfg!(feature = "cuda");
         let gpu = match device {
             DeviceSpec::Cpu => None,
@@ -70,7 +70,7 @@ impl Hardware {
                     .map(|_| spec.to_string())
             }
         };
-        Hardware {
+        HostResources {
             memory_bytes: memory_bytes(),
             gpu_compiled,
             gpu,
@@ -110,7 +110,7 @@ impl Profile {
     /// The profile that runs on `hw`: named profiles stand; `auto` takes relay below
     /// [`RELAY_BELOW_BYTES`] of memory, inference when a GPU backend is compiled in and a GPU
     /// opened, else full.
-    pub fn choose(self, hw: &Hardware) -> Choice {
+    pub fn choose(self, hw: &HostResources) -> Choice {
         if self != Profile::Auto {
             return Choice {
                 profile: self,
@@ -217,8 +217,8 @@ impl FromStr for Profile {
 mod tests {
     use super::*;
 
-    fn hw(gib: u64, gpu: Option<&str>) -> Hardware {
-        Hardware {
+    fn hw(gib: u64, gpu: Option<&str>) -> HostResources {
+        HostResources {
             memory_bytes: Some(gib << 30),
             gpu_compiled: gpu.is_some(),
             gpu: gpu.map(str::to_owned),
@@ -227,14 +227,14 @@ mod tests {
 
     #[test]
     fn auto_picks_relay_on_small_machines() {
-        let c = Profile::Auto.choose(&Hardware {
+        let c = Profile::Auto.choose(&HostResources {
             memory_bytes: Some(1 << 30),
-            ..Hardware::default()
+            ..HostResources::default()
         });
         assert_eq!(c.profile, Profile::Relay);
         assert!(c.reason.contains("1.0 GiB"), "{}", c.reason);
         // Even with a GPU: the models would not fit beside the OS.
-        let small_gpu = Hardware {
+        let small_gpu = HostResources {
             memory_bytes: Some(1 << 30),
             ..hw(1, Some("cuda:0"))
         };
@@ -253,7 +253,7 @@ mod tests {
             "{}",
             c.reason
         );
-        let c = Profile::Auto.choose(&Hardware::default());
+        let c = Profile::Auto.choose(&HostResources::default());
         assert_eq!(c.profile, Profile::Full);
         assert!(c.reason.contains("memory unknown"), "{}", c.reason);
     }

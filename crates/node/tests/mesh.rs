@@ -8,7 +8,7 @@ use futures::StreamExt;
 use libp2p::identity::Keypair;
 use libp2p::{gossipsub, noise, tcp, yamux, Multiaddr, PeerId};
 use pod_inference::{ModelInfo, ModelKind};
-use pod_node::mesh::capability::{Hardware, Load, CAPABILITY_TOPIC};
+use pod_node::mesh::capability::{HardwareSummary, Load, CAPABILITY_TOPIC};
 use pod_node::mesh::{self, Capabilities, Client, MeshConfig};
 use tokio::io::AsyncWriteExt;
 
@@ -40,7 +40,7 @@ fn caps(model: &str) -> Capabilities {
             dimension: None,
         }],
         load: Load::default(),
-        hardware: Hardware::default(),
+        hardware: HardwareSummary::default(),
         api: None,
         addrs: vec![],
         files: vec![],

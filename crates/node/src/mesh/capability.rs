@@ -32,7 +32,7 @@ pub struct Capabilities {
     /// Current load.
     pub load: Load,
     /// What it runs on.
-    pub hardware: Hardware,
+    pub hardware: HardwareSummary,
     /// Its HTTP API, if it serves one.
     pub api: Option<ApiInfo>,
     /// Multiaddrs it can be dialled at (listen and confirmed external addresses).
@@ -57,9 +57,10 @@ pub struct Load {
     pub max_active: usize,
 }
 
-/// A summary of the machine.
+/// The machine a pod runs on, as it announces it (what [`crate::profile::HostResources`]
+/// probes is for choosing a profile and stays local).
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Hardware {
+pub struct HardwareSummary {
     /// Compute device of the models, e.g. `cpu` or `cuda:0`.
     pub device: String,
     /// Logical CPU cores.
@@ -178,7 +179,7 @@ mod tests {
                 active: 2,
                 max_active: 8,
             },
-            hardware: Hardware {
+            hardware: HardwareSummary {
                 device: "cpu".into(),
                 cpu_cores: 2,
                 memory_bytes: 1 << 34,

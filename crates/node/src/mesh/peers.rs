@@ -222,7 +222,7 @@ fn insert_addr(addrs: &mut BTreeSet<Multiaddr>, addr: Multiaddr) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::mesh::capability::{Hardware, Load};
+    use crate::mesh::capability::{HardwareSummary, Load};
 
     fn caps(seq: u64) -> Capabilities {
         Capabilities {
@@ -230,7 +230,7 @@ mod tests {
             profile: "inference".into(),
             models: vec![],
             load: Load::default(),
-            hardware: Hardware::default(),
+            hardware: HardwareSummary::default(),
             api: None,
             addrs: vec!["/ip4/127.0.0.1/tcp/4001".into()],
             files: vec![],
