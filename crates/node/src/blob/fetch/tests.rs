@@ -117,14 +117,17 @@ async fn run(
     providers: Vec<(PeerId, Vec<Fake>)>,
 ) -> (Result<FetchReport, FetchError>, Arc<BlobStats>) {
     let stats = Arc::new(BlobStats::default());
-    let result = download(
+    let downloading = download(
         Arc::clone(manifest),
         partial,
         providers,
         Some(Arc::clone(&stats)),
         Instant::now(),
-    )
-    .await;
+    );
+    // A download that waits for chunks nobody will hand back fails here instead of hanging.
+    let result = tokio::time::timeout(Duration::from_secs(20), downloading)
+        .await
+        .expect("the download ends");
     (result, stats)
 }
 
@@ -257,13 +260,16 @@ async fn a_run_taken_by_a_worker_that_dies_is_handed_back_and_fetched_by_another
     let manifest = manifest_of(&data);
     let dir = tempfile::tempdir().unwrap();
     let partial = dir.path().join("f.partial");
+    // It dies a while after taking its run, when the other worker has fetched the rest and
+    // waits for that run.
     let dying = Behaviour {
         panic: true,
+        delay: Duration::from_millis(50),
         ..Behaviour::default()
     };
     // The dying worker is spawned first, so on this one-thread runtime it takes the first run.
     let (dead, dead_sources, dead_seen) = provider(&data, 1, dying);
-    let (live, live_sources, _) = provider(&data, 1, Behaviour::default());
+    let (live, live_sources, live_seen) = provider(&data, 1, Behaviour::default());
     let (result, _) = run(
         &manifest,
         &partial,
@@ -277,6 +283,13 @@ async fn a_run_taken_by_a_worker_that_dies_is_handed_back_and_fetched_by_another
     let report = result.unwrap();
     assert_eq!(std::fs::read(&partial).unwrap(), *data);
     assert_eq!(report.bytes_from, vec![(live, data.len() as u64)]);
+    assert_eq!(
+        *live_seen.runs.lock().unwrap(),
+        vec![
+            (CHUNKS_PER_RUN as u32, CHUNKS_PER_RUN as u32),
+            (0, CHUNKS_PER_RUN as u32)
+        ]
+    );
 }
 
 #[tokio::test]
