@@ -43,7 +43,7 @@ pub struct Node {
     home: PathBuf,
     /// How long in-flight requests may run after the stop.
     grace: Duration,
-    /// When the start began, for the time to readiness.
+    /// When the models began loading, for the time to readiness.
     started: Instant,
     engine: EngineHandle,
     local: LocalBackend,
