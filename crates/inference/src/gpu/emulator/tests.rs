@@ -1,8 +1,18 @@
-//! The kernels, run in the emulator at warp widths 32 and 64, against the CPU backend.
+//! The kernels, run in the emulator at warp widths 32 and 64, against the CPU backend: the
+//! fused kernels of `crate::kernels` and the definitions the CPU model (`model/fast.rs`)
+//! computes, written out here where that code keeps them private.
 
 use std::sync::OnceLock;
 
 use super::*;
+use crate::gpu::kernels::{
+    embed_kernel, matvec_kernel, quantize_kernel, Param, MAX_BATCH, Q8K_BLOCK_BYTES, Q8_BLOCK_BYTES,
+};
+use crate::kernels::testutil::{random_input, random_matrix};
+use crate::kernels::{QMatrix, QuantFormat, QuantizedRows};
+
+const WARPS: [u32; 2] = [32, 64];
+const EPS: f32 = f32::EPSILON;
 
 fn emulator(warp: u32) -> &'static Emulator {
     static W32: OnceLock<Emulator> = OnceLock::new();
@@ -11,9 +21,539 @@ fn emulator(warp: u32) -> &'static Emulator {
     cell.get_or_init(|| Emulator::compile(warp).unwrap())
 }
 
+fn run(warp: u32, name: &str, grid: [u32; 2], block: u32, shared: u32, args: &[KernelArg]) {
+    // SAFETY: every caller sizes its buffers for the kernel's arguments as KERNELS documents
+    // and passes outputs through `Emulator::arg_mut`.
+    unsafe { emulator(warp).launch(name, [grid[0], grid[1], 1], [block, 1, 1], shared, args) }
+        .unwrap();
+}
+
+fn i32_arg(v: usize) -> KernelArg {
+    KernelArg::I32(i32::try_from(v).unwrap())
+}
+
+/// `x` (rows of `cols`) quantised on the emulated GPU in the form `format` reads.
+fn gpu_quantize(warp: u32, format: QuantFormat, x: &[f32]) -> Vec<u8> {
+    let (name, bytes) = quantize_kernel(format);
+    let blocks = x.len() / format.block_values();
+    let mut out = vec![0u8; blocks * bytes];
+    let threads = 64;
+    let grid = (blocks * 32).div_ceil(threads) as u32;
+    run(
+        warp,
+        name,
+        [grid, 1],
+        threads as u32,
+        0,
+        &[
+            Emulator::arg(x),
+            Emulator::arg_mut(&mut out),
+            i32_arg(blocks),
+        ],
+    );
+    out
+}
+
+fn f32_at(b: &[u8], at: usize) -> f32 {
+    f32::from_ne_bytes(b[at..at + 4].try_into().unwrap())
+}
+
 #[test]
-fn compiles_and_reports_its_warp() {
-    for w in [32, 64] {
-        assert_eq!(emulator(w).warp(), w);
+fn activations_quantise_exactly_as_on_the_cpu() {
+    let cols = 512;
+    let x = random_input(3 * cols, 1);
+    let mut cpu = QuantizedRows::new();
+    cpu.quantize(&x, cols, [QuantFormat::Q4_0, QuantFormat::Q6K])
+        .unwrap();
+    for warp in WARPS {
+        let q8 = gpu_quantize(warp, QuantFormat::Q4_0, &x);
+        let q8k = gpu_quantize(warp, QuantFormat::Q6K, &x);
+        for r in 0..3 {
+            let row = cpu.q8_row(r).unwrap();
+            for (i, b) in row.iter().enumerate() {
+                let g = &q8[(r * row.len() + i) * Q8_BLOCK_BYTES..][..Q8_BLOCK_BYTES];
+                assert_eq!(f32_at(g, 0).to_bits(), b.d.to_bits(), "warp {warp} d");
+                assert_eq!(f32_at(g, 4).to_bits(), b.s.to_bits(), "warp {warp} s");
+                let qs: Vec<i8> = g[8..].iter().map(|&v| v as i8).collect();
+                assert_eq!(qs, b.qs, "warp {warp} row {r} block {i}");
+            }
+            let row = cpu.q8k_row(r).unwrap();
+            for (i, b) in row.iter().enumerate() {
+                let g = &q8k[(r * row.len() + i) * Q8K_BLOCK_BYTES..][..Q8K_BLOCK_BYTES];
+                assert_eq!(f32_at(g, 0).to_bits(), b.d.to_bits(), "warp {warp} d");
+                let qs: Vec<i8> = g[4..260].iter().map(|&v| v as i8).collect();
+                assert_eq!(qs, b.qs, "warp {warp} row {r} block {i}");
+                let sums: Vec<i16> = g[260..]
+                    .chunks_exact(2)
+                    .map(|s| i16::from_ne_bytes([s[0], s[1]]))
+                    .collect();
+                assert_eq!(sums, b.bsums, "warp {warp} row {r} block {i}");
+            }
+        }
     }
+}
+
+/// `y[t * rows + r]` for `batch` rows of `x` times `w`, quantised and multiplied on the
+/// emulated GPU with blocks of `threads`.
+fn gpu_matvec(warp: u32, m: &QMatrix, x: &[f32], threads: u32) -> Vec<f32> {
+    let batch = x.len() / m.cols();
+    let xq = gpu_quantize(warp, m.format(), x);
+    let mut y = vec![f32::NAN; batch * m.rows()];
+    run(
+        warp,
+        matvec_kernel(m.format()),
+        [m.rows() as u32, 1],
+        threads,
+        0,
+        &[
+            Emulator::arg(m.data()),
+            Emulator::arg(&xq),
+            Emulator::arg_mut(&mut y),
+            i32_arg(m.rows()),
+            i32_arg(m.cols()),
+            i32_arg(batch),
+        ],
+    );
+    y
+}
+
+#[test]
+fn matrix_vector_products_match_the_cpu_kernels() {
+    let (rows, cols) = (37, 512);
+    for (fi, format) in QuantFormat::ALL.into_iter().enumerate() {
+        let seed = 10 + fi as u64;
+        let m = QMatrix::new(
+            format,
+            rows,
+            cols,
+            random_matrix(format, rows, cols, seed).into(),
+        )
+        .unwrap();
+        for batch in [1, 3, MAX_BATCH] {
+            let x = random_input(batch * cols, seed + 100 * batch as u64);
+            let mut qa = QuantizedRows::new();
+            qa.quantize(&x, cols, [format]).unwrap();
+            let mut want = vec![0.0f32; batch * rows];
+            m.matmul(&qa, &mut want).unwrap();
+            let per_warp: Vec<Vec<f32>> = WARPS
+                .iter()
+                .map(|&w| gpu_matvec(w, &m, &x, if batch == 3 { 128 } else { 64 }))
+                .collect();
+            // Reductions run in 32-lane groups in a fixed order: the wave width changes nothing.
+            assert_eq!(per_warp[0], per_warp[1], "{format:?} batch {batch}");
+            let got = &per_warp[0];
+            let mut wrow = vec![0.0f32; cols];
+            for r in 0..rows {
+                m.dequantize_row(r, &mut wrow);
+                for t in 0..batch {
+                    let xs = &x[t * cols..(t + 1) * cols];
+                    // Both sides add the same per-block terms, each exact up to its one or two
+                    // f32 roundings (the integer dots are exact), only in another order. A sum
+                    // of n terms reordered moves by at most n·ε·Σ|term|; there are at most two
+                    // terms per 32 values (the scaled dot and the offset), and each is at most
+                    // 16 × Σ|w|·amax(x) over its block (an offset format's parts exceed the
+                    // value they encode by at most the 4- or 5-bit range).
+                    let mag: f32 = wrow
+                        .chunks_exact(32)
+                        .zip(xs.chunks_exact(32))
+                        .map(|(w, x)| {
+                            let amax = x.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+                            w.iter().map(|v| v.abs()).sum::<f32>() * amax
+                        })
+                        .sum();
+                    let n = 2 * cols / 32;
+                    let bound = n as f32 * EPS * 16.0 * mag;
+                    let (g, c) = (got[t * rows + r], want[t * rows + r]);
+                    assert!(
+                        (g - c).abs() <= bound,
+                        "{format:?} batch {batch} row {r} t {t}: gpu {g} cpu {c} bound {bound}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn embedding_rows_dequantise_exactly_as_on_the_cpu() {
+    let (rows, cols) = (11, 512);
+    for (fi, format) in QuantFormat::ALL.into_iter().enumerate() {
+        let table = random_matrix(format, rows, cols, 40 + fi as u64);
+        let ids = [3i32, 0, 10, 3, 7];
+        let row_bytes = cols / format.block_values() * format.block_bytes();
+        let mut want = vec![0.0f32; ids.len() * cols];
+        for (&id, out) in ids.iter().zip(want.chunks_exact_mut(cols)) {
+            let id = id as usize;
+            format.dequantize_row(&table[id * row_bytes..(id + 1) * row_bytes], out);
+        }
+        for warp in WARPS {
+            let mut got = vec![f32::NAN; ids.len() * cols];
+            run(
+                warp,
+                embed_kernel(format),
+                [ids.len() as u32, 1],
+                128,
+                0,
+                &[
+                    Emulator::arg(&table),
+                    Emulator::arg(&ids),
+                    Emulator::arg_mut(&mut got),
+                    i32_arg(cols),
+                ],
+            );
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "{format:?} warp {warp}");
+        }
+    }
+}
+
+/// `fast.rs`'s dot product: eight running sums.
+fn dot8(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; 8];
+    for (x, y) in a.chunks_exact(8).zip(b.chunks_exact(8)) {
+        for i in 0..8 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    (acc[0] + acc[4]) + (acc[1] + acc[5]) + (acc[2] + acc[6]) + (acc[3] + acc[7])
+}
+
+#[test]
+fn rms_norm_matches_the_cpu_model() {
+    let (rows, cols, eps) = (5, 1024, 1e-6f32);
+    let x = random_input(rows * cols, 50);
+    let w = random_input(cols, 51);
+    for warp in WARPS {
+        let mut y = vec![f32::NAN; rows * cols];
+        run(
+            warp,
+            "rms_norm",
+            [rows as u32, 1],
+            256,
+            0,
+            &[
+                Emulator::arg(&x),
+                Emulator::arg(&w),
+                Emulator::arg_mut(&mut y),
+                i32_arg(cols),
+                KernelArg::F32(eps),
+            ],
+        );
+        for (xs, ys) in x.chunks_exact(cols).zip(y.chunks_exact(cols)) {
+            let scale = 1.0 / (dot8(xs, xs) / cols as f32 + eps).sqrt();
+            for ((&v, &g), &wv) in xs.iter().zip(ys).zip(&w) {
+                let want = v * scale * wv;
+                // The sum of squares, reordered, moves by at most cols·ε relative (all terms
+                // are positive); the square root halves that; four more roundings follow.
+                let bound = want.abs() * (cols as f32 / 2.0 + 4.0) * EPS;
+                assert!((g - want).abs() <= bound, "warp {warp}: {g} vs {want}");
+            }
+        }
+    }
+}
+
+/// `fast.rs`'s RoPE tables for one base: `[positions, head_dim / 2]`.
+fn rope_tables(head_dim: usize, base: f32, positions: usize) -> (Vec<f32>, Vec<f32>) {
+    let half = head_dim / 2;
+    let (mut cos, mut sin) = (Vec::new(), Vec::new());
+    for p in 0..positions {
+        for i in 0..half {
+            let angle = p as f32 * (1.0 / base.powf((2 * i) as f32 / head_dim as f32));
+            cos.push(angle.cos());
+            sin.push(angle.sin());
+        }
+    }
+    (cos, sin)
+}
+
+#[test]
+fn rope_matches_the_cpu_model_in_both_layouts() {
+    let (heads, hd) = (3, 64);
+    let width = heads * hd;
+    let (cos, sin) = rope_tables(hd, 10_000.0, 100);
+    let pos = [0i32, 5, 99, 42];
+    let x = random_input(pos.len() * width, 60);
+    for neox in [false, true] {
+        let mut want = x.clone();
+        for (row, &p) in want.chunks_exact_mut(width).zip(&pos) {
+            let half = hd / 2;
+            let (c, s) = (&cos[p as usize * half..], &sin[p as usize * half..]);
+            for head in row.chunks_exact_mut(hd) {
+                for i in 0..half {
+                    let (a, b) = if neox {
+                        (i, i + half)
+                    } else {
+                        (2 * i, 2 * i + 1)
+                    };
+                    let (x0, x1) = (head[a], head[b]);
+                    head[a] = x0 * c[i] - x1 * s[i];
+                    head[b] = x0 * s[i] + x1 * c[i];
+                }
+            }
+        }
+        for warp in WARPS {
+            let mut got = x.clone();
+            run(
+                warp,
+                "rope",
+                [pos.len() as u32, 1],
+                64,
+                0,
+                &[
+                    Emulator::arg_mut(&mut got),
+                    Emulator::arg(&pos),
+                    Emulator::arg(&cos),
+                    Emulator::arg(&sin),
+                    i32_arg(width),
+                    i32_arg(hd),
+                    KernelArg::I32(i32::from(neox)),
+                ],
+            );
+            // The same roundings in the same order (no fused multiply-adds on either side).
+            assert_eq!(got, want, "neox {neox} warp {warp}");
+        }
+    }
+}
+
+#[test]
+fn residual_add_and_gates_match_their_definitions() {
+    let n = 1000;
+    let (a, b) = (random_input(n, 70), random_input(n, 71));
+    for warp in WARPS {
+        let launch = |name: &str, x: &mut [f32]| {
+            run(
+                warp,
+                name,
+                [n.div_ceil(128) as u32, 1],
+                128,
+                0,
+                &[Emulator::arg_mut(x), Emulator::arg(&b), i32_arg(n)],
+            )
+        };
+        let mut sum = a.clone();
+        launch("add", &mut sum);
+        let want: Vec<f32> = a.iter().zip(&b).map(|(x, y)| x + y).collect();
+        assert_eq!(sum, want);
+
+        let mut silu = a.clone();
+        launch("silu_mul", &mut silu);
+        let mut gelu = a.clone();
+        launch("gelu_mul", &mut gelu);
+        for i in 0..n {
+            let (g, u) = (f64::from(a[i]), f64::from(b[i]));
+            let want_silu = g / (1.0 + (-g).exp()) * u;
+            let y = 0.797_884_6 * g * (1.0 + 0.044_715 * g * g);
+            let want_gelu = 0.5 * g * (1.0 + y.tanh()) * u;
+            // expf is within a few ulp; the rest are a handful of roundings. GELU's
+            // 1 - 2 / (e^2y + 1) loses up to ε of 1 + tanh to cancellation, absolutely.
+            let close = |got: f32, want: f64, abs: f64| {
+                (f64::from(got) - want).abs() <= want.abs() * 16.0 * f64::from(EPS) + abs
+            };
+            assert!(
+                close(silu[i], want_silu, 0.0),
+                "silu {} vs {want_silu}",
+                silu[i]
+            );
+            let abs = 4.0 * f64::from(EPS) * (0.5 * g * u).abs();
+            assert!(
+                close(gelu[i], want_gelu, abs),
+                "gelu {} vs {want_gelu}",
+                gelu[i]
+            );
+        }
+    }
+}
+
+/// `fast.rs`'s attention of one query head against cached positions `first..=pos`.
+#[allow(clippy::too_many_arguments)]
+fn attend(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    kv_w: usize,
+    off: usize,
+    first: usize,
+    pos: usize,
+    scale: f32,
+    out: &mut [f32],
+) {
+    let hd = q.len();
+    let scores: Vec<f32> = (first..=pos)
+        .map(|j| dot8(q, &k[j * kv_w + off..][..hd]) * scale)
+        .collect();
+    let max = scores.iter().fold(f32::NEG_INFINITY, |m, &s| m.max(s));
+    let e: Vec<f32> = scores.iter().map(|s| (s - max).exp()).collect();
+    let sum: f32 = e.iter().sum();
+    out.fill(0.0);
+    for (j, &w) in (first..).zip(&e) {
+        for (o, &vv) in out.iter_mut().zip(&v[j * kv_w + off..][..hd]) {
+            *o += w / sum * vv;
+        }
+    }
+}
+
+#[test]
+fn attention_matches_the_cpu_model_for_decode_and_prompt_chunks() {
+    let (n_head, n_kv, hd) = (4, 2, 64);
+    let kv_w = n_kv * hd;
+    let scale = 1.0 / (hd as f32).sqrt();
+    // Two sequences in one cache buffer: 40 positions from 0, then 75 from 40. Rows: one
+    // decode row of each, then a prompt chunk of the second.
+    let (lens, bases) = ([40usize, 75], [0i32, 40]);
+    let total: usize = lens.iter().sum();
+    let k = random_input(total * kv_w, 80);
+    let v = random_input(total * kv_w, 81);
+    let rows: Vec<(usize, usize)> = vec![(0, 39), (1, 74), (1, 60), (1, 61), (1, 62)];
+    let q = random_input(rows.len() * n_head * hd, 82);
+    let base: Vec<i32> = rows.iter().map(|&(s, _)| bases[s]).collect();
+    let pos: Vec<i32> = rows.iter().map(|&(_, p)| p as i32).collect();
+    for window in [0usize, 16] {
+        let mut want = vec![0.0f32; q.len()];
+        let mut bounds = vec![0.0f32; q.len()];
+        for (r, &(s, p)) in rows.iter().enumerate() {
+            let first = if window > 0 {
+                (p + 1).saturating_sub(window)
+            } else {
+                0
+            };
+            let b = bases[s] as usize * kv_w;
+            for h in 0..n_head {
+                let off = h / (n_head / n_kv) * hd;
+                let at = (r * n_head + h) * hd;
+                let qh = &q[at..at + hd];
+                attend(
+                    qh,
+                    &k[b..],
+                    &v[b..],
+                    kv_w,
+                    off,
+                    first,
+                    p,
+                    scale,
+                    &mut want[at..at + hd],
+                );
+                // A score reordered moves by at most hd·ε·Σ|q·k|·scale; e^score turns that
+                // into the same relative error of its weight, normalising doubles it, and the
+                // weighted sum of values adds n·ε relative: the output moves by at most that
+                // times the largest |value|.
+                let n = p + 1 - first;
+                let (mut qk, mut vmax) = (0.0f32, 0.0f32);
+                for j in first..=p {
+                    let kj = &k[b + j * kv_w + off..][..hd];
+                    let s: f32 = qh.iter().zip(kj).map(|(a, c)| (a * c).abs()).sum();
+                    qk = qk.max(s * scale);
+                    let vj = &v[b + j * kv_w + off..][..hd];
+                    vmax = vj.iter().fold(vmax, |m, x| m.max(x.abs()));
+                }
+                let delta = (hd as f32 + 2.0) * EPS * qk + (n as f32 + 4.0) * EPS;
+                bounds[at..at + hd].fill(4.0 * delta * vmax);
+            }
+        }
+        let positions = *pos.iter().max().unwrap() as u32 + 1;
+        let mut per_warp = Vec::new();
+        for warp in WARPS {
+            let mut out = vec![f32::NAN; q.len()];
+            run(
+                warp,
+                "attention",
+                [rows.len() as u32, n_head as u32],
+                64,
+                4 * positions,
+                &[
+                    Emulator::arg(&q),
+                    Emulator::arg(&k),
+                    Emulator::arg(&v),
+                    Emulator::arg_mut(&mut out),
+                    Emulator::arg(&base),
+                    Emulator::arg(&pos),
+                    i32_arg(n_head),
+                    i32_arg(n_kv),
+                    i32_arg(hd),
+                    i32_arg(window),
+                    KernelArg::F32(scale),
+                ],
+            );
+            for i in 0..out.len() {
+                assert!(
+                    (out[i] - want[i]).abs() <= bounds[i],
+                    "window {window} warp {warp} at {i}: {} vs {} (bound {})",
+                    out[i],
+                    want[i],
+                    bounds[i]
+                );
+            }
+            per_warp.push(out);
+        }
+        assert_eq!(per_warp[0], per_warp[1], "window {window}");
+    }
+}
+
+#[test]
+fn launches_with_wrong_arguments_or_shapes_fail_cleanly() {
+    let emu = emulator(32);
+    let mut y = [0.0f32; 32];
+    let x = [0.0f32; 32];
+    let good = [
+        Emulator::arg_mut(&mut y),
+        Emulator::arg(&x),
+        KernelArg::I32(32),
+    ];
+    // SAFETY: the buffers hold the 32 values `add` touches with n = 32; the failing launches
+    // are refused before anything runs.
+    unsafe {
+        assert!(matches!(
+            emu.launch("add", [1, 1, 1], [32, 1, 1], 0, &good[..2]),
+            Err(LaunchError::Args(ArgError::Count {
+                expected: 3,
+                got: 2,
+                ..
+            }))
+        ));
+        assert!(matches!(
+            emu.launch(
+                "add",
+                [1, 1, 1],
+                [32, 1, 1],
+                0,
+                &[good[0], good[1], KernelArg::F32(1.0)]
+            ),
+            Err(LaunchError::Args(ArgError::Type {
+                index: 2,
+                expected: Param::I32,
+                got: Param::F32,
+                ..
+            }))
+        ));
+        assert!(matches!(
+            emu.launch("no_such_kernel", [1, 1, 1], [32, 1, 1], 0, &good),
+            Err(LaunchError::Args(ArgError::UnknownKernel(_)))
+        ));
+        for block in [[0, 1, 1], [2048, 1, 1]] {
+            assert!(matches!(
+                emu.launch("add", [1, 1, 1], block, 0, &good),
+                Err(LaunchError::Dimensions { .. })
+            ));
+        }
+        emu.launch("add", [1, 1, 1], [32, 1, 1], 0, &good).unwrap();
+    }
+}
+
+#[test]
+fn every_listed_kernel_is_in_the_source_and_the_gpu_preambles_include_nothing() {
+    use crate::gpu::kernels::{source, source_hash, Platform, KERNELS};
+    for p in Platform::ALL {
+        let s = source(p);
+        for k in KERNELS {
+            assert!(
+                s.contains(&format!("void {}(", k.name)) || s.contains(&format!("({}, ", k.name)),
+                "{} missing from {p:?}",
+                k.name
+            );
+        }
+        if p != Platform::Emulator {
+            assert!(!s.contains("#include"), "{p:?}");
+        }
+        assert_eq!(source_hash(p), source_hash(p));
+    }
+    assert_ne!(source_hash(Platform::Cuda), source_hash(Platform::Hip));
 }
