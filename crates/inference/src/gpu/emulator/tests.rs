@@ -174,6 +174,80 @@ fn matrix_vector_products_match_the_cpu_kernels() {
     }
 }
 
+/// Random blocks of `format` whose scales and offsets are powers of two and whose sub-block
+/// scales are small, so that every product and sum of a row's dot product with activations
+/// quantised from multiples of 2^-7 is exact in f32: each is an integer under 2^24 times a
+/// power of two.
+fn power_of_two_matrix(format: QuantFormat, rows: usize, cols: usize, seed: u64) -> Vec<u8> {
+    let mut data = random_matrix(format, rows, cols, seed);
+    let put = |b: &mut [u8], at: usize, v: f32| {
+        b[at..at + 2].copy_from_slice(&half::f16::from_f32(v).to_le_bytes());
+    };
+    for (i, b) in data.chunks_exact_mut(format.block_bytes()).enumerate() {
+        let sign = if i % 3 == 0 { -1.0 } else { 1.0 };
+        match format {
+            QuantFormat::Q4_0 | QuantFormat::Q5_0 | QuantFormat::Q8_0 => put(b, 0, sign / 256.0),
+            QuantFormat::Q4_1 => {
+                put(b, 0, 1.0 / 256.0);
+                put(b, 2, sign / 32.0);
+            }
+            QuantFormat::Q4K => {
+                put(b, 0, 1.0 / 256.0);
+                put(b, 2, 1.0 / 512.0);
+                // Scales and mins of 0..=3, top bits clear.
+                for v in &mut b[4..16] {
+                    *v &= 0x03;
+                }
+            }
+            QuantFormat::Q6K => {
+                put(b, 208, sign / 256.0);
+                for v in &mut b[192..208] {
+                    *v = ((*v % 7) as i8 - 3) as u8;
+                }
+            }
+        }
+    }
+    data
+}
+
+/// Multiples of 2^-7 in [-127/128, 127/128], every 32 values including one of magnitude
+/// 127/128, so that quantisation maps them to exactly their integers with d = 2^-7.
+fn power_of_two_input(len: usize, seed: u64) -> Vec<f32> {
+    random_input(len, seed)
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| {
+            let q = if i % 32 == 5 {
+                127.0f32.copysign(v)
+            } else {
+                (v.clamp(-1.0, 1.0) * 127.0).round()
+            };
+            q / 128.0
+        })
+        .collect()
+}
+
+#[test]
+fn integer_dot_products_are_exact() {
+    let (rows, cols) = (19, 512);
+    for (fi, format) in QuantFormat::ALL.into_iter().enumerate() {
+        let data = power_of_two_matrix(format, rows, cols, 200 + fi as u64);
+        let m = QMatrix::new(format, rows, cols, data.into()).unwrap();
+        let batch = 3;
+        let x = power_of_two_input(batch * cols, 300 + fi as u64);
+        let mut qa = QuantizedRows::new();
+        qa.quantize(&x, cols, [format]).unwrap();
+        let mut want = vec![0.0f32; batch * rows];
+        m.matmul(&qa, &mut want).unwrap();
+        assert!(want.iter().all(|v| v.abs() > 0.0), "{format:?}: a degenerate case");
+        for warp in WARPS {
+            let got = gpu_matvec(warp, &m, &x, 64);
+            // Every rounding is exact here, so any difference is a wrong integer.
+            assert_eq!(got, want, "{format:?} warp {warp}");
+        }
+    }
+}
+
 #[test]
 fn embedding_rows_dequantise_exactly_as_on_the_cpu() {
     let (rows, cols) = (11, 512);
