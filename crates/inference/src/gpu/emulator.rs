@@ -2,8 +2,9 @@
 //!
 //! [`Emulator::compile`] builds [`source`]`(`[`Platform::Emulator`]`)`, the runtime in
 //! `emulator/runtime.cpp` and one generated launcher per kernel into a shared library with the
-//! host C++ compiler (`$CXX`, else `c++`), at warp width 32 or 64, and loads it. Launches go
-//! by kernel name, with grid and block dimensions, dynamic shared memory and arguments, as on
+//! host C++ compiler (`$CXX`, else `c++`), at warp width 32 or 64, and loads it;
+//! [`Emulator::compile_cached`] keeps the library for the next process. Launches go
+//! by kernel name ([`Emulator::launch`]), with grid and block dimensions, dynamic shared memory and arguments, as on
 //! a GPU runtime; device memory is host memory.
 //!
 //! Inside a launch every lane of a block is a fiber on the calling thread and blocks run one
@@ -24,7 +25,7 @@
 
 use std::ffi::{c_char, c_void, CStr, OsString};
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
@@ -44,8 +45,8 @@ type SignatureFn = unsafe extern "C" fn() -> *const c_char;
 /// Building or loading the emulator failed.
 #[derive(Debug, thiserror::Error)]
 pub enum CompileError {
-    /// Only warps of 32 and 64 lanes exist.
-    #[error("warp width {0} is neither 32 nor 64")]
+    /// Only warps of 32 and 64 lanes exist (or a cached library was built for another).
+    #[error("warp width {0} is not the one asked for, 32 or 64")]
     Warp(u32),
     /// The source could not be written to a temporary directory.
     #[error("writing the emulator's source: {0}")]
@@ -138,52 +139,62 @@ fn emulator_source() -> String {
 
 impl Emulator {
     /// Compiles the kernels for warps of `warp` lanes (32 or 64) and loads them. Takes
-    /// seconds: compile once per process and share.
+    /// seconds: compile once per process and share, or use [`compile_cached`](Self::compile_cached).
     pub fn compile(warp: u32) -> Result<Self, CompileError> {
-        if warp != 32 && warp != 64 {
-            return Err(CompileError::Warp(warp));
-        }
-        static BUILDS: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
-            "pod-gpu-emulator-{}-{}-{}",
-            std::process::id(),
-            warp,
-            BUILDS.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir)?;
-        let built = Self::build_in(&dir, warp);
+        let dir = scratch_dir(&std::env::temp_dir(), warp)?;
+        let lib = dir.join("kernels.so");
+        let built = build(&dir, &lib, warp).and_then(|()| Self::load(&lib, warp));
         // Once loaded, the library no longer needs its file.
         let _ = std::fs::remove_dir_all(&dir);
         built
     }
 
-    fn build_in(dir: &Path, warp: u32) -> Result<Self, CompileError> {
-        let src = dir.join("kernels.cpp");
-        let lib = dir.join("kernels.so");
-        std::fs::write(&src, emulator_source())?;
-        let compiler = std::env::var_os("CXX").unwrap_or_else(|| "c++".into());
-        let out = Command::new(&compiler)
-            .args(["-std=c++20", "-O2", "-shared", "-fPIC", "-w"])
-            // No fused multiply-adds, so element-wise results match the CPU path's exactly.
-            .arg("-ffp-contract=off")
-            .arg(format!("-DPOD_WARP={warp}"))
-            .arg("-o")
-            .arg(&lib)
-            .arg(&src)
-            .output()
-            .map_err(|source| CompileError::Spawn {
-                compiler: compiler.clone(),
-                source,
-            })?;
-        if !out.status.success() {
-            return Err(CompileError::Rejected {
-                status: out.status,
-                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-            });
+    /// As [`compile`](Self::compile), but keeps the compiled library in `cache` (created if
+    /// missing), named by a hash of the source, the flags and the compiler, and loads it from
+    /// there while they stay the same: one compile for every process that runs the same
+    /// source. `cache` must be a directory only this user can write, since whatever library
+    /// it holds under the expected name is loaded.
+    pub fn compile_cached(warp: u32, cache: &Path) -> Result<Self, CompileError> {
+        let key = fnv1a(
+            [
+                emulator_source().as_bytes(),
+                compiler().as_encoded_bytes(),
+                FLAGS.join(" ").as_bytes(),
+                &warp.to_le_bytes(),
+            ]
+            .concat()
+            .as_slice(),
+        );
+        let lib = cache.join(format!("kernels-{key:016x}-w{warp}.so"));
+        if !lib.exists() {
+            std::fs::create_dir_all(cache)?;
+            let dir = scratch_dir(cache, warp)?;
+            let fresh = dir.join("kernels.so");
+            // Renamed into place whole, so that a process racing this one loads either no
+            // file or a complete one.
+            let built = build(&dir, &fresh, warp)
+                .and_then(|()| std::fs::rename(&fresh, &lib).map_err(CompileError::from));
+            let _ = std::fs::remove_dir_all(&dir);
+            built?;
         }
-        // SAFETY: the library is the one just compiled from our own source; loading it runs
-        // only the static constructors of its runtime (empty containers).
-        let library = unsafe { Library::new(&lib) }?;
+        Self::load(&lib, warp)
+    }
+
+    /// Loads a library [`build`] made and checks its kernels' signatures.
+    fn load(lib: &Path, warp: u32) -> Result<Self, CompileError> {
+        if warp != 32 && warp != 64 {
+            return Err(CompileError::Warp(warp));
+        }
+        // SAFETY: the library is one `build` compiled from this crate's source (the cache
+        // directory's owner guarantees that for cached ones); loading it runs only the static
+        // constructors of its runtime, which make empty containers.
+        let library = unsafe { Library::new(lib) }?;
+        // SAFETY: `pod_emu_warp` is the runtime's `unsigned pod_emu_warp()`.
+        let built_warp =
+            unsafe { (*library.get::<unsafe extern "C" fn() -> u32>(b"pod_emu_warp")?)() };
+        if built_warp != warp {
+            return Err(CompileError::Warp(built_warp));
+        }
         let mut launchers = Vec::with_capacity(KERNELS.len());
         for k in KERNELS {
             // SAFETY: the generated launchers have exactly these C signatures.
@@ -287,6 +298,69 @@ impl Emulator {
             }),
         }
     }
+}
+
+/// Compiler flags besides the warp width and the paths.
+const FLAGS: [&str; 6] = [
+    "-std=c++20",
+    "-O2",
+    "-shared",
+    "-fPIC",
+    "-w",
+    // No fused multiply-adds, so element-wise results match the CPU path's exactly.
+    "-ffp-contract=off",
+];
+
+/// The host C++ compiler: `$CXX`, else `c++`.
+fn compiler() -> OsString {
+    std::env::var_os("CXX").unwrap_or_else(|| "c++".into())
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// A new directory under `parent` for one build.
+fn scratch_dir(parent: &Path, warp: u32) -> Result<PathBuf, CompileError> {
+    static BUILDS: AtomicUsize = AtomicUsize::new(0);
+    let dir = parent.join(format!(
+        "pod-gpu-emulator-{}-{}-{}",
+        std::process::id(),
+        warp,
+        BUILDS.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
+}
+
+/// Compiles the emulator's source in `dir` into the shared library `lib`.
+fn build(dir: &Path, lib: &Path, warp: u32) -> Result<(), CompileError> {
+    if warp != 32 && warp != 64 {
+        return Err(CompileError::Warp(warp));
+    }
+    let src = dir.join("kernels.cpp");
+    std::fs::write(&src, emulator_source())?;
+    let compiler = compiler();
+    let out = Command::new(&compiler)
+        .args(FLAGS)
+        .arg(format!("-DPOD_WARP={warp}"))
+        .arg("-o")
+        .arg(lib)
+        .arg(&src)
+        .output()
+        .map_err(|source| CompileError::Spawn {
+            compiler: compiler.clone(),
+            source,
+        })?;
+    if !out.status.success() {
+        return Err(CompileError::Rejected {
+            status: out.status,
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        });
+    }
+    Ok(())
 }
 
 /// A 4-byte value at the start of an 8-byte slot.
