@@ -19,6 +19,8 @@
 //! - `matvec_*` writes `y[t * rows + r]`, the dot of weight row `r` with activation row `t`,
 //!   for up to [`MAX_BATCH`] rows.
 
+use candle_core::quantized::GgmlDType;
+
 use crate::kernels::QuantFormat;
 
 /// Where a kernel source is compiled.
@@ -190,36 +192,133 @@ pub fn kernel(name: &str) -> Result<&'static KernelSpec, ArgError> {
         .ok_or_else(|| ArgError::UnknownKernel(name.to_owned()))
 }
 
-/// The `matvec_*` kernel for weights in `format`.
-pub const fn matvec_kernel(format: QuantFormat) -> &'static str {
-    match format {
-        QuantFormat::Q4_0 => "matvec_q4_0",
-        QuantFormat::Q4_1 => "matvec_q4_1",
-        QuantFormat::Q5_0 => "matvec_q5_0",
-        QuantFormat::Q8_0 => "matvec_q8_0",
-        QuantFormat::Q4K => "matvec_q4_k",
-        QuantFormat::Q6K => "matvec_q6_k",
+/// A weight matrix's format on the GPU: the fused CPU kernels' formats, plus `Q5_K` and
+/// unquantised weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum WeightFormat {
+    /// A GGUF block format the CPU kernels also read.
+    Quant(QuantFormat),
+    /// 5-bit values in super-blocks of 256 (176 bytes: `d`, `dmin`, 12 bytes of scales and
+    /// mins packed as `Q4_K`'s, 32 bytes of fifth bits, 128 bytes of nibbles).
+    Q5K,
+    /// IEEE half floats.
+    F16,
+    /// 32-bit floats.
+    F32,
+}
+
+/// What a `matvec_*` kernel reads as its activation rows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activations {
+    /// `quantize_q8`'s 32-value blocks.
+    Q8,
+    /// `quantize_q8k`'s 256-value super-blocks.
+    Q8K,
+    /// Plain f32 rows.
+    F32,
+}
+
+impl WeightFormat {
+    /// Every format the kernels read.
+    pub const ALL: [WeightFormat; 9] = [
+        WeightFormat::Quant(QuantFormat::Q4_0),
+        WeightFormat::Quant(QuantFormat::Q4_1),
+        WeightFormat::Quant(QuantFormat::Q5_0),
+        WeightFormat::Quant(QuantFormat::Q8_0),
+        WeightFormat::Quant(QuantFormat::Q4K),
+        WeightFormat::Q5K,
+        WeightFormat::Quant(QuantFormat::Q6K),
+        WeightFormat::F16,
+        WeightFormat::F32,
+    ];
+
+    /// The format of a GGUF tensor type, or `None` when no kernel reads it.
+    pub fn from_ggml(dtype: GgmlDType) -> Option<Self> {
+        match dtype {
+            GgmlDType::Q5K => Some(Self::Q5K),
+            GgmlDType::F16 => Some(Self::F16),
+            GgmlDType::F32 => Some(Self::F32),
+            other => QuantFormat::from_ggml(other).map(Self::Quant),
+        }
+    }
+
+    /// Values per block (1 for unquantised weights).
+    pub const fn block_values(self) -> usize {
+        match self {
+            Self::Quant(f) => f.block_values(),
+            Self::Q5K => 256,
+            Self::F16 | Self::F32 => 1,
+        }
+    }
+
+    /// Bytes per block.
+    pub const fn block_bytes(self) -> usize {
+        match self {
+            Self::Quant(f) => f.block_bytes(),
+            Self::Q5K => 176,
+            Self::F16 => 2,
+            Self::F32 => 4,
+        }
+    }
+
+    /// The activation rows its `matvec_*` kernel reads.
+    pub const fn activations(self) -> Activations {
+        match self {
+            Self::Quant(QuantFormat::Q4K | QuantFormat::Q6K) | Self::Q5K => Activations::Q8K,
+            Self::Quant(_) => Activations::Q8,
+            Self::F16 | Self::F32 => Activations::F32,
+        }
+    }
+
+    /// Its `matvec_*` kernel.
+    pub const fn matvec_kernel(self) -> &'static str {
+        match self {
+            Self::Quant(QuantFormat::Q4_0) => "matvec_q4_0",
+            Self::Quant(QuantFormat::Q4_1) => "matvec_q4_1",
+            Self::Quant(QuantFormat::Q5_0) => "matvec_q5_0",
+            Self::Quant(QuantFormat::Q8_0) => "matvec_q8_0",
+            Self::Quant(QuantFormat::Q4K) => "matvec_q4_k",
+            Self::Q5K => "matvec_q5_k",
+            Self::Quant(QuantFormat::Q6K) => "matvec_q6_k",
+            Self::F16 => "matvec_f16",
+            Self::F32 => "matvec_f32",
+        }
+    }
+
+    /// Its `embed_*` kernel.
+    pub const fn embed_kernel(self) -> &'static str {
+        match self {
+            Self::Quant(QuantFormat::Q4_0) => "embed_q4_0",
+            Self::Quant(QuantFormat::Q4_1) => "embed_q4_1",
+            Self::Quant(QuantFormat::Q5_0) => "embed_q5_0",
+            Self::Quant(QuantFormat::Q8_0) => "embed_q8_0",
+            Self::Quant(QuantFormat::Q4K) => "embed_q4_k",
+            Self::Q5K => "embed_q5_k",
+            Self::Quant(QuantFormat::Q6K) => "embed_q6_k",
+            Self::F16 => "embed_f16",
+            Self::F32 => "embed_f32",
+        }
     }
 }
 
-/// The `embed_*` kernel for an embedding table in `format`.
-pub const fn embed_kernel(format: QuantFormat) -> &'static str {
-    match format {
-        QuantFormat::Q4_0 => "embed_q4_0",
-        QuantFormat::Q4_1 => "embed_q4_1",
-        QuantFormat::Q5_0 => "embed_q5_0",
-        QuantFormat::Q8_0 => "embed_q8_0",
-        QuantFormat::Q4K => "embed_q4_k",
-        QuantFormat::Q6K => "embed_q6_k",
+impl Activations {
+    /// The kernel that quantises f32 rows into this form, and the bytes it writes per
+    /// [`values`](Self::values) activations; `None` for plain rows.
+    pub const fn quantize_kernel(self) -> Option<(&'static str, usize)> {
+        match self {
+            Activations::Q8 => Some(("quantize_q8", Q8_BLOCK_BYTES)),
+            Activations::Q8K => Some(("quantize_q8k", Q8K_BLOCK_BYTES)),
+            Activations::F32 => None,
+        }
     }
-}
 
-/// The quantisation kernel that prepares activations for `format`, and the bytes it writes
-/// per block of `format.block_values()` activations.
-pub const fn quantize_kernel(format: QuantFormat) -> (&'static str, usize) {
-    match format {
-        QuantFormat::Q4K | QuantFormat::Q6K => ("quantize_q8k", Q8K_BLOCK_BYTES),
-        _ => ("quantize_q8", Q8_BLOCK_BYTES),
+    /// Activations per block.
+    pub const fn values(self) -> usize {
+        match self {
+            Activations::Q8 => 32,
+            Activations::Q8K => 256,
+            Activations::F32 => 1,
+        }
     }
 }
 
@@ -236,8 +335,9 @@ const fn spec(name: &'static str, params: &'static [Param]) -> KernelSpec {
 
 /// Every kernel in the source. Launch shapes:
 /// - `matvec_<format>(w, x, y, rows, cols, batch)`: grid `rows`, any block of 32·k threads;
-///   `x` holds `batch` quantised rows (32-value blocks for `q4_0`, `q4_1`, `q5_0`, `q8_0`,
-///   256-value super-blocks for `q4_k`, `q6_k`).
+///   `x` holds `batch` activation rows in the form [`WeightFormat::activations`] says
+///   (32-value blocks for `q4_0`, `q4_1`, `q5_0`, `q8_0`, 256-value super-blocks for `q4_k`,
+///   `q5_k`, `q6_k`, f32 for `f16`, `f32`).
 /// - `embed_<format>(table, ids, out, cols)`: grid = number of ids.
 /// - `quantize_q8(x, out, blocks)`, `quantize_q8k(x, out, blocks)`: one 32-lane group per
 ///   block, so at least `32 * blocks` threads in all.
@@ -253,13 +353,19 @@ pub const KERNELS: &[KernelSpec] = &[
     spec("matvec_q5_0", MATVEC),
     spec("matvec_q8_0", MATVEC),
     spec("matvec_q4_k", MATVEC),
+    spec("matvec_q5_k", MATVEC),
     spec("matvec_q6_k", MATVEC),
+    spec("matvec_f16", MATVEC),
+    spec("matvec_f32", MATVEC),
     spec("embed_q4_0", EMBED),
     spec("embed_q4_1", EMBED),
     spec("embed_q5_0", EMBED),
     spec("embed_q8_0", EMBED),
     spec("embed_q4_k", EMBED),
+    spec("embed_q5_k", EMBED),
     spec("embed_q6_k", EMBED),
+    spec("embed_f16", EMBED),
+    spec("embed_f32", EMBED),
     spec("quantize_q8", QUANTIZE),
     spec("quantize_q8k", QUANTIZE),
     spec("rms_norm", &[P, P, P, I, F]),

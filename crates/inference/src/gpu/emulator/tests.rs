@@ -4,9 +4,17 @@
 
 use std::sync::OnceLock;
 
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
 use super::*;
+use std::borrow::Cow;
+
+use candle_core::quantized::{GgmlDType, QStorage, QTensor};
+use candle_core::Device;
+
 use crate::gpu::kernels::{
-    embed_kernel, matvec_kernel, quantize_kernel, Param, MAX_BATCH, Q8K_BLOCK_BYTES, Q8_BLOCK_BYTES,
+    Activations, Param, WeightFormat, MAX_BATCH, Q8K_BLOCK_BYTES, Q8_BLOCK_BYTES,
 };
 use crate::kernels::testutil::{random_input, random_matrix};
 use crate::kernels::{QMatrix, QuantFormat, QuantizedRows};
@@ -35,10 +43,10 @@ fn i32_arg(v: usize) -> KernelArg {
     KernelArg::I32(i32::try_from(v).unwrap())
 }
 
-/// `x` (rows of `cols`) quantised on the emulated GPU in the form `format` reads.
-fn gpu_quantize(warp: u32, format: QuantFormat, x: &[f32]) -> Vec<u8> {
-    let (name, bytes) = quantize_kernel(format);
-    let blocks = x.len() / format.block_values();
+/// `x` quantised on the emulated GPU in `form`.
+fn gpu_quantize(warp: u32, form: Activations, x: &[f32]) -> Vec<u8> {
+    let (name, bytes) = form.quantize_kernel().unwrap();
+    let blocks = x.len() / form.values();
     let mut out = vec![0u8; blocks * bytes];
     let threads = 64;
     let grid = (blocks * 32).div_ceil(threads) as u32;
@@ -69,8 +77,8 @@ fn activations_quantise_exactly_as_on_the_cpu() {
     cpu.quantize(&x, cols, [QuantFormat::Q4_0, QuantFormat::Q6K])
         .unwrap();
     for warp in WARPS {
-        let q8 = gpu_quantize(warp, QuantFormat::Q4_0, &x);
-        let q8k = gpu_quantize(warp, QuantFormat::Q6K, &x);
+        let q8 = gpu_quantize(warp, Activations::Q8, &x);
+        let q8k = gpu_quantize(warp, Activations::Q8K, &x);
         for r in 0..3 {
             let row = cpu.q8_row(r).unwrap();
             for (i, b) in row.iter().enumerate() {
@@ -96,28 +104,51 @@ fn activations_quantise_exactly_as_on_the_cpu() {
     }
 }
 
-/// `y[t * rows + r]` for `batch` rows of `x` times `w`, quantised and multiplied on the
-/// emulated GPU with blocks of `threads`.
-fn gpu_matvec(warp: u32, m: &QMatrix, x: &[f32], threads: u32) -> Vec<f32> {
-    let batch = x.len() / m.cols();
-    let xq = gpu_quantize(warp, m.format(), x);
-    let mut y = vec![f32::NAN; batch * m.rows()];
+/// `y[t * rows + r]` for the rows of `x` times `rows` × `cols` weights `w`, quantised (where
+/// the format asks) and multiplied on the emulated GPU with blocks of `threads`.
+fn gpu_matvec(
+    warp: u32,
+    format: WeightFormat,
+    w: &[u8],
+    (rows, cols): (usize, usize),
+    x: &[f32],
+    threads: u32,
+) -> Vec<f32> {
+    let batch = x.len() / cols;
+    let xq = match format.activations() {
+        Activations::F32 => bytemuck::cast_slice(x).to_vec(),
+        form => gpu_quantize(warp, form, x),
+    };
+    let mut y = vec![f32::NAN; batch * rows];
     run(
         warp,
-        matvec_kernel(m.format()),
-        [m.rows() as u32, 1],
+        format.matvec_kernel(),
+        [rows as u32, 1],
         threads,
         0,
         &[
-            Emulator::arg(m.data()),
+            Emulator::arg(w),
             Emulator::arg(&xq),
             Emulator::arg_mut(&mut y),
-            i32_arg(m.rows()),
-            i32_arg(m.cols()),
+            i32_arg(rows),
+            i32_arg(cols),
             i32_arg(batch),
         ],
     );
     y
+}
+
+/// `rows` × `cols` weights of a GGUF type, dequantised by candle.
+fn candle_dequantize(dtype: GgmlDType, data: &[u8], rows: usize, cols: usize) -> Vec<f32> {
+    let storage = QStorage::from_data(Cow::Borrowed(data), &Device::Cpu, dtype).unwrap();
+    QTensor::new(storage, (rows, cols))
+        .unwrap()
+        .dequantize(&Device::Cpu)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 #[test]
@@ -140,7 +171,10 @@ fn matrix_vector_products_match_the_cpu_kernels() {
             m.matmul(&qa, &mut want).unwrap();
             let per_warp: Vec<Vec<f32>> = WARPS
                 .iter()
-                .map(|&w| gpu_matvec(w, &m, &x, [64, 128, 32][batch % 3]))
+                .map(|&w| {
+                    let f = WeightFormat::Quant(format);
+                    gpu_matvec(w, f, m.data(), (rows, cols), &x, [64, 128, 32][batch % 3])
+                })
                 .collect();
             // Reductions run in 32-lane groups in a fixed order: the wave width changes nothing.
             assert_eq!(per_warp[0], per_warp[1], "{format:?} batch {batch}");
@@ -247,11 +281,135 @@ fn integer_dot_products_are_exact() {
             "{format:?}: a degenerate case"
         );
         for warp in WARPS {
-            let got = gpu_matvec(warp, &m, &x, 64);
+            let got = gpu_matvec(
+                warp,
+                WeightFormat::Quant(format),
+                m.data(),
+                (rows, cols),
+                &x,
+                64,
+            );
             // Every rounding is exact here, so any difference is a wrong integer.
             assert_eq!(got, want, "{format:?} warp {warp}");
         }
     }
+}
+
+/// Random `Q5_K` blocks with power-of-two `d` and `dmin` and scales and mins of 0..=3.
+fn power_of_two_q5k(rows: usize, cols: usize, seed: u64) -> Vec<u8> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut data = vec![0u8; rows * cols / 256 * 176];
+    rng.fill(&mut data[..]);
+    for b in data.chunks_exact_mut(176) {
+        b[0..2].copy_from_slice(&half::f16::from_f32(1.0 / 256.0).to_le_bytes());
+        b[2..4].copy_from_slice(&half::f16::from_f32(1.0 / 256.0).to_le_bytes());
+        for v in &mut b[4..16] {
+            *v &= 0x03;
+        }
+    }
+    data
+}
+
+#[test]
+fn q5_k_products_are_exact_and_rows_dequantise_as_candle_does() {
+    let (rows, cols) = (13, 512);
+    let data = power_of_two_q5k(rows, cols, 400);
+    let w = candle_dequantize(GgmlDType::Q5K, &data, rows, cols);
+    let x = power_of_two_input(2 * cols, 401);
+    // The inputs quantise to themselves, and every step is exact: the f64 product is the
+    // answer to the last bit.
+    let want: Vec<f32> = x
+        .chunks_exact(cols)
+        .flat_map(|xs| {
+            w.chunks_exact(cols).map(move |row| {
+                row.iter()
+                    .zip(xs)
+                    .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                    .sum::<f64>() as f32
+            })
+        })
+        .collect();
+    assert!(want.iter().all(|v| v.abs() > 0.0));
+    let ids = [12i32, 0, 5];
+    for warp in WARPS {
+        let got = gpu_matvec(warp, WeightFormat::Q5K, &data, (rows, cols), &x, 64);
+        assert_eq!(got, want, "warp {warp}");
+        let rows_out = gpu_embed(warp, WeightFormat::Q5K, &data, &ids, cols);
+        for (&id, got) in ids.iter().zip(rows_out.chunks_exact(cols)) {
+            let id = id as usize;
+            assert_eq!(got, &w[id * cols..(id + 1) * cols], "warp {warp} row {id}");
+        }
+    }
+}
+
+#[test]
+fn f16_and_f32_products_and_rows_match_their_values() {
+    let (rows, cols, batch) = (9, 320, 3);
+    let values = random_input(rows * cols, 500);
+    let halves: Vec<half::f16> = values.iter().map(|&v| half::f16::from_f32(v)).collect();
+    let x = random_input(batch * cols, 501);
+    let ids = [8i32, 1, 1];
+    for format in [WeightFormat::F16, WeightFormat::F32] {
+        let (w, bytes): (Vec<f32>, Vec<u8>) = if format == WeightFormat::F16 {
+            let bytes = halves.iter().flat_map(|h| h.to_le_bytes()).collect();
+            (halves.iter().map(|h| h.to_f32()).collect(), bytes)
+        } else {
+            (values.clone(), bytemuck::cast_slice(&values).to_vec())
+        };
+        for warp in WARPS {
+            let got = gpu_matvec(warp, format, &bytes, (rows, cols), &x, 64);
+            for t in 0..batch {
+                for r in 0..rows {
+                    let (wr, xs) = (&w[r * cols..][..cols], &x[t * cols..][..cols]);
+                    let exact: f64 = wr
+                        .iter()
+                        .zip(xs)
+                        .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                        .sum();
+                    let mag: f64 = wr
+                        .iter()
+                        .zip(xs)
+                        .map(|(&a, &b)| f64::from(a * b).abs())
+                        .sum();
+                    // cols products, each rounded once, summed in some order: at most
+                    // (cols + 1)·ε·Σ|w·x| from the exact value.
+                    let bound = (cols as f64 + 1.0) * f64::from(EPS) * mag;
+                    let g = f64::from(got[t * rows + r]);
+                    assert!(
+                        (g - exact).abs() <= bound,
+                        "{format:?} warp {warp}: {g} vs {exact}"
+                    );
+                }
+            }
+            let out = gpu_embed(warp, format, &bytes, &ids, cols);
+            for (&id, got) in ids.iter().zip(out.chunks_exact(cols)) {
+                assert_eq!(
+                    got,
+                    &w[id as usize * cols..][..cols],
+                    "{format:?} warp {warp}"
+                );
+            }
+        }
+    }
+}
+
+/// Table rows `ids` of `format`, dequantised on the emulated GPU.
+fn gpu_embed(warp: u32, format: WeightFormat, table: &[u8], ids: &[i32], cols: usize) -> Vec<f32> {
+    let mut out = vec![f32::NAN; ids.len() * cols];
+    run(
+        warp,
+        format.embed_kernel(),
+        [ids.len() as u32, 1],
+        128,
+        0,
+        &[
+            Emulator::arg(table),
+            Emulator::arg(ids),
+            Emulator::arg_mut(&mut out),
+            i32_arg(cols),
+        ],
+    );
+    out
 }
 
 #[test]
@@ -267,20 +425,7 @@ fn embedding_rows_dequantise_exactly_as_on_the_cpu() {
             format.dequantize_row(&table[id * row_bytes..(id + 1) * row_bytes], out);
         }
         for warp in WARPS {
-            let mut got = vec![f32::NAN; ids.len() * cols];
-            run(
-                warp,
-                embed_kernel(format),
-                [ids.len() as u32, 1],
-                128,
-                0,
-                &[
-                    Emulator::arg(&table),
-                    Emulator::arg(&ids),
-                    Emulator::arg_mut(&mut got),
-                    i32_arg(cols),
-                ],
-            );
+            let got = gpu_embed(warp, WeightFormat::Quant(format), &table, &ids, cols);
             let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&got), bits(&want), "{format:?} warp {warp}");
         }

@@ -255,6 +255,41 @@ struct pod_q4_k {
     }
 };
 
+struct pod_q5_k {
+    enum { VALUES = 256, BYTES = 176, SUPER = 1 };
+    // As Q4_K, with the fifth bit of value l of sub-block s at bit s of qh[l].
+    static __device__ __forceinline__ float item(const pod_u8* w, const pod_u8* x, int i) {
+        const int s = i % 8;
+        const pod_u8* b = w + (i / 8) * BYTES;
+        const pod_u8* y = x + (i / 8) * POD_Q8K_BYTES;
+        const pod_u8* q = b + 48 + 32 * (s / 2);
+        const int shift = 4 * (s % 2);
+        int isum = 0;
+        for (int k = 0; k < 8; ++k) {
+            const pod_u32 lo = ((pod_u32)pod_load_b2(q + 4 * k) >> shift) & 0x0f0f0f0fu;
+            const pod_u32 hi = (((pod_u32)pod_load_b2(b + 16 + 4 * k) >> s) & 0x01010101u) << 4;
+            isum = pod_dot4((int)(lo | hi), pod_load_b4(y + 4 + 32 * s + 4 * k), isum);
+        }
+        int sc, mn;
+        pod_q4k_scale_min(b + 4, s, &sc, &mn);
+        const pod_i16* bsums = (const pod_i16*)(y + 260);
+        const int ysum = bsums[2 * s] + bsums[2 * s + 1];
+        const float yd = *(const float*)y;
+        return yd * (pod_f16_at(b) * (float)(sc * isum) - pod_f16_at(b + 2) * (float)(mn * ysum));
+    }
+    static __device__ __forceinline__ float value(const pod_u8* w, int k) {
+        const pod_u8* b = w + (k / 256) * BYTES;
+        const int s = (k % 256) / 32;
+        const int l = k % 32;
+        const int q = ((b[48 + 32 * (s / 2) + l] >> (4 * (s % 2))) & 0x0f) | (((b[16 + l] >> s) & 1) << 4);
+        int sc, mn;
+        pod_q4k_scale_min(b + 4, s, &sc, &mn);
+        const float ds = pod_f16_at(b) * (float)sc;
+        const float ms = pod_f16_at(b + 2) * (float)mn;
+        return ds * (float)q - ms;
+    }
+};
+
 struct pod_q6_k {
     enum { VALUES = 256, BYTES = 210, SUPER = 1 };
     // Item i is values 32 * (i % 8) .. + 32 of super-block i / 8: sixteen-value groups
@@ -333,7 +368,55 @@ POD_MATVEC(matvec_q4_1, pod_q4_1)
 POD_MATVEC(matvec_q5_0, pod_q5_0)
 POD_MATVEC(matvec_q8_0, pod_q8_0)
 POD_MATVEC(matvec_q4_k, pod_q4_k)
+POD_MATVEC(matvec_q5_k, pod_q5_k)
 POD_MATVEC(matvec_q6_k, pod_q6_k)
+
+// Unquantised weights times f32 activation rows, same shape and output as pod_matvec.
+struct pod_f32 {
+    enum { SIZE = 4 };
+    static __device__ __forceinline__ float value(const pod_u8* w, int k) {
+        return ((const float*)w)[k];
+    }
+};
+
+struct pod_f16 {
+    enum { SIZE = 2 };
+    static __device__ __forceinline__ float value(const pod_u8* w, int k) {
+        return pod_half_to_float(((const pod_u16*)w)[k]);
+    }
+};
+
+template <typename F>
+static __device__ void pod_matvec_float(const pod_u8* w, const float* x, float* y, int rows,
+                                        int cols, int batch) {
+    __shared__ float scratch[32];
+    const int row = blockIdx.x;
+    if (row >= rows) {
+        return;
+    }
+    const pod_u8* wr = w + (pod_u64)row * cols * F::SIZE;
+    for (int t = 0; t < batch; ++t) {
+        const float* xr = x + (pod_u64)t * cols;
+        float acc = 0.0f;
+        for (int k = threadIdx.x; k < cols; k += blockDim.x) {
+            acc += F::value(wr, k) * xr[k];
+        }
+        acc = pod_block_sum(acc, scratch);
+        if (threadIdx.x == 0) {
+            y[(pod_u64)t * rows + row] = acc;
+        }
+    }
+}
+
+extern "C" __global__ void matvec_f32(const pod_u8* w, const float* x, float* y, int rows, int cols,
+                                      int batch) {
+    pod_matvec_float<pod_f32>(w, x, y, rows, cols, batch);
+}
+
+extern "C" __global__ void matvec_f16(const pod_u8* w, const float* x, float* y, int rows, int cols,
+                                      int batch) {
+    pod_matvec_float<pod_f16>(w, x, y, rows, cols, batch);
+}
 
 // Embedding lookup: out row r = dequantised table row ids[r]. One block per output row.
 template <typename F>
@@ -354,7 +437,25 @@ POD_EMBED(embed_q4_1, pod_q4_1)
 POD_EMBED(embed_q5_0, pod_q5_0)
 POD_EMBED(embed_q8_0, pod_q8_0)
 POD_EMBED(embed_q4_k, pod_q4_k)
+POD_EMBED(embed_q5_k, pod_q5_k)
 POD_EMBED(embed_q6_k, pod_q6_k)
+
+template <typename F>
+static __device__ void pod_embed_float(const pod_u8* table, const int* ids, float* out, int cols) {
+    const pod_u8* row = table + (pod_u64)ids[blockIdx.x] * cols * F::SIZE;
+    float* o = out + (pod_u64)blockIdx.x * cols;
+    for (int k = threadIdx.x; k < cols; k += blockDim.x) {
+        o[k] = F::value(row, k);
+    }
+}
+
+extern "C" __global__ void embed_f32(const pod_u8* table, const int* ids, float* out, int cols) {
+    pod_embed_float<pod_f32>(table, ids, out, cols);
+}
+
+extern "C" __global__ void embed_f16(const pod_u8* table, const int* ids, float* out, int cols) {
+    pod_embed_float<pod_f16>(table, ids, out, cols);
+}
 
 // ---------------------------------------------------------------------------------------
 // Activation quantisation, as the CPU path does it: the largest magnitude maps to +-127,
