@@ -1,4 +1,4 @@
-//! Runs the kernel source on the CPU: each lane a host thread, for tests without a GPU.
+//! Runs the kernel source on the CPU, each lane a fiber, for tests without a GPU.
 //!
 //! [`Emulator::compile`] builds [`source`]`(`[`Platform::Emulator`]`)`, the runtime in
 //! `emulator/runtime.cpp` and one generated launcher per kernel into a shared library with the
@@ -301,7 +301,7 @@ impl Emulator {
 }
 
 /// Compiler flags besides the warp width and the paths.
-const FLAGS: [&str; 6] = [
+const FLAGS: [&str; 7] = [
     "-std=c++20",
     "-O2",
     "-shared",
@@ -309,6 +309,8 @@ const FLAGS: [&str; 6] = [
     "-w",
     // No fused multiply-adds, so element-wise results match the CPU path's exactly.
     "-ffp-contract=off",
+    // The kernels read byte buffers as wider types, as GPU code does.
+    "-fno-strict-aliasing",
 ];
 
 /// The host C++ compiler: `$CXX`, else `c++`.

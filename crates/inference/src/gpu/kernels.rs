@@ -17,7 +17,8 @@
 //!   [`Q8K_BLOCK_BYTES`]-byte super-blocks (f32 scale, 256 signed bytes, sixteen i16 sums of
 //!   runs of 16), the same numbers the CPU path computes;
 //! - `matvec_*` writes `y[t * rows + r]`, the dot of weight row `r` with activation row `t`,
-//!   for up to [`MAX_BATCH`] rows.
+//!   unpacking each weight block once per activation row (meant for decode steps and small
+//!   batches, a few rows).
 
 use candle_core::quantized::GgmlDType;
 
@@ -54,8 +55,6 @@ const BODY: &str = include_str!("kernels/body.cu");
 pub const Q8_BLOCK_BYTES: usize = 40;
 /// Bytes of one quantised super-block of 256 activations.
 pub const Q8K_BLOCK_BYTES: usize = 292;
-/// Most activation rows one `matvec_*` launch takes.
-pub const MAX_BATCH: usize = 8;
 
 /// The complete source for `platform`: its preamble, then the kernels.
 pub fn source(platform: Platform) -> String {

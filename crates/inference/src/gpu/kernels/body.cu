@@ -13,8 +13,6 @@
 #define POD_Q8_BYTES 40
 // 256 activations as d * qs[i]: f32 d, 256 signed bytes, sixteen i16 sums of runs of 16.
 #define POD_Q8K_BYTES 292
-// Most activation rows one matrix-vector launch takes.
-#define POD_MAX_BATCH 8
 
 static __device__ __forceinline__ float pod_half_to_float(pod_u16 h) {
     const pod_u32 sign = (pod_u32)(h & 0x8000u) << 16;
