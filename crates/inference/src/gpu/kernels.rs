@@ -324,7 +324,7 @@ impl Activations {
 use Param::{Ptr as P, F32 as F, I32 as I};
 
 const MATVEC: &[Param] = &[P, P, P, I, I, I];
-const EMBED: &[Param] = &[P, P, P, I];
+const EMBED: &[Param] = &[P, P, P, I, F];
 const QUANTIZE: &[Param] = &[P, P, I];
 const ELEMENTWISE: &[Param] = &[P, P, I];
 
@@ -337,13 +337,16 @@ const fn spec(name: &'static str, params: &'static [Param]) -> KernelSpec {
 ///   `x` holds `batch` activation rows in the form [`WeightFormat::activations`] says
 ///   (32-value blocks for `q4_0`, `q4_1`, `q5_0`, `q8_0`, 256-value super-blocks for `q4_k`,
 ///   `q5_k`, `q6_k`, f32 for `f16`, `f32`).
-/// - `embed_<format>(table, ids, out, cols)`: grid = number of ids.
+/// - `embed_<format>(table, ids, out, cols, scale)`: grid = number of ids; `embed_f32` on
+///   hidden states gathers rows.
 /// - `quantize_q8(x, out, blocks)`, `quantize_q8k(x, out, blocks)`: one 32-lane group per
 ///   block, so at least `32 * blocks` threads in all.
 /// - `rms_norm(x, w, y, cols, eps)`: grid = rows.
 /// - `rope(x, pos, cos, sin, width, head_dim, neox)`: grid = rows, tables
 ///   `[positions, head_dim / 2]`.
 /// - `add(x, y, n)`, `silu_mul(gate, up, n)`, `gelu_mul(gate, up, n)`: at least `n` threads.
+/// - `kv_append(k, v, k_cache, v_cache, base, pos, kv_w)`: grid = rows; row `r` goes to
+///   cache position `base[r] + pos[r]`.
 /// - `attention(q, k, v, out, base, pos, n_head, n_kv_head, head_dim, window, scale)`: grid
 ///   `(rows, n_head)`, dynamic shared memory of 4 bytes per attended position.
 pub const KERNELS: &[KernelSpec] = &[
@@ -372,5 +375,6 @@ pub const KERNELS: &[KernelSpec] = &[
     spec("add", ELEMENTWISE),
     spec("silu_mul", ELEMENTWISE),
     spec("gelu_mul", ELEMENTWISE),
+    spec("kv_append", &[P, P, P, P, P, P, I]),
     spec("attention", &[P, P, P, P, P, P, I, I, I, I, F]),
 ];

@@ -334,7 +334,7 @@ fn q5_k_products_are_exact_and_rows_dequantise_as_candle_does() {
     for warp in WARPS {
         let got = gpu_matvec(warp, WeightFormat::Q5K, &data, (rows, cols), &x, 64);
         assert_eq!(got, want, "warp {warp}");
-        let rows_out = gpu_embed(warp, WeightFormat::Q5K, &data, &ids, cols);
+        let rows_out = gpu_embed(warp, WeightFormat::Q5K, &data, &ids, (cols, 1.0));
         for (&id, got) in ids.iter().zip(rows_out.chunks_exact(cols)) {
             let id = id as usize;
             assert_eq!(got, &w[id * cols..(id + 1) * cols], "warp {warp} row {id}");
@@ -381,7 +381,7 @@ fn f16_and_f32_products_and_rows_match_their_values() {
                     );
                 }
             }
-            let out = gpu_embed(warp, format, &bytes, &ids, cols);
+            let out = gpu_embed(warp, format, &bytes, &ids, (cols, 1.0));
             for (&id, got) in ids.iter().zip(out.chunks_exact(cols)) {
                 assert_eq!(
                     got,
@@ -394,7 +394,13 @@ fn f16_and_f32_products_and_rows_match_their_values() {
 }
 
 /// Table rows `ids` of `format`, dequantised on the emulated GPU.
-fn gpu_embed(warp: u32, format: WeightFormat, table: &[u8], ids: &[i32], cols: usize) -> Vec<f32> {
+fn gpu_embed(
+    warp: u32,
+    format: WeightFormat,
+    table: &[u8],
+    ids: &[i32],
+    (cols, scale): (usize, f32),
+) -> Vec<f32> {
     let mut out = vec![f32::NAN; ids.len() * cols];
     run(
         warp,
@@ -407,6 +413,7 @@ fn gpu_embed(warp: u32, format: WeightFormat, table: &[u8], ids: &[i32], cols: u
             Emulator::arg(ids),
             Emulator::arg_mut(&mut out),
             i32_arg(cols),
+            KernelArg::F32(scale),
         ],
     );
     out
@@ -415,19 +422,73 @@ fn gpu_embed(warp: u32, format: WeightFormat, table: &[u8], ids: &[i32], cols: u
 #[test]
 fn embedding_rows_dequantise_exactly_as_on_the_cpu() {
     let (rows, cols) = (11, 512);
+    // Gemma's scale, sqrt(hidden), rounded to f32 as the CPU model keeps it.
+    let gemma = (640.0f32).sqrt();
     for (fi, format) in QuantFormat::ALL.into_iter().enumerate() {
         let table = random_matrix(format, rows, cols, 40 + fi as u64);
         let ids = [3i32, 0, 10, 3, 7];
         let row_bytes = cols / format.block_values() * format.block_bytes();
-        let mut want = vec![0.0f32; ids.len() * cols];
-        for (&id, out) in ids.iter().zip(want.chunks_exact_mut(cols)) {
-            let id = id as usize;
-            format.dequantize_row(&table[id * row_bytes..(id + 1) * row_bytes], out);
+        for scale in [1.0, gemma] {
+            let mut want = vec![0.0f32; ids.len() * cols];
+            for (&id, out) in ids.iter().zip(want.chunks_exact_mut(cols)) {
+                let id = id as usize;
+                format.dequantize_row(&table[id * row_bytes..(id + 1) * row_bytes], out);
+                for v in out.iter_mut() {
+                    *v *= scale;
+                }
+            }
+            for warp in WARPS {
+                let f = WeightFormat::Quant(format);
+                let got = gpu_embed(warp, f, &table, &ids, (cols, scale));
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&got),
+                    bits(&want),
+                    "{format:?} warp {warp} scale {scale}"
+                );
+            }
         }
-        for warp in WARPS {
-            let got = gpu_embed(warp, WeightFormat::Quant(format), &table, &ids, cols);
-            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&got), bits(&want), "{format:?} warp {warp}");
+    }
+}
+
+#[test]
+fn keys_and_values_append_at_their_sequences_positions() {
+    let kv_w = 48;
+    // Two sequences, caches at positions 0.. and 10.. of one buffer; rows: a decode step of
+    // the first at position 3, a chunk of the second at positions 0..3.
+    let (base, pos) = ([0i32, 10, 10, 10], [3i32, 0, 1, 2]);
+    let k = random_input(base.len() * kv_w, 90);
+    let v = random_input(base.len() * kv_w, 91);
+    for warp in WARPS {
+        let (mut kc, mut vc) = (vec![0.0f32; 20 * kv_w], vec![0.0f32; 20 * kv_w]);
+        run(
+            warp,
+            "kv_append",
+            [base.len() as u32, 1],
+            32,
+            0,
+            &[
+                Emulator::arg(&k),
+                Emulator::arg(&v),
+                Emulator::arg_mut(&mut kc),
+                Emulator::arg_mut(&mut vc),
+                Emulator::arg(&base),
+                Emulator::arg(&pos),
+                i32_arg(kv_w),
+            ],
+        );
+        let mut filled = [false; 20];
+        for r in 0..base.len() {
+            let at = (base[r] + pos[r]) as usize;
+            filled[at] = true;
+            assert_eq!(&kc[at * kv_w..][..kv_w], &k[r * kv_w..][..kv_w]);
+            assert_eq!(&vc[at * kv_w..][..kv_w], &v[r * kv_w..][..kv_w]);
+        }
+        for (p, _) in filled.iter().enumerate().filter(|(_, f)| !**f) {
+            assert!(
+                kc[p * kv_w..][..kv_w].iter().all(|&x| x == 0.0),
+                "position {p}"
+            );
         }
     }
 }

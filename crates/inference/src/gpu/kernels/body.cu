@@ -416,19 +416,23 @@ extern "C" __global__ void matvec_f16(const pod_u8* w, const float* x, float* y,
     pod_matvec_float<pod_f16>(w, x, y, rows, cols, batch);
 }
 
-// Embedding lookup: out row r = dequantised table row ids[r]. One block per output row.
+// Embedding lookup: out row r = dequantised table row ids[r], times scale (Gemma scales its
+// embeddings; 1 elsewhere, which changes nothing). One block per output row. embed_f32 with
+// the hidden states as its table gathers rows, such as each sequence's last.
 template <typename F>
-static __device__ void pod_embed(const pod_u8* table, const int* ids, float* out, int cols) {
+static __device__ void pod_embed(const pod_u8* table, const int* ids, float* out, int cols,
+                                 float scale) {
     const pod_u8* row = table + (pod_u64)ids[blockIdx.x] * (pod_u64)(cols / F::VALUES * F::BYTES);
     float* o = out + (pod_u64)blockIdx.x * cols;
     for (int k = threadIdx.x; k < cols; k += blockDim.x) {
-        o[k] = F::value(row, k);
+        o[k] = F::value(row, k) * scale;
     }
 }
 
 #define POD_EMBED(name, F)                                                                    \
-    extern "C" __global__ void name(const pod_u8* table, const int* ids, float* out, int cols) { \
-        pod_embed<F>(table, ids, out, cols);                                                  \
+    extern "C" __global__ void name(const pod_u8* table, const int* ids, float* out, int cols, \
+                                    float scale) {                                            \
+        pod_embed<F>(table, ids, out, cols, scale);                                           \
     }
 POD_EMBED(embed_q4_0, pod_q4_0)
 POD_EMBED(embed_q4_1, pod_q4_1)
@@ -439,20 +443,23 @@ POD_EMBED(embed_q5_k, pod_q5_k)
 POD_EMBED(embed_q6_k, pod_q6_k)
 
 template <typename F>
-static __device__ void pod_embed_float(const pod_u8* table, const int* ids, float* out, int cols) {
+static __device__ void pod_embed_float(const pod_u8* table, const int* ids, float* out, int cols,
+                                       float scale) {
     const pod_u8* row = table + (pod_u64)ids[blockIdx.x] * cols * F::SIZE;
     float* o = out + (pod_u64)blockIdx.x * cols;
     for (int k = threadIdx.x; k < cols; k += blockDim.x) {
-        o[k] = F::value(row, k);
+        o[k] = F::value(row, k) * scale;
     }
 }
 
-extern "C" __global__ void embed_f32(const pod_u8* table, const int* ids, float* out, int cols) {
-    pod_embed_float<pod_f32>(table, ids, out, cols);
+extern "C" __global__ void embed_f32(const pod_u8* table, const int* ids, float* out, int cols,
+                                     float scale) {
+    pod_embed_float<pod_f32>(table, ids, out, cols, scale);
 }
 
-extern "C" __global__ void embed_f16(const pod_u8* table, const int* ids, float* out, int cols) {
-    pod_embed_float<pod_f16>(table, ids, out, cols);
+extern "C" __global__ void embed_f16(const pod_u8* table, const int* ids, float* out, int cols,
+                                     float scale) {
+    pod_embed_float<pod_f16>(table, ids, out, cols, scale);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -586,6 +593,18 @@ extern "C" __global__ void gelu_mul(float* gate, const float* up, int n) {
         const float y = 0.7978846f * g * (1.0f + 0.044715f * g * g);
         const float t = 1.0f - 2.0f / (expf(2.0f * y) + 1.0f);
         gate[i] = 0.5f * g * (1.0f + t) * up[i];
+    }
+}
+
+// Appends each row's keys and values (rows of width kv_w) to its sequence's cache, at
+// position pos[r] of the cache that starts at position base[r]. One block per row.
+extern "C" __global__ void kv_append(const float* k, const float* v, float* k_cache,
+                                     float* v_cache, const int* base, const int* pos, int kv_w) {
+    const int r = blockIdx.x;
+    const pod_u64 at = ((pod_u64)base[r] + pos[r]) * kv_w;
+    for (int i = threadIdx.x; i < kv_w; i += blockDim.x) {
+        k_cache[at + i] = k[(pod_u64)r * kv_w + i];
+        v_cache[at + i] = v[(pod_u64)r * kv_w + i];
     }
 }
 
