@@ -3,9 +3,9 @@
 //! [`Emulator::compile`] builds [`source`]`(`[`Platform::Emulator`]`)`, the runtime in
 //! `emulator/runtime.cpp` and one generated launcher per kernel into a shared library with the
 //! host C++ compiler (`$CXX`, else `c++`), at warp width 32 or 64, and loads it;
-//! [`Emulator::compile_cached`] keeps the library for the next process. Launches go
-//! by kernel name ([`Emulator::launch`]), with grid and block dimensions, dynamic shared memory and arguments, as on
-//! a GPU runtime; device memory is host memory.
+//! [`Emulator::compile_cached`] keeps the library for the next process. Launches go by kernel
+//! name ([`Emulator::launch`]), with grid and block dimensions, dynamic shared memory and
+//! arguments, as on a GPU runtime; device memory is host memory.
 //!
 //! Inside a launch every lane of a block is a fiber on the calling thread and blocks run one
 //! after another; lanes switch only at `__syncthreads` and shuffles, where each waits for the
@@ -17,8 +17,9 @@
 //!   launcher's parameter types were checked against [`KERNELS`] when it was loaded
 //!   ([`CompileError::Signature`]), so a launch whose arguments pass [`KernelSpec::check`]
 //!   calls each kernel with values of its own parameter types;
-//! - the library's runtime keeps global state (fibers, shared memory), so launches into one
-//!   library are serialised by a mutex;
+//! - the library's runtime keeps global state (fibers, shared memory), and two emulators
+//!   loading the same cached file share one copy of it, so every launch in the process holds
+//!   one mutex;
 //! - what the kernels do with the addresses they are given is the caller's contract, as on a
 //!   GPU: [`Emulator::launch`] is `unsafe`.
 #![allow(unsafe_code)]
@@ -107,8 +108,6 @@ pub enum LaunchError {
 pub struct Emulator {
     warp: u32,
     launchers: Vec<(&'static KernelSpec, LaunchFn)>,
-    /// The runtime's state is global to the library, so one launch at a time.
-    lock: Mutex<()>,
     /// Kept loaded while the launchers are in use; dropped last.
     _library: Library,
 }
@@ -223,7 +222,6 @@ impl Emulator {
         Ok(Self {
             warp,
             launchers,
-            lock: Mutex::new(()),
             _library: library,
         })
     }
@@ -283,7 +281,10 @@ impl Emulator {
             .map(|v| (v as *mut u64).cast::<c_void>())
             .collect();
         let dims = [grid[0], grid[1], grid[2], block[0], block[1], block[2]];
-        let _one_at_a_time = self.lock.lock().unwrap_or_else(PoisonError::into_inner);
+        // The runtime's state is global to its library, and one library may be loaded by
+        // several emulators: one launch at a time in the whole process.
+        static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+        let _launching = ONE_AT_A_TIME.lock().unwrap_or_else(PoisonError::into_inner);
         // SAFETY: the arguments match the kernel's compiled parameter types (checked above
         // against KERNELS, which were checked against the library at load); the memory they
         // address is the caller's contract.
