@@ -885,7 +885,7 @@ fn launches_with_wrong_arguments_or_shapes_fail_cleanly() {
 }
 
 #[test]
-fn every_listed_kernel_is_in_the_source_and_the_gpu_preambles_include_nothing() {
+fn every_kernel_named_is_in_the_source_and_the_gpu_preambles_include_nothing() {
     use crate::gpu::kernels::{source_hash, KERNELS};
     for p in Platform::ALL {
         let s = source(p);
@@ -902,4 +902,24 @@ fn every_listed_kernel_is_in_the_source_and_the_gpu_preambles_include_nothing() 
         assert_eq!(source_hash(p), source_hash(p));
     }
     assert_ne!(source_hash(Platform::Cuda), source_hash(Platform::Hip));
+    for format in WeightFormat::ALL {
+        let matvec = kernel(format.matvec_kernel()).unwrap();
+        let embed = kernel(format.embed_kernel()).unwrap();
+        assert_eq!(matvec.params.len(), 6, "{format:?}");
+        assert_eq!(embed.params.len(), 5, "{format:?}");
+        if let Some((name, _)) = format.activations().quantize_kernel() {
+            kernel(name).unwrap();
+        }
+    }
+    for dtype in [
+        GgmlDType::Q4_0,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+        GgmlDType::F16,
+    ] {
+        let format = WeightFormat::from_ggml(dtype).unwrap();
+        assert_eq!(format.block_bytes(), dtype.type_size(), "{dtype:?}");
+        assert_eq!(format.block_values(), dtype.block_size(), "{dtype:?}");
+    }
+    assert_eq!(WeightFormat::from_ggml(GgmlDType::Q2K), None);
 }
