@@ -5,7 +5,7 @@
 //!   short per-platform preambles (shuffles, integer dot products, warp width). Reductions work
 //!   in logical 32-lane groups, so the logic that runs on a wave32 NVIDIA card is the logic
 //!   that runs on a wave64 gfx906.
-//! - [`emulator`]: runs that same source on the CPU (each lane a host thread, barriers for
+//! - [`emulator`]: runs that same source on the CPU (each lane a fiber, barriers for
 //!   `__syncthreads` and shuffles) at warp widths 32 and 64, so tests without a GPU execute the
 //!   real kernels and compare them with the CPU backend.
 //! - [`hip`] and [`cuda`]: the vendor runtimes and runtime compilers, loaded with `dlopen` when
