@@ -42,6 +42,23 @@ pub fn accelerated() -> bool {
     }
 }
 
+/// The instruction set the kernels use on this CPU, chosen at run time (after any
+/// `POD_CPU_KERNELS` cap): `avx512-vnni`, `avx2` or `portable`.
+pub fn cpu_level() -> &'static str {
+    #[cfg(target_arch = "x86_64")]
+    {
+        match x86::level() {
+            x86::Level::Avx512Vnni => "avx512-vnni",
+            x86::Level::Avx2 => "avx2",
+            x86::Level::Portable => "portable",
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        "portable"
+    }
+}
+
 /// A fused kernel was handed inconsistent shapes or data.
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {
@@ -157,5 +174,18 @@ pub(crate) mod testutil {
                 }
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn the_named_level_is_the_one_that_runs() {
+        let level = super::cpu_level();
+        assert!(
+            ["avx512-vnni", "avx2", "portable"].contains(&level),
+            "{level}"
+        );
+        assert_eq!(super::accelerated(), level != "portable");
     }
 }

@@ -40,7 +40,7 @@ pub struct NodeBackend {
     mesh: mesh::Client,
     profile: Profile,
     started: Instant,
-    peers: PeerCache,
+    peers: PeerWatch,
     infer: InferClient,
     route: Route,
     ledger: Option<Arc<Ledger>>,
@@ -58,17 +58,13 @@ impl NodeBackend {
         ledger: Option<Arc<Ledger>>,
         route: Route,
     ) -> Self {
-        let peers: PeerCache = Arc::default();
-        tokio::spawn(refresh_peers(mesh.clone(), Arc::clone(&peers)));
-        let ranking = Arc::clone(&peers);
-        let providers: Providers =
-            Arc::new(move |model: &str, exclude: &[PeerId]| rank(&ranking, model, exclude));
+        let peers = PeerWatch::start(mesh.clone());
         let infer = InferClient::new(
             mesh.streams(),
             mesh.peer_id(),
             ledger.clone(),
             ClientConfig::default(),
-            providers,
+            peers.providers(),
         );
         Self {
             local,
@@ -114,6 +110,34 @@ impl NodeBackend {
 
     fn holds(&self, model: &str) -> bool {
         self.route != Route::Mesh && self.local.models().iter().any(|m| m.info.name == model)
+    }
+}
+
+/// The mesh's peer table, re-read a few times a second: what routing to peers needs, for a
+/// node's backend and for commands that only talk to the mesh.
+#[derive(Debug, Clone)]
+pub struct PeerWatch {
+    peers: PeerCache,
+}
+
+impl PeerWatch {
+    /// Starts re-reading `mesh`'s peer table until the mesh stops (spawns a task, so call it
+    /// inside a tokio runtime).
+    pub fn start(mesh: mesh::Client) -> Self {
+        let peers: PeerCache = Arc::default();
+        tokio::spawn(refresh_peers(mesh, Arc::clone(&peers)));
+        Self { peers }
+    }
+
+    /// Ranks the peers for a model, best first, for an [`InferClient`].
+    pub fn providers(&self) -> Providers {
+        let ranking = Arc::clone(&self.peers);
+        Arc::new(move |model: &str, exclude: &[PeerId]| rank(&ranking, model, exclude))
+    }
+
+    /// Whether a peer with a ready API announces `model`.
+    pub fn serves(&self, model: &str) -> bool {
+        !rank(&self.peers, model, &[]).is_empty()
     }
 }
 
@@ -168,7 +192,7 @@ impl Backend for NodeBackend {
             }
         }
         if self.route != Route::Local {
-            if let Ok(peers) = self.peers.read() {
+            if let Ok(peers) = self.peers.peers.read() {
                 for p in peers.iter() {
                     let Some(caps) = &p.capabilities else {
                         continue;

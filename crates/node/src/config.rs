@@ -3,6 +3,7 @@
 //!
 //! Every key is optional and flat (no tables); `deploy/config.example.toml` documents them all.
 //! An unknown key or a bad value is an error naming the key, the line and the file.
+//! [`StartSettings::layer`] puts the file under the flags and the environment.
 
 use std::fmt;
 use std::net::IpAddr;
@@ -16,41 +17,14 @@ use serde::{Deserialize, Deserializer};
 use crate::backend::Route;
 use crate::profile::Profile;
 
+mod layer;
+mod start_args;
+
+pub use layer::{given, Source, Sources, StartSettings, KEYS};
+pub use start_args::StartArgs;
+
 /// The file's name in the state directory.
 pub const FILE_NAME: &str = "config.toml";
-
-/// Every key the file may hold, in the order of the example file.
-pub const KEYS: &[&str] = &[
-    "profile",
-    "models",
-    "models_dir",
-    "pull",
-    "device",
-    "max_batch",
-    "max_queue",
-    "threads",
-    "ctx_size",
-    "prefix_cache",
-    "api",
-    "api_host",
-    "api_port",
-    "api_key_file",
-    "public_api",
-    "shutdown_grace",
-    "p2p_port",
-    "listen",
-    "external_addr",
-    "bootstrap",
-    "mdns",
-    "serve_mesh",
-    "route",
-    "announce_interval",
-    "serve_rate",
-    "bulk",
-    "bulk_port",
-    "log",
-    "log_format",
-];
 
 /// The settings `config.toml` may hold. `None`: not set in the file, so the environment or
 /// the built-in default applies.

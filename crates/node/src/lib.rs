@@ -1,5 +1,6 @@
-//! The pod node: model store and catalogue, model loading, and (as the mesh lands) the
-//! libp2p networking. The `pod` binary in `main.rs` is a thin command-line layer over this.
+//! The pod node: model store and catalogue, model loading, the libp2p mesh, inference and
+//! model files served to peers, and the daemon. The `pod` binary (`main.rs`, `cli/`) is a thin
+//! command-line layer over this.
 #![deny(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 

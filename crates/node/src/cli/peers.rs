@@ -1,0 +1,71 @@
+//! `pod peers`: the peers the running node knows.
+
+use std::path::Path;
+
+use anyhow::Result;
+use clap::Args;
+
+use super::node_client::{locate, require_api, DaemonArgs};
+
+#[derive(Debug, Args)]
+pub(crate) struct PeersArgs {
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    daemon: DaemonArgs,
+}
+
+pub(crate) fn exec(home: &Path, args: PeersArgs) -> Result<()> {
+    let located = locate(home, &args.daemon)?;
+    let body = require_api(&located)?.get_json(pod_api::paths::PEERS)?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&body["data"])?);
+        return Ok(());
+    }
+    let rows = body["data"].as_array().cloned().unwrap_or_default();
+    if rows.is_empty() {
+        println!("no peers");
+        return Ok(());
+    }
+    println!(
+        "{:<52} {:<14} {:>8} {:>10} {:>9}  MODELS",
+        "PEER", "AGENT", "RTT", "LOAD", "SEEN"
+    );
+    for p in rows {
+        let models: Vec<&str> = p["models"]
+            .as_array()
+            .map(|m| m.iter().filter_map(|m| m["name"].as_str()).collect())
+            .unwrap_or_default();
+        let rtt = p["rtt_ms"]
+            .as_f64()
+            .map_or("-".to_owned(), |ms| format!("{ms:.1}ms"));
+        let load = if p["load"].is_object() {
+            format!(
+                "{}+{}q",
+                p["load"]["active"].as_u64().unwrap_or(0),
+                p["load"]["queued"].as_u64().unwrap_or(0)
+            )
+        } else {
+            "-".to_owned()
+        };
+        let seen = format!(
+            "{:.1}s ago",
+            p["last_seen_ms"].as_f64().unwrap_or(0.0) / 1000.0
+        );
+        println!(
+            "{:<52} {:<14} {:>8} {:>10} {:>9}  {}",
+            p["peer_id"].as_str().unwrap_or("?"),
+            p["agent"].as_str().unwrap_or("-"),
+            rtt,
+            load,
+            seen,
+            if models.is_empty() {
+                "-".to_owned()
+            } else {
+                models.join(", ")
+            }
+        );
+    }
+    Ok(())
+}

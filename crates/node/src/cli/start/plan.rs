@@ -1,0 +1,345 @@
+//! What `pod start` would run, from the layered settings: the profile, models, device, API
+//! keys and mesh, checked as the node would, and printed by `--dry-run`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use libp2p::Multiaddr;
+use pod_inference::DeviceSpec;
+use pod_node::catalogue;
+use pod_node::config::{self, Source, Sources, StartArgs};
+use pod_node::loader::{self, ResolveError};
+use pod_node::mesh::MeshConfig;
+use pod_node::node;
+use pod_node::profile::{self, HostResources, Profile};
+use pod_node::store::{ModelFormat, ModelStore};
+
+/// What `pod start` would run, from the layered settings: everything but the bound sockets.
+#[derive(Debug)]
+pub(super) struct Plan {
+    pub(super) profile: profile::Choice,
+    pub(super) models: Vec<PlannedModel>,
+    pub(super) device_name: String,
+    pub(super) api_keys: pod_api::ApiKeys,
+    pub(super) mesh: MeshConfig,
+}
+
+/// A model `pod start` would load.
+#[derive(Debug, serde::Serialize)]
+pub(super) struct PlannedModel {
+    /// As given: catalogue name or path.
+    pub(super) name: String,
+    /// `chat` or `embedding`.
+    pub(super) kind: &'static str,
+    /// Bytes on disk (or to download), when known.
+    pub(super) size: Option<u64>,
+    /// Whether it is on disk already.
+    pub(super) downloaded: bool,
+}
+
+/// Resolves the profile, models, device and keys, and checks them as `pod start` would.
+pub(super) fn plan(store: &ModelStore, args: &StartArgs) -> Result<Plan> {
+    let hardware = HostResources::detect(args.device);
+    let choice = args.profile.choose(&hardware);
+    let names: Vec<String> = if args.models.is_empty() {
+        choice
+            .profile
+            .default_models()
+            .into_iter()
+            .map(str::to_owned)
+            .collect()
+    } else {
+        args.models.clone()
+    };
+    let mut models = Vec::new();
+    for name in names {
+        models.push(plan_model(store, &name, !args.no_pull)?);
+    }
+    let device_name = if models.is_empty() {
+        "none".to_owned()
+    } else {
+        open_device(args.device)?
+    };
+    let api_keys = match &args.api_key_file {
+        Some(path) if !args.no_api => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("cannot read API key file {}", path.display()))?;
+            let keys = pod_api::ApiKeys::parse(&text);
+            if keys.is_empty() {
+                bail!("API key file {} holds no keys", path.display());
+            }
+            keys
+        }
+        _ => pod_api::ApiKeys::default(),
+    };
+    node::check_api_exposure(!args.no_api, args.api_host, &api_keys, args.public_api)?;
+    Ok(Plan {
+        mesh: mesh_config(args, choice.profile),
+        profile: choice,
+        models,
+        device_name,
+        api_keys,
+    })
+}
+
+fn plan_model(store: &ModelStore, name: &str, pull: bool) -> Result<PlannedModel> {
+    let kind = |f: ModelFormat| match f {
+        ModelFormat::Gguf => "chat",
+        ModelFormat::SentenceTransformers => "embedding",
+    };
+    match loader::resolve(store, name, false) {
+        Ok(resolved) => Ok(PlannedModel {
+            name: name.to_owned(),
+            kind: kind(resolved.format),
+            size: catalogue::find(name)
+                .map(|e| e.size())
+                .or_else(|| std::fs::metadata(&resolved.path).ok().map(|m| m.len())),
+            downloaded: true,
+        }),
+        Err(ResolveError::NotPulled(_)) if pull => {
+            let entry = catalogue::find(name).context("a catalogued model left the catalogue")?;
+            Ok(PlannedModel {
+                name: name.to_owned(),
+                kind: kind(entry.format),
+                size: Some(entry.size()),
+                downloaded: false,
+            })
+        }
+        Err(e) => Err(anyhow!("cannot load model `{name}`: {e}")),
+    }
+}
+
+/// Opens the device once to say which it is (`auto` resolved) and to fail before binding
+/// anything when its backend is missing.
+fn open_device(spec: DeviceSpec) -> Result<String> {
+    if let DeviceSpec::Rocm(_) = spec {
+        // The HIP runtime reads it itself; pod passes the environment through untouched.
+        if let Some(v) = std::env::var_os("HSA_OVERRIDE_GFX_VERSION") {
+            tracing::info!(
+                hsa_override_gfx_version = %v.to_string_lossy(),
+                "ROCm: HSA_OVERRIDE_GFX_VERSION is set; the HIP runtime will treat the GPU as that gfx version"
+            );
+        }
+    }
+    let device = spec.open().map_err(|e| anyhow!("--device {spec}: {e}"))?;
+    Ok(match spec {
+        _ if device.is_cpu() => "cpu".to_owned(),
+        // `auto` opens the first GPU.
+        DeviceSpec::Auto => DeviceSpec::Cuda(0).to_string(),
+        other => other.to_string(),
+    })
+}
+
+fn mesh_config(args: &StartArgs, profile: Profile) -> MeshConfig {
+    let (listen, listen_optional) = if args.listen.is_empty() {
+        MeshConfig::listen_on_port(args.p2p_port)
+    } else {
+        (args.listen.clone(), Vec::new())
+    };
+    let announce_interval = Duration::from_secs(args.announce_interval);
+    MeshConfig {
+        listen,
+        listen_optional,
+        external: args.external_addr.clone(),
+        bootstrap: args.bootstrap.clone(),
+        mdns: !args.no_mdns,
+        relay_server: profile.relays(),
+        announce_interval,
+        peer_expiry: announce_interval * 3,
+        ..MeshConfig::default()
+    }
+}
+
+/// Where a pod that serves files listens for bulk connections: every IP its mesh listens on,
+/// at `--bulk-port`, else the first mesh port plus one (any free port when that is 0 or
+/// 65535). Empty with `--no-bulk` and for profiles that serve no files.
+pub(super) fn bulk_listen(
+    args: &StartArgs,
+    mesh: &MeshConfig,
+    profile: Profile,
+) -> Vec<SocketAddr> {
+    use libp2p::multiaddr::Protocol;
+    if args.no_bulk || !profile.serves_files() {
+        return Vec::new();
+    }
+    let mut out: Vec<SocketAddr> = Vec::new();
+    for addr in mesh.listen.iter().chain(&mesh.listen_optional) {
+        let (mut ip, mut port) = (None, None);
+        for p in addr.iter() {
+            match p {
+                Protocol::Ip4(a) => ip = Some(IpAddr::V4(a)),
+                Protocol::Ip6(a) => ip = Some(IpAddr::V6(a)),
+                Protocol::Tcp(p) | Protocol::Udp(p) => port = Some(p),
+                _ => {}
+            }
+        }
+        let (Some(ip), Some(port)) = (ip, port) else {
+            continue;
+        };
+        if out.iter().all(|a| a.ip() != ip) {
+            let port = args.bulk_port.unwrap_or_else(|| {
+                if port == 0 {
+                    0
+                } else {
+                    port.checked_add(1).unwrap_or(0)
+                }
+            });
+            out.push(SocketAddr::new(ip, port));
+        }
+    }
+    out
+}
+
+pub(super) fn print(
+    args: &StartArgs,
+    plan: &Plan,
+    config_file: serde_json::Value,
+    sources: &Sources,
+) -> Result<()> {
+    let strings = |v: &[Multiaddr]| v.iter().map(ToString::to_string).collect::<Vec<_>>();
+    let serve_mesh = !args.no_serve_mesh && !plan.models.is_empty();
+    let api_url = format!("http://{}", SocketAddr::new(args.api_host, args.api_port));
+    let auth = if plan.api_keys.is_empty() {
+        "none"
+    } else {
+        "api-key"
+    };
+    let json = serde_json::json!({
+        "profile": plan.profile.profile.as_str(),
+        "requested_profile": args.profile.as_str(),
+        "reason": (!plan.profile.reason.is_empty()).then_some(&plan.profile.reason),
+        "models": plan.models,
+        "device": { "requested": args.device.to_string(), "resolved": plan.device_name },
+        "api": {
+            "enabled": !args.no_api,
+            "url": (!args.no_api).then_some(&api_url),
+            "host": args.api_host,
+            "port": args.api_port,
+            "auth": auth,
+        },
+        "mesh": {
+            "listen": strings(&plan.mesh.listen),
+            "listen_optional": strings(&plan.mesh.listen_optional),
+            "external": strings(&plan.mesh.external),
+            "bootstrap": strings(&plan.mesh.bootstrap),
+            "mdns": plan.mesh.mdns,
+            "relay_server": plan.mesh.relay_server,
+            "serve_mesh": serve_mesh,
+            "announce_interval_seconds": args.announce_interval,
+        },
+        "storage": plan.profile.profile.serves_files(),
+        "serve_rate_bytes_per_second": args.serve_rate,
+        "bulk_listen": bulk_listen(args, &plan.mesh, plan.profile.profile)
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>(),
+        "pull_bulk": !args.no_bulk,
+        "route": config::route_name(args.route),
+        "engine": {
+            "max_batch": args.max_batch,
+            "max_queue": args.max_queue,
+            "ctx_size": args.ctx_size,
+            "prefix_cache_mib": args.prefix_cache,
+        },
+        "shutdown_grace_seconds": args.shutdown_grace,
+        "config_file": config_file,
+        "sources": sources,
+    });
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&json)?);
+        return Ok(());
+    }
+    let yes = |b: bool| if b { "yes" } else { "no" };
+    let p = plan.profile.profile;
+    if args.profile == Profile::Auto {
+        println!("profile   {p} (auto: {})", plan.profile.reason);
+    } else {
+        println!("profile   {p}: {}", p.summary());
+    }
+    if plan.models.is_empty() {
+        println!("models    none");
+    }
+    for (i, model) in plan.models.iter().enumerate() {
+        println!(
+            "{:<10}{:<28} {:<10} {:>9}  {}",
+            if i == 0 { "models" } else { "" },
+            model.name,
+            model.kind,
+            model
+                .size
+                .map_or("-".to_owned(), |s| format!("{} MB", s / 1_000_000)),
+            if model.downloaded {
+                "downloaded"
+            } else {
+                "to download"
+            }
+        );
+    }
+    println!("device    {} (--device {})", plan.device_name, args.device);
+    if args.no_api {
+        println!("API       none (--no-api)");
+    } else {
+        println!(
+            "API       {api_url}/v1 and /health, /metrics, /pod/v1/*; API keys: {}",
+            if plan.api_keys.is_empty() {
+                "none".to_owned()
+            } else {
+                format!("{} accepted", plan.api_keys.len())
+            }
+        );
+    }
+    if args.listen.is_empty() {
+        println!(
+            "mesh      TCP and UDP (QUIC) port {} on every interface",
+            args.p2p_port
+        );
+    } else {
+        println!("mesh      {}", strings(&plan.mesh.listen).join(", "));
+    }
+    if !plan.mesh.external.is_empty() {
+        println!("external  {}", strings(&plan.mesh.external).join(", "));
+    }
+    if !plan.mesh.bootstrap.is_empty() {
+        println!("bootstrap {}", strings(&plan.mesh.bootstrap).join(", "));
+    }
+    println!("mDNS      {}", if plan.mesh.mdns { "on" } else { "off" });
+    println!(
+        "relay     {} (circuit relay server for pods behind NAT)",
+        yes(plan.mesh.relay_server)
+    );
+    println!(
+        "serving   {} (this node's models to peers)",
+        yes(serve_mesh)
+    );
+    println!("storage   {} (model files to peers)", yes(p.serves_files()));
+    let bulk = bulk_listen(args, &plan.mesh, p);
+    if let Some(first) = bulk.first() {
+        println!(
+            "bulk      TCP {} (plain connections for model files, opened with tickets from the mesh)",
+            match first.port() {
+                0 => format!("any free port on {}", first.ip()),
+                port => format!("port {port} on {}", first.ip()),
+            }
+        );
+    }
+    println!("routing   {}", config::route_name(args.route));
+    println!(
+        "config    {} ({})",
+        config_file["path"].as_str().unwrap_or("?"),
+        if config_file["found"] == true {
+            "read"
+        } else {
+            "not found"
+        }
+    );
+    let changed: Vec<String> = sources
+        .iter()
+        .filter(|(_, s)| **s != Source::Default)
+        .map(|(k, s)| format!("{k} ({s})"))
+        .collect();
+    if !changed.is_empty() {
+        println!("set by    {}", changed.join(", "));
+    }
+    Ok(())
+}
