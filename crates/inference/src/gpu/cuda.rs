@@ -39,7 +39,9 @@ use std::path::{Path, PathBuf};
 
 use libloading::Library;
 
-use super::library::{c_string, first_error_line, open_first, LibrarySearch, LoadError};
+use super::library::{
+    c_string, first_error_line, loader_message, open_first, LibrarySearch, LoadError,
+};
 
 type Status = c_int;
 type DevicePtr = u64;
@@ -83,7 +85,7 @@ macro_rules! api_table {
                         what,
                         path: path.display().to_string(),
                         symbol: stringify!($field),
-                        reason: e.to_string(),
+                        reason: loader_message(&e),
                     })?
                 },)* })
             }
@@ -253,7 +255,7 @@ impl Cuda {
         let (cuda, _) = open_first(&DRIVER_SEARCH, candidates, |path| {
             // SAFETY: loading libcuda runs its initialisers, which only set up the driver's
             // own state; the library is one of the names searched for it.
-            let lib = unsafe { Library::new(path) }.map_err(|e| e.to_string())?;
+            let lib = unsafe { Library::new(path) }.map_err(|e| loader_message(&e))?;
             // SAFETY: DriverApi declares the driver API's signatures.
             let api = unsafe { DriverApi::load(&lib, what, path) }.map_err(|e| e.to_string())?;
             Ok(Self {
@@ -789,7 +791,7 @@ impl Nvrtc {
         let (rtc, _) = open_first(&COMPILER_SEARCH, candidates, |path| {
             // SAFETY: the library is one of the names searched for NVRTC; its initialisers
             // only set up its own state.
-            let lib = unsafe { Library::new(path) }.map_err(|e| e.to_string())?;
+            let lib = unsafe { Library::new(path) }.map_err(|e| loader_message(&e))?;
             // SAFETY: CompilerApi declares NVRTC's signatures.
             let api = unsafe { CompilerApi::load(&lib, what, path) }.map_err(|e| e.to_string())?;
             Ok(Self {

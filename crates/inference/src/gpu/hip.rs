@@ -32,7 +32,7 @@ use std::path::{Path, PathBuf};
 
 use libloading::Library;
 
-use super::library::{c_string, open_first, LibrarySearch, LoadError};
+use super::library::{c_string, loader_message, open_first, LibrarySearch, LoadError};
 
 type Status = c_int;
 type RawModule = *mut c_void;
@@ -80,7 +80,7 @@ macro_rules! api_table {
                         what,
                         path: path.display().to_string(),
                         symbol: stringify!($field),
-                        reason: e.to_string(),
+                        reason: loader_message(&e),
                     })?
                 },)* })
             }
@@ -289,7 +289,7 @@ impl Hip {
         let (hip, _) = open_first(&RUNTIME_SEARCH, candidates, |path| {
             // SAFETY: loading libamdhip64 runs its initialisers, which only set up the
             // runtime's own state; the library is one of the names searched for it.
-            let lib = unsafe { Library::new(path) }.map_err(|e| e.to_string())?;
+            let lib = unsafe { Library::new(path) }.map_err(|e| loader_message(&e))?;
             // SAFETY: the library is the HIP runtime; RuntimeApi declares its signatures.
             let api = unsafe { RuntimeApi::load(&lib, what, path) }.map_err(|e| e.to_string())?;
             let properties = properties_fn(&lib)
@@ -812,7 +812,7 @@ impl Hiprtc {
         let what = COMPILER_SEARCH.what;
         let (rtc, _) = open_first(&COMPILER_SEARCH, candidates, |path| {
             // SAFETY: as for the runtime: the library is one of the names searched for hiprtc.
-            let lib = unsafe { Library::new(path) }.map_err(|e| e.to_string())?;
+            let lib = unsafe { Library::new(path) }.map_err(|e| loader_message(&e))?;
             // SAFETY: CompilerApi declares hiprtc's signatures.
             let api = unsafe { CompilerApi::load(&lib, what, path) }.map_err(|e| e.to_string())?;
             Ok(Self {

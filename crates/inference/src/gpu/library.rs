@@ -132,6 +132,15 @@ pub(crate) fn first_error_line(log: &str) -> &str {
         .unwrap_or(first)
 }
 
+/// The loader's message for a failed `dlopen` or `dlsym`: libloading's own text ("dlopen
+/// failed") followed by the system's, which says why (no such file, wrong ELF class, ...).
+pub(crate) fn loader_message(error: &libloading::Error) -> String {
+    match std::error::Error::source(error) {
+        Some(cause) => format!("{error}: {cause}"),
+        None => error.to_string(),
+    }
+}
+
 /// Reads a NUL-terminated string from a fixed-size C character buffer.
 pub(crate) fn c_string(bytes: &[u8]) -> String {
     let end = bytes.iter().position(|&b| b == 0).unwrap_or(bytes.len());
