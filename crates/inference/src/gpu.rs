@@ -12,6 +12,7 @@
 //!   first asked for, never linked.
 //! - [`compile`]: kernel source to code objects for one target (`gfx906`, `sm_90`, ...), and
 //!   the on-disk cache of compiled objects.
+//! - [`library`]: where the vendor libraries are looked for, and why loading one failed.
 //! - [`devices`]: which runtimes and devices are present, or why not.
 
 pub mod compile;
@@ -20,3 +21,4 @@ pub mod devices;
 pub mod emulator;
 pub mod hip;
 pub mod kernels;
+pub mod library;
