@@ -12,6 +12,7 @@ use pod_node::store::ModelStore;
 
 mod bench;
 mod chat;
+mod device;
 mod identity;
 mod infer;
 mod mesh_join;
@@ -98,6 +99,9 @@ pub(crate) enum Command {
     Receipts(receipts::ReceiptsArgs),
     /// Show pod's version and what this binary was built with (target, GPU backends).
     Version(version::VersionArgs),
+    /// GPUs: list them (or why there are none), compile pod's kernels for an architecture.
+    #[command(subcommand)]
+    Device(device::DeviceCommand),
 }
 
 /// Runs the command `cli` holds; `matches` are the parsed arguments it came from.
@@ -129,6 +133,7 @@ pub(crate) fn exec(cli: Cli, matches: &ArgMatches) -> Result<()> {
         Command::Peers(args) => peers::exec(&home, args),
         Command::Receipts(args) => receipts::exec(&home, args),
         Command::Version(args) => version::exec(args),
+        Command::Device(cmd) => device::exec(cmd),
     }
 }
 
