@@ -10,30 +10,18 @@ use std::time::{Duration, Instant};
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
-use pod_inference::{
-    ChatMessage, EngineError, GenerateEvent, GenerateRequest, Prompt, Role, SamplingParams, Usage,
-};
+use pod_inference::{EngineError, GenerateEvent, GenerateRequest, Usage};
 use pod_node::catalogue::DEFAULT_CHAT_MODEL;
 use pod_node::infer::client::{ClientConfig, InferClient};
 use pod_node::infer::server::{InferServer, ServerConfig};
 use pod_node::infer::{read_frame, write_frame, Frame, Request, PROTOCOL};
-use pod_node::mesh::{self, Client, MeshConfig};
+use pod_node::mesh::{self, Client};
 use pod_node::receipts::{Ledger, Receipt, SignedReceipt};
 
 const WAIT: Duration = Duration::from_secs(20);
 
-fn config(bootstrap: Vec<Multiaddr>) -> MeshConfig {
-    MeshConfig {
-        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
-        listen_optional: vec![],
-        bootstrap,
-        mdns: false,
-        ..MeshConfig::default()
-    }
-}
-
 async fn node(key: Keypair, bootstrap: Vec<Multiaddr>) -> (Client, Multiaddr) {
-    let (client, event_loop) = mesh::new(key, config(bootstrap)).unwrap();
+    let (client, event_loop) = mesh::new(key, common::loopback_mesh(bootstrap)).unwrap();
     tokio::spawn(event_loop.run());
     let deadline = Instant::now() + WAIT;
     loop {
@@ -104,14 +92,7 @@ async fn requester(peers: &[(PeerId, Multiaddr)]) -> (Client, InferClient, Arc<L
 }
 
 fn greedy(max_tokens: usize) -> GenerateRequest {
-    GenerateRequest {
-        max_tokens: Some(max_tokens),
-        sampling: SamplingParams::default(),
-        ..GenerateRequest::new(
-            DEFAULT_CHAT_MODEL,
-            Prompt::Chat(vec![ChatMessage::new(Role::User, "Count to five.")]),
-        )
-    }
+    common::greedy("Count to five.", max_tokens)
 }
 
 /// Drains events into (text, done usage, error).
