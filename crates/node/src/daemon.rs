@@ -43,6 +43,8 @@ pub struct StartOptions {
     pub api_keys: ApiKeys,
     /// Allow binding a non-loopback address without keys.
     pub public_api: bool,
+    /// Web origins whose pages may call the API from a browser (`*`: any); empty: none.
+    pub cors_origins: Vec<String>,
     /// Compute device.
     pub device: DeviceSpec,
     /// The device `device` opened, e.g. `cpu` or `cuda:0`, for announcements and `pod status`.
@@ -124,7 +126,20 @@ fn bind_hint(e: &std::io::Error) -> &'static str {
 impl StartOptions {
     /// Refuses unsafe or contradictory settings.
     pub fn check(&self) -> Result<(), DaemonError> {
-        check_api_exposure(self.api, self.api_host, &self.api_keys, self.public_api)
+        check_api_exposure(self.api, self.api_host, &self.api_keys, self.public_api)?;
+        self.api_config(String::new())
+            .check()
+            .map_err(|e| DaemonError::Refused(e.to_string()))
+    }
+
+    /// The API's settings, naming the node `node_name`.
+    fn api_config(&self, node_name: String) -> ApiConfig {
+        ApiConfig {
+            keys: self.api_keys.clone(),
+            node_name,
+            cors_origins: self.cors_origins.clone(),
+            ..ApiConfig::default()
+        }
     }
 }
 
@@ -340,14 +355,7 @@ pub async fn run(store: ModelStore, opts: StartOptions) -> Result<(), DaemonErro
         blobs.clone(),
     ));
 
-    let state = AppState::new(
-        backend.clone(),
-        ApiConfig {
-            keys: opts.api_keys.clone(),
-            node_name: peer_id.clone(),
-            ..ApiConfig::default()
-        },
-    );
+    let state = AppState::new(backend.clone(), opts.api_config(peer_id.clone()));
     let app = pod_api::router(Arc::clone(&state));
     let daemon_file = DaemonFile {
         pid: std::process::id(),
@@ -385,9 +393,7 @@ pub async fn run(store: ModelStore, opts: StartOptions) -> Result<(), DaemonErro
         };
         match listener {
             Some(listener) => {
-                axum::serve(listener, app)
-                    .with_graceful_shutdown(stopped)
-                    .await
+                pod_api::serve(listener, app, pod_api::ServerLimits::default(), stopped).await
             }
             None => {
                 stopped.await;
