@@ -55,8 +55,6 @@ import http.client
 import json
 import os
 import signal
-import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -64,8 +62,12 @@ import threading
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL = "smollm2-135m-instruct"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    add_comparison_args, cpu_model, find_llama_cpp, free_port, load_average, median, resolve_model,
+    stop_process,
+)
+
 CONCURRENCY = (1, 8)
 SLOTS = 8  # pod --max-batch and llama-server -np
 SLOT_CONTEXT = 2048  # llama-server context per slot
@@ -81,64 +83,6 @@ HEALTH_TIMEOUT = 300.0
 
 def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
-
-
-def default_home() -> Path:
-    env = os.environ.get("POD_HOME")
-    if env:
-        return Path(env).expanduser()
-    return Path("~/.local/share/pod").expanduser()
-
-
-def resolve_model(model: str, home: Path) -> Path:
-    """A path to a GGUF file, or a catalogue name under HOME/models/."""
-    p = Path(model).expanduser()
-    if p.is_file():
-        return p.resolve()
-    p = home / "models" / model / "model.gguf"
-    if p.is_file():
-        return p.resolve()
-    sys.exit(
-        f"api.py: no GGUF file at `{model}` nor at {p}; "
-        f"fetch it with `pod --home {home} models pull {model}`"
-    )
-
-
-def find_llama_server() -> Path:
-    """Builds (or finds, when already built) the pinned llama.cpp."""
-    script = REPO / "bench" / "build-llama-cpp.sh"
-    done = subprocess.run([str(script)], capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.stderr.write(done.stderr)
-        sys.exit(f"api.py: {script} failed; pass --llama-server BIN instead")
-    return Path(done.stdout.strip().splitlines()[-1]) / "llama-server"
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    return value.strip()
-    except OSError:
-        pass
-    return "unknown"
-
-
-def load_average() -> str:
-    """The 1, 5 and 15 minute load averages, a hint that something else is running."""
-    try:
-        with open("/proc/loadavg", encoding="utf-8") as f:
-            return " ".join(f.read().split()[:3])
-    except OSError:
-        return "unknown"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
@@ -186,14 +130,8 @@ class Server:
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after 20 s."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                log(f"{self.name} did not stop on SIGTERM; killing it")
-                self.proc.kill()
-                self.proc.wait()
+        if stop_process(self.proc, 20):
+            log(f"{self.name} did not stop on SIGTERM within 20 s; killed it")
         self.log.close()
 
 
@@ -399,10 +337,6 @@ def measure_server(name: str, args, model: Path, live: list[Server]) -> dict:
     }
 
 
-def median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
-
-
 def summarize(runs: list[dict]) -> dict[int, dict[str, float]]:
     """Medians per concurrency over all rounds."""
     out: dict[int, dict[str, float]] = {}
@@ -467,20 +401,9 @@ def main() -> None:
         description="Benchmark pod's HTTP API against llama.cpp's llama-server."
     )
     ap.add_argument("--rounds", type=int, default=3, help="rounds (default 3)")
-    ap.add_argument("--threads", type=int, default=2,
-                    help="threads: llama-server -t, pod's RAYON_NUM_THREADS "
-                         "and CANDLE_NUM_THREADS (default 2)")
     ap.add_argument("--max-tokens", type=int, default=128,
                     help="max_tokens of each request (default 128)")
-    ap.add_argument("--model", default=DEFAULT_MODEL,
-                    help="GGUF path or catalogue name under HOME/models "
-                         f"(default {DEFAULT_MODEL})")
-    ap.add_argument("--home", type=Path, default=default_home(),
-                    help="pod state dir (default $POD_HOME, else ~/.local/share/pod)")
-    ap.add_argument("--pod", type=Path, default=REPO / "target" / "release" / "pod",
-                    help="pod binary (default target/release/pod)")
-    ap.add_argument("--llama-server", type=Path,
-                    help="llama-server binary (default: from bench/build-llama-cpp.sh)")
+    add_comparison_args(ap, "llama-server")
     ap.add_argument("--json", action="store_true",
                     help="print the raw numbers as JSON instead of the table")
     args = ap.parse_args()
@@ -490,7 +413,7 @@ def main() -> None:
         ap.error(f"--max-tokens must stay well below the {SLOT_CONTEXT}-token slot context")
 
     args.home = args.home.expanduser()
-    model = resolve_model(args.model, args.home)
+    model = resolve_model(args.model, args.home, "api.py")
     # pod takes a catalogue name or a path; a name keeps its catalogue settings.
     catalogued = args.home / "models" / args.model / "model.gguf"
     args.pod_model = args.model if catalogued.is_file() and not Path(
@@ -499,7 +422,7 @@ def main() -> None:
         sys.exit(f"api.py: no pod binary at {args.pod}; "
                  "build it with `cargo build --release --bin pod`")
     if args.llama_server is None:
-        args.llama_server = find_llama_server()
+        args.llama_server = find_llama_cpp("llama-server", "api.py", "--llama-server")
     if not os.access(args.llama_server, os.X_OK):
         sys.exit(f"api.py: no llama-server binary at {args.llama_server}")
 

@@ -14,7 +14,6 @@ streams (Noise + Yamux over TCP, or QUIC with `--transport quic`). Rounds altern
 """
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -22,19 +21,13 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from api import free_port  # noqa: E402
+from common import free_port, get_json, wait_healthy  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m-instruct"
-
-
-def get(port: int, path: str):
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
-        return json.load(r)
 
 
 def storage_pod(pod: str, models_dir: str, transport: str) -> tuple[subprocess.Popen, str]:
@@ -47,15 +40,10 @@ def storage_pod(pod: str, models_dir: str, transport: str) -> tuple[subprocess.P
                              "--announce-interval", "1"],
                             stderr=subprocess.DEVNULL)
     kind = "/quic-v1" if transport == "quic" else "/tcp/"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            if get(port, "/health")["status"] == "ok":
-                node = get(port, "/pod/v1/node")
-                addr = next(a for a in node["listen_addrs"] if kind in a)
-                return proc, f"{addr}/p2p/{node['peer_id']}"
-        except OSError:
-            time.sleep(0.2)
+    if wait_healthy(port, 60):
+        node = get_json(port, "/pod/v1/node")
+        addr = next(a for a in node["listen_addrs"] if kind in a)
+        return proc, f"{addr}/p2p/{node['peer_id']}"
     proc.kill()
     raise SystemExit("storage pod did not start")
 

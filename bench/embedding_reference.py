@@ -18,7 +18,6 @@ MODEL_DIR holds model.safetensors, config.json and tokenizer.json (the
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import struct
@@ -27,6 +26,9 @@ from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import sha256_file  # noqa: E402
 
 MODEL_NAME = "all-MiniLM-L6-v2"
 EXPECTED_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
@@ -51,14 +53,6 @@ _DTYPES = {
     "I32": np.int32,
     "U8": np.uint8,
 }
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def load_safetensors(path: Path) -> dict[str, np.ndarray]:

@@ -37,51 +37,9 @@ import sys
 import tempfile
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-DEFAULT_MODEL = "smollm2-135m-instruct"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import add_comparison_args, cpu_model, find_llama_cpp, resolve_model  # noqa: E402
 
-
-def default_home() -> Path:
-    env = os.environ.get("POD_HOME")
-    if env:
-        return Path(env).expanduser()
-    return Path("~/.local/share/pod").expanduser()
-
-
-def resolve_model(model: str, home: Path) -> Path:
-    """A path to a GGUF file, or a catalogue name under HOME/models/."""
-    p = Path(model).expanduser()
-    if p.is_file():
-        return p.resolve()
-    p = home / "models" / model / "model.gguf"
-    if p.is_file():
-        return p.resolve()
-    sys.exit(
-        f"engine.py: no GGUF file at `{model}` nor at {p}; "
-        f"fetch it with `pod --home {home} models pull {model}`"
-    )
-
-
-def find_llama_bench() -> Path:
-    """Builds (or finds, when already built) the pinned llama.cpp."""
-    script = REPO / "bench" / "build-llama-cpp.sh"
-    done = subprocess.run([str(script)], capture_output=True, text=True)
-    if done.returncode != 0:
-        sys.stderr.write(done.stderr)
-        sys.exit(f"engine.py: {script} failed; pass --llama-bench BIN instead")
-    return Path(done.stdout.strip().splitlines()[-1]) / "llama-bench"
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.strip() == "model name":
-                    return value.strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def run_measured(cmd: list[str], env: dict[str, str]) -> tuple[str, int]:
@@ -198,20 +156,9 @@ def main() -> None:
         description="Benchmark pod's engine against llama.cpp's llama-bench."
     )
     ap.add_argument("--rounds", type=int, default=5, help="rounds (default 5)")
-    ap.add_argument("--threads", type=int, default=2,
-                    help="threads: llama-bench -t, pod's RAYON_NUM_THREADS "
-                         "and CANDLE_NUM_THREADS (default 2)")
     ap.add_argument("-p", type=int, default=128, help="prompt tokens (default 128)")
     ap.add_argument("-n", type=int, default=128, help="generated tokens (default 128)")
-    ap.add_argument("--model", default=DEFAULT_MODEL,
-                    help="GGUF path or catalogue name under HOME/models "
-                         f"(default {DEFAULT_MODEL})")
-    ap.add_argument("--home", type=Path, default=default_home(),
-                    help="pod state dir (default $POD_HOME, else ~/.local/share/pod)")
-    ap.add_argument("--pod", type=Path, default=REPO / "target" / "release" / "pod",
-                    help="pod binary (default target/release/pod)")
-    ap.add_argument("--llama-bench", type=Path,
-                    help="llama-bench binary (default: from bench/build-llama-cpp.sh)")
+    add_comparison_args(ap, "llama-bench")
     ap.add_argument("--json", action="store_true",
                     help="print the raw per-round numbers as JSON instead of the table")
     args = ap.parse_args()
@@ -219,12 +166,12 @@ def main() -> None:
         ap.error("--rounds, --threads, -p and -n must be at least 1")
 
     args.home = args.home.expanduser()
-    model = resolve_model(args.model, args.home)
+    model = resolve_model(args.model, args.home, "engine.py")
     if not os.access(args.pod, os.X_OK):
         sys.exit(f"engine.py: no pod binary at {args.pod}; "
                  "build it with `cargo build --release --bin pod`")
     if args.llama_bench is None:
-        args.llama_bench = find_llama_bench()
+        args.llama_bench = find_llama_cpp("llama-bench", "engine.py", "--llama-bench")
 
     runners = {"llama.cpp": run_llama, "pod": run_pod}
     runs: dict[str, list[dict]] = {"llama.cpp": [], "pod": []}

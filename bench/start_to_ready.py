@@ -14,7 +14,6 @@ the start-up cost before model loading). Each run ends with SIGTERM.
 import argparse
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -23,6 +22,9 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import stop_process  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 120.0
@@ -98,12 +100,7 @@ def one_run(pod: str, home: str, models_dir: str, profile: str) -> tuple[float, 
                 return bound, time.perf_counter() - started
             time.sleep(0.005)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc, 30)
 
 
 def main() -> None:

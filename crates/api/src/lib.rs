@@ -14,14 +14,15 @@ pub mod metrics;
 pub mod node;
 pub mod openai;
 mod routes;
+pub mod server;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::extract::DefaultBodyLimit;
-use axum::http::{HeaderName, Request};
+use axum::http::{HeaderName, HeaderValue, Request};
 use axum::Router;
-use tower_http::cors::CorsLayer;
+use tower_http::cors::{AllowOrigin, Any, CorsLayer};
 use tower_http::request_id::{
     MakeRequestUuid, PropagateRequestIdLayer, RequestId, SetRequestIdLayer,
 };
@@ -33,6 +34,7 @@ pub use error::ApiError;
 pub use metrics::{BlobTotals, Metrics};
 pub use routes::paths;
 pub use routes::ApiDoc;
+pub use server::{serve, ServerLimits};
 
 /// Header carrying the request id (generated when the client sends none).
 pub const REQUEST_ID_HEADER: &str = "x-request-id";
@@ -50,6 +52,51 @@ pub struct ApiConfig {
     pub node_name: String,
     /// Most choices (`n`) per request.
     pub max_choices: usize,
+    /// Web origins (`https://app.example`) whose pages may call the API from a browser;
+    /// `*` allows any. Empty: no CORS headers, so browsers keep other sites' pages out.
+    pub cors_origins: Vec<String>,
+}
+
+impl ApiConfig {
+    /// Refuses settings that are unsafe together or malformed, before anything is served.
+    pub fn check(&self) -> Result<(), ConfigError> {
+        for origin in &self.cors_origins {
+            if origin == "*" {
+                if !self.keys.is_empty() {
+                    return Err(ConfigError::AnyOriginWithKeys);
+                }
+            } else if !is_origin(origin) {
+                return Err(ConfigError::BadOrigin(origin.clone()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether `s` is spelled as browsers send `Origin`: `scheme://host[:port]`, no path.
+fn is_origin(s: &str) -> bool {
+    let Some((scheme, host)) = s.split_once("://") else {
+        return false;
+    };
+    !scheme.is_empty()
+        && scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'))
+        && !host.is_empty()
+        && host.chars().all(|c| c.is_ascii_graphic() && c != '/')
+}
+
+/// [`ApiConfig::check`] refused the settings.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Any web page could use the keys a browser holds for the API.
+    #[error("CORS origin `*` cannot be combined with API keys: list the allowed origins instead")]
+    AnyOriginWithKeys,
+    /// A CORS origin is not of the form `scheme://host[:port]`.
+    #[error(
+        "CORS origin `{0}` is not an origin like `https://app.example` or `http://localhost:3000`"
+    )]
+    BadOrigin(String),
 }
 
 impl Default for ApiConfig {
@@ -59,6 +106,7 @@ impl Default for ApiConfig {
             max_body_bytes: 4 * 1024 * 1024,
             node_name: "pod".into(),
             max_choices: 8,
+            cors_origins: Vec::new(),
         }
     }
 }
@@ -109,7 +157,7 @@ pub fn router<B: Backend>(state: Arc<AppState<B>>) -> Router {
                 tracing::info!(status = res.status().as_u16(), ms = latency.as_millis() as u64, "request");
             },
         );
-    routes::routes(Arc::clone(&state))
+    let mut app = routes::routes(Arc::clone(&state))
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&state),
             metrics::track::<B>,
@@ -122,14 +170,42 @@ pub fn router<B: Backend>(state: Arc<AppState<B>>) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&state),
             reject_declared_oversize::<B>,
-        ))
-        .layer(CorsLayer::permissive().expose_headers([
-            HeaderName::from_static(REQUEST_ID_HEADER),
-            HeaderName::from_static(SERVED_BY_HEADER),
-        ]))
-        .layer(PropagateRequestIdLayer::new(request_id.clone()))
+        ));
+    if let Some(cors) = cors(&state.config.cors_origins) {
+        app = app.layer(cors);
+    }
+    app.layer(PropagateRequestIdLayer::new(request_id.clone()))
         .layer(trace)
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+}
+
+/// CORS for the allowed origins; none without any, so that browsers keep other sites' pages
+/// from reading a keyless API on loopback. Origins [`ApiConfig::check`] would refuse are left
+/// out.
+fn cors(origins: &[String]) -> Option<CorsLayer> {
+    let allowed = if origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        let list: Vec<HeaderValue> = origins
+            .iter()
+            .filter(|o| is_origin(o))
+            .filter_map(|o| HeaderValue::from_str(o).ok())
+            .collect();
+        if list.is_empty() {
+            return None;
+        }
+        AllowOrigin::list(list)
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(allowed)
+            .allow_methods(Any)
+            .allow_headers(Any)
+            .expose_headers([
+                HeaderName::from_static(REQUEST_ID_HEADER),
+                HeaderName::from_static(SERVED_BY_HEADER),
+            ]),
+    )
 }
 
 /// Answers 413 from the declared `Content-Length` alone, before reading a byte of an oversized

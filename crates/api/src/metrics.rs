@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use axum::extract::{MatchedPath, Request, State};
+use axum::http::Method;
 use axum::middleware::Next;
 use axum::response::Response;
 use prometheus_client::collector::Collector;
@@ -247,17 +248,35 @@ impl Metrics {
     }
 }
 
-/// Middleware counting every request by matched route, method and status.
+/// The label of methods and paths outside the known ones.
+const OTHER: &str = "other";
+
+/// The methods of HTTP/1.1 and PATCH, labelled by name; any other as [`OTHER`].
+const METHODS: [&str; 9] = [
+    "GET", "POST", "PUT", "DELETE", "HEAD", "OPTIONS", "PATCH", "CONNECT", "TRACE",
+];
+
+fn method_label(method: &Method) -> &'static str {
+    METHODS
+        .into_iter()
+        .find(|m| *m == method.as_str())
+        .unwrap_or(OTHER)
+}
+
+/// Middleware counting every request by route template (`other` for unknown paths), method
+/// and status.
 pub async fn track<B: Backend>(
     State(state): State<Arc<AppState<B>>>,
     req: Request,
     next: Next,
 ) -> Response {
+    // Labels come only from fixed sets: a label set per odd method or path a client makes up
+    // would stay in the registry for ever.
     let route = req
         .extensions()
         .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let method = req.method().to_string();
+        .map_or_else(|| OTHER.to_owned(), |p| p.as_str().to_owned());
+    let method = method_label(req.method()).to_owned();
     let res = next.run(req).await;
     state
         .metrics

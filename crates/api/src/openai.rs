@@ -74,23 +74,17 @@ pub struct StreamOptions {
     pub include_usage: bool,
 }
 
-/// `POST /v1/chat/completions` body.
+/// Request fields that chat and text completions share; flattened into both bodies.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, ToSchema)]
 #[serde(default)]
-pub struct ChatCompletionRequest {
-    /// Model name, as listed by `/v1/models`.
-    pub model: String,
-    /// The conversation.
-    pub messages: Vec<ChatMessageIn>,
+pub struct GenerationParams {
     /// Sampling temperature, 0-2 (default 1).
     pub temperature: Option<f32>,
     /// Nucleus sampling mass, (0, 1] (default 1).
     pub top_p: Option<f32>,
-    /// Most tokens to generate.
+    /// Most tokens to generate (text completions: 16 when not given, as OpenAI).
     pub max_tokens: Option<i64>,
-    /// Newer name of `max_tokens`; wins when both are given.
-    pub max_completion_tokens: Option<i64>,
-    /// Stop strings.
+    /// Stop strings: at most 4, each at most 256 bytes.
     pub stop: Option<StopSpec>,
     /// Seed for reproducible sampling.
     pub seed: Option<u64>,
@@ -98,14 +92,8 @@ pub struct ChatCompletionRequest {
     pub presence_penalty: Option<f32>,
     /// -2 to 2.
     pub frequency_penalty: Option<f32>,
-    /// Number of choices (1-8).
+    /// Number of choices (1-8; text completions: per prompt).
     pub n: Option<i64>,
-    /// Return log-probabilities of the output tokens.
-    pub logprobs: Option<bool>,
-    /// Alternatives per token (0-20), with `logprobs`.
-    pub top_logprobs: Option<i64>,
-    /// `{"type": "json_object"}` constrains the output to a JSON object.
-    pub response_format: Option<ResponseFormat>,
     /// Stream the answer as server-sent events.
     pub stream: Option<bool>,
     /// Streaming options.
@@ -118,6 +106,27 @@ pub struct ChatCompletionRequest {
     pub min_p: Option<f32>,
     /// Extension: llama.cpp-style repetition penalty.
     pub repetition_penalty: Option<f32>,
+}
+
+/// `POST /v1/chat/completions` body.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, ToSchema)]
+#[serde(default)]
+pub struct ChatCompletionRequest {
+    /// Model name, as listed by `/v1/models`.
+    pub model: String,
+    /// The conversation.
+    pub messages: Vec<ChatMessageIn>,
+    /// Newer name of `max_tokens`; wins when both are given.
+    pub max_completion_tokens: Option<i64>,
+    /// Return log-probabilities of the output tokens.
+    pub logprobs: Option<bool>,
+    /// Alternatives per token (0-20), with `logprobs`.
+    pub top_logprobs: Option<i64>,
+    /// `{"type": "json_object"}` constrains the output to a JSON object.
+    pub response_format: Option<ResponseFormat>,
+    /// Sampling, length, stop strings, choices and streaming.
+    #[serde(flatten)]
+    pub params: GenerationParams,
 }
 
 /// `prompt` of `/v1/completions`: a string, a list of strings, or token ids.
@@ -140,38 +149,13 @@ pub struct CompletionRequest {
     pub model: String,
     /// The prompt.
     pub prompt: Option<PromptInput>,
-    /// Most tokens to generate (default 16, as OpenAI).
-    pub max_tokens: Option<i64>,
-    /// Sampling temperature.
-    pub temperature: Option<f32>,
-    /// Nucleus sampling mass.
-    pub top_p: Option<f32>,
-    /// Stop strings.
-    pub stop: Option<StopSpec>,
-    /// Seed.
-    pub seed: Option<u64>,
-    /// -2 to 2.
-    pub presence_penalty: Option<f32>,
-    /// -2 to 2.
-    pub frequency_penalty: Option<f32>,
-    /// Choices per prompt.
-    pub n: Option<i64>,
     /// Number of alternatives to return per token (0-5).
     pub logprobs: Option<i64>,
     /// Prepend the prompt to the output.
     pub echo: Option<bool>,
-    /// Stream as server-sent events.
-    pub stream: Option<bool>,
-    /// Streaming options.
-    pub stream_options: Option<StreamOptions>,
-    /// End-user id.
-    pub user: Option<String>,
-    /// Extension: top-k.
-    pub top_k: Option<i64>,
-    /// Extension: min-p.
-    pub min_p: Option<f32>,
-    /// Extension: repetition penalty.
-    pub repetition_penalty: Option<f32>,
+    /// Sampling, length, stop strings, choices and streaming.
+    #[serde(flatten)]
+    pub params: GenerationParams,
 }
 
 /// `input` of `/v1/embeddings`.

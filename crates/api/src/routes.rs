@@ -78,6 +78,7 @@ impl<T: serde::Serialize> IntoResponse for ApiJson<T> {
         node::files,
     ),
     components(schemas(
+        openai::GenerationParams,
         openai::ChatCompletionRequest,
         openai::ChatCompletion,
         openai::ChatCompletionChunk,

@@ -64,6 +64,8 @@ pub struct FileConfig {
     pub api_key_file: Option<PathBuf>,
     /// `--public-api`.
     pub public_api: Option<bool>,
+    /// `--cors-origin`, repeated.
+    pub cors_origins: Option<Vec<String>>,
     /// `--shutdown-grace`, seconds.
     pub shutdown_grace: Option<u64>,
     /// `--p2p-port`.

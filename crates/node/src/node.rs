@@ -14,7 +14,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use pod_api::{ApiConfig, AppState, LocalBackend};
+use pod_api::{AppState, LocalBackend};
 use pod_inference::{Engine, EngineHandle};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -146,14 +146,7 @@ impl Node {
             blobs.clone(),
         )));
 
-        let state = AppState::new(
-            backend.clone(),
-            ApiConfig {
-                keys: opts.api_keys.clone(),
-                node_name: peer_id.clone(),
-                ..ApiConfig::default()
-            },
-        );
+        let state = AppState::new(backend.clone(), opts.api_config(peer_id.clone()));
         let app = pod_api::router(Arc::clone(&state));
         let daemon_file = DaemonFile::for_this_process(
             api_addr.map(|l| format!("http://{}", client_addr(l))),
@@ -185,9 +178,7 @@ impl Node {
         let server = tokio::spawn(async move {
             match listener {
                 Some(listener) => {
-                    axum::serve(listener, app)
-                        .with_graceful_shutdown(stopped)
-                        .await
+                    pod_api::serve(listener, app, pod_api::ServerLimits::default(), stopped).await
                 }
                 None => {
                     stopped.await;
@@ -380,6 +371,7 @@ mod tests {
             api_port: 0,
             api_keys: ApiKeys::default(),
             public_api: false,
+            cors_origins: Vec::new(),
             device: DeviceSpec::Cpu,
             device_name: "none".to_owned(),
             engine: EngineConfig::default(),
@@ -471,6 +463,7 @@ mod tests {
         assert!(keyed.check().is_ok());
         let public = StartOptions {
             public_api: true,
+            cors_origins: Vec::new(),
             ..opts
         };
         assert!(public.check().is_ok());

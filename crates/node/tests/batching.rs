@@ -4,7 +4,7 @@ mod common;
 
 use std::sync::atomic::Ordering;
 
-use common::{run_on, Run};
+use common::{greedy, run_on, Run};
 use pod_inference::{
     ChatMessage, ChatModel, Device, EngineConfig, FinishReason, GenerateRequest, Prompt, Role,
 };
@@ -31,16 +31,6 @@ fn tokens(model: &ChatModel, prompt: &str) -> Vec<u32> {
         .render(&[ChatMessage::new(Role::User, prompt)], true)
         .expect("render");
     model.tokenizer().encode(&text).expect("encode")
-}
-
-fn greedy(prompt: &str, max_tokens: usize) -> GenerateRequest {
-    GenerateRequest {
-        max_tokens: Some(max_tokens),
-        ..GenerateRequest::new(
-            DEFAULT_CHAT_MODEL,
-            Prompt::Chat(vec![ChatMessage::new(Role::User, prompt)]),
-        )
-    }
 }
 
 /// The logits of a sequence's tokens are the same bits whether they were fed as one prompt,

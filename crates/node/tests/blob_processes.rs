@@ -10,7 +10,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::process::{
-    models_pull, pod_command_with_models, stdout_of_success, wait_until, PodProcess,
+    models_pull, pod_command_with_models, stdout_of_success, wait_until, PodProcess, STORAGE,
 };
 
 /// Bytes per chunk of `/pod/blob/1.0.0`.
@@ -20,25 +20,9 @@ const CHAT: &str = "smollm2-135m-instruct";
 /// Size of the default chat model's GGUF file.
 const CHAT_SIZE: u64 = 98_362_432;
 
-/// Flags of a storage pod serving the shared model store on loopback.
-const STORAGE: [&str; 6] = [
-    "--profile",
-    "storage",
-    "--listen",
-    "/ip4/127.0.0.1/tcp/0",
-    "--announce-interval",
-    "1",
-];
-
-/// A storage pod serving the shared model store on loopback.
-fn storage_pod() -> PodProcess {
-    common::model_path(CHAT);
-    PodProcess::start(&STORAGE)
-}
-
 #[test]
 fn a_starting_pod_pulls_its_model_from_a_storage_pod_and_both_count_the_bytes() {
-    let a = storage_pod();
+    let a = PodProcess::storage();
     let models = tempfile::tempdir().unwrap();
     let b = PodProcess::start_with_models(
         models.path(),

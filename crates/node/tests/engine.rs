@@ -3,30 +3,18 @@
 
 mod common;
 
-use common::{run, Run};
+use common::{chat, greedy, run, Run};
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use pod_inference::{
-    ChatMessage, EngineError, FinishReason, GenerateEvent, GenerateRequest, Prompt, Role,
-    SamplingParams,
+    EngineError, FinishReason, GenerateEvent, GenerateRequest, Prompt, SamplingParams,
 };
 use pod_node::catalogue::{DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDING_MODEL};
 use tokio::time::timeout;
 
 const WAIT: Duration = Duration::from_secs(120);
-
-fn chat(text: &str) -> Prompt {
-    Prompt::Chat(vec![ChatMessage::new(Role::User, text)])
-}
-
-fn greedy(prompt: &str, max_tokens: usize) -> GenerateRequest {
-    GenerateRequest {
-        max_tokens: Some(max_tokens),
-        ..GenerateRequest::new(DEFAULT_CHAT_MODEL, chat(prompt))
-    }
-}
 
 #[tokio::test]
 async fn greedy_answer_is_sensible_and_counted() {

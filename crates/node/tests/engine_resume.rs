@@ -6,7 +6,7 @@ mod common;
 
 use std::sync::OnceLock;
 
-use common::Run;
+use common::{greedy, Run};
 use pod_inference::{EngineConfig, EngineHandle};
 
 /// The engine of these tests, without a prefix cache: a resumed request must rebuild its
@@ -27,9 +27,7 @@ async fn run(req: GenerateRequest) -> Run {
     common::run_on(&engine(), req).await
 }
 
-use pod_inference::{
-    ChatMessage, EngineError, FinishReason, GenerateRequest, Prompt, Resume, Role, SamplingParams,
-};
+use pod_inference::{EngineError, FinishReason, GenerateRequest, Resume, SamplingParams};
 use pod_node::catalogue::DEFAULT_CHAT_MODEL;
 
 impl Run {
@@ -61,17 +59,6 @@ impl Run {
                 Some(*n)
             })
             .collect()
-    }
-}
-
-fn chat(text: &str) -> Prompt {
-    Prompt::Chat(vec![ChatMessage::new(Role::User, text)])
-}
-
-fn greedy(prompt: &str, max_tokens: usize) -> GenerateRequest {
-    GenerateRequest {
-        max_tokens: Some(max_tokens),
-        ..GenerateRequest::new(DEFAULT_CHAT_MODEL, chat(prompt))
     }
 }
 

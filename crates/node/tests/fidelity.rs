@@ -80,6 +80,15 @@ fn check_distribution(name: &str, logits: &[f32], top: &[Value]) -> f32 {
     (ours_lp_of_their_top - theirs[0].1).abs()
 }
 
+/// Checks a case's token ids against llama.cpp's and the model's next-token distribution
+/// after them; the top-1 log-probability's distance from llama.cpp's.
+fn check_case(model: &ChatModel, name: &str, tokens: &[u32], case: &Value) -> f32 {
+    assert_eq!(tokens, ids(&case["tokens"]), "{name}: token ids");
+    let mut seq = model.new_sequence();
+    let logits = seq.forward(tokens).unwrap();
+    check_distribution(name, &logits, case["top"].as_array().unwrap())
+}
+
 fn check_mean(deltas: &[f32]) {
     let mean = deltas.iter().sum::<f32>() / deltas.len() as f32;
     eprintln!("|top-1 logprob - llama.cpp| per prompt: {deltas:?}, mean {mean:.3}");
@@ -105,14 +114,7 @@ fn smollm2_matches_llama_cpp() {
             "{name}: template"
         );
         let tokens = model.tokenizer().encode(&rendered).unwrap();
-        assert_eq!(tokens, ids(&case["tokens"]), "{name}: token ids");
-        let mut seq = model.new_sequence();
-        let logits = seq.forward(&tokens).unwrap();
-        deltas.push(check_distribution(
-            name,
-            &logits,
-            case["top"].as_array().unwrap(),
-        ));
+        deltas.push(check_case(&model, name, &tokens, case));
     }
     check_mean(&deltas);
 }
@@ -154,14 +156,7 @@ fn gemma3_matches_llama_cpp() {
             .tokenizer()
             .encode(case["text"].as_str().unwrap())
             .unwrap();
-        assert_eq!(tokens, ids(&case["tokens"]), "{name}: token ids");
-        let mut seq = model.new_sequence();
-        let logits = seq.forward(&tokens).unwrap();
-        deltas.push(check_distribution(
-            name,
-            &logits,
-            case["top"].as_array().unwrap(),
-        ));
+        deltas.push(check_case(&model, name, &tokens, case));
     }
     check_mean(&deltas);
     check_tokenize_cases(&model, fixture["tokenize"].as_array().unwrap());

@@ -10,11 +10,9 @@ use std::time::{Duration, Instant};
 use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
-use pod_inference::{
-    ChatMessage, EngineError, GenerateEvent, GenerateRequest, Prompt, Role, SamplingParams, Usage,
-};
+use pod_inference::{EngineError, GenerateEvent, GenerateRequest, Usage};
 use pod_node::catalogue::DEFAULT_CHAT_MODEL;
-use pod_node::mesh::{self, Client, MeshConfig};
+use pod_node::mesh::{self, Client};
 use pod_node::receipts::{Ledger, Receipt, SignedReceipt};
 use pod_node::remote::client::{ClientConfig, InferClient};
 use pod_node::remote::server::{InferServer, ServerConfig};
@@ -23,18 +21,8 @@ use pod_node::wire::{read_frame, write_frame};
 
 const WAIT: Duration = Duration::from_secs(20);
 
-fn config(bootstrap: Vec<Multiaddr>) -> MeshConfig {
-    MeshConfig {
-        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
-        listen_optional: vec![],
-        bootstrap,
-        mdns: false,
-        ..MeshConfig::default()
-    }
-}
-
 async fn node(key: Keypair, bootstrap: Vec<Multiaddr>) -> (Client, Multiaddr) {
-    let (client, event_loop) = mesh::new(key, config(bootstrap)).unwrap();
+    let (client, event_loop) = mesh::new(key, common::loopback_mesh(bootstrap)).unwrap();
     tokio::spawn(event_loop.run());
     let deadline = Instant::now() + WAIT;
     loop {
@@ -105,14 +93,7 @@ async fn requester(peers: &[(PeerId, Multiaddr)]) -> (Client, InferClient, Arc<L
 }
 
 fn greedy(max_tokens: usize) -> GenerateRequest {
-    GenerateRequest {
-        max_tokens: Some(max_tokens),
-        sampling: SamplingParams::default(),
-        ..GenerateRequest::new(
-            DEFAULT_CHAT_MODEL,
-            Prompt::Chat(vec![ChatMessage::new(Role::User, "Count to five.")]),
-        )
-    }
+    common::greedy("Count to five.", max_tokens)
 }
 
 /// Drains events into (text, done usage, error).

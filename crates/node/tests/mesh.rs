@@ -1,6 +1,8 @@
 //! The mesh with several real swarms in one process, on 127.0.0.1: discovery through a
 //! bootstrap peer, capability gossip, expiry, and peers that misbehave.
 
+mod common;
+
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
@@ -16,14 +18,10 @@ const WAIT: Duration = Duration::from_secs(15);
 
 fn loopback_config(bootstrap: Vec<Multiaddr>) -> MeshConfig {
     MeshConfig {
-        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
-        listen_optional: vec![],
-        bootstrap,
-        mdns: false,
         announce_interval: Duration::from_secs(1),
         peer_expiry: Duration::from_secs(3),
         ping_interval: Duration::from_secs(1),
-        ..MeshConfig::default()
+        ..common::loopback_mesh(bootstrap)
     }
 }
 
@@ -160,9 +158,9 @@ async fn changed_capabilities_spread_and_silent_peers_expire() {
     );
 }
 
-/// A raw libp2p node that speaks gossipsub on pods' topic, to misbehave with.
-fn rogue() -> libp2p::Swarm<gossipsub::Behaviour> {
-    let swarm = libp2p::SwarmBuilder::with_new_identity()
+/// A raw libp2p node that speaks gossipsub on pods' topic, to misbehave with, dialing `addr`.
+fn rogue(addr: Multiaddr) -> libp2p::Swarm<gossipsub::Behaviour> {
+    let mut swarm = libp2p::SwarmBuilder::with_new_identity()
         .with_tokio()
         .with_tcp(
             tcp::Config::default(),
@@ -181,6 +179,11 @@ fn rogue() -> libp2p::Swarm<gossipsub::Behaviour> {
         .unwrap()
         .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(60)))
         .build();
+    swarm
+        .behaviour_mut()
+        .subscribe(&gossipsub::IdentTopic::new(CAPABILITY_TOPIC))
+        .unwrap();
+    swarm.dial(addr).unwrap();
     swarm
 }
 
@@ -216,13 +219,8 @@ async fn garbage_announcements_are_dropped_and_the_sender_blocked() {
     let (b, _) = node(loopback_config(vec![a_addr.clone()])).await;
     b.announce(caps("honest")).await.unwrap();
 
-    let mut rogue = rogue();
+    let mut rogue = rogue(a_addr);
     let rogue_id = *rogue.local_peer_id();
-    rogue
-        .behaviour_mut()
-        .subscribe(&gossipsub::IdentTopic::new(CAPABILITY_TOPIC))
-        .unwrap();
-    rogue.dial(a_addr).unwrap();
     let sent = publish_for(
         &mut rogue,
         Duration::from_secs(4),
@@ -260,12 +258,7 @@ async fn a_peer_flooding_valid_announcements_is_rate_limited() {
     let mut config = loopback_config(vec![]);
     config.max_announcements_per_peer_per_sec = 3;
     let (a, a_addr) = node(config).await;
-    let mut rogue = rogue();
-    rogue
-        .behaviour_mut()
-        .subscribe(&gossipsub::IdentTopic::new(CAPABILITY_TOPIC))
-        .unwrap();
-    rogue.dial(a_addr).unwrap();
+    let mut rogue = rogue(a_addr);
     let sent = publish_for(
         &mut rogue,
         Duration::from_secs(3),

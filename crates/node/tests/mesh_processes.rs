@@ -22,6 +22,20 @@ fn all_see_each_other(pods: &[&PodProcess], models: &[(&str, Vec<String>)]) -> b
     })
 }
 
+/// Flags of a relay pod that listens on QUIC only and joins through `bootstrap`.
+fn relay_over_quic(bootstrap: &str) -> [&str; 8] {
+    [
+        "--announce-interval",
+        "1",
+        "--listen",
+        "/ip4/127.0.0.1/udp/0/quic-v1",
+        "--profile",
+        "relay",
+        "--bootstrap",
+        bootstrap,
+    ]
+}
+
 #[test]
 fn three_pods_form_a_mesh_keep_their_ids_and_drop_the_dead() {
     let mesh = [
@@ -59,16 +73,7 @@ fn three_pods_form_a_mesh_keep_their_ids_and_drop_the_dead() {
         &a_tcp,
     ]);
     // C joins over QUIC.
-    let mut c = PodProcess::start(&[
-        "--announce-interval",
-        "1",
-        "--listen",
-        "/ip4/127.0.0.1/udp/0/quic-v1",
-        "--profile",
-        "relay",
-        "--bootstrap",
-        &a_quic,
-    ]);
+    let mut c = PodProcess::start(&relay_over_quic(&a_quic));
     let ready = Instant::now();
     let (a_id, b_id, c_id) = (a.peer_id.clone(), b.peer_id.clone(), c.peer_id.clone());
     let expected = vec![
@@ -132,19 +137,7 @@ fn three_pods_form_a_mesh_keep_their_ids_and_drop_the_dead() {
     // Restarting C keeps its PeerId, and the others see it again.
     let c_home = c.home.clone();
     assert!(c.stop().success());
-    let c2 = PodProcess::start_in(
-        &c_home,
-        &[
-            "--announce-interval",
-            "1",
-            "--listen",
-            "/ip4/127.0.0.1/udp/0/quic-v1",
-            "--profile",
-            "relay",
-            "--bootstrap",
-            &a_quic,
-        ],
-    );
+    let c2 = PodProcess::start_in(&c_home, &relay_over_quic(&a_quic));
     assert_eq!(c2.peer_id, c_id);
     wait_until(
         Duration::from_secs(5),
@@ -336,15 +329,7 @@ fn pod_infer_p2p_runs_on_a_peer_and_matches_a_local_run() {
 
 #[test]
 fn models_pull_fetches_from_a_storage_pod_first() {
-    common::model_path(CHAT);
-    let a = PodProcess::start(&[
-        "--profile",
-        "storage",
-        "--listen",
-        "/ip4/127.0.0.1/tcp/0",
-        "--announce-interval",
-        "1",
-    ]);
+    let a = PodProcess::storage();
     let addr = a.tcp_addr();
     let empty = tempfile::tempdir().unwrap();
     let out = common::process::models_pull(empty.path(), CHAT, &addr, &[])

@@ -3,11 +3,11 @@
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use pod_inference::{ChatMessage, GenerateRequest, Prompt, Role, TokenLogprob};
 use serde_json::json;
 
-use super::generation::{self, ChunkFormat, CommonParams, FINGERPRINT};
+use super::generation::{self, ChunkFormat, Head, FINGERPRINT};
 use super::ApiJson;
 use crate::error::ApiError;
 use crate::openai::{
@@ -97,18 +97,8 @@ pub(crate) fn engine_request(
     }
     let msgs = messages(req)?;
     let plan = generation::plan(
-        &CommonParams {
-            temperature: req.temperature,
-            top_p: req.top_p,
-            top_k: req.top_k,
-            min_p: req.min_p,
-            repetition_penalty: req.repetition_penalty,
-            presence_penalty: req.presence_penalty,
-            frequency_penalty: req.frequency_penalty,
-            seed: req.seed,
-            max_tokens: req.max_completion_tokens.or(req.max_tokens),
-            n: req.n,
-        },
+        &req.params,
+        req.max_completion_tokens.or(req.params.max_tokens),
         max_choices,
     )?;
     let logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
@@ -139,10 +129,7 @@ pub(crate) fn engine_request(
             ))
         }
     };
-    let mut request = GenerateRequest::new(req.model.clone(), Prompt::Chat(msgs));
-    request.sampling = plan.sampling;
-    request.max_tokens = plan.max_tokens;
-    request.stop = req.stop.clone().map(|s| s.into_vec()).unwrap_or_default();
+    let mut request = plan.request(&req.model, Prompt::Chat(msgs));
     request.logprobs = logprobs;
     request.json = json_mode;
     Ok((request, plan.n))
@@ -162,85 +149,57 @@ pub(crate) async fn chat_completions<B: Backend>(
     ApiJson(req): ApiJson<ChatCompletionRequest>,
 ) -> Result<Response, ApiError> {
     let (request, n) = engine_request(&req, state.config.max_choices)?;
-    if let Some(user) = &req.user {
+    if let Some(user) = &req.params.user {
         tracing::debug!(user = %user, model = %req.model, "chat request");
     }
     let generations = generation::start(&state, generation::seeded(&request, n)).await?;
-    let served_by = generations
-        .first()
-        .map(|g| g.served_by.clone())
-        .unwrap_or_default();
-    let id = generation::new_id("chatcmpl");
-    let created = generation::now();
-    if req.stream.unwrap_or(false) {
-        let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
-        let format = ChatChunks {
-            id,
-            created,
-            model: req.model.clone(),
-        };
-        return Ok(generation::stream(
-            Arc::clone(&state),
-            req.model,
-            generations,
-            format,
-            include_usage,
-        ));
-    }
-    let collected = generation::collect_all(&state, &req.model, generations).await?;
-    let usage = generation::total_usage(&collected);
+    let head = Head::new("chatcmpl", &req.model);
     let want_logprobs = request.logprobs.is_some();
-    let body = ChatCompletion {
-        id,
-        object: "chat.completion".into(),
-        created,
-        model: req.model,
-        choices: collected
-            .into_iter()
-            .enumerate()
-            .map(|(index, c)| ChatChoice {
-                index,
-                message: ChatMessageOut {
-                    role: "assistant".into(),
-                    content: c.text,
-                },
-                logprobs: want_logprobs.then(|| logprobs_of(c.logprobs)),
-                finish_reason: c.finish_reason,
-            })
-            .collect(),
-        usage,
-        system_fingerprint: FINGERPRINT.into(),
-    };
-    Ok(generation::with_served_by(
-        axum::Json(body).into_response(),
-        &served_by,
-    ))
+    let streaming = generation::streaming(&req.params);
+    generation::answer(
+        state,
+        generations,
+        streaming,
+        ChatChunks(head.clone()),
+        |collected, usage| ChatCompletion {
+            id: head.id,
+            object: "chat.completion".into(),
+            created: head.created,
+            model: head.model,
+            choices: collected
+                .into_iter()
+                .enumerate()
+                .map(|(index, c)| ChatChoice {
+                    index,
+                    message: ChatMessageOut {
+                        role: "assistant".into(),
+                        content: c.text,
+                    },
+                    logprobs: want_logprobs.then(|| logprobs_of(c.logprobs)),
+                    finish_reason: c.finish_reason,
+                })
+                .collect(),
+            usage,
+            system_fingerprint: FINGERPRINT.into(),
+        },
+    )
+    .await
 }
 
-struct ChatChunks {
-    id: String,
-    created: u64,
-    model: String,
-}
+/// Chat stream chunks.
+struct ChatChunks(Head);
 
 impl ChatChunks {
     fn chunk(&self, choices: serde_json::Value, usage: Option<Usage>) -> serde_json::Value {
-        let mut v = json!({
-            "id": self.id,
-            "object": "chat.completion.chunk",
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": FINGERPRINT,
-            "choices": choices,
-        });
-        if let Some(u) = usage {
-            v["usage"] = json!(u);
-        }
-        v
+        self.0.chunk("chat.completion.chunk", choices, usage)
     }
 }
 
 impl ChunkFormat for ChatChunks {
+    fn head(&self) -> &Head {
+        &self.0
+    }
+
     fn start(&self, index: usize) -> Option<serde_json::Value> {
         Some(self.chunk(
             json!([{"index": index, "delta": {"role": "assistant", "content": ""}, "logprobs": null, "finish_reason": null}]),

@@ -4,11 +4,11 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use axum::extract::State;
-use axum::response::{IntoResponse, Response};
-use pod_inference::{GenerateRequest, Prompt, TokenLogprob};
+use axum::response::Response;
+use pod_inference::{Prompt, TokenLogprob};
 use serde_json::json;
 
-use super::generation::{self, ChunkFormat, CommonParams, FINGERPRINT};
+use super::generation::{self, ChunkFormat, Head, FINGERPRINT};
 use super::ApiJson;
 use crate::error::ApiError;
 use crate::openai::{
@@ -64,18 +64,8 @@ pub(crate) async fn completions<B: Backend>(
         Some(PromptInput::Tokens(ids)) => vec![(Prompt::Tokens(ids), String::new())],
     };
     let plan = generation::plan(
-        &CommonParams {
-            temperature: req.temperature,
-            top_p: req.top_p,
-            top_k: req.top_k,
-            min_p: req.min_p,
-            repetition_penalty: req.repetition_penalty,
-            presence_penalty: req.presence_penalty,
-            frequency_penalty: req.frequency_penalty,
-            seed: req.seed,
-            max_tokens: Some(req.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS)),
-            n: req.n,
-        },
+        &req.params,
+        Some(req.params.max_tokens.unwrap_or(DEFAULT_MAX_TOKENS)),
         state.config.max_choices,
     )?;
     if prompts.len() * plan.n > state.config.max_choices {
@@ -101,10 +91,7 @@ pub(crate) async fn completions<B: Backend>(
     let mut requests = Vec::new();
     let mut echoes = Vec::new();
     for (prompt, text) in prompts {
-        let mut r = GenerateRequest::new(req.model.clone(), prompt);
-        r.sampling = plan.sampling.clone();
-        r.max_tokens = plan.max_tokens;
-        r.stop = req.stop.clone().map(|s| s.into_vec()).unwrap_or_default();
+        let mut r = plan.request(&req.model, prompt);
         r.logprobs = logprobs;
         for r in generation::seeded(&r, plan.n) {
             requests.push(r);
@@ -112,81 +99,58 @@ pub(crate) async fn completions<B: Backend>(
         }
     }
     let generations = generation::start(&state, requests).await?;
-    let served_by = generations
-        .first()
-        .map(|g| g.served_by.clone())
-        .unwrap_or_default();
-    let id = generation::new_id("cmpl");
-    let created = generation::now();
-    if req.stream.unwrap_or(false) {
-        let include_usage = req.stream_options.as_ref().is_some_and(|o| o.include_usage);
-        let format = TextChunks {
-            id,
-            created,
-            model: req.model.clone(),
-            echoes,
-        };
-        return Ok(generation::stream(
-            Arc::clone(&state),
-            req.model,
-            generations,
-            format,
-            include_usage,
-        ));
-    }
-    let collected = generation::collect_all(&state, &req.model, generations).await?;
-    let usage = generation::total_usage(&collected);
-    let choices = collected
-        .into_iter()
-        .zip(echoes)
-        .enumerate()
-        .map(|(index, (c, prefix))| CompletionChoice {
-            logprobs: logprobs.map(|_| logprobs_of(&prefix, c.logprobs)),
-            text: format!("{prefix}{}", c.text),
-            index,
-            finish_reason: Some(c.finish_reason),
-        })
-        .collect();
-    let body = Completion {
-        id,
-        object: "text_completion".into(),
-        created,
-        model: req.model,
-        system_fingerprint: FINGERPRINT.into(),
-        choices,
-        usage: Some(usage),
+    let head = Head::new("cmpl", &req.model);
+    let streaming = generation::streaming(&req.params);
+    let format = TextChunks {
+        head: head.clone(),
+        echoes: echoes.clone(),
     };
-    Ok(generation::with_served_by(
-        axum::Json(body).into_response(),
-        &served_by,
-    ))
+    generation::answer(state, generations, streaming, format, |collected, usage| {
+        Completion {
+            id: head.id,
+            object: "text_completion".into(),
+            created: head.created,
+            model: head.model,
+            system_fingerprint: FINGERPRINT.into(),
+            choices: collected
+                .into_iter()
+                .zip(echoes)
+                .enumerate()
+                .map(|(index, (c, prefix))| CompletionChoice {
+                    logprobs: logprobs.map(|_| logprobs_of(&prefix, c.logprobs)),
+                    text: format!("{prefix}{}", c.text),
+                    index,
+                    finish_reason: Some(c.finish_reason),
+                })
+                .collect(),
+            usage: Some(usage),
+        }
+    })
+    .await
 }
 
+/// Text completion stream chunks; choice `i` opens with `echoes[i]` when that is not empty.
 struct TextChunks {
-    id: String,
-    created: u64,
-    model: String,
+    head: Head,
     echoes: Vec<String>,
 }
 
 impl TextChunks {
-    fn chunk(&self, choices: serde_json::Value) -> serde_json::Value {
-        json!({
-            "id": self.id,
-            "object": "text_completion",
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": FINGERPRINT,
-            "choices": choices,
-        })
+    fn chunk(&self, choices: serde_json::Value, usage: Option<Usage>) -> serde_json::Value {
+        self.head.chunk("text_completion", choices, usage)
     }
 }
 
 impl ChunkFormat for TextChunks {
+    fn head(&self) -> &Head {
+        &self.head
+    }
+
     fn start(&self, index: usize) -> Option<serde_json::Value> {
         let echo = self.echoes.get(index).filter(|e| !e.is_empty())?;
         Some(self.chunk(
             json!([{"text": echo, "index": index, "logprobs": null, "finish_reason": null}]),
+            None,
         ))
     }
 
@@ -196,16 +160,20 @@ impl ChunkFormat for TextChunks {
         } else {
             json!(logprobs_of("", logprobs))
         };
-        self.chunk(json!([{"text": text, "index": index, "logprobs": lp, "finish_reason": null}]))
+        self.chunk(
+            json!([{"text": text, "index": index, "logprobs": lp, "finish_reason": null}]),
+            None,
+        )
     }
 
     fn finish(&self, index: usize, reason: &str) -> serde_json::Value {
-        self.chunk(json!([{"text": "", "index": index, "logprobs": null, "finish_reason": reason}]))
+        self.chunk(
+            json!([{"text": "", "index": index, "logprobs": null, "finish_reason": reason}]),
+            None,
+        )
     }
 
     fn usage(&self, usage: Usage) -> serde_json::Value {
-        let mut v = self.chunk(json!([]));
-        v["usage"] = json!(usage);
-        v
+        self.chunk(json!([]), Some(usage))
     }
 }

@@ -8,38 +8,49 @@ use std::time::Instant;
 use axum::http::HeaderValue;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use pod_inference::{GenerateEvent, GenerateRequest, SamplingParams, TokenLogprob, Usage};
+use pod_inference::{GenerateEvent, GenerateRequest, Prompt, SamplingParams, TokenLogprob, Usage};
+use serde::Serialize;
+use serde_json::json;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
 use tokio_stream::{StreamExt, StreamMap};
 
 use crate::backend::Generation;
 use crate::error::ApiError;
+use crate::openai::{GenerationParams, StopSpec};
 use crate::{AppState, Backend, SERVED_BY_HEADER};
 
-/// Sampling fields common to both completion endpoints.
-#[derive(Debug, Default)]
-pub(super) struct CommonParams {
-    pub(super) temperature: Option<f32>,
-    pub(super) top_p: Option<f32>,
-    pub(super) top_k: Option<i64>,
-    pub(super) min_p: Option<f32>,
-    pub(super) repetition_penalty: Option<f32>,
-    pub(super) presence_penalty: Option<f32>,
-    pub(super) frequency_penalty: Option<f32>,
-    pub(super) seed: Option<u64>,
-    pub(super) max_tokens: Option<i64>,
-    pub(super) n: Option<i64>,
-}
+/// Most stop sequences per request, as OpenAI allows.
+pub(super) const MAX_STOPS: usize = 4;
+/// Longest stop sequence, in bytes: the engine checks every stop after every token.
+pub(super) const MAX_STOP_BYTES: usize = 256;
 
-/// Validated sampling parameters plus the number of choices.
+/// Validated sampling parameters, stop sequences and the number of choices.
 pub(super) struct Plan {
     pub(super) sampling: SamplingParams,
     pub(super) max_tokens: Option<usize>,
+    pub(super) stop: Vec<String>,
     pub(super) n: usize,
 }
 
-pub(super) fn plan(p: &CommonParams, max_choices: usize) -> Result<Plan, ApiError> {
+impl Plan {
+    /// An engine request for `prompt` with these settings.
+    pub(super) fn request(&self, model: &str, prompt: Prompt) -> GenerateRequest {
+        let mut request = GenerateRequest::new(model.to_owned(), prompt);
+        request.sampling = self.sampling.clone();
+        request.max_tokens = self.max_tokens;
+        request.stop = self.stop.clone();
+        request
+    }
+}
+
+/// Validates the shared fields; `max_tokens` is the endpoint's reading of them (an alias or
+/// a default).
+pub(super) fn plan(
+    p: &GenerationParams,
+    max_tokens: Option<i64>,
+    max_choices: usize,
+) -> Result<Plan, ApiError> {
     let n = p.n.unwrap_or(1);
     if n < 1 || n as usize > max_choices {
         return Err(ApiError::invalid(
@@ -47,7 +58,7 @@ pub(super) fn plan(p: &CommonParams, max_choices: usize) -> Result<Plan, ApiErro
             format!("`n` must be between 1 and {max_choices}"),
         ));
     }
-    let max_tokens = match p.max_tokens {
+    let max_tokens = match max_tokens {
         None => None,
         Some(m) if m < 1 => {
             return Err(ApiError::invalid(
@@ -79,8 +90,32 @@ pub(super) fn plan(p: &CommonParams, max_choices: usize) -> Result<Plan, ApiErro
     Ok(Plan {
         sampling,
         max_tokens,
+        stop: stops(p.stop.as_ref())?,
         n: n as usize,
     })
+}
+
+fn stops(stop: Option<&StopSpec>) -> Result<Vec<String>, ApiError> {
+    let list = stop.cloned().map(StopSpec::into_vec).unwrap_or_default();
+    if list.len() > MAX_STOPS {
+        return Err(ApiError::invalid(
+            "stop",
+            format!(
+                "`stop` may hold at most {MAX_STOPS} sequences, not {}",
+                list.len()
+            ),
+        ));
+    }
+    if let Some(long) = list.iter().find(|s| s.len() > MAX_STOP_BYTES) {
+        return Err(ApiError::invalid(
+            "stop",
+            format!(
+                "each `stop` sequence may be at most {MAX_STOP_BYTES} bytes long, not {}",
+                long.len()
+            ),
+        ));
+    }
+    Ok(list)
 }
 
 /// Starts one generation per request; choice `i` of a seeded request uses seed + i so the
@@ -155,7 +190,7 @@ impl Timer {
 }
 
 /// Drains a generation into a whole answer.
-pub(super) async fn collect<B: Backend>(
+async fn collect<B: Backend>(
     state: &AppState<B>,
     model: &str,
     mut generation: Generation,
@@ -192,7 +227,7 @@ pub(super) async fn collect<B: Backend>(
 }
 
 /// Drains every choice, in order.
-pub(super) async fn collect_all<B: Backend>(
+async fn collect_all<B: Backend>(
     state: &AppState<B>,
     model: &str,
     generations: Vec<Generation>,
@@ -205,15 +240,60 @@ pub(super) async fn collect_all<B: Backend>(
 }
 
 /// Sums usage over choices; the prompt is counted once, as OpenAI does.
-pub(super) fn total_usage(choices: &[Collected]) -> crate::openai::Usage {
+fn total_usage(choices: &[Collected]) -> crate::openai::Usage {
     let prompt = choices.first().map_or(0, |c| c.usage.prompt_tokens);
     let cached = choices.first().map_or(0, |c| c.usage.cached_tokens);
     let completion: usize = choices.iter().map(|c| c.usage.completion_tokens).sum();
     crate::openai::Usage::new(prompt, completion, cached)
 }
 
+/// What names one answer: the same in the whole body and in every chunk of its stream.
+#[derive(Debug, Clone)]
+pub(super) struct Head {
+    /// `chatcmpl-…` or `cmpl-…`.
+    pub(super) id: String,
+    /// Unix seconds.
+    pub(super) created: u64,
+    /// The model asked for.
+    pub(super) model: String,
+}
+
+impl Head {
+    /// A new answer's head, its id starting with `prefix`.
+    pub(super) fn new(prefix: &str, model: &str) -> Self {
+        Self {
+            id: format!("{prefix}-{}", uuid::Uuid::new_v4().simple()),
+            created: now(),
+            model: model.to_owned(),
+        }
+    }
+
+    /// A stream chunk of this answer; `usage` only in the last one.
+    pub(super) fn chunk(
+        &self,
+        object: &str,
+        choices: serde_json::Value,
+        usage: Option<crate::openai::Usage>,
+    ) -> serde_json::Value {
+        let mut v = json!({
+            "id": self.id,
+            "object": object,
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": FINGERPRINT,
+            "choices": choices,
+        });
+        if let Some(u) = usage {
+            v["usage"] = json!(u);
+        }
+        v
+    }
+}
+
 /// How one endpoint spells its stream chunks.
 pub(super) trait ChunkFormat: Send + 'static {
+    /// The answer the chunks belong to.
+    fn head(&self) -> &Head;
     /// Chunk opening choice `index`, if the format has one.
     fn start(&self, index: usize) -> Option<serde_json::Value>;
     /// Chunk with new text.
@@ -228,19 +308,46 @@ fn data(value: &serde_json::Value) -> Event {
     Event::default().data(value.to_string())
 }
 
-/// Streams generations as server-sent events ending with `data: [DONE]`. A client that hangs
-/// up drops the stream, which drops the engine receivers and so cancels the work.
-pub(super) fn stream<B: Backend, F: ChunkFormat>(
+/// Whether to stream, and then whether to end with a usage chunk.
+pub(super) fn streaming(p: &GenerationParams) -> Option<bool> {
+    p.stream
+        .unwrap_or(false)
+        .then(|| p.stream_options.as_ref().is_some_and(|o| o.include_usage))
+}
+
+/// Answers with the generations: streamed as `format` spells chunks when `streaming` says so
+/// (see [`streaming`]), else drained and turned into one body by `whole`, which gets the
+/// finished choices in order and their summed usage.
+pub(super) async fn answer<B: Backend, F: ChunkFormat, T: Serialize>(
     state: Arc<AppState<B>>,
-    model: String,
     generations: Vec<Generation>,
+    streaming: Option<bool>,
     format: F,
-    include_usage: bool,
-) -> Response {
+    whole: impl FnOnce(Vec<Collected>, crate::openai::Usage) -> T,
+) -> Result<Response, ApiError> {
     let served_by = generations
         .first()
         .map(|g| g.served_by.clone())
         .unwrap_or_default();
+    let res = match streaming {
+        Some(include_usage) => stream(state, generations, format, include_usage),
+        None => {
+            let collected = collect_all(&state, &format.head().model, generations).await?;
+            let usage = total_usage(&collected);
+            axum::Json(whole(collected, usage)).into_response()
+        }
+    };
+    Ok(with_served_by(res, &served_by))
+}
+
+/// Streams generations as server-sent events ending with `data: [DONE]`. A client that hangs
+/// up drops the stream, which drops the engine receivers and so cancels the work.
+fn stream<B: Backend, F: ChunkFormat>(
+    state: Arc<AppState<B>>,
+    generations: Vec<Generation>,
+    format: F,
+    include_usage: bool,
+) -> Response {
     let (tx, rx) = mpsc::channel::<Event>(64);
     tokio::spawn(async move {
         let mut map = StreamMap::new();
@@ -280,10 +387,11 @@ pub(super) fn stream<B: Backend, F: ChunkFormat>(
                     finish_reason,
                     usage,
                 } => {
+                    let model = &format.head().model;
                     state
                         .metrics
-                        .tokens(&model, usage.prompt_tokens, usage.completion_tokens);
-                    state.metrics.cached_tokens(&model, usage.cached_tokens);
+                        .tokens(model, usage.prompt_tokens, usage.completion_tokens);
+                    state.metrics.cached_tokens(model, usage.cached_tokens);
                     usages.push(Collected {
                         usage,
                         ..Default::default()
@@ -309,13 +417,9 @@ pub(super) fn stream<B: Backend, F: ChunkFormat>(
         let _ = tx.send(Event::default().data("[DONE]")).await;
     });
     let body = ReceiverStream::new(rx).map(Ok::<_, Infallible>);
-    let mut res = Sse::new(body)
+    Sse::new(body)
         .keep_alive(KeepAlive::default())
-        .into_response();
-    if let Ok(v) = HeaderValue::from_str(&served_by) {
-        res.headers_mut().insert(SERVED_BY_HEADER, v);
-    }
-    res
+        .into_response()
 }
 
 /// Adds `x-pod-served-by` to a response.
@@ -327,16 +431,11 @@ pub(super) fn with_served_by(mut res: Response, served_by: &str) -> Response {
 }
 
 /// Unix seconds now.
-pub(super) fn now() -> u64 {
+fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
-}
-
-/// A random id with a prefix, e.g. `chatcmpl-…`.
-pub(super) fn new_id(prefix: &str) -> String {
-    format!("{prefix}-{}", uuid::Uuid::new_v4().simple())
 }
 
 /// Identifies this build in responses.

@@ -66,6 +66,7 @@ pub(crate) fn exec(
         api_port: args.api_port,
         api_keys: plan.api_keys,
         public_api: args.public_api,
+        cors_origins: args.cors_origins.clone(),
         device: args.device,
         device_name: plan.device_name,
         engine: EngineConfig {

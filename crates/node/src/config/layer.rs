@@ -140,6 +140,7 @@ settings! {
     api_port <- api_port => args.api_port, same;
     api_key_file <- api_key_file => args.api_key_file, Some;
     public_api <- public_api => args.public_api, same;
+    cors_origins <- cors_origins => args.cors_origins, same;
     shutdown_grace <- shutdown_grace => args.shutdown_grace, same;
     p2p_port <- p2p_port => args.p2p_port, same;
     listen <- listen => args.listen, same;

@@ -47,6 +47,15 @@ pub struct StartArgs {
     /// Serve the API on a non-loopback address without keys (anyone who can reach it can use it).
     #[arg(long, env = "POD_PUBLIC_API")]
     pub public_api: bool,
+    /// Web origin whose pages may call the API from a browser (repeatable), e.g.
+    /// https://app.example; `*` allows any page and is refused with API keys. Default: none.
+    #[arg(
+        long = "cors-origin",
+        value_name = "ORIGIN",
+        env = "POD_CORS_ORIGINS",
+        value_delimiter = ','
+    )]
+    pub cors_origins: Vec<String>,
     /// Compute device: auto, cpu, cuda[:N], rocm[:N]. For AMD GPUs the HIP runtime does not
     /// list (e.g. gfx906, MI50), set HSA_OVERRIDE_GFX_VERSION (e.g. 9.0.6).
     #[arg(long, default_value = "auto", env = "POD_DEVICE")]

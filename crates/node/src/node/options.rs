@@ -5,7 +5,7 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use pod_api::ApiKeys;
+use pod_api::{ApiConfig, ApiKeys};
 use pod_inference::{DeviceSpec, EngineConfig};
 
 use super::NodeError;
@@ -33,6 +33,8 @@ pub struct StartOptions {
     pub api_keys: ApiKeys,
     /// Allow binding a non-loopback address without keys.
     pub public_api: bool,
+    /// Web origins whose pages may call the API from a browser (`*`: any); empty: none.
+    pub cors_origins: Vec<String>,
     /// Compute device.
     pub device: DeviceSpec,
     /// The device `device` opened, e.g. `cpu` or `cuda:0`, for announcements and `pod status`.
@@ -63,7 +65,20 @@ pub struct StartOptions {
 impl StartOptions {
     /// Refuses unsafe or contradictory settings.
     pub fn check(&self) -> Result<(), NodeError> {
-        check_api_exposure(self.api, self.api_host, &self.api_keys, self.public_api)
+        check_api_exposure(self.api, self.api_host, &self.api_keys, self.public_api)?;
+        self.api_config(String::new())
+            .check()
+            .map_err(|e| NodeError::Refused(e.to_string()))
+    }
+
+    /// The API's settings, naming the node `node_name`.
+    pub(crate) fn api_config(&self, node_name: String) -> ApiConfig {
+        ApiConfig {
+            keys: self.api_keys.clone(),
+            node_name,
+            cors_origins: self.cors_origins.clone(),
+            ..ApiConfig::default()
+        }
     }
 }
 

@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use pod_inference::{
-    DeviceSpec, Engine, EngineConfig, EngineHandle, FinishReason, GenerateEvent, GenerateRequest,
-    Usage,
+    ChatMessage, DeviceSpec, Engine, EngineConfig, EngineHandle, FinishReason, GenerateEvent,
+    GenerateRequest, Prompt, Role, Usage,
 };
 use pod_node::catalogue::{DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDING_MODEL};
 use pod_node::loader;
@@ -49,6 +49,32 @@ pub fn engine_with(config: EngineConfig) -> EngineHandle {
         loader::load_into(&engine, &resolved, DeviceSpec::Cpu).expect("load");
     }
     engine
+}
+
+/// A one-message chat from the user.
+pub fn chat(text: &str) -> Prompt {
+    Prompt::Chat(vec![ChatMessage::new(Role::User, text)])
+}
+
+/// A chat request to the default chat model, sampled with the defaults, at most `max_tokens`
+/// long.
+pub fn greedy(prompt: &str, max_tokens: usize) -> GenerateRequest {
+    GenerateRequest {
+        max_tokens: Some(max_tokens),
+        ..GenerateRequest::new(DEFAULT_CHAT_MODEL, chat(prompt))
+    }
+}
+
+/// A mesh on a free loopback TCP port with no mDNS, joining `bootstrap`; other settings are
+/// the defaults.
+pub fn loopback_mesh(bootstrap: Vec<libp2p::Multiaddr>) -> pod_node::mesh::MeshConfig {
+    pod_node::mesh::MeshConfig {
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().expect("multiaddr")],
+        listen_optional: vec![],
+        bootstrap,
+        mdns: false,
+        ..pod_node::mesh::MeshConfig::default()
+    }
 }
 
 pub fn fixture(name: &str) -> serde_json::Value {

@@ -20,6 +20,16 @@ pub struct PodProcess {
     log: PathBuf,
 }
 
+/// Flags of a storage pod serving the shared model store on loopback.
+pub const STORAGE: [&str; 6] = [
+    "--profile",
+    "storage",
+    "--listen",
+    "/ip4/127.0.0.1/tcp/0",
+    "--announce-interval",
+    "1",
+];
+
 /// `pod` with the shared model store and the given state directory.
 pub fn pod_command(home: &Path) -> Command {
     pod_command_with_models(home, &test_home().join("models"))
@@ -69,6 +79,13 @@ impl PodProcess {
         let mut p = Self::start_in(&home, args);
         p._home_dir = Some(dir);
         p
+    }
+
+    /// A storage pod serving the shared model store, with the default chat model in it, on
+    /// loopback.
+    pub fn storage() -> PodProcess {
+        super::model_path(pod_node::catalogue::DEFAULT_CHAT_MODEL);
+        Self::start(&STORAGE)
     }
 
     /// Starts a pod with a fresh state directory and its own model store `models`.

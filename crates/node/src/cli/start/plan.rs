@@ -74,6 +74,12 @@ pub(super) fn plan(store: &ModelStore, args: &StartArgs) -> Result<Plan> {
         _ => pod_api::ApiKeys::default(),
     };
     node::check_api_exposure(!args.no_api, args.api_host, &api_keys, args.public_api)?;
+    pod_api::ApiConfig {
+        keys: api_keys.clone(),
+        cors_origins: args.cors_origins.clone(),
+        ..pod_api::ApiConfig::default()
+    }
+    .check()?;
     Ok(Plan {
         mesh: mesh_config(args, choice.profile),
         profile: choice,
