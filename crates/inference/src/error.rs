@@ -28,7 +28,9 @@ pub enum LoadError {
         key: String,
     },
     /// The model's architecture has no implementation here.
-    #[error("unsupported model architecture `{0}` (supported: llama, mistral, gemma3, qwen2, qwen3, phi3)")]
+    #[error(
+        "unsupported model architecture `{0}` (supported: llama, mistral, gemma3, qwen3, phi3)"
+    )]
     UnsupportedArchitecture(String),
     /// The tokenizer described in the metadata cannot be built.
     #[error("cannot build tokenizer: {0}")]
