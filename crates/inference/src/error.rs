@@ -99,3 +99,21 @@ pub enum EngineError {
     #[error("{0}")]
     Unavailable(String),
 }
+
+/// A batched forward pass of a [`BatchDecoder`](crate::decoder::BatchDecoder) failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ForwardError {
+    /// The rows do not fit the caches: counts differ, a row is empty, or a cache belongs to
+    /// another model.
+    #[error("{0}")]
+    InvalidBatch(String),
+    /// The model failed while computing.
+    #[error("{0}")]
+    Compute(String),
+}
+
+impl From<candle_core::Error> for ForwardError {
+    fn from(e: candle_core::Error) -> Self {
+        ForwardError::Compute(e.to_string())
+    }
+}

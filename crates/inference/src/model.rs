@@ -18,7 +18,8 @@ mod qembed;
 mod weights;
 
 use self::cpu_decoder::{CpuDecoder, KvCache};
-use crate::error::LoadError;
+use crate::decoder::{BatchDecoder, DecoderCache};
+use crate::error::{ForwardError, LoadError};
 use crate::gguf::GgufFile;
 use crate::template::{ChatTemplate, CHATML_TEMPLATE};
 use crate::tokenizer::PodTokenizer;
@@ -316,5 +317,54 @@ impl Sequence {
             }
             _ => false,
         }
+    }
+}
+
+impl BatchDecoder for ChatModel {
+    type Cache = Sequence;
+
+    fn new_cache(&self) -> Sequence {
+        self.new_sequence()
+    }
+
+    fn batch_invariant(&self) -> bool {
+        ChatModel::batch_invariant(self)
+    }
+
+    fn forward_rows(
+        &self,
+        caches: &mut [&mut Sequence],
+        rows: &[&[u32]],
+    ) -> Result<Vec<Vec<f32>>, ForwardError> {
+        if caches.len() != rows.len() {
+            return Err(ForwardError::InvalidBatch(format!(
+                "{} sequences for {} rows",
+                caches.len(),
+                rows.len()
+            )));
+        }
+        if let [cache] = caches {
+            // One sequence: its own pass, whatever the model.
+            return Ok(vec![cache.forward(rows[0])?]);
+        }
+        Ok(self.forward_batch(caches, rows)?)
+    }
+}
+
+impl DecoderCache for Sequence {
+    fn len(&self) -> usize {
+        Sequence::len(self)
+    }
+
+    fn truncate(&mut self, len: usize) -> bool {
+        Sequence::truncate(self, len)
+    }
+
+    fn bytes(&self) -> usize {
+        self.cache_bytes()
+    }
+
+    fn shrink_to_fit(&mut self) {
+        Sequence::shrink_to_fit(self)
     }
 }
