@@ -6,6 +6,22 @@
 //! loaded from safetensors plus `tokenizer.json`. One [`Engine`] thread owns every loaded model;
 //! callers talk to it through the cloneable [`EngineHandle`], sending a request and receiving a
 //! stream of [`GenerateEvent`]s. Nothing here touches the network.
+//!
+//! Where things live:
+//! - [`engine`]: the engine thread, its handle, scheduling, batching and the token pipeline
+//!   (its module doc lists its files);
+//! - [`decoder`]: [`BatchDecoder`], the trait the engine drives models through (the seam for
+//!   other backends);
+//! - [`model`]: [`ChatModel`], GGUF chat models: `model/cpu_decoder.rs` (pod's CPU decoder),
+//!   `model/llama.rs` and `model/gemma3.rs` (candle, other devices), shared loading in
+//!   `model/weights.rs`;
+//! - [`kernels`]: the fused quantised CPU matrix kernels; [`gpu`]: GPU kernels and runtimes;
+//! - [`tokenizer`], [`template`], [`chat`]: text in; [`sampling`], [`stop`], [`json`]: choosing
+//!   tokens and ending completions;
+//! - [`embedding`]: BERT sentence embeddings; [`gguf`]: reading GGUF files; [`device`]: picking
+//!   a compute device; [`error`]: the error types;
+//! - `test_utils` (in tests and with the `test-utils` feature): a deterministic test decoder
+//!   for tests of the engine.
 #![deny(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
@@ -23,6 +39,8 @@ pub mod model;
 pub mod sampling;
 pub mod stop;
 pub mod template;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_utils;
 pub mod tokenizer;
 
 /// The compute device type models are loaded onto.

@@ -292,3 +292,226 @@ fn step_model<D: BatchDecoder>(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::PoisonError;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::engine::{FinishReason, GenerateRequest, Prompt, Usage};
+    use crate::test_utils::{completion, PassLog, Row, TestDecoder, POISON};
+
+    fn start(config: EngineConfig, decoder: TestDecoder) -> (EngineHandle<TestDecoder>, PassLog) {
+        let format = decoder.format().unwrap();
+        let log = decoder.log();
+        let engine = Engine::<TestDecoder>::start_with(config);
+        engine.add_decoder("test", format, decoder).unwrap();
+        (engine, log)
+    }
+
+    fn with_max_active(max_active: usize) -> EngineConfig {
+        EngineConfig {
+            max_active,
+            ..EngineConfig::default()
+        }
+    }
+
+    fn request(prompt: &[u32], max_tokens: usize) -> GenerateRequest {
+        let mut req = GenerateRequest::new("test", Prompt::Tokens(prompt.to_vec()));
+        req.max_tokens = Some(max_tokens);
+        req
+    }
+
+    #[derive(Debug, Default)]
+    struct Outcome {
+        tokens: Vec<u32>,
+        done: Option<(FinishReason, Usage)>,
+        error: Option<EngineError>,
+    }
+
+    fn add(outcome: &mut Outcome, event: GenerateEvent) {
+        match event {
+            GenerateEvent::Delta { tokens, .. } => outcome.tokens.extend(tokens),
+            GenerateEvent::Done {
+                finish_reason,
+                usage,
+            } => outcome.done = Some((finish_reason, usage)),
+            GenerateEvent::Error(e) => outcome.error = Some(e),
+        }
+    }
+
+    fn finish(mut rx: mpsc::UnboundedReceiver<GenerateEvent>, mut outcome: Outcome) -> Outcome {
+        while let Some(event) = rx.blocking_recv() {
+            add(&mut outcome, event);
+        }
+        outcome
+    }
+
+    /// Waits for the first event, so the sequence is running.
+    fn first(rx: &mut mpsc::UnboundedReceiver<GenerateEvent>) -> Outcome {
+        let mut outcome = Outcome::default();
+        add(&mut outcome, rx.blocking_recv().unwrap());
+        outcome
+    }
+
+    fn passes(log: &PassLog) -> Vec<Vec<Row>> {
+        log.lock().unwrap_or_else(PoisonError::into_inner).clone()
+    }
+
+    fn assert_completed(outcome: &Outcome, prompt: &[u32], count: usize) {
+        assert_eq!(outcome.error, None);
+        assert_eq!(outcome.tokens, completion(prompt, count));
+        let (reason, usage) = outcome.done.unwrap();
+        assert_eq!(reason, FinishReason::Length);
+        assert_eq!(usage.prompt_tokens, prompt.len());
+        assert_eq!(usage.completion_tokens, count);
+    }
+
+    #[test]
+    fn a_completion_follows_the_model() {
+        let (engine, log) = start(EngineConfig::default(), TestDecoder::new(true));
+        let out = finish(
+            engine.generate(request(&[5, 6, 7], 8)).unwrap(),
+            Outcome::default(),
+        );
+        assert_completed(&out, &[5, 6, 7], 8);
+        // The prompt in one pass, then one pass per token fed back (the last is not fed).
+        assert_eq!(passes(&log).len(), 8);
+        assert_eq!(engine.stats().forward_passes.load(Ordering::Relaxed), 8);
+    }
+
+    #[test]
+    fn prompts_join_while_others_decode() {
+        let decoder = TestDecoder::new(true).with_delay(Duration::from_millis(2));
+        let (engine, log) = start(EngineConfig::default(), decoder);
+        let a_prompt = [1, 2, 3, 4];
+        let mut a = engine.generate(request(&a_prompt, 100)).unwrap();
+        let a_first = first(&mut a);
+        let b_prompt = [10, 11, 12];
+        let b = engine.generate(request(&b_prompt, 5)).unwrap();
+        assert_completed(&finish(b, Outcome::default()), &b_prompt, 5);
+        assert_completed(&finish(a, a_first), &a_prompt, 100);
+        let joined = passes(&log).into_iter().any(|pass| {
+            pass.len() == 2
+                && pass[0].tokens.len() == 1
+                && pass[0].start > a_prompt.len()
+                && pass[1].start == 0
+                && pass[1].tokens == b_prompt
+        });
+        assert!(joined, "B's prompt ran in one pass with A's decoding");
+    }
+
+    #[test]
+    fn max_active_is_respected_and_requests_start_in_order() {
+        let config = with_max_active(2);
+        let decoder = TestDecoder::new(true).with_delay(Duration::from_millis(1));
+        let (engine, log) = start(config, decoder);
+        let prompts: Vec<Vec<u32>> = (0..5u32).map(|i| vec![10 + i, 20 + i, 30 + i]).collect();
+        let receivers: Vec<_> = prompts
+            .iter()
+            .map(|p| engine.generate(request(p, 12)).unwrap())
+            .collect();
+        for (rx, prompt) in receivers.into_iter().zip(&prompts) {
+            assert_completed(&finish(rx, Outcome::default()), prompt, 12);
+        }
+        let passes = passes(&log);
+        assert!(passes.iter().all(|p| p.len() <= 2), "at most 2 rows a pass");
+        let started: Vec<usize> = prompts
+            .iter()
+            .map(|prompt| {
+                passes
+                    .iter()
+                    .position(|p| p.iter().any(|r| r.start == 0 && &r.tokens == prompt))
+                    .unwrap()
+            })
+            .collect();
+        assert!(
+            started.windows(2).all(|w| w[0] <= w[1]),
+            "first come, first served: {started:?}"
+        );
+    }
+
+    #[test]
+    fn cancelling_mid_batch_frees_the_slot() {
+        let config = with_max_active(1);
+        let decoder = TestDecoder::new(true).with_delay(Duration::from_millis(1));
+        let (engine, log) = start(config, decoder);
+        let mut a = engine.generate(request(&[1, 2, 3], 1000)).unwrap();
+        first(&mut a);
+        let b_prompt = [7, 8, 9];
+        let b = engine.generate(request(&b_prompt, 5)).unwrap();
+        drop(a);
+        assert_completed(&finish(b, Outcome::default()), &b_prompt, 5);
+        assert_eq!(engine.stats().cancelled.load(Ordering::Relaxed), 1);
+        let a_rows = passes(&log)
+            .iter()
+            .flatten()
+            .filter(|r| r.cache == 0)
+            .count();
+        assert!(a_rows < 1000, "A stopped when cancelled ({a_rows} rows)");
+    }
+
+    #[test]
+    fn a_prefix_cache_hit_continues_from_the_kept_cache() {
+        let (engine, log) = start(EngineConfig::default(), TestDecoder::new(true));
+        let a_prompt: Vec<u32> = (1..=20).collect();
+        let a = engine.generate(request(&a_prompt, 3)).unwrap();
+        assert_completed(&finish(a, Outcome::default()), &a_prompt, 3);
+        let mut b_prompt = a_prompt.clone();
+        b_prompt.extend([30, 31]);
+        let b = finish(
+            engine.generate(request(&b_prompt, 4)).unwrap(),
+            Outcome::default(),
+        );
+        assert_completed(&b, &b_prompt, 4);
+        assert_eq!(b.done.unwrap().1.cached_tokens, 20);
+        assert_eq!(
+            engine.stats().cached_prompt_tokens.load(Ordering::Relaxed),
+            20
+        );
+        let b_first = passes(&log)
+            .into_iter()
+            .flatten()
+            .find(|r| r.tokens.starts_with(&[30, 31]))
+            .unwrap();
+        assert_eq!(b_first.start, 20, "only the new tokens were fed");
+    }
+
+    #[test]
+    fn a_forward_error_fails_only_the_sequence_concerned() {
+        let decoder = TestDecoder::new(true).with_delay(Duration::from_millis(1));
+        let (engine, _log) = start(EngineConfig::default(), decoder);
+        let a_prompt = [1, 2, 3];
+        let mut a = engine.generate(request(&a_prompt, 50)).unwrap();
+        let a_first = first(&mut a);
+        let b = finish(
+            engine.generate(request(&[4, POISON, 5], 5)).unwrap(),
+            Outcome::default(),
+        );
+        assert!(
+            matches!(&b.error, Some(EngineError::Internal(m)) if m.contains("poisoned row")),
+            "{:?}",
+            b.error
+        );
+        assert_eq!(b.done, None);
+        assert_completed(&finish(a, a_first), &a_prompt, 50);
+    }
+
+    #[test]
+    fn models_that_are_not_invariant_run_each_sequence_alone() {
+        let decoder = TestDecoder::new(false).with_delay(Duration::from_millis(1));
+        let (engine, log) = start(EngineConfig::default(), decoder);
+        let mut a = engine.generate(request(&[1, 2, 3], 20)).unwrap();
+        let a_first = first(&mut a);
+        let b = engine.generate(request(&[4, 5, 6], 20)).unwrap();
+        assert_completed(&finish(b, Outcome::default()), &[4, 5, 6], 20);
+        assert_completed(&finish(a, a_first), &[1, 2, 3], 20);
+        let passes = passes(&log);
+        assert!(passes.iter().all(|p| p.len() == 1));
+        assert_eq!(
+            engine.stats().forward_passes.load(Ordering::Relaxed),
+            passes.len() as u64
+        );
+    }
+}

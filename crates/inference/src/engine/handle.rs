@@ -137,12 +137,8 @@ impl<D: BatchDecoder> EngineHandle<D> {
         if let Some(cap) = self.config.max_context {
             format.info.context_length = format.info.context_length.min(cap.max(1));
         }
-        self.commands
-            .send(Command::AddChat(name.to_owned(), Box::new(decoder)))
-            .map_err(|_| EngineError::Stopped)?;
-        self.write_models()
-            .insert(name.to_owned(), Entry::Chat(format));
-        Ok(())
+        let command = Command::AddChat(name.to_owned(), Box::new(decoder));
+        self.register(name, command, Entry::Chat(format))
     }
 
     /// Hands a loaded embedding model to the engine under `name`.
@@ -159,11 +155,16 @@ impl<D: BatchDecoder> EngineHandle<D> {
             context_length: model.max_tokens(),
             dimension: Some(model.dimension()),
         };
+        let command = Command::AddEmbedding(name.to_owned(), Box::new(model));
+        self.register(name, command, Entry::Embedding(info))
+    }
+
+    /// Hands a model to the engine thread with `command`, then lists it as `entry`.
+    fn register(&self, name: &str, command: Command<D>, entry: Entry) -> Result<(), EngineError> {
         self.commands
-            .send(Command::AddEmbedding(name.to_owned(), Box::new(model)))
+            .send(command)
             .map_err(|_| EngineError::Stopped)?;
-        self.write_models()
-            .insert(name.to_owned(), Entry::Embedding(info));
+        self.write_models().insert(name.to_owned(), entry);
         Ok(())
     }
 

@@ -16,15 +16,9 @@ use super::weights;
 
 #[derive(Debug, Clone)]
 struct Layer {
-    wq: Linear,
-    wk: Linear,
-    wv: Linear,
-    wo: Linear,
+    proj: weights::Projections,
     attn_norm: RmsNorm,
     ffn_norm: RmsNorm,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
     kv: Option<(Tensor, Tensor)>,
 }
 
@@ -84,15 +78,9 @@ impl Llama {
         let head = weights::head(&ct, r, eps, dev)?;
         let layers = weights::layers(&ct, r, dev, blocks, eps, |p, blk| {
             Ok(Layer {
-                wq: p.wq,
-                wk: p.wk,
-                wv: p.wv,
-                wo: p.wo,
+                proj: p,
                 attn_norm: blk.norm("attn_norm")?,
                 ffn_norm: blk.norm("ffn_norm")?,
-                gate: p.gate,
-                up: p.up,
-                down: p.down,
                 kv: None,
             })
         })?;
@@ -136,7 +124,7 @@ impl Llama {
         for li in 0..self.layers.len() {
             let layer = &self.layers[li];
             let h = layer.attn_norm.forward(&x)?;
-            let [q, k, v] = forward_many([&layer.wq, &layer.wk, &layer.wv], &h)?;
+            let [q, k, v] = forward_many([&layer.proj.wq, &layer.proj.wk, &layer.proj.wv], &h)?;
             let q = q.reshape((1, seq_len, n_head, hd))?.transpose(1, 2)?;
             let k = k.reshape((1, seq_len, n_kv, hd))?.transpose(1, 2)?;
             let v = v
@@ -165,10 +153,10 @@ impl Llama {
                 .matmul(&v)?
                 .transpose(1, 2)?
                 .reshape((1, seq_len, n_head * hd))?;
-            x = (layer.wo.forward(&y)? + x)?;
+            x = (layer.proj.wo.forward(&y)? + x)?;
             let h = layer.ffn_norm.forward(&x)?;
-            let [g, u] = forward_many([&layer.gate, &layer.up], &h)?;
-            x = (layer.down.forward(&(candle_nn::ops::silu(&g)? * u)?)? + x)?;
+            let [g, u] = forward_many([&layer.proj.gate, &layer.proj.up], &h)?;
+            x = (layer.proj.down.forward(&(candle_nn::ops::silu(&g)? * u)?)? + x)?;
         }
         let last = x.i((.., seq_len - 1, ..))?.contiguous()?;
         self.output.forward(&self.norm.forward(&last)?)

@@ -104,6 +104,7 @@ impl<R: Read + Seek> Block<'_, R> {
 }
 
 /// The seven projections of a llama-style block: attention and SwiGLU/GeGLU feed-forward.
+#[derive(Debug, Clone)]
 pub(super) struct Projections {
     pub(super) wq: Linear,
     pub(super) wk: Linear,
