@@ -1,6 +1,6 @@
 //! [`EngineHandle`], the client side of the engine: cloneable, usable from any thread, it checks
 //! and tokenizes requests on the caller's thread and sends them to the engine thread as
-//! [`Command`]s.
+//! commands.
 
 use std::collections::HashMap;
 use std::sync::atomic::Ordering;
