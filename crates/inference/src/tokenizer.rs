@@ -266,6 +266,40 @@ impl PodTokenizer {
         Ok(tk)
     }
 
+    /// A tokenizer whose tokens are `words` split on whitespace (token id = index), `words[eos]`
+    /// ending completions; no BOS. For tests of what surrounds the models.
+    #[cfg(any(test, feature = "test-utils"))]
+    pub fn word_level(words: &[String], eos: u32) -> Result<Self, LoadError> {
+        use tokenizers::models::wordlevel::WordLevel;
+        use tokenizers::pre_tokenizers::whitespace::WhitespaceSplit;
+
+        let vocab = words
+            .iter()
+            .enumerate()
+            .map(|(i, w)| (w.clone(), i as u32))
+            .collect();
+        let eos_text = words
+            .get(eos as usize)
+            .cloned()
+            .ok_or_else(|| LoadError::Tokenizer(format!("no word for EOS id {eos}")))?;
+        let model = WordLevel::builder()
+            .vocab(vocab)
+            .unk_token(eos_text.clone())
+            .build()
+            .map_err(tok_err)?;
+        let mut inner = tokenizers::Tokenizer::new(model);
+        inner.with_pre_tokenizer(Some(WhitespaceSplit));
+        Ok(Self {
+            inner,
+            bos: None,
+            add_bos: false,
+            eos: Some(eos),
+            stop_tokens: HashSet::from([eos]),
+            bos_text: String::new(),
+            eos_text,
+        })
+    }
+
     /// Token ids of `text`, special tokens written in the text matched whole. A BOS token is
     /// prepended when the model asks for one and the text does not already start with it.
     pub fn encode(&self, text: &str) -> Result<Vec<u32>, String> {

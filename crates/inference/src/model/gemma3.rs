@@ -41,19 +41,13 @@ impl Rope {
 
 #[derive(Debug, Clone)]
 struct Layer {
-    wq: Linear,
-    wk: Linear,
-    wv: Linear,
-    wo: Linear,
+    proj: weights::Projections,
     q_norm: RmsNorm,
     k_norm: RmsNorm,
     attn_norm: RmsNorm,
     post_attn_norm: RmsNorm,
     ffn_norm: RmsNorm,
     post_ffn_norm: RmsNorm,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
     n_head: usize,
     n_kv_head: usize,
     head_dim: usize,
@@ -65,7 +59,7 @@ struct Layer {
 impl Layer {
     fn attention(&mut self, x: &Tensor, pos: usize) -> Result<Tensor> {
         let (b, seq_len, _) = x.dims3()?;
-        let [q, k, v] = forward_many([&self.wq, &self.wk, &self.wv], x)?;
+        let [q, k, v] = forward_many([&self.proj.wq, &self.proj.wk, &self.proj.wv], x)?;
         let q = q
             .reshape((b, seq_len, self.n_head, self.head_dim))?
             .transpose(1, 2)?;
@@ -101,7 +95,7 @@ impl Layer {
             att.matmul(&v)?
                 .transpose(1, 2)?
                 .reshape((b, seq_len, self.n_head * self.head_dim))?;
-        self.wo.forward(&y)
+        self.proj.wo.forward(&y)
     }
 
     /// Additive mask: query i (at absolute position pos+i) sees key j when j <= pos+i and,
@@ -131,8 +125,8 @@ impl Layer {
     }
 
     fn mlp(&self, x: &Tensor) -> Result<Tensor> {
-        let [gate, up] = forward_many([&self.gate, &self.up], x)?;
-        self.down.forward(&(gate.gelu()? * up)?)
+        let [gate, up] = forward_many([&self.proj.gate, &self.proj.up], x)?;
+        self.proj.down.forward(&(gate.gelu()? * up)?)
     }
 }
 
@@ -179,41 +173,16 @@ impl Gemma3 {
         let global_rope = Rope::new(head_dim, global_base, max_len, dev)?;
 
         let head = weights::head(&ct, r, eps, dev)?;
-        let mut layers = Vec::with_capacity(blocks);
-        for i in 0..blocks {
-            let mut blk = weights::Block {
-                ct: &ct,
-                r: &mut *r,
-                dev,
-                layer: i,
-                eps,
-            };
-            let (wq, wk, wv, wo) = (
-                blk.matmul("attn_q")?,
-                blk.matmul("attn_k")?,
-                blk.matmul("attn_v")?,
-                blk.matmul("attn_output")?,
-            );
-            let (gate, up, down) = (
-                blk.matmul("ffn_gate")?,
-                blk.matmul("ffn_up")?,
-                blk.matmul("ffn_down")?,
-            );
-            let local = (i + 1) % pattern != 0;
-            layers.push(Layer {
-                wq,
-                wk,
-                wv,
-                wo,
+        let layers = weights::layers(&ct, r, dev, blocks, eps, |p, blk| {
+            let local = (blk.layer + 1) % pattern != 0;
+            Ok(Layer {
+                proj: p,
                 q_norm: blk.norm("attn_q_norm")?,
                 k_norm: blk.norm("attn_k_norm")?,
                 attn_norm: blk.norm("attn_norm")?,
                 post_attn_norm: blk.norm("post_attention_norm")?,
                 ffn_norm: blk.norm("ffn_norm")?,
                 post_ffn_norm: blk.norm("post_ffw_norm")?,
-                gate,
-                up,
-                down,
                 n_head,
                 n_kv_head,
                 head_dim,
@@ -224,8 +193,8 @@ impl Gemma3 {
                     global_rope.clone()
                 },
                 kv: None,
-            });
-        }
+            })
+        })?;
         Ok(Self {
             embed: head.embed,
             hidden,

@@ -16,15 +16,9 @@ use super::weights;
 
 #[derive(Debug, Clone)]
 struct Layer {
-    wq: Linear,
-    wk: Linear,
-    wv: Linear,
-    wo: Linear,
+    proj: weights::Projections,
     attn_norm: RmsNorm,
     ffn_norm: RmsNorm,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
     kv: Option<(Tensor, Tensor)>,
 }
 
@@ -82,39 +76,14 @@ impl Llama {
 
         let (cos, sin) = weights::rope_tables(rope_dim, base, max_len, dev)?;
         let head = weights::head(&ct, r, eps, dev)?;
-        let mut layers = Vec::with_capacity(blocks);
-        for i in 0..blocks {
-            let mut blk = weights::Block {
-                ct: &ct,
-                r: &mut *r,
-                dev,
-                layer: i,
-                eps,
-            };
-            let (wq, wk, wv, wo) = (
-                blk.matmul("attn_q")?,
-                blk.matmul("attn_k")?,
-                blk.matmul("attn_v")?,
-                blk.matmul("attn_output")?,
-            );
-            let (gate, up, down) = (
-                blk.matmul("ffn_gate")?,
-                blk.matmul("ffn_up")?,
-                blk.matmul("ffn_down")?,
-            );
-            layers.push(Layer {
-                wq,
-                wk,
-                wv,
-                wo,
+        let layers = weights::layers(&ct, r, dev, blocks, eps, |p, blk| {
+            Ok(Layer {
+                proj: p,
                 attn_norm: blk.norm("attn_norm")?,
                 ffn_norm: blk.norm("ffn_norm")?,
-                gate,
-                up,
-                down,
                 kv: None,
-            });
-        }
+            })
+        })?;
         Ok(Self {
             embed: head.embed,
             layers,
@@ -155,7 +124,7 @@ impl Llama {
         for li in 0..self.layers.len() {
             let layer = &self.layers[li];
             let h = layer.attn_norm.forward(&x)?;
-            let [q, k, v] = forward_many([&layer.wq, &layer.wk, &layer.wv], &h)?;
+            let [q, k, v] = forward_many([&layer.proj.wq, &layer.proj.wk, &layer.proj.wv], &h)?;
             let q = q.reshape((1, seq_len, n_head, hd))?.transpose(1, 2)?;
             let k = k.reshape((1, seq_len, n_kv, hd))?.transpose(1, 2)?;
             let v = v
@@ -184,10 +153,10 @@ impl Llama {
                 .matmul(&v)?
                 .transpose(1, 2)?
                 .reshape((1, seq_len, n_head * hd))?;
-            x = (layer.wo.forward(&y)? + x)?;
+            x = (layer.proj.wo.forward(&y)? + x)?;
             let h = layer.ffn_norm.forward(&x)?;
-            let [g, u] = forward_many([&layer.gate, &layer.up], &h)?;
-            x = (layer.down.forward(&(candle_nn::ops::silu(&g)? * u)?)? + x)?;
+            let [g, u] = forward_many([&layer.proj.gate, &layer.proj.up], &h)?;
+            x = (layer.proj.down.forward(&(candle_nn::ops::silu(&g)? * u)?)? + x)?;
         }
         let last = x.i((.., seq_len - 1, ..))?.contiguous()?;
         self.output.forward(&self.norm.forward(&last)?)
