@@ -147,6 +147,39 @@ pub(crate) fn c_string(bytes: &[u8]) -> String {
     String::from_utf8_lossy(&bytes[..end]).into_owned()
 }
 
+/// Declares a table of function pointers and its loader; each field is named after the C
+/// function it is looked up as. The expansion holds `unsafe` code: it is used only in the FFI
+/// modules (`hip`, `cuda`), whose invariants cover it.
+macro_rules! api_table {
+    ($(#[$meta:meta])* struct $name:ident { $($field:ident: fn($($arg:ty),*) -> $ret:ty,)* }) => {
+        $(#[$meta])*
+        #[allow(non_snake_case)]
+        #[derive(Debug)]
+        struct $name { $($field: unsafe extern "C" fn($($arg),*) -> $ret,)* }
+
+        impl $name {
+            /// # Safety
+            /// `lib` must be the library this table describes, exporting each field's
+            /// function with the declared signature.
+            unsafe fn load(lib: &Library, what: &'static str, path: &Path) -> Result<Self, LoadError> {
+                Ok(Self { $($field: {
+                    let name = concat!(stringify!($field), "\0").as_bytes();
+                    // SAFETY: the caller guarantees the symbol has this signature.
+                    let symbol = unsafe { lib.get::<unsafe extern "C" fn($($arg),*) -> $ret>(name) };
+                    *symbol.map_err(|e| LoadError::MissingSymbol {
+                        what,
+                        path: path.display().to_string(),
+                        symbol: stringify!($field),
+                        reason: loader_message(&e),
+                    })?
+                },)* })
+            }
+        }
+    };
+}
+
+pub(crate) use api_table;
+
 #[cfg(test)]
 mod tests {
     use super::*;
