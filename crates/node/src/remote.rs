@@ -6,9 +6,11 @@
 //! closing it (or the connection dropping) cancels the work. The server answers with
 //! [`Frame`]s: `Accepted` once the request is queued, `Delta`s as tokens are produced,
 //! `Heartbeat`s while there is nothing else to say, `Progress` receipts every few tokens, and
-//! one final `Done`, `Embeddings` or `Error`. Frames over the size limits end the stream.
+//! one final `Done`, `Embeddings` or `Error`. Frames over the size limits end the stream, and
+//! a requester gives up a peer whose answer breaks the request's [`bounds`].
 //! The framing is [`crate::wire`]'s.
 
+pub mod bounds;
 pub mod client;
 pub mod server;
 
@@ -26,6 +28,10 @@ pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
 
 /// Largest answer frame (a batch of embeddings is the biggest).
 pub const MAX_FRAME_BYTES: usize = 16 * 1024 * 1024;
+
+/// Largest frame of a completion's answer: a delta holds a few tokens' text and
+/// log-probabilities, a receipt a few hundred bytes.
+pub const MAX_GENERATE_FRAME_BYTES: usize = 1024 * 1024;
 
 /// What a requester asks for.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

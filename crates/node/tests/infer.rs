@@ -92,6 +92,7 @@ async fn requester(peers: &[(PeerId, Multiaddr)]) -> (Client, InferClient, Arc<L
         ClientConfig {
             open_timeout: Duration::from_secs(2),
             stall_timeout: Duration::from_secs(2),
+            token_timeout: Duration::from_secs(10),
         },
         Arc::new(move |_model: &str, exclude: &[PeerId]| {
             order
@@ -361,4 +362,84 @@ async fn a_pod_that_serves_only_itself_refuses_peers() {
     let (_r, infer, _) = requester(&[(h.peer_id(), h_addr)]).await;
     let err = infer.generate(greedy(4)).await.unwrap_err();
     assert!(err.to_string().contains("does not serve the mesh"), "{err}");
+}
+
+/// Two rogue-then-honest requests: the rogue's bad first frame is refused whole, so the answer
+/// is the honest peer's own.
+async fn fails_over_from(rogue_peer: PeerId, rogue_addr: Multiaddr, max_tokens: usize) {
+    let (h, h_addr, _) = honest(ServerConfig::default()).await;
+    let (_r, infer, _) = requester(&[(rogue_peer, rogue_addr), (h.peer_id(), h_addr)]).await;
+    let started = Instant::now();
+    let (first, events) = infer.generate(greedy(max_tokens)).await.unwrap();
+    assert_eq!(first, rogue_peer, "the rogue is asked first");
+    let (text, usage, err) = drain(events).await;
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(text, local_answer(max_tokens).await);
+    assert_eq!(usage.unwrap().completion_tokens, max_tokens);
+    assert_eq!(infer.stats().failovers.load(Ordering::Relaxed), 1);
+    assert_eq!(infer.stats().misbehaved.load(Ordering::Relaxed), 1);
+    assert!(
+        started.elapsed() < WAIT,
+        "given up in {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_streams_more_tokens_than_asked_is_failed_over() {
+    let (g, g_addr, _) = rogue(|_req, mut wr, _k| async move {
+        let _ = write_frame(&mut wr, &Frame::Accepted).await;
+        // Five tokens in one delta for a request of four, then more forever.
+        loop {
+            let delta = Frame::Delta {
+                text: "x".into(),
+                tokens: vec![1; 5],
+                logprobs: vec![],
+            };
+            if write_frame(&mut wr, &delta).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    fails_over_from(g, g_addr, 4).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_streams_more_text_than_its_tokens_can_hold_is_failed_over() {
+    let (g, g_addr, _) = rogue(|_req, mut wr, _k| async move {
+        let _ = write_frame(&mut wr, &Frame::Accepted).await;
+        // One token carrying 512 KiB of text.
+        let delta = Frame::Delta {
+            text: "x".repeat(512 * 1024),
+            tokens: vec![1],
+            logprobs: vec![],
+        };
+        let _ = write_frame(&mut wr, &delta).await;
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    })
+    .await;
+    fails_over_from(g, g_addr, 8).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_only_heartbeats_is_failed_over() {
+    let (g, g_addr, _) = rogue(|_req, mut wr, _k| async move {
+        let _ = write_frame(&mut wr, &Frame::Accepted).await;
+        while write_frame(&mut wr, &Frame::Heartbeat).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    fails_over_from(g, g_addr, 8).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_floods_heartbeats_is_failed_over_at_once() {
+    let (g, g_addr, _) = rogue(|_req, mut wr, _k| async move {
+        let _ = write_frame(&mut wr, &Frame::Accepted).await;
+        while write_frame(&mut wr, &Frame::Heartbeat).await.is_ok() {}
+    })
+    .await;
+    fails_over_from(g, g_addr, 8).await;
 }
