@@ -443,3 +443,37 @@ async fn a_provider_that_floods_heartbeats_is_failed_over_at_once() {
     .await;
     fails_over_from(g, g_addr, 8).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_refuses_oversized_peer_strings_and_keeps_serving() {
+    let (h, h_addr, server) = honest(ServerConfig::default()).await;
+    let (r, infer, _) = requester(&[(h.peer_id(), h_addr)]).await;
+    let mut control = r.streams();
+    let long_id = "x".repeat(4096);
+    let long_model = "m".repeat(4096);
+    for (id, model) in [
+        (long_id.as_str(), DEFAULT_CHAT_MODEL),
+        ("a\nforged log line", DEFAULT_CHAT_MODEL),
+        ("fine-id", long_model.as_str()),
+    ] {
+        let mut request = greedy(4);
+        request.model = model.into();
+        let stream = control.open_stream(h.peer_id(), PROTOCOL).await.unwrap();
+        let (mut rd, mut wr) = stream.split();
+        let req = Request::Generate {
+            id: id.into(),
+            request,
+        };
+        write_frame(&mut wr, &req).await.unwrap();
+        let answer: Frame = read_frame(&mut rd, 1 << 20).await.unwrap();
+        assert!(
+            matches!(&answer, Frame::Error(EngineError::InvalidRequest(m)) if m.contains(if model.len() > 256 { "model name" } else { "request id" })),
+            "{answer:?}"
+        );
+    }
+    assert_eq!(server.stats().refused.load(Ordering::Relaxed), 3);
+    assert_eq!(server.stats().accepted.load(Ordering::Relaxed), 0);
+
+    let (_, events) = infer.generate(greedy(8)).await.unwrap();
+    assert_eq!(drain(events).await.0, local_answer(8).await);
+}
