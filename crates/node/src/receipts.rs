@@ -99,6 +99,9 @@ pub enum ReceiptError {
         /// The `server` field of the receipt.
         server: String,
     },
+    /// The blocking task writing a record ended before it could say how the write went.
+    #[error("the ledger write was cancelled: {0}")]
+    WriteCancelled(String),
     /// A ledger record could not be encoded as JSON.
     #[error("encoding a ledger record: {0}")]
     Encode(#[source] serde_json::Error),
@@ -396,6 +399,18 @@ impl Ledger {
         file.write_all(&line)
             .and_then(|()| file.sync_data())
             .map_err(io_err(&self.path))
+    }
+
+    /// [`Ledger::append`] on the blocking pool: the write and `fdatasync` would otherwise hold
+    /// an async runtime thread (and every task queued on it) for as long as the disk takes.
+    pub async fn append_off_runtime(
+        self: std::sync::Arc<Self>,
+        role: Role,
+        receipt: SignedReceipt,
+    ) -> Result<(), ReceiptError> {
+        tokio::task::spawn_blocking(move || self.append(role, &receipt))
+            .await
+            .map_err(|e| ReceiptError::WriteCancelled(e.to_string()))?
     }
 
     /// Reads every record, skipping (and counting) torn lines and records that do not verify.
@@ -718,6 +733,31 @@ mod tests {
             let mode = fs::metadata(ledger.path())?.permissions().mode();
             assert_eq!(mode & 0o777, 0o600);
         }
+        Ok(())
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn appends_on_the_blocking_pool_keep_their_order_and_checks() -> TestResult {
+        let home = tempfile::tempdir()?;
+        let key = Keypair::generate_ed25519();
+        let ledger = std::sync::Arc::new(Ledger::open(home.path())?);
+        let mut sent = Vec::new();
+        for (i, id) in ["r1", "r2", "r3"].into_iter().enumerate() {
+            let signed = SignedReceipt::sign(receipt_for(&key, &peer(), id, i as u64), &key)?;
+            std::sync::Arc::clone(&ledger)
+                .append_off_runtime(Role::Served, signed.clone())
+                .await?;
+            sent.push(signed);
+        }
+        let mut forged = sent[0].clone();
+        forged.receipt.completion_tokens += 1;
+        assert!(std::sync::Arc::clone(&ledger)
+            .append_off_runtime(Role::Served, forged)
+            .await
+            .is_err());
+        let read = ledger.entries()?;
+        let got: Vec<_> = read.entries.iter().map(|e| &e.signed).collect();
+        assert_eq!(got, sent.iter().collect::<Vec<_>>());
         Ok(())
     }
 

@@ -255,7 +255,7 @@ impl InferClient {
                 Err(failure) => failure,
             };
             // The peer went away mid-answer: keep its last progress receipt, then resume.
-            self.keep_partial(&mut progress);
+            self.keep_partial(&mut progress).await;
             if tx.is_closed() {
                 return;
             }
@@ -380,7 +380,7 @@ impl InferClient {
                                 false,
                             ) =>
                         {
-                            self.record(&r);
+                            self.record(&r).await;
                         }
                         Some(_) => {}
                         None => tracing::warn!(peer = %session.peer, "peer sent no receipt"),
@@ -449,19 +449,20 @@ impl InferClient {
         }
     }
 
-    fn record(&self, receipt: &SignedReceipt) {
+    async fn record(&self, receipt: &SignedReceipt) {
         if let Some(ledger) = &self.ledger {
-            if let Err(e) = ledger.append(Role::Consumed, receipt) {
+            let write = Arc::clone(ledger).append_off_runtime(Role::Consumed, receipt.clone());
+            if let Err(e) = write.await {
                 tracing::warn!(error = %e, "cannot write the receipt ledger");
             }
         }
     }
 
     /// Keeps the failed peer's last progress receipt, if it covers no more than was received.
-    fn keep_partial(&self, progress: &mut Progress) {
+    async fn keep_partial(&self, progress: &mut Progress) {
         if let Some(r) = progress.last_receipt.take() {
             if r.receipt.completion_tokens <= progress.from_this_peer as u64 {
-                self.record(&r);
+                self.record(&r).await;
             } else {
                 self.stats.receipts_rejected.fetch_add(1, Ordering::Relaxed);
             }
@@ -496,7 +497,7 @@ impl InferClient {
                 })) => {
                     if let Some(r) = receipt {
                         if self.check_receipt(&id, session.peer, &r, Some(0), false) {
-                            self.record(&r);
+                            self.record(&r).await;
                         }
                     }
                     let data = data
