@@ -348,13 +348,7 @@ pub const ANNOUNCE_REFRESH: Duration = Duration::from_millis(500);
 
 /// The ledger's totals as the API shows them.
 pub fn receipts_view(ledger: &Ledger) -> Option<ReceiptsView> {
-    let read = match ledger.entries() {
-        Ok(r) => r,
-        Err(e) => {
-            tracing::warn!(error = %e, "cannot read the receipt ledger");
-            return None;
-        }
-    };
+    let counts = ledger.counts();
     let totals = |t: crate::receipts::Totals| WorkTotals {
         requests: t.requests,
         prompt_tokens: t.prompt_tokens,
@@ -378,8 +372,8 @@ pub fn receipts_view(ledger: &Ledger) -> Option<ReceiptsView> {
     Some(ReceiptsView {
         object: "list".into(),
         data,
-        receipts: read.entries.len(),
-        invalid: read.invalid,
-        torn: read.torn,
+        receipts: counts.records,
+        invalid: counts.invalid,
+        torn: counts.torn,
     })
 }

@@ -191,6 +191,9 @@ pub struct MeshStats {
     pub announcements_rate_limited: AtomicU64,
     /// Peers blocked for misbehaving.
     pub peers_blocked: AtomicU64,
+    /// Gossip-learned pods not dialled because the tick's dial budget was spent (they are
+    /// dialled on a later announcement).
+    pub dials_deferred: AtomicU64,
     /// Incoming connections refused by the connection limits.
     pub connections_denied: AtomicU64,
 }

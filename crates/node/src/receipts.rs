@@ -35,9 +35,9 @@
 //! whose last line is torn first ends that line, so that new records start on a line of their
 //! own.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::{Mutex, PoisonError};
@@ -99,6 +99,9 @@ pub enum ReceiptError {
         /// The `server` field of the receipt.
         server: String,
     },
+    /// The blocking task writing a record ended before it could say how the write went.
+    #[error("the ledger write was cancelled: {0}")]
+    WriteCancelled(String),
     /// A ledger record could not be encoded as JSON.
     #[error("encoding a ledger record: {0}")]
     Encode(#[source] serde_json::Error),
@@ -338,12 +341,94 @@ pub struct PeerSummary {
     pub consumed: Totals,
 }
 
+/// How many records a ledger holds, and what it skipped, as counted by [`Ledger::counts`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct LedgerCounts {
+    /// Records whose signature verifies.
+    pub records: usize,
+    /// Lines that are not a record; skipped.
+    pub torn: usize,
+    /// Records whose signature does not verify; skipped.
+    pub invalid: usize,
+}
+
+/// Requests whose last receipt a [`Tally`] remembers, so that a later receipt for one of them
+/// (a final one after a progress one) replaces the earlier instead of counting twice. Receipts
+/// of one request are appended moments apart, so a window keeps the memory bounded.
+const RECENT_REQUESTS: usize = 4096;
+
+/// Which request a receipt is for, on which side.
+type RequestKey = (Role, String, String);
+
+/// The running per-peer totals of a ledger, updated as records are appended and rebuilt from
+/// the file at open, so that reading them never reads the file.
+#[derive(Debug, Default)]
+struct Tally {
+    peers: BTreeMap<String, PeerSummary>,
+    recent: HashMap<RequestKey, (u64, u64)>,
+    order: VecDeque<RequestKey>,
+    counts: LedgerCounts,
+}
+
+impl Tally {
+    /// Counts one line of the ledger file.
+    fn line(&mut self, line: &[u8]) {
+        if line.iter().all(u8::is_ascii_whitespace) {
+            return;
+        }
+        match serde_json::from_slice::<LedgerEntry>(line) {
+            Err(_) => self.counts.torn += 1,
+            Ok(entry) if entry.signed.verify().is_ok() => {
+                self.add(entry.role, &entry.signed.receipt)
+            }
+            Ok(_) => self.counts.invalid += 1,
+        }
+    }
+
+    /// Counts a verified record.
+    fn add(&mut self, role: Role, receipt: &Receipt) {
+        self.counts.records += 1;
+        let peer = match role {
+            Role::Served => &receipt.requester,
+            Role::Consumed => &receipt.server,
+        };
+        let summary = self
+            .peers
+            .entry(peer.clone())
+            .or_insert_with(|| PeerSummary {
+                peer: peer.clone(),
+                served: Totals::default(),
+                consumed: Totals::default(),
+            });
+        let totals = match role {
+            Role::Served => &mut summary.served,
+            Role::Consumed => &mut summary.consumed,
+        };
+        let key = (role, receipt.server.clone(), receipt.request_id.clone());
+        let tokens = (receipt.prompt_tokens, receipt.completion_tokens);
+        if let Some(earlier) = self.recent.insert(key.clone(), tokens) {
+            totals.prompt_tokens = totals.prompt_tokens.saturating_sub(earlier.0);
+            totals.completion_tokens = totals.completion_tokens.saturating_sub(earlier.1);
+            totals.requests = totals.requests.saturating_sub(1);
+        } else {
+            self.order.push_back(key);
+            if self.order.len() > RECENT_REQUESTS {
+                if let Some(old) = self.order.pop_front() {
+                    self.recent.remove(&old);
+                }
+            }
+        }
+        totals.add(receipt);
+    }
+}
+
 /// This pod's append-only receipt ledger. Cheap to share behind an `Arc`; appends from several
 /// threads never interleave.
 #[derive(Debug)]
 pub struct Ledger {
     path: PathBuf,
     file: Mutex<File>,
+    tally: Mutex<Tally>,
 }
 
 impl Ledger {
@@ -370,9 +455,11 @@ impl Ledger {
                 .map_err(io_err(&path))?;
             tracing::warn!(path = %path.display(), "receipt ledger ended in a torn record; it will be skipped");
         }
+        let tally = tally_file(&path).map_err(io_err(&path))?;
         Ok(Ledger {
             path,
             file: Mutex::new(file),
+            tally: Mutex::new(tally),
         })
     }
 
@@ -395,7 +482,33 @@ impl Ledger {
         let mut file = self.file.lock().unwrap_or_else(PoisonError::into_inner);
         file.write_all(&line)
             .and_then(|()| file.sync_data())
-            .map_err(io_err(&self.path))
+            .map_err(io_err(&self.path))?;
+        self.tally
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .add(role, &receipt.receipt);
+        Ok(())
+    }
+
+    /// How many records the ledger holds and skipped, kept as records are appended: reading
+    /// them costs nothing however large the ledger.
+    pub fn counts(&self) -> LedgerCounts {
+        self.tally
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .counts
+    }
+
+    /// [`Ledger::append`] on the blocking pool: the write and `fdatasync` would otherwise hold
+    /// an async runtime thread (and every task queued on it) for as long as the disk takes.
+    pub async fn append_off_runtime(
+        self: std::sync::Arc<Self>,
+        role: Role,
+        receipt: SignedReceipt,
+    ) -> Result<(), ReceiptError> {
+        tokio::task::spawn_blocking(move || self.append(role, &receipt))
+            .await
+            .map_err(|e| ReceiptError::WriteCancelled(e.to_string()))?
     }
 
     /// Reads every record, skipping (and counting) torn lines and records that do not verify.
@@ -424,34 +537,29 @@ impl Ledger {
         Ok(read)
     }
 
-    /// Work exchanged per counterpart peer, sorted by PeerId.
+    /// Work exchanged per counterpart peer, sorted by PeerId, kept as records are appended:
+    /// reading it costs nothing however large the ledger.
     ///
     /// A request is counted once per role and server: when several receipts share a
-    /// `request_id` (progress receipts followed by a final one), the last one appended counts.
+    /// `request_id` (progress receipts followed by a final one), the last one appended counts,
+    /// among the last few thousand requests.
     pub fn summary(&self) -> Result<Vec<PeerSummary>, ReceiptError> {
-        let read = self.entries()?;
-        let mut latest: BTreeMap<(Role, &str, &str), &Receipt> = BTreeMap::new();
-        for entry in &read.entries {
-            let r = &entry.signed.receipt;
-            latest.insert((entry.role, r.server.as_str(), r.request_id.as_str()), r);
+        let tally = self.tally.lock().unwrap_or_else(PoisonError::into_inner);
+        Ok(tally.peers.values().cloned().collect())
+    }
+}
+
+/// Tallies a ledger file, one line at a time.
+fn tally_file(path: &Path) -> std::io::Result<Tally> {
+    let mut reader = BufReader::new(File::open(path)?);
+    let mut tally = Tally::default();
+    let mut line = Vec::new();
+    loop {
+        line.clear();
+        if reader.read_until(b'\n', &mut line)? == 0 {
+            return Ok(tally);
         }
-        let mut peers: BTreeMap<&str, PeerSummary> = BTreeMap::new();
-        for ((role, _, _), receipt) in latest {
-            let peer = match role {
-                Role::Served => receipt.requester.as_str(),
-                Role::Consumed => receipt.server.as_str(),
-            };
-            let summary = peers.entry(peer).or_insert_with(|| PeerSummary {
-                peer: peer.to_owned(),
-                served: Totals::default(),
-                consumed: Totals::default(),
-            });
-            match role {
-                Role::Served => summary.served.add(receipt),
-                Role::Consumed => summary.consumed.add(receipt),
-            }
-        }
-        Ok(peers.into_values().collect())
+        tally.line(&line);
     }
 }
 
@@ -721,6 +829,31 @@ mod tests {
         Ok(())
     }
 
+    #[tokio::test(flavor = "current_thread")]
+    async fn appends_on_the_blocking_pool_keep_their_order_and_checks() -> TestResult {
+        let home = tempfile::tempdir()?;
+        let key = Keypair::generate_ed25519();
+        let ledger = std::sync::Arc::new(Ledger::open(home.path())?);
+        let mut sent = Vec::new();
+        for (i, id) in ["r1", "r2", "r3"].into_iter().enumerate() {
+            let signed = SignedReceipt::sign(receipt_for(&key, &peer(), id, i as u64), &key)?;
+            std::sync::Arc::clone(&ledger)
+                .append_off_runtime(Role::Served, signed.clone())
+                .await?;
+            sent.push(signed);
+        }
+        let mut forged = sent[0].clone();
+        forged.receipt.completion_tokens += 1;
+        assert!(std::sync::Arc::clone(&ledger)
+            .append_off_runtime(Role::Served, forged)
+            .await
+            .is_err());
+        let read = ledger.entries()?;
+        let got: Vec<_> = read.entries.iter().map(|e| &e.signed).collect();
+        assert_eq!(got, sent.iter().collect::<Vec<_>>());
+        Ok(())
+    }
+
     #[test]
     fn append_refuses_an_unverified_receipt() -> TestResult {
         let home = tempfile::tempdir()?;
@@ -843,6 +976,57 @@ mod tests {
         ];
         expected.sort_by(|a, b| a.peer.cmp(&b.peer));
         assert_eq!(ledger.summary()?, expected);
+        Ok(())
+    }
+
+    #[test]
+    fn summaries_and_counts_are_rebuilt_at_open_as_a_full_read_finds_them() -> TestResult {
+        let home = tempfile::tempdir()?;
+        let me = Keypair::generate_ed25519();
+        let requester = peer();
+        let ledger = Ledger::open(home.path())?;
+        let mut progress = receipt_for(&me, &requester, "a1", 5);
+        progress.partial = true;
+        ledger.append(Role::Served, &SignedReceipt::sign(progress, &me)?)?;
+        for (id, tokens) in [("a1", 10), ("a2", 1)] {
+            let signed = SignedReceipt::sign(receipt_for(&me, &requester, id, tokens), &me)?;
+            ledger.append(Role::Served, &signed)?;
+        }
+        let before = ledger.summary()?;
+        assert_eq!(before.len(), 1);
+        assert_eq!(before[0].served.requests, 2);
+        assert_eq!(before[0].served.completion_tokens, 22);
+        assert_eq!(
+            ledger.counts(),
+            LedgerCounts {
+                records: 3,
+                torn: 0,
+                invalid: 0
+            }
+        );
+        let path = ledger.path().to_owned();
+        drop(ledger);
+        // A forged record and a torn one, as a crash or a hand edit leaves them.
+        let mut forged = SignedReceipt::sign(receipt_for(&me, &requester, "f", 1), &me)?;
+        forged.receipt.completion_tokens = 1000;
+        let forged = serde_json::to_string(&LedgerEntry {
+            role: Role::Served,
+            at_ms: 1,
+            signed: forged,
+        })?;
+        let mut file = OpenOptions::new().append(true).open(&path)?;
+        file.write_all(format!("{forged}\n{{\"role\":").as_bytes())?;
+        drop(file);
+
+        let ledger = Ledger::open(home.path())?;
+        assert_eq!(ledger.summary()?, before);
+        let counts = ledger.counts();
+        let read = ledger.entries()?;
+        assert_eq!(
+            (counts.records, counts.torn, counts.invalid),
+            (read.entries.len(), read.torn, read.invalid)
+        );
+        assert_eq!((counts.records, counts.torn, counts.invalid), (3, 1, 1));
         Ok(())
     }
 

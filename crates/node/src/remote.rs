@@ -6,9 +6,11 @@
 //! closing it (or the connection dropping) cancels the work. The server answers with
 //! [`Frame`]s: `Accepted` once the request is queued, `Delta`s as tokens are produced,
 //! `Heartbeat`s while there is nothing else to say, `Progress` receipts every few tokens, and
-//! one final `Done`, `Embeddings` or `Error`. Frames over the size limits end the stream.
+//! one final `Done`, `Embeddings` or `Error`. Frames over the size limits end the stream, and
+//! a requester gives up a peer whose answer breaks the request's [`bounds`].
 //! The framing is [`crate::wire`]'s.
 
+pub mod bounds;
 pub mod client;
 pub mod server;
 
@@ -26,6 +28,44 @@ pub const MAX_REQUEST_BYTES: usize = 4 * 1024 * 1024;
 
 /// Largest answer frame (a batch of embeddings is the biggest).
 pub const MAX_FRAME_BYTES: usize = 16 * 1024 * 1024;
+
+/// Largest frame of a completion's answer: a delta holds a few tokens' text and
+/// log-probabilities, a receipt a few hundred bytes.
+pub const MAX_GENERATE_FRAME_BYTES: usize = 1024 * 1024;
+
+/// Longest request id a peer may send: ids are logged, signed into receipts every few tokens
+/// and kept in ledgers.
+pub const MAX_ID_BYTES: usize = 128;
+
+/// Longest model name a peer may send.
+pub const MAX_MODEL_NAME_BYTES: usize = 256;
+
+/// Most stop strings in one completion request.
+pub const MAX_STOPS: usize = 16;
+
+/// Longest stop string.
+pub const MAX_STOP_BYTES: usize = 256;
+
+/// Most texts in one embedding request.
+pub const MAX_EMBED_INPUTS: usize = 2048;
+
+/// A peer's request breaks the limits on its strings; the server refuses it before logging
+/// or queueing anything of it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestLimitError {
+    /// The id is empty, too long, or not printable ASCII.
+    #[error("the request id must be 1 to {MAX_ID_BYTES} printable ASCII characters")]
+    Id,
+    /// The model name is empty, too long, or holds control characters.
+    #[error("the model name must be 1 to {MAX_MODEL_NAME_BYTES} bytes with no control characters")]
+    ModelName,
+    /// Too many stop strings, or one too long.
+    #[error("at most {MAX_STOPS} stop strings of at most {MAX_STOP_BYTES} bytes each")]
+    Stops,
+    /// Too many texts to embed.
+    #[error("at most {MAX_EMBED_INPUTS} texts to embed")]
+    EmbedInputs,
+}
 
 /// What a requester asks for.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -55,6 +95,39 @@ impl Request {
         match self {
             Request::Generate { id, .. } | Request::Embed { id, .. } => id,
         }
+    }
+
+    /// Checks the strings a peer controls against the limits above.
+    pub fn check_limits(&self) -> Result<(), RequestLimitError> {
+        let id = self.id();
+        if id.is_empty() || id.len() > MAX_ID_BYTES || !id.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(RequestLimitError::Id);
+        }
+        let model = match self {
+            Request::Generate { request, .. } => &request.model,
+            Request::Embed { model, .. } => model,
+        };
+        if model.is_empty()
+            || model.len() > MAX_MODEL_NAME_BYTES
+            || model.chars().any(char::is_control)
+        {
+            return Err(RequestLimitError::ModelName);
+        }
+        match self {
+            Request::Generate { request, .. } => {
+                if request.stop.len() > MAX_STOPS
+                    || request.stop.iter().any(|s| s.len() > MAX_STOP_BYTES)
+                {
+                    return Err(RequestLimitError::Stops);
+                }
+            }
+            Request::Embed { input, .. } => {
+                if input.len() > MAX_EMBED_INPUTS {
+                    return Err(RequestLimitError::EmbedInputs);
+                }
+            }
+        }
+        Ok(())
     }
 }
 
@@ -106,6 +179,49 @@ pub enum Frame {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use pod_inference::Prompt;
+
+    fn generate(id: &str, model: &str) -> Request {
+        Request::Generate {
+            id: id.into(),
+            request: GenerateRequest::new(model, Prompt::Text("hi".into())),
+        }
+    }
+
+    #[test]
+    fn peer_strings_are_bounded() {
+        assert_eq!(generate("a-uuid-1", "m").check_limits(), Ok(()));
+        let long_id = "x".repeat(MAX_ID_BYTES);
+        assert_eq!(generate(&long_id, "m").check_limits(), Ok(()));
+        let too_long_id = "x".repeat(MAX_ID_BYTES + 1);
+        for id in ["", "a b", "a\nb", "é", too_long_id.as_str()] {
+            assert_eq!(
+                generate(id, "m").check_limits(),
+                Err(RequestLimitError::Id),
+                "{id:?}"
+            );
+        }
+        let long_model = "m".repeat(MAX_MODEL_NAME_BYTES + 1);
+        for model in ["", "a\u{1b}[2J", long_model.as_str()] {
+            assert_eq!(
+                generate("id", model).check_limits(),
+                Err(RequestLimitError::ModelName),
+                "{model:?}"
+            );
+        }
+        let Request::Generate { id, mut request } = generate("id", "m") else {
+            unreachable!()
+        };
+        request.stop = vec!["s".repeat(MAX_STOP_BYTES + 1)];
+        let r = Request::Generate { id, request };
+        assert_eq!(r.check_limits(), Err(RequestLimitError::Stops));
+        let embed = Request::Embed {
+            id: "id".into(),
+            model: "m".into(),
+            input: vec![String::new(); MAX_EMBED_INPUTS + 1],
+        };
+        assert_eq!(embed.check_limits(), Err(RequestLimitError::EmbedInputs));
+    }
     use crate::wire::{read_frame, write_frame, FrameError};
 
     #[tokio::test]

@@ -80,6 +80,7 @@ async fn requester(peers: &[(PeerId, Multiaddr)]) -> (Client, InferClient, Arc<L
         ClientConfig {
             open_timeout: Duration::from_secs(2),
             stall_timeout: Duration::from_secs(2),
+            token_timeout: Duration::from_secs(10),
         },
         Arc::new(move |_model: &str, exclude: &[PeerId]| {
             order
@@ -342,4 +343,118 @@ async fn a_pod_that_serves_only_itself_refuses_peers() {
     let (_r, infer, _) = requester(&[(h.peer_id(), h_addr)]).await;
     let err = infer.generate(greedy(4)).await.unwrap_err();
     assert!(err.to_string().contains("does not serve the mesh"), "{err}");
+}
+
+/// Two rogue-then-honest requests: the rogue's bad first frame is refused whole, so the answer
+/// is the honest peer's own.
+async fn fails_over_from(rogue_peer: PeerId, rogue_addr: Multiaddr, max_tokens: usize) {
+    let (h, h_addr, _) = honest(ServerConfig::default()).await;
+    let (_r, infer, _) = requester(&[(rogue_peer, rogue_addr), (h.peer_id(), h_addr)]).await;
+    let started = Instant::now();
+    let (first, events) = infer.generate(greedy(max_tokens)).await.unwrap();
+    assert_eq!(first, rogue_peer, "the rogue is asked first");
+    let (text, usage, err) = drain(events).await;
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(text, local_answer(max_tokens).await);
+    assert_eq!(usage.unwrap().completion_tokens, max_tokens);
+    assert_eq!(infer.stats().failovers.load(Ordering::Relaxed), 1);
+    assert_eq!(infer.stats().misbehaved.load(Ordering::Relaxed), 1);
+    assert!(
+        started.elapsed() < WAIT,
+        "given up in {:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_streams_more_tokens_than_asked_is_failed_over() {
+    let (g, g_addr, _) = rogue(|_req, mut wr, _k| async move {
+        let _ = write_frame(&mut wr, &Frame::Accepted).await;
+        // Five tokens in one delta for a request of four, then more forever.
+        loop {
+            let delta = Frame::Delta {
+                text: "x".into(),
+                tokens: vec![1; 5],
+                logprobs: vec![],
+            };
+            if write_frame(&mut wr, &delta).await.is_err() {
+                return;
+            }
+        }
+    })
+    .await;
+    fails_over_from(g, g_addr, 4).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_streams_more_text_than_its_tokens_can_hold_is_failed_over() {
+    let (g, g_addr, _) = rogue(|_req, mut wr, _k| async move {
+        let _ = write_frame(&mut wr, &Frame::Accepted).await;
+        // One token carrying 512 KiB of text.
+        let delta = Frame::Delta {
+            text: "x".repeat(512 * 1024),
+            tokens: vec![1],
+            logprobs: vec![],
+        };
+        let _ = write_frame(&mut wr, &delta).await;
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    })
+    .await;
+    fails_over_from(g, g_addr, 8).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_only_heartbeats_is_failed_over() {
+    let (g, g_addr, _) = rogue(|_req, mut wr, _k| async move {
+        let _ = write_frame(&mut wr, &Frame::Accepted).await;
+        while write_frame(&mut wr, &Frame::Heartbeat).await.is_ok() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await;
+    fails_over_from(g, g_addr, 8).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_that_floods_heartbeats_is_failed_over_at_once() {
+    let (g, g_addr, _) = rogue(|_req, mut wr, _k| async move {
+        let _ = write_frame(&mut wr, &Frame::Accepted).await;
+        while write_frame(&mut wr, &Frame::Heartbeat).await.is_ok() {}
+    })
+    .await;
+    fails_over_from(g, g_addr, 8).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_refuses_oversized_peer_strings_and_keeps_serving() {
+    let (h, h_addr, server) = honest(ServerConfig::default()).await;
+    let (r, infer, _) = requester(&[(h.peer_id(), h_addr)]).await;
+    let mut control = r.streams();
+    let long_id = "x".repeat(4096);
+    let long_model = "m".repeat(4096);
+    for (id, model) in [
+        (long_id.as_str(), DEFAULT_CHAT_MODEL),
+        ("a\nforged log line", DEFAULT_CHAT_MODEL),
+        ("fine-id", long_model.as_str()),
+    ] {
+        let mut request = greedy(4);
+        request.model = model.into();
+        let stream = control.open_stream(h.peer_id(), PROTOCOL).await.unwrap();
+        let (mut rd, mut wr) = stream.split();
+        let req = Request::Generate {
+            id: id.into(),
+            request,
+        };
+        write_frame(&mut wr, &req).await.unwrap();
+        let answer: Frame = read_frame(&mut rd, 1 << 20).await.unwrap();
+        assert!(
+            matches!(&answer, Frame::Error(EngineError::InvalidRequest(m)) if m.contains(if model.len() > 256 { "model name" } else { "request id" })),
+            "{answer:?}"
+        );
+    }
+    assert_eq!(server.stats().refused.load(Ordering::Relaxed), 3);
+    assert_eq!(server.stats().accepted.load(Ordering::Relaxed), 0);
+
+    let (_, events) = infer.generate(greedy(8)).await.unwrap();
+    assert_eq!(drain(events).await.0, local_answer(8).await);
 }

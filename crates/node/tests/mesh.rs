@@ -341,3 +341,94 @@ async fn a_busy_port_or_bad_bootstrap_address_is_a_clear_error() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn announcements_relayed_by_one_peer_under_fresh_keys_are_rate_limited() {
+    const ORIGINS: usize = 60;
+    let mut config = loopback_config(vec![]);
+    config.max_announcements_per_peer_per_sec = 1;
+    let (a, a_addr) = node(config).await;
+    let topic = gossipsub::IdentTopic::new(CAPABILITY_TOPIC);
+
+    // One relaying peer, connected to the node, and many publishers with fresh keys behind it.
+    let mut relay = rogue();
+    relay.behaviour_mut().subscribe(&topic).unwrap();
+    relay
+        .listen_on("/ip4/127.0.0.1/tcp/0".parse().unwrap())
+        .unwrap();
+    let relay_addr = loop {
+        if let libp2p::swarm::SwarmEvent::NewListenAddr { address, .. } =
+            relay.select_next_some().await
+        {
+            break address;
+        }
+    };
+    relay.dial(a_addr).unwrap();
+    tokio::spawn(async move {
+        loop {
+            relay.select_next_some().await;
+        }
+    });
+    let go = std::sync::Arc::new(tokio::sync::Notify::new());
+    let mut ready = Vec::new();
+    for _ in 0..ORIGINS {
+        let mut publisher = rogue();
+        publisher.behaviour_mut().subscribe(&topic).unwrap();
+        publisher.dial(relay_addr.clone()).unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        ready.push(rx);
+        let go = std::sync::Arc::clone(&go);
+        let topic = topic.clone();
+        tokio::spawn(async move {
+            // Once the relay is known to take the topic, wait for the signal, publish once.
+            while !publisher
+                .behaviour()
+                .all_peers()
+                .any(|(_, topics)| topics.contains(&&topic.hash()))
+            {
+                publisher.select_next_some().await;
+            }
+            let _ = tx.send(());
+            let notified = go.notified();
+            tokio::pin!(notified);
+            loop {
+                tokio::select! {
+                    () = &mut notified => break,
+                    _ = publisher.select_next_some() => {}
+                }
+            }
+            let mut c = caps("fresh");
+            c.seq = 1;
+            let _ = publisher.behaviour_mut().publish(topic, c.encode());
+            let end = tokio::time::Instant::now() + Duration::from_secs(10);
+            while tokio::time::timeout_at(end, publisher.select_next_some())
+                .await
+                .is_ok()
+            {}
+        });
+    }
+    for rx in ready {
+        tokio::time::timeout(WAIT, rx).await.unwrap().unwrap();
+    }
+    go.notify_waiters();
+
+    let stats = a.stats();
+    wait_for(|| async {
+        (stats.announcements_rate_limited.load(Ordering::Relaxed) > 0).then_some(())
+    })
+    .await;
+    // Let the rest of the burst arrive before counting what got through.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let accepted = stats.announcements_received.load(Ordering::Relaxed);
+    let limited = stats.announcements_rate_limited.load(Ordering::Relaxed);
+    assert!(
+        limited > 0,
+        "nothing was rate limited ({accepted} accepted)"
+    );
+    // The relay may pass on 20 a second (20 times the origin limit of 1): the burst spans
+    // at most two of its windows.
+    assert!(
+        accepted <= 40,
+        "{accepted} of {ORIGINS} relayed announcements accepted"
+    );
+}

@@ -48,6 +48,8 @@ pub struct EventLoop {
     last_announced: Option<Instant>,
     announce_due: bool,
     dialled: HashMap<PeerId, Instant>,
+    /// Addresses of gossip-learned pods that may still be dialled this tick.
+    dial_budget: usize,
     relays: Vec<(PeerId, Multiaddr)>,
     relay_reservations: usize,
     pending_provide: HashMap<kad::QueryId, oneshot::Sender<Result<(), MeshError>>>,
@@ -93,6 +95,7 @@ impl EventLoop {
             last_announced: None,
             announce_due: false,
             dialled: HashMap::new(),
+            dial_budget: gossip::DIAL_ADDRS_PER_TICK,
             relays: Vec::new(),
             relay_reservations: 0,
             pending_provide: HashMap::new(),
@@ -312,6 +315,8 @@ impl EventLoop {
             self.conduct.remove(&peer);
             self.emit(MeshEvent::Expired(peer));
         }
+        self.dial_budget = gossip::DIAL_ADDRS_PER_TICK;
+        self.prune_gossip_state(now);
         let periodic = self
             .last_announced
             .is_none_or(|t| now.duration_since(t) >= self.config.announce_interval);

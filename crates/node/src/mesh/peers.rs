@@ -12,6 +12,10 @@ use super::capability::Capabilities;
 /// Most addresses remembered per peer; older ones are forgotten first.
 const MAX_ADDRS_PER_PEER: usize = 16;
 
+/// Most peers a [`PeerTable`] holds by default: announcements relayed under ever new keys
+/// must not grow it without bound.
+pub const MAX_PEERS: usize = 1024;
+
 /// What the node knows about one peer.
 #[derive(Debug, Clone)]
 struct PeerEntry {
@@ -65,14 +69,42 @@ pub struct PeerSnapshot {
     pub last_seen_at: SystemTime,
 }
 
-/// Peers by id, with expiry of those gone silent.
-#[derive(Debug, Default)]
+/// Peers by id, with expiry of those gone silent and a bound on how many are held.
+#[derive(Debug)]
 pub struct PeerTable {
     peers: HashMap<PeerId, PeerEntry>,
+    capacity: usize,
+}
+
+impl Default for PeerTable {
+    fn default() -> Self {
+        Self::with_capacity(MAX_PEERS)
+    }
 }
 
 impl PeerTable {
+    /// A table holding at most `capacity` peers with no open connection: a new peer beyond
+    /// that replaces the one not connected and heard of longest ago. Connected peers are
+    /// always kept (the swarm's connection limits bound them).
+    pub fn with_capacity(capacity: usize) -> Self {
+        Self {
+            peers: HashMap::new(),
+            capacity,
+        }
+    }
+
     fn entry(&mut self, peer: PeerId, now: Instant) -> &mut PeerEntry {
+        if !self.peers.contains_key(&peer) && self.peers.len() >= self.capacity {
+            let oldest = self
+                .peers
+                .iter()
+                .filter(|(_, e)| e.connections == 0)
+                .min_by_key(|(_, e)| e.last_seen)
+                .map(|(p, _)| *p);
+            if let Some(oldest) = oldest {
+                self.peers.remove(&oldest);
+            }
+        }
         self.peers
             .entry(peer)
             .or_insert_with(|| PeerEntry::new(now))
@@ -270,6 +302,42 @@ mod tests {
         let snap = t.snapshot(now);
         assert_eq!(snap[0].capabilities.as_ref().map(|c| c.seq), Some(6));
         assert_eq!(snap[0].addrs.len(), 1);
+    }
+
+    #[test]
+    fn the_table_evicts_the_oldest_unconnected_peers_beyond_its_capacity() {
+        let mut t = PeerTable::with_capacity(4);
+        let start = Instant::now();
+        let connected = [PeerId::random(), PeerId::random()];
+        for p in connected {
+            t.connected(p, None, start);
+        }
+        let mut announced = Vec::new();
+        for i in 0..100u64 {
+            let p = PeerId::random();
+            assert!(t.announced(p, caps(1), start + Duration::from_millis(i)));
+            announced.push(p);
+        }
+        assert_eq!(t.len(), 4);
+        assert!(
+            connected.iter().all(|p| t.contains(p)),
+            "connected peers stay"
+        );
+        assert!(t.contains(&announced[98]) && t.contains(&announced[99]));
+        assert!(!t.contains(&announced[97]));
+
+        // Full of connected peers, a new one still gets in (and goes when a slot frees).
+        let mut t = PeerTable::with_capacity(2);
+        for p in connected {
+            t.connected(p, None, start);
+        }
+        let third = PeerId::random();
+        t.connected(third, None, start);
+        assert_eq!(t.len(), 3);
+        t.disconnected(third, start);
+        assert!(t.announced(PeerId::random(), caps(1), start));
+        assert_eq!(t.len(), 3);
+        assert!(!t.contains(&third));
     }
 
     #[test]

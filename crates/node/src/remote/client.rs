@@ -16,6 +16,7 @@ use tokio::sync::mpsc;
 
 use super::{Frame, Request, MAX_FRAME_BYTES, PROTOCOL};
 use crate::receipts::{Ledger, Role, SignedReceipt};
+use crate::remote::bounds::{AnswerBounds, Broken};
 use crate::wire::{read_frame, write_frame};
 
 /// How the requester waits on peers.
@@ -25,6 +26,9 @@ pub struct ClientConfig {
     pub open_timeout: Duration,
     /// Longest silence from a serving peer before it is given up (it heartbeats every second).
     pub stall_timeout: Duration,
+    /// Longest a serving peer may go without sending a token (heartbeats keep a peer from
+    /// stalling but not from this): long enough for a queue wait and a long prompt's prefill.
+    pub token_timeout: Duration,
 }
 
 impl Default for ClientConfig {
@@ -32,6 +36,7 @@ impl Default for ClientConfig {
         Self {
             open_timeout: Duration::from_secs(10),
             stall_timeout: Duration::from_secs(5),
+            token_timeout: Duration::from_secs(300),
         }
     }
 }
@@ -45,6 +50,9 @@ pub struct ClientStats {
     pub failovers: AtomicU64,
     /// Receipts that did not verify or did not match the work received.
     pub receipts_rejected: AtomicU64,
+    /// Answers given up because the peer broke the request's bounds: more tokens than asked,
+    /// more text than its tokens can hold, or heartbeats and no tokens.
+    pub misbehaved: AtomicU64,
 }
 
 /// Finds the peers that serve a model, best first, leaving out `exclude`.
@@ -237,16 +245,17 @@ impl InferClient {
             progress.emitted_bytes = r.emitted_bytes;
         }
         progress.resumed_at_start = progress.tokens.len();
+        let mut bounds = AnswerBounds::new(&request, self.config.token_timeout);
         loop {
             let failure = match self
-                .stream_session(&id, &mut session, &mut progress, &tx)
+                .stream_session(&id, &mut session, &mut progress, &mut bounds, &tx)
                 .await
             {
                 Ok(()) => return,
                 Err(failure) => failure,
             };
             // The peer went away mid-answer: keep its last progress receipt, then resume.
-            self.keep_partial(&mut progress);
+            self.keep_partial(&mut progress).await;
             if tx.is_closed() {
                 return;
             }
@@ -300,20 +309,35 @@ impl InferClient {
         id: &str,
         session: &mut Session,
         progress: &mut Progress,
+        bounds: &mut AnswerBounds,
         tx: &mpsc::UnboundedSender<GenerateEvent>,
     ) -> Result<(), String> {
+        bounds.restart(tokio::time::Instant::now());
         loop {
+            let wait = self
+                .config
+                .stall_timeout
+                .min(bounds.time_left(tokio::time::Instant::now()));
             let frame = tokio::select! {
                 () = tx.closed() => return Ok(()),
                 read = tokio::time::timeout(
-                    self.config.stall_timeout,
-                    read_frame::<_, Frame>(&mut session.rd, MAX_FRAME_BYTES),
+                    wait,
+                    read_frame::<_, Frame>(&mut session.rd, super::MAX_GENERATE_FRAME_BYTES),
                 ) => match read {
-                    Err(_) => return Err(format!("no answer for {:?}", self.config.stall_timeout)),
+                    Err(_) => {
+                        let now = tokio::time::Instant::now();
+                        if bounds.time_left(now).is_zero() {
+                            return Err(self.misbehaved(session.peer, &Broken::NoTokens(self.config.token_timeout)));
+                        }
+                        return Err(format!("no answer for {:?}", self.config.stall_timeout));
+                    }
                     Ok(Err(e)) => return Err(e.to_string()),
                     Ok(Ok(frame)) => frame,
                 },
             };
+            if let Err(broken) = bounds.admit(&frame, tokio::time::Instant::now()) {
+                return Err(self.misbehaved(session.peer, &broken));
+            }
             match frame {
                 Frame::Accepted | Frame::Heartbeat => {}
                 Frame::Delta {
@@ -356,7 +380,7 @@ impl InferClient {
                                 false,
                             ) =>
                         {
-                            self.record(&r);
+                            self.record(&r).await;
                         }
                         Some(_) => {}
                         None => tracing::warn!(peer = %session.peer, "peer sent no receipt"),
@@ -376,6 +400,13 @@ impl InferClient {
                 }
             }
         }
+    }
+
+    /// Counts and logs a peer that broke an answer's bounds; the reason to fail over.
+    fn misbehaved(&self, peer: PeerId, broken: &Broken) -> String {
+        self.stats.misbehaved.fetch_add(1, Ordering::Relaxed);
+        tracing::warn!(%peer, problem = %broken, "serving peer broke the answer's bounds");
+        broken.to_string()
     }
 
     /// Verifies a receipt and that it describes this request, this peer and (when known)
@@ -418,19 +449,20 @@ impl InferClient {
         }
     }
 
-    fn record(&self, receipt: &SignedReceipt) {
+    async fn record(&self, receipt: &SignedReceipt) {
         if let Some(ledger) = &self.ledger {
-            if let Err(e) = ledger.append(Role::Consumed, receipt) {
+            let write = Arc::clone(ledger).append_off_runtime(Role::Consumed, receipt.clone());
+            if let Err(e) = write.await {
                 tracing::warn!(error = %e, "cannot write the receipt ledger");
             }
         }
     }
 
     /// Keeps the failed peer's last progress receipt, if it covers no more than was received.
-    fn keep_partial(&self, progress: &mut Progress) {
+    async fn keep_partial(&self, progress: &mut Progress) {
         if let Some(r) = progress.last_receipt.take() {
             if r.receipt.completion_tokens <= progress.from_this_peer as u64 {
-                self.record(&r);
+                self.record(&r).await;
             } else {
                 self.stats.receipts_rejected.fetch_add(1, Ordering::Relaxed);
             }
@@ -465,7 +497,7 @@ impl InferClient {
                 })) => {
                     if let Some(r) = receipt {
                         if self.check_receipt(&id, session.peer, &r, Some(0), false) {
-                            self.record(&r);
+                            self.record(&r).await;
                         }
                     }
                     let data = data

@@ -186,6 +186,15 @@ impl InferServer {
                 return;
             }
         };
+        // Before anything of the request is logged or signed: its strings are the peer's.
+        if let Err(e) = request.check_limits() {
+            self.stats.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(%peer, reason = %e, "refused a peer's oversized request");
+            let frame = Frame::Error(EngineError::InvalidRequest(e.to_string()));
+            let _ = write_frame(&mut wr, &frame).await;
+            let _ = wr.close().await;
+            return;
+        }
         let refuse = |e: EngineError| {
             self.stats.refused.fetch_add(1, Ordering::Relaxed);
             tracing::info!(%peer, id = request.id(), reason = %e, "refused a peer's request");
@@ -259,9 +268,10 @@ impl InferServer {
         }
     }
 
-    fn record(&self, receipt: &Option<SignedReceipt>) {
+    async fn record(&self, receipt: &Option<SignedReceipt>) {
         if let (Some(ledger), Some(r)) = (&self.ledger, receipt) {
-            if let Err(e) = ledger.append(Role::Served, r) {
+            let write = Arc::clone(ledger).append_off_runtime(Role::Served, r.clone());
+            if let Err(e) = write.await {
                 tracing::warn!(error = %e, "cannot write the receipt ledger");
             }
         }
@@ -325,7 +335,7 @@ impl InferServer {
                             started_at,
                             false,
                         );
-                        self.record(&receipt);
+                        self.record(&receipt).await;
                         let done = Frame::Done { finish_reason, usage, receipt };
                         let _ = write_frame(&mut wr, &done).await;
                         let _ = wr.close().await;
@@ -387,7 +397,7 @@ impl InferServer {
             Ok(r) => {
                 let receipt =
                     self.receipt(peer, &id, &model, (r.prompt_tokens, 0), started_at, false);
-                self.record(&receipt);
+                self.record(&receipt).await;
                 Frame::Embeddings {
                     data: r.data.into_iter().map(|e| e.vector).collect(),
                     prompt_tokens: r.prompt_tokens,

@@ -1,6 +1,6 @@
 //! The event loop's side of capability gossip: publishing this node's announcements, judging
-//! received ones (signature origin, rate limit per origin, invalid-message strikes), and
-//! dialling pods learned from them.
+//! received ones (signature origin, rate limits per origin and per relaying peer,
+//! invalid-message strikes), and dialling pods learned from them within a budget.
 
 use std::time::{Duration, Instant};
 
@@ -18,12 +18,59 @@ const MIN_ANNOUNCE_GAP: Duration = Duration::from_millis(250);
 /// How long to wait before dialling a gossip-learned pod again.
 const REDIAL_GAP: Duration = Duration::from_secs(30);
 
+/// A relaying peer may pass on this many times the announcements one origin may send: it
+/// forwards every pod's, but an origin key costs nothing to make, so the relay is what bounds
+/// a flood under fresh keys.
+const RELAY_RATE_FACTOR: u32 = 20;
+
+/// Addresses of gossip-learned pods dialled per tick of the event loop, all pods together:
+/// every announcement names addresses of its sender's choosing, and each would otherwise make
+/// every pod dial them.
+pub(super) const DIAL_ADDRS_PER_TICK: usize = 8;
+
 /// Per-peer counters for rate limiting and misbehaviour.
 #[derive(Debug, Default)]
 pub(super) struct PeerConduct {
-    window_start: Option<Instant>,
-    in_window: u32,
+    /// Announcements signed by the peer.
+    as_origin: RateWindow,
+    /// Announcements the peer relayed (its own included).
+    as_source: RateWindow,
     invalid: u32,
+}
+
+impl PeerConduct {
+    /// Whether the counters still matter at `now`: a strike, or a window not yet over.
+    pub(super) fn is_live(&self, now: Instant) -> bool {
+        self.invalid > 0 || self.as_origin.is_open(now) || self.as_source.is_open(now)
+    }
+}
+
+/// Counts events in one-second windows.
+#[derive(Debug, Default)]
+pub(super) struct RateWindow {
+    start: Option<Instant>,
+    count: u32,
+}
+
+impl RateWindow {
+    /// Counts an event at `now`; false when it is over `limit` in its window.
+    pub(super) fn admit(&mut self, now: Instant, limit: u32) -> bool {
+        match self.start {
+            Some(start) if now.duration_since(start) < Duration::from_secs(1) => {
+                self.count = self.count.saturating_add(1);
+            }
+            _ => {
+                self.start = Some(now);
+                self.count = 1;
+            }
+        }
+        self.count <= limit
+    }
+
+    fn is_open(&self, now: Instant) -> bool {
+        self.start
+            .is_some_and(|s| now.duration_since(s) < Duration::from_secs(1))
+    }
 }
 
 impl EventLoop {
@@ -104,17 +151,19 @@ impl EventLoop {
             return gossipsub::MessageAcceptance::Ignore;
         }
         let limit = self.config.max_announcements_per_peer_per_sec;
-        let conduct = self.conduct.entry(origin).or_default();
-        match conduct.window_start {
-            Some(start) if now.duration_since(start) < Duration::from_secs(1) => {
-                conduct.in_window += 1;
-            }
-            _ => {
-                conduct.window_start = Some(now);
-                conduct.in_window = 1;
-            }
-        }
-        if conduct.in_window > limit {
+        let relayed_ok = self
+            .conduct
+            .entry(source)
+            .or_default()
+            .as_source
+            .admit(now, limit.saturating_mul(RELAY_RATE_FACTOR));
+        let origin_ok = self
+            .conduct
+            .entry(origin)
+            .or_default()
+            .as_origin
+            .admit(now, limit);
+        if !(relayed_ok && origin_ok) {
             MeshStats::bump(&self.stats.announcements_rate_limited);
             return gossipsub::MessageAcceptance::Ignore;
         }
@@ -146,7 +195,18 @@ impl EventLoop {
         }
     }
 
-    /// Dials a pod learned from gossip when the node has room for more connections.
+    /// Forgets the dial times and conduct counters that no longer matter, so that neither map
+    /// outgrows the peer table.
+    pub(super) fn prune_gossip_state(&mut self, now: Instant) {
+        self.dialled
+            .retain(|_, t| now.duration_since(*t) < REDIAL_GAP);
+        let peers = &self.peers;
+        self.conduct
+            .retain(|p, c| peers.contains(p) || c.is_live(now));
+    }
+
+    /// Dials a pod learned from gossip when the node has room for more connections and the
+    /// tick's dial budget is not spent.
     pub(super) fn dial_if_wanted(&mut self, peer: PeerId, now: Instant) {
         if self.swarm.is_connected(&peer)
             || self.swarm.connected_peers().count() >= self.config.target_peers
@@ -160,16 +220,56 @@ impl EventLoop {
         {
             return;
         }
-        self.dialled.insert(peer, now);
-        let addrs = self.peers.addrs(&peer);
+        if self.dial_budget == 0 {
+            MeshStats::bump(&self.stats.dials_deferred);
+            return;
+        }
+        let addrs: Vec<_> = self
+            .peers
+            .addrs(&peer)
+            .into_iter()
+            .take(self.dial_budget)
+            .collect();
         if addrs.is_empty() {
             return;
         }
+        self.dialled.insert(peer, now);
+        self.dial_budget -= addrs.len();
         let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
             .addresses(addrs)
             .build();
         if let Err(e) = self.swarm.dial(opts) {
             tracing::debug!(%peer, error = %dial_error_text(&e), "cannot dial announced peer");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_rate_window_admits_up_to_its_limit_per_second() {
+        let start = Instant::now();
+        let mut w = RateWindow::default();
+        for _ in 0..5 {
+            assert!(w.admit(start, 5));
+        }
+        assert!(!w.admit(start + Duration::from_millis(999), 5));
+        assert!(w.is_open(start + Duration::from_millis(999)));
+        assert!(!w.is_open(start + Duration::from_secs(1)));
+        assert!(w.admit(start + Duration::from_secs(1), 5));
+    }
+
+    #[test]
+    fn conduct_outlives_its_window_only_with_strikes() {
+        let now = Instant::now();
+        let later = now + Duration::from_secs(2);
+        let mut c = PeerConduct::default();
+        assert!(c.as_source.admit(now, 1));
+        assert!(c.is_live(now));
+        assert!(!c.is_live(later));
+        c.invalid = 1;
+        assert!(c.is_live(later));
     }
 }
