@@ -28,7 +28,9 @@ pub enum LoadError {
         key: String,
     },
     /// The model's architecture has no implementation here.
-    #[error("unsupported model architecture `{0}` (supported: llama, mistral, gemma3, qwen2, qwen3, phi3)")]
+    #[error(
+        "unsupported model architecture `{0}` (supported: llama, mistral, gemma3, qwen3, phi3)"
+    )]
     UnsupportedArchitecture(String),
     /// The tokenizer described in the metadata cannot be built.
     #[error("cannot build tokenizer: {0}")]
@@ -96,4 +98,22 @@ pub enum EngineError {
     /// No node that serves the model could take or finish the request (peers gone or busy).
     #[error("{0}")]
     Unavailable(String),
+}
+
+/// A batched forward pass of a [`BatchDecoder`](crate::decoder::BatchDecoder) failed.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ForwardError {
+    /// The rows do not fit the caches: counts differ, a row is empty, or a cache belongs to
+    /// another model.
+    #[error("{0}")]
+    InvalidBatch(String),
+    /// The model failed while computing.
+    #[error("{0}")]
+    Compute(String),
+}
+
+impl From<candle_core::Error> for ForwardError {
+    fn from(e: candle_core::Error) -> Self {
+        ForwardError::Compute(e.to_string())
+    }
 }

@@ -10,6 +10,7 @@
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
 pub mod chat;
+pub mod decoder;
 pub mod device;
 pub mod embedding;
 pub mod engine;
@@ -27,13 +28,15 @@ pub mod tokenizer;
 /// The compute device type models are loaded onto.
 pub use candle_core::Device;
 pub use chat::{ChatMessage, Role};
+pub use decoder::{BatchDecoder, DecoderCache};
 pub use device::DeviceSpec;
 pub use embedding::{Embedding, EmbeddingModel};
 pub use engine::{
-    EmbedRequest, EmbedResponse, Engine, EngineConfig, EngineHandle, EngineStats, FinishReason,
-    GenerateEvent, GenerateRequest, ModelInfo, ModelKind, Prompt, Resume, TokenLogprob, Usage,
+    ChatFormat, EmbedRequest, EmbedResponse, Engine, EngineConfig, EngineHandle, EngineStats,
+    FinishReason, GenerateEvent, GenerateRequest, ModelInfo, ModelKind, Prompt, Resume,
+    TokenLogprob, Usage,
 };
-pub use error::{EngineError, LoadError};
+pub use error::{EngineError, ForwardError, LoadError};
 pub use model::{ChatModel, ChatModelInfo, Sequence};
 pub use sampling::SamplingParams;
 

@@ -10,15 +10,16 @@ use std::sync::Arc;
 use candle_core::{Device, Tensor};
 use candle_transformers::models::{quantized_phi3, quantized_qwen3};
 
-mod fast;
+mod cpu_decoder;
 mod gemma3;
 mod linear;
 mod llama;
 mod qembed;
 mod weights;
 
-use self::fast::{Decoder, KvCache};
-use crate::error::LoadError;
+use self::cpu_decoder::{CpuDecoder, KvCache};
+use crate::decoder::{BatchDecoder, DecoderCache};
+use crate::error::{ForwardError, LoadError};
 use crate::gguf::GgufFile;
 use crate::template::{ChatTemplate, CHATML_TEMPLATE};
 use crate::tokenizer::PodTokenizer;
@@ -29,9 +30,9 @@ const MAX_CONTEXT: usize = 8192;
 
 #[derive(Debug, Clone)]
 enum Weights {
-    /// The llama family and Gemma 3 on pod's own CPU path (see [`fast`]), batched and
+    /// The llama family and Gemma 3 on pod's own CPU path (see [`cpu_decoder`]), batched and
     /// batch-invariant.
-    Fast(Arc<Decoder>),
+    CpuDecoder(Arc<CpuDecoder>),
     Llama(llama::Llama),
     Gemma3(gemma3::Gemma3),
     Qwen3(quantized_qwen3::ModelWeights),
@@ -41,7 +42,7 @@ enum Weights {
 impl Weights {
     fn forward(&mut self, x: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
         match self {
-            Weights::Fast(_) => candle_core::bail!("the CPU decoder keeps its own caches"),
+            Weights::CpuDecoder(_) => candle_core::bail!("the CPU decoder keeps its own caches"),
             Weights::Llama(m) => {
                 let ids: Vec<u32> = x.flatten_all()?.to_vec1()?;
                 m.forward(&ids, pos)
@@ -86,8 +87,8 @@ pub struct Sequence {
 
 #[derive(Debug, Clone)]
 enum SeqState {
-    Fast {
-        model: Arc<Decoder>,
+    CpuDecoder {
+        model: Arc<CpuDecoder>,
         cache: KvCache,
     },
     /// candle's models keep the caches inside their own copy of the (shared) weights.
@@ -128,8 +129,8 @@ impl ChatModel {
             source,
         };
         let weights = match arch.as_str() {
-            _ if Decoder::supported(&content, &arch, device) => Weights::Fast(Arc::new(
-                Decoder::from_gguf(&content, &mut reader, &arch, context_length)
+            _ if CpuDecoder::supported(&content, &arch, device) => Weights::CpuDecoder(Arc::new(
+                CpuDecoder::from_gguf(&content, &mut reader, &arch, context_length)
                     .map_err(model_err)?,
             )),
             "llama" | "mistral" => Weights::Llama(
@@ -183,7 +184,7 @@ impl ChatModel {
     /// A new, empty sequence (its own KV cache; weights shared).
     pub fn new_sequence(&self) -> Sequence {
         let state = match &self.weights {
-            Weights::Fast(m) => SeqState::Fast {
+            Weights::CpuDecoder(m) => SeqState::CpuDecoder {
                 model: Arc::clone(m),
                 cache: m.new_cache(),
             },
@@ -201,7 +202,7 @@ impl ChatModel {
     /// runs all sequences in one pass, many resumed tokens can be fed at once, and a cached
     /// prompt prefix can stand in for recomputing it.
     pub fn batch_invariant(&self) -> bool {
-        matches!(self.weights, Weights::Fast(_))
+        matches!(self.weights, Weights::CpuDecoder(_))
     }
 
     /// Feeds `tokens[i]` to `seqs[i]` for every `i` and returns each sequence's next-token
@@ -215,7 +216,7 @@ impl ChatModel {
         if seqs.len() != tokens.len() {
             candle_core::bail!("{} sequences for {} token lists", seqs.len(), tokens.len());
         }
-        let Weights::Fast(model) = &self.weights else {
+        let Weights::CpuDecoder(model) = &self.weights else {
             return seqs
                 .iter_mut()
                 .zip(tokens)
@@ -225,7 +226,7 @@ impl ChatModel {
         let mut caches = Vec::with_capacity(seqs.len());
         for s in seqs.iter_mut() {
             match &mut s.state {
-                SeqState::Fast { cache, .. } => caches.push(cache),
+                SeqState::CpuDecoder { cache, .. } => caches.push(cache),
                 SeqState::Candle(_) => candle_core::bail!("sequence of another model"),
             }
         }
@@ -252,7 +253,7 @@ impl Sequence {
             candle_core::bail!("forward called with no tokens");
         }
         let weights = match &mut self.state {
-            SeqState::Fast { model, cache } => {
+            SeqState::CpuDecoder { model, cache } => {
                 let len = cache.len();
                 let out = model.forward_batch(&mut [&mut *cache], &[tokens]);
                 return match out {
@@ -292,7 +293,7 @@ impl Sequence {
     /// Bytes of attention cache this sequence holds (0 where the model does not say).
     pub fn cache_bytes(&self) -> usize {
         match &self.state {
-            SeqState::Fast { cache, .. } => cache.bytes(),
+            SeqState::CpuDecoder { cache, .. } => cache.bytes(),
             SeqState::Candle(_) => 0,
         }
     }
@@ -300,7 +301,7 @@ impl Sequence {
     /// Gives back cache memory reserved for tokens not fed yet (for a sequence that is kept
     /// but will not grow soon).
     pub fn shrink_to_fit(&mut self) {
-        if let SeqState::Fast { cache, .. } = &mut self.state {
+        if let SeqState::CpuDecoder { cache, .. } = &mut self.state {
             cache.shrink_to_fit();
         }
     }
@@ -309,12 +310,61 @@ impl Sequence {
     /// shared prefix. Only batch-invariant models can; returns whether it was done.
     pub fn truncate(&mut self, len: usize) -> bool {
         match &mut self.state {
-            SeqState::Fast { cache, .. } if len <= self.pos => {
+            SeqState::CpuDecoder { cache, .. } if len <= self.pos => {
                 cache.truncate(len);
                 self.pos = len;
                 true
             }
             _ => false,
         }
+    }
+}
+
+impl BatchDecoder for ChatModel {
+    type Cache = Sequence;
+
+    fn new_cache(&self) -> Sequence {
+        self.new_sequence()
+    }
+
+    fn batch_invariant(&self) -> bool {
+        ChatModel::batch_invariant(self)
+    }
+
+    fn forward_rows(
+        &self,
+        caches: &mut [&mut Sequence],
+        rows: &[&[u32]],
+    ) -> Result<Vec<Vec<f32>>, ForwardError> {
+        if caches.len() != rows.len() {
+            return Err(ForwardError::InvalidBatch(format!(
+                "{} sequences for {} rows",
+                caches.len(),
+                rows.len()
+            )));
+        }
+        if let [cache] = caches {
+            // One sequence: its own pass, whatever the model.
+            return Ok(vec![cache.forward(rows[0])?]);
+        }
+        Ok(self.forward_batch(caches, rows)?)
+    }
+}
+
+impl DecoderCache for Sequence {
+    fn len(&self) -> usize {
+        Sequence::len(self)
+    }
+
+    fn truncate(&mut self, len: usize) -> bool {
+        Sequence::truncate(self, len)
+    }
+
+    fn bytes(&self) -> usize {
+        self.cache_bytes()
+    }
+
+    fn shrink_to_fit(&mut self) {
+        Sequence::shrink_to_fit(self)
     }
 }

@@ -179,41 +179,22 @@ impl Gemma3 {
         let global_rope = Rope::new(head_dim, global_base, max_len, dev)?;
 
         let head = weights::head(&ct, r, eps, dev)?;
-        let mut layers = Vec::with_capacity(blocks);
-        for i in 0..blocks {
-            let mut blk = weights::Block {
-                ct: &ct,
-                r: &mut *r,
-                dev,
-                layer: i,
-                eps,
-            };
-            let (wq, wk, wv, wo) = (
-                blk.matmul("attn_q")?,
-                blk.matmul("attn_k")?,
-                blk.matmul("attn_v")?,
-                blk.matmul("attn_output")?,
-            );
-            let (gate, up, down) = (
-                blk.matmul("ffn_gate")?,
-                blk.matmul("ffn_up")?,
-                blk.matmul("ffn_down")?,
-            );
-            let local = (i + 1) % pattern != 0;
-            layers.push(Layer {
-                wq,
-                wk,
-                wv,
-                wo,
+        let layers = weights::layers(&ct, r, dev, blocks, eps, |p, blk| {
+            let local = (blk.layer + 1) % pattern != 0;
+            Ok(Layer {
+                wq: p.wq,
+                wk: p.wk,
+                wv: p.wv,
+                wo: p.wo,
                 q_norm: blk.norm("attn_q_norm")?,
                 k_norm: blk.norm("attn_k_norm")?,
                 attn_norm: blk.norm("attn_norm")?,
                 post_attn_norm: blk.norm("post_attention_norm")?,
                 ffn_norm: blk.norm("ffn_norm")?,
                 post_ffn_norm: blk.norm("post_ffw_norm")?,
-                gate,
-                up,
-                down,
+                gate: p.gate,
+                up: p.up,
+                down: p.down,
                 n_head,
                 n_kv_head,
                 head_dim,
@@ -224,8 +205,8 @@ impl Gemma3 {
                     global_rope.clone()
                 },
                 kv: None,
-            });
-        }
+            })
+        })?;
         Ok(Self {
             embed: head.embed,
             hidden,

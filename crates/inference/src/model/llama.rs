@@ -82,39 +82,20 @@ impl Llama {
 
         let (cos, sin) = weights::rope_tables(rope_dim, base, max_len, dev)?;
         let head = weights::head(&ct, r, eps, dev)?;
-        let mut layers = Vec::with_capacity(blocks);
-        for i in 0..blocks {
-            let mut blk = weights::Block {
-                ct: &ct,
-                r: &mut *r,
-                dev,
-                layer: i,
-                eps,
-            };
-            let (wq, wk, wv, wo) = (
-                blk.matmul("attn_q")?,
-                blk.matmul("attn_k")?,
-                blk.matmul("attn_v")?,
-                blk.matmul("attn_output")?,
-            );
-            let (gate, up, down) = (
-                blk.matmul("ffn_gate")?,
-                blk.matmul("ffn_up")?,
-                blk.matmul("ffn_down")?,
-            );
-            layers.push(Layer {
-                wq,
-                wk,
-                wv,
-                wo,
+        let layers = weights::layers(&ct, r, dev, blocks, eps, |p, blk| {
+            Ok(Layer {
+                wq: p.wq,
+                wk: p.wk,
+                wv: p.wv,
+                wo: p.wo,
                 attn_norm: blk.norm("attn_norm")?,
                 ffn_norm: blk.norm("ffn_norm")?,
-                gate,
-                up,
-                down,
+                gate: p.gate,
+                up: p.up,
+                down: p.down,
                 kv: None,
-            });
-        }
+            })
+        })?;
         Ok(Self {
             embed: head.embed,
             layers,

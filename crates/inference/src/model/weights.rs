@@ -76,11 +76,11 @@ pub(super) fn head<R: Read + Seek>(
 
 /// Tensors of block `layer`, named as in GGUF (`blk.N.<name>.weight`).
 pub(super) struct Block<'a, R> {
-    pub(super) ct: &'a gguf_file::Content,
-    pub(super) r: &'a mut R,
-    pub(super) dev: &'a Device,
+    ct: &'a gguf_file::Content,
+    r: &'a mut R,
+    dev: &'a Device,
     pub(super) layer: usize,
-    pub(super) eps: f64,
+    eps: f64,
 }
 
 impl<R: Read + Seek> Block<'_, R> {
@@ -101,6 +101,50 @@ impl<R: Read + Seek> Block<'_, R> {
         )?;
         RmsNorm::from_qtensor(t, self.eps)
     }
+}
+
+/// The seven projections of a llama-style block: attention and SwiGLU/GeGLU feed-forward.
+pub(super) struct Projections {
+    pub(super) wq: Linear,
+    pub(super) wk: Linear,
+    pub(super) wv: Linear,
+    pub(super) wo: Linear,
+    pub(super) gate: Linear,
+    pub(super) up: Linear,
+    pub(super) down: Linear,
+}
+
+/// Loads `blocks` layers in file order: each block's projections, then `build` makes the
+/// layer from them and the block (whose norms differ between architectures).
+pub(super) fn layers<R: Read + Seek, L>(
+    ct: &gguf_file::Content,
+    r: &mut R,
+    dev: &Device,
+    blocks: usize,
+    eps: f64,
+    mut build: impl FnMut(Projections, &mut Block<'_, R>) -> Result<L>,
+) -> Result<Vec<L>> {
+    let mut layers = Vec::with_capacity(blocks);
+    for layer in 0..blocks {
+        let mut blk = Block {
+            ct,
+            r: &mut *r,
+            dev,
+            layer,
+            eps,
+        };
+        let projections = Projections {
+            wq: blk.matmul("attn_q")?,
+            wk: blk.matmul("attn_k")?,
+            wv: blk.matmul("attn_v")?,
+            wo: blk.matmul("attn_output")?,
+            gate: blk.matmul("ffn_gate")?,
+            up: blk.matmul("ffn_up")?,
+            down: blk.matmul("ffn_down")?,
+        };
+        layers.push(build(projections, &mut blk)?);
+    }
+    Ok(layers)
 }
 
 /// Cosine and sine tables `[max_len, dim / 2]` for rotary embeddings with frequency `base`.

@@ -155,7 +155,7 @@ struct Layer {
     post_ffn_norm: Option<Norm>,
     /// Keys this far back or further are not attended to (local layers).
     window: Option<usize>,
-    /// Index of this layer's table in [`Decoder::ropes`].
+    /// Index of this layer's table in [`CpuDecoder::ropes`].
     rope: usize,
     wq: QMatrix,
     wk: QMatrix,
@@ -166,9 +166,9 @@ struct Layer {
     down: QMatrix,
 }
 
-/// Decoder weights on the CPU, shared by every sequence.
+/// The CPU decoder's weights, shared by every sequence.
 #[derive(Debug)]
-pub(crate) struct Decoder {
+pub(crate) struct CpuDecoder {
     embed: QMatrix,
     /// Multiplier of the embeddings (Gemma: √hidden).
     embed_scale: Option<f32>,
@@ -268,7 +268,7 @@ const GEMMA3_WINDOW_PATTERN: usize = 6;
 const GEMMA3_LOCAL_ROPE_BASE: f32 = 10_000.0;
 const GEMMA3_GLOBAL_ROPE_BASE: f32 = 1_000_000.0;
 
-impl Decoder {
+impl CpuDecoder {
     /// Whether a GGUF decoder can run here: a llama-family or Gemma 3 model, a CPU with the
     /// SIMD kernels, every matrix in a format they read, and full-width rotary embeddings.
     pub(crate) fn supported(ct: &gguf_file::Content, arch: &str, dev: &Device) -> bool {
