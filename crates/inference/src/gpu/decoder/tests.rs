@@ -46,17 +46,37 @@ fn matrix(rng: &mut StdRng, rows: usize, cols: usize, dtype: GgmlDType, scale: f
     QTensor::quantize(&t, dtype).unwrap()
 }
 
-fn norm(rng: &mut StdRng) -> QTensor {
-    let v: Vec<f32> = (0..HIDDEN)
+fn norm(rng: &mut StdRng, len: usize) -> QTensor {
+    let v: Vec<f32> = (0..len)
         .map(|_| 1.0 + rng.random_range(-0.2..0.2f32))
         .collect();
     QTensor::quantize(&Tensor::new(v, &Device::Cpu).unwrap(), GgmlDType::F32).unwrap()
 }
 
-/// Writes a two-layer llama model to `path`: every format the CPU decoder reads appears in
-/// some projection, and q/k/v and gate/up mix 32-value and 256-value formats, so that one
-/// input is quantised both ways. `tied` leaves out `output.weight`.
-fn write_llama(path: &Path, seed: u64, tied: bool) {
+/// The models the tests write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Variant {
+    Llama,
+    /// Without `output.weight`: the head is the embedding table.
+    TiedLlama,
+    /// Tied, with a sliding window of 4 on its first layer and a global second layer.
+    Gemma3,
+}
+
+impl Variant {
+    fn arch(self) -> &'static str {
+        match self {
+            Variant::Llama | Variant::TiedLlama => "llama",
+            Variant::Gemma3 => "gemma3",
+        }
+    }
+}
+
+/// Writes a two-layer model to `path`: every format the CPU decoder reads appears in some
+/// projection, and q/k/v and gate/up mix 32-value and 256-value formats, so that one input is
+/// quantised both ways.
+fn write_model(path: &Path, seed: u64, variant: Variant) {
+    let gemma = variant == Variant::Gemma3;
     use GgmlDType::{Q4K, Q4_0, Q4_1, Q5_0, Q6K, Q8_0};
     let mut rng = StdRng::seed_from_u64(seed);
     let (q_w, kv_w) = (HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM);
@@ -69,9 +89,9 @@ fn write_llama(path: &Path, seed: u64, tied: bool) {
             "token_embd.weight".into(),
             matrix(&mut rng, VOCAB, HIDDEN, Q8_0, 1.0),
         ),
-        ("output_norm.weight".into(), norm(&mut rng)),
+        ("output_norm.weight".into(), norm(&mut rng, HIDDEN)),
     ];
-    if !tied {
+    if variant == Variant::Llama {
         let w = matrix(&mut rng, VOCAB, HIDDEN, Q6K, 2.0 / (HIDDEN as f32).sqrt());
         tensors.push(("output.weight".into(), w));
     }
@@ -90,30 +110,72 @@ fn write_llama(path: &Path, seed: u64, tied: bool) {
             let w = matrix(&mut rng, rows, cols, dtype, scale);
             tensors.push((format!("blk.{i}.{name}.weight"), w));
         }
-        tensors.push((format!("blk.{i}.attn_norm.weight"), norm(&mut rng)));
-        tensors.push((format!("blk.{i}.ffn_norm.weight"), norm(&mut rng)));
+        let mut norms = vec![("attn_norm", HIDDEN), ("ffn_norm", HIDDEN)];
+        if gemma {
+            norms.extend([
+                ("attn_q_norm", HEAD_DIM),
+                ("attn_k_norm", HEAD_DIM),
+                ("post_attention_norm", HIDDEN),
+                ("post_ffw_norm", HIDDEN),
+            ]);
+        }
+        for (name, len) in norms {
+            tensors.push((format!("blk.{i}.{name}.weight"), norm(&mut rng, len)));
+        }
     }
-    let metadata = [
-        ("general.architecture", Value::String("llama".into())),
-        ("llama.block_count", Value::U32(2)),
-        ("llama.embedding_length", Value::U32(HIDDEN as u32)),
-        ("llama.attention.head_count", Value::U32(HEADS as u32)),
-        ("llama.attention.head_count_kv", Value::U32(KV_HEADS as u32)),
-        ("llama.attention.layer_norm_rms_epsilon", Value::F32(1e-5)),
-        ("llama.rope.freq_base", Value::F32(10_000.0)),
-        ("llama.context_length", Value::U32(MAX_LEN as u32)),
+    let arch = variant.arch();
+    let mut metadata = vec![
+        (
+            "general.architecture".to_owned(),
+            Value::String(arch.into()),
+        ),
+        (format!("{arch}.block_count"), Value::U32(2)),
+        (
+            format!("{arch}.embedding_length"),
+            Value::U32(HIDDEN as u32),
+        ),
+        (
+            format!("{arch}.attention.head_count"),
+            Value::U32(HEADS as u32),
+        ),
+        (
+            format!("{arch}.attention.head_count_kv"),
+            Value::U32(KV_HEADS as u32),
+        ),
+        (
+            format!("{arch}.attention.layer_norm_rms_epsilon"),
+            Value::F32(1e-5),
+        ),
+        (format!("{arch}.context_length"), Value::U32(MAX_LEN as u32)),
     ];
-    let md: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
+    if gemma {
+        metadata.extend([
+            (
+                format!("{arch}.attention.key_length"),
+                Value::U32(HEAD_DIM as u32),
+            ),
+            (format!("{arch}.attention.sliding_window"), Value::U32(4)),
+            (
+                format!("{arch}.attention.sliding_window_type"),
+                Value::U32(2),
+            ),
+            (format!("{arch}.rope.freq_base"), Value::F32(1_000_000.0)),
+            (format!("{arch}.rope.local_freq_base"), Value::F32(10_000.0)),
+        ]);
+    } else {
+        metadata.push((format!("{arch}.rope.freq_base"), Value::F32(10_000.0)));
+    }
+    let md: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
     let mut f = File::create(path).unwrap();
     gguf_file::write(&mut f, &md, &ts).unwrap();
 }
 
 /// The model at `path` on the CPU decoder.
-fn cpu_decoder(path: &Path) -> CpuDecoder {
+fn cpu_decoder(path: &Path, arch: &str) -> CpuDecoder {
     let mut r = BufReader::new(File::open(path).unwrap());
     let ct = gguf_file::Content::read(&mut r).unwrap();
-    CpuDecoder::from_gguf(&ct, &mut r, "llama", MAX_LEN).unwrap()
+    CpuDecoder::from_gguf(&ct, &mut r, arch, MAX_LEN).unwrap()
 }
 
 struct Model {
@@ -122,16 +184,16 @@ struct Model {
     gpu: Vec<GpuDecoder<Emulator>>,
 }
 
-fn model(seed: u64, tied: bool) -> Model {
+fn model(seed: u64, variant: Variant) -> Model {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny.gguf");
-    write_llama(&path, seed, tied);
+    write_model(&path, seed, variant);
     let gpu = WARPS
         .iter()
         .map(|&w| GpuDecoder::load(emulator(w), &path, 4096).unwrap())
         .collect();
     Model {
-        cpu: cpu_decoder(&path),
+        cpu: cpu_decoder(&path, variant.arch()),
         gpu,
         _dir: dir,
     }
@@ -186,8 +248,8 @@ const PROMPT: [u32; 7] = [1, 17, 200, 45, 45, 3, 255];
 
 #[test]
 fn prompt_and_greedy_decoding_match_the_cpu_decoder() {
-    for tied in [false, true] {
-        let m = model(7, tied);
+    for variant in [Variant::Llama, Variant::TiedLlama, Variant::Gemma3] {
+        let m = model(7, variant);
         let mut cpu_cache: KvCache = m.cpu.new_cache();
         let mut gpu_caches: Vec<_> = m.gpu.iter().map(|g| g.new_cache()).collect();
         let bounds = logit_bounds(&m.cpu);
@@ -207,16 +269,16 @@ fn prompt_and_greedy_decoding_match_the_cpu_decoder() {
                 .collect();
             // Reductions run in 32-lane groups in a fixed order: the wave width changes
             // nothing.
-            assert_eq!(bits(&got[0]), bits(&got[1]), "tied {tied} step {step}");
+            assert_eq!(bits(&got[0]), bits(&got[1]), "{variant:?} step {step}");
             for (v, (&g, &c)) in got[0].iter().zip(&want).enumerate() {
                 assert!(
                     (g - c).abs() <= bounds[v],
-                    "tied {tied} step {step} logit {v}: gpu {g} cpu {c} bound {}",
+                    "{variant:?} step {step} logit {v}: gpu {g} cpu {c} bound {}",
                     bounds[v]
                 );
             }
             let next = argmax(&want);
-            assert_eq!(argmax(&got[0]), next, "tied {tied} step {step}");
+            assert_eq!(argmax(&got[0]), next, "{variant:?} step {step}");
             input = vec![next];
         }
         assert_eq!(gpu_caches[0].len(), PROMPT.len() + 4);
@@ -227,7 +289,7 @@ fn prompt_and_greedy_decoding_match_the_cpu_decoder() {
 
 #[test]
 fn a_sequence_gives_the_same_bits_alone_batched_and_split_into_passes() {
-    let m = model(11, false);
+    let m = model(11, Variant::Llama);
     // Warp widths give the same bits (checked above): one is enough here.
     let gpu = &m.gpu[0];
     // Alone: the prompt in one pass, then two decode steps.
@@ -268,7 +330,7 @@ fn a_sequence_gives_the_same_bits_alone_batched_and_split_into_passes() {
 
 #[test]
 fn truncating_and_replaying_give_the_same_bits_and_leave_clones_alone() {
-    let m = model(13, true);
+    let m = model(13, Variant::TiedLlama);
     let gpu = &m.gpu[0];
     let mut cache = gpu.new_cache();
     feed(gpu, &mut cache, &PROMPT[..4]);
@@ -295,7 +357,7 @@ fn truncating_and_replaying_give_the_same_bits_and_leave_clones_alone() {
 
 #[test]
 fn bad_rows_are_refused_and_leave_the_caches_as_they_were() {
-    let m = model(17, false);
+    let m = model(17, Variant::Llama);
     let (gpu, other) = (&m.gpu[0], &m.gpu[1]);
     let mut cache = gpu.new_cache();
     let want = feed(gpu, &mut cache, &PROMPT);
