@@ -1,0 +1,392 @@
+//! The GPU decoder on the emulator, at warp widths 32 and 64, against the CPU decoder on a
+//! tiny llama-shaped model written as GGUF here, with a different block format for each
+//! projection.
+
+use std::fs::File;
+use std::io::BufReader;
+use std::path::Path;
+use std::sync::{Arc, OnceLock};
+
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::*;
+use crate::decoder::DecoderCache;
+use crate::gpu::emulator::Emulator;
+use crate::model::cpu_decoder::KvCache;
+
+const WARPS: [u32; 2] = [32, 64];
+const HIDDEN: usize = 256;
+const HEADS: usize = 4;
+const KV_HEADS: usize = 2;
+const HEAD_DIM: usize = HIDDEN / HEADS;
+const FFN: usize = 512;
+const VOCAB: usize = 256;
+const MAX_LEN: usize = 64;
+
+fn emulator(warp: u32) -> Arc<Emulator> {
+    static W32: OnceLock<Arc<Emulator>> = OnceLock::new();
+    static W64: OnceLock<Arc<Emulator>> = OnceLock::new();
+    let cell = if warp == 32 { &W32 } else { &W64 };
+    // Next to the test binary, so that the test processes of one build compile it once.
+    let exe = std::env::current_exe().unwrap();
+    let cache = exe.parent().unwrap().join("gpu-emulator");
+    Arc::clone(cell.get_or_init(|| Arc::new(Emulator::compile_cached(warp, &cache).unwrap())))
+}
+
+/// A `rows` × `cols` matrix of random values around ±1/√cols, quantised to `dtype`.
+fn matrix(rng: &mut StdRng, rows: usize, cols: usize, dtype: GgmlDType, scale: f32) -> QTensor {
+    let v: Vec<f32> = (0..rows * cols)
+        .map(|_| rng.random_range(-1.0..1.0f32) * scale)
+        .collect();
+    let t = Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap();
+    QTensor::quantize(&t, dtype).unwrap()
+}
+
+fn norm(rng: &mut StdRng, len: usize) -> QTensor {
+    let v: Vec<f32> = (0..len)
+        .map(|_| 1.0 + rng.random_range(-0.2..0.2f32))
+        .collect();
+    QTensor::quantize(&Tensor::new(v, &Device::Cpu).unwrap(), GgmlDType::F32).unwrap()
+}
+
+/// The models the tests write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Variant {
+    Llama,
+    /// Without `output.weight`: the head is the embedding table.
+    TiedLlama,
+    /// Tied, with a sliding window of 4 on its first layer and a global second layer.
+    Gemma3,
+}
+
+impl Variant {
+    fn arch(self) -> &'static str {
+        match self {
+            Variant::Llama | Variant::TiedLlama => "llama",
+            Variant::Gemma3 => "gemma3",
+        }
+    }
+}
+
+/// Writes a two-layer model to `path`: every format the CPU decoder reads appears in some
+/// projection, and q/k/v and gate/up mix 32-value and 256-value formats, so that one input is
+/// quantised both ways.
+fn write_model(path: &Path, seed: u64, variant: Variant) {
+    let gemma = variant == Variant::Gemma3;
+    use GgmlDType::{Q4K, Q4_0, Q4_1, Q5_0, Q6K, Q8_0};
+    let mut rng = StdRng::seed_from_u64(seed);
+    let (q_w, kv_w) = (HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM);
+    let formats = [
+        [Q4_0, Q8_0, Q4K, Q6K, Q4_1, Q4K, Q5_0],
+        [Q6K, Q4_1, Q5_0, Q8_0, Q8_0, Q6K, Q4K],
+    ];
+    let mut tensors: Vec<(String, QTensor)> = vec![
+        (
+            "token_embd.weight".into(),
+            matrix(&mut rng, VOCAB, HIDDEN, Q8_0, 1.0),
+        ),
+        ("output_norm.weight".into(), norm(&mut rng, HIDDEN)),
+    ];
+    if variant == Variant::Llama {
+        let w = matrix(&mut rng, VOCAB, HIDDEN, Q6K, 2.0 / (HIDDEN as f32).sqrt());
+        tensors.push(("output.weight".into(), w));
+    }
+    for (i, f) in formats.iter().enumerate() {
+        let shapes = [
+            ("attn_q", q_w, HIDDEN),
+            ("attn_k", kv_w, HIDDEN),
+            ("attn_v", kv_w, HIDDEN),
+            ("attn_output", HIDDEN, q_w),
+            ("ffn_gate", FFN, HIDDEN),
+            ("ffn_up", FFN, HIDDEN),
+            ("ffn_down", HIDDEN, FFN),
+        ];
+        for ((name, rows, cols), &dtype) in shapes.into_iter().zip(f) {
+            let scale = 1.7 / (cols as f32).sqrt();
+            let w = matrix(&mut rng, rows, cols, dtype, scale);
+            tensors.push((format!("blk.{i}.{name}.weight"), w));
+        }
+        let mut norms = vec![("attn_norm", HIDDEN), ("ffn_norm", HIDDEN)];
+        if gemma {
+            norms.extend([
+                ("attn_q_norm", HEAD_DIM),
+                ("attn_k_norm", HEAD_DIM),
+                ("post_attention_norm", HIDDEN),
+                ("post_ffw_norm", HIDDEN),
+            ]);
+        }
+        for (name, len) in norms {
+            tensors.push((format!("blk.{i}.{name}.weight"), norm(&mut rng, len)));
+        }
+    }
+    let arch = variant.arch();
+    let mut metadata = vec![
+        (
+            "general.architecture".to_owned(),
+            Value::String(arch.into()),
+        ),
+        (format!("{arch}.block_count"), Value::U32(2)),
+        (
+            format!("{arch}.embedding_length"),
+            Value::U32(HIDDEN as u32),
+        ),
+        (
+            format!("{arch}.attention.head_count"),
+            Value::U32(HEADS as u32),
+        ),
+        (
+            format!("{arch}.attention.head_count_kv"),
+            Value::U32(KV_HEADS as u32),
+        ),
+        (
+            format!("{arch}.attention.layer_norm_rms_epsilon"),
+            Value::F32(1e-5),
+        ),
+        (format!("{arch}.context_length"), Value::U32(MAX_LEN as u32)),
+    ];
+    if gemma {
+        metadata.extend([
+            (
+                format!("{arch}.attention.key_length"),
+                Value::U32(HEAD_DIM as u32),
+            ),
+            (format!("{arch}.attention.sliding_window"), Value::U32(4)),
+            (
+                format!("{arch}.attention.sliding_window_type"),
+                Value::U32(2),
+            ),
+            (format!("{arch}.rope.freq_base"), Value::F32(1_000_000.0)),
+            (format!("{arch}.rope.local_freq_base"), Value::F32(10_000.0)),
+        ]);
+    } else {
+        metadata.push((format!("{arch}.rope.freq_base"), Value::F32(10_000.0)));
+    }
+    let md: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut f = File::create(path).unwrap();
+    gguf_file::write(&mut f, &md, &ts).unwrap();
+}
+
+/// The model at `path` on the CPU decoder.
+fn cpu_decoder(path: &Path, arch: &str) -> CpuDecoder {
+    let mut r = BufReader::new(File::open(path).unwrap());
+    let ct = gguf_file::Content::read(&mut r).unwrap();
+    CpuDecoder::from_gguf(&ct, &mut r, arch, MAX_LEN).unwrap()
+}
+
+struct Model {
+    _dir: tempfile::TempDir,
+    cpu: CpuDecoder,
+    gpu: Vec<GpuDecoder<Emulator>>,
+}
+
+fn model(seed: u64, variant: Variant) -> Model {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write_model(&path, seed, variant);
+    let gpu = WARPS
+        .iter()
+        .map(|&w| GpuDecoder::load(emulator(w), &path, 4096).unwrap())
+        .collect();
+    Model {
+        cpu: cpu_decoder(&path, variant.arch()),
+        gpu,
+        _dir: dir,
+    }
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|f| f.to_bits()).collect()
+}
+
+/// One sequence's logits, fed `tokens` in passes of the given lengths.
+fn feed(gpu: &GpuDecoder<Emulator>, cache: &mut GpuCache<Emulator>, tokens: &[u32]) -> Vec<f32> {
+    gpu.forward_rows(&mut [cache], &[tokens])
+        .unwrap()
+        .pop()
+        .unwrap()
+}
+
+/// How far each logit may move between the decoders. Both quantise the same activations to
+/// the same integers and multiply them exactly (the kernels are checked against each other);
+/// what differs is the order of f32 sums, in norms, attention and products, each moving its
+/// sum by a few ε of its terms' magnitudes. The layers' differences stay that small and
+/// rescale the final quantised activations by ε-sized factors, so the output head's product
+/// bounds the whole: as in the kernel tests, at most n·ε·16·Σ|w|·amax(x) over its n = 2 ×
+/// cols / 32 block terms, where an RMS-normalised row has no entry beyond √hidden times the
+/// largest norm weight. Twice that covers the rescaling.
+fn logit_bounds(cpu: &CpuDecoder) -> Vec<f32> {
+    let view = cpu.view();
+    let norm_max = view.norm.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+    let amax = (HIDDEN as f32).sqrt() * norm_max;
+    let n = 2 * HIDDEN / 32;
+    let mut row = vec![0.0f32; HIDDEN];
+    (0..view.output.rows())
+        .map(|v| {
+            view.output.dequantize_row(v, &mut row);
+            let mag: f32 = row.iter().map(|w| w.abs()).sum::<f32>() * amax;
+            2.0 * n as f32 * f32::EPSILON * 16.0 * mag
+        })
+        .collect()
+}
+
+const PROMPT: [u32; 7] = [1, 17, 200, 45, 45, 3, 255];
+
+#[test]
+fn prompt_and_greedy_decoding_match_the_cpu_decoder() {
+    for variant in [Variant::Llama, Variant::TiedLlama, Variant::Gemma3] {
+        let m = model(7, variant);
+        let mut cpu_cache: KvCache = m.cpu.new_cache();
+        let mut gpu_caches: Vec<_> = m.gpu.iter().map(|g| g.new_cache()).collect();
+        let bounds = logit_bounds(&m.cpu);
+        let mut input = PROMPT.to_vec();
+        for step in 0..5 {
+            let want = m
+                .cpu
+                .forward_batch(&mut [&mut cpu_cache], &[&input])
+                .unwrap()
+                .pop()
+                .unwrap();
+            let got: Vec<Vec<f32>> = m
+                .gpu
+                .iter()
+                .zip(&mut gpu_caches)
+                .map(|(g, c)| feed(g, c, &input))
+                .collect();
+            // Reductions run in 32-lane groups in a fixed order: the wave width changes
+            // nothing.
+            assert_eq!(bits(&got[0]), bits(&got[1]), "{variant:?} step {step}");
+            for (v, (&g, &c)) in got[0].iter().zip(&want).enumerate() {
+                assert!(
+                    (g - c).abs() <= bounds[v],
+                    "{variant:?} step {step} logit {v}: gpu {g} cpu {c} bound {}",
+                    bounds[v]
+                );
+            }
+            let next = argmax(&want);
+            assert_eq!(argmax(&got[0]), next, "{variant:?} step {step}");
+            input = vec![next];
+        }
+        assert_eq!(gpu_caches[0].len(), PROMPT.len() + 4);
+        assert_eq!(gpu_caches[0].len(), cpu_cache.len());
+        assert_eq!(gpu_caches[0].bytes(), cpu_cache.bytes());
+    }
+}
+
+#[test]
+fn a_sequence_gives_the_same_bits_alone_batched_and_split_into_passes() {
+    let m = model(11, Variant::Llama);
+    // Warp widths give the same bits (checked above): one is enough here.
+    let gpu = &m.gpu[0];
+    // Alone: the prompt in one pass, then two decode steps.
+    let mut alone = gpu.new_cache();
+    let want = [
+        feed(gpu, &mut alone, &PROMPT),
+        feed(gpu, &mut alone, &[9]),
+        feed(gpu, &mut alone, &[70]),
+    ];
+    // The prompt token by token.
+    let mut split = gpu.new_cache();
+    let mut last = Vec::new();
+    for &t in &PROMPT {
+        last = feed(gpu, &mut split, &[t]);
+    }
+    assert_eq!(bits(&last), bits(&want[0]), "prompt split into passes");
+    // Batched with other sequences: a long prompt, and one that decodes while this one
+    // prefills and prefills while this one decodes.
+    let (mut a, mut b, mut c) = (gpu.new_cache(), gpu.new_cache(), gpu.new_cache());
+    feed(gpu, &mut c, &[5, 6, 7]);
+    let out = gpu
+        .forward_rows(
+            &mut [&mut b, &mut a, &mut c],
+            &[&[40, 41, 42, 43, 44, 45, 46, 47, 48, 49], &PROMPT, &[8]],
+        )
+        .unwrap();
+    assert_eq!(bits(&out[1]), bits(&want[0]), "batched prompt");
+    let out = gpu
+        .forward_rows(&mut [&mut c, &mut a], &[&[1, 2, 3, 4], &[9]])
+        .unwrap();
+    assert_eq!(bits(&out[1]), bits(&want[1]), "batched decode");
+    let out = gpu
+        .forward_rows(&mut [&mut a, &mut b, &mut c], &[&[70], &[1], &[2]])
+        .unwrap();
+    assert_eq!(bits(&out[0]), bits(&want[2]), "batched decode of three");
+    assert_eq!((a.len(), b.len(), c.len()), (9, 11, 9));
+}
+
+#[test]
+fn truncating_and_replaying_give_the_same_bits_and_leave_clones_alone() {
+    let m = model(13, Variant::TiedLlama);
+    let gpu = &m.gpu[0];
+    let mut cache = gpu.new_cache();
+    feed(gpu, &mut cache, &PROMPT[..4]);
+    let step4 = feed(gpu, &mut cache, &PROMPT[4..]);
+    let step5 = feed(gpu, &mut cache, &[100]);
+    // A kept copy (as the engine's prefix cache holds) shares the store until written.
+    let kept = cache.clone();
+    assert!(cache.truncate(4));
+    assert_eq!(cache.len(), 4);
+    assert_eq!(bits(&feed(gpu, &mut cache, &PROMPT[4..])), bits(&step4));
+    // The copy still holds the first pass's keys: continuing it from its own end gives what
+    // continuing the original gave.
+    let mut copy = kept.clone();
+    assert!(copy.truncate(PROMPT.len()));
+    assert_eq!(bits(&feed(gpu, &mut copy, &[100])), bits(&step5));
+    // Truncating past the end changes nothing; shrinking keeps what was fed.
+    let mut full = kept;
+    assert!(full.truncate(1000));
+    assert_eq!(full.len(), PROMPT.len() + 1);
+    full.shrink_to_fit();
+    assert!(full.truncate(PROMPT.len()));
+    assert_eq!(bits(&feed(gpu, &mut full, &[100])), bits(&step5));
+}
+
+#[test]
+fn bad_rows_are_refused_and_leave_the_caches_as_they_were() {
+    let m = model(17, Variant::Llama);
+    let (gpu, other) = (&m.gpu[0], &m.gpu[1]);
+    let mut cache = gpu.new_cache();
+    let want = feed(gpu, &mut cache, &PROMPT);
+    let mut foreign = other.new_cache();
+    let too_long = vec![1u32; MAX_LEN];
+    let bad: [(&[u32], bool); 4] = [
+        (&[], false),
+        (&[3, VOCAB as u32], false),
+        (&too_long, false),
+        (&[3], true),
+    ];
+    for (row, use_foreign) in bad {
+        let mut ok = gpu.new_cache();
+        let mut caches: Vec<&mut GpuCache<Emulator>> = vec![&mut ok, &mut cache];
+        if use_foreign {
+            caches.push(&mut foreign);
+        }
+        let rows: Vec<&[u32]> = [&[1u32][..], row, &[2]][..caches.len()].to_vec();
+        let err = gpu.forward_rows(&mut caches, &rows).unwrap_err();
+        assert!(matches!(err, ForwardError::InvalidBatch(_)), "{err}");
+        drop(caches);
+        assert_eq!((ok.len(), cache.len()), (0, PROMPT.len()));
+    }
+    assert!(gpu.forward_rows(&mut [&mut cache], &[]).is_err());
+    // The cache still continues from where it was.
+    let mut fresh = gpu.new_cache();
+    let mut replay = PROMPT.to_vec();
+    replay.push(50);
+    let again = feed(gpu, &mut cache, &[50]);
+    assert_eq!(bits(&feed(gpu, &mut fresh, &replay)), bits(&again));
+    assert_ne!(bits(&again), bits(&want));
+}
