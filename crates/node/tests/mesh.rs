@@ -351,8 +351,7 @@ async fn announcements_relayed_by_one_peer_under_fresh_keys_are_rate_limited() {
     let topic = gossipsub::IdentTopic::new(CAPABILITY_TOPIC);
 
     // One relaying peer, connected to the node, and many publishers with fresh keys behind it.
-    let mut relay = rogue();
-    relay.behaviour_mut().subscribe(&topic).unwrap();
+    let mut relay = rogue(a_addr);
     relay
         .listen_on("/ip4/127.0.0.1/tcp/0".parse().unwrap())
         .unwrap();
@@ -363,7 +362,6 @@ async fn announcements_relayed_by_one_peer_under_fresh_keys_are_rate_limited() {
             break address;
         }
     };
-    relay.dial(a_addr).unwrap();
     tokio::spawn(async move {
         loop {
             relay.select_next_some().await;
@@ -372,9 +370,7 @@ async fn announcements_relayed_by_one_peer_under_fresh_keys_are_rate_limited() {
     let go = std::sync::Arc::new(tokio::sync::Notify::new());
     let mut ready = Vec::new();
     for _ in 0..ORIGINS {
-        let mut publisher = rogue();
-        publisher.behaviour_mut().subscribe(&topic).unwrap();
-        publisher.dial(relay_addr.clone()).unwrap();
+        let mut publisher = rogue(relay_addr.clone());
         let (tx, rx) = tokio::sync::oneshot::channel();
         ready.push(rx);
         let go = std::sync::Arc::clone(&go);
