@@ -14,11 +14,21 @@
 //!   the on-disk cache of compiled objects.
 //! - [`library`]: where the vendor libraries are looked for, and why loading one failed.
 //! - [`devices`]: which runtimes and devices are present, or why not.
+//! - [`runtime`]: the device operations a decoder needs ([`DeviceRuntime`]), implemented for
+//!   the emulator here and for HIP and CUDA alongside their wrappers.
+//! - [`decoder`]: the llama family and Gemma 3 on a [`DeviceRuntime`] ([`GpuDecoder`]), the
+//!   CPU decoder's forward pass launched kernel by kernel, with per-sequence KV caches in
+//!   device memory.
 
 pub mod compile;
 pub mod cuda;
+pub mod decoder;
 pub mod devices;
 pub mod emulator;
 pub mod hip;
 pub mod kernels;
 pub mod library;
+pub mod runtime;
+
+pub use decoder::{GpuCache, GpuDecoder};
+pub use runtime::{DeviceBuffer, DeviceRuntime, RuntimeError};

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use candle_core::{Device, Tensor};
 use candle_transformers::models::{quantized_phi3, quantized_qwen3};
 
-mod cpu_decoder;
+pub(crate) mod cpu_decoder;
 mod gemma3;
 mod linear;
 mod llama;

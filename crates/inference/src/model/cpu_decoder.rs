@@ -20,9 +20,13 @@ use std::sync::{Mutex, PoisonError};
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Result};
 
-use super::linear::{Linear, RawTensor};
+use super::linear::RawTensor;
 use super::weights;
 use crate::kernels::{self, QMatrix, QuantFormat, QuantizedRows};
+
+mod view;
+
+pub(crate) use view::DecoderView;
 
 /// Fewest tokens of KV cache added when a sequence outgrows its cache (else half again what
 /// it holds, so long sequences copy their cache a logarithmic number of times).
@@ -252,15 +256,14 @@ impl KvCache {
     }
 }
 
-fn fused(l: Linear, name: &str) -> Result<QMatrix> {
-    match l {
-        Linear::Fused(m) => Ok(m),
-        Linear::Candle(_) => candle_core::bail!("{name}: no fused kernel for this format"),
-    }
-}
-
+/// The blocks of `t` for the fused kernels, whether or not this CPU runs their SIMD paths
+/// (other backends load models through this decoder too).
 fn matrix(t: &RawTensor, name: &str) -> Result<QMatrix> {
-    fused(Linear::new(t, &Device::Cpu)?, name)
+    let Some(format) = QuantFormat::from_ggml(t.dtype) else {
+        candle_core::bail!("{name}: no fused kernel for this format");
+    };
+    QMatrix::new(format, t.rows, t.cols, std::sync::Arc::clone(&t.data))
+        .map_err(|e| candle_core::Error::Msg(format!("{name}: {e}")))
 }
 
 /// Gemma 3 repeats five local (sliding-window) layers and one global layer.

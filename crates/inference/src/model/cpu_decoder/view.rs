@@ -1,0 +1,104 @@
+//! The loaded model, borrowed piece by piece, for backends that run the same forward pass
+//! elsewhere (the GPU decoder uploads it): the CPU decoder's loading is the one reading of
+//! GGUF decoders.
+
+use super::{Activation, CpuDecoder, Layer, Norm};
+use crate::kernels::QMatrix;
+
+/// One layer's weights and attention settings.
+#[derive(Debug)]
+pub(crate) struct LayerView<'a> {
+    pub(crate) attn_norm: &'a [f32],
+    pub(crate) ffn_norm: &'a [f32],
+    /// Gemma 3: per-head norms of queries and keys, norms of the attention and feed-forward
+    /// outputs.
+    pub(crate) q_norm: Option<&'a [f32]>,
+    pub(crate) k_norm: Option<&'a [f32]>,
+    pub(crate) post_attn_norm: Option<&'a [f32]>,
+    pub(crate) post_ffn_norm: Option<&'a [f32]>,
+    /// Keys this far back or further are not attended to.
+    pub(crate) window: Option<usize>,
+    /// Index of this layer's table in [`DecoderView::ropes`].
+    pub(crate) rope: usize,
+    pub(crate) wq: &'a QMatrix,
+    pub(crate) wk: &'a QMatrix,
+    pub(crate) wv: &'a QMatrix,
+    pub(crate) wo: &'a QMatrix,
+    pub(crate) gate: &'a QMatrix,
+    pub(crate) up: &'a QMatrix,
+    pub(crate) down: &'a QMatrix,
+}
+
+/// A whole decoder's weights and shape.
+#[derive(Debug)]
+pub(crate) struct DecoderView<'a> {
+    pub(crate) embed: &'a QMatrix,
+    /// Multiplier of the embeddings (Gemma: √hidden).
+    pub(crate) embed_scale: Option<f32>,
+    pub(crate) layers: Vec<LayerView<'a>>,
+    pub(crate) norm: &'a [f32],
+    /// The epsilon of every RMSNorm.
+    pub(crate) eps: f32,
+    pub(crate) output: &'a QMatrix,
+    /// Cosine and sine tables `[max_len, head_dim / 2]`, one per RoPE base.
+    pub(crate) ropes: Vec<(&'a [f32], &'a [f32])>,
+    pub(crate) max_len: usize,
+    pub(crate) hidden: usize,
+    pub(crate) n_head: usize,
+    pub(crate) n_kv_head: usize,
+    pub(crate) head_dim: usize,
+    /// NeoX-style (halves) rotation instead of interleaved pairs.
+    pub(crate) neox: bool,
+    /// Tanh-approximated GELU gates the feed-forward instead of SiLU.
+    pub(crate) gelu: bool,
+}
+
+fn norm(n: &Norm) -> &[f32] {
+    &n.weight
+}
+
+impl CpuDecoder {
+    /// The model's pieces, as the forward pass uses them.
+    pub(crate) fn view(&self) -> DecoderView<'_> {
+        DecoderView {
+            embed: &self.embed,
+            embed_scale: self.embed_scale,
+            layers: self
+                .layers
+                .iter()
+                .map(|l: &Layer| LayerView {
+                    attn_norm: norm(&l.attn_norm),
+                    ffn_norm: norm(&l.ffn_norm),
+                    q_norm: l.q_norm.as_ref().map(norm),
+                    k_norm: l.k_norm.as_ref().map(norm),
+                    post_attn_norm: l.post_attn_norm.as_ref().map(norm),
+                    post_ffn_norm: l.post_ffn_norm.as_ref().map(norm),
+                    window: l.window,
+                    rope: l.rope,
+                    wq: &l.wq,
+                    wk: &l.wk,
+                    wv: &l.wv,
+                    wo: &l.wo,
+                    gate: &l.gate,
+                    up: &l.up,
+                    down: &l.down,
+                })
+                .collect(),
+            norm: norm(&self.norm),
+            eps: self.norm.eps,
+            output: &self.output,
+            ropes: self
+                .ropes
+                .iter()
+                .map(|t| (&t.cos[..], &t.sin[..]))
+                .collect(),
+            max_len: self.max_len,
+            hidden: self.hidden,
+            n_head: self.n_head,
+            n_kv_head: self.n_kv_head,
+            head_dim: self.head_dim,
+            neox: self.neox,
+            gelu: self.activation == Activation::Gelu,
+        }
+    }
+}
