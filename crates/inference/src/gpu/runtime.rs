@@ -376,3 +376,46 @@ impl<R: DeviceRuntime> Drop for DeviceBuffer<R> {
         unsafe { self.runtime.free(self.ptr, self.len.max(1)) }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::kernels::Param;
+
+    #[test]
+    fn arguments_fill_8_byte_slots_as_kernels_read_them() {
+        let slots = arg_slots(&[
+            KernelArg::Ptr(0x1234_5678_9abc_def0),
+            KernelArg::I32(-2),
+            KernelArg::F32(1.5),
+        ]);
+        assert_eq!(slots[0], 0x1234_5678_9abc_def0u64.to_ne_bytes());
+        assert_eq!(&slots[1][..4], &(-2i32).to_ne_bytes());
+        assert_eq!(&slots[2][..4], &1.5f32.to_ne_bytes());
+        assert_eq!(&slots[1][4..], &[0; 4]);
+        assert_eq!(&slots[2][4..], &[0; 4]);
+    }
+
+    #[test]
+    fn launches_are_checked_against_the_kernel_table_before_reaching_a_device() {
+        let spec = &KERNELS[3];
+        let args: Vec<KernelArg> = spec
+            .params
+            .iter()
+            .map(|p| match p {
+                Param::Ptr => KernelArg::Ptr(0),
+                Param::I32 => KernelArg::I32(0),
+                Param::F32 => KernelArg::F32(0.0),
+            })
+            .collect();
+        let (index, found) = checked_kernel(spec.name, &args).unwrap();
+        assert_eq!((index, found.name), (3, spec.name));
+
+        let err = checked_kernel(spec.name, &args[1..]).unwrap_err();
+        assert!(matches!(&err, RuntimeError::Launch { kernel, .. } if kernel == spec.name));
+        assert!(err.to_string().contains("arguments"), "{err}");
+
+        let err = checked_kernel("no_such_kernel", &args).unwrap_err();
+        assert!(err.to_string().contains("no such kernel"), "{err}");
+    }
+}
