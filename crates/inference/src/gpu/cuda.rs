@@ -44,6 +44,7 @@ use super::library::{
 };
 
 mod context;
+pub(crate) mod raw;
 mod rtc;
 
 pub use context::{Context, DeviceBuffer, Function, KernelArg, Module, Stream};
@@ -88,6 +89,7 @@ api_table! {
         cuMemFree_v2: fn(DevicePtr) -> Status,
         cuMemcpyHtoD_v2: fn(DevicePtr, *const c_void, usize) -> Status,
         cuMemcpyDtoH_v2: fn(*mut c_void, DevicePtr, usize) -> Status,
+        cuMemcpyDtoD_v2: fn(DevicePtr, DevicePtr, usize) -> Status,
         cuModuleLoadData: fn(*mut RawModule, *const c_void) -> Status,
         cuModuleUnload: fn(RawModule) -> Status,
         cuModuleGetFunction: fn(*mut RawFunction, RawModule, *const c_char) -> Status,

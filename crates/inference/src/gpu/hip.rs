@@ -35,6 +35,7 @@ use libloading::Library;
 use super::library::{api_table, c_string, loader_message, open_first, LibrarySearch, LoadError};
 
 mod context;
+pub(crate) mod raw;
 mod rtc;
 
 pub use context::{Context, DeviceBuffer, Function, KernelArg, Module, Stream};

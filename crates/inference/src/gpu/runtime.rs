@@ -9,7 +9,9 @@
 //! [`DeviceSlice`]s, so that only kernel launches stay `unsafe`.
 //!
 //! [`emulator`] implements the trait for the CPU [`Emulator`](super::emulator::Emulator),
-//! whose device memory is host memory.
+//! whose device memory is host memory; [`hip`] and [`cuda`] for a real device, opened by
+//! ordinal with pod's kernels compiled for its architecture ([`OpenError`] says why one
+//! cannot be).
 //!
 //! Unsafe code: the trait's memory and launch operations, and the calls [`DeviceBuffer`] makes
 //! to them. Its invariants: a buffer's address and length are those its runtime allocated,
@@ -20,10 +22,98 @@
 use std::fmt;
 use std::sync::Arc;
 
-use super::kernels::KernelArg;
+use super::compile::{CompileError, UnknownTarget};
+use super::kernels::{KernelArg, KernelSpec, KERNELS};
+use super::library::LoadError;
 use crate::error::ForwardError;
 
+pub mod cuda;
 pub mod emulator;
+pub mod hip;
+
+/// A GPU runtime could not be opened on a device.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    /// The vendor library is not installed, or is not the library it is named after.
+    #[error(transparent)]
+    Library(#[from] LoadError),
+    /// The runtime loaded but sees no device.
+    #[error("no {backend} device: {reason}")]
+    NoDevice {
+        /// `HIP` or `CUDA`.
+        backend: &'static str,
+        /// The runtime's reason.
+        reason: String,
+    },
+    /// The ordinal asked for is past the devices there are.
+    #[error("no {backend} device {ordinal}: there are {count}")]
+    NoSuchDevice {
+        /// `HIP` or `CUDA`.
+        backend: &'static str,
+        /// The device asked for.
+        ordinal: usize,
+        /// Devices the runtime sees.
+        count: usize,
+    },
+    /// The device's architecture is one pod has no kernels for.
+    #[error("{device}: {source}")]
+    UnknownArch {
+        /// The device's name.
+        device: String,
+        /// The architecture it reported.
+        #[source]
+        source: UnknownTarget,
+    },
+    /// The kernels could not be compiled for the device.
+    #[error(transparent)]
+    Compile(#[from] CompileError),
+    /// A runtime call failed while setting the device up (context, module, kernels).
+    #[error("{backend} device {ordinal}: {reason}")]
+    Device {
+        /// `HIP` or `CUDA`.
+        backend: &'static str,
+        /// The device.
+        ordinal: usize,
+        /// The failed call and its error.
+        reason: String,
+    },
+}
+
+/// The kernel named `name` in [`KERNELS`] and its position there, after checking that
+/// `args` fill its parameters: a real device would read whatever a missing argument's slot
+/// holds.
+fn checked_kernel(
+    name: &str,
+    args: &[KernelArg],
+) -> Result<(usize, &'static KernelSpec), RuntimeError> {
+    let launch_error = |reason: String| RuntimeError::Launch {
+        kernel: name.to_owned(),
+        reason,
+    };
+    let index = KERNELS
+        .iter()
+        .position(|k| k.name == name)
+        .ok_or_else(|| launch_error("no such kernel".into()))?;
+    let spec = &KERNELS[index];
+    spec.check(args).map_err(|e| launch_error(e.to_string()))?;
+    Ok((index, spec))
+}
+
+/// Each argument's bytes as the kernel reads them, left-aligned in an 8-byte slot, for the
+/// `void**` parameter array of `hipModuleLaunchKernel` and `cuLaunchKernel`.
+fn arg_slots(args: &[KernelArg]) -> Vec<[u8; 8]> {
+    args.iter()
+        .map(|arg| {
+            let mut slot = [0u8; 8];
+            match *arg {
+                KernelArg::Ptr(p) => slot = p.to_ne_bytes(),
+                KernelArg::I32(v) => slot[..4].copy_from_slice(&v.to_ne_bytes()),
+                KernelArg::F32(v) => slot[..4].copy_from_slice(&v.to_ne_bytes()),
+            }
+            slot
+        })
+        .collect()
+}
 
 /// A device operation failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -284,5 +374,48 @@ impl<R: DeviceRuntime> Drop for DeviceBuffer<R> {
         // SAFETY: `ptr` came from `alloc(len.max(1))` in `new` and is freed only here, once
         // the buffer can no longer be named; the runtime keeps queued work ahead of reuse.
         unsafe { self.runtime.free(self.ptr, self.len.max(1)) }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gpu::kernels::Param;
+
+    #[test]
+    fn arguments_fill_8_byte_slots_as_kernels_read_them() {
+        let slots = arg_slots(&[
+            KernelArg::Ptr(0x1234_5678_9abc_def0),
+            KernelArg::I32(-2),
+            KernelArg::F32(1.5),
+        ]);
+        assert_eq!(slots[0], 0x1234_5678_9abc_def0u64.to_ne_bytes());
+        assert_eq!(&slots[1][..4], &(-2i32).to_ne_bytes());
+        assert_eq!(&slots[2][..4], &1.5f32.to_ne_bytes());
+        assert_eq!(&slots[1][4..], &[0; 4]);
+        assert_eq!(&slots[2][4..], &[0; 4]);
+    }
+
+    #[test]
+    fn launches_are_checked_against_the_kernel_table_before_reaching_a_device() {
+        let spec = &KERNELS[3];
+        let args: Vec<KernelArg> = spec
+            .params
+            .iter()
+            .map(|p| match p {
+                Param::Ptr => KernelArg::Ptr(0),
+                Param::I32 => KernelArg::I32(0),
+                Param::F32 => KernelArg::F32(0.0),
+            })
+            .collect();
+        let (index, found) = checked_kernel(spec.name, &args).unwrap();
+        assert_eq!((index, found.name), (3, spec.name));
+
+        let err = checked_kernel(spec.name, &args[1..]).unwrap_err();
+        assert!(matches!(&err, RuntimeError::Launch { kernel, .. } if kernel == spec.name));
+        assert!(err.to_string().contains("arguments"), "{err}");
+
+        let err = checked_kernel("no_such_kernel", &args).unwrap_err();
+        assert!(err.to_string().contains("no such kernel"), "{err}");
     }
 }
