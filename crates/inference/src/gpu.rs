@@ -15,7 +15,7 @@
 //! - [`library`]: where the vendor libraries are looked for, and why loading one failed.
 //! - [`devices`]: which runtimes and devices are present, or why not.
 //! - [`runtime`]: the device operations a decoder needs ([`DeviceRuntime`]), implemented for
-//!   the emulator so far.
+//!   the emulator, HIP and CUDA (`runtime/`).
 //! - [`decoder`]: the llama family and Gemma 3 on a [`DeviceRuntime`] ([`GpuDecoder`]), the
 //!   CPU decoder's forward pass launched kernel by kernel, with per-sequence KV caches in
 //!   device memory.
