@@ -129,6 +129,58 @@ extern "C" __global__ void dot_i8(const int* a, const int* b, int* out, int n) {
         assert!(dot_i8.contains("v_dot4_i32_i8"), "{listing}");
     }
 
+    /// pod's own integer-dot matrix kernels, compiled for gfx906, use its int8 dot
+    /// instruction: the speed of quantised decode on an MI50 rests on it.
+    #[test]
+    fn pods_quantised_matvec_kernels_use_the_int8_dot_instruction_on_gfx906() {
+        use pod_inference::gpu::kernels::{self, Platform};
+
+        let Some((compiler, target)) = compiler_for("gfx906") else {
+            return;
+        };
+        let names: Vec<&str> = kernels::KERNELS.iter().map(|k| k.name).collect();
+        let module = compiler
+            .compile(&kernels::source(Platform::Hip), &names, target)
+            .unwrap();
+        let Some(objdump) = llvm_objdump() else {
+            skip_or_fail::<()>("llvm-objdump", "not on PATH; set POD_LLVM_OBJDUMP");
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pod.hsaco");
+        std::fs::write(&path, &module.code).unwrap();
+        let out = Command::new(&objdump)
+            .args(["-d", "--mcpu=gfx906"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let listing = String::from_utf8_lossy(&out.stdout);
+        for name in [
+            "matvec_q4_0",
+            "matvec_q4_1",
+            "matvec_q5_0",
+            "matvec_q8_0",
+            "matvec_q4_k",
+            "matvec_q5_k",
+            "matvec_q6_k",
+        ] {
+            let body = listing
+                .split(&format!("<{name}>:"))
+                .nth(1)
+                .unwrap_or_else(|| panic!("{name} not disassembled"));
+            let body = body.split("\n\n").next().unwrap_or(body);
+            assert!(
+                body.contains("v_dot4_i32_i8"),
+                "{name} has no v_dot4_i32_i8:\n{body}"
+            );
+        }
+    }
+
     #[test]
     fn sm_90_cubins_hold_both_kernels_with_registers_and_spills() {
         let Some((compiler, target)) = compiler_for("sm_90") else {

@@ -184,9 +184,12 @@ pub fn discover_hip() -> BackendReport {
             return report;
         }
     };
-    for ordinal in 0..count {
-        match hip.device_properties(ordinal) {
-            Ok(props) => report.devices.push(GpuDevice {
+    list_devices(
+        &mut report,
+        count,
+        |ordinal| {
+            let props = hip.device_properties(ordinal)?;
+            Ok(GpuDevice {
                 ordinal,
                 target: props
                     .base_arch()
@@ -203,19 +206,11 @@ pub fn discover_hip() -> BackendReport {
                 memory_total: props.total_memory,
                 multiprocessors: props.multiprocessors,
                 warp_size: props.warp_size,
-            }),
-            Err(e) => {
-                report.unavailable = Some(failed(e));
-                return report;
-            }
-        }
-    }
-    if report.devices.is_empty() {
-        report.unavailable = Some(DiscoveryError::NoDevice {
-            backend: Backend::Hip,
-            detail: "the HIP runtime lists none".into(),
-        });
-    }
+            })
+        },
+        failed,
+        "the HIP runtime lists none",
+    );
     report
 }
 
@@ -261,9 +256,12 @@ pub fn discover_cuda() -> BackendReport {
             return report;
         }
     };
-    for ordinal in 0..count {
-        match cuda.device_properties(ordinal) {
-            Ok(props) => report.devices.push(GpuDevice {
+    list_devices(
+        &mut report,
+        count,
+        |ordinal| {
+            let props = cuda.device_properties(ordinal)?;
+            Ok(GpuDevice {
                 ordinal,
                 target: props.arch.parse::<Target>().ok().map(|t| t.name().into()),
                 memory_free: cuda
@@ -276,20 +274,38 @@ pub fn discover_cuda() -> BackendReport {
                 memory_total: props.total_memory,
                 multiprocessors: props.multiprocessors,
                 warp_size: props.warp_size,
-            }),
+            })
+        },
+        failed,
+        "the CUDA driver lists none",
+    );
+    report
+}
+
+/// Describes devices `0..count` into `report`: the first that cannot be described ends the
+/// list with `failed`'s reason, and a backend with none is `NoDevice` saying `none`.
+fn list_devices<E>(
+    report: &mut BackendReport,
+    count: usize,
+    mut describe: impl FnMut(usize) -> Result<GpuDevice, E>,
+    failed: impl Fn(E) -> DiscoveryError,
+    none: &str,
+) {
+    for ordinal in 0..count {
+        match describe(ordinal) {
+            Ok(device) => report.devices.push(device),
             Err(e) => {
                 report.unavailable = Some(failed(e));
-                return report;
+                return;
             }
         }
     }
     if report.devices.is_empty() {
         report.unavailable = Some(DiscoveryError::NoDevice {
-            backend: Backend::Cuda,
-            detail: "the CUDA driver lists none".into(),
+            backend: report.backend,
+            detail: none.into(),
         });
     }
-    report
 }
 
 /// Whether this user can open a device node read-write, as the runtime will.
