@@ -20,6 +20,7 @@
 //!   CPU decoder's forward pass launched kernel by kernel, with per-sequence KV caches in
 //!   device memory.
 
+pub mod check;
 pub mod compile;
 pub mod cuda;
 pub mod decoder;
@@ -29,6 +30,7 @@ pub mod hip;
 pub mod kernels;
 pub mod library;
 pub mod runtime;
+pub mod synthetic;
 
 pub use decoder::{GpuCache, GpuDecoder};
 pub use runtime::{DeviceBuffer, DeviceRuntime, RuntimeError};
