@@ -19,6 +19,10 @@
 //! - [`decoder`]: the llama family and Gemma 3 on a [`DeviceRuntime`] ([`GpuDecoder`]), the
 //!   CPU decoder's forward pass launched kernel by kernel, with per-sequence KV caches in
 //!   device memory.
+//! - [`synthetic`]: small random-weight models written as GGUF, with the shape and weight
+//!   formats as parameters.
+//! - [`check`]: each weight format's tiny model on a runtime against the CPU decoder (logit
+//!   errors, the bound they must stay within, greedy tokens, speed), as one report.
 
 pub mod check;
 pub mod compile;
