@@ -19,7 +19,12 @@
 //! - [`decoder`]: the llama family and Gemma 3 on a [`DeviceRuntime`] ([`GpuDecoder`]), the
 //!   CPU decoder's forward pass launched kernel by kernel, with per-sequence KV caches in
 //!   device memory.
+//! - [`synthetic`]: small random-weight models written as GGUF, with the shape and weight
+//!   formats as parameters.
+//! - [`check`]: each weight format's tiny model on a runtime against the CPU decoder (logit
+//!   errors, the bound they must stay within, greedy tokens, speed), as one report.
 
+pub mod check;
 pub mod compile;
 pub mod cuda;
 pub mod decoder;
@@ -29,6 +34,7 @@ pub mod hip;
 pub mod kernels;
 pub mod library;
 pub mod runtime;
+pub mod synthetic;
 
 pub use decoder::{GpuCache, GpuDecoder};
 pub use runtime::{DeviceBuffer, DeviceRuntime, RuntimeError};

@@ -7,22 +7,20 @@ use std::io::BufReader;
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
-use candle_core::quantized::gguf_file::{self, Value};
-use candle_core::quantized::{GgmlDType, QTensor};
-use candle_core::{Device, Tensor};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
+use candle_core::quantized::gguf_file;
+use candle_core::quantized::GgmlDType;
 
 use super::*;
 use crate::decoder::DecoderCache;
+use crate::gpu::check::{argmax, logit_bounds};
 use crate::gpu::emulator::Emulator;
+use crate::gpu::synthetic::{self, Family, ModelShape};
 use crate::model::cpu_decoder::KvCache;
 
 const WARPS: [u32; 2] = [32, 64];
 const HIDDEN: usize = 256;
 const HEADS: usize = 4;
 const KV_HEADS: usize = 2;
-const HEAD_DIM: usize = HIDDEN / HEADS;
 const FFN: usize = 512;
 const VOCAB: usize = 256;
 const MAX_LEN: usize = 64;
@@ -37,22 +35,6 @@ fn emulator(warp: u32) -> Arc<Emulator> {
     Arc::clone(cell.get_or_init(|| Arc::new(Emulator::compile_cached(warp, &cache).unwrap())))
 }
 
-/// A `rows` × `cols` matrix of random values around ±1/√cols, quantised to `dtype`.
-fn matrix(rng: &mut StdRng, rows: usize, cols: usize, dtype: GgmlDType, scale: f32) -> QTensor {
-    let v: Vec<f32> = (0..rows * cols)
-        .map(|_| rng.random_range(-1.0..1.0f32) * scale)
-        .collect();
-    let t = Tensor::from_vec(v, (rows, cols), &Device::Cpu).unwrap();
-    QTensor::quantize(&t, dtype).unwrap()
-}
-
-fn norm(rng: &mut StdRng, len: usize) -> QTensor {
-    let v: Vec<f32> = (0..len)
-        .map(|_| 1.0 + rng.random_range(-0.2..0.2f32))
-        .collect();
-    QTensor::quantize(&Tensor::new(v, &Device::Cpu).unwrap(), GgmlDType::F32).unwrap()
-}
-
 /// The models the tests write.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Variant {
@@ -64,11 +46,15 @@ enum Variant {
 }
 
 impl Variant {
-    fn arch(self) -> &'static str {
+    fn family(self) -> Family {
         match self {
-            Variant::Llama | Variant::TiedLlama => "llama",
-            Variant::Gemma3 => "gemma3",
+            Variant::Llama | Variant::TiedLlama => Family::Llama,
+            Variant::Gemma3 => Family::Gemma3,
         }
+    }
+
+    fn arch(self) -> &'static str {
+        self.family().arch()
     }
 }
 
@@ -76,99 +62,23 @@ impl Variant {
 /// projection, and q/k/v and gate/up mix 32-value and 256-value formats, so that one input is
 /// quantised both ways.
 fn write_model(path: &Path, seed: u64, variant: Variant) {
-    let gemma = variant == Variant::Gemma3;
     use GgmlDType::{Q4K, Q4_0, Q4_1, Q5_0, Q6K, Q8_0};
-    let mut rng = StdRng::seed_from_u64(seed);
-    let (q_w, kv_w) = (HEADS * HEAD_DIM, KV_HEADS * HEAD_DIM);
-    let formats = [
-        [Q4_0, Q8_0, Q4K, Q6K, Q4_1, Q4K, Q5_0],
-        [Q6K, Q4_1, Q5_0, Q8_0, Q8_0, Q6K, Q4K],
-    ];
-    let mut tensors: Vec<(String, QTensor)> = vec![
-        (
-            "token_embd.weight".into(),
-            matrix(&mut rng, VOCAB, HIDDEN, Q8_0, 1.0),
-        ),
-        ("output_norm.weight".into(), norm(&mut rng, HIDDEN)),
-    ];
-    if variant == Variant::Llama {
-        let w = matrix(&mut rng, VOCAB, HIDDEN, Q6K, 2.0 / (HIDDEN as f32).sqrt());
-        tensors.push(("output.weight".into(), w));
-    }
-    for (i, f) in formats.iter().enumerate() {
-        let shapes = [
-            ("attn_q", q_w, HIDDEN),
-            ("attn_k", kv_w, HIDDEN),
-            ("attn_v", kv_w, HIDDEN),
-            ("attn_output", HIDDEN, q_w),
-            ("ffn_gate", FFN, HIDDEN),
-            ("ffn_up", FFN, HIDDEN),
-            ("ffn_down", HIDDEN, FFN),
-        ];
-        for ((name, rows, cols), &dtype) in shapes.into_iter().zip(f) {
-            let scale = 1.7 / (cols as f32).sqrt();
-            let w = matrix(&mut rng, rows, cols, dtype, scale);
-            tensors.push((format!("blk.{i}.{name}.weight"), w));
-        }
-        let mut norms = vec![("attn_norm", HIDDEN), ("ffn_norm", HIDDEN)];
-        if gemma {
-            norms.extend([
-                ("attn_q_norm", HEAD_DIM),
-                ("attn_k_norm", HEAD_DIM),
-                ("post_attention_norm", HIDDEN),
-                ("post_ffw_norm", HIDDEN),
-            ]);
-        }
-        for (name, len) in norms {
-            tensors.push((format!("blk.{i}.{name}.weight"), norm(&mut rng, len)));
-        }
-    }
-    let arch = variant.arch();
-    let mut metadata = vec![
-        (
-            "general.architecture".to_owned(),
-            Value::String(arch.into()),
-        ),
-        (format!("{arch}.block_count"), Value::U32(2)),
-        (
-            format!("{arch}.embedding_length"),
-            Value::U32(HIDDEN as u32),
-        ),
-        (
-            format!("{arch}.attention.head_count"),
-            Value::U32(HEADS as u32),
-        ),
-        (
-            format!("{arch}.attention.head_count_kv"),
-            Value::U32(KV_HEADS as u32),
-        ),
-        (
-            format!("{arch}.attention.layer_norm_rms_epsilon"),
-            Value::F32(1e-5),
-        ),
-        (format!("{arch}.context_length"), Value::U32(MAX_LEN as u32)),
-    ];
-    if gemma {
-        metadata.extend([
-            (
-                format!("{arch}.attention.key_length"),
-                Value::U32(HEAD_DIM as u32),
-            ),
-            (format!("{arch}.attention.sliding_window"), Value::U32(4)),
-            (
-                format!("{arch}.attention.sliding_window_type"),
-                Value::U32(2),
-            ),
-            (format!("{arch}.rope.freq_base"), Value::F32(1_000_000.0)),
-            (format!("{arch}.rope.local_freq_base"), Value::F32(10_000.0)),
-        ]);
-    } else {
-        metadata.push((format!("{arch}.rope.freq_base"), Value::F32(10_000.0)));
-    }
-    let md: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
-    let mut f = File::create(path).unwrap();
-    gguf_file::write(&mut f, &md, &ts).unwrap();
+    let shape = ModelShape {
+        family: variant.family(),
+        hidden: HIDDEN,
+        heads: HEADS,
+        kv_heads: KV_HEADS,
+        ffn: FFN,
+        vocab: VOCAB,
+        context: MAX_LEN,
+        embedding: Q8_0,
+        output: (variant == Variant::Llama).then_some(Q6K),
+        layer_formats: vec![
+            [Q4_0, Q8_0, Q4K, Q6K, Q4_1, Q4K, Q5_0],
+            [Q6K, Q4_1, Q5_0, Q8_0, Q8_0, Q6K, Q4K],
+        ],
+    };
+    synthetic::write_model(path, seed, &shape).unwrap();
 }
 
 /// The model at `path` on the CPU decoder.
@@ -199,16 +109,6 @@ fn model(seed: u64, variant: Variant) -> Model {
     }
 }
 
-fn argmax(v: &[f32]) -> u32 {
-    let mut best = 0;
-    for (i, &x) in v.iter().enumerate() {
-        if x > v[best] {
-            best = i;
-        }
-    }
-    best as u32
-}
-
 fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|f| f.to_bits()).collect()
 }
@@ -219,29 +119,6 @@ fn feed(gpu: &GpuDecoder<Emulator>, cache: &mut GpuCache<Emulator>, tokens: &[u3
         .unwrap()
         .pop()
         .unwrap()
-}
-
-/// How far each logit may move between the decoders. Both quantise the same activations to
-/// the same integers and multiply them exactly (the kernels are checked against each other);
-/// what differs is the order of f32 sums, in norms, attention and products, each moving its
-/// sum by a few ε of its terms' magnitudes. The layers' differences stay that small and
-/// rescale the final quantised activations by ε-sized factors, so the output head's product
-/// bounds the whole: as in the kernel tests, at most n·ε·16·Σ|w|·amax(x) over its n = 2 ×
-/// cols / 32 block terms, where an RMS-normalised row has no entry beyond √hidden times the
-/// largest norm weight. Twice that covers the rescaling.
-fn logit_bounds(cpu: &CpuDecoder) -> Vec<f32> {
-    let view = cpu.view();
-    let norm_max = view.norm.iter().fold(0.0f32, |a, v| a.max(v.abs()));
-    let amax = (HIDDEN as f32).sqrt() * norm_max;
-    let n = 2 * HIDDEN / 32;
-    let mut row = vec![0.0f32; HIDDEN];
-    (0..view.output.rows())
-        .map(|v| {
-            view.output.dequantize_row(v, &mut row);
-            let mag: f32 = row.iter().map(|w| w.abs()).sum::<f32>() * amax;
-            2.0 * n as f32 * f32::EPSILON * 16.0 * mag
-        })
-        .collect()
 }
 
 const PROMPT: [u32; 7] = [1, 17, 200, 45, 45, 3, 255];

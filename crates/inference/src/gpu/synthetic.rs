@@ -1,0 +1,206 @@
+//! Small llama-shaped (or Gemma 3) models with random weights, written as GGUF, for checking a
+//! GPU runtime against the CPU decoder without downloading anything.
+
+use std::fs::File;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::{self, Value};
+use candle_core::quantized::{GgmlDType, QTensor};
+use candle_core::{Device, Tensor};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// The projections of one layer, in the order [`ModelShape::layer_formats`] gives their
+/// formats.
+pub const PROJECTIONS: [&str; 7] = [
+    "attn_q",
+    "attn_k",
+    "attn_v",
+    "attn_output",
+    "ffn_gate",
+    "ffn_up",
+    "ffn_down",
+];
+
+/// Which architecture's metadata and tensors are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// llama: RMS norms, SiLU gates, one RoPE base.
+    Llama,
+    /// Gemma 3: q/k norms, post norms, GELU, a sliding window of 4 on every other layer
+    /// (starting with the first) and a second RoPE base for those layers.
+    Gemma3,
+}
+
+impl Family {
+    /// The `general.architecture` string.
+    pub fn arch(self) -> &'static str {
+        match self {
+            Family::Llama => "llama",
+            Family::Gemma3 => "gemma3",
+        }
+    }
+}
+
+/// The shape and weight formats of a synthetic model.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelShape {
+    /// The architecture.
+    pub family: Family,
+    /// Width of the residual stream.
+    pub hidden: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads.
+    pub kv_heads: usize,
+    /// Width of the feed-forward layer.
+    pub ffn: usize,
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// The context length written in the metadata.
+    pub context: usize,
+    /// The format of the embedding table.
+    pub embedding: GgmlDType,
+    /// The format of `output.weight`; `None` writes no output head, so the embedding table is
+    /// the head (tied).
+    pub output: Option<GgmlDType>,
+    /// One entry per layer: the formats of its projections, in [`PROJECTIONS`] order.
+    pub layer_formats: Vec<[GgmlDType; 7]>,
+}
+
+impl ModelShape {
+    /// Width of one attention head.
+    pub fn head_dim(&self) -> usize {
+        self.hidden / self.heads
+    }
+}
+
+/// Writing a synthetic model failed.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// A tensor could not be built or quantised to its format.
+    #[error("building tensor `{name}`: {source}")]
+    Tensor {
+        /// The tensor's GGUF name.
+        name: String,
+        /// Why.
+        source: candle_core::Error,
+    },
+    /// The file could not be created.
+    #[error("creating the model file: {0}")]
+    Create(#[from] std::io::Error),
+    /// Writing the GGUF content failed.
+    #[error("writing the model file: {0}")]
+    Write(candle_core::Error),
+}
+
+/// A `rows` × `cols` matrix of random values in ±`scale`, quantised to `dtype`.
+fn matrix(
+    rng: &mut StdRng,
+    rows: usize,
+    cols: usize,
+    dtype: GgmlDType,
+    scale: f32,
+) -> candle_core::Result<QTensor> {
+    let v: Vec<f32> = (0..rows * cols)
+        .map(|_| rng.random_range(-1.0..1.0f32) * scale)
+        .collect();
+    let t = Tensor::from_vec(v, (rows, cols), &Device::Cpu)?;
+    QTensor::quantize(&t, dtype)
+}
+
+/// A norm weight near 1, as trained models have.
+fn norm(rng: &mut StdRng, len: usize) -> candle_core::Result<QTensor> {
+    let v: Vec<f32> = (0..len)
+        .map(|_| 1.0 + rng.random_range(-0.2..0.2f32))
+        .collect();
+    QTensor::quantize(&Tensor::new(v, &Device::Cpu)?, GgmlDType::F32)
+}
+
+/// Writes a model of `shape` to `path`, its weights drawn from `seed`. Matrix entries are
+/// scaled by 1/√cols so that activations keep their size from layer to layer.
+pub fn write_model(path: &Path, seed: u64, shape: &ModelShape) -> Result<(), WriteError> {
+    let gemma = shape.family == Family::Gemma3;
+    let (hidden, head_dim) = (shape.hidden, shape.head_dim());
+    let (q_w, kv_w) = (shape.heads * head_dim, shape.kv_heads * head_dim);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let mut tensors: Vec<(String, QTensor)> = Vec::new();
+    let mut push = |name: String, t: candle_core::Result<QTensor>| match t {
+        Ok(t) => {
+            tensors.push((name, t));
+            Ok(())
+        }
+        Err(source) => Err(WriteError::Tensor { name, source }),
+    };
+    let embd = matrix(&mut rng, shape.vocab, hidden, shape.embedding, 1.0);
+    push("token_embd.weight".into(), embd)?;
+    push("output_norm.weight".into(), norm(&mut rng, hidden))?;
+    if let Some(dtype) = shape.output {
+        let scale = 2.0 / (hidden as f32).sqrt();
+        let w = matrix(&mut rng, shape.vocab, hidden, dtype, scale);
+        push("output.weight".into(), w)?;
+    }
+    for (i, formats) in shape.layer_formats.iter().enumerate() {
+        let dims = [
+            (q_w, hidden),
+            (kv_w, hidden),
+            (kv_w, hidden),
+            (hidden, q_w),
+            (shape.ffn, hidden),
+            (shape.ffn, hidden),
+            (hidden, shape.ffn),
+        ];
+        for ((name, (rows, cols)), &dtype) in PROJECTIONS.into_iter().zip(dims).zip(formats) {
+            let scale = 1.7 / (cols as f32).sqrt();
+            let w = matrix(&mut rng, rows, cols, dtype, scale);
+            push(format!("blk.{i}.{name}.weight"), w)?;
+        }
+        let mut norms = vec![("attn_norm", hidden), ("ffn_norm", hidden)];
+        if gemma {
+            norms.extend([
+                ("attn_q_norm", head_dim),
+                ("attn_k_norm", head_dim),
+                ("post_attention_norm", hidden),
+                ("post_ffw_norm", hidden),
+            ]);
+        }
+        for (name, len) in norms {
+            push(format!("blk.{i}.{name}.weight"), norm(&mut rng, len))?;
+        }
+    }
+    let arch = shape.family.arch();
+    let key = |k: &str| format!("{arch}.{k}");
+    let mut metadata = vec![
+        (
+            "general.architecture".to_owned(),
+            Value::String(arch.into()),
+        ),
+        (
+            key("block_count"),
+            Value::U32(shape.layer_formats.len() as u32),
+        ),
+        (key("embedding_length"), Value::U32(hidden as u32)),
+        (key("attention.head_count"), Value::U32(shape.heads as u32)),
+        (
+            key("attention.head_count_kv"),
+            Value::U32(shape.kv_heads as u32),
+        ),
+        (key("attention.layer_norm_rms_epsilon"), Value::F32(1e-5)),
+        (key("context_length"), Value::U32(shape.context as u32)),
+    ];
+    if gemma {
+        metadata.extend([
+            (key("attention.key_length"), Value::U32(head_dim as u32)),
+            (key("attention.sliding_window"), Value::U32(4)),
+            (key("attention.sliding_window_type"), Value::U32(2)),
+            (key("rope.freq_base"), Value::F32(1_000_000.0)),
+            (key("rope.local_freq_base"), Value::F32(10_000.0)),
+        ]);
+    } else {
+        metadata.push((key("rope.freq_base"), Value::F32(10_000.0)));
+    }
+    let md: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let ts: Vec<(&str, &QTensor)> = tensors.iter().map(|(k, v)| (k.as_str(), v)).collect();
+    let mut f = File::create(path)?;
+    gguf_file::write(&mut f, &md, &ts).map_err(WriteError::Write)
+}
