@@ -133,7 +133,7 @@ pub(crate) fn exec(cli: Cli, matches: &ArgMatches) -> Result<()> {
         Command::Peers(args) => peers::exec(&home, args),
         Command::Receipts(args) => receipts::exec(&home, args),
         Command::Version(args) => version::exec(args),
-        Command::Device(cmd) => device::exec(cmd),
+        Command::Device(cmd) => device::exec(&home, cmd),
     }
 }
 

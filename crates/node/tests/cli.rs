@@ -955,3 +955,32 @@ fn the_kernels_compile_for_gfx906_without_a_gpu() {
 fn the_kernels_compile_for_sm_90_without_a_gpu() {
     compiles_every_kernel_for("sm_90");
 }
+
+#[test]
+fn device_check_on_the_emulator_passes_every_format_against_the_cpu() {
+    let o = pod(&["device", "check", "--device", "emulator", "--json"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let report: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    let checks = report["checks"].as_array().expect("checks");
+    let formats: Vec<&str> = checks
+        .iter()
+        .map(|c| c["format"].as_str().expect("format"))
+        .collect();
+    assert_eq!(formats, ["Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q6_K"]);
+    for c in checks {
+        assert_eq!(c["passed"], true, "{c}");
+        assert_eq!(c["greedy_equal"], true, "{c}");
+        let (err, bound) = (c["max_abs_error"].as_f64(), c["bound"].as_f64());
+        assert!(err.zip(bound).is_some_and(|(e, b)| e <= b), "{c}");
+        assert!(
+            c["tokens_per_second"].as_f64().is_some_and(|t| t > 0.0),
+            "{c}"
+        );
+    }
+}
+
+#[test]
+fn device_check_on_a_missing_gpu_is_one_line() {
+    let o = pod(&["device", "check", "--device", "cuda:99"]);
+    assert_one_line_error(&o, "cannot open cuda:99");
+}

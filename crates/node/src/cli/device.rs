@@ -1,11 +1,20 @@
-//! `pod device list` and `pod device compile`: which GPUs this machine offers pod (or why
-//! none), and whether pod's kernels compile for a GPU architecture, with no GPU needed.
+//! `pod device list`, `pod device compile` and `pod device check`: which GPUs this machine
+//! offers pod (or why none), whether pod's kernels compile for a GPU architecture (no GPU
+//! needed), and whether a device computes what the CPU computes.
+
+use std::path::Path;
+use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
+use pod_inference::gpu::check::{run_checks, CheckOptions, CheckReport};
 use pod_inference::gpu::compile::{CompiledModule, Compiler, Target, Vendor};
-use pod_inference::gpu::devices::{self, BackendReport};
+use pod_inference::gpu::devices::{self, Backend, BackendReport};
+use pod_inference::gpu::emulator::Emulator;
 use pod_inference::gpu::kernels::{self, Platform, KERNELS};
+use pod_inference::gpu::runtime::cuda::CudaRuntime;
+use pod_inference::gpu::runtime::hip::HipRuntime;
+use pod_inference::gpu::DeviceRuntime;
 
 #[derive(Debug, Subcommand)]
 pub(crate) enum DeviceCommand {
@@ -17,6 +26,24 @@ pub(crate) enum DeviceCommand {
     /// gfx*, NVRTC for sm_*), without a GPU, and report per kernel what the compiler says of
     /// registers and scratch memory.
     Compile(CompileArgs),
+    /// Run small random-weight models in every weight format on a device and compare its
+    /// logits and greedy tokens with the CPU decoder's: a table of errors, bounds, pass/fail
+    /// and tokens/s, non-zero exit if any check fails. Needs no model file.
+    Check(CheckArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct CheckArgs {
+    /// The device: auto (the first GPU found), rocm[:N], cuda[:N], or emulator (pod's kernels
+    /// run on the CPU, lanes emulated: slow, but the same source the GPUs run).
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Lanes per warp for the emulator: 32 (NVIDIA) or 64 (AMD GCN/CDNA such as gfx906).
+    #[arg(long, default_value_t = 64, value_parser = parse_warp)]
+    warp: u32,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -37,10 +64,11 @@ pub(crate) struct CompileArgs {
     json: bool,
 }
 
-pub(crate) fn exec(cmd: DeviceCommand) -> Result<()> {
+pub(crate) fn exec(home: &Path, cmd: DeviceCommand) -> Result<()> {
     match cmd {
         DeviceCommand::List(args) => list(args),
         DeviceCommand::Compile(args) => compile(args),
+        DeviceCommand::Check(args) => check(home, args),
     }
 }
 
@@ -157,5 +185,122 @@ fn print_module(module: &CompiledModule, seconds: f64) {
             cell(k.spilled_registers),
             cell(k.spill_store_bytes),
         );
+    }
+}
+
+fn parse_warp(s: &str) -> Result<u32, String> {
+    match s {
+        "32" => Ok(32),
+        "64" => Ok(64),
+        _ => Err(format!("`{s}` is not a warp width (32 or 64)")),
+    }
+}
+
+/// Which device `pod device check` runs on.
+enum CheckDevice {
+    Emulator,
+    Rocm(usize),
+    Cuda(usize),
+}
+
+fn parse_check_device(spec: &str) -> Result<CheckDevice> {
+    let (kind, ordinal) = match spec.split_once(':') {
+        Some((k, n)) => (
+            k,
+            n.parse::<usize>()
+                .with_context(|| format!("bad device ordinal in `{spec}`"))?,
+        ),
+        None => (spec, 0),
+    };
+    Ok(match kind {
+        "emulator" => CheckDevice::Emulator,
+        "rocm" => CheckDevice::Rocm(ordinal),
+        "cuda" => CheckDevice::Cuda(ordinal),
+        "auto" => {
+            let found = devices::discover();
+            let first = found
+                .backends
+                .iter()
+                .find_map(|b| b.devices.first().map(|d| (b.backend, d.ordinal)));
+            match first {
+                Some((Backend::Hip, n)) => CheckDevice::Rocm(n),
+                Some((Backend::Cuda, n)) => CheckDevice::Cuda(n),
+                None => bail!(
+                    "no GPU found (`pod device list` says why); `--device emulator` runs the checks on the CPU"
+                ),
+            }
+        }
+        _ => bail!("unknown device `{spec}` (expected auto, emulator, rocm[:N] or cuda[:N])"),
+    })
+}
+
+fn check(home: &Path, args: CheckArgs) -> Result<()> {
+    let device = parse_check_device(&args.device)?;
+    let cache = home.join("kernels");
+    let (name, report) = match device {
+        CheckDevice::Emulator => {
+            let emulator = Emulator::compile_cached(args.warp, &cache)
+                .context("cannot build the kernel emulator")?;
+            (
+                format!("emulator (warp {})", args.warp),
+                checks_on(Arc::new(emulator)),
+            )
+        }
+        CheckDevice::Rocm(n) => {
+            let runtime = HipRuntime::open(&Compiler::new(), n, &cache)
+                .with_context(|| format!("cannot open rocm:{n}"))?;
+            (
+                format!("rocm:{n} {} ({})", runtime.name(), runtime.target()),
+                checks_on(Arc::new(runtime)),
+            )
+        }
+        CheckDevice::Cuda(n) => {
+            let runtime = CudaRuntime::open(&Compiler::new(), n, &cache)
+                .with_context(|| format!("cannot open cuda:{n}"))?;
+            (
+                format!("cuda:{n} {} ({})", runtime.name(), runtime.target()),
+                checks_on(Arc::new(runtime)),
+            )
+        }
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_checks(&name, &report);
+    }
+    if !report.passed() {
+        let failed = report.checks.iter().filter(|c| !c.passed).count();
+        bail!(
+            "{failed} of {} checks failed on {name}",
+            report.checks.len()
+        );
+    }
+    Ok(())
+}
+
+fn checks_on<R: DeviceRuntime>(runtime: Arc<R>) -> CheckReport {
+    run_checks(runtime, CheckOptions::default())
+}
+
+fn print_checks(device: &str, report: &CheckReport) {
+    println!("{device}: a random-weight model per format against the CPU decoder");
+    println!(
+        "{:<8} {:>11} {:>11} {:>11} {:>7} {:>6} {:>9}",
+        "FORMAT", "MAX ERR", "MEAN ERR", "BOUND", "GREEDY", "RESULT", "TOK/S"
+    );
+    for c in &report.checks {
+        println!(
+            "{:<8} {:>11.3e} {:>11.3e} {:>11.3e} {:>7} {:>6} {:>9.1}",
+            c.format,
+            c.max_abs_error,
+            c.mean_abs_error,
+            c.bound,
+            if c.greedy_equal { "same" } else { "DIFF" },
+            if c.passed { "pass" } else { "FAIL" },
+            c.tokens_per_second,
+        );
+        if let Some(e) = &c.error {
+            println!("         {e}");
+        }
     }
 }
