@@ -47,7 +47,7 @@ pub mod tokenizer;
 pub use candle_core::Device;
 pub use chat::{ChatMessage, Role};
 pub use decoder::{BatchDecoder, DecoderCache};
-pub use device::DeviceSpec;
+pub use device::{DeviceSpec, Placement};
 pub use embedding::{Embedding, EmbeddingModel};
 pub use engine::{
     ChatFormat, EmbedRequest, EmbedResponse, Engine, EngineConfig, EngineHandle, EngineStats,

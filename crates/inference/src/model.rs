@@ -19,8 +19,12 @@ mod weights;
 
 use self::cpu_decoder::{CpuDecoder, KvCache};
 use crate::decoder::{BatchDecoder, DecoderCache};
+use crate::engine::EngineConfig;
 use crate::error::{ForwardError, LoadError};
 use crate::gguf::GgufFile;
+use crate::gpu::decoder::{Demand, GpuLoadError};
+use crate::gpu::runtime::any::AnyRuntime;
+use crate::gpu::{GpuCache, GpuDecoder};
 use crate::template::{ChatTemplate, CHATML_TEMPLATE};
 use crate::tokenizer::PodTokenizer;
 
@@ -33,6 +37,8 @@ enum Weights {
     /// The llama family and Gemma 3 on pod's own CPU path (see [`cpu_decoder`]), batched and
     /// batch-invariant.
     CpuDecoder(Arc<CpuDecoder>),
+    /// The llama family and Gemma 3 on a GPU (or the kernel emulator), batch-invariant too.
+    Gpu(Arc<GpuDecoder<AnyRuntime>>),
     Llama(llama::Llama),
     Gemma3(gemma3::Gemma3),
     Qwen3(quantized_qwen3::ModelWeights),
@@ -42,7 +48,9 @@ enum Weights {
 impl Weights {
     fn forward(&mut self, x: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
         match self {
-            Weights::CpuDecoder(_) => candle_core::bail!("the CPU decoder keeps its own caches"),
+            Weights::CpuDecoder(_) | Weights::Gpu(_) => {
+                candle_core::bail!("pod's decoders keep their own caches")
+            }
             Weights::Llama(m) => {
                 let ids: Vec<u32> = x.flatten_all()?.to_vec1()?;
                 m.forward(&ids, pos)
@@ -91,6 +99,10 @@ enum SeqState {
         model: Arc<CpuDecoder>,
         cache: KvCache,
     },
+    Gpu {
+        model: Arc<GpuDecoder<AnyRuntime>>,
+        cache: GpuCache<AnyRuntime>,
+    },
     /// candle's models keep the caches inside their own copy of the (shared) weights.
     Candle(Weights),
 }
@@ -99,21 +111,9 @@ impl ChatModel {
     /// Loads a GGUF chat model onto `device`.
     pub fn load(path: &Path, device: &Device) -> Result<Self, LoadError> {
         let file = GgufFile::open(path)?;
-        let arch = file.architecture()?;
-        let tokenizer = PodTokenizer::from_gguf(&file)?;
-        let template_src = file
-            .string("tokenizer.chat_template")
-            .unwrap_or(CHATML_TEMPLATE)
-            .to_owned();
-        let template =
-            ChatTemplate::new(&template_src, tokenizer.bos_text(), tokenizer.eos_text())?;
-        let trained_ctx = file.context_length().unwrap_or(2048);
-        // candle's llama implementation precomputes rotary tables for a fixed window.
-        let context_length = match arch.as_str() {
-            "llama" | "mistral" | "gemma3" => trained_ctx.min(MAX_CONTEXT),
-            _ => trained_ctx,
-        };
-        let quantization = file.quantization();
+        let text = TextSide::read(&file)?;
+        let arch = text.arch.clone();
+        let context_length = text.context_length;
         let GgufFile {
             mut content,
             mut reader,
@@ -151,19 +151,55 @@ impl ChatModel {
             ),
             other => return Err(LoadError::UnsupportedArchitecture(other.to_owned())),
         };
-        tracing::debug!(architecture = %arch, context_length, %quantization, "chat model loaded");
-        Ok(Self {
-            weights,
-            info: ChatModelInfo {
-                architecture: arch,
-                quantization,
-                context_length,
-                vocab_size: tokenizer.vocab_size(),
-            },
-            tokenizer: Arc::new(tokenizer),
-            template: Arc::new(template),
-            device: device.clone(),
-        })
+        tracing::debug!(architecture = %arch, context_length, quantization = %text.quantization, "chat model loaded");
+        Ok(text.into_model(weights, device.clone()))
+    }
+
+    /// Loads a GGUF chat model of the llama family or Gemma 3 onto a GPU runtime, for the
+    /// sequences, pass sizes and context that `engine` will ask of it. Fails, having left
+    /// nothing on the device, when the device has too little free memory for that, saying how
+    /// much is needed and what to lower.
+    pub fn load_gpu(
+        path: &Path,
+        runtime: Arc<AnyRuntime>,
+        engine: &EngineConfig,
+    ) -> Result<Self, LoadError> {
+        let file = GgufFile::open(path)?;
+        let text = TextSide::read(&file)?;
+        let context = engine.max_context.map_or(text.context_length, |cap| {
+            text.context_length.min(cap.max(1))
+        });
+        let demand = Demand {
+            sequences: engine.max_active.max(1),
+            rows_per_pass: engine.prefill_chunk.max(engine.max_active),
+            prefix_cache_bytes: engine.prefix_cache_bytes,
+        };
+        let GgufFile {
+            content,
+            mut reader,
+            path,
+        } = file;
+        let device = runtime.describe();
+        let (decoder, need) = GpuDecoder::load_within(
+            runtime,
+            &content,
+            &mut reader,
+            &text.arch,
+            context,
+            demand,
+        )
+        .map_err(|e| match e {
+            GpuLoadError::File(e) => e,
+            GpuLoadError::Architecture(arch) => LoadError::Device(format!(
+                "{device}: pod's GPU decoder does not run architecture `{arch}` (it runs llama, mistral and gemma3); run it with --device cpu"
+            )),
+            GpuLoadError::Weights(source) => LoadError::Model { path, source },
+            other => LoadError::Device(format!("{device}: {other}")),
+        })?;
+        tracing::info!(device = %device, need = %need, "chat model uploaded to the GPU");
+        let mut text = text;
+        text.context_length = context;
+        Ok(text.into_model(Weights::Gpu(Arc::new(decoder)), Device::Cpu))
     }
 
     /// The model's tokenizer.
@@ -188,6 +224,10 @@ impl ChatModel {
                 model: Arc::clone(m),
                 cache: m.new_cache(),
             },
+            Weights::Gpu(m) => SeqState::Gpu {
+                model: Arc::clone(m),
+                cache: m.new_cache(),
+            },
             other => SeqState::Candle(other.clone()),
         };
         Sequence {
@@ -202,7 +242,16 @@ impl ChatModel {
     /// runs all sequences in one pass, many resumed tokens can be fed at once, and a cached
     /// prompt prefix can stand in for recomputing it.
     pub fn batch_invariant(&self) -> bool {
-        matches!(self.weights, Weights::CpuDecoder(_))
+        matches!(self.weights, Weights::CpuDecoder(_) | Weights::Gpu(_))
+    }
+
+    /// Where the model runs: `cpu` (pod's CPU decoder), `candle`, or the GPU's name.
+    pub fn runs_on(&self) -> String {
+        match &self.weights {
+            Weights::CpuDecoder(_) => "cpu".to_owned(),
+            Weights::Gpu(m) => m.runtime().spec(),
+            _ => format!("candle ({})", device_name(&self.device)),
+        }
     }
 
     /// Feeds `tokens[i]` to `seqs[i]` for every `i` and returns each sequence's next-token
@@ -216,6 +265,22 @@ impl ChatModel {
         if seqs.len() != tokens.len() {
             candle_core::bail!("{} sequences for {} token lists", seqs.len(), tokens.len());
         }
+        if let Weights::Gpu(model) = &self.weights {
+            let mut caches = Vec::with_capacity(seqs.len());
+            for s in seqs.iter_mut() {
+                match &mut s.state {
+                    SeqState::Gpu { cache, .. } => caches.push(cache),
+                    _ => candle_core::bail!("sequence of another model"),
+                }
+            }
+            let out = model
+                .forward_rows(&mut caches, tokens)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+            for (s, t) in seqs.iter_mut().zip(tokens) {
+                s.pos += t.len();
+            }
+            return Ok(out);
+        }
         let Weights::CpuDecoder(model) = &self.weights else {
             return seqs
                 .iter_mut()
@@ -227,7 +292,7 @@ impl ChatModel {
         for s in seqs.iter_mut() {
             match &mut s.state {
                 SeqState::CpuDecoder { cache, .. } => caches.push(cache),
-                SeqState::Candle(_) => candle_core::bail!("sequence of another model"),
+                _ => candle_core::bail!("sequence of another model"),
             }
         }
         let lens: Vec<usize> = caches.iter().map(|c| c.len()).collect();
@@ -242,6 +307,66 @@ impl ChatModel {
             s.pos += t.len();
         }
         out
+    }
+}
+
+/// candle's name of a device.
+fn device_name(device: &Device) -> &'static str {
+    match device {
+        Device::Cpu => "cpu",
+        Device::Cuda(_) => "cuda",
+        Device::Metal(_) => "metal",
+    }
+}
+
+/// What a chat model needs besides its weights: tokenizer, template and facts, read from the
+/// GGUF metadata.
+struct TextSide {
+    arch: String,
+    tokenizer: PodTokenizer,
+    template: ChatTemplate,
+    context_length: usize,
+    quantization: String,
+}
+
+impl TextSide {
+    fn read(file: &GgufFile) -> Result<Self, LoadError> {
+        let arch = file.architecture()?;
+        let tokenizer = PodTokenizer::from_gguf(file)?;
+        let template_src = file
+            .string("tokenizer.chat_template")
+            .unwrap_or(CHATML_TEMPLATE)
+            .to_owned();
+        let template =
+            ChatTemplate::new(&template_src, tokenizer.bos_text(), tokenizer.eos_text())?;
+        let trained_ctx = file.context_length().unwrap_or(2048);
+        // pod's decoders and candle's llama precompute rotary tables for a fixed window.
+        let context_length = match arch.as_str() {
+            "llama" | "mistral" | "gemma3" => trained_ctx.min(MAX_CONTEXT),
+            _ => trained_ctx,
+        };
+        Ok(Self {
+            quantization: file.quantization(),
+            arch,
+            tokenizer,
+            template,
+            context_length,
+        })
+    }
+
+    fn into_model(self, weights: Weights, device: Device) -> ChatModel {
+        ChatModel {
+            weights,
+            info: ChatModelInfo {
+                architecture: self.arch,
+                quantization: self.quantization,
+                context_length: self.context_length,
+                vocab_size: self.tokenizer.vocab_size(),
+            },
+            tokenizer: Arc::new(self.tokenizer),
+            template: Arc::new(self.template),
+            device,
+        }
     }
 }
 
@@ -269,6 +394,16 @@ impl Sequence {
                     }
                 };
             }
+            SeqState::Gpu { model, cache } => {
+                let logits = model
+                    .forward_rows(&mut [&mut *cache], &[tokens])
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+                self.pos += tokens.len();
+                return logits
+                    .into_iter()
+                    .next()
+                    .ok_or_else(|| candle_core::Error::Msg("no logits".into()));
+            }
             SeqState::Candle(w) => w,
         };
         let input = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
@@ -294,6 +429,7 @@ impl Sequence {
     pub fn cache_bytes(&self) -> usize {
         match &self.state {
             SeqState::CpuDecoder { cache, .. } => cache.bytes(),
+            SeqState::Gpu { cache, .. } => cache.bytes(),
             SeqState::Candle(_) => 0,
         }
     }
@@ -301,8 +437,10 @@ impl Sequence {
     /// Gives back cache memory reserved for tokens not fed yet (for a sequence that is kept
     /// but will not grow soon).
     pub fn shrink_to_fit(&mut self) {
-        if let SeqState::CpuDecoder { cache, .. } = &mut self.state {
-            cache.shrink_to_fit();
+        match &mut self.state {
+            SeqState::CpuDecoder { cache, .. } => cache.shrink_to_fit(),
+            SeqState::Gpu { cache, .. } => cache.shrink_to_fit(),
+            SeqState::Candle(_) => {}
         }
     }
 
@@ -311,6 +449,11 @@ impl Sequence {
     pub fn truncate(&mut self, len: usize) -> bool {
         match &mut self.state {
             SeqState::CpuDecoder { cache, .. } if len <= self.pos => {
+                cache.truncate(len);
+                self.pos = len;
+                true
+            }
+            SeqState::Gpu { cache, .. } if len <= self.pos => {
                 cache.truncate(len);
                 self.pos = len;
                 true

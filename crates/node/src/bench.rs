@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::Instant;
 
 use pod_inference::sampling::argmax;
-use pod_inference::{ChatModel, Device, LoadError};
+use pod_inference::{EngineConfig, LoadError, Placement};
 use serde::Serialize;
 
 /// Speeds measured over several repetitions.
@@ -14,6 +14,8 @@ use serde::Serialize;
 pub struct BenchReport {
     /// Model file.
     pub model: String,
+    /// Where it ran: `cpu`, `rocm:0`, `cuda:0`, `emulator`, or `candle (…)`.
+    pub device: String,
     /// Prompt tokens per repetition.
     pub prompt_tokens: usize,
     /// Generated tokens per repetition.
@@ -40,12 +42,21 @@ pub fn median(values: &[f64]) -> f64 {
 /// Runs the benchmark; a warm-up repetition is done first and not counted.
 pub fn run(
     path: &Path,
+    placement: &Placement,
     prompt_tokens: usize,
     gen_tokens: usize,
     reps: usize,
 ) -> Result<BenchReport, BenchError> {
     let started = Instant::now();
-    let model = ChatModel::load(path, &Device::Cpu)?;
+    // One sequence at a time, with room for the prompt and the generated tokens.
+    let engine = EngineConfig {
+        max_active: 1,
+        prefill_chunk: prompt_tokens.max(1),
+        prefix_cache_bytes: 0,
+        max_context: Some(prompt_tokens.max(gen_tokens) + 1),
+        ..EngineConfig::default()
+    };
+    let model = crate::loader::load_chat(path, placement, &engine)?;
     let load_seconds = started.elapsed().as_secs_f64();
     let vocab = model.info().vocab_size.max(2) as u32;
     // Deterministic pseudo-random prompt, as llama-bench uses random tokens.
@@ -78,6 +89,7 @@ pub fn run(
     }
     Ok(BenchReport {
         model: path.display().to_string(),
+        device: model.runs_on(),
         prompt_tokens,
         gen_tokens,
         pp_tps,
@@ -86,9 +98,35 @@ pub fn run(
     })
 }
 
+/// Writes a synthetic chat model (random weights from `seed`, generated tokenizer) of the
+/// named `shape` in `format` to `path`, through a temporary file beside it, so that an
+/// interrupted run leaves no partial model.
+pub fn write_synthetic(
+    path: &Path,
+    shape: &str,
+    format: &str,
+    seed: u64,
+) -> Result<(), BenchError> {
+    use pod_inference::gpu::synthetic::{self, shapes};
+    let model = shapes::shape(shape, format).map_err(BenchError::Synthetic)?;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let io = |e: std::io::Error| BenchError::Synthetic(format!("writing {}: {e}", path.display()));
+    let tmp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
+    synthetic::write_chat_model(tmp.path(), seed, &model)
+        .map_err(|e| BenchError::Synthetic(e.to_string()))?;
+    tmp.persist(path).map_err(|e| io(e.error))?;
+    Ok(())
+}
+
 /// The benchmark could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum BenchError {
+    /// The synthetic model could not be written.
+    #[error("{0}")]
+    Synthetic(String),
     /// Loading failed.
     #[error(transparent)]
     Load(#[from] LoadError),

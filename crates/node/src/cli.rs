@@ -128,7 +128,7 @@ pub(crate) fn exec(cli: Cli, matches: &ArgMatches) -> Result<()> {
         Command::Chat(args) => chat::exec(&home, args),
         Command::Models(cmd) => models::exec(&home, &open_store()?, cmd),
         Command::Infer(args) => infer::exec(&home, &open_store()?, args),
-        Command::Bench(args) => bench::exec(&open_store()?, args),
+        Command::Bench(args) => bench::exec(&home, &open_store()?, args),
         Command::Identity(cmd) => identity::exec(&home, cmd),
         Command::Peers(args) => peers::exec(&home, args),
         Command::Receipts(args) => receipts::exec(&home, args),

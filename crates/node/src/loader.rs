@@ -4,7 +4,9 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use pod_inference::{ChatModel, DeviceSpec, EmbeddingModel, EngineHandle, LoadError, ModelInfo};
+use pod_inference::{
+    ChatModel, EmbeddingModel, EngineConfig, EngineHandle, LoadError, ModelInfo, Placement,
+};
 
 use crate::catalogue::{self, CATALOGUE};
 use crate::store::{ModelFormat, ModelStore, StoreError};
@@ -96,24 +98,33 @@ pub fn resolve(store: &ModelStore, name: &str, pull: bool) -> Result<ResolvedMod
     })
 }
 
-/// Loads a resolved model onto the device and hands it to the engine.
+/// Loads a resolved model onto the placement's device and hands it to the engine. Chat
+/// models go on the GPU when there is one; where one cannot (architecture, memory) it is an
+/// error if the device was named, else the model loads on the CPU with a warning saying why.
+/// Embedding models run on candle's device.
 pub fn load_into(
     engine: &EngineHandle,
     model: &ResolvedModel,
-    device: DeviceSpec,
+    placement: &Placement,
 ) -> Result<ModelInfo, ResolveError> {
     let started = Instant::now();
-    let dev = device.open()?;
-    match model.format {
+    let runs_on = match model.format {
         ModelFormat::Gguf => {
-            let chat = ChatModel::load(&model.path, &dev)?;
+            let chat = load_chat(&model.path, placement, engine.config())?;
+            let runs_on = chat.runs_on();
             engine.add_chat_model(&model.name, chat)?;
+            runs_on
         }
         ModelFormat::SentenceTransformers => {
-            let emb = EmbeddingModel::load(&model.path, &dev)?;
+            let emb = EmbeddingModel::load(&model.path, &placement.candle)?;
             engine.add_embedding_model(&model.name, emb)?;
+            if placement.candle.is_cpu() {
+                "cpu".to_owned()
+            } else {
+                "candle (cuda)".to_owned()
+            }
         }
-    }
+    };
     let info = engine
         .models()
         .into_iter()
@@ -124,9 +135,30 @@ pub fn load_into(
         architecture = %info.architecture,
         quantization = %info.quantization,
         context = info.context_length,
-        device = %device,
+        device = %runs_on,
         ms = started.elapsed().as_millis() as u64,
         "model loaded"
     );
     Ok(info)
+}
+
+/// A chat model on the placement's GPU (sized for what `engine` will ask of it), or on the
+/// CPU where the GPU is not required and the model cannot go on it.
+pub fn load_chat(
+    path: &Path,
+    placement: &Placement,
+    engine: &EngineConfig,
+) -> Result<ChatModel, LoadError> {
+    if let Some(gpu) = &placement.gpu {
+        match ChatModel::load_gpu(path, std::sync::Arc::clone(gpu), engine) {
+            Ok(model) => return Ok(model),
+            Err(e) if placement.strict => return Err(e),
+            Err(e) => tracing::warn!(
+                model = %path.display(),
+                error = %e,
+                "cannot load the model on the GPU; loading it on the CPU"
+            ),
+        }
+    }
+    ChatModel::load(path, &placement.candle)
 }

@@ -203,7 +203,7 @@ impl Node {
                 store,
                 models,
                 engine: engine.clone(),
-                device: opts.device,
+                placement: opts.placement.clone(),
                 pull: opts.pull,
                 mesh,
                 pull_opts: blob::PullOptions {
@@ -351,7 +351,7 @@ fn client_addr(local: SocketAddr) -> SocketAddr {
 #[cfg(test)]
 mod tests {
     use pod_api::ApiKeys;
-    use pod_inference::{DeviceSpec, EngineConfig};
+    use pod_inference::{EngineConfig, Placement};
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
@@ -372,7 +372,7 @@ mod tests {
             api_keys: ApiKeys::default(),
             public_api: false,
             cors_origins: Vec::new(),
-            device: DeviceSpec::Cpu,
+            placement: Placement::cpu(),
             device_name: "none".to_owned(),
             engine: EngineConfig::default(),
             pull: false,

@@ -3,6 +3,7 @@
 use std::fmt;
 use std::str::FromStr;
 
+use pod_inference::gpu::devices::{self, Backend};
 use pod_inference::DeviceSpec;
 
 use crate::catalogue::{DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDING_MODEL};
@@ -44,35 +45,40 @@ pub struct HostResources {
     /// Memory available to this process: installed memory, or a smaller cgroup limit.
     /// `None`: unknown (not Linux, or `/proc` unreadable).
     pub memory_bytes: Option<u64>,
-    /// Whether a GPU backend (CUDA) is compiled into this binary.
+    /// Whether a GPU backend is compiled into this binary (always: the ROCm and CUDA
+    /// runtimes are loaded when a device is opened).
     pub gpu_compiled: bool,
-    /// The GPU device that opened, e.g. `cuda:0`; `None`: no GPU backend, or no device.
+    /// The GPU found, e.g. `rocm:0`; `None`: no GPU runtime or no device.
     pub gpu: Option<String>,
 }
 
 impl HostResources {
-    /// Looks at this machine. Opens the GPU once when a GPU backend is compiled in and the
-    /// device setting allows one (`cpu` skips the probe).
+    /// Looks at this machine: its memory, and the first GPU the device setting allows
+    /// (`cpu` and `emulator` skip the probe; a probe loads the vendor runtime and lists its
+    /// devices, compiling nothing).
     pub fn detect(device: DeviceSpec) -> HostResources {
-        let gpu_compiled = cfg!(feature = "cuda");
+        let wanted = |backend: Backend, ordinal: usize| match device {
+            DeviceSpec::Auto => true,
+            DeviceSpec::Rocm(n) => backend == Backend::Hip && ordinal == n,
+            DeviceSpec::Cuda(n) => backend == Backend::Cuda && ordinal == n,
+            DeviceSpec::Cpu | DeviceSpec::Emulator => false,
+        };
         let gpu = match device {
-            DeviceSpec::Cpu => None,
-            _ if !gpu_compiled => None,
-            DeviceSpec::Auto | DeviceSpec::Cuda(_) | DeviceSpec::Rocm(_) => {
-                let spec = if device == DeviceSpec::Auto {
-                    DeviceSpec::Cuda(0)
-                } else {
-                    device
-                };
-                spec.open()
-                    .ok()
-                    .filter(|d| !d.is_cpu())
-                    .map(|_| spec.to_string())
-            }
+            DeviceSpec::Cpu | DeviceSpec::Emulator => None,
+            _ => devices::discover().backends.iter().find_map(|report| {
+                report
+                    .devices
+                    .iter()
+                    .find(|d| wanted(report.backend, d.ordinal))
+                    .map(|d| match report.backend {
+                        Backend::Hip => format!("rocm:{} ({})", d.ordinal, d.name),
+                        Backend::Cuda => format!("cuda:{} ({})", d.ordinal, d.name),
+                    })
+            }),
         };
         HostResources {
             memory_bytes: memory_bytes(),
-            gpu_compiled,
+            gpu_compiled: true,
             gpu,
         }
     }

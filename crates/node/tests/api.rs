@@ -444,7 +444,7 @@ fn full_queue_means_429_with_retry_after() {
         ..Default::default()
     });
     let model = pod_node::loader::resolve(&common::store(), CHAT, true).unwrap();
-    pod_node::loader::load_into(&engine, &model, pod_inference::DeviceSpec::Cpu).unwrap();
+    pod_node::loader::load_into(&engine, &model, &pod_inference::Placement::cpu()).unwrap();
     let backend = LocalBackend::new(engine, "local");
     backend.set_ready(true);
     let base = serve_backend(backend, "");

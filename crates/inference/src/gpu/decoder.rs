@@ -32,11 +32,13 @@ use crate::model::cpu_decoder::{CpuDecoder, DecoderView};
 
 mod cache;
 mod launch;
+mod memory;
 #[cfg(test)]
 mod tests;
 
 pub use cache::GpuCache;
 use launch::{activation_row_bytes, Kernels};
+pub use memory::{Demand, MemoryNeed, HEADROOM};
 
 /// Loading a model onto a GPU runtime failed.
 #[derive(Debug, thiserror::Error)]
@@ -53,6 +55,17 @@ pub enum GpuLoadError {
     /// Uploading to the device failed.
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
+    /// The device has too little free memory for the model at the context and batch asked.
+    #[error(
+        "the model needs {need} of device memory but the device has {} free; lower --ctx-size or --max-batch (or --prefix-cache), or run it on the CPU with --device cpu",
+        memory::gib(*free)
+    )]
+    Memory {
+        /// What the model needs.
+        need: MemoryNeed,
+        /// Free device memory, bytes.
+        free: usize,
+    },
 }
 
 /// A weight matrix in device memory, in its GGUF blocks.
@@ -174,6 +187,32 @@ impl<R: DeviceRuntime> GpuDecoder<R> {
         let cpu = CpuDecoder::from_gguf(&content, &mut reader, &arch, max_len.min(trained))
             .map_err(GpuLoadError::Weights)?;
         Ok(Self::upload(runtime, &cpu.view())?)
+    }
+
+    /// Reads the weights of an opened GGUF decoder (`arch`: llama, mistral or gemma3) for
+    /// contexts of `max_len` tokens and uploads them if the device has room for them and for
+    /// what `demand` will ask; otherwise fails with [`GpuLoadError::Memory`], having allocated
+    /// nothing on the device.
+    pub(crate) fn load_within<Rd: std::io::Read + std::io::Seek>(
+        runtime: Arc<R>,
+        content: &candle_core::quantized::gguf_file::Content,
+        reader: &mut Rd,
+        arch: &str,
+        max_len: usize,
+        demand: Demand,
+    ) -> Result<(Self, MemoryNeed), GpuLoadError> {
+        if !matches!(arch, "llama" | "mistral" | "gemma3") {
+            return Err(GpuLoadError::Architecture(arch.to_owned()));
+        }
+        let cpu =
+            CpuDecoder::from_gguf(content, reader, arch, max_len).map_err(GpuLoadError::Weights)?;
+        let view = cpu.view();
+        let need = MemoryNeed::of(&view, demand);
+        let free = runtime.free_memory()?;
+        if need.total() > free {
+            return Err(GpuLoadError::Memory { need, free });
+        }
+        Ok((Self::upload(runtime, &view)?, need))
     }
 
     /// Uploads a model the CPU decoder loaded.

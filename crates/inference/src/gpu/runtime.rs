@@ -27,6 +27,7 @@ use super::kernels::{KernelArg, KernelSpec, KERNELS};
 use super::library::LoadError;
 use crate::error::ForwardError;
 
+pub mod any;
 pub mod cuda;
 pub mod emulator;
 pub mod hip;

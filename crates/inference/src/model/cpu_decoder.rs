@@ -29,7 +29,7 @@ mod view;
 
 use ops::{add, dot, exp, project, Activation, Norm, RopeTable};
 
-pub(crate) use view::DecoderView;
+pub(crate) use view::{DecoderView, LayerView};
 
 /// Fewest tokens of KV cache added when a sequence outgrows its cache (else half again what
 /// it holds, so long sequences copy their cache a logarithmic number of times).

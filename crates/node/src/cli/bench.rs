@@ -1,7 +1,12 @@
-//! `pod bench`: prompt-processing and generation speed of a chat model.
+//! `pod bench`: prompt-processing and generation speed of a chat model, on any device, of a
+//! model file or a synthetic model at a named shape.
 
-use anyhow::{bail, Result};
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
+use pod_inference::gpu::synthetic::shapes;
+use pod_inference::DeviceSpec;
 use pod_node::catalogue::DEFAULT_CHAT_MODEL;
 use pod_node::loader;
 use pod_node::store::{ModelFormat, ModelStore};
@@ -9,8 +14,18 @@ use pod_node::store::{ModelFormat, ModelStore};
 #[derive(Debug, Args)]
 pub(crate) struct BenchArgs {
     /// Catalogue name or path to a GGUF file.
-    #[arg(long, short, default_value = DEFAULT_CHAT_MODEL)]
+    #[arg(long, short, default_value = DEFAULT_CHAT_MODEL, conflicts_with = "shape")]
     model: String,
+    /// Instead of a model file, a synthetic model (random weights) of this shape: tiny,
+    /// llama-1b or llama-8b. Written once under the state directory's `synthetic/` and reused.
+    #[arg(long)]
+    shape: Option<String>,
+    /// Weight format of the synthetic model: q4_0, q4_1, q5_0, q8_0, q4_k, q6_k, q4_k_m.
+    #[arg(long, default_value = "q4_k_m", requires = "shape")]
+    format: String,
+    /// Compute device: auto, cpu, rocm[:N], cuda[:N] or emulator (see `pod start --help`).
+    #[arg(long, default_value = "auto")]
+    device: DeviceSpec,
     /// Prompt length in tokens (llama-bench's -p).
     #[arg(long, short = 'p', default_value_t = 128)]
     prompt_tokens: usize,
@@ -25,16 +40,27 @@ pub(crate) struct BenchArgs {
     json: bool,
 }
 
-pub(crate) fn exec(store: &ModelStore, args: BenchArgs) -> Result<()> {
-    let resolved = loader::resolve(store, &args.model, true)?;
-    if resolved.format != ModelFormat::Gguf {
-        bail!("`{}` is not a chat model", args.model);
-    }
+pub(crate) fn exec(home: &Path, store: &ModelStore, args: BenchArgs) -> Result<()> {
     if args.prompt_tokens == 0 || args.gen_tokens == 0 || args.reps == 0 {
         bail!("--prompt-tokens, --gen-tokens and --reps must be at least 1");
     }
+    let path = match &args.shape {
+        Some(shape) => synthetic_model(home, shape, &args.format)?,
+        None => {
+            let resolved = loader::resolve(store, &args.model, true)?;
+            if resolved.format != ModelFormat::Gguf {
+                bail!("`{}` is not a chat model", args.model);
+            }
+            resolved.path
+        }
+    };
+    let placement = args
+        .device
+        .place(&home.join("kernels"))
+        .map_err(|e| anyhow!("--device {}: {e}", args.device))?;
     let report = pod_node::bench::run(
-        &resolved.path,
+        &path,
+        &placement,
         args.prompt_tokens,
         args.gen_tokens,
         args.reps,
@@ -44,6 +70,7 @@ pub(crate) fn exec(store: &ModelStore, args: BenchArgs) -> Result<()> {
     } else {
         use pod_node::bench::median;
         println!("model: {}", report.model);
+        println!("device: {}", report.device);
         println!(
             "pp{}: {:.1} tokens/s (median of {})",
             report.prompt_tokens,
@@ -58,4 +85,22 @@ pub(crate) fn exec(store: &ModelStore, args: BenchArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// The synthetic model of `shape` in `format` under `<home>/synthetic/`, written first when it
+/// is not there yet.
+fn synthetic_model(home: &Path, shape: &str, format: &str) -> Result<PathBuf> {
+    shapes::shape(shape, format).map_err(anyhow::Error::msg)?;
+    let dir = home.join("synthetic");
+    let path = dir.join(format!("{shape}-{}.gguf", format.to_ascii_lowercase()));
+    if path.is_file() {
+        return Ok(path);
+    }
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    eprintln!(
+        "writing a random-weight {shape} model in {format} to {}",
+        path.display()
+    );
+    pod_node::bench::write_synthetic(&path, shape, format, 1)?;
+    Ok(path)
 }

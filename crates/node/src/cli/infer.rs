@@ -55,7 +55,8 @@ pub(crate) struct InferArgs {
     /// Stop before this text (repeatable).
     #[arg(long)]
     stop: Vec<String>,
-    /// Compute device: auto, cpu, cuda[:N], rocm[:N].
+    /// Compute device: auto (the first GPU that opens, else the CPU), cpu, rocm[:N],
+    /// cuda[:N], or emulator (pod's GPU kernels run on the CPU; slow, for diagnosis).
     #[arg(long, default_value = "auto")]
     device: DeviceSpec,
     /// Do not download a missing catalogued model; fail instead.
@@ -125,7 +126,11 @@ pub(crate) fn exec(home: &Path, store: &ModelStore, args: InferArgs) -> Result<(
     }
     request.model = resolved.name.clone();
     let engine = Engine::start(EngineConfig::default());
-    loader::load_into(&engine, &resolved, args.device)?;
+    let placement = args
+        .device
+        .place(&home.join("kernels"))
+        .map_err(|e| anyhow::anyhow!("--device {}: {e}", args.device))?;
+    loader::load_into(&engine, &resolved, &placement)?;
     let mut events = engine.generate(request)?;
     print_completion(|| events.blocking_recv())
 }

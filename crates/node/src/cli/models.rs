@@ -1,6 +1,7 @@
-//! `pod models`: list, download (from peers first, else the catalogue's sources) and delete.
+//! `pod models`: list, download (from peers first, else the catalogue's sources), delete, and
+//! write synthetic models.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -31,6 +32,27 @@ pub(crate) enum ModelsCommand {
         /// Catalogue name.
         name: String,
     },
+    /// Write a llama-shaped GGUF chat model with random weights and a generated tokenizer,
+    /// at a named shape (`tiny`, `llama-1b`, `llama-8b`) and weight format: real input for
+    /// `pod bench`, `pod infer` and llama.cpp alike, to measure speed at realistic sizes
+    /// without a download. Its answers are noise.
+    Synthesize(SynthesizeArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct SynthesizeArgs {
+    /// The shape: tiny (a few MB), llama-1b (Llama 3.2 1B), llama-8b (Llama 3.1 8B).
+    #[arg(long, default_value = "tiny")]
+    shape: String,
+    /// Weight format: q4_0, q4_1, q5_0, q8_0, q4_k, q6_k, or q4_k_m (llama.cpp's mix).
+    #[arg(long, default_value = "q4_k_m")]
+    format: String,
+    /// Seed of the random weights: the same seed writes the same file.
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// The file to write (replaced if it exists).
+    #[arg(long, short)]
+    out: PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -63,7 +85,21 @@ pub(crate) fn exec(home: &Path, store: &ModelStore, cmd: ModelsCommand) -> Resul
         ModelsCommand::List { json } => list(home, store, json),
         ModelsCommand::Pull(args) => pull(home, store, args),
         ModelsCommand::Remove { name } => remove(store, &name),
+        ModelsCommand::Synthesize(args) => synthesize(&args),
     }
+}
+
+fn synthesize(args: &SynthesizeArgs) -> Result<()> {
+    eprintln!(
+        "writing a random-weight {} model in {} to {}",
+        args.shape,
+        args.format,
+        args.out.display()
+    );
+    pod_node::bench::write_synthetic(&args.out, &args.shape, &args.format, args.seed)?;
+    let bytes = std::fs::metadata(&args.out)?.len();
+    println!("{} ({})", args.out.display(), pod_node::profile::gib(bytes));
+    Ok(())
 }
 
 fn list(home: &Path, store: &ModelStore, json: bool) -> Result<()> {

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::ArgMatches;
-use pod_inference::EngineConfig;
+use pod_inference::{EngineConfig, Placement};
 use pod_node::config::{self, FileConfig, StartSettings};
 use pod_node::identity::Identity;
 use pod_node::node::{Node, StartOptions};
@@ -38,7 +38,7 @@ pub(crate) fn exec(
     let store = super::open_store(home, settings.models_dir.as_deref())?;
     let args = settings.args;
 
-    let plan = plan::plan(&store, &args)?;
+    let plan = plan::plan(&store, &args, home)?;
     if args.profile == Profile::Auto {
         tracing::info!(
             profile = %plan.profile.profile,
@@ -67,7 +67,7 @@ pub(crate) fn exec(
         api_keys: plan.api_keys,
         public_api: args.public_api,
         cors_origins: args.cors_origins.clone(),
-        device: args.device,
+        placement: plan.placement.unwrap_or_else(Placement::cpu),
         device_name: plan.device_name,
         engine: EngineConfig {
             max_active: args.max_batch.max(1),

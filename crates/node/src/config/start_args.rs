@@ -56,8 +56,12 @@ pub struct StartArgs {
         value_delimiter = ','
     )]
     pub cors_origins: Vec<String>,
-    /// Compute device: auto, cpu, cuda[:N], rocm[:N]. For AMD GPUs the HIP runtime does not
-    /// list (e.g. gfx906, MI50), set HSA_OVERRIDE_GFX_VERSION (e.g. 9.0.6).
+    /// Compute device for chat models: auto (the first GPU that opens, else the CPU, with a log
+    /// line saying why), cpu, rocm[:N] (AMD, through ROCm's HIP runtime), cuda[:N] (NVIDIA), or
+    /// emulator (pod's GPU kernels run on the CPU: slow, for diagnosis). A named GPU that
+    /// cannot take a model (no runtime, no device, too little memory) fails the start. For
+    /// AMD GPUs the HIP runtime does not list (e.g. gfx906, MI50), set
+    /// HSA_OVERRIDE_GFX_VERSION (e.g. 9.0.6).
     #[arg(long, default_value = "auto", env = "POD_DEVICE")]
     pub device: DeviceSpec,
     /// Sequences generated at once; further requests queue.

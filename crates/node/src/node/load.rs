@@ -4,7 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use pod_inference::{DeviceSpec, EngineHandle};
+use pod_inference::{EngineHandle, Placement};
 
 use super::NodeError;
 use crate::blob::{self, BlobServer};
@@ -27,7 +27,7 @@ pub(super) struct ModelLoad {
     /// The engine they are loaded into.
     pub(super) engine: EngineHandle,
     /// The device they are loaded on.
-    pub(super) device: DeviceSpec,
+    pub(super) placement: Placement,
     /// Pull missing models, from peers first and then from their sources (false: a missing
     /// model fails the start).
     pub(super) pull: bool,
@@ -46,7 +46,7 @@ impl ModelLoad {
             store,
             models,
             engine,
-            device,
+            placement,
             pull,
             mesh,
             pull_opts,
@@ -62,7 +62,7 @@ impl ModelLoad {
                         model: name.clone(),
                         source: Box::new(source),
                     })?;
-                loader::load_into(&engine, &resolved, device).map_err(|source| {
+                loader::load_into(&engine, &resolved, &placement).map_err(|source| {
                     NodeError::Load {
                         model: name.clone(),
                         source: Box::new(source),

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use pod_api::{ApiConfig, ApiKeys};
-use pod_inference::{DeviceSpec, EngineConfig};
+use pod_inference::{EngineConfig, Placement};
 
 use super::NodeError;
 use crate::backend::Route;
@@ -35,9 +35,10 @@ pub struct StartOptions {
     pub public_api: bool,
     /// Web origins whose pages may call the API from a browser (`*`: any); empty: none.
     pub cors_origins: Vec<String>,
-    /// Compute device.
-    pub device: DeviceSpec,
-    /// The device `device` opened, e.g. `cpu` or `cuda:0`, for announcements and `pod status`.
+    /// The opened compute device models are loaded on.
+    pub placement: Placement,
+    /// The device models run on, e.g. `cpu`, `rocm:0` or `cuda:0`, for announcements and
+    /// `pod status`; `none` without models.
     pub device_name: String,
     /// Engine limits.
     pub engine: EngineConfig,

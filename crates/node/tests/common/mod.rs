@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use std::sync::OnceLock;
 
 use pod_inference::{
-    ChatMessage, DeviceSpec, Engine, EngineConfig, EngineHandle, FinishReason, GenerateEvent,
-    GenerateRequest, Prompt, Role, Usage,
+    ChatMessage, Engine, EngineConfig, EngineHandle, FinishReason, GenerateEvent, GenerateRequest,
+    Prompt, Role, Usage,
 };
 use pod_node::catalogue::{DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDING_MODEL};
 use pod_node::loader;
@@ -46,7 +46,7 @@ pub fn engine_with(config: EngineConfig) -> EngineHandle {
     let engine = Engine::start(config);
     for name in [DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDING_MODEL] {
         let resolved = loader::resolve(&store(), name, true).expect("pull");
-        loader::load_into(&engine, &resolved, DeviceSpec::Cpu).expect("load");
+        loader::load_into(&engine, &resolved, &pod_inference::Placement::cpu()).expect("load");
     }
     engine
 }

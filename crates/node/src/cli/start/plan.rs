@@ -2,11 +2,13 @@
 //! keys and mesh, checked as the node would, and printed by `--dry-run`.
 
 use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use libp2p::Multiaddr;
-use pod_inference::DeviceSpec;
+use pod_inference::gpu::devices::{self, Backend};
+use pod_inference::{DeviceSpec, Placement};
 use pod_node::catalogue;
 use pod_node::config::{self, Source, Sources, StartArgs};
 use pod_node::loader::{self, ResolveError};
@@ -21,6 +23,8 @@ pub(super) struct Plan {
     pub(super) profile: profile::Choice,
     pub(super) models: Vec<PlannedModel>,
     pub(super) device_name: String,
+    /// The opened device; `None` for a dry run or without models.
+    pub(super) placement: Option<Placement>,
     pub(super) api_keys: pod_api::ApiKeys,
     pub(super) mesh: MeshConfig,
 }
@@ -39,7 +43,7 @@ pub(super) struct PlannedModel {
 }
 
 /// Resolves the profile, models, device and keys, and checks them as `pod start` would.
-pub(super) fn plan(store: &ModelStore, args: &StartArgs) -> Result<Plan> {
+pub(super) fn plan(store: &ModelStore, args: &StartArgs, home: &Path) -> Result<Plan> {
     let hardware = HostResources::detect(args.device);
     let choice = args.profile.choose(&hardware);
     let names: Vec<String> = if args.models.is_empty() {
@@ -56,10 +60,13 @@ pub(super) fn plan(store: &ModelStore, args: &StartArgs) -> Result<Plan> {
     for name in names {
         models.push(plan_model(store, &name, !args.no_pull)?);
     }
-    let device_name = if models.is_empty() {
-        "none".to_owned()
+    let (device_name, placement) = if models.is_empty() {
+        ("none".to_owned(), None)
+    } else if args.dry_run {
+        (find_device(args.device)?, None)
     } else {
-        open_device(args.device)?
+        let placement = open_device(args.device, home)?;
+        (placement.name(), Some(placement))
     };
     let api_keys = match &args.api_key_file {
         Some(path) if !args.no_api => {
@@ -85,6 +92,7 @@ pub(super) fn plan(store: &ModelStore, args: &StartArgs) -> Result<Plan> {
         profile: choice,
         models,
         device_name,
+        placement,
         api_keys,
     })
 }
@@ -116,9 +124,9 @@ fn plan_model(store: &ModelStore, name: &str, pull: bool) -> Result<PlannedModel
     }
 }
 
-/// Opens the device once to say which it is (`auto` resolved) and to fail before binding
-/// anything when its backend is missing.
-fn open_device(spec: DeviceSpec) -> Result<String> {
+/// Opens the device (loading its runtime and compiling pod's kernels for it, cached under
+/// `<home>/kernels`), failing before anything binds when a named device cannot be opened.
+fn open_device(spec: DeviceSpec, home: &Path) -> Result<Placement> {
     if let DeviceSpec::Rocm(_) = spec {
         // The HIP runtime reads it itself; pod passes the environment through untouched.
         if let Some(v) = std::env::var_os("HSA_OVERRIDE_GFX_VERSION") {
@@ -128,13 +136,48 @@ fn open_device(spec: DeviceSpec) -> Result<String> {
             );
         }
     }
-    let device = spec.open().map_err(|e| anyhow!("--device {spec}: {e}"))?;
-    Ok(match spec {
-        _ if device.is_cpu() => "cpu".to_owned(),
-        // `auto` opens the first GPU.
-        DeviceSpec::Auto => DeviceSpec::Cuda(0).to_string(),
-        other => other.to_string(),
-    })
+    let placement = spec
+        .place(&home.join("kernels"))
+        .map_err(|e| anyhow!("--device {spec}: {e}"))?;
+    tracing::info!(device = %placement.describe(), "compute device opened");
+    Ok(placement)
+}
+
+/// The device `spec` would open, found without opening it (a dry run compiles nothing): a
+/// named GPU must be present.
+fn find_device(spec: DeviceSpec) -> Result<String> {
+    let backend = match spec {
+        DeviceSpec::Cpu | DeviceSpec::Emulator => return Ok(spec.to_string()),
+        DeviceSpec::Auto => None,
+        DeviceSpec::Rocm(n) => Some((Backend::Hip, n)),
+        DeviceSpec::Cuda(n) => Some((Backend::Cuda, n)),
+    };
+    let found = devices::discover();
+    let name = |b: Backend, n: usize| match b {
+        Backend::Hip => DeviceSpec::Rocm(n).to_string(),
+        Backend::Cuda => DeviceSpec::Cuda(n).to_string(),
+    };
+    for report in &found.backends {
+        match backend {
+            None => {
+                if let Some(d) = report.devices.first() {
+                    return Ok(name(report.backend, d.ordinal));
+                }
+            }
+            Some((b, n)) if b == report.backend => {
+                if report.devices.iter().any(|d| d.ordinal == n) {
+                    return Ok(spec.to_string());
+                }
+                let why = match &report.unavailable {
+                    Some(e) => e.to_string(),
+                    None => format!("there are {} {b} device(s)", report.devices.len()),
+                };
+                bail!("--device {spec}: no such device: {why}");
+            }
+            Some(_) => {}
+        }
+    }
+    Ok("cpu".to_owned())
 }
 
 fn mesh_config(args: &StartArgs, profile: Profile) -> MeshConfig {

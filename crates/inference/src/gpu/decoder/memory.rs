@@ -1,0 +1,118 @@
+//! How much device memory a model needs before it is uploaded: its weights, the KV caches of
+//! as many sequences as the engine runs at once (each up to the context length) plus the
+//! prefix cache's budget, and the workspace of the largest pass.
+
+use std::fmt;
+
+use super::launch::activation_row_bytes;
+use crate::gpu::kernels::Activations;
+use crate::model::cpu_decoder::DecoderView;
+
+/// Device memory left free beyond the estimate, for the runtime's own allocations, the
+/// temporary copy while a KV cache grows, and fragmentation.
+pub const HEADROOM: usize = 256 << 20;
+
+/// What the engine will ask of a decoder at most.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Demand {
+    /// Sequences generated at once, each with its own KV cache.
+    pub sequences: usize,
+    /// Tokens fed in one forward pass over all sequences.
+    pub rows_per_pass: usize,
+    /// Bytes of KV cache the prefix cache may keep beyond the running sequences'.
+    pub prefix_cache_bytes: usize,
+}
+
+/// Device memory a model needs, by what it is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MemoryNeed {
+    /// Weight matrices in their GGUF blocks, norms, RoPE tables.
+    pub weights: usize,
+    /// KV caches of every running sequence at the full context, plus the prefix cache.
+    pub kv_caches: usize,
+    /// Buffers of the largest forward pass.
+    pub workspace: usize,
+    /// The context length each cache is sized for.
+    pub context: usize,
+    /// Sequences at once.
+    pub sequences: usize,
+}
+
+impl MemoryNeed {
+    /// Everything, with [`HEADROOM`].
+    pub fn total(&self) -> usize {
+        self.weights + self.kv_caches + self.workspace + HEADROOM
+    }
+
+    /// Computes the need of `m` under `demand`.
+    pub(crate) fn of(m: &DecoderView<'_>, demand: Demand) -> Self {
+        const F32: usize = 4;
+        let norms = |l: &crate::model::cpu_decoder::LayerView<'_>| {
+            [l.q_norm, l.k_norm, l.post_attn_norm, l.post_ffn_norm]
+                .iter()
+                .flatten()
+                .map(|n| n.len())
+                .sum::<usize>()
+                + l.attn_norm.len()
+                + l.ffn_norm.len()
+        };
+        let mut weights = m.embed.data().len() + m.norm.len() * F32;
+        if !std::sync::Arc::ptr_eq(m.output.data(), m.embed.data()) {
+            weights += m.output.data().len();
+        }
+        for l in &m.layers {
+            weights += [l.wq, l.wk, l.wv, l.wo, l.gate, l.up, l.down]
+                .iter()
+                .map(|w| w.data().len())
+                .sum::<usize>();
+            weights += norms(l) * F32;
+        }
+        weights += m
+            .ropes
+            .iter()
+            .map(|(c, s)| (c.len() + s.len()) * F32)
+            .sum::<usize>();
+
+        let kv_w = m.n_kv_head * m.head_dim;
+        let per_sequence = 2 * m.layers.len() * m.max_len * kv_w * F32;
+        let kv_caches = demand.sequences.max(1) * per_sequence + demand.prefix_cache_bytes;
+
+        let q_w = m.n_head * m.head_dim;
+        let ffn = m.layers.first().map_or(0, |l| l.gate.rows());
+        let widest = m.hidden.max(q_w).max(ffn);
+        let rows = demand.rows_per_pass.max(demand.sequences).max(1);
+        let f32_row = 2 * m.hidden + 2 * q_w + 2 * kv_w + m.hidden.max(q_w) + 2 * ffn;
+        let quant_row = activation_row_bytes(Activations::Q8, widest)
+            + activation_row_bytes(Activations::Q8K, widest.next_multiple_of(256));
+        let logits = demand.sequences.max(1) * (m.output.rows() + 2 * m.hidden) * F32;
+        let workspace = rows * (f32_row * F32 + quant_row + 3 * 4) + logits;
+        MemoryNeed {
+            weights,
+            kv_caches,
+            workspace,
+            context: m.max_len,
+            sequences: demand.sequences.max(1),
+        }
+    }
+}
+
+/// Bytes as GiB with two decimals.
+pub(crate) fn gib(bytes: usize) -> String {
+    format!("{:.2} GiB", bytes as f64 / f64::from(1u32 << 30))
+}
+
+impl fmt::Display for MemoryNeed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} (weights {}, KV caches {} for {} sequence(s) of {} tokens, workspace {}, headroom {})",
+            gib(self.total()),
+            gib(self.weights),
+            gib(self.kv_caches),
+            self.sequences,
+            self.context,
+            gib(self.workspace),
+            gib(HEADROOM)
+        )
+    }
+}

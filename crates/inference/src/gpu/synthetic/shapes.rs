@@ -1,0 +1,140 @@
+//! Named model shapes and weight formats for synthetic models: the shapes of models people
+//! run (Llama 3.2 1B, Llama 3.1 8B) and a tiny one for tests, in the formats GGUF files come
+//! in, so that speed at realistic sizes is measured without a download.
+
+use candle_core::quantized::GgmlDType;
+
+use super::{Family, ModelShape};
+
+/// A named shape: its sizes, before formats are chosen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NamedShape {
+    /// The name `--shape` takes.
+    pub name: &'static str,
+    /// What it is the shape of.
+    pub about: &'static str,
+    hidden: usize,
+    heads: usize,
+    kv_heads: usize,
+    ffn: usize,
+    vocab: usize,
+    layers: usize,
+    context: usize,
+}
+
+/// Every named shape.
+pub const SHAPES: [NamedShape; 3] = [
+    NamedShape {
+        name: "tiny",
+        about: "2 layers, hidden 256: a few MB, for tests",
+        hidden: 256,
+        heads: 4,
+        kv_heads: 2,
+        ffn: 512,
+        vocab: 512,
+        layers: 2,
+        context: 1024,
+    },
+    NamedShape {
+        name: "llama-1b",
+        about: "Llama 3.2 1B: 16 layers, hidden 2048, 128k vocabulary",
+        hidden: 2048,
+        heads: 32,
+        kv_heads: 8,
+        ffn: 8192,
+        vocab: 128_256,
+        layers: 16,
+        context: 8192,
+    },
+    NamedShape {
+        name: "llama-8b",
+        about: "Llama 3.1 8B: 32 layers, hidden 4096, 128k vocabulary",
+        hidden: 4096,
+        heads: 32,
+        kv_heads: 8,
+        ffn: 14_336,
+        vocab: 128_256,
+        layers: 32,
+        context: 8192,
+    },
+];
+
+/// The formats `--format` takes: one GGUF type everywhere, or `q4_k_m`, llama.cpp's mix
+/// (Q6_K for the output head and for the value and down projections of every other layer,
+/// Q4_K elsewhere).
+pub const FORMATS: [&str; 7] = ["q4_0", "q4_1", "q5_0", "q8_0", "q4_k", "q6_k", "q4_k_m"];
+
+fn dtype(format: &str) -> Option<GgmlDType> {
+    Some(match format {
+        "q4_0" => GgmlDType::Q4_0,
+        "q4_1" => GgmlDType::Q4_1,
+        "q5_0" => GgmlDType::Q5_0,
+        "q8_0" => GgmlDType::Q8_0,
+        "q4_k" | "q4_k_m" => GgmlDType::Q4K,
+        "q6_k" => GgmlDType::Q6K,
+        _ => return None,
+    })
+}
+
+/// The model of shape `name` in `format`, or why there is none.
+pub fn shape(name: &str, format: &str) -> Result<ModelShape, String> {
+    let s = SHAPES.iter().find(|s| s.name == name).ok_or_else(|| {
+        let names: Vec<_> = SHAPES.iter().map(|s| s.name).collect();
+        format!("unknown shape `{name}` (known: {})", names.join(", "))
+    })?;
+    let format = format.to_ascii_lowercase();
+    let main = dtype(&format)
+        .ok_or_else(|| format!("unknown format `{format}` (known: {})", FORMATS.join(", ")))?;
+    let mixed = format == "q4_k_m";
+    let layer_formats = (0..s.layers)
+        .map(|i| {
+            let mut f = [main; 7];
+            if mixed && i % 2 == 0 {
+                // attn_v and ffn_down, in PROJECTIONS order.
+                f[2] = GgmlDType::Q6K;
+                f[6] = GgmlDType::Q6K;
+            }
+            f
+        })
+        .collect();
+    Ok(ModelShape {
+        family: Family::Llama,
+        hidden: s.hidden,
+        heads: s.heads,
+        kv_heads: s.kv_heads,
+        ffn: s.ffn,
+        vocab: s.vocab,
+        context: s.context,
+        embedding: main,
+        output: Some(if mixed { GgmlDType::Q6K } else { main }),
+        layer_formats,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_shapes_and_formats_and_refuses_others() {
+        let m = shape("llama-8b", "Q4_K_M").unwrap();
+        assert_eq!((m.hidden, m.layer_formats.len()), (4096, 32));
+        assert_eq!(m.layer_formats[0][2], GgmlDType::Q6K);
+        assert_eq!(m.layer_formats[1][2], GgmlDType::Q4K);
+        assert_eq!(m.output, Some(GgmlDType::Q6K));
+        assert!(shape("llama-2b", "q4_0")
+            .unwrap_err()
+            .contains("unknown shape"));
+        assert!(shape("tiny", "q3_k")
+            .unwrap_err()
+            .contains("unknown format"));
+        for s in SHAPES {
+            assert_eq!(
+                s.hidden % 256,
+                0,
+                "{}: K-quants need whole super-blocks",
+                s.name
+            );
+        }
+    }
+}
