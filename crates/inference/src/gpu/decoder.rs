@@ -20,7 +20,7 @@
 use std::fmt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use crate::decoder::BatchDecoder;
 use crate::error::{ForwardError, LoadError};
@@ -146,6 +146,10 @@ pub struct GpuDecoder<R: DeviceRuntime> {
     /// Cosine and sine tables `[max_len, head_dim / 2]`, one pair per RoPE base.
     ropes: Vec<(DeviceBuffer<R>, DeviceBuffer<R>)>,
     shape: Shape,
+    /// The buffers of the last pass, kept for the next: allocating and freeing device memory
+    /// on every pass would cost more than small passes themselves. Grown when a pass carries
+    /// more rows or sequences; one pass at a time holds it.
+    buffers: Mutex<Buffers<R>>,
 }
 
 impl<R: DeviceRuntime> fmt::Debug for GpuDecoder<R> {
@@ -272,6 +276,10 @@ impl<R: DeviceRuntime> GpuDecoder<R> {
             ropes,
             shape,
             id: IDS.fetch_add(1, Ordering::Relaxed),
+            buffers: Mutex::new(Buffers {
+                rows: None,
+                outputs: None,
+            }),
             runtime,
         })
     }
@@ -292,8 +300,33 @@ impl<R: DeviceRuntime> GpuDecoder<R> {
     }
 }
 
-/// Device buffers of one pass over `m` rows.
+/// The buffers a pass uses, each sized for the largest pass so far.
+struct Buffers<R: DeviceRuntime> {
+    rows: Option<Workspace<R>>,
+    outputs: Option<Outputs<R>>,
+}
+
+/// Per-sequence buffers of a pass: which row is each sequence's last, that row, normed, and
+/// the logits.
+struct Outputs<R: DeviceRuntime> {
+    /// Sequences they hold.
+    seqs: usize,
+    last: DeviceBuffer<R>,
+    gathered: DeviceBuffer<R>,
+    normed: DeviceBuffer<R>,
+    logits: DeviceBuffer<R>,
+}
+
+/// Rows a new workspace holds: at least `m`, rounded up so that growing passes reallocate
+/// a logarithmic number of times.
+fn capacity(m: usize) -> usize {
+    m.max(16).next_power_of_two()
+}
+
+/// Device buffers of passes over up to `rows` rows.
 struct Workspace<R: DeviceRuntime> {
+    /// Rows every buffer holds.
+    rows: usize,
     x: DeviceBuffer<R>,
     h: DeviceBuffer<R>,
     q: DeviceBuffer<R>,
@@ -333,12 +366,13 @@ fn rows<R: DeviceRuntime>(
 }
 
 impl<R: DeviceRuntime> GpuDecoder<R> {
-    fn workspace(&self, m: usize, ids: &[i32], pos: &[i32]) -> Result<Workspace<R>, RuntimeError> {
+    fn workspace(&self, m: usize) -> Result<Workspace<R>, RuntimeError> {
         let s = &self.shape;
         let rt = &self.runtime;
         let widest = s.hidden.max(s.q_w()).max(s.ffn);
         let buf = |n: usize| DeviceBuffer::new(rt, f32_bytes(n));
         Ok(Workspace {
+            rows: m,
             x: buf(m * s.hidden)?,
             h: buf(m * s.hidden)?,
             q: buf(m * s.q_w())?,
@@ -353,10 +387,40 @@ impl<R: DeviceRuntime> GpuDecoder<R> {
                 rt,
                 m * activation_row_bytes(Activations::Q8K, widest.next_multiple_of(256)),
             )?,
-            ids: DeviceBuffer::from_slice(rt, ids)?,
-            pos: DeviceBuffer::from_slice(rt, pos)?,
+            ids: DeviceBuffer::new(rt, m * 4)?,
+            pos: DeviceBuffer::new(rt, m * 4)?,
             zeros: DeviceBuffer::from_slice(rt, &vec![0i32; m])?,
         })
+    }
+
+    fn outputs(&self, b: usize) -> Result<Outputs<R>, RuntimeError> {
+        let (rt, s) = (&self.runtime, &self.shape);
+        Ok(Outputs {
+            seqs: b,
+            last: DeviceBuffer::new(rt, b * 4)?,
+            gathered: DeviceBuffer::new(rt, f32_bytes(b * s.hidden))?,
+            normed: DeviceBuffer::new(rt, f32_bytes(b * s.hidden))?,
+            logits: DeviceBuffer::new(rt, f32_bytes(b * s.vocab))?,
+        })
+    }
+
+    /// The kept buffers, grown to hold a pass of `m` rows over `b` sequences. A buffer too
+    /// small is freed before its replacement is allocated.
+    fn buffers(
+        &self,
+        m: usize,
+        b: usize,
+    ) -> Result<std::sync::MutexGuard<'_, Buffers<R>>, RuntimeError> {
+        let mut held = self.buffers.lock().unwrap_or_else(PoisonError::into_inner);
+        if held.rows.as_ref().is_none_or(|w| w.rows < m) {
+            held.rows = None;
+            held.rows = Some(self.workspace(capacity(m))?);
+        }
+        if held.outputs.as_ref().is_none_or(|o| o.seqs < b) {
+            held.outputs = None;
+            held.outputs = Some(self.outputs(capacity(b))?);
+        }
+        Ok(held)
     }
 
     /// `outs[i] = x · ws[i]ᵀ` for `m` rows of `x`, quantised once per activation form.
@@ -429,7 +493,19 @@ impl<R: DeviceRuntime> GpuDecoder<R> {
         let m = ids.len();
         let max_id = ids.iter().copied().max().unwrap_or(0) as usize;
         let max_pos = pos.iter().copied().max().unwrap_or(0) as usize;
-        let mut ws = self.workspace(m, &ids, &pos)?;
+        let mut held = self.buffers(m, last.len())?;
+        let Buffers {
+            rows: Some(ws),
+            outputs: Some(out),
+        } = &mut *held
+        else {
+            return Err(RuntimeError::Alloc {
+                bytes: 0,
+                reason: "no workspace".into(),
+            });
+        };
+        ws.ids.upload(0, &ids)?;
+        ws.pos.upload(0, &pos)?;
         let k = Kernels(&*self.runtime);
         let all_pos = (ws.pos.all(), max_pos);
 
@@ -506,11 +582,9 @@ impl<R: DeviceRuntime> GpuDecoder<R> {
         }
 
         let b = last.len();
-        let rt = &self.runtime;
-        let last_ids = DeviceBuffer::from_slice(rt, &last)?;
-        let gathered = DeviceBuffer::new(rt, f32_bytes(b * d))?;
-        let normed = DeviceBuffer::new(rt, f32_bytes(b * d))?;
-        let logits = DeviceBuffer::new(rt, f32_bytes(b * s.vocab))?;
+        out.last.upload(0, &last)?;
+        let (last_ids, gathered, normed) = (&out.last, &out.gathered, &out.normed);
+        let logits = first(&out.logits, b * s.vocab)?;
         let x_f32 = (ws.x.all(), m);
         k.embed(
             WeightFormat::F32,
@@ -524,11 +598,11 @@ impl<R: DeviceRuntime> GpuDecoder<R> {
         k.rms_norm((gathered.all(), normed.all()), self.norm.all(), b, d, s.eps)?;
         let output = self.output.as_ref().unwrap_or(&self.embed);
         // The workspace's quantisation buffers hold m ≥ b rows.
-        self.project(&ws, normed.all(), b, &[(output, logits.all())])?;
+        self.project(ws, normed.all(), b, &[(output, logits)])?;
         self.runtime.synchronize()?;
-        let mut out = vec![0.0f32; b * s.vocab];
-        logits.download(0, &mut out)?;
-        Ok(out.chunks_exact(s.vocab).map(<[f32]>::to_vec).collect())
+        let mut host = vec![0.0f32; b * s.vocab];
+        out.logits.download(0, &mut host)?;
+        Ok(host.chunks_exact(s.vocab).map(<[f32]>::to_vec).collect())
     }
 }
 
