@@ -344,8 +344,16 @@ fn version_json_names_the_build() {
     let home = tempfile::tempdir().unwrap();
     let v = json_of(&pod_at(home.path(), &["version", "--json"]));
     assert_eq!(v["version"], env!("CARGO_PKG_VERSION"));
-    assert_eq!(v["features"]["cuda"], cfg!(feature = "cuda"));
-    assert_eq!(v["features"]["rocm"], false);
+    assert_eq!(v["features"]["candle_cuda"], cfg!(feature = "cuda"));
+    assert_eq!(v["features"]["rocm"], true);
+    assert_eq!(v["features"]["cuda"], true);
+    let backends: Vec<&str> = v["gpu_backends"]
+        .as_array()
+        .expect("gpu_backends")
+        .iter()
+        .map(|b| b["backend"].as_str().expect("backend"))
+        .collect();
+    assert_eq!(backends, ["hip", "cuda"]);
     assert!(v["target"]
         .as_str()
         .unwrap()

@@ -1,4 +1,5 @@
-//! `pod version`: the version, the build, and the CPU kernels this machine will run.
+//! `pod version`: the version, the build, the CPU kernels this machine will run, and the GPU
+//! backends with the devices they found.
 
 use anyhow::Result;
 use clap::Args;
@@ -26,13 +27,32 @@ pub(crate) fn exec(args: VersionArgs) -> Result<()> {
     let cpu_features = cpu_features();
     let cpu_kernels = pod_inference::kernels::cpu_level();
     let cuda = cfg!(feature = "cuda");
+    let found = pod_inference::gpu::devices::discover();
+    let gpus: Vec<serde_json::Value> = found
+        .backends
+        .iter()
+        .map(|b| {
+            serde_json::json!({
+                "backend": b.backend,
+                "library": b.library,
+                "runtime_version": b.runtime_version,
+                "devices": b.devices.iter().map(|d| serde_json::json!({
+                    "ordinal": d.ordinal,
+                    "name": d.name,
+                    "arch": d.arch,
+                })).collect::<Vec<_>>(),
+                "unavailable": b.unavailable.as_ref().map(ToString::to_string),
+            })
+        })
+        .collect();
     let info = serde_json::json!({
         "name": "pod",
         "version": env!("CARGO_PKG_VERSION"),
         "agent": pod_node::mesh::agent_version(),
         "target": target,
         "debug_build": cfg!(debug_assertions),
-        "features": { "cuda": cuda, "rocm": false },
+        "features": { "candle_cuda": cuda, "rocm": true, "cuda": true },
+        "gpu_backends": gpus,
         "cpu_features": cpu_features,
         "cpu_kernels": cpu_kernels,
         "protocols": {
@@ -56,8 +76,24 @@ pub(crate) fn exec(args: VersionArgs) -> Result<()> {
             ""
         }
     );
-    println!("cuda      {}", on(cuda));
-    println!("rocm      off (not available in this version)");
+    for b in &found.backends {
+        let name = match b.backend {
+            pod_inference::gpu::devices::Backend::Hip => "rocm",
+            pod_inference::gpu::devices::Backend::Cuda => "cuda",
+        };
+        let devices: Vec<String> = b
+            .devices
+            .iter()
+            .map(|d| format!("{name}:{} {} ({})", d.ordinal, d.name, d.arch))
+            .collect();
+        let state = match (&b.unavailable, devices.is_empty()) {
+            (_, false) => devices.join(", "),
+            (Some(why), true) => format!("no device: {why}"),
+            (None, true) => "no device".to_owned(),
+        };
+        println!("{name:<9} built in (runtime loaded at start); {state}");
+    }
+    println!("candle    CUDA backend {}", on(cuda));
     println!(
         "cpu       {cpu_kernels} kernels ({})",
         if cpu_features.is_empty() {
