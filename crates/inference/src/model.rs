@@ -141,6 +141,12 @@ impl ChatModel {
                 gemma3::Gemma3::from_gguf(content, &mut reader, context_length, device)
                     .map_err(model_err)?,
             ),
+            "qwen2" => {
+                return Err(LoadError::Device(
+                    "qwen2 models need pod's CPU decoder, which needs a CPU with AVX2, or a GPU"
+                        .into(),
+                ))
+            }
             "qwen3" => Weights::Qwen3(
                 quantized_qwen3::ModelWeights::from_gguf(content, &mut reader, device)
                     .map_err(model_err)?,
@@ -191,7 +197,7 @@ impl ChatModel {
         .map_err(|e| match e {
             GpuLoadError::File(e) => e,
             GpuLoadError::Architecture(arch) => LoadError::Device(format!(
-                "{device}: pod's GPU decoder does not run architecture `{arch}` (it runs llama, mistral and gemma3); run it with --device cpu"
+                "{device}: pod's GPU decoder does not run architecture `{arch}` (it runs llama, mistral, gemma3, qwen2 and qwen3); run it with --device cpu"
             )),
             GpuLoadError::Weights(source) => LoadError::Model { path, source },
             other => LoadError::Device(format!("{device}: {other}")),
@@ -342,7 +348,7 @@ impl TextSide {
         let trained_ctx = file.context_length().unwrap_or(2048);
         // pod's decoders and candle's llama precompute rotary tables for a fixed window.
         let context_length = match arch.as_str() {
-            "llama" | "mistral" | "gemma3" => trained_ctx.min(MAX_CONTEXT),
+            "llama" | "mistral" | "gemma3" | "qwen2" | "qwen3" => trained_ctx.min(MAX_CONTEXT),
             _ => trained_ctx,
         };
         Ok(Self {

@@ -978,14 +978,19 @@ fn device_check_on_a_missing_gpu_is_one_line() {
 /// A tiny random-weight chat model in `format`, written by `pod models synthesize` into
 /// `dir`.
 fn synthetic_model(dir: &Path, format: &str) -> std::path::PathBuf {
-    let path = dir.join(format!("tiny-{format}.gguf"));
+    synthetic_shape(dir, "tiny", format)
+}
+
+/// A random-weight chat model of `shape` in `format`, written into `dir`.
+fn synthetic_shape(dir: &Path, shape: &str, format: &str) -> std::path::PathBuf {
+    let path = dir.join(format!("{shape}-{format}.gguf"));
     let o = pod_at(
         dir,
         &[
             "models",
             "synthesize",
             "--shape",
-            "tiny",
+            shape,
             "--format",
             format,
             "--out",
@@ -1035,6 +1040,18 @@ fn a_model_on_the_gpu_kernels_answers_as_on_the_cpu() {
 }
 
 #[test]
+fn qwen_models_answer_on_the_gpu_kernels_as_on_the_cpu() {
+    let home = tempfile::tempdir().unwrap();
+    for shape in ["tiny-qwen2", "tiny-qwen3"] {
+        let model = synthetic_shape(home.path(), shape, "q4_0");
+        let cpu = greedy_answer(home.path(), &model, "cpu");
+        let gpu = greedy_answer(home.path(), &model, "emulator");
+        assert!(!cpu.trim().is_empty(), "{shape}: no answer");
+        assert_eq!(gpu, cpu, "{shape}");
+    }
+}
+
+#[test]
 fn a_model_too_big_for_the_device_is_one_line_saying_what_to_lower() {
     let home = tempfile::tempdir().unwrap();
     let model = synthetic_model(home.path(), "q8_0");
@@ -1073,12 +1090,19 @@ fn a_model_too_big_for_the_device_is_one_line_saying_what_to_lower() {
 fn bench_measures_a_synthetic_shape_on_the_gpu_kernels() {
     let home = tempfile::tempdir().unwrap();
     let home_s = home.path().to_str().expect("utf-8 path");
-    let o = pod_at(
-        home.path(),
-        &[
-            "bench", "--shape", "tiny", "--format", "q8_0", "--device", "emulator", "-p", "8",
-            "-n", "2", "-r", "1", "--json",
-        ],
+    // The emulator runs each GPU thread as a fiber: slow, the more so on a loaded machine.
+    let o = run_bounded(
+        Command::new(env!("CARGO_BIN_EXE_pod"))
+            .arg("--home")
+            .arg(home.path())
+            .args([
+                "--log", "warn", "bench", "--shape", "tiny", "--format", "q8_0",
+            ])
+            .args([
+                "--device", "emulator", "-p", "4", "-n", "1", "-r", "1", "--json",
+            ]),
+        "",
+        Duration::from_secs(300),
     );
     assert!(o.status.success(), "{}", stderr(&o));
     let report = json_of(&o);
@@ -1096,5 +1120,5 @@ fn bench_measures_a_synthetic_shape_on_the_gpu_kernels() {
         home.path(),
         &["bench", "--shape", "huge", "--device", "cpu"],
     );
-    assert_one_line_error(&o, "unknown shape `huge` (known: tiny, llama-1b, llama-8b)");
+    assert_one_line_error(&o, "unknown shape `huge` (known: tiny, llama-1b, llama-8b, tiny-qwen2, tiny-qwen3, qwen2-1.5b)");
 }

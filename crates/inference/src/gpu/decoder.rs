@@ -28,7 +28,7 @@ use crate::gguf::GgufFile;
 use crate::gpu::kernels::{Activations, WeightFormat};
 use crate::gpu::runtime::{DeviceBuffer, DeviceRuntime, DeviceSlice, RuntimeError};
 use crate::kernels::QMatrix;
-use crate::model::cpu_decoder::{CpuDecoder, DecoderView};
+use crate::model::cpu_decoder::{CpuDecoder, DecoderView, ARCHITECTURES};
 
 mod cache;
 mod launch;
@@ -47,7 +47,9 @@ pub enum GpuLoadError {
     #[error(transparent)]
     File(#[from] LoadError),
     /// The architecture has no GPU decoder.
-    #[error("no GPU decoder for architecture `{0}` (supported: llama, mistral, gemma3)")]
+    #[error(
+        "no GPU decoder for architecture `{0}` (supported: llama, mistral, gemma3, qwen2, qwen3)"
+    )]
     Architecture(String),
     /// The weights could not be read (missing tensors, formats the kernels do not read).
     #[error("reading the weights: {0}")]
@@ -94,6 +96,8 @@ struct GpuLayer<R: DeviceRuntime> {
     k_norm: Option<DeviceBuffer<R>>,
     post_attn_norm: Option<DeviceBuffer<R>>,
     post_ffn_norm: Option<DeviceBuffer<R>>,
+    /// Qwen 2: query, key and value biases.
+    bias: Option<[DeviceBuffer<R>; 3]>,
     /// Positions attended to (0: all).
     window: usize,
     /// Index of its tables in [`GpuDecoder::ropes`].
@@ -180,7 +184,7 @@ impl<R: DeviceRuntime> GpuDecoder<R> {
                 .into())
             }
         };
-        if !matches!(arch.as_str(), "llama" | "mistral" | "gemma3") {
+        if !ARCHITECTURES.contains(&arch.as_str()) {
             return Err(GpuLoadError::Architecture(arch));
         }
         let trained = content
@@ -205,7 +209,7 @@ impl<R: DeviceRuntime> GpuDecoder<R> {
         max_len: usize,
         demand: Demand,
     ) -> Result<(Self, MemoryNeed), GpuLoadError> {
-        if !matches!(arch, "llama" | "mistral" | "gemma3") {
+        if !ARCHITECTURES.contains(&arch) {
             return Err(GpuLoadError::Architecture(arch.to_owned()));
         }
         let cpu =
@@ -234,6 +238,10 @@ impl<R: DeviceRuntime> GpuDecoder<R> {
                 k_norm: opt(l.k_norm)?,
                 post_attn_norm: opt(l.post_attn_norm)?,
                 post_ffn_norm: opt(l.post_ffn_norm)?,
+                bias: match l.bias {
+                    Some(b) => Some([f32s(&b.q)?, f32s(&b.k)?, f32s(&b.v)?]),
+                    None => None,
+                },
                 window: l.window.unwrap_or(0),
                 rope: l.rope,
                 wq: GpuMatrix::upload(rt, l.wq)?,
@@ -529,6 +537,11 @@ impl<R: DeviceRuntime> GpuDecoder<R> {
                 m,
                 &[(&layer.wq, q), (&layer.wk, kk), (&layer.wv, v)],
             )?;
+            if let Some([bq, bk, bv]) = &layer.bias {
+                k.add_bias(q, bq.all(), m, q_w)?;
+                k.add_bias(kk, bk.all(), m, kv_w)?;
+                k.add_bias(v, bv.all(), m, kv_w)?;
+            }
             if let Some(w) = &layer.q_norm {
                 self.norm_in_place(&ws.tmp, &mut ws.q, w, (m * s.n_head, hd))?;
             }

@@ -345,6 +345,8 @@ const fn spec(name: &'static str, params: &'static [Param]) -> KernelSpec {
 /// - `rope(x, pos, cos, sin, width, head_dim, neox)`: grid = rows, tables
 ///   `[positions, head_dim / 2]`.
 /// - `add(x, y, n)`, `silu_mul(gate, up, n)`, `gelu_mul(gate, up, n)`: at least `n` threads.
+/// - `add_bias(x, b, cols, n)`: `b` (`cols` values) added to each row of `x`; at least `n`
+///   threads.
 /// - `kv_append(k, v, k_cache, v_cache, base, pos, kv_w)`: grid = rows; row `r` goes to
 ///   cache position `base[r] + pos[r]`.
 /// - `attention(q, k, v, out, base, pos, n_head, n_kv_head, head_dim, window, scale)`: grid
@@ -373,6 +375,7 @@ pub const KERNELS: &[KernelSpec] = &[
     spec("rms_norm", &[P, P, P, I, F]),
     spec("rope", &[P, P, P, P, I, I, I]),
     spec("add", ELEMENTWISE),
+    spec("add_bias", &[P, P, I, I]),
     spec("silu_mul", ELEMENTWISE),
     spec("gelu_mul", ELEMENTWISE),
     spec("kv_append", &[P, P, P, P, P, P, I]),

@@ -1,4 +1,4 @@
-//! llama-shaped (or Gemma 3) models with random weights, written as GGUF: small ones for
+//! llama-shaped (or Gemma 3, Qwen 2, Qwen 3) models with random weights, written as GGUF: small ones for
 //! checking a GPU runtime against the CPU decoder, and named realistic shapes ([`shapes`]) with
 //! a generated tokenizer ([`tokenizer`]) for measuring speed, without downloading anything.
 
@@ -34,6 +34,11 @@ pub enum Family {
     /// Gemma 3: q/k norms, post norms, GELU, a sliding window of 4 on every other layer
     /// (starting with the first) and a second RoPE base for those layers.
     Gemma3,
+    /// Qwen 2: llama with biases on the query, key and value projections, NeoX rotation.
+    Qwen2,
+    /// Qwen 3: llama with per-head q/k norms, NeoX rotation, and a head width of its own
+    /// (`head_dim` need not be hidden / heads).
+    Qwen3,
 }
 
 impl Family {
@@ -42,6 +47,8 @@ impl Family {
         match self {
             Family::Llama => "llama",
             Family::Gemma3 => "gemma3",
+            Family::Qwen2 => "qwen2",
+            Family::Qwen3 => "qwen3",
         }
     }
 }
@@ -124,6 +131,12 @@ fn norm(rng: &mut StdRng, len: usize) -> candle_core::Result<QTensor> {
     QTensor::quantize(&Tensor::new(v, &Device::Cpu)?, GgmlDType::F32)
 }
 
+/// A bias vector of random values in ±0.5, as f32.
+fn bias(rng: &mut StdRng, len: usize) -> candle_core::Result<QTensor> {
+    let v: Vec<f32> = (0..len).map(|_| rng.random_range(-0.5..0.5f32)).collect();
+    QTensor::quantize(&Tensor::new(v, &Device::Cpu)?, GgmlDType::F32)
+}
+
 /// Writes a model of `shape` to `path`, its weights drawn from `seed`. Matrix entries are
 /// scaled by 1/√cols so that activations keep their size from layer to layer.
 pub fn write_model(path: &Path, seed: u64, shape: &ModelShape) -> Result<(), WriteError> {
@@ -145,6 +158,7 @@ fn write_with(
     extra: Vec<(String, Value)>,
 ) -> Result<(), WriteError> {
     let gemma = shape.family == Family::Gemma3;
+    let qk_norm = gemma || shape.family == Family::Qwen3;
     let (hidden, head_dim) = (shape.hidden, shape.head_dim());
     let (q_w, kv_w) = (shape.heads * head_dim, shape.kv_heads * head_dim);
     let mut rng = StdRng::seed_from_u64(seed);
@@ -179,14 +193,17 @@ fn write_with(
             let w = matrix(&mut rng, rows, cols, dtype, scale);
             push(format!("blk.{i}.{name}.weight"), w)?;
         }
+        if shape.family == Family::Qwen2 {
+            for (name, len) in [("attn_q", q_w), ("attn_k", kv_w), ("attn_v", kv_w)] {
+                push(format!("blk.{i}.{name}.bias"), bias(&mut rng, len))?;
+            }
+        }
         let mut norms = vec![("attn_norm", hidden), ("ffn_norm", hidden)];
+        if qk_norm {
+            norms.extend([("attn_q_norm", head_dim), ("attn_k_norm", head_dim)]);
+        }
         if gemma {
-            norms.extend([
-                ("attn_q_norm", head_dim),
-                ("attn_k_norm", head_dim),
-                ("post_attention_norm", hidden),
-                ("post_ffw_norm", hidden),
-            ]);
+            norms.extend([("post_attention_norm", hidden), ("post_ffw_norm", hidden)]);
         }
         for (name, len) in norms {
             push(format!("blk.{i}.{name}.weight"), norm(&mut rng, len))?;
@@ -222,6 +239,12 @@ fn write_with(
         ]);
     } else {
         metadata.push((key("rope.freq_base"), Value::F32(10_000.0)));
+    }
+    if shape.family == Family::Qwen3 {
+        metadata.extend([
+            (key("attention.key_length"), Value::U32(head_dim as u32)),
+            (key("attention.value_length"), Value::U32(head_dim as u32)),
+        ]);
     }
     metadata.extend(extra);
     let md: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (k.as_str(), v)).collect();

@@ -38,6 +38,23 @@ const KV_GROWTH: usize = 256;
 /// thread alone: waking the pool costs more.
 const PARALLEL_ATTENTION: usize = 4 * 1024;
 
+/// Biases added to the query, key and value projections (Qwen 2).
+#[derive(Debug, Clone)]
+pub(crate) struct Bias {
+    pub(crate) q: Vec<f32>,
+    pub(crate) k: Vec<f32>,
+    pub(crate) v: Vec<f32>,
+}
+
+/// Adds `bias` to every row of `x`.
+fn add_bias(x: &mut [f32], bias: &[f32]) {
+    for row in x.chunks_exact_mut(bias.len()) {
+        for (a, b) in row.iter_mut().zip(bias) {
+            *a += b;
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 struct Layer {
     attn_norm: Norm,
@@ -48,6 +65,8 @@ struct Layer {
     k_norm: Option<Norm>,
     post_attn_norm: Option<Norm>,
     post_ffn_norm: Option<Norm>,
+    /// Qwen 2: biases of the query, key and value projections.
+    bias: Option<Bias>,
     /// Keys this far back or further are not attended to (local layers).
     window: Option<usize>,
     /// Index of this layer's table in [`CpuDecoder::ropes`].
@@ -147,6 +166,20 @@ impl KvCache {
     }
 }
 
+/// A bias vector as f32, checked to be one value per output of its projection.
+fn bias_vector<R: Read + Seek>(ct: &gguf_file::Content, r: &mut R, name: &str) -> Result<Vec<f32>> {
+    let v: Vec<f32> = ct
+        .tensor(r, name, &Device::Cpu)?
+        .dequantize(&Device::Cpu)?
+        .flatten_all()?
+        .to_vec1()?;
+    let weight = name.replace(".bias", ".weight");
+    match ct.tensor_infos.get(&weight) {
+        Some(info) if info.shape.dims().first() == Some(&v.len()) => Ok(v),
+        _ => candle_core::bail!("{name}: {} values do not match {weight}", v.len()),
+    }
+}
+
 /// The blocks of `t` for the fused kernels, whether or not this CPU runs their SIMD paths
 /// (other backends load models through this decoder too).
 fn matrix(t: &RawTensor, name: &str) -> Result<QMatrix> {
@@ -157,19 +190,20 @@ fn matrix(t: &RawTensor, name: &str) -> Result<QMatrix> {
         .map_err(|e| candle_core::Error::Msg(format!("{name}: {e}")))
 }
 
+/// The architectures this decoder reads.
+pub(crate) const ARCHITECTURES: [&str; 5] = ["llama", "mistral", "gemma3", "qwen2", "qwen3"];
+
 /// Gemma 3 repeats five local (sliding-window) layers and one global layer.
 const GEMMA3_WINDOW_PATTERN: usize = 6;
 const GEMMA3_LOCAL_ROPE_BASE: f32 = 10_000.0;
 const GEMMA3_GLOBAL_ROPE_BASE: f32 = 1_000_000.0;
 
 impl CpuDecoder {
-    /// Whether a GGUF decoder can run here: a llama-family or Gemma 3 model, a CPU with the
-    /// SIMD kernels, every matrix in a format they read, and full-width rotary embeddings.
+    /// Whether a GGUF decoder can run here: a llama-family, Qwen 2/3 or Gemma 3 model, a CPU
+    /// with the SIMD kernels, every matrix in a format they read, and full-width rotary
+    /// embeddings.
     pub(crate) fn supported(ct: &gguf_file::Content, arch: &str, dev: &Device) -> bool {
-        if !matches!(arch, "llama" | "mistral" | "gemma3")
-            || !dev.is_cpu()
-            || !kernels::accelerated()
-        {
+        if !ARCHITECTURES.contains(&arch) || !dev.is_cpu() || !kernels::accelerated() {
             return false;
         }
         let md = |k: &str| {
@@ -211,6 +245,11 @@ impl CpuDecoder {
                 .ok_or_else(|| candle_core::Error::Msg(format!("missing {arch}.{k}")))
         };
         let gemma = arch == "gemma3";
+        // Per-head RMSNorm of queries and keys: Gemma 3 and Qwen 3.
+        let qk_norm = gemma || arch == "qwen3";
+        let qkv_bias = arch == "qwen2";
+        // Rotation of halves (NeoX) rather than of interleaved pairs.
+        let neox = gemma || matches!(arch, "qwen2" | "qwen3");
         let n_head = md("attention.head_count")?.to_u32()? as usize;
         let n_kv_head = md("attention.head_count_kv")
             .and_then(|v| v.to_u32())
@@ -267,15 +306,26 @@ impl CpuDecoder {
             };
             let (wq, wk, wv, wo) = (m("attn_q")?, m("attn_k")?, m("attn_v")?, m("attn_output")?);
             let (gate, up, down) = (m("ffn_gate")?, m("ffn_up")?, m("ffn_down")?);
-            let mut norm = |name: &str| Norm::load(ct, r, &format!("blk.{i}.{name}.weight"), eps);
             let local = gemma && (i + 1) % pattern != 0;
+            let bias = if qkv_bias {
+                let mut b = |name: &str| bias_vector(ct, r, &format!("blk.{i}.{name}.bias"));
+                Some(Bias {
+                    q: b("attn_q")?,
+                    k: b("attn_k")?,
+                    v: b("attn_v")?,
+                })
+            } else {
+                None
+            };
+            let mut norm = |name: &str| Norm::load(ct, r, &format!("blk.{i}.{name}.weight"), eps);
             layers.push(Layer {
                 attn_norm: norm("attn_norm")?,
                 ffn_norm: norm("ffn_norm")?,
-                q_norm: gemma.then(|| norm("attn_q_norm")).transpose()?,
-                k_norm: gemma.then(|| norm("attn_k_norm")).transpose()?,
+                q_norm: qk_norm.then(|| norm("attn_q_norm")).transpose()?,
+                k_norm: qk_norm.then(|| norm("attn_k_norm")).transpose()?,
                 post_attn_norm: gemma.then(|| norm("post_attention_norm")).transpose()?,
                 post_ffn_norm: gemma.then(|| norm("post_ffw_norm")).transpose()?,
+                bias,
                 window: if local { window } else { None },
                 rope: usize::from(gemma && !local),
                 wq,
@@ -299,7 +349,7 @@ impl CpuDecoder {
             n_head,
             n_kv_head,
             head_dim,
-            neox: gemma,
+            neox,
             activation: if gemma {
                 Activation::Gelu
             } else {
@@ -420,6 +470,11 @@ impl CpuDecoder {
         for (li, layer) in self.layers.iter().enumerate() {
             layer.attn_norm.apply(x, h);
             project(qa, h, &[&layer.wq, &layer.wk, &layer.wv], &mut [q, k, v])?;
+            if let Some(b) = &layer.bias {
+                add_bias(q, &b.q);
+                add_bias(k, &b.k);
+                add_bias(v, &b.v);
+            }
             for (norm, xs) in [(&layer.q_norm, &mut *q), (&layer.k_norm, &mut *k)] {
                 if let Some(norm) = norm {
                     tmp.resize(xs.len(), 0.0);

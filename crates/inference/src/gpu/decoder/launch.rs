@@ -242,6 +242,22 @@ impl<R: DeviceRuntime> Kernels<'_, R> {
         self.launch(name, [grid, 1], ELEMENTWISE_THREADS as u32, 0, &args)
     }
 
+    /// Adds `bias` (`cols` values) to each of `rows` rows of `x`.
+    pub(super) fn add_bias(
+        &self,
+        x: DeviceSlice,
+        bias: DeviceSlice,
+        rows: usize,
+        cols: usize,
+    ) -> Result<(), RuntimeError> {
+        let n = rows * cols;
+        need(x, n * F32)?;
+        need(bias, cols * F32)?;
+        let args = [x.arg(), bias.arg(), int(cols.max(1))?, int(n)?];
+        let grid = n.div_ceil(ELEMENTWISE_THREADS);
+        self.launch("add_bias", [grid, 1], ELEMENTWISE_THREADS as u32, 0, &args)
+    }
+
     /// Writes row `r`'s keys and values (`rows` rows of `kv_w`) at position `pos[r]` (each at
     /// most `max_pos`) of caches that start at position 0 (`zeros` holds `rows` zeros).
     #[allow(clippy::too_many_arguments)]

@@ -43,6 +43,10 @@ enum Variant {
     TiedLlama,
     /// Tied, with a sliding window of 4 on its first layer and a global second layer.
     Gemma3,
+    /// Biases on q, k and v; NeoX rotation.
+    Qwen2,
+    /// Per-head q/k norms; NeoX rotation.
+    Qwen3,
 }
 
 impl Variant {
@@ -50,6 +54,8 @@ impl Variant {
         match self {
             Variant::Llama | Variant::TiedLlama => Family::Llama,
             Variant::Gemma3 => Family::Gemma3,
+            Variant::Qwen2 => Family::Qwen2,
+            Variant::Qwen3 => Family::Qwen3,
         }
     }
 
@@ -126,6 +132,21 @@ const PROMPT: [u32; 7] = [1, 17, 200, 45, 45, 3, 255];
 #[test]
 fn prompt_and_greedy_decoding_match_the_cpu_decoder() {
     for variant in [Variant::Llama, Variant::TiedLlama, Variant::Gemma3] {
+        matches_the_cpu_decoder(variant);
+    }
+}
+
+#[test]
+fn qwen_models_match_the_cpu_decoder() {
+    for variant in [Variant::Qwen2, Variant::Qwen3] {
+        matches_the_cpu_decoder(variant);
+    }
+}
+
+/// The prompt and four greedy steps of `variant` on the GPU decoder, at both warp widths,
+/// against the CPU decoder.
+fn matches_the_cpu_decoder(variant: Variant) {
+    {
         let m = model(7, variant);
         let mut cpu_cache: KvCache = m.cpu.new_cache();
         let mut gpu_caches: Vec<_> = m.gpu.iter().map(|g| g.new_cache()).collect();

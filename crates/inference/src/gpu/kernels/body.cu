@@ -576,6 +576,14 @@ extern "C" __global__ void add(float* x, const float* y, int n) {
     }
 }
 
+// x[i] += b[i % cols]: a bias of `cols` values added to every row of x (n values in all).
+extern "C" __global__ void add_bias(float* x, const float* b, int cols, int n) {
+    const pod_u64 i = (pod_u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < (pod_u64)n) {
+        x[i] += b[i % (pod_u64)cols];
+    }
+}
+
 // gate = silu(gate) * up.
 extern "C" __global__ void silu_mul(float* gate, const float* up, int n) {
     const pod_u64 i = (pod_u64)blockIdx.x * blockDim.x + threadIdx.x;

@@ -13,6 +13,7 @@ pub struct NamedShape {
     pub name: &'static str,
     /// What it is the shape of.
     pub about: &'static str,
+    family: Family,
     hidden: usize,
     heads: usize,
     kv_heads: usize,
@@ -23,10 +24,11 @@ pub struct NamedShape {
 }
 
 /// Every named shape.
-pub const SHAPES: [NamedShape; 3] = [
+pub const SHAPES: [NamedShape; 6] = [
     NamedShape {
         name: "tiny",
-        about: "2 layers, hidden 256: a few MB, for tests",
+        about: "llama, 2 layers, hidden 256: a few MB, for tests",
+        family: Family::Llama,
         hidden: 256,
         heads: 4,
         kv_heads: 2,
@@ -38,6 +40,7 @@ pub const SHAPES: [NamedShape; 3] = [
     NamedShape {
         name: "llama-1b",
         about: "Llama 3.2 1B: 16 layers, hidden 2048, 128k vocabulary",
+        family: Family::Llama,
         hidden: 2048,
         heads: 32,
         kv_heads: 8,
@@ -49,12 +52,49 @@ pub const SHAPES: [NamedShape; 3] = [
     NamedShape {
         name: "llama-8b",
         about: "Llama 3.1 8B: 32 layers, hidden 4096, 128k vocabulary",
+        family: Family::Llama,
         hidden: 4096,
         heads: 32,
         kv_heads: 8,
         ffn: 14_336,
         vocab: 128_256,
         layers: 32,
+        context: 8192,
+    },
+    NamedShape {
+        name: "tiny-qwen2",
+        about: "qwen2 (q/k/v biases), 2 layers, hidden 256, for tests",
+        family: Family::Qwen2,
+        hidden: 256,
+        heads: 4,
+        kv_heads: 2,
+        ffn: 512,
+        vocab: 512,
+        layers: 2,
+        context: 1024,
+    },
+    NamedShape {
+        name: "tiny-qwen3",
+        about: "qwen3 (q/k norms), 2 layers, hidden 256, for tests",
+        family: Family::Qwen3,
+        hidden: 256,
+        heads: 4,
+        kv_heads: 2,
+        ffn: 512,
+        vocab: 512,
+        layers: 2,
+        context: 1024,
+    },
+    NamedShape {
+        name: "qwen2-1.5b",
+        about: "Qwen2.5 1.5B: 28 layers, hidden 1536, 152k vocabulary",
+        family: Family::Qwen2,
+        hidden: 1536,
+        heads: 12,
+        kv_heads: 2,
+        ffn: 8960,
+        vocab: 151_936,
+        layers: 28,
         context: 8192,
     },
 ];
@@ -98,7 +138,7 @@ pub fn shape(name: &str, format: &str) -> Result<ModelShape, String> {
         })
         .collect();
     Ok(ModelShape {
-        family: Family::Llama,
+        family: s.family,
         hidden: s.hidden,
         heads: s.heads,
         kv_heads: s.kv_heads,
@@ -125,6 +165,7 @@ mod tests {
         assert!(shape("llama-2b", "q4_0")
             .unwrap_err()
             .contains("unknown shape"));
+        assert_eq!(shape("tiny-qwen3", "q8_0").unwrap().family, Family::Qwen3);
         assert!(shape("tiny", "q3_k")
             .unwrap_err()
             .contains("unknown format"));

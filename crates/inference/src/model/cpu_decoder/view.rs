@@ -16,6 +16,8 @@ pub(crate) struct LayerView<'a> {
     pub(crate) k_norm: Option<&'a [f32]>,
     pub(crate) post_attn_norm: Option<&'a [f32]>,
     pub(crate) post_ffn_norm: Option<&'a [f32]>,
+    /// Qwen 2: biases of the query, key and value projections.
+    pub(crate) bias: Option<&'a super::Bias>,
     /// Keys this far back or further are not attended to.
     pub(crate) window: Option<usize>,
     /// Index of this layer's table in [`DecoderView::ropes`].
@@ -70,6 +72,7 @@ impl CpuDecoder {
                     attn_norm: norm(&l.attn_norm),
                     ffn_norm: norm(&l.ffn_norm),
                     q_norm: l.q_norm.as_ref().map(norm),
+                    bias: l.bias.as_ref(),
                     k_norm: l.k_norm.as_ref().map(norm),
                     post_attn_norm: l.post_attn_norm.as_ref().map(norm),
                     post_ffn_norm: l.post_ffn_norm.as_ref().map(norm),
