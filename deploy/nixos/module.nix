@@ -327,8 +327,8 @@ in
         assertion = !(cfg.rocm.enable && cfg.nvidia.enable);
         message = ''
           services.pod.rocm.enable and services.pod.nvidia.enable are both set: a service runs
-          its chat models on one GPU backend (`--device rocm` or `--device cuda`). Enable one;
-          for a machine with both kinds of GPU, run a second node on the other.
+          its chat models on one GPU backend (`--device rocm` or `--device cuda`). On a machine
+          with both kinds of GPU, enable the one the node should serve from.
         '';
       }
       {
