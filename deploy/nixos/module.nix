@@ -23,6 +23,7 @@ let
   inherit (lib)
     concatMap
     concatStringsSep
+    getLib
     hasPrefix
     literalExpression
     mkEnableOption
@@ -47,12 +48,37 @@ let
     raw = "%d/${credentialName}";
   };
 
-  # Profiles that serve model files to peers (`auto` may resolve to `full`).
-  servesFiles = builtins.elem cfg.profile [
-    "auto"
-    "full"
-    "storage"
-  ];
+  # One GPU backend per service: each passes its own `--device`, so a GPU that is not there
+  # stops the start instead of leaving the node on the CPU.
+  gpuDevice =
+    if cfg.rocm.enable then
+      "rocm"
+    else if cfg.nvidia.enable then
+      "cuda"
+    else
+      null;
+  gpuOptions = concatStringsSep " and " (
+    optional cfg.rocm.enable "services.pod.rocm.enable"
+    ++ optional cfg.nvidia.enable "services.pod.nvidia.enable"
+  );
+
+  # Where NixOS links the running driver's libraries (hardware.graphics), libcuda among them;
+  # nixpkgs calls it addDriverRunpath.driverLink.
+  driverLibDir = "/run/opengl-driver/lib";
+
+  # Profiles that serve model files to peers. `auto` resolves to `full` only without a GPU:
+  # with a named `--device` it is `inference` (or `relay` on a small machine), or no start.
+  servesFiles =
+    builtins.elem cfg.profile [
+      "full"
+      "storage"
+    ]
+    || (cfg.profile == "auto" && gpuDevice == null);
+
+  # A `--device` of the user's own next to the one a GPU option passes: pod refuses two.
+  extraDeviceArg = builtins.any (a: a == "--device" || hasPrefix "--device=" a) cfg.extraArgs;
+
+  environment = config.systemd.services.pod.environment;
 
   apiIsLoopback = builtins.elem cfg.apiHost [
     "localhost"
@@ -89,9 +115,9 @@ let
       "--bootstrap"
       addr
     ]) cfg.bootstrap
-    ++ optionals cfg.rocm.enable [
+    ++ optionals (gpuDevice != null) [
       "--device"
-      "rocm"
+      gpuDevice
     ]
     ++ cfg.extraArgs;
 
@@ -138,7 +164,10 @@ in
       default = "auto";
       description = ''
         Node profile (`pod start --profile`): which roles the node takes on in the mesh and
-        which models it loads. `auto` lets pod decide from the machine's resources.
+        which models it loads. `auto` lets pod decide from the machine's resources when it
+        starts, and logs what it picked and why: `relay` with under 2 GiB of memory,
+        `inference` when a GPU opens (with `rocm.enable` or `nvidia.enable`, the GPU those
+        name; a node with one of them set therefore runs `inference`), else `full`.
       '';
     };
 
@@ -212,9 +241,26 @@ in
 
     rocm = {
       enable = mkEnableOption ''
-        AMD GPUs through ROCm: passes `--device rocm` and gives the service /dev/kfd and the DRM
-        render nodes (video and render groups) instead of a private /dev
+        AMD GPUs through ROCm: passes `--device rocm` (chat models on the first AMD GPU; the
+        start fails when it does not open, and `profile = "auto"` resolves to `inference`),
+        gives the service /dev/kfd and the DRM render nodes (video and render groups) instead
+        of a private /dev, and points pod at the HIP libraries of `rocm.package`. Not together
+        with `nvidia.enable`
       '';
+
+      package = mkOption {
+        type = types.nullOr types.package;
+        default = pkgs.rocmPackages.clr;
+        defaultText = literalExpression "pkgs.rocmPackages.clr";
+        description = ''
+          The ROCm package whose `lib/` holds the HIP runtime (`libamdhip64`) and its runtime
+          compiler (`libhiprtc`; ROCm 5 has it inside `libamdhip64`). pod loads both when it
+          starts, from the paths the module puts in POD_HIP_PATH and POD_HIPRTC_PATH. `null`
+          sets neither: pod then looks in `$ROCM_PATH/lib`, `/opt/rocm/lib` and the loader path,
+          none of which NixOS provides, so set POD_HIP_PATH (a file or a directory) in
+          `systemd.services.pod.environment` yourself.
+        '';
+      };
 
       gfxVersionOverride = mkOption {
         type = types.nullOr types.str;
@@ -223,6 +269,34 @@ in
         description = ''
           Value for HSA_OVERRIDE_GFX_VERSION, for GPUs the installed ROCm does not list, e.g.
           "9.0.6" for an MI50 (gfx906). Only used when `rocm.enable` is set.
+        '';
+      };
+    };
+
+    nvidia = {
+      enable = mkEnableOption ''
+        NVIDIA GPUs through CUDA: passes `--device cuda` (chat models on the first NVIDIA GPU;
+        the start fails when it does not open, and `profile = "auto"` resolves to `inference`),
+        lets the service open the NVIDIA device nodes (/dev/nvidia0.., /dev/nvidiactl,
+        /dev/nvidia-uvm, /dev/nvidia-caps) instead of a private /dev, and points pod at the
+        driver's `libcuda` in /run/opengl-driver/lib and at NVRTC from `nvidia.nvrtcPackage`.
+        The driver itself is the machine's configuration (`hardware.nvidia`, with
+        `hardware.graphics.enable`). Not together with `rocm.enable`
+      '';
+
+      nvrtcPackage = mkOption {
+        type = types.nullOr types.package;
+        default = pkgs.cudaPackages.cuda_nvrtc;
+        defaultText = literalExpression "pkgs.cudaPackages.cuda_nvrtc";
+        description = ''
+          The package whose library output holds NVRTC (`libnvrtc`), the CUDA runtime compiler
+          pod compiles its kernels with at first start (cached under /var/lib/pod/kernels);
+          pod needs no other part of the CUDA toolkit. The module sets POD_NVRTC_PATH to its
+          `lib/`. nixpkgs' CUDA packages are unfree: allow this one, e.g. with
+          `nixpkgs.config.allowUnfreePredicate`. `null` sets no POD_NVRTC_PATH: pod then looks
+          in `$CUDA_PATH`, `/usr/local/cuda` and the loader path, none of which NixOS provides,
+          so set POD_NVRTC_PATH (a file or a directory) in `systemd.services.pod.environment`
+          yourself.
         '';
       };
     };
@@ -249,12 +323,56 @@ in
           without keys (pod refuses to start otherwise).
         '';
       }
+      {
+        assertion = !(cfg.rocm.enable && cfg.nvidia.enable);
+        message = ''
+          services.pod.rocm.enable and services.pod.nvidia.enable are both set: a service runs
+          its chat models on one GPU backend (`--device rocm` or `--device cuda`). On a machine
+          with both kinds of GPU, enable the one the node should serve from.
+        '';
+      }
+      {
+        assertion = gpuDevice == null || !extraDeviceArg;
+        message = ''
+          services.pod.extraArgs has a --device, and ${gpuOptions} passes
+          `--device ${toString gpuDevice}` already (pod refuses two). Drop one of them.
+        '';
+      }
     ];
 
-    warnings = optional (cfg.rocm.gfxVersionOverride != null && !cfg.rocm.enable) ''
-      services.pod.rocm.gfxVersionOverride is set but services.pod.rocm.enable is not, so it has
-      no effect.
-    '';
+    warnings =
+      optional (cfg.rocm.gfxVersionOverride != null && !cfg.rocm.enable) ''
+        services.pod.rocm.gfxVersionOverride is set but services.pod.rocm.enable is not, so it
+        has no effect.
+      ''
+      ++ optional
+        (
+          cfg.rocm.enable
+          && cfg.rocm.package == null
+          && !(environment ? POD_HIP_PATH || environment ? ROCM_PATH)
+        )
+        ''
+          services.pod.rocm.package is null and the service's environment names no POD_HIP_PATH
+          or ROCM_PATH: pod will look for libamdhip64 only in /opt/rocm/lib and on the loader
+          path, which NixOS does not fill. Set systemd.services.pod.environment.POD_HIP_PATH.
+        ''
+      ++ optional
+        (
+          cfg.nvidia.enable
+          && cfg.nvidia.nvrtcPackage == null
+          && !(environment ? POD_NVRTC_PATH || environment ? CUDA_PATH || environment ? CUDA_HOME)
+        )
+        ''
+          services.pod.nvidia.nvrtcPackage is null and the service's environment names no
+          POD_NVRTC_PATH or CUDA_PATH: pod will look for libnvrtc only in /usr/local/cuda and on
+          the loader path, which NixOS does not fill. Set
+          systemd.services.pod.environment.POD_NVRTC_PATH.
+        ''
+      # Without hardware.graphics NixOS links no driver libraries into /run/opengl-driver.
+      ++ optional (cfg.nvidia.enable && !(config.hardware.graphics.enable or true)) ''
+        services.pod.nvidia.enable is set but hardware.graphics.enable is not: NixOS then puts
+        no libcuda in ${driverLibDir}, where pod looks for it.
+      '';
 
     users.users = mkIf (cfg.user == defaultUser) {
       ${defaultUser} = {
@@ -293,6 +411,17 @@ in
         { POD_HOME = stateDir; }
         (mkIf (cfg.rocm.enable && cfg.rocm.gfxVersionOverride != null) {
           HSA_OVERRIDE_GFX_VERSION = cfg.rocm.gfxVersionOverride;
+        })
+        # Directories: pod tries each library name it knows in them (libamdhip64.so.7, .6, ...).
+        (mkIf (cfg.rocm.enable && cfg.rocm.package != null) {
+          POD_HIP_PATH = "${getLib cfg.rocm.package}/lib";
+          POD_HIPRTC_PATH = "${getLib cfg.rocm.package}/lib";
+        })
+        (mkIf cfg.nvidia.enable {
+          POD_CUDA_PATH = driverLibDir;
+        })
+        (mkIf (cfg.nvidia.enable && cfg.nvidia.nvrtcPackage != null) {
+          POD_NVRTC_PATH = "${getLib cfg.nvidia.nvrtcPackage}/lib";
         })
       ];
 
@@ -344,7 +473,7 @@ in
           ];
           SystemCallArchitectures = "native";
         }
-        (mkIf (!cfg.rocm.enable) { PrivateDevices = true; })
+        (mkIf (gpuDevice == null) { PrivateDevices = true; })
         (mkIf cfg.rocm.enable {
           # A private /dev would hide the GPU; only the ROCm devices are let through instead.
           PrivateDevices = false;
@@ -358,6 +487,22 @@ in
           SupplementaryGroups = [
             "video"
             "render"
+          ];
+        })
+        (mkIf cfg.nvidia.enable {
+          # A private /dev would hide the GPU; only the NVIDIA devices are let through instead.
+          PrivateDevices = false;
+          DevicePolicy = "closed";
+          # Classes by their names in /proc/devices. The GPUs (/dev/nvidia0..) are `nvidia`
+          # (`nvidia-frontend` in older drivers), /dev/nvidiactl `nvidiactl`, /dev/nvidia-uvm
+          # (unified memory, which CUDA needs) `nvidia-uvm`, and the MIG capability nodes under
+          # /dev/nvidia-caps `nvidia-caps`. The driver makes the nodes mode 0666: no groups.
+          DeviceAllow = [
+            "char-nvidia rw"
+            "char-nvidia-frontend rw"
+            "char-nvidiactl rw"
+            "char-nvidia-uvm rw"
+            "char-nvidia-caps rw"
           ];
         })
         (mkIf (cfg.apiKeyFile != null) {

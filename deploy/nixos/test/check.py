@@ -22,6 +22,15 @@ CREDENTIAL = "%d/api-keys"  # systemd expands %d to the service's credentials di
 KEY_FILE = "/run/secrets/pod-api-keys"
 ROCM_DEVICES = ["/dev/kfd rw", "char-drm rw"]
 ROCM_GROUPS = ["video", "render"]
+# The NVIDIA device classes, by their names in /proc/devices: GPUs (current and older drivers),
+# /dev/nvidiactl, /dev/nvidia-uvm, the MIG capability nodes.
+NVIDIA_DEVICES = [
+    "char-nvidia rw", "char-nvidia-frontend rw", "char-nvidiactl rw", "char-nvidia-uvm rw", "char-nvidia-caps rw",
+]
+# Where NixOS links the running driver's libraries, libcuda among them.
+DRIVER_LIB = "/run/opengl-driver/lib"
+# Variables the GPU runtimes read themselves, not pod.
+RUNTIME_VARS = {"HSA_OVERRIDE_GFX_VERSION"}
 
 failures = []
 
@@ -73,8 +82,30 @@ def expected_argv(profile="auto", host="127.0.0.1", port="8080", p2p="4001", tai
     ]
 
 
+# ------------------------------------------------------------------ pod's own names
+def library_env_vars():
+    """The variables pod's library search reads (crates/inference/src/gpu: each LibrarySearch's
+    env_var and root_vars), so that a renamed variable breaks this check, not a deployment."""
+    names = set()
+    gpu = os.path.join(ROOT, "crates", "inference", "src", "gpu")
+    for name in ("hip.rs", "cuda.rs"):
+        text = open(os.path.join(gpu, name), encoding="utf-8").read()
+        names.update(re.findall(r'env_var: "(\w+)"', text))
+        for group in re.findall(r"root_vars: &\[([^\]]*)\]", text):
+            names.update(re.findall(r'"(\w+)"', group))
+    check({"POD_HIP_PATH", "POD_HIPRTC_PATH", "POD_CUDA_PATH", "POD_NVRTC_PATH"} <= names,
+          f"crates/inference/src/gpu: library variables not found where expected: {sorted(names)}")
+    return names
+
+
+def check_env_names(env, known, what):
+    for key in env:
+        check(key in known or key in RUNTIME_VARS or key == "POD_HOME",
+              f"{what}: {key} is not a variable pod or its GPU runtimes read")
+
+
 # ------------------------------------------------------------------ the module
-def check_scenarios(sc, flake):
+def check_scenarios(sc, flake, gpu):
     argvs = {}
 
     def svc(name):
@@ -170,11 +201,20 @@ def check_scenarios(sc, flake):
     equal(c.get("LoadCredential"), [f"api-keys:{KEY_FILE}"], "apiKeyFile: LoadCredential")
     equal(argv_of("apiKeyFile"), expected_argv(tail=["--api-key-file", CREDENTIAL]), "apiKeyFile: pod arguments")
 
-    # ROCm.
-    for name, override in [("rocm", "9.0.6"), ("rocmNoOverride", None)]:
+    # ROCm: the HIP runtime and hiprtc from rocm.package's lib/ (a directory pod searches).
+    clr_lib = gpu["clr"] + "/lib"
+    custom_lib = gpu["customRocm"] + "/lib"
+    rocm_cases = [
+        ("rocm", "9.0.6", {"POD_HIP_PATH": clr_lib, "POD_HIPRTC_PATH": clr_lib}),
+        ("rocmNoOverride", None, {"POD_HIP_PATH": clr_lib, "POD_HIPRTC_PATH": clr_lib}),
+        ("rocmPackage", None, {"POD_HIP_PATH": custom_lib, "POD_HIPRTC_PATH": custom_lib}),
+        ("rocmNoPackage", None, {}),
+        ("rocmNoPackageEnv", None, {"POD_HIP_PATH": "/opt/rocm-6.3.3/lib"}),
+    ]
+    for name, override, libs in rocm_cases:
         s = svc(name)
         c = s["serviceConfig"]
-        env = {"POD_HOME": STATE}
+        env = {"POD_HOME": STATE, **libs}
         if override:
             env["HSA_OVERRIDE_GFX_VERSION"] = override
         equal(s["environment"], env, f"{name}: environment")
@@ -189,6 +229,48 @@ def check_scenarios(sc, flake):
     equal(s["serviceConfig"].get("PrivateDevices"), True, "overrideWithoutRocm: PrivateDevices")
     equal(len(sc["overrideWithoutRocm"]["warnings"]), 1, "overrideWithoutRocm: warnings")
     equal(argv_of("overrideWithoutRocm"), expected_argv(), "overrideWithoutRocm: pod arguments")
+    w = sc["rocmNoPackage"]["warnings"]
+    check(len(w) == 1 and "POD_HIP_PATH" in w[0], f"rocmNoPackage: expected the POD_HIP_PATH warning, got {w}")
+
+    # NVIDIA: libcuda from the driver NixOS links into /run/opengl-driver/lib, NVRTC from the
+    # lib output of nvidia.nvrtcPackage (its out output holds no library).
+    check(gpu["nvrtcLib"] != gpu["nvrtc"], f"stub cuda_nvrtc: lib output is the out output: {gpu}")
+    nvrtc_lib = gpu["nvrtcLib"] + "/lib"
+    nvidia_cases = [
+        ("nvidia", "auto", {"POD_NVRTC_PATH": nvrtc_lib}),
+        ("nvidiaInference", "inference", {"POD_NVRTC_PATH": nvrtc_lib}),
+        ("nvidiaOpenFirewall", "auto", {"POD_NVRTC_PATH": nvrtc_lib}),
+        ("nvidiaNoGraphics", "auto", {"POD_NVRTC_PATH": nvrtc_lib}),
+        ("nvidiaNoNvrtc", "auto", {}),
+        ("nvidiaNoNvrtcEnv", "auto", {"POD_NVRTC_PATH": "/opt/nvrtc/lib/libnvrtc.so.12"}),
+    ]
+    for name, profile, libs in nvidia_cases:
+        s = svc(name)
+        c = s["serviceConfig"]
+        equal(s["environment"], {"POD_HOME": STATE, "POD_CUDA_PATH": DRIVER_LIB, **libs}, f"{name}: environment")
+        equal(c.get("DeviceAllow"), NVIDIA_DEVICES, f"{name}: DeviceAllow")
+        equal(c.get("DevicePolicy"), "closed", f"{name}: DevicePolicy")
+        equal(c.get("PrivateDevices"), False, f"{name}: PrivateDevices")
+        check("SupplementaryGroups" not in c, f"{name}: SupplementaryGroups is set: {c.get('SupplementaryGroups')}")
+        equal(argv_of(name), expected_argv(profile=profile, tail=["--device", "cuda"]), f"{name}: pod arguments")
+    # With a GPU option, auto resolves to inference (or the start fails): no bulk port.
+    equal(sc["nvidiaOpenFirewall"]["firewall"], {"tcp": [4001], "udp": [4001]}, "nvidiaOpenFirewall: firewall")
+    equal(sc["nvidiaInference"]["firewall"], {"tcp": [4001], "udp": [4001]}, "nvidiaInference: firewall")
+    w = sc["nvidiaNoGraphics"]["warnings"]
+    check(len(w) == 1 and "hardware.graphics.enable" in w[0] and DRIVER_LIB in w[0],
+          f"nvidiaNoGraphics: expected the hardware.graphics warning, got {w}")
+    w = sc["nvidiaNoNvrtc"]["warnings"]
+    check(len(w) == 1 and "POD_NVRTC_PATH" in w[0], f"nvidiaNoNvrtc: expected the POD_NVRTC_PATH warning, got {w}")
+    warned = {"overrideWithoutRocm", "rocmNoPackage", "nvidiaNoGraphics", "nvidiaNoNvrtc"}
+    for name in sc:
+        if name not in warned:
+            equal(sc[name]["warnings"], [], f"{name}: warnings")
+
+    # Every variable the module sets is one pod (or the GPU runtime) reads.
+    known = library_env_vars()
+    for name in sc:
+        if sc[name]["service"] is not None:
+            check_env_names(sc[name]["service"]["environment"], known, name)
 
     # Every other setting.
     equal(
@@ -215,8 +297,13 @@ def check_scenarios(sc, flake):
 
     # Assertions.
     for name in sc:
-        if name not in ("publicWithoutKeys", "keyFileInStore"):
+        if name not in ("publicWithoutKeys", "keyFileInStore", "bothGpus", "gpuAndDeviceArg"):
             equal(sc[name]["failedAssertions"], [], f"{name}: failed assertions")
+    fa = sc["bothGpus"]["failedAssertions"]
+    check(len(fa) == 1 and "one GPU backend" in fa[0], f"bothGpus: expected the one-backend assertion, got {fa}")
+    fa = sc["gpuAndDeviceArg"]["failedAssertions"]
+    check(len(fa) == 1 and "--device cuda" in fa[0] and "extraArgs" in fa[0],
+          f"gpuAndDeviceArg: expected the --device assertion, got {fa}")
     fa = sc["publicWithoutKeys"]["failedAssertions"]
     check(len(fa) == 1 and "apiHost" in fa[0], f"publicWithoutKeys: expected the apiHost assertion, got {fa}")
     fa = sc["keyFileInStore"]["failedAssertions"]
@@ -273,10 +360,11 @@ def flags_document(argvs):
         for part, flags in ((argv[:at], global_flags), (argv[at + 1 :], start_flags)):
             for i, word in enumerate(part):
                 if word.startswith("--"):
-                    if word not in flags:
-                        flags.append(word)
+                    flag, eq, _ = word.partition("=")
+                    if flag not in flags:
+                        flags.append(flag)
                     nxt = part[i + 1] if i + 1 < len(part) else None
-                    takes_value[word] = nxt is not None and not nxt.startswith("--")
+                    takes_value[flag] = bool(eq) or (nxt is not None and not nxt.startswith("--"))
     default = argvs["default"]
     at = default.index("start")
     defaults = {default[i]: default[i + 1] for i in range(at + 1, len(default) - 1, 2)}
@@ -329,9 +417,16 @@ def systemd_verify(unit_paths, label):
     return not complaints
 
 
-def parse_unit(path):
+def uncommented_text(path):
+    """The file with its commented-out Environment= lines turned on, as a user would."""
+    text = open(path, encoding="utf-8").read()
+    return re.sub(r"(?m)^#(Environment=)", r"\1", text)
+
+
+def parse_unit(path, uncomment=False):
     sections, section = {}, None
-    for raw in open(path, encoding="utf-8"):
+    text = uncommented_text(path) if uncomment else open(path, encoding="utf-8").read()
+    for raw in text.splitlines():
         line = raw.strip()
         if not line or line.startswith(("#", ";")):
             continue
@@ -366,7 +461,7 @@ def plain_unit_argv(service_entries):
     return argv, env
 
 
-def check_plain_unit(sc, workdir, can_verify):
+def check_plain_unit(sc, workdir, can_verify, known_vars):
     base = os.path.join(ROOT, "deploy", "systemd")
     unit = parse_unit(os.path.join(base, "pod.service"))
     service = unit["Service"]
@@ -412,28 +507,57 @@ def check_plain_unit(sc, workdir, can_verify):
     equal(dict(rocm).get("PrivateDevices"), "no", "rocm.conf: PrivateDevices")
     equal(dict(rocm).get("DevicePolicy"), "closed", "rocm.conf: DevicePolicy")
 
+    nvidia = parse_unit(os.path.join(base, "nvidia.conf"))["Service"]
+    argv, _ = plain_unit_argv(service + nvidia)
+    equal(argv[1:], expected_argv(tail=["--device", "cuda"]), "nvidia.conf: pod arguments")
+    module_nvidia = sc["nvidia"]["service"]["serviceConfig"]
+    equal([v for k, v in nvidia if k == "DeviceAllow"], module_nvidia["DeviceAllow"], "nvidia.conf: DeviceAllow")
+    equal(dict(nvidia).get("PrivateDevices"), "no", "nvidia.conf: PrivateDevices")
+    equal(dict(nvidia).get("DevicePolicy"), "closed", "nvidia.conf: DevicePolicy")
+    check("SupplementaryGroups" not in dict(nvidia), "nvidia.conf: SupplementaryGroups is set")
+
+    # The commented-out variables, once a user turns them on, are ones pod reads.
+    expect_commented = {
+        "rocm.conf": {"HSA_OVERRIDE_GFX_VERSION", "POD_HIP_PATH", "POD_HIPRTC_PATH"},
+        "nvidia.conf": {"POD_NVRTC_PATH", "POD_CUDA_PATH"},
+    }
+    for conf, names in expect_commented.items():
+        entries = parse_unit(os.path.join(base, conf), uncomment=True)["Service"]
+        _, env = plain_unit_argv(service + entries)
+        _, plain_env = plain_unit_argv(service + parse_unit(os.path.join(base, conf))["Service"])
+        added = set(env) - set(plain_env)
+        equal(added, names, f"{conf}: commented-out Environment= lines")
+        check_env_names(added, known_vars, f"{conf}, commented-out Environment= lines")
+
     if can_verify:
-        d = os.path.join(workdir, "plain")
-        os.makedirs(os.path.join(d, "pod.service.d"), exist_ok=True)
         exe = os.path.join(workdir, "pod")
         text = open(os.path.join(base, "pod.service"), encoding="utf-8").read()
-        open(os.path.join(d, "pod.service"), "w").write(text.replace("/usr/local/bin/pod", exe))
-        for conf in ("api-keys.conf", "rocm.conf"):
-            shutil.copy(os.path.join(base, conf), os.path.join(d, "pod.service.d", conf))
-        systemd_verify([os.path.join(d, "pod.service")], "deploy/systemd/pod.service with both drop-ins")
+        # One GPU drop-in at a time (both set POD_DEVICE_ARGS), with the comments turned on.
+        for label, confs in (("api-keys.conf and rocm.conf", ("api-keys.conf", "rocm.conf")),
+                             ("nvidia.conf", ("nvidia.conf",))):
+            d = os.path.join(workdir, "plain-" + confs[-1].split(".")[0])
+            os.makedirs(os.path.join(d, "pod.service.d"), exist_ok=True)
+            open(os.path.join(d, "pod.service"), "w").write(text.replace("/usr/local/bin/pod", exe))
+            for conf in confs:
+                with open(os.path.join(d, "pod.service.d", conf), "w") as f:
+                    f.write(uncommented_text(os.path.join(base, conf)))
+            systemd_verify([os.path.join(d, "pod.service")], f"deploy/systemd/pod.service with {label}")
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--scenarios", required=True)
     ap.add_argument("--flake", required=True)
+    ap.add_argument("--gpu-packages", required=True)
     ap.add_argument("--workdir", required=True)
     ap.add_argument("--emit-flags")
     args = ap.parse_args()
     sc = json.load(open(args.scenarios))
     flake = json.load(open(args.flake))
 
-    argvs = check_scenarios(sc, flake)
+    gpu = json.load(open(args.gpu_packages))
+
+    argvs = check_scenarios(sc, flake, gpu)
     check_flake(flake)
 
     exe = os.path.join(args.workdir, "pod")
@@ -451,7 +575,7 @@ def main():
                     f.write(nixos_unit_text(s["service"], exe))
                 units.append(path)
         systemd_verify(units, f"{len(units)} units rendered from the module")
-    check_plain_unit(sc, args.workdir, can_verify)
+    check_plain_unit(sc, args.workdir, can_verify, library_env_vars())
 
     if args.emit_flags:
         with open(args.emit_flags, "w") as f:
@@ -464,6 +588,8 @@ def main():
         "firewall, openFirewall + apiHost 0.0.0.0": sc["openFirewallPublic"]["firewall"],
         "environment, rocm + override": sc["rocm"]["service"]["environment"],
         "DeviceAllow, rocm": sc["rocm"]["service"]["serviceConfig"]["DeviceAllow"],
+        "environment, nvidia": sc["nvidia"]["service"]["environment"],
+        "DeviceAllow, nvidia": sc["nvidia"]["service"]["serviceConfig"]["DeviceAllow"],
         "LoadCredential, apiKeyFile": sc["apiKeyFile"]["service"]["serviceConfig"]["LoadCredential"],
     }
     for k, v in summary.items():

@@ -2,6 +2,7 @@
 #
 #   nix-instantiate --eval --strict --json deploy/nixos/test/eval.nix -A scenarios
 #   nix-instantiate --eval --strict --json deploy/nixos/test/eval.nix -A flake
+#   nix-instantiate --eval --strict --json deploy/nixos/test/eval.nix -A gpuPackages
 #   nix-instantiate --eval --strict --json deploy/nixos/test/eval.nix -A mustFail.<name>   (must fail)
 #
 # With `--arg libPath /path/to/nixpkgs/lib` the real nixpkgs lib (its module system and types)
@@ -70,6 +71,18 @@ let
     { services.pod = { package = testPackage; } // settings; }
   ];
   scenario = settings: summarize (evalConfig (withPod settings));
+  # services.pod settings plus a module of other NixOS settings.
+  scenarioWith = settings: other: summarize (evalConfig (withPod settings ++ [ other ]));
+  withGraphics = {
+    hardware.graphics.enable = true;
+  };
+
+  # A ROCm other than nixpkgs' default, as a user's overlay or own build would give it.
+  customRocm = {
+    type = "derivation";
+    name = "rocm-custom-6.2.4";
+    outPath = "${builtins.storeDir}/11111111111111111111111111111111-rocm-custom-6.2.4";
+  };
 
   keyFile = "/run/secrets/pod-api-keys";
 in
@@ -121,6 +134,56 @@ in
       enable = true;
       rocm.gfxVersionOverride = "9.0.6";
     };
+    rocmPackage = scenario {
+      enable = true;
+      rocm.enable = true;
+      rocm.package = customRocm;
+    };
+    # No package: pod is left to find the libraries, and a warning says it will not on NixOS...
+    rocmNoPackage = scenario {
+      enable = true;
+      rocm.enable = true;
+      rocm.package = null;
+    };
+    # ...unless the user names them in the environment.
+    rocmNoPackageEnv = scenarioWith {
+      enable = true;
+      rocm.enable = true;
+      rocm.package = null;
+    } { systemd.services.pod.environment.POD_HIP_PATH = "/opt/rocm-6.3.3/lib"; };
+    nvidia = scenarioWith {
+      enable = true;
+      nvidia.enable = true;
+    } withGraphics;
+    nvidiaInference = scenarioWith {
+      enable = true;
+      profile = "inference";
+      openFirewall = true;
+      nvidia.enable = true;
+    } withGraphics;
+    # profile auto with a GPU option resolves to inference, which serves no model files.
+    nvidiaOpenFirewall = scenarioWith {
+      enable = true;
+      openFirewall = true;
+      nvidia.enable = true;
+    } withGraphics;
+    nvidiaNoGraphics = scenario {
+      enable = true;
+      nvidia.enable = true;
+    };
+    nvidiaNoNvrtc = scenarioWith {
+      enable = true;
+      nvidia.enable = true;
+      nvidia.nvrtcPackage = null;
+    } withGraphics;
+    nvidiaNoNvrtcEnv = scenarioWith {
+      enable = true;
+      nvidia.enable = true;
+      nvidia.nvrtcPackage = null;
+    } {
+      hardware.graphics.enable = true;
+      systemd.services.pod.environment.POD_NVRTC_PATH = "/opt/nvrtc/lib/libnvrtc.so.12";
+    };
     custom = scenario {
       enable = true;
       profile = "inference";
@@ -150,6 +213,16 @@ in
       enable = true;
       apiKeyFile = "${builtins.storeDir}/00000000000000000000000000000000-keys";
     };
+    bothGpus = scenarioWith {
+      enable = true;
+      rocm.enable = true;
+      nvidia.enable = true;
+    } withGraphics;
+    gpuAndDeviceArg = scenarioWith {
+      enable = true;
+      nvidia.enable = true;
+      extraArgs = [ "--device=cpu" ];
+    } withGraphics;
     # A user's mkForce wins over the module's value.
     forcedTimeout = summarize (
       evalConfig (
@@ -157,6 +230,15 @@ in
         ++ [ { systemd.services.pod.serviceConfig.TimeoutStartSec = lib.mkForce "1h"; } ]
       )
     );
+  };
+
+  # The store paths of the GPU packages the module defaults to (stub-pkgs.nix), and of the
+  # output each library lives in, for check.py to compare the service's environment with.
+  gpuPackages = {
+    clr = toString pkgs.rocmPackages.clr;
+    customRocm = toString customRocm;
+    nvrtc = toString pkgs.cudaPackages.cuda_nvrtc;
+    nvrtcLib = toString pkgs.cudaPackages.cuda_nvrtc.lib;
   };
 
   # Each must fail to evaluate; scripts/nix-check checks the error message.
@@ -176,6 +258,12 @@ in
     bootstrapNotMultiaddr = scenario {
       enable = true;
       bootstrap = [ "198.51.100.2:4001" ];
+    };
+    # A library directory outside the store goes in the environment, not in rocm.package.
+    rocmPackageNotPackage = scenario {
+      enable = true;
+      rocm.enable = true;
+      rocm.package = "/opt/rocm";
     };
     conflictingUnitValue = summarize (
       evalConfig (

@@ -1,6 +1,6 @@
 # Declarations of the NixOS options that deploy/nixos/module.nix sets, with the names and types
 # NixOS gives them (nixos/lib/systemd-unit-options.nix, users-groups.nix, firewall.nix,
-# assertions.nix), so that evaluating the module without nixpkgs still fails on a misspelt option
+# assertions.nix, graphics.nix), so that evaluating the module without nixpkgs still fails on a misspelt option
 # or a value of the wrong type. It only declares options: it does not generate unit files, create
 # users or configure a firewall.
 { lib, ... }:
@@ -159,6 +159,11 @@ in
     networking.firewall.allowedUDPPorts = mkOption {
       type = types.listOf types.port;
       default = [ ];
+    };
+    # nixos/modules/hardware/graphics.nix: links the driver's libraries into /run/opengl-driver.
+    hardware.graphics.enable = mkOption {
+      type = types.bool;
+      default = false;
     };
   };
 }

@@ -99,6 +99,15 @@ let
     importTOML = p: builtins.fromTOML (builtins.readFile p);
     makeBinPath = ps: concatStringsSep ":" (map (p: "${p}/bin") ps);
     isDerivation = x: isAttrs x && (x.type or null) == "derivation";
+    # A package's output by name (`lib`, `dev`), else its `out`, as nixpkgs picks it; a package
+    # given as one output already (pkg.lib, outputSpecified) stays as it is.
+    getOutput =
+      output: pkg:
+      if !(pkg ? outputSpecified) || !pkg.outputSpecified then
+        pkg.${output} or pkg.out or pkg
+      else
+        pkg;
+    getLib = getOutput "lib";
     isStorePath = x: isString x && hasPrefix "${builtins.storeDir}/" x;
     escapeShellArg =
       arg:

@@ -18,6 +18,18 @@ let
     }
     // extra;
 
+  # A package with several outputs, as nixpkgs' multi-output derivations: the set is the `out`
+  # output and has each output (out, lib, ...) as an attribute with its own store path.
+  multiOutput =
+    name: outputs:
+    let
+      each = lib.genAttrs outputs (
+        output:
+        fakeDrv (if output == "out" then name else "${name}-${output}") { outputName = output; }
+      );
+    in
+    each.out // each // { inherit outputs; };
+
   pkgs = {
     inherit lib;
     stdenv.hostPlatform = {
@@ -46,6 +58,23 @@ let
         drvAttrs = args;
         meta = args.meta or { };
       };
+
+    # The GPU runtimes' packages that module.nix defaults to, with nixpkgs' attribute paths and
+    # output layout: ROCm's clr has outputs out and icd, with libamdhip64 and libhiprtc in
+    # out/lib (pkgs/development/rocm-modules/6/clr); cuda_nvrtc is a CUDA redistributable whose
+    # libnvrtc is in its lib output (pkgs/development/cuda-modules/packages/cuda_nvrtc.nix).
+    rocmPackages.clr = multiOutput "clr-6.3.3" [
+      "out"
+      "icd"
+    ];
+    cudaPackages.cuda_nvrtc = multiOutput "cuda_nvrtc-12.8.93" [
+      "out"
+      "dev"
+      "include"
+      "lib"
+      "static"
+      "stubs"
+    ];
 
     makeWrapper = fakeDrv "make-shell-wrapper-hook" { };
     cmake = fakeDrv "cmake" { };
