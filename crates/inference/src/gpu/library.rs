@@ -2,7 +2,9 @@
 //!
 //! Every library is searched the same way, first match wins:
 //! 1. the path in the library's own environment variable (`POD_HIP_PATH`, `POD_HIPRTC_PATH`,
-//!    `POD_CUDA_PATH`, `POD_NVRTC_PATH`): a file, or a directory holding one of the names;
+//!    `POD_CUDA_PATH`, `POD_NVRTC_PATH`): a file, or a directory holding one of the names.
+//!    A path named there is the only one tried, so that a wrong one is an error saying why
+//!    rather than a silent fall-back to another installation;
 //! 2. the vendor directories (`$ROCM_PATH/lib` and `/opt/rocm/lib` for AMD, `$CUDA_PATH/lib64`
 //!    and `/usr/local/cuda/lib64` for NVIDIA), each name in turn;
 //! 3. the bare names, which the dynamic loader resolves through `LD_LIBRARY_PATH`, the
@@ -46,6 +48,7 @@ impl LibrarySearch {
             } else {
                 out.push(path);
             }
+            return out;
         }
         let mut roots: Vec<PathBuf> = self.root_vars.iter().filter_map(|var| env(var)).collect();
         roots.extend(self.default_roots.iter().map(PathBuf::from));
@@ -194,14 +197,22 @@ mod tests {
     };
 
     #[test]
-    fn candidates_come_from_the_variable_then_roots_then_the_loader() {
+    fn a_path_in_the_variable_is_the_only_candidate() {
         let got = SEARCH.candidates_with(|var| match var {
             "POD_TEST_PATH" => Some(PathBuf::from("/x/libtest.so.2")),
             "TEST_ROOT" => Some(PathBuf::from("/r")),
             _ => None,
         });
+        assert_eq!(got, [PathBuf::from("/x/libtest.so.2")]);
+    }
+
+    #[test]
+    fn candidates_come_from_the_roots_then_the_loader() {
+        let got = SEARCH.candidates_with(|var| match var {
+            "TEST_ROOT" => Some(PathBuf::from("/r")),
+            _ => None,
+        });
         let want: Vec<PathBuf> = [
-            "/x/libtest.so.2",
             "/r/lib/libtest.so.2",
             "/r/lib/libtest.so",
             "/opt/test/lib/libtest.so.2",
@@ -220,8 +231,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().to_path_buf();
         let got = SEARCH.candidates_with(|var| (var == "POD_TEST_PATH").then(|| path.clone()));
-        assert_eq!(got[0], dir.path().join("libtest.so.2"));
-        assert_eq!(got[1], dir.path().join("libtest.so"));
+        assert_eq!(
+            got,
+            [
+                dir.path().join("libtest.so.2"),
+                dir.path().join("libtest.so")
+            ]
+        );
     }
 
     #[test]
