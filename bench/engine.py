@@ -18,10 +18,15 @@ Prints a markdown table (medians over the rounds, pod/llama.cpp ratio,
 min-max ranges) with the CPU model, thread count and round count; --json prints
 the raw per-round numbers instead.
 
+With --shape (tiny, llama-1b, llama-8b, qwen2-1.5b, ...) and --format (q4_0,
+q8_0, q4_k_m, ...) instead of --model, both run on a random-weight model of
+that shape written once by `pod models synthesize` under HOME/synthetic/:
+speed at realistic sizes without a download.
+
 Usage:
   bench/engine.py [--rounds 5] [--threads 2] [-p 128] [-n 128]
-                  [--model NAME_OR_PATH] [--home DIR] [--pod BIN]
-                  [--llama-bench BIN] [--json]
+                  [--model NAME_OR_PATH | --shape SHAPE [--format FORMAT]]
+                  [--home DIR] [--pod BIN] [--llama-bench BIN] [--json]
 
 Python 3.11 standard library only.
 """
@@ -159,6 +164,9 @@ def main() -> None:
     ap.add_argument("-p", type=int, default=128, help="prompt tokens (default 128)")
     ap.add_argument("-n", type=int, default=128, help="generated tokens (default 128)")
     add_comparison_args(ap, "llama-bench")
+    ap.add_argument("--shape", help="a synthetic model of this shape instead of --model")
+    ap.add_argument("--format", default="q4_k_m",
+                    help="weight format of the synthetic model (default q4_k_m)")
     ap.add_argument("--json", action="store_true",
                     help="print the raw per-round numbers as JSON instead of the table")
     args = ap.parse_args()
@@ -166,10 +174,20 @@ def main() -> None:
         ap.error("--rounds, --threads, -p and -n must be at least 1")
 
     args.home = args.home.expanduser()
-    model = resolve_model(args.model, args.home, "engine.py")
     if not os.access(args.pod, os.X_OK):
         sys.exit(f"engine.py: no pod binary at {args.pod}; "
                  "build it with `cargo build --release --bin pod`")
+    if args.shape:
+        model = args.home / "synthetic" / f"{args.shape}-{args.format.lower()}.gguf"
+        if not model.is_file():
+            model.parent.mkdir(parents=True, exist_ok=True)
+            subprocess.run(
+                [str(args.pod), "--home", str(args.home), "models", "synthesize",
+                 "--shape", args.shape, "--format", args.format, "--out", str(model)],
+                check=True,
+            )
+    else:
+        model = resolve_model(args.model, args.home, "engine.py")
     if args.llama_bench is None:
         args.llama_bench = find_llama_cpp("llama-bench", "engine.py", "--llama-bench")
 
