@@ -1122,3 +1122,35 @@ fn bench_measures_a_synthetic_shape_on_the_gpu_kernels() {
     );
     assert_one_line_error(&o, "unknown shape `huge` (known: tiny, llama-1b, llama-8b, tiny-qwen2, tiny-qwen3, qwen2-1.5b)");
 }
+
+#[test]
+fn device_check_runs_a_named_shape_or_a_model_file() {
+    let home = tempfile::tempdir().unwrap();
+    let model = synthetic_shape(home.path(), "tiny-qwen3", "q4_0");
+    for args in [
+        vec!["--shape", "tiny-qwen2", "--format", "q8_0"],
+        vec!["--model", model.to_str().expect("utf-8 path")],
+    ] {
+        let o = run_bounded(
+            Command::new(env!("CARGO_BIN_EXE_pod"))
+                .arg("--home")
+                .arg(home.path())
+                .args(["--log", "warn", "device", "check", "--device", "emulator"])
+                .args(&args)
+                .arg("--json"),
+            "",
+            Duration::from_secs(300),
+        );
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+        let report = json_of(&o);
+        let checks = report["checks"].as_array().expect("checks");
+        assert_eq!(checks.len(), 1, "{report}");
+        let want = if args[0] == "--shape" {
+            "qwen2 Q8_0"
+        } else {
+            "qwen3 Q4_0"
+        };
+        assert_eq!(checks[0]["format"], want, "{report}");
+        assert_eq!(checks[0]["passed"], true, "{report}");
+    }
+}

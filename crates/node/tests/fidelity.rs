@@ -4,6 +4,7 @@
 
 mod common;
 
+use pod_inference::gpu::synthetic::{self, shapes};
 use pod_inference::sampling::log_softmax;
 use pod_inference::Device;
 use pod_inference::{ChatMessage, ChatModel, Role};
@@ -160,4 +161,52 @@ fn gemma3_matches_llama_cpp() {
     }
     check_mean(&deltas);
     check_tokenize_cases(&model, fixture["tokenize"].as_array().unwrap());
+}
+
+/// A synthetic random-weight model (`pod models synthesize --shape SHAPE --format q8_0
+/// --seed 1`) against llama.cpp on the same file: the architectures whose weights cannot be
+/// fetched here. The file is written anew and must be the one the fixture was made from.
+fn synthetic_matches_llama_cpp(fixture: &str, shape: &str) {
+    let fixture = common::fixture(fixture);
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.gguf");
+    let model_shape = shapes::shape(shape, "q8_0").unwrap();
+    synthetic::write_chat_model(&path, 1, &model_shape).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+    assert_eq!(
+        sha,
+        fixture["model_sha256"].as_str().unwrap(),
+        "the synthetic {shape} model changed: regenerate its fixture (bench/README.md)"
+    );
+    let model = ChatModel::load(&path, &Device::Cpu).unwrap();
+    assert_eq!(model.info().architecture, model_shape.family.arch());
+    let cases = fixture["cases"].as_array().unwrap();
+    assert!(cases.len() >= 4);
+    let mut deltas = Vec::new();
+    for case in cases {
+        let name = case["name"].as_str().unwrap();
+        let tokens = model
+            .tokenizer()
+            .encode(case["text"].as_str().unwrap())
+            .unwrap();
+        deltas.push(check_case(&model, name, &tokens, case));
+    }
+    check_mean(&deltas);
+    check_tokenize_cases(&model, fixture["tokenize"].as_array().unwrap());
+}
+
+#[test]
+fn synthetic_qwen2_matches_llama_cpp() {
+    synthetic_matches_llama_cpp("llamacpp_synthetic_qwen2.json", "tiny-qwen2");
+}
+
+#[test]
+fn synthetic_qwen3_matches_llama_cpp() {
+    synthetic_matches_llama_cpp("llamacpp_synthetic_qwen3.json", "tiny-qwen3");
+}
+
+#[test]
+fn synthetic_llama_matches_llama_cpp() {
+    synthetic_matches_llama_cpp("llamacpp_synthetic_llama.json", "tiny");
 }

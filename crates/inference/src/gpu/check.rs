@@ -129,23 +129,51 @@ pub fn run_checks<R: DeviceRuntime>(runtime: Arc<R>, options: CheckOptions) -> C
         .enumerate()
         .map(|(i, &dtype)| {
             let name = format_name(dtype).to_owned();
-            match check_format(&runtime, dtype, 7 + i as u64, options) {
-                Ok(row) => row,
-                Err(e) => CheckRow {
-                    format: name,
-                    max_abs_error: f32::NAN,
-                    mean_abs_error: f32::NAN,
-                    bound: f32::NAN,
-                    worst_ratio: f32::NAN,
-                    greedy_equal: false,
-                    passed: false,
-                    tokens_per_second: 0.0,
-                    error: Some(e),
-                },
-            }
+            check_format(&runtime, dtype, 7 + i as u64, options)
+                .unwrap_or_else(|e| failed_row(name, e))
         })
         .collect();
     CheckReport { checks }
+}
+
+/// Runs the check on the model at `path` (any architecture and formats the GPU decoder
+/// reads: a real model, or a synthetic one at a realistic shape): one row, named by the
+/// file's architecture and dominant format.
+pub fn check_model<R: DeviceRuntime>(
+    runtime: Arc<R>,
+    path: &Path,
+    options: CheckOptions,
+) -> CheckReport {
+    let name = match crate::gguf::GgufFile::open(path) {
+        Ok(file) => format!(
+            "{} {}",
+            file.architecture().unwrap_or_else(|_| "model".into()),
+            file.quantization()
+        ),
+        Err(e) => {
+            return CheckReport {
+                checks: vec![failed_row(path.display().to_string(), e.to_string())],
+            }
+        }
+    };
+    let row =
+        check_file(&runtime, path, name.clone(), options).unwrap_or_else(|e| failed_row(name, e));
+    CheckReport { checks: vec![row] }
+}
+
+/// A check that could not run, with the reason.
+fn failed_row(format: String, error: String) -> CheckRow {
+    CheckRow {
+        format,
+        max_abs_error: f32::NAN,
+        mean_abs_error: f32::NAN,
+        bound: f32::NAN,
+        worst_ratio: f32::NAN,
+        greedy_equal: false,
+        passed: false,
+        tokens_per_second: 0.0,
+        error: Some(error),
+    }
 }
 
 fn check_format<R: DeviceRuntime>(
@@ -157,7 +185,19 @@ fn check_format<R: DeviceRuntime>(
     let dir = tempfile::tempdir().map_err(|e| format!("creating a temporary directory: {e}"))?;
     let path = dir.path().join("check.gguf");
     synthetic::write_model(&path, seed, &check_shape(dtype)).map_err(|e| e.to_string())?;
-    let cpu = cpu_decoder(&path).map_err(|e| format!("loading on the CPU: {e}"))?;
+    check_file(runtime, &path, format_name(dtype).to_owned(), options)
+}
+
+/// The prompt and `options.decode_steps` greedy steps of the model at `path` on the CPU
+/// decoder and on `runtime`, compared logit by logit.
+fn check_file<R: DeviceRuntime>(
+    runtime: &Arc<R>,
+    path: &Path,
+    name: String,
+    options: CheckOptions,
+) -> Result<CheckRow, String> {
+    let path = &path;
+    let cpu = cpu_decoder(path).map_err(|e| format!("loading on the CPU: {e}"))?;
     let gpu = GpuDecoder::load(Arc::clone(runtime), &path, MAX_LEN)
         .map_err(|e| format!("loading on the device: {e}"))?;
     let bounds = logit_bounds(&cpu);
@@ -202,7 +242,7 @@ fn check_format<R: DeviceRuntime>(
     let bound = bounds.iter().copied().fold(f32::INFINITY, f32::min);
     let within = worst_ratio <= 1.0;
     Ok(CheckRow {
-        format: format_name(dtype).to_owned(),
+        format: name,
         max_abs_error: max_err,
         mean_abs_error: (sum_err / count.max(1) as f64) as f32,
         bound,
@@ -218,7 +258,13 @@ fn check_format<R: DeviceRuntime>(
 fn cpu_decoder(path: &Path) -> candle_core::Result<CpuDecoder> {
     let mut r = BufReader::new(File::open(path)?);
     let ct = gguf_file::Content::read(&mut r)?;
-    CpuDecoder::from_gguf(&ct, &mut r, "llama", MAX_LEN)
+    let arch = ct
+        .metadata
+        .get("general.architecture")
+        .map(|v| v.to_string().cloned())
+        .transpose()?
+        .unwrap_or_else(|| "llama".to_owned());
+    CpuDecoder::from_gguf(&ct, &mut r, &arch, MAX_LEN)
 }
 
 /// The index of the largest value, the first of equals.

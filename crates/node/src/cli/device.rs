@@ -2,12 +2,12 @@
 //! offers pod (or why none), whether pod's kernels compile for a GPU architecture (no GPU
 //! needed), and whether a device computes what the CPU computes.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use pod_inference::gpu::check::{run_checks, CheckOptions, CheckReport};
+use pod_inference::gpu::check::{check_model, run_checks, CheckOptions, CheckReport};
 use pod_inference::gpu::compile::{CompiledModule, Compiler, Target, Vendor};
 use pod_inference::gpu::devices::{self, Backend, BackendReport};
 use pod_inference::gpu::emulator::Emulator;
@@ -41,6 +41,17 @@ pub(crate) struct CheckArgs {
     /// Lanes per warp for the emulator: 32 (NVIDIA) or 64 (AMD GCN/CDNA such as gfx906).
     #[arg(long, default_value_t = 64, value_parser = parse_warp)]
     warp: u32,
+    /// Check this model file (llama, mistral, gemma3, qwen2 or qwen3) instead of the tiny
+    /// random-weight model per format.
+    #[arg(long, conflicts_with = "shape")]
+    model: Option<PathBuf>,
+    /// Check a random-weight model of this shape (tiny, llama-1b, llama-8b, qwen2-1.5b, ...)
+    /// in --format instead of the tiny model per format: the kernels at a realistic size.
+    #[arg(long)]
+    shape: Option<String>,
+    /// Weight format of the --shape model.
+    #[arg(long, default_value = "q4_k_m", requires = "shape")]
+    format: String,
     /// Print JSON instead of a table.
     #[arg(long)]
     json: bool,
@@ -236,6 +247,18 @@ fn parse_check_device(spec: &str) -> Result<CheckDevice> {
 
 fn check(home: &Path, args: CheckArgs) -> Result<()> {
     let device = parse_check_device(&args.device)?;
+    // A --shape model is written first, to a directory that lives as long as the check.
+    let synthetic = tempfile::tempdir().context("cannot create a temporary directory")?;
+    let model = match (&args.model, &args.shape) {
+        (Some(path), _) => Some(path.clone()),
+        (None, Some(shape)) => {
+            let path = synthetic.path().join("model.gguf");
+            pod_node::bench::write_synthetic(&path, shape, &args.format, 1)?;
+            Some(path)
+        }
+        (None, None) => None,
+    };
+    let model = model.as_deref();
     let cache = home.join("kernels");
     let (name, report) = match device {
         CheckDevice::Emulator => {
@@ -243,7 +266,7 @@ fn check(home: &Path, args: CheckArgs) -> Result<()> {
                 .context("cannot build the kernel emulator")?;
             (
                 format!("emulator (warp {})", args.warp),
-                checks_on(Arc::new(emulator)),
+                checks_on(Arc::new(emulator), model),
             )
         }
         CheckDevice::Rocm(n) => {
@@ -251,7 +274,7 @@ fn check(home: &Path, args: CheckArgs) -> Result<()> {
                 .with_context(|| format!("cannot open rocm:{n}"))?;
             (
                 format!("rocm:{n} {} ({})", runtime.name(), runtime.target()),
-                checks_on(Arc::new(runtime)),
+                checks_on(Arc::new(runtime), model),
             )
         }
         CheckDevice::Cuda(n) => {
@@ -259,7 +282,7 @@ fn check(home: &Path, args: CheckArgs) -> Result<()> {
                 .with_context(|| format!("cannot open cuda:{n}"))?;
             (
                 format!("cuda:{n} {} ({})", runtime.name(), runtime.target()),
-                checks_on(Arc::new(runtime)),
+                checks_on(Arc::new(runtime), model),
             )
         }
     };
@@ -278,19 +301,23 @@ fn check(home: &Path, args: CheckArgs) -> Result<()> {
     Ok(())
 }
 
-fn checks_on<R: DeviceRuntime>(runtime: Arc<R>) -> CheckReport {
-    run_checks(runtime, CheckOptions::default())
+/// The checks on `runtime`: of the model at `model`, else of the tiny model per format.
+fn checks_on<R: DeviceRuntime>(runtime: Arc<R>, model: Option<&Path>) -> CheckReport {
+    match model {
+        Some(path) => check_model(runtime, path, CheckOptions::default()),
+        None => run_checks(runtime, CheckOptions::default()),
+    }
 }
 
 fn print_checks(device: &str, report: &CheckReport) {
-    println!("{device}: a random-weight model per format against the CPU decoder");
+    println!("{device}: against the CPU decoder");
     println!(
-        "{:<8} {:>11} {:>11} {:>11} {:>7} {:>6} {:>9}",
+        "{:<12} {:>11} {:>11} {:>11} {:>7} {:>6} {:>9}",
         "FORMAT", "MAX ERR", "MEAN ERR", "BOUND", "GREEDY", "RESULT", "TOK/S"
     );
     for c in &report.checks {
         println!(
-            "{:<8} {:>11.3e} {:>11.3e} {:>11.3e} {:>7} {:>6} {:>9.1}",
+            "{:<12} {:>11.3e} {:>11.3e} {:>11.3e} {:>7} {:>6} {:>9.1}",
             c.format,
             c.max_abs_error,
             c.mean_abs_error,
