@@ -196,9 +196,8 @@ fn check_file<R: DeviceRuntime>(
     name: String,
     options: CheckOptions,
 ) -> Result<CheckRow, String> {
-    let path = &path;
     let cpu = cpu_decoder(path).map_err(|e| format!("loading on the CPU: {e}"))?;
-    let gpu = GpuDecoder::load(Arc::clone(runtime), &path, MAX_LEN)
+    let gpu = GpuDecoder::load(Arc::clone(runtime), path, MAX_LEN)
         .map_err(|e| format!("loading on the device: {e}"))?;
     let bounds = logit_bounds(&cpu);
     let (mut cpu_cache, mut gpu_cache) = (cpu.new_cache(), gpu.new_cache());
