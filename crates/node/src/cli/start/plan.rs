@@ -151,6 +151,7 @@ fn mesh_config(args: &StartArgs, profile: Profile) -> MeshConfig {
         bootstrap: args.bootstrap.clone(),
         mdns: !args.no_mdns,
         relay_server: profile.relays(),
+        nat_trust_private: args.nat_trust_private,
         announce_interval,
         peer_expiry: announce_interval * 3,
         ..MeshConfig::default()
@@ -231,6 +232,7 @@ pub(super) fn print(
             "bootstrap": strings(&plan.mesh.bootstrap),
             "mdns": plan.mesh.mdns,
             "relay_server": plan.mesh.relay_server,
+            "nat_trust_private": plan.mesh.nat_trust_private,
             "serve_mesh": serve_mesh,
             "announce_interval_seconds": args.announce_interval,
         },
@@ -314,6 +316,9 @@ pub(super) fn print(
         "relay     {} (circuit relay server for pods behind NAT)",
         yes(plan.mesh.relay_server)
     );
+    if plan.mesh.nat_trust_private {
+        println!("NAT       AutoNAT trusts peers at private addresses");
+    }
     println!(
         "serving   {} (this node's models to peers)",
         yes(serve_mesh)
