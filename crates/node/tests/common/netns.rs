@@ -65,7 +65,7 @@ impl NatLab {
                 panic!("cannot build the NAT test network (CI must run these tests): {e}")
             }
             Err(e) => {
-                eprintln!("SKIPPED: cannot build the NAT test network here: {e}");
+                eprintln!("skipped: cannot build the NAT test network here: {e}");
                 None
             }
         }
