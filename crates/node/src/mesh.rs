@@ -7,7 +7,8 @@
 //! Protocols: TCP and QUIC-v1 transports with Noise and Yamux, identify (agent `pod/<version>`),
 //! ping, Kademlia under `/pod/kad/1.0.0` (peer routing, and provider records for served
 //! files), gossipsub (capability announcements on [`capability::CAPABILITY_TOPIC`]), mDNS,
-//! AutoNAT, circuit relay v2 (client always, server on request) and DCUtR hole punching.
+//! AutoNAT, circuit relay v2 (client always, server on request), DCUtR hole punching and
+//! UPnP port mapping (on request).
 
 pub mod capability;
 pub mod peers;
@@ -56,6 +57,9 @@ pub struct MeshConfig {
     /// By default only peers at global addresses count, so a pod on a private network never
     /// learns whether it is reachable.
     pub nat_trust_private: bool,
+    /// Ask the home router (UPnP IGD) to forward the mesh port to this node, so peers reach
+    /// it directly. Off by default here; `pod start` turns it on unless `--no-upnp`.
+    pub upnp: bool,
     /// How often the node re-announces its capabilities when nothing changes.
     pub announce_interval: Duration,
     /// A peer with no connection that has not been heard of for this long is forgotten.
@@ -109,6 +113,7 @@ impl Default for MeshConfig {
             mdns: true,
             relay_server: false,
             nat_trust_private: false,
+            upnp: false,
             announce_interval: Duration::from_secs(10),
             peer_expiry: Duration::from_secs(30),
             ping_interval: Duration::from_secs(15),

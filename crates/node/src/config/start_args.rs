@@ -124,6 +124,9 @@ pub struct StartArgs {
     /// they are not). Off by default, as on the internet only global addresses say anything.
     #[arg(long, env = "POD_NAT_TRUST_PRIVATE")]
     pub nat_trust_private: bool,
+    /// Do not ask the home router (UPnP IGD) to forward the mesh port to this node.
+    #[arg(long, env = "POD_NO_UPNP")]
+    pub no_upnp: bool,
     /// Do not run requests for peers; this node's models serve only its own API.
     #[arg(long, env = "POD_NO_SERVE_MESH")]
     pub no_serve_mesh: bool,

@@ -6,7 +6,7 @@ use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{
     allow_block_list, autonat, connection_limits, dcutr, gossipsub, identify, identity, kad, mdns,
-    ping, relay, StreamProtocol,
+    ping, relay, upnp, StreamProtocol,
 };
 
 use super::capability::MAX_ANNOUNCEMENT_BYTES;
@@ -86,6 +86,7 @@ pub(crate) struct Behaviour {
     pub(crate) gossipsub: gossipsub::Behaviour,
     pub(crate) mdns: Toggle<mdns::tokio::Behaviour>,
     pub(crate) autonat: autonat::Behaviour,
+    pub(crate) upnp: Toggle<upnp::tokio::Behaviour>,
     pub(crate) stream: libp2p_stream::Behaviour,
 }
 
@@ -153,6 +154,7 @@ impl Behaviour {
             gossipsub,
             mdns: mdns.into(),
             autonat: autonat::Behaviour::new(peer_id, autonat_config(config.nat_trust_private)),
+            upnp: config.upnp.then(upnp::tokio::Behaviour::default).into(),
             stream: libp2p_stream::Behaviour::new(),
         })
     }

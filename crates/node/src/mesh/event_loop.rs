@@ -12,7 +12,7 @@ use libp2p::multiaddr::Protocol;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ConnectionId, SwarmEvent};
 use libp2p::{
-    autonat, dcutr, gossipsub, identify, kad, mdns, ping, relay, Multiaddr, PeerId, Swarm,
+    autonat, dcutr, gossipsub, identify, kad, mdns, ping, relay, upnp, Multiaddr, PeerId, Swarm,
 };
 use tokio::sync::{broadcast, mpsc, oneshot};
 
@@ -563,6 +563,20 @@ impl EventLoop {
                 step,
                 ..
             }) => self.on_query(id, result, step.last),
+            BehaviourEvent::Upnp(event) => match event {
+                upnp::Event::NewExternalAddr { external_addr, .. } => {
+                    tracing::info!(address = %external_addr, "the router forwards the mesh port (UPnP)");
+                }
+                upnp::Event::ExpiredExternalAddr { external_addr, .. } => {
+                    tracing::info!(address = %external_addr, "UPnP port mapping expired");
+                }
+                upnp::Event::GatewayNotFound => {
+                    tracing::debug!("no UPnP gateway on the local network");
+                }
+                upnp::Event::NonRoutableGateway => {
+                    tracing::debug!("the UPnP gateway is itself behind NAT; no port mapping");
+                }
+            },
             BehaviourEvent::Kademlia(kad::Event::RoutingUpdated { peer, .. }) => {
                 tracing::trace!(%peer, "DHT routing updated");
             }

@@ -336,6 +336,7 @@ impl NsPod {
                 "--api-port",
                 "0",
                 "--no-mdns",
+                "--no-upnp",
                 "--no-pull",
             ])
             .args(args)

@@ -152,6 +152,7 @@ fn mesh_config(args: &StartArgs, profile: Profile) -> MeshConfig {
         mdns: !args.no_mdns,
         relay_server: profile.relays(),
         nat_trust_private: args.nat_trust_private,
+        upnp: !args.no_upnp,
         announce_interval,
         peer_expiry: announce_interval * 3,
         ..MeshConfig::default()
@@ -233,6 +234,7 @@ pub(super) fn print(
             "mdns": plan.mesh.mdns,
             "relay_server": plan.mesh.relay_server,
             "nat_trust_private": plan.mesh.nat_trust_private,
+            "upnp": plan.mesh.upnp,
             "serve_mesh": serve_mesh,
             "announce_interval_seconds": args.announce_interval,
         },
@@ -312,6 +314,7 @@ pub(super) fn print(
         println!("bootstrap {}", strings(&plan.mesh.bootstrap).join(", "));
     }
     println!("mDNS      {}", if plan.mesh.mdns { "on" } else { "off" });
+    println!("UPnP      {}", if plan.mesh.upnp { "on" } else { "off" });
     println!(
         "relay     {} (circuit relay server for pods behind NAT)",
         yes(plan.mesh.relay_server)
