@@ -20,6 +20,10 @@ pub struct NodeView {
     pub external_addrs: Vec<String>,
     /// `public`, `private` or `unknown` (AutoNAT).
     pub nat_status: String,
+    /// Relays holding a reservation for this node (PeerIds): while it is private, peers reach
+    /// it through these. Empty when it needs none or has none.
+    #[serde(default)]
+    pub relays: Vec<String>,
     /// Peers with an open connection.
     pub connected_peers: usize,
     /// Peers in the peer table.
@@ -48,6 +52,12 @@ pub struct PeerView {
     pub addrs: Vec<String>,
     /// Whether a connection to it is open.
     pub connected: bool,
+    /// `direct` or `relayed` (through a circuit relay) while connected.
+    #[serde(default)]
+    pub path: Option<String>,
+    /// `succeeded` or `failed`: the latest hole punch (DCUtR) with it, if one was tried.
+    #[serde(default)]
+    pub hole_punch: Option<String>,
     /// Latest ping round-trip time in milliseconds.
     pub rtt_ms: Option<f64>,
     /// Its profile, from its announcement.

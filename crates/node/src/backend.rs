@@ -13,7 +13,7 @@ use pod_api::{Backend, BlobTotals, Embeddings, Generation, LocalBackend, ModelEn
 use pod_inference::{EmbedRequest, EngineError, GenerateRequest};
 
 use crate::blob::{BlobServer, BlobStats, ServedFile};
-use crate::mesh::{self, PeerSnapshot};
+use crate::mesh::{self, ConnectionPath, HolePunch, PeerSnapshot};
 use crate::profile::Profile;
 use crate::receipts::Ledger;
 use crate::remote::client::{ClientConfig, InferClient, Providers};
@@ -265,6 +265,7 @@ impl Backend for NodeBackend {
                 .map(ToString::to_string)
                 .collect(),
             nat_status: info.nat_status,
+            relays: info.relays.iter().map(ToString::to_string).collect(),
             connected_peers: info.connected_peers,
             known_peers: info.known_peers,
             uptime_seconds: self.started.elapsed().as_secs(),
@@ -328,6 +329,14 @@ pub fn peer_view(p: PeerSnapshot) -> PeerView {
         agent: p.agent.or_else(|| caps.as_ref().map(|c| c.agent.clone())),
         addrs: p.addrs.iter().map(ToString::to_string).collect(),
         connected: p.connected,
+        path: p.path.map(|p| match p {
+            ConnectionPath::Direct => "direct".to_owned(),
+            ConnectionPath::Relayed => "relayed".to_owned(),
+        }),
+        hole_punch: p.hole_punch.map(|h| match h {
+            HolePunch::Succeeded => "succeeded".to_owned(),
+            HolePunch::Failed => "failed".to_owned(),
+        }),
         rtt_ms: p.rtt.map(|d| d.as_secs_f64() * 1000.0),
         profile: caps.as_ref().map(|c| c.profile.clone()),
         models: caps.as_ref().map(|c| c.models.clone()).unwrap_or_default(),

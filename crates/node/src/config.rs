@@ -81,6 +81,10 @@ pub struct FileConfig {
     pub bootstrap: Option<Vec<Multiaddr>>,
     /// `false`: `--no-mdns`.
     pub mdns: Option<bool>,
+    /// `--nat-trust-private`.
+    pub nat_trust_private: Option<bool>,
+    /// `false`: `--no-upnp`.
+    pub upnp: Option<bool>,
     /// `false`: `--no-serve-mesh`.
     pub serve_mesh: Option<bool>,
     /// `--route`.

@@ -7,7 +7,8 @@
 //! Protocols: TCP and QUIC-v1 transports with Noise and Yamux, identify (agent `pod/<version>`),
 //! ping, Kademlia under `/pod/kad/1.0.0` (peer routing, and provider records for served
 //! files), gossipsub (capability announcements on [`capability::CAPABILITY_TOPIC`]), mDNS,
-//! AutoNAT, circuit relay v2 (client always, server on request) and DCUtR hole punching.
+//! AutoNAT, circuit relay v2 (client always, server on request), DCUtR hole punching and
+//! UPnP port mapping (on request).
 
 pub mod capability;
 pub mod peers;
@@ -24,10 +25,14 @@ use libp2p::{identity::Keypair, noise, tcp, yamux, Multiaddr, PeerId, SwarmBuild
 use serde::Serialize;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
-pub use behaviour::{agent_version, KAD_PROTOCOL};
+pub use behaviour::{
+    agent_version, KAD_PROTOCOL, RELAY_MAX_CIRCUITS, RELAY_MAX_CIRCUITS_PER_PEER,
+    RELAY_MAX_CIRCUIT_BYTES, RELAY_MAX_CIRCUIT_DURATION, RELAY_MAX_RESERVATIONS,
+    RELAY_MAX_RESERVATIONS_PER_PEER, RELAY_RESERVATION_DURATION,
+};
 pub use capability::Capabilities;
 pub use event_loop::EventLoop;
-pub use peers::PeerSnapshot;
+pub use peers::{ConnectionPath, HolePunch, PeerSnapshot};
 
 /// Default TCP and UDP (QUIC) port of the mesh.
 pub const DEFAULT_P2P_PORT: u16 = 4001;
@@ -45,8 +50,16 @@ pub struct MeshConfig {
     pub bootstrap: Vec<Multiaddr>,
     /// Discover peers on the local network with mDNS.
     pub mdns: bool,
-    /// Act as a circuit relay v2 server for peers behind NAT.
+    /// Act as a circuit relay v2 server for peers behind NAT (with the limits of
+    /// [`RELAY_MAX_RESERVATIONS`] and the constants beside it).
     pub relay_server: bool,
+    /// Let AutoNAT probe and be probed by peers at private addresses (LANs, test networks).
+    /// By default only peers at global addresses count, so a pod on a private network never
+    /// learns whether it is reachable.
+    pub nat_trust_private: bool,
+    /// Ask the home router (UPnP IGD) to forward the mesh port to this node, so peers reach
+    /// it directly. Off by default here; `pod start` turns it on unless `--no-upnp`.
+    pub upnp: bool,
     /// How often the node re-announces its capabilities when nothing changes.
     pub announce_interval: Duration,
     /// A peer with no connection that has not been heard of for this long is forgotten.
@@ -99,6 +112,8 @@ impl Default for MeshConfig {
             bootstrap: Vec::new(),
             mdns: true,
             relay_server: false,
+            nat_trust_private: false,
+            upnp: false,
             announce_interval: Duration::from_secs(10),
             peer_expiry: Duration::from_secs(30),
             ping_interval: Duration::from_secs(15),
@@ -159,6 +174,9 @@ pub struct NodeInfo {
     pub external_addrs: Vec<Multiaddr>,
     /// `public`, `private` or `unknown`, from AutoNAT.
     pub nat_status: String,
+    /// Relays holding a reservation for this node: peers reach it through them while it is
+    /// private.
+    pub relays: Vec<PeerId>,
     /// Peers with an open connection.
     pub connected_peers: usize,
     /// Peers in the peer table.

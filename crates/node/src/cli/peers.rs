@@ -29,8 +29,8 @@ pub(crate) fn exec(home: &Path, args: PeersArgs) -> Result<()> {
         return Ok(());
     }
     println!(
-        "{:<52} {:<14} {:>8} {:>10} {:>9}  MODELS",
-        "PEER", "AGENT", "RTT", "LOAD", "SEEN"
+        "{:<52} {:<14} {:<20} {:>8} {:>10} {:>9}  MODELS",
+        "PEER", "AGENT", "PATH", "RTT", "LOAD", "SEEN"
     );
     for p in rows {
         let models: Vec<&str> = p["models"]
@@ -49,14 +49,21 @@ pub(crate) fn exec(home: &Path, args: PeersArgs) -> Result<()> {
         } else {
             "-".to_owned()
         };
+        // How the connection reaches the peer, and the hole punch's outcome when one was tried.
+        let path = match (p["path"].as_str(), p["hole_punch"].as_str()) {
+            (None, _) => "-".to_owned(),
+            (Some(path), None) => path.to_owned(),
+            (Some(path), Some(punch)) => format!("{path} (punch {punch})"),
+        };
         let seen = format!(
             "{:.1}s ago",
             p["last_seen_ms"].as_f64().unwrap_or(0.0) / 1000.0
         );
         println!(
-            "{:<52} {:<14} {:>8} {:>10} {:>9}  {}",
+            "{:<52} {:<14} {:<20} {:>8} {:>10} {:>9}  {}",
             p["peer_id"].as_str().unwrap_or("?"),
             p["agent"].as_str().unwrap_or("-"),
+            path,
             rtt,
             load,
             seen,

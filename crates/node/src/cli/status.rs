@@ -85,6 +85,8 @@ pub(crate) fn exec(home: &Path, args: StatusArgs) -> Result<()> {
                 "completion": metric_sum(&metrics, "pod_completion_tokens_total", |_| true),
             });
             out["nat_status"] = node["nat_status"].clone();
+            out["relays"] = node["relays"].clone();
+            out["reachability"] = reachability(&node["nat_status"], &node["relays"]).into();
             out["listen_addrs"] = node["listen_addrs"].clone();
         }
     }
@@ -142,6 +144,7 @@ pub(crate) fn exec(home: &Path, args: StatusArgs) -> Result<()> {
             n(&out["peers"]["connected"]),
             n(&out["peers"]["known"])
         );
+        println!("reach     {}", s(&out["reachability"]));
         println!(
             "requests  {} queued, {} active, {} served",
             n(&out["requests"]["queued"]),
@@ -150,6 +153,26 @@ pub(crate) fn exec(home: &Path, args: StatusArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// One line on whether peers can reach the node: `public`, or `private` and through which
+/// relays, or why not.
+fn reachability(nat_status: &serde_json::Value, relays: &serde_json::Value) -> String {
+    let relays: Vec<&str> = relays
+        .as_array()
+        .map(|r| r.iter().filter_map(|r| r.as_str()).collect())
+        .unwrap_or_default();
+    match (nat_status.as_str(), relays.is_empty()) {
+        (Some("public"), _) => "public: peers reach this node directly".to_owned(),
+        (Some("private"), false) => format!(
+            "private: peers reach this node through relay {}",
+            relays.join(", ")
+        ),
+        (Some("private"), true) => {
+            "private and not reachable: no relay holds a reservation for this node".to_owned()
+        }
+        _ => "unknown: no peer has checked whether this node is reachable yet".to_owned(),
+    }
 }
 
 fn human_duration(seconds: u64) -> String {

@@ -147,6 +147,8 @@ settings! {
     external_addr <- external_addr => args.external_addr, same;
     bootstrap <- bootstrap => args.bootstrap, same;
     mdns <- no_mdns => args.no_mdns, not;
+    nat_trust_private <- nat_trust_private => args.nat_trust_private, same;
+    upnp <- no_upnp => args.no_upnp, not;
     serve_mesh <- no_serve_mesh => args.no_serve_mesh, not;
     route <- route => args.route, same;
     announce_interval <- announce_interval => args.announce_interval, same;

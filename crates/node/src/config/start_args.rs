@@ -123,6 +123,14 @@ pub struct StartArgs {
     /// Do not discover peers on the local network with mDNS.
     #[arg(long, env = "POD_NO_MDNS")]
     pub no_mdns: bool,
+    /// Let AutoNAT trust peers at private addresses: on a LAN or a test network of private
+    /// addresses, pods then learn whether they are reachable (and reserve relay slots when
+    /// they are not). Off by default, as on the internet only global addresses say anything.
+    #[arg(long, env = "POD_NAT_TRUST_PRIVATE")]
+    pub nat_trust_private: bool,
+    /// Do not ask the home router (UPnP IGD) to forward the mesh port to this node.
+    #[arg(long, env = "POD_NO_UPNP")]
+    pub no_upnp: bool,
     /// Do not run requests for peers; this node's models serve only its own API.
     #[arg(long, env = "POD_NO_SERVE_MESH")]
     pub no_serve_mesh: bool,

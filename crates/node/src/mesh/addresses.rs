@@ -77,6 +77,49 @@ pub(crate) fn is_dialable(addr: &Multiaddr) -> bool {
     })
 }
 
+/// The address's IP, if it starts with one.
+fn ip_of(addr: &Multiaddr) -> Option<IpAddr> {
+    match addr.iter().next()? {
+        Protocol::Ip4(ip) => Some(IpAddr::V4(ip)),
+        Protocol::Ip6(ip) => Some(IpAddr::V6(ip)),
+        _ => None,
+    }
+}
+
+/// Whether the address is on a loopback interface (127.0.0.0/8, ::1).
+fn is_loopback(addr: &Multiaddr) -> bool {
+    ip_of(addr).is_some_and(|ip| ip.is_loopback())
+}
+
+/// Whether the address is link-local (169.254.0.0/16, fe80::/10): it needs an interface,
+/// which a multiaddr does not carry, so no peer can use it.
+pub(crate) fn is_link_local(addr: &Multiaddr) -> bool {
+    match ip_of(addr) {
+        Some(IpAddr::V4(ip)) => ip.is_link_local(),
+        Some(IpAddr::V6(ip)) => ip.segments()[0] & 0xffc0 == 0xfe80,
+        None => false,
+    }
+}
+
+/// Whether a peer's address may be dialled by this node: never link-local, loopback only
+/// when the peer is on this host (it was reached over loopback).
+pub(crate) fn is_usable_from(addr: &Multiaddr, same_host: bool) -> bool {
+    !is_link_local(addr) && (same_host || !is_loopback(addr))
+}
+
+/// The addresses worth announcing to other pods, in order: no wildcards, no link-local, and
+/// loopback only from a node that has nothing else (one listening on loopback alone, whose
+/// peers are on its host).
+pub(crate) fn announceable<'a>(addrs: &[&'a Multiaddr]) -> Vec<&'a Multiaddr> {
+    let usable = |a: &&&Multiaddr| is_dialable(a) && !is_link_local(a);
+    let loopback_only = addrs.iter().filter(usable).all(|a| is_loopback(a));
+    addrs
+        .iter()
+        .filter(|a| usable(a) && (loopback_only || !is_loopback(a)))
+        .copied()
+        .collect()
+}
+
 pub(crate) fn transport_error_text<E: std::error::Error>(e: &libp2p::TransportError<E>) -> String {
     match e {
         libp2p::TransportError::MultiaddrNotSupported(a) => {
@@ -88,4 +131,41 @@ pub(crate) fn transport_error_text<E: std::error::Error>(e: &libp2p::TransportEr
 
 pub(crate) fn dial_error_text(e: &DialError) -> String {
     e.to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn addr(s: &str) -> Multiaddr {
+        s.parse().expect("valid multiaddr")
+    }
+
+    #[test]
+    fn announcements_leave_out_loopback_and_link_local_when_there_is_better() {
+        let all = [
+            addr("/ip4/127.0.0.1/tcp/4001"),
+            addr("/ip4/169.254.3.4/tcp/4001"),
+            addr("/ip6/fe80::1/tcp/4001"),
+            addr("/ip4/0.0.0.0/tcp/4001"),
+            addr("/ip4/192.168.1.2/tcp/4001"),
+            addr("/ip4/10.0.0.1/tcp/4001/p2p/12D3KooWEyoppNCUx8Yx66oV9fJnriXwCcXwDDUA2kj6vnc6iDEp/p2p-circuit"),
+        ];
+        let all_refs: Vec<&Multiaddr> = all.iter().collect();
+        assert_eq!(announceable(&all_refs), vec![&all[4], &all[5]]);
+
+        let loopback_only = [addr("/ip4/127.0.0.1/tcp/4001"), addr("/ip6/::1/tcp/4001")];
+        let refs: Vec<&Multiaddr> = loopback_only.iter().collect();
+        assert_eq!(announceable(&refs).len(), 2);
+    }
+
+    #[test]
+    fn loopback_peer_addresses_are_used_only_on_the_same_host() {
+        let lo = addr("/ip4/127.0.0.1/tcp/4001");
+        let lan = addr("/ip4/192.168.1.2/tcp/4001");
+        assert!(is_usable_from(&lo, true));
+        assert!(!is_usable_from(&lo, false));
+        assert!(is_usable_from(&lan, false));
+        assert!(!is_usable_from(&addr("/ip4/169.254.1.1/tcp/1"), true));
+    }
 }

@@ -6,7 +6,7 @@ use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{
     allow_block_list, autonat, connection_limits, dcutr, gossipsub, identify, identity, kad, mdns,
-    ping, relay, StreamProtocol,
+    ping, relay, upnp, StreamProtocol,
 };
 
 use super::capability::MAX_ANNOUNCEMENT_BYTES;
@@ -23,6 +23,55 @@ pub fn agent_version() -> String {
     format!("pod/{}", env!("CARGO_PKG_VERSION"))
 }
 
+/// Reservations a relay pod holds at once, all peers together.
+pub const RELAY_MAX_RESERVATIONS: usize = 128;
+/// Reservations one peer may hold on a relay pod.
+pub const RELAY_MAX_RESERVATIONS_PER_PEER: usize = 2;
+/// How long a reservation lasts before the reserving pod must renew it.
+pub const RELAY_RESERVATION_DURATION: Duration = Duration::from_secs(30 * 60);
+/// Circuits a relay pod relays at once, all peers together.
+pub const RELAY_MAX_CIRCUITS: usize = 64;
+/// Circuits one peer may have open through a relay pod.
+pub const RELAY_MAX_CIRCUITS_PER_PEER: usize = 8;
+/// How long one circuit may stay open. Pods behind NAT upgrade to a direct connection
+/// (DCUtR) within seconds where the NATs allow it; where they do not, the circuit carries
+/// requests until it closes and the next request opens a new one.
+pub const RELAY_MAX_CIRCUIT_DURATION: Duration = Duration::from_secs(10 * 60);
+/// Bytes one circuit may carry, both directions together: room for many chat requests and
+/// answers, not for model files (those need a direct connection or a storage pod in reach).
+pub const RELAY_MAX_CIRCUIT_BYTES: u64 = 8 * 1024 * 1024;
+
+/// The relay server's limits, so that being a public relay stays cheap and safe: bounded
+/// reservations and circuits, each circuit bounded in bytes and time. libp2p's default rate
+/// limiters stay in place (per peer and per IP, for reservations and circuits).
+fn relay_config() -> relay::Config {
+    relay::Config {
+        max_reservations: RELAY_MAX_RESERVATIONS,
+        max_reservations_per_peer: RELAY_MAX_RESERVATIONS_PER_PEER,
+        reservation_duration: RELAY_RESERVATION_DURATION,
+        max_circuits: RELAY_MAX_CIRCUITS,
+        max_circuits_per_peer: RELAY_MAX_CIRCUITS_PER_PEER,
+        max_circuit_duration: RELAY_MAX_CIRCUIT_DURATION,
+        max_circuit_bytes: RELAY_MAX_CIRCUIT_BYTES,
+        ..relay::Config::default()
+    }
+}
+
+/// AutoNAT v1. Probes start soon after start-up and are retried often while the status is
+/// unknown, so that a pod behind NAT reserves relay slots within seconds of joining.
+/// `trust_private`: peers observed at private addresses may probe and be probed (LANs and
+/// test networks); by default only global addresses count, as on the internet.
+fn autonat_config(trust_private: bool) -> autonat::Config {
+    autonat::Config {
+        boot_delay: Duration::from_secs(5),
+        retry_interval: Duration::from_secs(20),
+        refresh_interval: Duration::from_secs(5 * 60),
+        throttle_server_period: Duration::from_secs(15),
+        only_global_ips: !trust_private,
+        ..autonat::Config::default()
+    }
+}
+
 /// Every protocol of a pod, one field each.
 #[derive(NetworkBehaviour)]
 pub(crate) struct Behaviour {
@@ -37,6 +86,7 @@ pub(crate) struct Behaviour {
     pub(crate) gossipsub: gossipsub::Behaviour,
     pub(crate) mdns: Toggle<mdns::tokio::Behaviour>,
     pub(crate) autonat: autonat::Behaviour,
+    pub(crate) upnp: Toggle<upnp::tokio::Behaviour>,
     pub(crate) stream: libp2p_stream::Behaviour,
 }
 
@@ -87,7 +137,7 @@ impl Behaviour {
 
         let relay = config
             .relay_server
-            .then(|| relay::Behaviour::new(peer_id, relay::Config::default()));
+            .then(|| relay::Behaviour::new(peer_id, relay_config()));
 
         Ok(Self {
             blocked: allow_block_list::Behaviour::default(),
@@ -103,7 +153,8 @@ impl Behaviour {
             kademlia,
             gossipsub,
             mdns: mdns.into(),
-            autonat: autonat::Behaviour::new(peer_id, autonat::Config::default()),
+            autonat: autonat::Behaviour::new(peer_id, autonat_config(config.nat_trust_private)),
+            upnp: config.upnp.then(upnp::tokio::Behaviour::default).into(),
             stream: libp2p_stream::Behaviour::new(),
         })
     }

@@ -7,18 +7,22 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
+use libp2p::core::transport::ListenerId;
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
 use libp2p::swarm::{ConnectionId, SwarmEvent};
-use libp2p::{autonat, gossipsub, identify, kad, mdns, ping, relay, Multiaddr, PeerId, Swarm};
+use libp2p::{
+    autonat, dcutr, gossipsub, identify, kad, mdns, ping, relay, upnp, Multiaddr, PeerId, Swarm,
+};
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 use super::addresses::{
-    dial_error_text, direct_ip, ensure_port_free, is_dialable, peer_id_of, transport_error_text,
+    dial_error_text, direct_ip, ensure_port_free, is_dialable, is_usable_from, peer_id_of,
+    transport_error_text,
 };
 use super::behaviour::{agent_version, Behaviour, BehaviourEvent, KAD_PROTOCOL};
 use super::capability::{Capabilities, CAPABILITY_TOPIC, MAX_ADDRS};
-use super::peers::PeerTable;
+use super::peers::{HolePunch, PeerTable};
 use super::{Command, MeshConfig, MeshError, MeshEvent, MeshStats, NodeInfo};
 use gossip::PeerConduct;
 
@@ -32,6 +36,9 @@ const TICK: Duration = Duration::from_millis(250);
 
 /// Relays to reserve a slot with when AutoNAT finds the node unreachable.
 const MAX_RELAY_RESERVATIONS: usize = 2;
+
+/// How long to wait before asking relays again after a reservation failed or was lost.
+const RESERVE_RETRY: Duration = Duration::from_secs(10);
 
 /// Owns the swarm. Run it with [`EventLoop::run`].
 pub struct EventLoop {
@@ -47,11 +54,23 @@ pub struct EventLoop {
     seq: u64,
     last_announced: Option<Instant>,
     announce_due: bool,
-    dialled: HashMap<PeerId, Instant>,
+    /// Gossip-learned pods dialled lately: when, and at which of their addresses.
+    dialled: HashMap<PeerId, (Instant, Vec<Multiaddr>)>,
     /// Addresses of gossip-learned pods that may still be dialled this tick.
     dial_budget: usize,
+    /// Peers that offer to relay (they speak the hop protocol), at the address to reach them.
     relays: Vec<(PeerId, Multiaddr)>,
-    relay_reservations: usize,
+    /// Relay listeners asked for, by relay.
+    reservations: HashMap<PeerId, ListenerId>,
+    /// Relays that accepted a reservation: peers reach this node through them.
+    reserved: BTreeSet<PeerId>,
+    /// No new reservation is asked for before this.
+    reserve_after: Instant,
+    /// Addresses this node dialled and is connected at, by peer: the address that is known
+    /// to work, preferred when the peer is used as a relay.
+    dialled_at: HashMap<PeerId, Multiaddr>,
+    /// Open relayed connections, by peer: closed once a hole punch gives a direct one.
+    relayed: HashMap<ConnectionId, PeerId>,
     pending_provide: HashMap<kad::QueryId, oneshot::Sender<Result<(), MeshError>>>,
     pending_providers: HashMap<kad::QueryId, (BTreeSet<PeerId>, oneshot::Sender<Vec<PeerId>>)>,
     /// Open connections that are not relayed, with the peer and its IP address on them.
@@ -97,7 +116,11 @@ impl EventLoop {
             dialled: HashMap::new(),
             dial_budget: gossip::DIAL_ADDRS_PER_TICK,
             relays: Vec::new(),
-            relay_reservations: 0,
+            reservations: HashMap::new(),
+            reserved: BTreeSet::new(),
+            reserve_after: Instant::now(),
+            dialled_at: HashMap::new(),
+            relayed: HashMap::new(),
             pending_provide: HashMap::new(),
             pending_providers: HashMap::new(),
             direct: HashMap::new(),
@@ -303,6 +326,7 @@ impl EventLoop {
             listen_addrs: self.swarm.listeners().cloned().collect(),
             external_addrs: self.swarm.external_addresses().cloned().collect(),
             nat_status: nat_status.into(),
+            relays: self.reserved.iter().copied().collect(),
             connected_peers: self.swarm.connected_peers().count(),
             known_peers: self.peers.len(),
         }
@@ -317,6 +341,9 @@ impl EventLoop {
         }
         self.dial_budget = gossip::DIAL_ADDRS_PER_TICK;
         self.prune_gossip_state(now);
+        if self.is_private() && now >= self.reserve_after {
+            self.reserve_relays(now);
+        }
         let periodic = self
             .last_announced
             .is_none_or(|t| now.duration_since(t) >= self.config.announce_interval);
@@ -340,6 +367,19 @@ impl EventLoop {
                 tracing::info!(%address, "external address confirmed");
                 self.announce_due = true;
             }
+            SwarmEvent::ExternalAddrExpired { address } => {
+                tracing::info!(%address, "external address expired");
+                self.announce_due = true;
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                tracing::debug!(%address, "listen address expired");
+                self.announce_due = true;
+            }
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                reason,
+                ..
+            } => self.on_listener_closed(listener_id, reason, now),
             SwarmEvent::ConnectionEstablished {
                 peer_id,
                 connection_id,
@@ -350,8 +390,20 @@ impl EventLoop {
                 let addr = endpoint.get_remote_address().clone();
                 if let Some(ip) = direct_ip(&addr) {
                     self.direct.insert(connection_id, (peer_id, ip));
+                    if endpoint.is_dialer() {
+                        self.dialled_at.insert(peer_id, addr.clone());
+                    }
+                } else if endpoint.is_relayed() {
+                    self.relayed.insert(connection_id, peer_id);
                 }
-                self.peers.connected(peer_id, Some(addr.clone()), now);
+                // The listening end of a relayed connection knows the peer by its id alone.
+                let named = addr.iter().any(|p| !matches!(p, Protocol::P2p(_)));
+                self.peers.connected(
+                    peer_id,
+                    named.then(|| addr.clone()),
+                    endpoint.is_relayed(),
+                    now,
+                );
                 if num_established.get() == 1 {
                     tracing::debug!(peer = %peer_id, %addr, "connected");
                     self.emit(MeshEvent::Connected(peer_id));
@@ -362,11 +414,14 @@ impl EventLoop {
                 connection_id,
                 num_established,
                 cause,
+                endpoint,
                 ..
             } => {
                 self.direct.remove(&connection_id);
-                self.peers.disconnected(peer_id, now);
+                self.relayed.remove(&connection_id);
+                self.peers.disconnected(peer_id, endpoint.is_relayed(), now);
                 if num_established == 0 {
+                    self.dialled_at.remove(&peer_id);
                     tracing::debug!(peer = %peer_id, cause = ?cause, "disconnected");
                     self.emit(MeshEvent::Disconnected(peer_id));
                 }
@@ -396,10 +451,15 @@ impl EventLoop {
                     .protocols
                     .iter()
                     .any(|p| p.as_ref() == RELAY_HOP_PROTOCOL);
+                // Loopback addresses name the peer only to a pod on its own host.
+                let same_host = self
+                    .direct
+                    .values()
+                    .any(|(p, ip)| *p == peer_id && ip.is_loopback());
                 let addrs: Vec<Multiaddr> = info
                     .listen_addrs
                     .iter()
-                    .filter(|a| is_dialable(a))
+                    .filter(|a| is_dialable(a) && is_usable_from(a, same_host))
                     .take(MAX_ADDRS)
                     .cloned()
                     .collect();
@@ -412,9 +472,19 @@ impl EventLoop {
                     }
                 }
                 if relay_hop {
-                    if let Some(a) = addrs.first() {
+                    // The address this node reached the relay at is known to work.
+                    let at = self
+                        .dialled_at
+                        .get(&peer_id)
+                        .or_else(|| addrs.iter().find(|a| direct_ip(a).is_some()))
+                        .cloned();
+                    if let Some(a) = at {
                         if !self.relays.iter().any(|(p, _)| *p == peer_id) {
-                            self.relays.push((peer_id, a.clone()));
+                            tracing::debug!(relay = %peer_id, addr = %a, "relay found");
+                            self.relays.push((peer_id, a));
+                            if self.is_private() {
+                                self.reserve_relays(now);
+                            }
                         }
                     }
                 }
@@ -456,28 +526,57 @@ impl EventLoop {
             }
             BehaviourEvent::Autonat(autonat::Event::StatusChanged { old, new }) => {
                 tracing::info!(from = ?old, to = ?new, "NAT status changed");
+                // Behind NAT the node cannot answer DHT queries from peers that are not
+                // already connected: it asks, it does not serve.
+                let mode = if new == autonat::NatStatus::Private {
+                    kad::Mode::Client
+                } else {
+                    kad::Mode::Server
+                };
+                self.swarm.behaviour_mut().kademlia.set_mode(Some(mode));
                 if new == autonat::NatStatus::Private {
-                    self.reserve_relays();
+                    self.reserve_relays(now);
                 }
+                self.announce_due = true;
             }
             BehaviourEvent::RelayClient(relay::client::Event::ReservationReqAccepted {
                 relay_peer_id,
+                renewal,
                 ..
             }) => {
-                tracing::info!(relay = %relay_peer_id, "reachable through relay");
+                if !renewal {
+                    tracing::info!(relay = %relay_peer_id, "reachable through relay");
+                }
+                self.reserved.insert(relay_peer_id);
+                self.announce_due = true;
             }
             BehaviourEvent::Relay(relay::Event::ReservationReqAccepted { src_peer_id, .. }) => {
                 tracing::debug!(peer = %src_peer_id, "relaying for peer");
             }
-            BehaviourEvent::Dcutr(event) => {
-                tracing::debug!(peer = %event.remote_peer_id, result = ?event.result.is_ok(), "hole punch");
-            }
+            BehaviourEvent::Dcutr(dcutr::Event {
+                remote_peer_id,
+                result,
+            }) => self.on_hole_punch(remote_peer_id, result, now),
             BehaviourEvent::Kademlia(kad::Event::OutboundQueryProgressed {
                 id,
                 result,
                 step,
                 ..
             }) => self.on_query(id, result, step.last),
+            BehaviourEvent::Upnp(event) => match event {
+                upnp::Event::NewExternalAddr { external_addr, .. } => {
+                    tracing::info!(address = %external_addr, "the router forwards the mesh port (UPnP)");
+                }
+                upnp::Event::ExpiredExternalAddr { external_addr, .. } => {
+                    tracing::info!(address = %external_addr, "UPnP port mapping expired");
+                }
+                upnp::Event::GatewayNotFound => {
+                    tracing::debug!("no UPnP gateway on the local network");
+                }
+                upnp::Event::NonRoutableGateway => {
+                    tracing::debug!("the UPnP gateway is itself behind NAT; no port mapping");
+                }
+            },
             BehaviourEvent::Kademlia(kad::Event::RoutingUpdated { peer, .. }) => {
                 tracing::trace!(%peer, "DHT routing updated");
             }
@@ -485,22 +584,91 @@ impl EventLoop {
         }
     }
 
+    fn is_private(&self) -> bool {
+        self.swarm.behaviour().autonat.nat_status() == autonat::NatStatus::Private
+    }
+
     /// Listens through up to two known relays, so peers can reach this node behind NAT.
-    fn reserve_relays(&mut self) {
-        let wanted = MAX_RELAY_RESERVATIONS.saturating_sub(self.relay_reservations);
-        for (peer, addr) in self.relays.iter().take(wanted) {
-            let circuit = addr
-                .clone()
-                .with(Protocol::P2p(*peer))
-                .with(Protocol::P2pCircuit);
+    fn reserve_relays(&mut self, now: Instant) {
+        let wanted = MAX_RELAY_RESERVATIONS.saturating_sub(self.reservations.len());
+        let candidates: Vec<(PeerId, Multiaddr)> = self
+            .relays
+            .iter()
+            .filter(|(p, _)| !self.reservations.contains_key(p) && self.swarm.is_connected(p))
+            .take(wanted)
+            .cloned()
+            .collect();
+        for (peer, addr) in candidates {
+            let mut circuit = addr;
+            if peer_id_of(&circuit).is_none() {
+                circuit.push(Protocol::P2p(peer));
+            }
+            circuit.push(Protocol::P2pCircuit);
             match self.swarm.listen_on(circuit.clone()) {
-                Ok(_) => {
-                    self.relay_reservations += 1;
+                Ok(id) => {
+                    self.reservations.insert(peer, id);
                     tracing::info!(relay = %peer, "asking relay for a reservation");
                 }
                 Err(e) => {
+                    self.reserve_after = now + RESERVE_RETRY;
                     tracing::debug!(%circuit, error = %transport_error_text(&e), "relay listen failed");
                 }
+            }
+        }
+    }
+
+    /// A relay listener closed: the reservation was refused or lost (the relay went away).
+    fn on_listener_closed(
+        &mut self,
+        listener: ListenerId,
+        reason: Result<(), std::io::Error>,
+        now: Instant,
+    ) {
+        let Some(relay) = self
+            .reservations
+            .iter()
+            .find(|(_, id)| **id == listener)
+            .map(|(p, _)| *p)
+        else {
+            return;
+        };
+        self.reservations.remove(&relay);
+        let was_reserved = self.reserved.remove(&relay);
+        self.reserve_after = now + RESERVE_RETRY;
+        self.announce_due = true;
+        let error = reason.err().map(|e| e.to_string()).unwrap_or_default();
+        if was_reserved && self.reserved.is_empty() {
+            tracing::warn!(%relay, %error, "relay reservation lost: this node is not reachable from outside until another relay takes it");
+        } else {
+            tracing::info!(%relay, %error, "relay reservation ended");
+        }
+    }
+
+    /// A hole punch ended. On success the relayed connections to the peer are closed: the
+    /// direct one carries everything from now on, free of the relay's circuit limits.
+    fn on_hole_punch(
+        &mut self,
+        peer: PeerId,
+        result: Result<ConnectionId, dcutr::Error>,
+        now: Instant,
+    ) {
+        match result {
+            Ok(direct) => {
+                tracing::info!(%peer, "hole punch succeeded: direct connection");
+                self.peers.hole_punched(peer, HolePunch::Succeeded, now);
+                let relayed: Vec<ConnectionId> = self
+                    .relayed
+                    .iter()
+                    .filter(|(id, p)| **p == peer && **id != direct)
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in relayed {
+                    self.swarm.close_connection(id);
+                }
+            }
+            Err(e) => {
+                tracing::info!(%peer, error = %e, "hole punch failed: the peer stays relayed");
+                self.peers.hole_punched(peer, HolePunch::Failed, now);
             }
         }
     }

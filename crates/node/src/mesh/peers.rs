@@ -21,6 +21,9 @@ pub const MAX_PEERS: usize = 1024;
 struct PeerEntry {
     addrs: BTreeSet<Multiaddr>,
     connections: usize,
+    /// Of `connections`, those through a relay.
+    relayed: usize,
+    hole_punch: Option<HolePunch>,
     rtt: Option<Duration>,
     agent: Option<String>,
     capabilities: Option<Capabilities>,
@@ -33,6 +36,8 @@ impl PeerEntry {
         Self {
             addrs: BTreeSet::new(),
             connections: 0,
+            relayed: 0,
+            hole_punch: None,
             rtt: None,
             agent: None,
             capabilities: None,
@@ -47,6 +52,26 @@ impl PeerEntry {
     }
 }
 
+/// How the open connections to a peer reach it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConnectionPath {
+    /// At least one connection reaches the peer without a relay.
+    Direct,
+    /// Every open connection goes through a circuit relay.
+    Relayed,
+}
+
+/// The outcome of the latest hole punch (DCUtR) with a peer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HolePunch {
+    /// A direct connection replaced the relayed one.
+    Succeeded,
+    /// Every attempt failed; the peer stays reachable through the relay only.
+    Failed,
+}
+
 /// A peer as `pod peers` and `/pod/v1/peers` show it.
 #[derive(Debug, Clone, PartialEq, Serialize)]
 pub struct PeerSnapshot {
@@ -56,6 +81,10 @@ pub struct PeerSnapshot {
     pub addrs: Vec<Multiaddr>,
     /// Whether a connection to it is open now.
     pub connected: bool,
+    /// Direct or relayed, when connected.
+    pub path: Option<ConnectionPath>,
+    /// The latest hole punch with it, if one was tried.
+    pub hole_punch: Option<HolePunch>,
     /// Latest ping round-trip time.
     pub rtt: Option<Duration>,
     /// Its identify agent version, e.g. `pod/0.1.0`.
@@ -110,22 +139,42 @@ impl PeerTable {
             .or_insert_with(|| PeerEntry::new(now))
     }
 
-    /// A connection to `peer` at `addr` opened.
-    pub fn connected(&mut self, peer: PeerId, addr: Option<Multiaddr>, now: Instant) {
+    /// A connection to `peer` opened, at `addr` when it names one; `relayed`: through a
+    /// circuit relay.
+    pub fn connected(
+        &mut self,
+        peer: PeerId,
+        addr: Option<Multiaddr>,
+        relayed: bool,
+        now: Instant,
+    ) {
         let e = self.entry(peer, now);
         e.connections += 1;
+        if relayed {
+            e.relayed += 1;
+        }
         e.seen(now);
         if let Some(addr) = addr {
             insert_addr(&mut e.addrs, addr);
         }
     }
 
-    /// A connection to `peer` closed.
-    pub fn disconnected(&mut self, peer: PeerId, now: Instant) {
+    /// A connection to `peer` closed; `relayed` as it was opened.
+    pub fn disconnected(&mut self, peer: PeerId, relayed: bool, now: Instant) {
         if let Some(e) = self.peers.get_mut(&peer) {
             e.connections = e.connections.saturating_sub(1);
+            if relayed {
+                e.relayed = e.relayed.saturating_sub(1);
+            }
             e.seen(now);
         }
+    }
+
+    /// A hole punch with `peer` ended.
+    pub fn hole_punched(&mut self, peer: PeerId, outcome: HolePunch, now: Instant) {
+        let e = self.entry(peer, now);
+        e.hole_punch = Some(outcome);
+        e.seen(now);
     }
 
     /// Identify told us the peer's agent and listen addresses.
@@ -219,6 +268,12 @@ impl PeerTable {
                 peer_id: *id,
                 addrs: e.addrs.iter().cloned().collect(),
                 connected: e.connections > 0,
+                path: match (e.connections, e.relayed) {
+                    (0, _) => None,
+                    (all, relayed) if relayed >= all => Some(ConnectionPath::Relayed),
+                    _ => Some(ConnectionPath::Direct),
+                },
+                hole_punch: e.hole_punch,
                 rtt: e.rtt,
                 agent: e.agent.clone(),
                 capabilities: e.capabilities.clone(),
@@ -276,12 +331,12 @@ mod tests {
         let start = Instant::now();
         let a = PeerId::random();
         let b = PeerId::random();
-        t.connected(a, None, start);
+        t.connected(a, None, false, start);
         assert!(t.announced(b, caps(1), start));
         let later = start + Duration::from_secs(10);
         assert_eq!(t.expire(Duration::from_secs(5), later), vec![b]);
         assert!(t.contains(&a), "a connected peer never expires");
-        t.disconnected(a, later);
+        t.disconnected(a, false, later);
         assert!(t.expire(Duration::from_secs(5), later).is_empty());
         assert_eq!(
             t.expire(Duration::from_secs(5), later + Duration::from_secs(5)),
@@ -310,7 +365,7 @@ mod tests {
         let start = Instant::now();
         let connected = [PeerId::random(), PeerId::random()];
         for p in connected {
-            t.connected(p, None, start);
+            t.connected(p, None, false, start);
         }
         let mut announced = Vec::new();
         for i in 0..100u64 {
@@ -329,15 +384,38 @@ mod tests {
         // Full of connected peers, a new one still gets in (and goes when a slot frees).
         let mut t = PeerTable::with_capacity(2);
         for p in connected {
-            t.connected(p, None, start);
+            t.connected(p, None, false, start);
         }
         let third = PeerId::random();
-        t.connected(third, None, start);
+        t.connected(third, None, false, start);
         assert_eq!(t.len(), 3);
-        t.disconnected(third, start);
+        t.disconnected(third, false, start);
         assert!(t.announced(PeerId::random(), caps(1), start));
         assert_eq!(t.len(), 3);
         assert!(!t.contains(&third));
+    }
+
+    #[test]
+    fn a_peer_is_relayed_until_a_direct_connection_opens() {
+        let mut t = PeerTable::default();
+        let now = Instant::now();
+        let p = PeerId::random();
+        let circuit: Multiaddr = "/ip4/10.0.0.1/tcp/4001/p2p/12D3KooWEyoppNCUx8Yx66oV9fJnriXwCcXwDDUA2kj6vnc6iDEp/p2p-circuit"
+            .parse()
+            .expect("valid multiaddr");
+        let direct: Multiaddr = "/ip4/10.0.2.2/tcp/4001".parse().expect("valid multiaddr");
+        assert_eq!(t.snapshot(now).len(), 0);
+        t.connected(p, Some(circuit), true, now);
+        assert_eq!(t.snapshot(now)[0].path, Some(ConnectionPath::Relayed));
+        t.connected(p, Some(direct), false, now);
+        t.hole_punched(p, HolePunch::Succeeded, now);
+        let snap = &t.snapshot(now)[0];
+        assert_eq!(snap.path, Some(ConnectionPath::Direct));
+        assert_eq!(snap.hole_punch, Some(HolePunch::Succeeded));
+        t.disconnected(p, false, now);
+        assert_eq!(t.snapshot(now)[0].path, Some(ConnectionPath::Relayed));
+        t.disconnected(p, true, now);
+        assert_eq!(t.snapshot(now)[0].path, None);
     }
 
     #[test]
@@ -349,7 +427,7 @@ mod tests {
             let addr: Multiaddr = format!("/ip4/127.0.0.1/tcp/{port}")
                 .parse()
                 .expect("valid multiaddr");
-            t.connected(p, Some(addr), now);
+            t.connected(p, Some(addr), false, now);
         }
         assert_eq!(t.snapshot(now)[0].addrs.len(), MAX_ADDRS_PER_PEER);
     }

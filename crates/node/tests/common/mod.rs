@@ -12,6 +12,7 @@ use pod_node::catalogue::{DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDING_MODEL};
 use pod_node::loader;
 use pod_node::store::ModelStore;
 
+pub mod netns;
 pub mod process;
 
 /// Where tests keep downloaded models: `$POD_HOME`, else `~/.cache/pod`, so every test run

@@ -114,6 +114,7 @@ impl PodProcess {
                 "--api-port",
                 "0",
                 "--no-mdns",
+                "--no-upnp",
             ])
             .args(args)
             .stdout(Stdio::null())

@@ -194,6 +194,8 @@ fn mesh_config(args: &StartArgs, profile: Profile) -> MeshConfig {
         bootstrap: args.bootstrap.clone(),
         mdns: !args.no_mdns,
         relay_server: profile.relays(),
+        nat_trust_private: args.nat_trust_private,
+        upnp: !args.no_upnp,
         announce_interval,
         peer_expiry: announce_interval * 3,
         ..MeshConfig::default()
@@ -274,6 +276,8 @@ pub(super) fn print(
             "bootstrap": strings(&plan.mesh.bootstrap),
             "mdns": plan.mesh.mdns,
             "relay_server": plan.mesh.relay_server,
+            "nat_trust_private": plan.mesh.nat_trust_private,
+            "upnp": plan.mesh.upnp,
             "serve_mesh": serve_mesh,
             "announce_interval_seconds": args.announce_interval,
         },
@@ -353,10 +357,14 @@ pub(super) fn print(
         println!("bootstrap {}", strings(&plan.mesh.bootstrap).join(", "));
     }
     println!("mDNS      {}", if plan.mesh.mdns { "on" } else { "off" });
+    println!("UPnP      {}", if plan.mesh.upnp { "on" } else { "off" });
     println!(
         "relay     {} (circuit relay server for pods behind NAT)",
         yes(plan.mesh.relay_server)
     );
+    if plan.mesh.nat_trust_private {
+        println!("NAT       AutoNAT trusts peers at private addresses");
+    }
     println!(
         "serving   {} (this node's models to peers)",
         yes(serve_mesh)

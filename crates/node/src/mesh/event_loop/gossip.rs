@@ -4,10 +4,10 @@
 
 use std::time::{Duration, Instant};
 
-use libp2p::{gossipsub, PeerId};
+use libp2p::{gossipsub, Multiaddr, PeerId};
 
 use super::EventLoop;
-use crate::mesh::addresses::{dial_error_text, is_dialable};
+use crate::mesh::addresses::{announceable, dial_error_text};
 use crate::mesh::behaviour::agent_version;
 use crate::mesh::capability::{Capabilities, MAX_ADDRS};
 use crate::mesh::{MeshEvent, MeshStats};
@@ -91,11 +91,13 @@ impl EventLoop {
         self.seq += 1;
         own.seq = self.seq;
         own.agent = agent_version();
-        own.addrs = self
+        let ours: Vec<&Multiaddr> = self
             .swarm
             .external_addresses()
             .chain(self.swarm.listeners())
-            .filter(|a| is_dialable(a))
+            .collect();
+        own.addrs = announceable(&ours)
+            .into_iter()
             .take(MAX_ADDRS)
             .map(ToString::to_string)
             .collect();
@@ -199,7 +201,7 @@ impl EventLoop {
     /// outgrows the peer table.
     pub(super) fn prune_gossip_state(&mut self, now: Instant) {
         self.dialled
-            .retain(|_, t| now.duration_since(*t) < REDIAL_GAP);
+            .retain(|_, (t, _)| now.duration_since(*t) < REDIAL_GAP);
         let peers = &self.peers;
         self.conduct
             .retain(|p, c| peers.contains(p) || c.is_live(now));
@@ -213,10 +215,13 @@ impl EventLoop {
         {
             return;
         }
+        let addrs: Vec<_> = self.peers.addrs(&peer);
+        // A pod that could not be reached is tried again after a while, or at once when it
+        // announces new addresses (a relay reservation made after it joined).
         if self
             .dialled
             .get(&peer)
-            .is_some_and(|t| now.duration_since(*t) < REDIAL_GAP)
+            .is_some_and(|(t, tried)| now.duration_since(*t) < REDIAL_GAP && *tried == addrs)
         {
             return;
         }
@@ -224,16 +229,11 @@ impl EventLoop {
             MeshStats::bump(&self.stats.dials_deferred);
             return;
         }
-        let addrs: Vec<_> = self
-            .peers
-            .addrs(&peer)
-            .into_iter()
-            .take(self.dial_budget)
-            .collect();
         if addrs.is_empty() {
             return;
         }
-        self.dialled.insert(peer, now);
+        self.dialled.insert(peer, (now, addrs.clone()));
+        let addrs: Vec<_> = addrs.into_iter().take(self.dial_budget).collect();
         self.dial_budget -= addrs.len();
         let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
             .addresses(addrs)

@@ -1,0 +1,293 @@
+//! Pods behind NAT, in a small internet of network namespaces (see `common::netns`): a relay
+//! pod on the public side, one pod behind each of two masquerading routers. Both learn they
+//! are private, reserve a slot on the relay and find each other through it; a chat request to
+//! the pod that holds no model is served by the other one, over a relayed connection that
+//! hole punching (DCUtR) upgrades to a direct one where the NATs allow it. Then the relay is
+//! killed: both pods report that they are no longer reachable, and a hole-punched pair keeps
+//! serving each other without it.
+//!
+//! Needs root (namespaces, iptables); elsewhere the tests say they skip, and under `CI=true`
+//! they fail instead.
+
+mod common;
+
+use std::time::Duration;
+
+use common::netns::{NatKind, NatLab, NsPod, HOME_B_IP, PUBLIC_IP, ROUTER_B_IP};
+use common::process::wait_until;
+
+const CHAT: &str = "smollm2-135m-instruct";
+
+/// How long discovery, AutoNAT, the reservation and hole punching may take together.
+const MESH_TIMEOUT: Duration = Duration::from_secs(90);
+
+/// The relay pod on the public side, with its public address configured, as a relay on the
+/// internet would have.
+fn start_relay(lab: &NatLab) -> NsPod {
+    NsPod::start(
+        &lab.public,
+        true,
+        &[
+            "--profile",
+            "relay",
+            "--listen",
+            &format!("/ip4/{PUBLIC_IP}/tcp/4001"),
+            "--listen",
+            &format!("/ip4/{PUBLIC_IP}/udp/4001/quic-v1"),
+            "--external-addr",
+            &format!("/ip4/{PUBLIC_IP}/tcp/4001"),
+            "--external-addr",
+            &format!("/ip4/{PUBLIC_IP}/udp/4001/quic-v1"),
+            "--nat-trust-private",
+            "--announce-interval",
+            "1",
+        ],
+    )
+}
+
+/// The relay's TCP and QUIC addresses, to bootstrap from.
+fn relay_addrs(relay: &NsPod) -> [String; 2] {
+    [
+        format!("/ip4/{PUBLIC_IP}/tcp/4001/p2p/{}", relay.peer_id),
+        format!("/ip4/{PUBLIC_IP}/udp/4001/quic-v1/p2p/{}", relay.peer_id),
+    ]
+}
+
+/// A home pod: default listen addresses (TCP and QUIC on 4001), joining through the relay;
+/// `own_store`: an empty model store of its own (it holds no model).
+fn start_home(ns: &str, relay: &NsPod, own_store: bool, extra: &[&str]) -> NsPod {
+    let [tcp, quic] = relay_addrs(relay);
+    let mut args = vec![
+        "--bootstrap",
+        &tcp,
+        "--bootstrap",
+        &quic,
+        "--nat-trust-private",
+        "--announce-interval",
+        "1",
+    ];
+    args.extend_from_slice(extra);
+    NsPod::start(ns, own_store, &args)
+}
+
+/// `pod` `peer`'s row in `viewer`'s `/pod/v1/peers`.
+fn peer_row(viewer: &NsPod, peer: &NsPod) -> Option<serde_json::Value> {
+    viewer.get("/pod/v1/peers")["data"]
+        .as_array()?
+        .iter()
+        .find(|p| p["peer_id"] == peer.peer_id.as_str())
+        .cloned()
+}
+
+/// Waits until the pod says it is private and reachable through `relay`.
+fn wait_private_through(pod: &NsPod, relay: &NsPod, name: &str) {
+    wait_until(
+        MESH_TIMEOUT,
+        &format!("{name} private through the relay"),
+        || {
+            let node = pod.get("/pod/v1/node");
+            let through = node["relays"]
+                .as_array()
+                .is_some_and(|r| r.iter().any(|r| r == relay.peer_id.as_str()));
+            (node["nat_status"] == "private" && through).then_some(())
+        },
+    );
+}
+
+/// The whole story for one NAT kind; returns the path the request took and the hole punch
+/// outcome.
+fn two_homes_behind(kind: NatKind) -> Option<(String, String)> {
+    let lab = NatLab::create_or_skip(kind)?;
+    let mut relay = start_relay(&lab);
+    let b = start_home(
+        &lab.home_b,
+        &relay,
+        false,
+        &["--profile", "inference", "--model", CHAT],
+    );
+    let a = start_home(&lab.home_a, &relay, true, &["--profile", "storage"]);
+    let fail = |what: &str| -> String {
+        format!(
+            "{what}\n--- home A\n{}\n--- home B\n{}\n--- relay\n{}",
+            a.log_tail(80),
+            b.log_tail(80),
+            relay.log_tail(20)
+        )
+    };
+
+    // The network is what it claims: the homes reach the public side, nobody reaches a home.
+    assert!(
+        lab.tcp_reaches(&lab.home_a, PUBLIC_IP, 4001),
+        "home A reaches the relay"
+    );
+    assert!(
+        lab.tcp_reaches(&lab.home_b, HOME_B_IP, 4001),
+        "B listens on 4001"
+    );
+    assert!(
+        !lab.tcp_reaches(&lab.home_a, HOME_B_IP, 4001),
+        "no route from home A to home B"
+    );
+    assert!(
+        !lab.tcp_reaches(&lab.public, HOME_B_IP, 4001),
+        "no route from the public side in"
+    );
+    assert!(
+        !lab.tcp_reaches(&lab.public, ROUTER_B_IP, 4001),
+        "router B forwards nothing unasked"
+    );
+
+    // Both learn they are behind NAT and reserve a slot on the relay.
+    wait_private_through(&a, &relay, "home A");
+    wait_private_through(&b, &relay, "home B");
+    // The homes dial the relay back from behind their NAT: it is public.
+    wait_until(MESH_TIMEOUT, "the relay public", || {
+        (relay.get("/pod/v1/node")["nat_status"] == "public").then_some(())
+    });
+
+    // A finds B (through the relay) with its model, and the hole punch ends one way or the
+    // other.
+    let (path, punch) = wait_until(
+        MESH_TIMEOUT,
+        "A connected to B with its model, hole punch done",
+        || {
+            let (ab, ba) = (peer_row(&a, &b)?, peer_row(&b, &a)?);
+            let has_model = ab["models"]
+                .as_array()
+                .is_some_and(|m| m.iter().any(|m| m["name"] == CHAT));
+            let punch = ab["hole_punch"]
+                .as_str()
+                .or_else(|| ba["hole_punch"].as_str())?
+                .to_owned();
+            let path = ab["path"].as_str()?.to_owned();
+            (has_model && ab["connected"] == true).then_some((path, punch))
+        },
+    );
+    eprintln!("NAT {kind:?}: hole punch {punch}, A reaches B {path}");
+    match kind {
+        NatKind::PortPreserving => {
+            assert_eq!(punch, "succeeded", "{}", fail("hole punch"));
+            assert_eq!(path, "direct", "{}", fail("path"));
+            // The direct connection crosses both NATs: A sees B at router B's address.
+            let ab = peer_row(&a, &b).expect("B known to A");
+            let direct_seen = ab["addrs"].as_array().is_some_and(|addrs| {
+                addrs.iter().filter_map(|x| x.as_str()).any(|x| {
+                    x.starts_with(&format!("/ip4/{ROUTER_B_IP}/")) && !x.contains("p2p-circuit")
+                })
+            });
+            assert!(direct_seen, "A sees B at router B's address: {ab}");
+        }
+        NatKind::Symmetric => {
+            assert_eq!(punch, "failed", "{}", fail("hole punch"));
+            assert_eq!(path, "relayed", "{}", fail("path"));
+        }
+    }
+
+    // A chat request to A, which holds no model, is served by B.
+    let body = serde_json::json!({
+        "model": CHAT,
+        "messages": [{"role": "user", "content": "Say hello."}],
+        "max_tokens": 8,
+        "temperature": 0,
+    })
+    .to_string();
+    let r = a
+        .request("POST", "/v1/chat/completions", Some(&body))
+        .unwrap_or_else(|| panic!("{}", fail("chat request failed")));
+    assert_eq!(r.status, 200, "{}\n{}", r.body, fail("chat"));
+    assert_eq!(
+        r.header("x-pod-served-by"),
+        Some(b.peer_id.as_str()),
+        "served by B"
+    );
+    let answer: serde_json::Value = serde_json::from_str(&r.body).expect("JSON");
+    let text = answer["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(!text.is_empty(), "an answer: {answer}");
+    let after = peer_row(&a, &b).expect("B known to A");
+    assert_eq!(
+        after["path"].as_str(),
+        Some(path.as_str()),
+        "the path held: {after}"
+    );
+    eprintln!("NAT {kind:?}: B answered A's request {path}: {text:?}");
+
+    // The CLI tells the same story.
+    let cli = |args: &[&str]| {
+        let home = a.home.to_string_lossy().into_owned();
+        let mut all = vec!["--home", home.as_str()];
+        all.extend_from_slice(args);
+        let out = lab.exec(
+            &lab.home_a,
+            env!("CARGO_BIN_EXE_pod"),
+            &all,
+            Duration::from_secs(30),
+        );
+        assert!(
+            out.status.success(),
+            "pod {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let status = cli(&["status"]);
+    assert!(
+        status.contains(&format!(
+            "private: peers reach this node through relay {}",
+            relay.peer_id
+        )),
+        "{status}"
+    );
+    let peers = cli(&["peers"]);
+    let row = peers
+        .lines()
+        .find(|l| l.starts_with(&b.peer_id))
+        .unwrap_or_else(|| panic!("B in pod peers:\n{peers}"));
+    // The side that made the attempts knows the outcome; the other may not.
+    let expected = match after["hole_punch"].as_str() {
+        Some(seen) => format!("{path} (punch {seen})"),
+        None => format!(" {path} "),
+    };
+    assert!(row.contains(&expected), "{expected:?} in {row}");
+
+    // The relay dies: both homes notice they are no longer reachable, and say so.
+    relay.kill();
+    for (pod, name) in [(&a, "home A"), (&b, "home B")] {
+        wait_until(
+            MESH_TIMEOUT,
+            &format!("{name} notices the relay is gone"),
+            || {
+                let node = pod.get("/pod/v1/node");
+                (node["nat_status"] == "private"
+                    && node["relays"].as_array().is_some_and(Vec::is_empty))
+                .then_some(())
+            },
+        );
+    }
+    let status = cli(&["status"]);
+    assert!(
+        status.contains("private and not reachable: no relay holds a reservation"),
+        "{status}"
+    );
+    if path == "direct" {
+        // The hole-punched connection does not need the relay: B still serves A.
+        let r = a
+            .request("POST", "/v1/chat/completions", Some(&body))
+            .unwrap_or_else(|| panic!("chat request without the relay:\n{}", a.log_tail(80)));
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.header("x-pod-served-by"), Some(b.peer_id.as_str()));
+        eprintln!("NAT {kind:?}: with the relay gone, B still answers A directly");
+    }
+    Some((path, punch))
+}
+
+#[test]
+fn pods_behind_port_preserving_nats_hole_punch_and_serve_each_other() {
+    two_homes_behind(NatKind::PortPreserving);
+}
+
+#[test]
+fn pods_behind_symmetric_nats_serve_each_other_through_the_relay() {
+    two_homes_behind(NatKind::Symmetric);
+}
