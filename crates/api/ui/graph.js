@@ -29,8 +29,8 @@ function pod(x, y, r, id, profile, models, tip, self) {
     { class: self ? 'pod self' : 'pod', 'data-peer-id': id, transform: `translate(${x.toFixed(1)} ${y.toFixed(1)})` },
     s('title', null, tip),
     s('circle', { r, fill: colour(profile), stroke: self ? '#f8fafc' : 'none', 'stroke-width': 3 }),
-    s('text', { class: 'name', y: r + 13, 'text-anchor': 'middle' }, self ? `${short(id)} (this pod)` : short(id)),
-    s('text', { class: 'meta', y: r + 25, 'text-anchor': 'middle' }, [profile || '?', label(models)].filter(Boolean).join(' · ')),
+    s('text', { class: 'name', y: r + 13, 'text-anchor': 'middle' }, short(id)),
+    s('text', { class: 'meta', y: r + 25, 'text-anchor': 'middle' }, [self ? 'this pod' : null, profile || '?', label(models)].filter(Boolean).join(' · ')),
   );
 }
 
@@ -41,10 +41,10 @@ export function renderGraph(svg, node, peers, localModels) {
   const edges = [];
   const pods = [];
   const n = peers.length;
-  // An ellipse around this pod, turned so that no two peers sit level with it, where their
-  // labels would run into its own.
-  const rx = 150;
-  const ry = 92;
+  // An ellipse around this pod, turned half a step so that two peers do not sit level with it,
+  // where their labels would run into its own.
+  const rx = 175;
+  const ry = 105;
   peers.forEach((p, i) => {
     const a = -Math.PI / 2 + (2 * Math.PI * i) / Math.max(n, 1) + Math.PI / (2 * Math.max(n, 1));
     const x = cx + rx * Math.cos(a);
@@ -57,7 +57,7 @@ export function renderGraph(svg, node, peers, localModels) {
         s('title', null, `${short(node?.peer_id)} ↔ ${short(p.peer_id)}: ${rtt}`),
         s('line', { x1: cx, y1: cy, x2: x, y2: y, class: 'wire' }),
         s('line', { x1: cx, y1: cy, x2: x, y2: y, class: 'hit' }),
-        p.rtt_ms == null ? null : s('text', { x: cx + (x - cx) * 0.55 + 8, y: cy + (y - cy) * 0.55, 'text-anchor': 'start', class: 'rtt' }, `${p.rtt_ms.toFixed(1)} ms`),
+        p.rtt_ms == null ? null : s('text', { x: cx + (x - cx) * 0.7 + 8, y: cy + (y - cy) * 0.7, 'text-anchor': 'start', class: 'rtt' }, `${p.rtt_ms.toFixed(1)} ms`),
       ),
     );
     const tip = [
