@@ -12,8 +12,16 @@ use subtle::ConstantTimeEq;
 use crate::error::ApiError;
 use crate::{AppState, Backend};
 
-/// Routes reachable without a key: liveness probes must work for load balancers.
-const OPEN_PATHS: &[&str] = &["/health"];
+/// Routes reachable without a key: liveness probes must work for load balancers, and the
+/// dashboard's page must load so that it can ask for the key its API calls then send.
+const OPEN_PATHS: &[&str] = &["/health", "/"];
+/// Prefix of the dashboard's assets, reachable without a key: they are the same public files
+/// in every build and hold no data of the node.
+const OPEN_PREFIX: &str = "/ui/";
+
+fn is_open(path: &str) -> bool {
+    OPEN_PATHS.contains(&path) || path.starts_with(OPEN_PREFIX)
+}
 
 /// The accepted keys. Debug output never shows them.
 #[derive(Clone, Default)]
@@ -65,7 +73,7 @@ pub async fn require_key<B: Backend>(
     next: Next,
 ) -> Response {
     let keys = &state.config.keys;
-    if keys.is_empty() || OPEN_PATHS.contains(&req.uri().path()) || req.method() == "OPTIONS" {
+    if keys.is_empty() || is_open(req.uri().path()) || req.method() == "OPTIONS" {
         return next.run(req).await;
     }
     let presented = req

@@ -15,6 +15,7 @@ pub mod node;
 pub mod openai;
 mod routes;
 pub mod server;
+pub mod stats;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -17,6 +17,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use crate::stats::Throughput;
 use crate::{AppState, Backend};
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -44,6 +45,7 @@ pub struct Metrics {
     active: Gauge,
     models: Gauge,
     blob: Arc<BlobCollector>,
+    recent: Throughput,
 }
 
 /// Totals of the model-file transfers (`/pod/blob/1.0.0`) since the node started, as the
@@ -187,6 +189,7 @@ impl Metrics {
             active,
             models,
             blob,
+            recent: Throughput::new(),
         }
     }
 
@@ -213,6 +216,17 @@ impl Metrics {
         self.completion_tokens
             .get_or_create(&labels)
             .inc_by(completion as u64);
+        self.recent.finished(prompt);
+    }
+
+    /// Counts tokens as they are generated, for the recent throughput.
+    pub fn generated(&self, tokens: usize) {
+        self.recent.generated(tokens);
+    }
+
+    /// Recent throughput, in time buckets.
+    pub fn recent(&self) -> &Throughput {
+        &self.recent
     }
 
     /// Records prompt tokens a completion took from the prefix cache.
@@ -228,6 +242,7 @@ impl Metrics {
     /// Records time to first token.
     pub fn first_token(&self, seconds: f64) {
         self.ttft.observe(seconds);
+        self.recent.first_token(seconds);
     }
 
     /// Records the gap between two tokens.
@@ -277,6 +292,8 @@ pub async fn track<B: Backend>(
         .get::<MatchedPath>()
         .map_or_else(|| OTHER.to_owned(), |p| p.as_str().to_owned());
     let method = method_label(req.method()).to_owned();
+    let (queued, active) = state.backend.load();
+    state.metrics.recent.load(queued, active);
     let res = next.run(req).await;
     state
         .metrics

@@ -14,6 +14,9 @@ pub struct NodeView {
     pub agent: String,
     /// The profile it runs.
     pub profile: String,
+    /// Where its models run (`cpu`, `cuda:0`, ...); empty when not known.
+    #[serde(default)]
+    pub device: String,
     /// Multiaddrs it listens on.
     pub listen_addrs: Vec<String>,
     /// Multiaddrs others reach it at (confirmed by AutoNAT, or configured).

@@ -7,6 +7,7 @@ mod generation;
 mod models;
 mod node;
 mod system;
+mod ui;
 
 use std::sync::Arc;
 
@@ -47,6 +48,12 @@ pub mod paths {
     pub const RECEIPTS: &str = "/pod/v1/receipts";
     /// The model files this node serves to peers.
     pub const FILES: &str = "/pod/v1/files";
+    /// Recent throughput of this node's API.
+    pub const STATS: &str = "/pod/v1/stats";
+    /// The dashboard's page.
+    pub const DASHBOARD: &str = "/";
+    /// The dashboard's scripts, styles and images.
+    pub const DASHBOARD_ASSET: &str = "/ui/{*path}";
 }
 
 /// JSON body extractor whose rejections are OpenAI-shaped errors.
@@ -76,6 +83,7 @@ impl<T: serde::Serialize> IntoResponse for ApiJson<T> {
         node::peers,
         node::receipts,
         node::files,
+        node::stats,
     ),
     components(schemas(
         openai::GenerationParams,
@@ -98,6 +106,8 @@ impl<T: serde::Serialize> IntoResponse for ApiJson<T> {
         crate::node::WorkTotals,
         crate::node::FileList,
         crate::node::FileView,
+        crate::stats::StatsView,
+        crate::stats::StatsSample,
     ))
 )]
 pub struct ApiDoc;
@@ -116,6 +126,9 @@ pub(crate) fn routes<B: Backend>(state: Arc<AppState<B>>) -> Router {
         .route(paths::PEERS, get(node::peers::<B>))
         .route(paths::RECEIPTS, get(node::receipts::<B>))
         .route(paths::FILES, get(node::files::<B>))
+        .route(paths::STATS, get(node::stats::<B>))
+        .route(paths::DASHBOARD, get(ui::index))
+        .route(paths::DASHBOARD_ASSET, get(ui::asset))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(state)

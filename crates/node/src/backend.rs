@@ -46,6 +46,7 @@ pub struct NodeBackend {
     ledger: Option<Arc<Ledger>>,
     blob_stats: Arc<BlobStats>,
     blobs: Option<Arc<BlobServer>>,
+    device: String,
 }
 
 impl NodeBackend {
@@ -77,7 +78,14 @@ impl NodeBackend {
             ledger,
             blob_stats: Arc::default(),
             blobs: None,
+            device: String::new(),
         }
+    }
+
+    /// Names the device the local models run on, for `/pod/v1/node`.
+    pub fn with_device(mut self, device: impl Into<String>) -> Self {
+        self.device = device.into();
+        self
     }
 
     /// Counts model-file transfers in `stats` and lists the files `server` serves (`None`:
@@ -258,6 +266,7 @@ impl Backend for NodeBackend {
             peer_id: info.peer_id.to_string(),
             agent: info.agent,
             profile: self.profile.to_string(),
+            device: self.device.clone(),
             listen_addrs: info.listen_addrs.iter().map(ToString::to_string).collect(),
             external_addrs: info
                 .external_addrs

@@ -136,7 +136,8 @@ impl Node {
             ledger,
             opts.route,
         )
-        .with_blobs(Arc::clone(&blob_stats), blobs.clone());
+        .with_blobs(Arc::clone(&blob_stats), blobs.clone())
+        .with_device(opts.device_name.clone());
         background.push(tokio::spawn(announce::announce(
             mesh.clone(),
             engine.clone(),

@@ -173,6 +173,7 @@ impl Timer {
         if count == 0 {
             return;
         }
+        state.metrics.generated(count);
         let now = Instant::now();
         match self.last {
             None => state

@@ -1,4 +1,4 @@
-//! `/pod/v1/node`, `/pod/v1/peers`, `/pod/v1/receipts` and `/pod/v1/files`.
+//! `/pod/v1/node`, `/pod/v1/peers`, `/pod/v1/receipts`, `/pod/v1/files` and `/pod/v1/stats`.
 
 use std::sync::Arc;
 
@@ -7,6 +7,7 @@ use axum::Json;
 
 use crate::error::ApiError;
 use crate::node::{FileList, NodeView, PeerList, ReceiptsView};
+use crate::stats::StatsView;
 use crate::{AppState, Backend};
 
 /// This node: PeerId, listen and external addresses, NAT status, profile.
@@ -70,4 +71,12 @@ pub(crate) async fn files<B: Backend>(
         .await
         .map(Json)
         .ok_or_else(ApiError::no_mesh)
+}
+
+/// Work that went through this node's API over the last five minutes, in two-second samples:
+/// tokens per second, requests, time to first token, queue depth.
+#[utoipa::path(get, path = "/pod/v1/stats", responses((status = 200, body = StatsView)))]
+pub(crate) async fn stats<B: Backend>(State(state): State<Arc<AppState<B>>>) -> Json<StatsView> {
+    let (queued, active) = state.backend.load();
+    Json(state.metrics.recent().view(queued, active))
 }
