@@ -153,6 +153,26 @@ where
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_that_ends_on_a_stop_token_is_receipted_on_both_sides() {
+    // The stop token is generated and signed for but never sent: the requester must still
+    // accept the receipt.
+    let (h, h_addr, _server) = honest(ServerConfig::default()).await;
+    let (_r, infer, ledger) = requester(&[(h.peer_id(), h_addr)]).await;
+    let (_, events) = infer.generate(greedy(200)).await.unwrap();
+    let (text, usage, err) = drain(events).await;
+    assert!(err.is_none(), "{err:?}");
+    let usage = usage.unwrap();
+    assert!(usage.completion_tokens < 200, "no stop token in {text:?}");
+    assert_eq!(infer.stats().receipts_rejected.load(Ordering::Relaxed), 0);
+    let read = ledger.entries().unwrap();
+    assert_eq!(read.entries.len(), 1);
+    assert_eq!(
+        read.entries[0].signed.receipt.completion_tokens,
+        usage.completion_tokens as u64
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_answers_like_the_local_engine_and_both_keep_receipts() {
     let (h, h_addr, server) = honest(ServerConfig::default()).await;
     let (_r, infer, ledger) = requester(&[(h.peer_id(), h_addr)]).await;

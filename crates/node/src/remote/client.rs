@@ -10,7 +10,7 @@ use futures::io::{ReadHalf, WriteHalf};
 use futures::AsyncReadExt;
 use libp2p::PeerId;
 use pod_inference::{
-    EmbedResponse, Embedding, EngineError, GenerateEvent, GenerateRequest, Resume,
+    EmbedResponse, Embedding, EngineError, FinishReason, GenerateEvent, GenerateRequest, Resume,
 };
 use tokio::sync::mpsc;
 
@@ -370,13 +370,16 @@ impl InferClient {
                     receipt,
                 } => {
                     progress.last_receipt = None;
+                    // A stop token is generated, counted and signed for, but not sent.
+                    let received = progress.from_this_peer;
+                    let stop = usize::from(finish_reason == FinishReason::Stop);
                     match receipt {
                         Some(r)
                             if self.check_receipt(
                                 id,
                                 session.peer,
                                 &r,
-                                Some(progress.from_this_peer),
+                                Some(received..=received + stop),
                                 false,
                             ) =>
                         {
@@ -410,13 +413,14 @@ impl InferClient {
     }
 
     /// Verifies a receipt and that it describes this request, this peer and (when known)
-    /// the number of tokens actually received from it.
+    /// the number of tokens actually received from it (a range: an answer that ended on a
+    /// stop token was generated one token longer than it was sent).
     fn check_receipt(
         &self,
         id: &str,
         peer: PeerId,
         receipt: &SignedReceipt,
-        completion_tokens: Option<usize>,
+        completion_tokens: Option<std::ops::RangeInclusive<usize>>,
         partial: bool,
     ) -> bool {
         let r = &receipt.receipt;
@@ -430,11 +434,14 @@ impl InferClient {
             Some("made out to another requester".into())
         } else if r.partial != partial {
             Some("wrong partial flag".into())
-        } else if completion_tokens.is_some_and(|n| r.completion_tokens != n as u64) {
+        } else if let Some(n) = completion_tokens
+            .as_ref()
+            .filter(|n| !n.contains(&(r.completion_tokens as usize)))
+        {
             Some(format!(
                 "claims {} completion tokens, {} were received",
                 r.completion_tokens,
-                completion_tokens.unwrap_or(0)
+                n.start()
             ))
         } else {
             None
@@ -496,7 +503,7 @@ impl InferClient {
                     receipt,
                 })) => {
                     if let Some(r) = receipt {
-                        if self.check_receipt(&id, session.peer, &r, Some(0), false) {
+                        if self.check_receipt(&id, session.peer, &r, Some(0..=0), false) {
                             self.record(&r).await;
                         }
                     }
