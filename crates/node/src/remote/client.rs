@@ -434,17 +434,16 @@ impl InferClient {
             Some("made out to another requester".into())
         } else if r.partial != partial {
             Some("wrong partial flag".into())
-        } else if let Some(n) = completion_tokens
-            .as_ref()
-            .filter(|n| !n.contains(&(r.completion_tokens as usize)))
-        {
-            Some(format!(
-                "claims {} completion tokens, {} were received",
-                r.completion_tokens,
-                n.start()
-            ))
         } else {
-            None
+            completion_tokens
+                .filter(|n| !n.contains(&(r.completion_tokens as usize)))
+                .map(|n| {
+                    format!(
+                        "claims {} completion tokens, {} were received",
+                        r.completion_tokens,
+                        n.start()
+                    )
+                })
         };
         match problem {
             None => true,
