@@ -83,7 +83,6 @@ def test_api_never_fails_and_errors_are_openai_shaped(fuzzed_pod, mode):
             max_examples=MAX_EXAMPLES,
             deadline=None,
             database=None,
-            derandomize=True,
             phases=[Phase.explicit, Phase.generate],
             suppress_health_check=list(HealthCheck),
         )
@@ -99,9 +98,8 @@ def test_api_never_fails_and_errors_are_openai_shaped(fuzzed_pod, mode):
             # An operation without parameters or body has no invalid form to generate.
             assert mode == GenerationMode.NEGATIVE, tested[-1]
             untestable.append(tested[-1])
-    # Every route the API documents was exercised.
-    assert "POST /v1/chat/completions" in tested and "GET /openapi.json" not in tested, tested
-    assert len(tested) >= 10, tested
+    # The document lists every route of the API.
+    assert "POST /v1/chat/completions" in tested and len(tested) >= 10, tested
     print(mode, {op: sorted(set(codes)) for op, codes in statuses.items()},
           sum(map(len, statuses.values())), "requests")
     # Valid chat requests were served, invalid ones refused.
