@@ -592,7 +592,7 @@ fn toml_value() -> impl Strategy<Value = String> {
             Just("json"),
             Just("info"),
         ]
-        .prop_map(|s| toml_string(s)),
+        .prop_map(toml_string),
     ];
     leaf.prop_recursive(2, 8, 4, |inner| {
         prop_oneof![
