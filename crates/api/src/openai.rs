@@ -49,6 +49,7 @@ pub enum MessageContent {
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize, ToSchema)]
 pub struct ChatMessageIn {
     /// `system`, `developer`, `user`, `assistant` or `tool`.
+    #[schema(pattern = "^(system|developer|user|assistant|tool)$")]
     pub role: String,
     /// The content; may be null for assistant messages.
     #[serde(default)]
@@ -63,6 +64,7 @@ pub struct ChatMessageIn {
 pub struct ResponseFormat {
     /// `text` or `json_object`.
     #[serde(rename = "type")]
+    #[schema(pattern = "^(text|json_object)$")]
     pub kind: String,
 }
 
@@ -113,8 +115,10 @@ pub struct GenerationParams {
 #[serde(default)]
 pub struct ChatCompletionRequest {
     /// Model name, as listed by `/v1/models`.
+    #[schema(required = true)]
     pub model: String,
     /// The conversation.
+    #[schema(required = true, min_items = 1)]
     pub messages: Vec<ChatMessageIn>,
     /// Newer name of `max_tokens`; wins when both are given.
     pub max_completion_tokens: Option<i64>,

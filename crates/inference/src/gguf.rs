@@ -28,11 +28,20 @@ impl GgufFile {
             source,
         })?;
         let mut reader = BufReader::new(file);
-        let content = Content::read(&mut reader).map_err(|e| LoadError::InvalidGguf {
+        let invalid = |reason: String| LoadError::InvalidGguf {
             path: path.to_owned(),
-            // candle appends a backtrace when RUST_BACKTRACE is set; keep the message.
-            reason: e.to_string().lines().next().unwrap_or_default().to_owned(),
-        })?;
+            reason,
+        };
+        // candle's parser divides by `general.alignment` unchecked, so a header declaring an
+        // alignment of 0 panics inside it. Such a file is invalid, not a reason to crash; the
+        // reader is dropped with the error, so no state a panic left half-done is used.
+        let content =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| Content::read(&mut reader)))
+                .map_err(|_| invalid("malformed header".into()))?
+                // candle appends a backtrace when RUST_BACKTRACE is set; keep the message.
+                .map_err(|e| {
+                    invalid(e.to_string().lines().next().unwrap_or_default().to_owned())
+                })?;
         Ok(Self {
             path: path.to_owned(),
             content,
@@ -99,7 +108,15 @@ impl GgufFile {
     pub fn quantization(&self) -> String {
         let mut counts: BTreeMap<String, usize> = BTreeMap::new();
         for info in self.content.tensor_infos.values() {
-            *counts.entry(format!("{:?}", info.ggml_dtype)).or_default() += info.shape.elem_count();
+            // Dimensions come from the file: their product may overflow.
+            let elems = info
+                .shape
+                .dims()
+                .iter()
+                .try_fold(1usize, |n, &d| n.checked_mul(d))
+                .unwrap_or(usize::MAX);
+            let count = counts.entry(format!("{:?}", info.ggml_dtype)).or_default();
+            *count = count.saturating_add(elems);
         }
         counts
             .into_iter()

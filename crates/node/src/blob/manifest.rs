@@ -102,7 +102,8 @@ impl Manifest {
 
     /// The length of chunk `index`: the chunk size, or less for the last one.
     pub(super) fn chunk_len(&self, index: usize) -> u64 {
-        let start = index as u64 * self.chunk_size;
+        // A manifest from a peer may declare any chunk size: the product may overflow.
+        let start = (index as u64).saturating_mul(self.chunk_size);
         self.chunk_size.min(self.size.saturating_sub(start))
     }
 }
