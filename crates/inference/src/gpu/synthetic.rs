@@ -221,6 +221,7 @@ fn write_with(
             Value::U32(shape.layer_formats.len() as u32),
         ),
         (key("embedding_length"), Value::U32(hidden as u32)),
+        (key("feed_forward_length"), Value::U32(shape.ffn as u32)),
         (key("attention.head_count"), Value::U32(shape.heads as u32)),
         (
             key("attention.head_count_kv"),
