@@ -117,6 +117,12 @@ pub fn write_synthetic(
     let tmp = tempfile::NamedTempFile::new_in(dir).map_err(io)?;
     synthetic::write_chat_model(tmp.path(), seed, &model)
         .map_err(|e| BenchError::Synthetic(e.to_string()))?;
+    // Readable as any downloaded model is, not private as temporary files are made.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o644)).map_err(io)?;
+    }
     tmp.persist(path).map_err(|e| io(e.error))?;
     Ok(())
 }
