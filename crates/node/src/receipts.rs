@@ -547,6 +547,18 @@ impl Ledger {
         let tally = self.tally.lock().unwrap_or_else(PoisonError::into_inner);
         Ok(tally.peers.values().cloned().collect())
     }
+
+    /// One page of [`Ledger::summary`]: at most `limit` peers whose PeerId sorts after
+    /// `after` (from the first when `None`), and whether more follow. Costs the page, not the
+    /// number of peers.
+    pub fn summary_page(&self, after: Option<&str>, limit: usize) -> (Vec<PeerSummary>, bool) {
+        use std::ops::Bound;
+        let tally = self.tally.lock().unwrap_or_else(PoisonError::into_inner);
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut rows = tally.peers.range::<str, _>((start, Bound::Unbounded));
+        let page = rows.by_ref().take(limit).map(|(_, p)| p.clone()).collect();
+        (page, rows.next().is_some())
+    }
 }
 
 /// Tallies a ledger file, one line at a time.
@@ -1027,6 +1039,34 @@ mod tests {
             (read.entries.len(), read.torn, read.invalid)
         );
         assert_eq!((counts.records, counts.torn, counts.invalid), (3, 1, 1));
+        Ok(())
+    }
+
+    #[test]
+    fn summaries_come_in_pages_in_peer_order() -> TestResult {
+        let home = tempfile::tempdir()?;
+        let ledger = Ledger::open(home.path())?;
+        let me = Keypair::generate_ed25519();
+        let mut requesters: Vec<String> = (0..7).map(|_| peer()).collect();
+        for (i, requester) in requesters.iter().enumerate() {
+            let id = format!("r{i}");
+            let signed = SignedReceipt::sign(receipt_for(&me, requester, &id, 3), &me)?;
+            ledger.append(Role::Served, &signed)?;
+        }
+        requesters.sort();
+        let (first, more) = ledger.summary_page(None, 3);
+        assert!(more);
+        let peers = |rows: &[PeerSummary]| rows.iter().map(|r| r.peer.clone()).collect::<Vec<_>>();
+        assert_eq!(peers(&first), requesters[..3]);
+        let (second, more) = ledger.summary_page(Some(&requesters[2]), 3);
+        assert!(more);
+        assert_eq!(peers(&second), requesters[3..6]);
+        let (last, more) = ledger.summary_page(Some(&requesters[5]), 3);
+        assert!(!more);
+        assert_eq!(peers(&last), requesters[6..]);
+        let (all, more) = ledger.summary_page(None, 100);
+        assert!(!more);
+        assert_eq!(all, ledger.summary()?);
         Ok(())
     }
 

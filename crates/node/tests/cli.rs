@@ -1098,3 +1098,68 @@ fn bench_measures_a_synthetic_shape_on_the_gpu_kernels() {
     );
     assert_one_line_error(&o, "unknown shape `huge` (known: tiny, llama-1b, llama-8b)");
 }
+
+#[test]
+fn receipts_come_a_page_of_peers_at_a_time() {
+    use pod_node::receipts::{Ledger, Receipt, Role, SignedReceipt};
+    let home = tempfile::tempdir().unwrap();
+    let server = libp2p::identity::Keypair::generate_ed25519();
+    let mut requesters: Vec<String> = (0..5)
+        .map(|_| {
+            let key = libp2p::identity::Keypair::generate_ed25519();
+            key.public().to_peer_id().to_string()
+        })
+        .collect();
+    {
+        let ledger = Ledger::open(home.path()).unwrap();
+        for (i, requester) in requesters.iter().enumerate() {
+            let receipt = Receipt {
+                request_id: format!("req-{i}"),
+                model: "m".into(),
+                prompt_tokens: 3,
+                completion_tokens: 4,
+                requester: requester.clone(),
+                server: server.public().to_peer_id().to_string(),
+                started_at_ms: 1,
+                finished_at_ms: 2,
+                partial: false,
+            };
+            let signed = SignedReceipt::sign(receipt, &server).unwrap();
+            ledger.append(Role::Served, &signed).unwrap();
+        }
+    }
+    requesters.sort();
+    let pod = PodProcess::start_in(home.path(), &["--profile", "relay", "--p2p-port", "0"]);
+    let peers = |v: &serde_json::Value| -> Vec<String> {
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["peer"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let all = pod.get("/pod/v1/receipts");
+    assert_eq!(peers(&all), requesters);
+    assert_eq!(all["has_more"], false);
+    assert_eq!(all["receipts"], 5);
+    let mut seen = Vec::new();
+    let mut path = "/pod/v1/receipts?limit=2".to_owned();
+    loop {
+        let page = pod.get(&path);
+        let rows = peers(&page);
+        assert!(rows.len() <= 2, "{page}");
+        assert_eq!(page["receipts"], 5, "the counts stay whole on every page");
+        seen.extend(rows.iter().cloned());
+        if page["has_more"] == false {
+            break;
+        }
+        path = format!("/pod/v1/receipts?limit=2&after={}", rows.last().unwrap());
+    }
+    assert_eq!(seen, requesters);
+    for bad in ["limit=0", "limit=1001", "limit=ten"] {
+        let (status, body) =
+            common::process::http_get(&format!("{}/pod/v1/receipts?{bad}", pod.api)).unwrap();
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert_eq!(body["error"]["param"], "limit", "{body}");
+    }
+}
