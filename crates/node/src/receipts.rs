@@ -480,6 +480,16 @@ impl Ledger {
         let mut line = serde_json::to_vec(&entry).map_err(ReceiptError::Encode)?;
         line.push(b'\n');
         let mut file = self.file.lock().unwrap_or_else(PoisonError::into_inner);
+        // A write that failed part way (a full disk, say) left the end of a record without
+        // its newline: end that line first, or this record would be glued to it and lost.
+        if ends_torn(&mut file).map_err(io_err(&self.path))? {
+            line.insert(0, b'\n');
+            self.tally
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .counts
+                .torn += 1;
+        }
         file.write_all(&line)
             .and_then(|()| file.sync_data())
             .map_err(io_err(&self.path))?;
@@ -1067,6 +1077,35 @@ mod tests {
         let (all, more) = ledger.summary_page(None, 100);
         assert!(!more);
         assert_eq!(all, ledger.summary()?);
+        Ok(())
+    }
+
+    #[test]
+    fn an_append_after_a_torn_write_starts_a_new_line() -> TestResult {
+        let home = tempfile::tempdir()?;
+        let ledger = Ledger::open(home.path())?;
+        let me = Keypair::generate_ed25519();
+        let requester = peer();
+        let signed = |id: &str| SignedReceipt::sign(receipt_for(&me, &requester, id, 2), &me);
+        ledger.append(Role::Served, &signed("a")?)?;
+        // What a write that failed part way leaves at the end of the file.
+        let mut file = OpenOptions::new().append(true).open(ledger.path())?;
+        file.write_all(b"{\"role\":\"served\",\"at_")?;
+        drop(file);
+        ledger.append(Role::Served, &signed("b")?)?;
+        assert_eq!(ledger.counts().records, 2);
+        assert_eq!(ledger.counts().torn, 1);
+
+        drop(ledger);
+        let ledger = Ledger::open(home.path())?;
+        let read = ledger.entries()?;
+        assert_eq!(
+            read.entries.len(),
+            2,
+            "the record after the torn one survives"
+        );
+        assert_eq!(read.torn, 1);
+        assert_eq!(ledger.counts().records, 2);
         Ok(())
     }
 
