@@ -173,6 +173,79 @@ fn identity_is_stable_exportable_and_importable() {
 }
 
 #[test]
+fn a_model_modified_after_its_download_is_reported_and_refused() {
+    use std::io::{Seek, SeekFrom};
+    let name = pod_node::catalogue::DEFAULT_CHAT_MODEL;
+    let pulled = common::model_path(name);
+    let home = tempfile::tempdir().unwrap();
+    let dir = home.path().join("models").join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let source = pulled.parent().unwrap();
+    for file in ["model.gguf", ".verified.json"] {
+        std::fs::copy(source.join(file), dir.join(file)).unwrap();
+    }
+    // A copy has another inode and time than those recorded: hashed again, found intact.
+    let o = pod_at(home.path(), &["models", "verify", name]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "{out}{}", stderr(&o));
+    assert!(
+        out.lines()
+            .any(|l| l.contains("model.gguf") && l.ends_with("OK")),
+        "{out}"
+    );
+
+    // One byte in the middle of the weights changes.
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.join("model.gguf"))
+        .unwrap();
+    let at = f.metadata().unwrap().len() / 2;
+    let mut byte = [0u8];
+    f.seek(SeekFrom::Start(at)).unwrap();
+    f.read_exact(&mut byte).unwrap();
+    f.seek(SeekFrom::Start(at)).unwrap();
+    f.write_all(&[byte[0] ^ 0x01]).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+
+    let o = pod_at(home.path(), &["models", "verify"]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        out.lines()
+            .any(|l| l.contains("model.gguf") && l.ends_with("MODIFIED")),
+        "{out}"
+    );
+    assert_one_line_error(&o, "1 model file(s) modified");
+
+    let o = pod_at(
+        home.path(),
+        &[
+            "start",
+            "--profile",
+            "inference",
+            "--model",
+            name,
+            "--no-pull",
+            "--no-mdns",
+            "--p2p-port",
+            "0",
+            "--api-port",
+            "0",
+        ],
+    );
+    assert!(!o.status.success(), "a modified model was served");
+    let err = stderr(&o);
+    let last = err.lines().last().unwrap_or_default();
+    assert!(last.starts_with("error: "), "{err}");
+    assert!(last.contains("was modified after its download"), "{err}");
+    assert!(
+        !err.contains("model ready") && !err.contains("listening"),
+        "{err}"
+    );
+}
+
+#[test]
 fn json_logs_are_one_object_per_line() {
     let o = Command::new(env!("CARGO_BIN_EXE_pod"))
         .arg("--home")
