@@ -231,6 +231,58 @@ impl ModelStore {
             .map(|f| self.model_dir(entry.name).join(f.name))
     }
 
+    /// Removes what interrupted pulls left behind: `.partial-*` files in the directories of
+    /// models no pull is fetching now (their pull lock is free), and, when no pull of any
+    /// model runs, the scratch directories under `.tmp/`. Kept: `.partial/`, where pulls from
+    /// peers keep what they fetched to resume it. Returns how many entries were removed.
+    pub fn clean_leftovers(&self) -> usize {
+        let mut removed = 0;
+        let mut all_idle = true;
+        // Held until the end, so no pull starts while its scratch space is cleared.
+        let mut locks = Vec::new();
+        for entry in crate::catalogue::CATALOGUE {
+            let lock_path = self.root.join(format!(".{}.lock", entry.name));
+            let Ok(lock) = File::create(&lock_path) else {
+                all_idle = false;
+                continue;
+            };
+            if lock.try_lock().is_err() {
+                all_idle = false;
+                continue;
+            }
+            let Ok(dir) = fs::read_dir(self.model_dir(entry.name)) else {
+                locks.push(lock);
+                continue;
+            };
+            for item in dir.flatten() {
+                if item.file_name().to_string_lossy().starts_with(".partial-")
+                    && fs::remove_file(item.path()).is_ok()
+                {
+                    removed += 1;
+                }
+            }
+            locks.push(lock);
+        }
+        let scratch = self.root.join(".tmp");
+        if let (true, Ok(dir)) = (all_idle, fs::read_dir(&scratch)) {
+            for item in dir.flatten() {
+                let path = item.path();
+                let gone = if path.is_dir() {
+                    fs::remove_dir_all(&path)
+                } else {
+                    fs::remove_file(&path)
+                };
+                if gone.is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+        if removed > 0 {
+            tracing::info!(removed, store = %self.root.display(), "removed what interrupted pulls left");
+        }
+        removed
+    }
+
     /// Downloads whatever files of the model are missing; returns the model's directory.
     pub fn pull(&self, entry: &CatalogueEntry) -> Result<PathBuf, StoreError> {
         let dir = self.model_dir(entry.name);

@@ -269,3 +269,33 @@ fn a_file_modified_after_its_download_is_found_and_pulled_again() {
     std::fs::remove_file(&path).unwrap();
     assert_eq!(store.verify(e), vec![("model.gguf", FileState::Missing)]);
 }
+
+#[test]
+fn leftovers_of_interrupted_pulls_are_removed_unless_a_pull_runs() {
+    let home = tempfile::tempdir().unwrap();
+    let store = ModelStore::open(home.path()).unwrap();
+    let models = home.path().join("models");
+    let name = pod_node::catalogue::DEFAULT_CHAT_MODEL;
+    let dir = models.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(".partial-a1b2c3"), b"half a download").unwrap();
+    std::fs::write(dir.join("keep.txt"), b"not a leftover").unwrap();
+    std::fs::create_dir_all(models.join(".tmp/.tmpXYZ")).unwrap();
+    std::fs::write(models.join(".tmp/.tmpXYZ/wheel.whl"), b"scratch").unwrap();
+    let resumable = store.partial_path("ab".repeat(32).as_str());
+    std::fs::create_dir_all(resumable.parent().unwrap()).unwrap();
+    std::fs::write(&resumable, b"resumable").unwrap();
+
+    // A pull of the model runs (it holds the model's lock): its files stay.
+    let lock = std::fs::File::create(models.join(format!(".{name}.lock"))).unwrap();
+    lock.lock().unwrap();
+    assert_eq!(store.clean_leftovers(), 0);
+    assert!(dir.join(".partial-a1b2c3").exists());
+    assert!(models.join(".tmp/.tmpXYZ").exists());
+    drop(lock);
+
+    assert_eq!(store.clean_leftovers(), 2);
+    assert_eq!(files_in(&dir), ["keep.txt"]);
+    assert!(files_in(&models.join(".tmp")).is_empty());
+    assert!(resumable.exists(), "what a peer pull can resume is kept");
+}
