@@ -173,6 +173,34 @@ fn identity_is_stable_exportable_and_importable() {
 }
 
 #[test]
+fn identity_export_is_private_over_an_existing_file_and_refuses_symlinks() {
+    use std::os::unix::fs::PermissionsExt;
+    let home = tempfile::tempdir().unwrap();
+    let export = home.path().join("backup.json");
+    std::fs::write(&export, b"old").unwrap();
+    std::fs::set_permissions(&export, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = export.to_str().unwrap();
+    let o = pod_in(home.path(), &["identity", "export", "--output", out]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mode = std::fs::metadata(&export).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "mode {mode:o}");
+    assert!(std::fs::read_to_string(&export)
+        .unwrap()
+        .contains("12D3KooW"));
+
+    let target = home.path().join("elsewhere");
+    std::fs::write(&target, b"not yours").unwrap();
+    let link = home.path().join("link.json");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let o = pod_in(
+        home.path(),
+        &["identity", "export", "--output", link.to_str().unwrap()],
+    );
+    assert_one_line_error(&o, "symbolic link");
+    assert_eq!(std::fs::read(&target).unwrap(), b"not yours");
+}
+
+#[test]
 fn a_model_modified_after_its_download_is_reported_and_refused() {
     use std::io::{Seek, SeekFrom};
     let name = pod_node::catalogue::DEFAULT_CHAT_MODEL;
