@@ -201,6 +201,25 @@ fn identity_export_is_private_over_an_existing_file_and_refuses_symlinks() {
 }
 
 #[test]
+fn a_listing_into_a_closed_pipe_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    // `pod models list | head -0`: the reading end is gone before pod writes a line.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let o = Command::new(env!("CARGO_BIN_EXE_pod"))
+        .arg("--home")
+        .arg(common::test_home())
+        .args(["--log", "warn", "models", "list"])
+        .stdout(writer)
+        .output()
+        .expect("run pod");
+    let err = stderr(&o);
+    assert!(err.is_empty(), "nothing on stderr, got: {err}");
+    // Ended by SIGPIPE (13 on Linux), as `ls | head` ends `ls`.
+    assert_eq!(o.status.signal(), Some(13), "{:?}", o.status);
+}
+
+#[test]
 fn a_model_modified_after_its_download_is_reported_and_refused() {
     use std::io::{Seek, SeekFrom};
     let name = pod_node::catalogue::DEFAULT_CHAT_MODEL;
