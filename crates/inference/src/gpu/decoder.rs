@@ -523,12 +523,7 @@ impl<R: DeviceRuntime> GpuDecoder<R> {
             let (x, h) = (ws.x.all(), ws.h.all());
             k.rms_norm((x, h), layer.attn_norm.all(), m, d, s.eps)?;
             let (q, kk, v) = (ws.q.all(), ws.k.all(), ws.v.all());
-            self.project(
-                &ws,
-                h,
-                m,
-                &[(&layer.wq, q), (&layer.wk, kk), (&layer.wv, v)],
-            )?;
+            self.project(ws, h, m, &[(&layer.wq, q), (&layer.wk, kk), (&layer.wv, v)])?;
             if let Some(w) = &layer.q_norm {
                 self.norm_in_place(&ws.tmp, &mut ws.q, w, (m * s.n_head, hd))?;
             }
@@ -564,17 +559,17 @@ impl<R: DeviceRuntime> GpuDecoder<R> {
                     (layer.window, scale),
                 )?;
             }
-            self.project(&ws, ws.att.all(), m, &[(&layer.wo, h)])?;
+            self.project(ws, ws.att.all(), m, &[(&layer.wo, h)])?;
             if let Some(w) = &layer.post_attn_norm {
                 self.norm_in_place(&ws.tmp, &mut ws.h, w, (m, d))?;
             }
             k.elementwise("add", ws.x.all(), ws.h.all(), m * d)?;
             k.rms_norm((ws.x.all(), ws.h.all()), layer.ffn_norm.all(), m, d, s.eps)?;
             let (g, u) = (ws.g.all(), ws.u.all());
-            self.project(&ws, ws.h.all(), m, &[(&layer.gate, g), (&layer.up, u)])?;
+            self.project(ws, ws.h.all(), m, &[(&layer.gate, g), (&layer.up, u)])?;
             let gate = if s.gelu { "gelu_mul" } else { "silu_mul" };
             k.elementwise(gate, g, u, m * s.ffn)?;
-            self.project(&ws, g, m, &[(&layer.down, ws.h.all())])?;
+            self.project(ws, g, m, &[(&layer.down, ws.h.all())])?;
             if let Some(w) = &layer.post_ffn_norm {
                 self.norm_in_place(&ws.tmp, &mut ws.h, w, (m, d))?;
             }
