@@ -11,7 +11,7 @@ use pod_inference::{
 use tokio::sync::mpsc;
 
 use crate::metrics::BlobTotals;
-use crate::node::{FileList, NodeView, PeerView, ReceiptsView};
+use crate::node::{FileList, NodeView, PeerView, ReceiptsPage, ReceiptsView};
 
 /// A model as the API lists it.
 #[derive(Debug, Clone, PartialEq)]
@@ -68,8 +68,9 @@ pub trait Backend: Send + Sync + 'static {
     fn peers(&self) -> impl Future<Output = Option<Vec<PeerView>>> + Send {
         async { None }
     }
-    /// The receipt ledger's totals per peer; `None` when there is no mesh.
-    fn receipts(&self) -> impl Future<Output = Option<ReceiptsView>> + Send {
+    /// One page of the receipt ledger's totals per peer; `None` when there is no mesh.
+    fn receipts(&self, page: ReceiptsPage) -> impl Future<Output = Option<ReceiptsView>> + Send {
+        let _ = page;
         async { None }
     }
     /// Model-file transfers with peers, for `/metrics`; `None` when there is no mesh.

@@ -102,6 +102,19 @@ pub struct ReceiptsView {
     pub invalid: usize,
     /// Ledger lines skipped because they are incomplete (a crash mid-write).
     pub torn: usize,
+    /// Whether more peers follow this page: ask again with `after` set to the last row's
+    /// `peer`.
+    #[serde(default)]
+    pub has_more: bool,
+}
+
+/// Which rows of `/pod/v1/receipts` to answer, peers being sorted by PeerId.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceiptsPage {
+    /// Most rows.
+    pub limit: usize,
+    /// Only peers whose PeerId sorts after this one (`None`: from the first).
+    pub after: Option<String>,
 }
 
 /// Work exchanged with one peer.

@@ -14,8 +14,8 @@ use tokenizers::{Tokenizer, TruncationParams};
 
 use crate::error::LoadError;
 
-/// Texts per forward pass.
-const BATCH: usize = 32;
+/// Texts per forward pass: the engine embeds this many between generation steps.
+pub const EMBED_BATCH: usize = 32;
 
 /// One embedded text.
 #[derive(Debug, Clone, PartialEq)]
@@ -122,13 +122,19 @@ impl EmbeddingModel {
     /// Embeds each text; the result has one entry per input, in order.
     pub fn embed(&self, texts: &[String]) -> Result<Vec<Embedding>, String> {
         let mut out = Vec::with_capacity(texts.len());
-        for chunk in texts.chunks(BATCH) {
-            out.extend(self.embed_batch(chunk).map_err(|e| e.to_string())?);
+        for chunk in texts.chunks(EMBED_BATCH) {
+            out.extend(self.embed_batch(chunk)?);
         }
         Ok(out)
     }
 
-    fn embed_batch(
+    /// Embeds texts in one forward pass (padded to the longest); callers keep batches to
+    /// about [`EMBED_BATCH`] texts.
+    pub fn embed_batch(&self, texts: &[String]) -> Result<Vec<Embedding>, String> {
+        self.forward_batch(texts).map_err(|e| e.to_string())
+    }
+
+    fn forward_batch(
         &self,
         texts: &[String],
     ) -> Result<Vec<Embedding>, Box<dyn std::error::Error + Send + Sync>> {

@@ -9,11 +9,14 @@
 //! budget), then samples each sequence on its own. New requests join between steps and
 //! finished ones leave; dropping the receiver cancels a request before its next step.
 //! Finished sequences stay in a prefix cache so a later request starting with the same tokens
-//! continues from their attention cache.
+//! continues from their attention cache. Embedding requests wait in the same queue and run one
+//! batch of texts per turn of the loop, so a long one does not stall the running generations.
 //!
 //! Where things live:
 //! - [`types`]: the public request, response and event types, the limits and the counters;
 //! - [`handle`]: [`EngineHandle`], the client side, and the commands it sends;
+//! - [`limits`]: what one request may ask (stops, log-probabilities, embedding inputs),
+//!   checked for every caller;
 //! - `admission`: checks, tokenisation and resume replay, on the caller's thread;
 //! - `event_loop`: [`Engine`], the thread that owns the models and runs the loop;
 //! - `scheduler`: the batching policy (which sequences step together, prompt chunking,
@@ -30,6 +33,7 @@ mod admission;
 mod event_loop;
 mod forward;
 pub mod handle;
+pub mod limits;
 mod pipeline;
 mod prefix_cache;
 mod scheduler;

@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
 use pod_api::node::{
-    FileList, FileView, NodeView, PeerLoad, PeerView, PeerWork, ReceiptsView, WorkTotals,
+    FileList, FileView, NodeView, PeerLoad, PeerView, PeerWork, ReceiptsPage, ReceiptsView,
+    WorkTotals,
 };
 use pod_api::{Backend, BlobTotals, Embeddings, Generation, LocalBackend, ModelEntry};
 use pod_inference::{EmbedRequest, EngineError, GenerateRequest};
@@ -281,12 +282,11 @@ impl Backend for NodeBackend {
         })
     }
 
-    async fn receipts(&self) -> Option<ReceiptsView> {
+    async fn receipts(&self, page: ReceiptsPage) -> Option<ReceiptsView> {
         let ledger = self.ledger.clone()?;
-        tokio::task::spawn_blocking(move || receipts_view(&ledger))
+        tokio::task::spawn_blocking(move || receipts_page(&ledger, &page))
             .await
             .ok()
-            .flatten()
     }
 
     async fn peers(&self) -> Option<Vec<PeerView>> {
@@ -366,12 +366,6 @@ pub const ANNOUNCE_REFRESH: Duration = Duration::from_millis(500);
 
 /// The ledger's totals as the API shows them.
 pub fn receipts_view(ledger: &Ledger) -> Option<ReceiptsView> {
-    let counts = ledger.counts();
-    let totals = |t: crate::receipts::Totals| WorkTotals {
-        requests: t.requests,
-        prompt_tokens: t.prompt_tokens,
-        completion_tokens: t.completion_tokens,
-    };
     let summary = match ledger.summary() {
         Ok(s) => s,
         Err(e) => {
@@ -379,7 +373,27 @@ pub fn receipts_view(ledger: &Ledger) -> Option<ReceiptsView> {
             return None;
         }
     };
-    let data = summary
+    Some(view_of(ledger, summary, false))
+}
+
+/// One page of [`receipts_view`]: `page.limit` peers after `page.after`.
+pub fn receipts_page(ledger: &Ledger, page: &ReceiptsPage) -> ReceiptsView {
+    let (rows, more) = ledger.summary_page(page.after.as_deref(), page.limit);
+    view_of(ledger, rows, more)
+}
+
+fn view_of(
+    ledger: &Ledger,
+    rows: Vec<crate::receipts::PeerSummary>,
+    has_more: bool,
+) -> ReceiptsView {
+    let counts = ledger.counts();
+    let totals = |t: crate::receipts::Totals| WorkTotals {
+        requests: t.requests,
+        prompt_tokens: t.prompt_tokens,
+        completion_tokens: t.completion_tokens,
+    };
+    let data = rows
         .into_iter()
         .map(|p| PeerWork {
             peer: p.peer,
@@ -387,11 +401,12 @@ pub fn receipts_view(ledger: &Ledger) -> Option<ReceiptsView> {
             consumed: totals(p.consumed),
         })
         .collect();
-    Some(ReceiptsView {
+    ReceiptsView {
         object: "list".into(),
         data,
         receipts: counts.records,
         invalid: counts.invalid,
         torn: counts.torn,
-    })
+        has_more,
+    }
 }

@@ -104,6 +104,24 @@ pub(crate) enum Command {
     Device(device::DeviceCommand),
 }
 
+impl Command {
+    /// Whether the command only prints a report and exits, with no sockets of its own beyond a
+    /// request to the daemon: such commands may die of SIGPIPE like other Unix tools.
+    pub(crate) fn prints_and_exits(&self) -> bool {
+        match self {
+            Command::Status(_)
+            | Command::Stop(_)
+            | Command::Identity(_)
+            | Command::Peers(_)
+            | Command::Receipts(_)
+            | Command::Version(_)
+            | Command::Device(_) => true,
+            Command::Models(m) => !matches!(m, models::ModelsCommand::Pull(_)),
+            Command::Start(_) | Command::Chat(_) | Command::Infer(_) | Command::Bench(_) => false,
+        }
+    }
+}
+
 /// Runs the command `cli` holds; `matches` are the parsed arguments it came from.
 pub(crate) fn exec(cli: Cli, matches: &ArgMatches) -> Result<()> {
     let home = cli.home.unwrap_or_else(default_home);

@@ -36,6 +36,15 @@ pub enum ResolveError {
     /// The model is catalogued but not downloaded, and pulling was not allowed.
     #[error("model `{0}` is not downloaded; run `pod models pull {0}`")]
     NotPulled(String),
+    /// A downloaded file of the model changed on disk since it was verified, and pulling
+    /// was not allowed.
+    #[error("{} was modified after its download (its SHA-256 is not the pinned one); run `pod models pull {name}` to fetch it again", path.display())]
+    Modified {
+        /// The model.
+        name: String,
+        /// The modified file.
+        path: PathBuf,
+    },
     /// Pulling failed.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -52,7 +61,13 @@ pub fn resolve(store: &ModelStore, name: &str, pull: bool) -> Result<ResolvedMod
     if let Some(entry) = catalogue::find(name) {
         if !store.is_present(entry) {
             if !pull {
-                return Err(ResolveError::NotPulled(name.to_owned()));
+                return Err(match store.modified_file(entry) {
+                    Some(path) => ResolveError::Modified {
+                        name: name.to_owned(),
+                        path,
+                    },
+                    None => ResolveError::NotPulled(name.to_owned()),
+                });
             }
             store.pull(entry)?;
         }

@@ -18,6 +18,9 @@ fn main() -> ExitCode {
         Ok(parsed) => parsed,
         Err(e) => return usage_error(e),
     };
+    if cli.command.prints_and_exits() {
+        end_quietly_on_a_closed_pipe();
+    }
     set_threads(cli.threads);
     // `pod start` sets up logging itself, once config.toml has had its say.
     if !matches!(cli.command, cli::Command::Start(_)) {
@@ -35,6 +38,24 @@ fn main() -> ExitCode {
         }
     }
 }
+
+/// Restores the default action of SIGPIPE, so `pod models list | head -1` ends quietly when
+/// `head` closes the pipe instead of panicking in `println!` (Rust ignores SIGPIPE, turning a
+/// closed stdout into an error `println!` cannot return). The long-running commands keep it
+/// ignored: a peer closing a connection mid-write must be an error there, never a death.
+#[cfg(unix)]
+#[allow(unsafe_code)]
+fn end_quietly_on_a_closed_pipe() {
+    // SAFETY: `signal` with SIG_DFL installs no handler, so there is no handler code whose
+    // async-signal safety matters; it runs before this process starts any thread, so nothing
+    // else is changing signal dispositions at the same time.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+#[cfg(not(unix))]
+fn end_quietly_on_a_closed_pipe() {}
 
 /// Fixes the inference thread count once, before any pool starts: the kernels' pool and candle
 /// read it from the environment (and would otherwise probe the CPU list on every operation).

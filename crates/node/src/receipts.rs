@@ -480,6 +480,16 @@ impl Ledger {
         let mut line = serde_json::to_vec(&entry).map_err(ReceiptError::Encode)?;
         line.push(b'\n');
         let mut file = self.file.lock().unwrap_or_else(PoisonError::into_inner);
+        // A write that failed part way (a full disk, say) left the end of a record without
+        // its newline: end that line first, or this record would be glued to it and lost.
+        if ends_torn(&mut file).map_err(io_err(&self.path))? {
+            line.insert(0, b'\n');
+            self.tally
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .counts
+                .torn += 1;
+        }
         file.write_all(&line)
             .and_then(|()| file.sync_data())
             .map_err(io_err(&self.path))?;
@@ -546,6 +556,18 @@ impl Ledger {
     pub fn summary(&self) -> Result<Vec<PeerSummary>, ReceiptError> {
         let tally = self.tally.lock().unwrap_or_else(PoisonError::into_inner);
         Ok(tally.peers.values().cloned().collect())
+    }
+
+    /// One page of [`Ledger::summary`]: at most `limit` peers whose PeerId sorts after
+    /// `after` (from the first when `None`), and whether more follow. Costs the page, not the
+    /// number of peers.
+    pub fn summary_page(&self, after: Option<&str>, limit: usize) -> (Vec<PeerSummary>, bool) {
+        use std::ops::Bound;
+        let tally = self.tally.lock().unwrap_or_else(PoisonError::into_inner);
+        let start = after.map_or(Bound::Unbounded, Bound::Excluded);
+        let mut rows = tally.peers.range::<str, _>((start, Bound::Unbounded));
+        let page = rows.by_ref().take(limit).map(|(_, p)| p.clone()).collect();
+        (page, rows.next().is_some())
     }
 }
 
@@ -1027,6 +1049,63 @@ mod tests {
             (read.entries.len(), read.torn, read.invalid)
         );
         assert_eq!((counts.records, counts.torn, counts.invalid), (3, 1, 1));
+        Ok(())
+    }
+
+    #[test]
+    fn summaries_come_in_pages_in_peer_order() -> TestResult {
+        let home = tempfile::tempdir()?;
+        let ledger = Ledger::open(home.path())?;
+        let me = Keypair::generate_ed25519();
+        let mut requesters: Vec<String> = (0..7).map(|_| peer()).collect();
+        for (i, requester) in requesters.iter().enumerate() {
+            let id = format!("r{i}");
+            let signed = SignedReceipt::sign(receipt_for(&me, requester, &id, 3), &me)?;
+            ledger.append(Role::Served, &signed)?;
+        }
+        requesters.sort();
+        let (first, more) = ledger.summary_page(None, 3);
+        assert!(more);
+        let peers = |rows: &[PeerSummary]| rows.iter().map(|r| r.peer.clone()).collect::<Vec<_>>();
+        assert_eq!(peers(&first), requesters[..3]);
+        let (second, more) = ledger.summary_page(Some(&requesters[2]), 3);
+        assert!(more);
+        assert_eq!(peers(&second), requesters[3..6]);
+        let (last, more) = ledger.summary_page(Some(&requesters[5]), 3);
+        assert!(!more);
+        assert_eq!(peers(&last), requesters[6..]);
+        let (all, more) = ledger.summary_page(None, 100);
+        assert!(!more);
+        assert_eq!(all, ledger.summary()?);
+        Ok(())
+    }
+
+    #[test]
+    fn an_append_after_a_torn_write_starts_a_new_line() -> TestResult {
+        let home = tempfile::tempdir()?;
+        let ledger = Ledger::open(home.path())?;
+        let me = Keypair::generate_ed25519();
+        let requester = peer();
+        let signed = |id: &str| SignedReceipt::sign(receipt_for(&me, &requester, id, 2), &me);
+        ledger.append(Role::Served, &signed("a")?)?;
+        // What a write that failed part way leaves at the end of the file.
+        let mut file = OpenOptions::new().append(true).open(ledger.path())?;
+        file.write_all(b"{\"role\":\"served\",\"at_")?;
+        drop(file);
+        ledger.append(Role::Served, &signed("b")?)?;
+        assert_eq!(ledger.counts().records, 2);
+        assert_eq!(ledger.counts().torn, 1);
+
+        drop(ledger);
+        let ledger = Ledger::open(home.path())?;
+        let read = ledger.entries()?;
+        assert_eq!(
+            read.entries.len(),
+            2,
+            "the record after the torn one survives"
+        );
+        assert_eq!(read.torn, 1);
+        assert_eq!(ledger.counts().records, 2);
         Ok(())
     }
 

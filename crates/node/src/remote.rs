@@ -40,14 +40,9 @@ pub const MAX_ID_BYTES: usize = 128;
 /// Longest model name a peer may send.
 pub const MAX_MODEL_NAME_BYTES: usize = 256;
 
-/// Most stop strings in one completion request.
-pub const MAX_STOPS: usize = 16;
-
-/// Longest stop string.
-pub const MAX_STOP_BYTES: usize = 256;
-
-/// Most texts in one embedding request.
-pub const MAX_EMBED_INPUTS: usize = 2048;
+/// The engine's limits on stops and embedding inputs, checked before a peer's request is
+/// logged; the engine checks them (and the rest of its limits) again for every caller.
+pub use pod_inference::engine::limits::{MAX_EMBED_INPUTS, MAX_STOPS, MAX_STOP_BYTES};
 
 /// A peer's request breaks the limits on its strings; the server refuses it before logging
 /// or queueing anything of it.

@@ -4,6 +4,12 @@
 //! written, checked against the pinned hash and size, synced, and only then renamed into
 //! place: an interrupted or corrupted download never becomes a model. A lock file serialises
 //! pulls of the same model by concurrent processes.
+//!
+//! The size, modification time and inode of each verified file are recorded with its hash.
+//! Before a file counts as present (to load it, serve it to peers or skip its download) they
+//! are compared with the file's; when they differ the file is hashed again, so a file changed
+//! on disk after its download (bit rot, a stray write, tampering) is found and never used.
+//! [`ModelStore::verify`] hashes every file whatever its stamps.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
@@ -68,6 +74,67 @@ struct Verified {
 struct VerifiedFile {
     sha256: String,
     size: u64,
+    /// The file's stamp when it was last hashed; `None` in records written before stamps were
+    /// kept, which makes the next check hash the file again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    stamp: Option<Stamp>,
+}
+
+impl VerifiedFile {
+    /// Whether the record is of the pinned content `file`.
+    fn is_of(&self, file: &FileSpec) -> bool {
+        self.sha256 == file.sha256 && self.size == file.size
+    }
+}
+
+/// What identifies one version of a file on disk without reading it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+struct Stamp {
+    /// Modification time, nanoseconds since the Unix epoch.
+    mtime_ns: u64,
+    /// Inode number (0 where the platform has none).
+    inode: u64,
+}
+
+impl Stamp {
+    fn of(meta: &fs::Metadata) -> Option<Stamp> {
+        let mtime_ns = meta
+            .modified()
+            .ok()?
+            .duration_since(std::time::UNIX_EPOCH)
+            .ok()?
+            .as_nanos();
+        #[cfg(unix)]
+        let inode = std::os::unix::fs::MetadataExt::ino(meta);
+        #[cfg(not(unix))]
+        let inode = 0;
+        Some(Stamp {
+            mtime_ns: u64::try_from(mtime_ns).ok()?,
+            inode,
+        })
+    }
+}
+
+/// What checking a model file against its verification record found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileState {
+    /// The file is the verified one.
+    Ok,
+    /// The file was verified once but its content is no longer the pinned one.
+    Modified,
+    /// The file is not there, or was never verified (an interrupted or no download).
+    Missing,
+}
+
+impl FileState {
+    /// How `pod models verify` prints it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FileState::Ok => "OK",
+            FileState::Modified => "MODIFIED",
+            FileState::Missing => "MISSING",
+        }
+    }
 }
 
 /// The directory of downloaded models.
@@ -118,19 +185,102 @@ impl ModelStore {
         self.model_dir(name).join("model.gguf")
     }
 
-    /// Whether every file of the model is present and was verified.
+    /// Whether every file of the model is present and verified, hashing again any whose stamp
+    /// changed since it was verified.
     pub fn is_present(&self, entry: &CatalogueEntry) -> bool {
+        entry
+            .files
+            .iter()
+            .all(|f| self.check_file(entry, f) == FileState::Ok)
+    }
+
+    /// Checks one file of a model against its verification record: when the file's size,
+    /// modification time or inode differ from those recorded, it is hashed again, and its
+    /// record updated when the content is still the pinned one (say, after a copy).
+    pub fn check_file(&self, entry: &CatalogueEntry, file: &FileSpec) -> FileState {
+        self.check(entry, file, false)
+    }
+
+    /// Hashes every file of the model whatever its stamp (`pod models verify`).
+    pub fn verify(&self, entry: &CatalogueEntry) -> Vec<(&'static str, FileState)> {
+        entry
+            .files
+            .iter()
+            .map(|f| (f.name, self.check(entry, f, true)))
+            .collect()
+    }
+
+    /// Checks one file; `full` hashes it whatever its stamp (and leaves the reporting to the
+    /// caller, while a quick check logs what it finds wrong).
+    fn check(&self, entry: &CatalogueEntry, file: &FileSpec, full: bool) -> FileState {
         let dir = self.model_dir(entry.name);
-        let verified = read_verified(&dir);
-        entry.files.iter().all(|f| {
-            let record = verified.files.get(f.name);
-            record
-                == Some(&VerifiedFile {
-                    sha256: f.sha256.to_owned(),
-                    size: f.size,
-                })
-                && fs::metadata(dir.join(f.name)).is_ok_and(|m| m.len() == f.size)
-        })
+        let path = dir.join(file.name);
+        let (state, why) = compare(&dir, &path, file, full);
+        if let (false, Some(why)) = (full, why) {
+            tracing::warn!(path = %path.display(), "{why}");
+        }
+        state
+    }
+
+    /// The first file of the model that was verified once but changed since, if any.
+    pub fn modified_file(&self, entry: &CatalogueEntry) -> Option<PathBuf> {
+        entry
+            .files
+            .iter()
+            .find(|f| self.check_file(entry, f) == FileState::Modified)
+            .map(|f| self.model_dir(entry.name).join(f.name))
+    }
+
+    /// Removes what interrupted pulls left behind: `.partial-*` files in the directories of
+    /// models no pull is fetching now (their pull lock is free), and, when no pull of any
+    /// model runs, the scratch directories under `.tmp/`. Kept: `.partial/`, where pulls from
+    /// peers keep what they fetched to resume it. Returns how many entries were removed.
+    pub fn clean_leftovers(&self) -> usize {
+        let mut removed = 0;
+        let mut all_idle = true;
+        // Held until the end, so no pull starts while its scratch space is cleared.
+        let mut locks = Vec::new();
+        for entry in crate::catalogue::CATALOGUE {
+            let lock_path = self.root.join(format!(".{}.lock", entry.name));
+            let Ok(lock) = File::create(&lock_path) else {
+                all_idle = false;
+                continue;
+            };
+            if lock.try_lock().is_err() {
+                all_idle = false;
+                continue;
+            }
+            let Ok(dir) = fs::read_dir(self.model_dir(entry.name)) else {
+                locks.push(lock);
+                continue;
+            };
+            for item in dir.flatten() {
+                if item.file_name().to_string_lossy().starts_with(".partial-")
+                    && fs::remove_file(item.path()).is_ok()
+                {
+                    removed += 1;
+                }
+            }
+            locks.push(lock);
+        }
+        let scratch = self.root.join(".tmp");
+        if let (true, Ok(dir)) = (all_idle, fs::read_dir(&scratch)) {
+            for item in dir.flatten() {
+                let path = item.path();
+                let gone = if path.is_dir() {
+                    fs::remove_dir_all(&path)
+                } else {
+                    fs::remove_file(&path)
+                };
+                if gone.is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+        if removed > 0 {
+            tracing::info!(removed, store = %self.root.display(), "removed what interrupted pulls left");
+        }
+        removed
     }
 
     /// Downloads whatever files of the model are missing; returns the model's directory.
@@ -146,19 +296,20 @@ impl ModelStore {
         let mut ctx = FetchContext::new(&self.root.join(".tmp"), &self.hf_endpoint)?;
         let progress = Progress::bytes(&format!("pulling {}", entry.name));
         for file in entry.files {
-            let mut verified = read_verified(&dir);
-            let record = VerifiedFile {
-                sha256: file.sha256.to_owned(),
-                size: file.size,
-            };
             let target = dir.join(file.name);
-            if verified.files.get(file.name) == Some(&record)
-                && fs::metadata(&target).is_ok_and(|m| m.len() == file.size)
-            {
-                continue;
+            match self.check_file(entry, file) {
+                FileState::Ok => continue,
+                FileState::Modified => tracing::warn!(
+                    path = %target.display(),
+                    "model file modified since its download; fetching it again"
+                ),
+                FileState::Missing => {}
             }
             self.fetch_file(entry, file, &target, &mut ctx, &progress)?;
-            verified.files.insert(file.name.to_owned(), record);
+            let mut verified = read_verified(&dir);
+            verified
+                .files
+                .insert(file.name.to_owned(), verified_record(file, &target));
             write_verified(&dir, &verified)?;
             // What an interrupted pull from peers kept of this file is of no use now.
             let partial = self.partial_path(file.sha256);
@@ -249,15 +400,9 @@ impl ModelStore {
         self.root.join(".partial").join(sha256)
     }
 
-    /// Whether one file of a model is present and verified.
+    /// Whether one file of a model is present and verified (hashed again if its stamp changed).
     pub fn file_present(&self, entry: &CatalogueEntry, file: &FileSpec) -> bool {
-        let dir = self.model_dir(entry.name);
-        read_verified(&dir).files.get(file.name)
-            == Some(&VerifiedFile {
-                sha256: file.sha256.to_owned(),
-                size: file.size,
-            })
-            && fs::metadata(dir.join(file.name)).is_ok_and(|m| m.len() == file.size)
+        self.check_file(entry, file) == FileState::Ok
     }
 
     /// Moves a complete file, already checked against `file.sha256` by the caller, into the
@@ -277,13 +422,9 @@ impl ModelStore {
         fs::rename(from, &target).map_err(io_err(&target))?;
         sync_dir(&dir);
         let mut verified = read_verified(&dir);
-        verified.files.insert(
-            file.name.to_owned(),
-            VerifiedFile {
-                sha256: file.sha256.to_owned(),
-                size: file.size,
-            },
-        );
+        verified
+            .files
+            .insert(file.name.to_owned(), verified_record(file, &target));
         write_verified(&dir, &verified)?;
         Ok(target)
     }
@@ -296,6 +437,65 @@ impl ModelStore {
         }
         fs::remove_dir_all(&dir).map_err(io_err(&dir))?;
         Ok(true)
+    }
+}
+
+/// The state of the file at `path` against its record in `dir`, and what is wrong with it.
+fn compare(dir: &Path, path: &Path, file: &FileSpec, full: bool) -> (FileState, Option<String>) {
+    let mut verified = read_verified(dir);
+    let Some(record) = verified.files.get(file.name).filter(|r| r.is_of(file)) else {
+        return (FileState::Missing, None);
+    };
+    let Ok(meta) = fs::metadata(path) else {
+        return (FileState::Missing, None);
+    };
+    if meta.len() != file.size {
+        let why = format!(
+            "model file is {} bytes, not the {} verified",
+            meta.len(),
+            file.size
+        );
+        return (FileState::Modified, Some(why));
+    }
+    let stamp = Stamp::of(&meta);
+    if !full && stamp.is_some() && record.stamp == stamp {
+        return (FileState::Ok, None);
+    }
+    match sha256_file(path) {
+        Ok(actual) if actual == file.sha256 => {
+            if record.stamp != stamp {
+                let record = VerifiedFile {
+                    sha256: file.sha256.to_owned(),
+                    size: file.size,
+                    stamp,
+                };
+                verified.files.insert(file.name.to_owned(), record);
+                if let Err(e) = write_verified(dir, &verified) {
+                    tracing::debug!(error = %e, "cannot record a re-verified file's stamp");
+                }
+            }
+            (FileState::Ok, None)
+        }
+        Ok(actual) => {
+            let why = format!(
+                "model file modified since it was verified: sha256 {actual}, not {}",
+                file.sha256
+            );
+            (FileState::Modified, Some(why))
+        }
+        Err(e) => (
+            FileState::Missing,
+            Some(format!("cannot read a model file: {e}")),
+        ),
+    }
+}
+
+/// The record of `file`, just verified at `path`, stamped as it is now.
+fn verified_record(file: &FileSpec, path: &Path) -> VerifiedFile {
+    VerifiedFile {
+        sha256: file.sha256.to_owned(),
+        size: file.size,
+        stamp: fs::metadata(path).ok().as_ref().and_then(Stamp::of),
     }
 }
 

@@ -173,6 +173,126 @@ fn identity_is_stable_exportable_and_importable() {
 }
 
 #[test]
+fn identity_export_is_private_over_an_existing_file_and_refuses_symlinks() {
+    use std::os::unix::fs::PermissionsExt;
+    let home = tempfile::tempdir().unwrap();
+    let export = home.path().join("backup.json");
+    std::fs::write(&export, b"old").unwrap();
+    std::fs::set_permissions(&export, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let out = export.to_str().unwrap();
+    let o = pod_in(home.path(), &["identity", "export", "--output", out]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let mode = std::fs::metadata(&export).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "mode {mode:o}");
+    assert!(std::fs::read_to_string(&export)
+        .unwrap()
+        .contains("12D3KooW"));
+
+    let target = home.path().join("elsewhere");
+    std::fs::write(&target, b"not yours").unwrap();
+    let link = home.path().join("link.json");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let o = pod_in(
+        home.path(),
+        &["identity", "export", "--output", link.to_str().unwrap()],
+    );
+    assert_one_line_error(&o, "symbolic link");
+    assert_eq!(std::fs::read(&target).unwrap(), b"not yours");
+}
+
+#[test]
+fn a_listing_into_a_closed_pipe_ends_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    // `pod models list | head -0`: the reading end is gone before pod writes a line.
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let o = Command::new(env!("CARGO_BIN_EXE_pod"))
+        .arg("--home")
+        .arg(common::test_home())
+        .args(["--log", "warn", "models", "list"])
+        .stdout(writer)
+        .output()
+        .expect("run pod");
+    let err = stderr(&o);
+    assert!(err.is_empty(), "nothing on stderr, got: {err}");
+    // Ended by SIGPIPE (13 on Linux), as `ls | head` ends `ls`.
+    assert_eq!(o.status.signal(), Some(13), "{:?}", o.status);
+}
+
+#[test]
+fn a_model_modified_after_its_download_is_reported_and_refused() {
+    use std::io::{Seek, SeekFrom};
+    let name = pod_node::catalogue::DEFAULT_CHAT_MODEL;
+    let pulled = common::model_path(name);
+    let home = tempfile::tempdir().unwrap();
+    let dir = home.path().join("models").join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    let source = pulled.parent().unwrap();
+    for file in ["model.gguf", ".verified.json"] {
+        std::fs::copy(source.join(file), dir.join(file)).unwrap();
+    }
+    // A copy has another inode and time than those recorded: hashed again, found intact.
+    let o = pod_at(home.path(), &["models", "verify", name]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(o.status.success(), "{out}{}", stderr(&o));
+    assert!(
+        out.lines()
+            .any(|l| l.contains("model.gguf") && l.ends_with("OK")),
+        "{out}"
+    );
+
+    // One byte in the middle of the weights changes.
+    let mut f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(dir.join("model.gguf"))
+        .unwrap();
+    let at = f.metadata().unwrap().len() / 2;
+    let mut byte = [0u8];
+    f.seek(SeekFrom::Start(at)).unwrap();
+    f.read_exact(&mut byte).unwrap();
+    f.seek(SeekFrom::Start(at)).unwrap();
+    f.write_all(&[byte[0] ^ 0x01]).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+
+    let o = pod_at(home.path(), &["models", "verify"]);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert!(
+        out.lines()
+            .any(|l| l.contains("model.gguf") && l.ends_with("MODIFIED")),
+        "{out}"
+    );
+    assert_one_line_error(&o, "1 model file(s) modified");
+
+    let o = pod_at(
+        home.path(),
+        &[
+            "start",
+            "--profile",
+            "inference",
+            "--model",
+            name,
+            "--no-pull",
+            "--no-mdns",
+            "--p2p-port",
+            "0",
+            "--api-port",
+            "0",
+        ],
+    );
+    assert!(!o.status.success(), "a modified model was served");
+    let err = stderr(&o);
+    let last = err.lines().last().unwrap_or_default();
+    assert!(last.starts_with("error: "), "{err}");
+    assert!(last.contains("was modified after its download"), "{err}");
+    assert!(
+        !err.contains("model ready") && !err.contains("listening"),
+        "{err}"
+    );
+}
+
+#[test]
 fn json_logs_are_one_object_per_line() {
     let o = Command::new(env!("CARGO_BIN_EXE_pod"))
         .arg("--home")
@@ -1152,5 +1272,70 @@ fn device_check_runs_a_named_shape_or_a_model_file() {
         };
         assert_eq!(checks[0]["format"], want, "{report}");
         assert_eq!(checks[0]["passed"], true, "{report}");
+    }
+}
+
+#[test]
+fn receipts_come_a_page_of_peers_at_a_time() {
+    use pod_node::receipts::{Ledger, Receipt, Role, SignedReceipt};
+    let home = tempfile::tempdir().unwrap();
+    let server = libp2p::identity::Keypair::generate_ed25519();
+    let mut requesters: Vec<String> = (0..5)
+        .map(|_| {
+            let key = libp2p::identity::Keypair::generate_ed25519();
+            key.public().to_peer_id().to_string()
+        })
+        .collect();
+    {
+        let ledger = Ledger::open(home.path()).unwrap();
+        for (i, requester) in requesters.iter().enumerate() {
+            let receipt = Receipt {
+                request_id: format!("req-{i}"),
+                model: "m".into(),
+                prompt_tokens: 3,
+                completion_tokens: 4,
+                requester: requester.clone(),
+                server: server.public().to_peer_id().to_string(),
+                started_at_ms: 1,
+                finished_at_ms: 2,
+                partial: false,
+            };
+            let signed = SignedReceipt::sign(receipt, &server).unwrap();
+            ledger.append(Role::Served, &signed).unwrap();
+        }
+    }
+    requesters.sort();
+    let pod = PodProcess::start_in(home.path(), &["--profile", "relay", "--p2p-port", "0"]);
+    let peers = |v: &serde_json::Value| -> Vec<String> {
+        v["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|r| r["peer"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let all = pod.get("/pod/v1/receipts");
+    assert_eq!(peers(&all), requesters);
+    assert_eq!(all["has_more"], false);
+    assert_eq!(all["receipts"], 5);
+    let mut seen = Vec::new();
+    let mut path = "/pod/v1/receipts?limit=2".to_owned();
+    loop {
+        let page = pod.get(&path);
+        let rows = peers(&page);
+        assert!(rows.len() <= 2, "{page}");
+        assert_eq!(page["receipts"], 5, "the counts stay whole on every page");
+        seen.extend(rows.iter().cloned());
+        if page["has_more"] == false {
+            break;
+        }
+        path = format!("/pod/v1/receipts?limit=2&after={}", rows.last().unwrap());
+    }
+    assert_eq!(seen, requesters);
+    for bad in ["limit=0", "limit=1001", "limit=ten"] {
+        let (status, body) =
+            common::process::http_get(&format!("{}/pod/v1/receipts?{bad}", pod.api)).unwrap();
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert_eq!(body["error"]["param"], "limit", "{body}");
     }
 }

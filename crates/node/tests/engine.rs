@@ -9,7 +9,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use pod_inference::{
-    EngineError, FinishReason, GenerateEvent, GenerateRequest, Prompt, SamplingParams,
+    EmbedRequest, EngineConfig, EngineError, FinishReason, GenerateEvent, GenerateRequest, Prompt,
+    SamplingParams,
 };
 use pod_node::catalogue::{DEFAULT_CHAT_MODEL, DEFAULT_EMBEDDING_MODEL};
 use tokio::time::timeout;
@@ -203,4 +204,101 @@ async fn logprobs_are_reported_when_asked() {
         }
     }
     assert_eq!(seen, 3);
+}
+
+fn sentences(count: usize) -> Vec<String> {
+    (0..count)
+        .map(|i| format!("Sentence number {i} is about the weather on the coast."))
+        .collect()
+}
+
+fn embed_request(input: Vec<String>) -> EmbedRequest {
+    EmbedRequest {
+        model: DEFAULT_EMBEDDING_MODEL.into(),
+        input,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generation_keeps_stepping_during_a_long_embedding_request() {
+    let engine = common::engine_with(EngineConfig::default());
+    let counting = GenerateRequest {
+        max_tokens: Some(1000),
+        ..GenerateRequest::new(DEFAULT_CHAT_MODEL, Prompt::Text("1, 2, 3, 4, 5, 6,".into()))
+    };
+    let mut rx = engine.generate(counting).expect("accepted");
+    let first = timeout(WAIT, rx.recv()).await.expect("in time");
+    assert!(
+        matches!(first, Some(GenerateEvent::Delta { .. })),
+        "{first:?}"
+    );
+    let tokens = || engine.stats().completion_tokens.load(Ordering::Relaxed);
+    let before = tokens();
+    let out = timeout(WAIT, engine.embed(embed_request(sentences(512))))
+        .await
+        .expect("in time")
+        .expect("embedded");
+    let during = tokens() - before;
+    assert_eq!(out.data.len(), 512);
+    // 16 batches of 32 texts, with a generation step between each.
+    eprintln!("{during} tokens generated while 512 texts were embedded");
+    assert!(
+        during >= 8,
+        "only {during} tokens generated while the embedding request ran"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedding_requests_count_against_the_queue_and_can_be_cancelled() {
+    let engine = common::engine_with(EngineConfig {
+        max_queue: 1,
+        ..EngineConfig::default()
+    });
+    let queued = |e: &pod_inference::EngineHandle| e.stats().queued.load(Ordering::Relaxed);
+    let wait_for = |e: pod_inference::EngineHandle, want: usize| async move {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        while e.stats().queued.load(Ordering::Relaxed) != want {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "queue never at {want}"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    };
+
+    let big = tokio::spawn({
+        let engine = engine.clone();
+        async move { engine.embed(embed_request(sentences(512))).await }
+    });
+    wait_for(engine.clone(), 1).await;
+    let err = engine.generate(greedy("hi", 4)).map(|_| ()).unwrap_err();
+    assert!(matches!(err, EngineError::QueueFull(1)), "{err:?}");
+    let err = engine.embed(embed_request(sentences(1))).await.unwrap_err();
+    assert!(matches!(err, EngineError::QueueFull(1)), "{err:?}");
+    let out = timeout(WAIT, big)
+        .await
+        .expect("in time")
+        .expect("joined")
+        .expect("embedded");
+    assert_eq!(out.data.len(), 512);
+    assert_eq!(queued(&engine), 0);
+
+    // A caller that goes away frees its place before its request is through.
+    let cancelled = engine.stats().cancelled.load(Ordering::Relaxed);
+    let abandoned = tokio::spawn({
+        let engine = engine.clone();
+        async move { engine.embed(embed_request(sentences(512))).await }
+    });
+    wait_for(engine.clone(), 1).await;
+    abandoned.abort();
+    wait_for(engine.clone(), 0).await;
+    assert_eq!(
+        engine.stats().cancelled.load(Ordering::Relaxed),
+        cancelled + 1
+    );
+    let out = timeout(WAIT, engine.embed(embed_request(sentences(3))))
+        .await
+        .expect("in time")
+        .expect("embedded");
+    assert_eq!(out.data.len(), 3);
 }

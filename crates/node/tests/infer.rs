@@ -478,3 +478,53 @@ async fn the_server_refuses_oversized_peer_strings_and_keeps_serving() {
     let (_, events) = infer.generate(greedy(8)).await.unwrap();
     assert_eq!(drain(events).await.0, local_answer(8).await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_applies_the_engine_limits_to_peers() {
+    let (h, h_addr, _server) = honest(ServerConfig::default()).await;
+    let (r, infer, _) = requester(&[(h.peer_id(), h_addr)]).await;
+    let mut control = r.streams();
+    let mut stops = greedy(4);
+    stops.stop = vec!["never".into(); 5];
+    let mut logprobs = greedy(4);
+    logprobs.logprobs = Some(100_000);
+    let megabyte = "word ".repeat(200_000);
+    let requests = [
+        Request::Generate {
+            id: "five-stops".into(),
+            request: stops,
+        },
+        Request::Generate {
+            id: "all-logprobs".into(),
+            request: logprobs,
+        },
+        Request::Embed {
+            id: "three-megabytes".into(),
+            model: pod_node::catalogue::DEFAULT_EMBEDDING_MODEL.into(),
+            input: vec![megabyte.clone(), megabyte.clone(), megabyte],
+        },
+    ];
+    for req in requests {
+        let stream = control.open_stream(h.peer_id(), PROTOCOL).await.unwrap();
+        let (mut rd, mut wr) = stream.split();
+        write_frame(&mut wr, &req).await.unwrap();
+        let answer = loop {
+            let frame: Frame = tokio::time::timeout(WAIT, read_frame(&mut rd, 16 << 20))
+                .await
+                .expect("an answer in time")
+                .unwrap();
+            if !matches!(frame, Frame::Accepted | Frame::Heartbeat) {
+                break frame;
+            }
+        };
+        assert!(
+            matches!(&answer, Frame::Error(EngineError::InvalidRequest(_))),
+            "{}: {answer:?}",
+            req.id()
+        );
+    }
+
+    // Still serving.
+    let (_, events) = infer.generate(greedy(8)).await.unwrap();
+    assert_eq!(drain(events).await.0, local_answer(8).await);
+}

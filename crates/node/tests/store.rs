@@ -214,3 +214,88 @@ fn local_parts_are_concatenated() {
     assert!(!store.is_present(e));
     assert!(!store.remove("parts").unwrap());
 }
+
+/// Changes one byte of `path` in place.
+fn flip_a_byte(path: &Path) {
+    let mut bytes = std::fs::read(path).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    let mut f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all(&bytes).unwrap();
+    f.sync_all().unwrap();
+}
+
+#[test]
+fn a_file_modified_after_its_download_is_found_and_pulled_again() {
+    use pod_node::store::FileState;
+    let body = payload();
+    let (base, log) = serve(HashMap::from([(
+        "/org/repo/resolve/main/m.gguf".to_owned(),
+        body.clone(),
+    )]));
+    let home = tempfile::tempdir().unwrap();
+    let store = ModelStore::open(home.path())
+        .unwrap()
+        .with_hf_endpoint(&base);
+    let e = entry("rot-model", vec!["hf:org/repo:m.gguf".into()], &body);
+    let path = store.pull(e).unwrap().join("model.gguf");
+    assert_eq!(store.check_file(e, &e.files[0]), FileState::Ok);
+
+    // Same size, same inode, one byte changed: the new modification time gives it away.
+    flip_a_byte(&path);
+    assert_eq!(store.check_file(e, &e.files[0]), FileState::Modified);
+    assert!(!store.is_present(e));
+    assert!(!store.file_present(e, &e.files[0]));
+    assert_eq!(store.modified_file(e), Some(path.clone()));
+    assert_eq!(store.verify(e), vec![("model.gguf", FileState::Modified)]);
+
+    store.pull(e).unwrap();
+    assert_eq!(log.lock().unwrap().len(), 2, "the file was fetched again");
+    assert_eq!(std::fs::read(&path).unwrap(), body);
+    assert_eq!(store.verify(e), vec![("model.gguf", FileState::Ok)]);
+
+    // A copy (another inode and time) of the right bytes is hashed again and kept.
+    let copy = home.path().join("copy");
+    std::fs::copy(&path, &copy).unwrap();
+    std::fs::rename(&copy, &path).unwrap();
+    assert!(store.is_present(e));
+    store.pull(e).unwrap();
+    assert_eq!(
+        log.lock().unwrap().len(),
+        2,
+        "nothing fetched for an intact copy"
+    );
+
+    std::fs::remove_file(&path).unwrap();
+    assert_eq!(store.verify(e), vec![("model.gguf", FileState::Missing)]);
+}
+
+#[test]
+fn leftovers_of_interrupted_pulls_are_removed_unless_a_pull_runs() {
+    let home = tempfile::tempdir().unwrap();
+    let store = ModelStore::open(home.path()).unwrap();
+    let models = home.path().join("models");
+    let name = pod_node::catalogue::DEFAULT_CHAT_MODEL;
+    let dir = models.join(name);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(".partial-a1b2c3"), b"half a download").unwrap();
+    std::fs::write(dir.join("keep.txt"), b"not a leftover").unwrap();
+    std::fs::create_dir_all(models.join(".tmp/.tmpXYZ")).unwrap();
+    std::fs::write(models.join(".tmp/.tmpXYZ/wheel.whl"), b"scratch").unwrap();
+    let resumable = store.partial_path("ab".repeat(32).as_str());
+    std::fs::create_dir_all(resumable.parent().unwrap()).unwrap();
+    std::fs::write(&resumable, b"resumable").unwrap();
+
+    // A pull of the model runs (it holds the model's lock): its files stay.
+    let lock = std::fs::File::create(models.join(format!(".{name}.lock"))).unwrap();
+    lock.lock().unwrap();
+    assert_eq!(store.clean_leftovers(), 0);
+    assert!(dir.join(".partial-a1b2c3").exists());
+    assert!(models.join(".tmp/.tmpXYZ").exists());
+    drop(lock);
+
+    assert_eq!(store.clean_leftovers(), 2);
+    assert_eq!(files_in(&dir), ["keep.txt"]);
+    assert!(files_in(&models.join(".tmp")).is_empty());
+    assert!(resumable.exists(), "what a peer pull can resume is kept");
+}

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use axum::extract::State;
 use axum::response::Response;
+use pod_inference::engine::limits::MAX_TOP_LOGPROBS;
 use pod_inference::{ChatMessage, GenerateRequest, Prompt, Role, TokenLogprob};
 use serde_json::json;
 
@@ -102,10 +103,10 @@ pub(crate) fn engine_request(
         max_choices,
     )?;
     let logprobs = match (req.logprobs.unwrap_or(false), req.top_logprobs) {
-        (_, Some(k)) if !(0..=20).contains(&k) => {
+        (_, Some(k)) if !(0..=MAX_TOP_LOGPROBS as i64).contains(&k) => {
             return Err(ApiError::invalid(
                 "top_logprobs",
-                "`top_logprobs` must be between 0 and 20",
+                format!("`top_logprobs` must be between 0 and {MAX_TOP_LOGPROBS}"),
             ))
         }
         (false, Some(_)) => {

@@ -16,8 +16,8 @@ use crate::openai::{
 };
 use crate::{AppState, Backend};
 
-/// Most texts per request.
-const MAX_INPUTS: usize = 2048;
+// The engine's limit, checked here too so the 400 names the `input` field.
+use pod_inference::engine::limits::MAX_EMBED_INPUTS as MAX_INPUTS;
 
 /// Sentence embeddings, as floats or base64.
 #[utoipa::path(post, path = "/v1/embeddings", request_body = EmbeddingRequest,

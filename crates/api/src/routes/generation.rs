@@ -20,10 +20,8 @@ use crate::error::ApiError;
 use crate::openai::{GenerationParams, StopSpec};
 use crate::{AppState, Backend, SERVED_BY_HEADER};
 
-/// Most stop sequences per request, as OpenAI allows.
-pub(super) const MAX_STOPS: usize = 4;
-/// Longest stop sequence, in bytes: the engine checks every stop after every token.
-pub(super) const MAX_STOP_BYTES: usize = 256;
+// The engine's limits, checked here too so the 400 names the `stop` field.
+use pod_inference::engine::limits::{MAX_STOPS, MAX_STOP_BYTES};
 
 /// Validated sampling parameters, stop sequences and the number of choices.
 pub(super) struct Plan {

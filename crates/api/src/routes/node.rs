@@ -2,11 +2,12 @@
 
 use std::sync::Arc;
 
-use axum::extract::State;
+use axum::extract::{Query, State};
 use axum::Json;
+use serde::Deserialize;
 
 use crate::error::ApiError;
-use crate::node::{FileList, NodeView, PeerList, ReceiptsView};
+use crate::node::{FileList, NodeView, PeerList, ReceiptsPage, ReceiptsView};
 use crate::stats::StatsView;
 use crate::{AppState, Backend};
 
@@ -41,17 +42,58 @@ pub(crate) async fn peers<B: Backend>(
     }))
 }
 
-/// Work this node did for each peer and each peer did for it, from the signed receipts.
-#[utoipa::path(get, path = "/pod/v1/receipts", responses(
-    (status = 200, body = ReceiptsView),
-    (status = 404, description = "This node runs without a mesh"),
-))]
+/// Peers per page of `/pod/v1/receipts` when `limit` is not given.
+pub(crate) const DEFAULT_RECEIPT_ROWS: usize = 100;
+
+/// Most peers per page of `/pod/v1/receipts`.
+pub(crate) const MAX_RECEIPT_ROWS: usize = 1000;
+
+/// The query of `/pod/v1/receipts`, read as text so a bad value gets an OpenAI-shaped 400.
+#[derive(Debug, Deserialize)]
+pub(crate) struct ReceiptsQuery {
+    limit: Option<String>,
+    after: Option<String>,
+}
+
+/// Work this node did for each peer and each peer did for it, from the signed receipts, a page
+/// of peers at a time (sorted by PeerId; `has_more` says whether to ask again with `after`).
+#[utoipa::path(get, path = "/pod/v1/receipts",
+    params(
+        ("limit" = Option<usize>, Query, description = "Most peers in the answer: 1 to 1000, default 100"),
+        ("after" = Option<String>, Query, description = "Only peers after this PeerId: the last `peer` of the previous page"),
+    ),
+    responses(
+        (status = 200, body = ReceiptsView),
+        (status = 400, body = crate::openai::ErrorBody),
+        (status = 404, description = "This node runs without a mesh"),
+    ))]
 pub(crate) async fn receipts<B: Backend>(
     State(state): State<Arc<AppState<B>>>,
+    Query(query): Query<ReceiptsQuery>,
 ) -> Result<Json<ReceiptsView>, ApiError> {
+    let limit = match query.limit.as_deref() {
+        None => DEFAULT_RECEIPT_ROWS,
+        Some(text) => text
+            .parse::<usize>()
+            .ok()
+            .filter(|n| (1..=MAX_RECEIPT_ROWS).contains(n))
+            .ok_or_else(|| {
+                ApiError::invalid(
+                    "limit",
+                    format!("`limit` must be a whole number from 1 to {MAX_RECEIPT_ROWS}"),
+                )
+            })?,
+    };
+    // PeerIds are about 52 characters; anything much longer cannot be one.
+    if query.after.as_ref().is_some_and(|a| a.len() > 128) {
+        return Err(ApiError::invalid("after", "`after` must be a PeerId"));
+    }
     state
         .backend
-        .receipts()
+        .receipts(ReceiptsPage {
+            limit,
+            after: query.after,
+        })
         .await
         .map(Json)
         .ok_or_else(ApiError::no_mesh)

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use tokio::sync::mpsc;
 
 use super::handle::ChatFormat;
+use super::limits;
 use super::pipeline::{Limits, Pipeline};
 use super::types::{FinishReason, GenerateEvent, GenerateRequest, Prompt, Resume};
 use crate::error::EngineError;
@@ -45,8 +46,10 @@ pub(super) struct Admitted {
     pub(super) finished: Option<FinishReason>,
 }
 
-/// Checks what needs no model: sampling parameters and `max_tokens`.
+/// Checks what needs no model: sampling parameters, `max_tokens`, and the [`limits`] on stops
+/// and log-probabilities.
 pub(super) fn check_request(req: &GenerateRequest) -> Result<(), EngineError> {
+    limits::check_generate(req)?;
     req.sampling
         .validate()
         .map_err(EngineError::InvalidRequest)?;

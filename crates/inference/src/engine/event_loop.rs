@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use super::admission::Job;
 use super::forward::{forward, guarded, select};
@@ -15,9 +15,9 @@ use super::handle::{Command, EngineHandle};
 use super::pipeline::{Running, Step};
 use super::prefix_cache::PrefixCache;
 use super::scheduler::{self, Feed};
-use super::types::{EmbedResponse, EngineConfig, EngineStats, GenerateEvent};
+use super::types::{EmbedRequest, EmbedResponse, EngineConfig, EngineStats, GenerateEvent};
 use crate::decoder::BatchDecoder;
-use crate::embedding::EmbeddingModel;
+use crate::embedding::{Embedding, EmbeddingModel, EMBED_BATCH};
 use crate::error::EngineError;
 use crate::model::ChatModel;
 
@@ -29,6 +29,7 @@ pub struct Engine<D: BatchDecoder = ChatModel> {
     chat: HashMap<String, D>,
     embedding: HashMap<String, EmbeddingModel>,
     waiting: VecDeque<Box<Job>>,
+    embeds: VecDeque<EmbedJob>,
     running: Vec<Running<D::Cache>>,
     prefixes: PrefixCache<D::Cache>,
     stats: Arc<EngineStats>,
@@ -40,6 +41,7 @@ impl<D: BatchDecoder> std::fmt::Debug for Engine<D> {
         f.debug_struct("Engine")
             .field("waiting", &self.waiting.len())
             .field("running", &self.running.len())
+            .field("embeds", &self.embeds.len())
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
@@ -65,6 +67,7 @@ impl<D: BatchDecoder> Engine<D> {
             chat: HashMap::new(),
             embedding: HashMap::new(),
             waiting: VecDeque::new(),
+            embeds: VecDeque::new(),
             running: Vec::new(),
             prefixes: PrefixCache::default(),
             stats: Arc::clone(&stats),
@@ -82,7 +85,7 @@ impl<D: BatchDecoder> Engine<D> {
     fn run(mut self) {
         let mut open = true;
         loop {
-            if self.running.is_empty() && self.waiting.is_empty() {
+            if self.running.is_empty() && self.waiting.is_empty() && self.embeds.is_empty() {
                 if !open {
                     break;
                 }
@@ -102,6 +105,7 @@ impl<D: BatchDecoder> Engine<D> {
                 }
             }
             self.admit();
+            self.embed_step();
             self.step_all();
         }
         tracing::debug!("engine thread stopped");
@@ -110,27 +114,64 @@ impl<D: BatchDecoder> Engine<D> {
     fn handle(&mut self, cmd: Command<D>) {
         match cmd {
             Command::Generate(job) => self.waiting.push_back(job),
-            Command::Embed(req, reply) => {
-                let result = match self.embedding.get(&req.model) {
-                    Some(m) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                        m.embed(&req.input)
-                    }))
-                    .unwrap_or_else(|_| Err("embedding model code panicked".into()))
-                    .map(|data| EmbedResponse {
-                        prompt_tokens: data.iter().map(|e| e.tokens).sum(),
-                        data,
-                    })
-                    .map_err(EngineError::Internal),
-                    None => Err(EngineError::UnknownModel(req.model)),
-                };
-                let _ = reply.send(result);
-            }
+            Command::Embed(req, reply) => self.embeds.push_back(EmbedJob {
+                data: Vec::with_capacity(req.input.len()),
+                req,
+                reply,
+            }),
             Command::AddChat(name, model) => {
                 self.chat.insert(name, *model);
             }
             Command::AddEmbedding(name, model) => {
                 self.embedding.insert(name, *model);
             }
+        }
+    }
+
+    /// Embeds the next batch of texts of the oldest embedding request, and answers it once
+    /// every text is embedded: one batch per turn of the loop, so generations keep stepping
+    /// during a long request. A request whose caller went away is dropped.
+    fn embed_step(&mut self) {
+        let Some(job) = self.embeds.front_mut() else {
+            return;
+        };
+        let outcome = if job.reply.is_closed() {
+            // Nobody reads the answer; the job only has to leave the queue.
+            self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+            Some(Err(EngineError::Stopped))
+        } else {
+            match self.embedding.get(&job.req.model) {
+                None => Some(Err(EngineError::UnknownModel(job.req.model.clone()))),
+                Some(model) => {
+                    let start = job.data.len();
+                    let end = (start + EMBED_BATCH).min(job.req.input.len());
+                    let batch = &job.req.input[start..end];
+                    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                        model.embed_batch(batch)
+                    }))
+                    .unwrap_or_else(|_| Err("embedding model code panicked".into()));
+                    match result {
+                        Ok(vectors) => {
+                            job.data.extend(vectors);
+                            (job.data.len() >= job.req.input.len()).then(|| {
+                                let data = std::mem::take(&mut job.data);
+                                Ok(EmbedResponse {
+                                    prompt_tokens: data.iter().map(|e| e.tokens).sum(),
+                                    data,
+                                })
+                            })
+                        }
+                        Err(e) => Some(Err(EngineError::Internal(e))),
+                    }
+                }
+            }
+        };
+        let Some(outcome) = outcome else {
+            return;
+        };
+        if let Some(job) = self.embeds.pop_front() {
+            self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+            let _ = job.reply.send(outcome);
         }
     }
 
@@ -223,6 +264,16 @@ impl<D: BatchDecoder> Engine<D> {
             }
         }
     }
+}
+
+/// An embedding request being worked through, a batch of texts per turn of the loop.
+struct EmbedJob {
+    /// The request.
+    req: EmbedRequest,
+    /// Where the answer goes; closed when the caller gave up.
+    reply: oneshot::Sender<Result<EmbedResponse, EngineError>>,
+    /// Vectors of the texts embedded so far, in order.
+    data: Vec<Embedding>,
 }
 
 /// One step of the sequences of `model` (named `name`) not `done` yet; marks those that end.
@@ -496,6 +547,36 @@ mod tests {
         );
         assert_eq!(b.done, None);
         assert_completed(&finish(a, a_first), &a_prompt, 50);
+    }
+
+    #[test]
+    fn requests_over_the_limits_are_refused_before_any_work() {
+        let (engine, log) = start(EngineConfig::default(), TestDecoder::new(true));
+        let mut stops = request(&[1, 2, 3], 4);
+        stops.stop = vec!["s".into(); 5];
+        let mut long_stop = request(&[1, 2, 3], 4);
+        long_stop.stop = vec!["s".repeat(257)];
+        let mut logprobs = request(&[1, 2, 3], 4);
+        logprobs.logprobs = Some(100_000);
+        for req in [stops, long_stop, logprobs] {
+            let err = engine.generate(req).map(|_| ()).unwrap_err();
+            assert!(matches!(err, EngineError::InvalidRequest(_)), "{err:?}");
+        }
+        // Checked before the model is even looked up.
+        let embed = EmbedRequest {
+            model: "no-embedding-model".into(),
+            input: vec!["x".into(); 2049],
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let err = runtime.block_on(engine.embed(embed)).unwrap_err();
+        assert!(
+            matches!(&err, EngineError::InvalidRequest(m) if m.contains("2048")),
+            "{err:?}"
+        );
+        assert!(passes(&log).is_empty());
+        assert_eq!(engine.stats().queued.load(Ordering::Relaxed), 0);
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use tokio::sync::{mpsc, oneshot};
 
 use super::admission::{self, Job};
+use super::limits;
 use super::types::{
     EmbedRequest, EmbedResponse, EngineConfig, EngineStats, GenerateEvent, GenerateRequest,
     ModelInfo, ModelKind, Prompt, Usage,
@@ -53,7 +54,7 @@ enum Entry {
 pub(super) enum Command<D> {
     /// Run a checked completion.
     Generate(Box<Job>),
-    /// Embed texts and reply.
+    /// Embed texts and reply (already counted in the queue).
     Embed(
         EmbedRequest,
         oneshot::Sender<Result<EmbedResponse, EngineError>>,
@@ -276,8 +277,13 @@ impl<D: BatchDecoder> EngineHandle<D> {
         Ok(admitted.events)
     }
 
-    /// Embeds texts with an embedding model.
+    /// Embeds texts with an embedding model. The request is checked against the [`limits`]
+    /// and counts against the queue until it is answered; dropping the future cancels it
+    /// before its next batch.
+    ///
+    /// [`limits`]: super::limits
     pub async fn embed(&self, req: EmbedRequest) -> Result<EmbedResponse, EngineError> {
+        limits::check_embed(&req)?;
         match self.read_models().get(&req.model) {
             Some(Entry::Embedding(_)) => {}
             Some(Entry::Chat(_)) => {
@@ -288,15 +294,16 @@ impl<D: BatchDecoder> EngineHandle<D> {
             }
             None => return Err(EngineError::UnknownModel(req.model.clone())),
         }
-        if req.input.is_empty() {
-            return Err(EngineError::InvalidRequest(
-                "`input` must not be empty".into(),
-            ));
+        let queued = self.stats.queued.load(Ordering::Relaxed);
+        if queued >= self.config.max_queue {
+            return Err(EngineError::QueueFull(queued));
         }
         let (tx, rx) = oneshot::channel();
-        self.commands
-            .send(Command::Embed(req, tx))
-            .map_err(|_| EngineError::Stopped)?;
+        self.stats.queued.fetch_add(1, Ordering::Relaxed);
+        if self.commands.send(Command::Embed(req, tx)).is_err() {
+            self.stats.queued.fetch_sub(1, Ordering::Relaxed);
+            return Err(EngineError::Stopped);
+        }
         rx.await.map_err(|_| EngineError::Stopped)?
     }
 }

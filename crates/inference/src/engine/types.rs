@@ -14,7 +14,8 @@ use crate::sampling::SamplingParams;
 pub struct EngineConfig {
     /// Sequences generated at once; more wait in the queue.
     pub max_active: usize,
-    /// Requests allowed to wait; beyond this [`EngineError::QueueFull`] is returned.
+    /// Requests allowed to wait (embedding requests count until answered); beyond this
+    /// [`EngineError::QueueFull`] is returned.
     pub max_queue: usize,
     /// Tokens fed per step over all sequences: each decoding sequence feeds one, prompts
     /// share the rest, so one long prompt does not stall the others.
@@ -236,13 +237,13 @@ pub struct ModelInfo {
 /// Counters describing the engine's load, readable at any time.
 #[derive(Debug, Default)]
 pub struct EngineStats {
-    /// Requests waiting to start.
+    /// Requests waiting to start, and embedding requests not answered yet.
     pub queued: AtomicUsize,
     /// Sequences being generated.
     pub active: AtomicUsize,
     /// Completions finished (stop or length).
     pub completed: AtomicU64,
-    /// Completions abandoned because the caller went away.
+    /// Completions and embedding requests abandoned because the caller went away.
     pub cancelled: AtomicU64,
     /// Prompt tokens processed (and resumed completion tokens fed back in).
     pub prompt_tokens: AtomicU64,

@@ -17,7 +17,8 @@ pub(crate) enum IdentityCommand {
     },
     /// Print the identity, secret key included, as JSON for `pod identity import`.
     Export {
-        /// Write to this file (mode 0600) instead of stdout.
+        /// Write to this file (mode 0600, also when it exists; a symbolic link is refused)
+        /// instead of stdout.
         #[arg(long, short)]
         output: Option<PathBuf>,
     },
@@ -77,12 +78,34 @@ pub(crate) fn exec(home: &Path, cmd: IdentityCommand) -> Result<()> {
     Ok(())
 }
 
+/// Writes the secret key to `path`, readable by the owner only: a new file is created 0600 and
+/// an existing one is narrowed to 0600 before the key goes in. A symbolic link is refused
+/// rather than followed, so the key never lands somewhere the link's owner chose.
 fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create(true).truncate(true);
     #[cfg(unix)]
-    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-    let mut f = options.open(path)?;
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(0o600);
+        // O_NOFOLLOW: opening a symbolic link fails (ELOOP) instead of following it.
+        options.custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32);
+    }
+    let mut f = options.open(path).map_err(|e| {
+        if path.is_symlink() {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                "it is a symbolic link; give the path of a regular file",
+            )
+        } else {
+            e
+        }
+    })?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        f.set_permissions(std::fs::Permissions::from_mode(0o600))?;
+    }
     f.write_all(text.as_bytes())?;
     f.write_all(b"\n")?;
     f.sync_all()

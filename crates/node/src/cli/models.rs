@@ -27,6 +27,13 @@ pub(crate) enum ModelsCommand {
     /// Download models (verified against their pinned SHA-256): from pods of the mesh that
     /// serve them (storage and full profiles) first, else from the catalogue's sources.
     Pull(PullArgs),
+    /// Hash every file of the downloaded models (or of NAME) again and compare it with the
+    /// pinned SHA-256: a table of OK, MODIFIED (changed on disk since its download; `pod
+    /// models pull` fetches it again) or MISSING, non-zero exit unless every file is OK.
+    Verify {
+        /// Catalogue name; all downloaded models when omitted.
+        name: Option<String>,
+    },
     /// Delete a downloaded model.
     Remove {
         /// Catalogue name.
@@ -85,9 +92,42 @@ pub(crate) fn exec(home: &Path, store: &ModelStore, cmd: ModelsCommand) -> Resul
     match cmd {
         ModelsCommand::List { json } => list(home, store, json),
         ModelsCommand::Pull(args) => pull(home, store, args),
+        ModelsCommand::Verify { name } => verify(store, name.as_deref()),
         ModelsCommand::Remove { name } => remove(store, &name),
         ModelsCommand::Synthesize(args) => synthesize(&args),
     }
+}
+
+fn verify(store: &ModelStore, name: Option<&str>) -> Result<()> {
+    use pod_node::store::FileState;
+    let entries: Vec<&catalogue::CatalogueEntry> = match name {
+        Some(name) => vec![catalogue::find(name)
+            .with_context(|| format!("unknown model `{name}`; see `pod models list`"))?],
+        // Every model with something downloaded: a verification record or a file.
+        None => CATALOGUE
+            .iter()
+            .filter(|e| store.model_dir(e.name).exists())
+            .collect(),
+    };
+    println!("{:<24} {:<32} STATUS", "MODEL", "FILE");
+    let (mut modified, mut missing) = (0, 0);
+    for entry in entries {
+        for (file, state) in store.verify(entry) {
+            println!("{:<24} {:<32} {}", entry.name, file, state.as_str());
+            match state {
+                FileState::Ok => {}
+                FileState::Modified => modified += 1,
+                FileState::Missing => missing += 1,
+            }
+        }
+    }
+    if modified + missing > 0 {
+        bail!(
+            "{modified} model file(s) modified and {missing} missing; `pod models pull NAME` \
+             fetches them again"
+        );
+    }
+    Ok(())
 }
 
 fn synthesize(args: &SynthesizeArgs) -> Result<()> {

@@ -55,6 +55,7 @@ pub(crate) fn exec(
         return plan::print(&args, &plan, config_file, &sources);
     }
 
+    store.clean_leftovers();
     let (identity, _) = Identity::load_or_create(home)?;
     let bulk_listen = plan::bulk_listen(&args, &plan.mesh, plan.profile.profile);
     let opts = StartOptions {

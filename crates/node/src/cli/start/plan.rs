@@ -111,7 +111,8 @@ fn plan_model(store: &ModelStore, name: &str, pull: bool) -> Result<PlannedModel
                 .or_else(|| std::fs::metadata(&resolved.path).ok().map(|m| m.len())),
             downloaded: true,
         }),
-        Err(ResolveError::NotPulled(_)) if pull => {
+        // A file modified since its download is fetched again like a missing one.
+        Err(ResolveError::NotPulled(_) | ResolveError::Modified { .. }) if pull => {
             let entry = catalogue::find(name).context("a catalogued model left the catalogue")?;
             Ok(PlannedModel {
                 name: name.to_owned(),
