@@ -1338,4 +1338,9 @@ fn receipts_come_a_page_of_peers_at_a_time() {
         assert_eq!(status, 400, "{bad}: {body}");
         assert_eq!(body["error"]["param"], "limit", "{body}");
     }
+    // A malformed query string is an OpenAI-shaped error too.
+    let (status, body) =
+        common::process::http_get(&format!("{}/pod/v1/receipts?limit=1&limit=2", pod.api)).unwrap();
+    assert_eq!(status, 400, "{body}");
+    assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
 }

@@ -2,6 +2,7 @@
 
 use std::sync::Arc;
 
+use axum::extract::rejection::QueryRejection;
 use axum::extract::{Query, State};
 use axum::Json;
 use serde::Deserialize;
@@ -69,8 +70,11 @@ pub(crate) struct ReceiptsQuery {
     ))]
 pub(crate) async fn receipts<B: Backend>(
     State(state): State<Arc<AppState<B>>>,
-    Query(query): Query<ReceiptsQuery>,
+    query: Result<Query<ReceiptsQuery>, QueryRejection>,
 ) -> Result<Json<ReceiptsView>, ApiError> {
+    // A malformed query (a repeated field, say) is an OpenAI-shaped 400 like any bad value.
+    let Query(query) = query
+        .map_err(|e| ApiError::invalid("", format!("Invalid query string: {}", e.body_text())))?;
     let limit = match query.limit.as_deref() {
         None => DEFAULT_RECEIPT_ROWS,
         Some(text) => text
