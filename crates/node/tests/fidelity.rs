@@ -143,11 +143,9 @@ fn check_tokenize_cases(model: &ChatModel, cases: &[Value]) {
     }
 }
 
-#[test]
-fn gemma3_matches_llama_cpp() {
-    let fixture = common::fixture("llamacpp_gemma3.json");
-    let model = ChatModel::load(&common::model_path("gemma3-270m"), &Device::Cpu).unwrap();
-    assert_eq!(model.info().architecture, "gemma3");
+/// A raw-mode fixture (`bench/llama_reference.py --mode raw`): each case's text tokenized as
+/// llama.cpp did and its next-token distribution, then the tokenizer cases.
+fn check_raw_fixture(model: &ChatModel, fixture: &Value) {
     let cases = fixture["cases"].as_array().unwrap();
     assert!(cases.len() >= 4);
     let mut deltas = Vec::new();
@@ -157,10 +155,18 @@ fn gemma3_matches_llama_cpp() {
             .tokenizer()
             .encode(case["text"].as_str().unwrap())
             .unwrap();
-        deltas.push(check_case(&model, name, &tokens, case));
+        deltas.push(check_case(model, name, &tokens, case));
     }
     check_mean(&deltas);
-    check_tokenize_cases(&model, fixture["tokenize"].as_array().unwrap());
+    check_tokenize_cases(model, fixture["tokenize"].as_array().unwrap());
+}
+
+#[test]
+fn gemma3_matches_llama_cpp() {
+    let fixture = common::fixture("llamacpp_gemma3.json");
+    let model = ChatModel::load(&common::model_path("gemma3-270m"), &Device::Cpu).unwrap();
+    assert_eq!(model.info().architecture, "gemma3");
+    check_raw_fixture(&model, &fixture);
 }
 
 /// A synthetic random-weight model (`pod models synthesize --shape SHAPE --format q8_0
@@ -181,19 +187,7 @@ fn synthetic_matches_llama_cpp(fixture: &str, shape: &str) {
     );
     let model = ChatModel::load(&path, &Device::Cpu).unwrap();
     assert_eq!(model.info().architecture, model_shape.family.arch());
-    let cases = fixture["cases"].as_array().unwrap();
-    assert!(cases.len() >= 4);
-    let mut deltas = Vec::new();
-    for case in cases {
-        let name = case["name"].as_str().unwrap();
-        let tokens = model
-            .tokenizer()
-            .encode(case["text"].as_str().unwrap())
-            .unwrap();
-        deltas.push(check_case(&model, name, &tokens, case));
-    }
-    check_mean(&deltas);
-    check_tokenize_cases(&model, fixture["tokenize"].as_array().unwrap());
+    check_raw_fixture(&model, &fixture);
 }
 
 #[test]

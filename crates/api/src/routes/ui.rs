@@ -32,57 +32,33 @@ struct Asset {
 /// The page, served at `/` (and `/ui/index.html`).
 const INDEX: usize = 0;
 
+const HTML: &str = "text/html; charset=utf-8";
+const CSS: &str = "text/css; charset=utf-8";
+const SVG: &str = "image/svg+xml";
+const JS: &str = "text/javascript; charset=utf-8";
+
+/// The file `crates/api/ui/<name>`, served under `/ui/<name>` as `content_type`.
+macro_rules! asset {
+    ($name:literal, $content_type:expr) => {
+        Asset {
+            name: $name,
+            content_type: $content_type,
+            body: include_str!(concat!("../../ui/", $name)),
+        }
+    };
+}
+
 static ASSETS: &[Asset] = &[
-    Asset {
-        name: "index.html",
-        content_type: "text/html; charset=utf-8",
-        body: include_str!("../../ui/index.html"),
-    },
-    Asset {
-        name: "style.css",
-        content_type: "text/css; charset=utf-8",
-        body: include_str!("../../ui/style.css"),
-    },
-    Asset {
-        name: "favicon.svg",
-        content_type: "image/svg+xml",
-        body: include_str!("../../ui/favicon.svg"),
-    },
-    Asset {
-        name: "app.js",
-        content_type: "text/javascript; charset=utf-8",
-        body: include_str!("../../ui/app.js"),
-    },
-    Asset {
-        name: "api.js",
-        content_type: "text/javascript; charset=utf-8",
-        body: include_str!("../../ui/api.js"),
-    },
-    Asset {
-        name: "dom.js",
-        content_type: "text/javascript; charset=utf-8",
-        body: include_str!("../../ui/dom.js"),
-    },
-    Asset {
-        name: "views.js",
-        content_type: "text/javascript; charset=utf-8",
-        body: include_str!("../../ui/views.js"),
-    },
-    Asset {
-        name: "graph.js",
-        content_type: "text/javascript; charset=utf-8",
-        body: include_str!("../../ui/graph.js"),
-    },
-    Asset {
-        name: "chart.js",
-        content_type: "text/javascript; charset=utf-8",
-        body: include_str!("../../ui/chart.js"),
-    },
-    Asset {
-        name: "chat.js",
-        content_type: "text/javascript; charset=utf-8",
-        body: include_str!("../../ui/chat.js"),
-    },
+    asset!("index.html", HTML),
+    asset!("style.css", CSS),
+    asset!("favicon.svg", SVG),
+    asset!("app.js", JS),
+    asset!("api.js", JS),
+    asset!("dom.js", JS),
+    asset!("views.js", JS),
+    asset!("graph.js", JS),
+    asset!("chart.js", JS),
+    asset!("chat.js", JS),
 ];
 
 /// Strong ETags, the start of each asset's SHA-256, computed once.

@@ -23,20 +23,23 @@ pub struct NamedShape {
     context: usize,
 }
 
+/// Two llama layers at the smallest width the 256-value formats allow: a few MB.
+const TINY: NamedShape = NamedShape {
+    name: "tiny",
+    about: "llama, 2 layers, hidden 256: a few MB, for tests",
+    family: Family::Llama,
+    hidden: 256,
+    heads: 4,
+    kv_heads: 2,
+    ffn: 512,
+    vocab: 512,
+    layers: 2,
+    context: 1024,
+};
+
 /// Every named shape.
 pub const SHAPES: [NamedShape; 6] = [
-    NamedShape {
-        name: "tiny",
-        about: "llama, 2 layers, hidden 256: a few MB, for tests",
-        family: Family::Llama,
-        hidden: 256,
-        heads: 4,
-        kv_heads: 2,
-        ffn: 512,
-        vocab: 512,
-        layers: 2,
-        context: 1024,
-    },
+    TINY,
     NamedShape {
         name: "llama-1b",
         about: "Llama 3.2 1B: 16 layers, hidden 2048, 128k vocabulary",
@@ -65,25 +68,13 @@ pub const SHAPES: [NamedShape; 6] = [
         name: "tiny-qwen2",
         about: "qwen2 (q/k/v biases), 2 layers, hidden 256, for tests",
         family: Family::Qwen2,
-        hidden: 256,
-        heads: 4,
-        kv_heads: 2,
-        ffn: 512,
-        vocab: 512,
-        layers: 2,
-        context: 1024,
+        ..TINY
     },
     NamedShape {
         name: "tiny-qwen3",
         about: "qwen3 (q/k norms), 2 layers, hidden 256, for tests",
         family: Family::Qwen3,
-        hidden: 256,
-        heads: 4,
-        kv_heads: 2,
-        ffn: 512,
-        vocab: 512,
-        layers: 2,
-        context: 1024,
+        ..TINY
     },
     NamedShape {
         name: "qwen2-1.5b",
