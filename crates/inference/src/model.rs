@@ -15,9 +15,11 @@ mod gemma3;
 mod linear;
 mod llama;
 mod qembed;
+pub mod stage;
 mod weights;
 
 use self::cpu_decoder::{CpuDecoder, KvCache};
+use self::stage::{Downstream, Head, LayerRange, Link};
 use crate::decoder::{BatchDecoder, DecoderCache};
 use crate::engine::EngineConfig;
 use crate::error::{ForwardError, LoadError};
@@ -39,6 +41,8 @@ enum Weights {
     CpuDecoder(Arc<CpuDecoder>),
     /// The llama family and Gemma 3 on a GPU (or the kernel emulator), batch-invariant too.
     Gpu(Arc<GpuDecoder<AnyRuntime>>),
+    /// The first blocks on pod's CPU decoder, the rest on pipeline stages of other pods.
+    Head(Arc<Head>),
     Llama(llama::Llama),
     Gemma3(gemma3::Gemma3),
     Qwen3(quantized_qwen3::ModelWeights),
@@ -48,7 +52,7 @@ enum Weights {
 impl Weights {
     fn forward(&mut self, x: &Tensor, pos: usize) -> candle_core::Result<Tensor> {
         match self {
-            Weights::CpuDecoder(_) | Weights::Gpu(_) => {
+            Weights::CpuDecoder(_) | Weights::Gpu(_) | Weights::Head(_) => {
                 candle_core::bail!("pod's decoders keep their own caches")
             }
             Weights::Llama(m) => {
@@ -102,6 +106,11 @@ enum SeqState {
     Gpu {
         model: Arc<GpuDecoder<AnyRuntime>>,
         cache: GpuCache<AnyRuntime>,
+    },
+    Head {
+        model: Arc<Head>,
+        cache: KvCache,
+        link: Link,
     },
     /// candle's models keep the caches inside their own copy of the (shared) weights.
     Candle(Weights),
@@ -208,6 +217,44 @@ impl ChatModel {
         Ok(text.into_model(Weights::Gpu(Arc::new(decoder)), Device::Cpu))
     }
 
+    /// Loads blocks `range` (from block 0 on, not to the last) of a GGUF chat model as the
+    /// head of a pipeline: the embeddings and those blocks on pod's CPU decoder, the
+    /// remaining blocks run by `downstream`.
+    pub fn load_head(
+        path: &Path,
+        range: LayerRange,
+        downstream: Arc<dyn Downstream>,
+    ) -> Result<Self, LoadError> {
+        let file = GgufFile::open(path)?;
+        let text = TextSide::read(&file)?;
+        drop(file);
+        if range.start != 0 {
+            return Err(LoadError::Device(format!(
+                "blocks {range} do not start the model: only a stage holding block 0 is a head"
+            )));
+        }
+        let (decoder, _, total) = stage::load_decoder(path, range, text.context_length)?;
+        if range.end >= total {
+            return Err(LoadError::Device(format!(
+                "blocks {range} are the whole model: load it as one"
+            )));
+        }
+        tracing::debug!(blocks = %range, total, "pipeline head loaded");
+        let head = Head {
+            decoder,
+            downstream,
+        };
+        Ok(text.into_model(Weights::Head(Arc::new(head)), Device::Cpu))
+    }
+
+    /// The blocks this model runs itself, where it is a pipeline head.
+    pub fn head_range(&self) -> Option<LayerRange> {
+        match &self.weights {
+            Weights::Head(h) => Some(h.decoder.range()),
+            _ => None,
+        }
+    }
+
     /// The model's tokenizer.
     pub fn tokenizer(&self) -> &Arc<PodTokenizer> {
         &self.tokenizer
@@ -234,6 +281,11 @@ impl ChatModel {
                 model: Arc::clone(m),
                 cache: m.new_cache(),
             },
+            Weights::Head(m) => SeqState::Head {
+                model: Arc::clone(m),
+                cache: m.decoder.new_cache(),
+                link: Link::new(&m.downstream),
+            },
             other => SeqState::Candle(other.clone()),
         };
         Sequence {
@@ -248,7 +300,10 @@ impl ChatModel {
     /// runs all sequences in one pass, many resumed tokens can be fed at once, and a cached
     /// prompt prefix can stand in for recomputing it.
     pub fn batch_invariant(&self) -> bool {
-        matches!(self.weights, Weights::CpuDecoder(_) | Weights::Gpu(_))
+        matches!(
+            self.weights,
+            Weights::CpuDecoder(_) | Weights::Gpu(_) | Weights::Head(_)
+        )
     }
 
     /// Where the model runs: `cpu` (pod's CPU decoder), `candle`, or the GPU's name.
@@ -256,6 +311,11 @@ impl ChatModel {
         match &self.weights {
             Weights::CpuDecoder(_) => "cpu".to_owned(),
             Weights::Gpu(m) => m.runtime().spec(),
+            Weights::Head(h) => format!(
+                "cpu (blocks {}), then {}",
+                h.decoder.range(),
+                h.downstream.describe()
+            ),
             _ => format!("candle ({})", device_name(&self.device)),
         }
     }
@@ -270,6 +330,9 @@ impl ChatModel {
     ) -> candle_core::Result<Vec<Vec<f32>>> {
         if seqs.len() != tokens.len() {
             candle_core::bail!("{} sequences for {} token lists", seqs.len(), tokens.len());
+        }
+        if let Weights::Head(model) = &self.weights {
+            return forward_heads(model, seqs, tokens);
         }
         if let Weights::Gpu(model) = &self.weights {
             let mut caches = Vec::with_capacity(seqs.len());
@@ -314,6 +377,31 @@ impl ChatModel {
         }
         out
     }
+}
+
+/// A pipeline head's pass over `seqs` (see [`stage::head_forward`]).
+fn forward_heads(
+    model: &Head,
+    seqs: &mut [&mut Sequence],
+    tokens: &[&[u32]],
+) -> candle_core::Result<Vec<Vec<f32>>> {
+    let mut caches = Vec::with_capacity(seqs.len());
+    let mut links = Vec::with_capacity(seqs.len());
+    for s in seqs.iter_mut() {
+        match &mut s.state {
+            SeqState::Head { cache, link, .. } => {
+                caches.push(cache);
+                links.push(link);
+            }
+            _ => candle_core::bail!("sequence of another model"),
+        }
+    }
+    let out = stage::head_forward(model, &mut caches, &mut links, tokens)
+        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    for (s, t) in seqs.iter_mut().zip(tokens) {
+        s.pos += t.len();
+    }
+    Ok(out)
 }
 
 /// candle's name of a device.
@@ -410,6 +498,13 @@ impl Sequence {
                     .next()
                     .ok_or_else(|| candle_core::Error::Msg("no logits".into()));
             }
+            SeqState::Head { model, .. } => {
+                let model = Arc::clone(model);
+                let mut logits = forward_heads(&model, &mut [self], &[tokens])?;
+                return logits
+                    .pop()
+                    .ok_or_else(|| candle_core::Error::Msg("no logits".into()));
+            }
             SeqState::Candle(w) => w,
         };
         let input = Tensor::new(tokens, &self.device)?.unsqueeze(0)?;
@@ -436,6 +531,9 @@ impl Sequence {
         match &self.state {
             SeqState::CpuDecoder { cache, .. } => cache.bytes(),
             SeqState::Gpu { cache, .. } => cache.bytes(),
+            SeqState::Head { cache, link, .. } => {
+                cache.bytes() + link.history.len() * std::mem::size_of::<f32>()
+            }
             SeqState::Candle(_) => 0,
         }
     }
@@ -446,6 +544,10 @@ impl Sequence {
         match &mut self.state {
             SeqState::CpuDecoder { cache, .. } => cache.shrink_to_fit(),
             SeqState::Gpu { cache, .. } => cache.shrink_to_fit(),
+            SeqState::Head { cache, link, .. } => {
+                cache.shrink_to_fit();
+                link.history.shrink_to_fit();
+            }
             SeqState::Candle(_) => {}
         }
     }
@@ -461,6 +563,12 @@ impl Sequence {
             }
             SeqState::Gpu { cache, .. } if len <= self.pos => {
                 cache.truncate(len);
+                self.pos = len;
+                true
+            }
+            SeqState::Head { model, cache, link } if len <= self.pos => {
+                cache.truncate(len);
+                link.history.truncate(len * model.decoder.hidden_size());
                 self.pos = len;
                 true
             }

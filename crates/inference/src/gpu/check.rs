@@ -286,7 +286,9 @@ pub(crate) fn argmax(v: &[f32]) -> u32 {
 /// cols / 32 block terms, where an RMS-normalised row has no entry beyond √hidden times the
 /// largest norm weight. Twice that covers the rescaling.
 pub(crate) fn logit_bounds(cpu: &CpuDecoder) -> Vec<f32> {
-    let view = cpu.view();
+    let Some(view) = cpu.view() else {
+        return Vec::new();
+    };
     let hidden = view.norm.len();
     let norm_max = view.norm.iter().fold(0.0f32, |a, v| a.max(v.abs()));
     let amax = (hidden as f32).sqrt() * norm_max;

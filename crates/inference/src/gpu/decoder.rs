@@ -194,7 +194,7 @@ impl<R: DeviceRuntime> GpuDecoder<R> {
             .map_or(max_len, |v| v as usize);
         let cpu = CpuDecoder::from_gguf(&content, &mut reader, &arch, max_len.min(trained))
             .map_err(GpuLoadError::Weights)?;
-        Ok(Self::upload(runtime, &cpu.view())?)
+        Ok(Self::upload(runtime, &whole(&cpu)?)?)
     }
 
     /// Reads the weights of an opened GGUF decoder (`arch`: llama, mistral or gemma3) for
@@ -214,7 +214,7 @@ impl<R: DeviceRuntime> GpuDecoder<R> {
         }
         let cpu =
             CpuDecoder::from_gguf(content, reader, arch, max_len).map_err(GpuLoadError::Weights)?;
-        let view = cpu.view();
+        let view = whole(&cpu)?;
         let need = MemoryNeed::of(&view, demand);
         let free = runtime.free_memory()?;
         if need.total() > free {
@@ -323,6 +323,15 @@ struct Outputs<R: DeviceRuntime> {
     gathered: DeviceBuffer<R>,
     normed: DeviceBuffer<R>,
     logits: DeviceBuffer<R>,
+}
+
+/// The pieces of a decoder of the whole model (the GPU runs whole models only).
+fn whole(cpu: &CpuDecoder) -> Result<DecoderView<'_>, GpuLoadError> {
+    cpu.view().ok_or_else(|| {
+        GpuLoadError::Weights(candle_core::Error::Msg(
+            "the GPU decoder runs whole models, not pipeline stages".into(),
+        ))
+    })
 }
 
 /// Rows a new workspace holds: at least `m`, rounded up so that growing passes reallocate

@@ -21,6 +21,7 @@ use candle_core::quantized::gguf_file;
 use candle_core::{Device, Result};
 
 use super::linear::RawTensor;
+use super::stage::LayerRange;
 use super::weights;
 use crate::kernels::{self, QMatrix, QuantFormat, QuantizedRows};
 
@@ -80,15 +81,39 @@ struct Layer {
     down: QMatrix,
 }
 
-/// The CPU decoder's weights, shared by every sequence.
+/// What one forward pass starts from: token ids (a decoder holding the first block, with the
+/// embeddings) or the hidden states after the block before this decoder's first, one row of
+/// `hidden` values per position (a later pipeline stage).
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum StageInput<'a> {
+    Tokens(&'a [&'a [u32]]),
+    Hidden(&'a [&'a [f32]]),
+}
+
+/// What one forward pass ends with: each sequence's next-token logits (a decoder holding the
+/// last block, with the output head) or, for every row fed, the hidden state after this
+/// decoder's last block (positions × hidden values per sequence).
+#[derive(Debug, Clone, PartialEq)]
+pub enum StageOutput {
+    /// Each sequence's next-token logits.
+    Logits(Vec<Vec<f32>>),
+    /// Each sequence's hidden states after the last block held, one row per position fed.
+    Hidden(Vec<Vec<f32>>),
+}
+
+/// The CPU decoder's weights, shared by every sequence: all of a model's blocks, or a
+/// contiguous range of them for a pipeline stage.
 #[derive(Debug)]
 pub(crate) struct CpuDecoder {
-    embed: QMatrix,
+    /// Token embeddings: on the decoder holding block 0 only.
+    embed: Option<QMatrix>,
     /// Multiplier of the embeddings (Gemma: √hidden).
     embed_scale: Option<f32>,
     layers: Vec<Layer>,
-    norm: Norm,
-    output: QMatrix,
+    /// Final norm and output projection: on the decoder holding the last block only.
+    head: Option<(Norm, QMatrix)>,
+    /// The blocks held, of the model's.
+    range: LayerRange,
     ropes: Vec<RopeTable>,
     max_len: usize,
     hidden: usize,
@@ -233,11 +258,25 @@ impl CpuDecoder {
         })
     }
 
+    /// The whole model's decoder.
     pub(crate) fn from_gguf<R: Read + Seek>(
         ct: &gguf_file::Content,
         r: &mut R,
         arch: &str,
         max_len: usize,
+    ) -> Result<Self> {
+        Self::from_gguf_range(ct, r, arch, max_len, None)
+    }
+
+    /// The decoder of blocks `range` (all when `None`): only their tensors are read, plus
+    /// the embeddings when the range starts at block 0 and the output head when it ends at
+    /// the last block.
+    pub(crate) fn from_gguf_range<R: Read + Seek>(
+        ct: &gguf_file::Content,
+        r: &mut R,
+        arch: &str,
+        max_len: usize,
+        range: Option<LayerRange>,
     ) -> Result<Self> {
         let md = |k: &str| {
             ct.metadata
@@ -290,16 +329,36 @@ impl CpuDecoder {
             (vec![RopeTable::new(head_dim, base, max_len)], None, 1)
         };
 
-        let embed_t = weights::raw(ct, r, "token_embd.weight")?;
-        let embed = matrix(&embed_t, "token_embd.weight")?;
-        let output = if ct.tensor_infos.contains_key("output.weight") {
-            matrix(&weights::raw(ct, r, "output.weight")?, "output.weight")?
+        let range = range.unwrap_or(LayerRange {
+            start: 0,
+            end: blocks,
+        });
+        if range.start >= range.end || range.end > blocks {
+            candle_core::bail!("blocks {range} are not within the model's {blocks}");
+        }
+        let tied = !ct.tensor_infos.contains_key("output.weight");
+        let first = range.start == 0;
+        let last = range.end == blocks;
+        let embed = if first || (last && tied) {
+            Some(matrix(
+                &weights::raw(ct, r, "token_embd.weight")?,
+                "token_embd.weight",
+            )?)
         } else {
-            embed.clone()
+            None
         };
-        let norm = Norm::load(ct, r, "output_norm.weight", eps)?;
-        let mut layers = Vec::with_capacity(blocks);
-        for i in 0..blocks {
+        let head = if last {
+            let output = match &embed {
+                Some(e) if tied => e.clone(),
+                _ => matrix(&weights::raw(ct, r, "output.weight")?, "output.weight")?,
+            };
+            Some((Norm::load(ct, r, "output_norm.weight", eps)?, output))
+        } else {
+            None
+        };
+        let embed = if first { embed } else { None };
+        let mut layers = Vec::with_capacity(range.len());
+        for i in range.start..range.end {
             let mut m = |name: &str| {
                 let full = format!("blk.{i}.{name}.weight");
                 matrix(&weights::raw(ct, r, &full)?, &full)
@@ -341,8 +400,8 @@ impl CpuDecoder {
             embed,
             embed_scale: gemma.then(|| (hidden as f64).sqrt() as f32),
             layers,
-            norm,
-            output,
+            head,
+            range,
             ropes,
             max_len,
             hidden,
@@ -389,14 +448,55 @@ impl CpuDecoder {
     }
 
     /// Feeds `tokens[s]` to sequence `caches[s]`, for every `s` at once, and returns the logits
-    /// of the token after each sequence's last one.
+    /// of the token after each sequence's last one. Only for a decoder of the whole model.
     pub(crate) fn forward_batch(
         &self,
         caches: &mut [&mut KvCache],
         tokens: &[&[u32]],
     ) -> Result<Vec<Vec<f32>>> {
-        if caches.len() != tokens.len() {
-            candle_core::bail!("{} caches for {} token lists", caches.len(), tokens.len());
+        match self.forward_stage(caches, StageInput::Tokens(tokens))? {
+            StageOutput::Logits(logits) => Ok(logits),
+            StageOutput::Hidden(_) => {
+                candle_core::bail!("blocks {} do not end the model", self.range)
+            }
+        }
+    }
+
+    /// The blocks this decoder holds.
+    pub(crate) fn range(&self) -> LayerRange {
+        self.range
+    }
+
+    /// Values per hidden state.
+    pub(crate) fn hidden_size(&self) -> usize {
+        self.hidden
+    }
+
+    /// Positions a sequence may hold.
+    pub(crate) fn max_len(&self) -> usize {
+        self.max_len
+    }
+
+    /// Feeds `input`'s rows for sequence `s` to `caches[s]`, for every `s` at once, through
+    /// this decoder's blocks: the next-token logits of each sequence where it holds the last
+    /// block, else the hidden state after its last block of every row fed.
+    pub(crate) fn forward_stage(
+        &self,
+        caches: &mut [&mut KvCache],
+        input: StageInput<'_>,
+    ) -> Result<StageOutput> {
+        let d = self.hidden;
+        let counts: Vec<usize> = match input {
+            StageInput::Tokens(tokens) => tokens.iter().map(|t| t.len()).collect(),
+            StageInput::Hidden(rows) => {
+                if rows.iter().any(|r| !r.len().is_multiple_of(d)) {
+                    candle_core::bail!("hidden states are not whole rows of {d} values");
+                }
+                rows.iter().map(|r| r.len() / d).collect()
+            }
+        };
+        if caches.len() != counts.len() {
+            candle_core::bail!("{} caches for {} inputs", caches.len(), counts.len());
         }
         let mut scratch = self.scratch.lock().unwrap_or_else(PoisonError::into_inner);
         let Scratch {
@@ -420,42 +520,61 @@ impl CpuDecoder {
         rows.clear();
         ids.clear();
         last_rows.clear();
-        for (s, (cache, toks)) in caches.iter().zip(tokens).enumerate() {
-            if toks.is_empty() {
+        for (s, (cache, &n)) in caches.iter().zip(&counts).enumerate() {
+            if n == 0 {
                 candle_core::bail!("forward called with no tokens");
             }
-            if cache.len + toks.len() > self.max_len {
+            if cache.len + n > self.max_len {
                 candle_core::bail!(
                     "{} tokens exceed the context of {} tokens",
-                    cache.len + toks.len(),
+                    cache.len + n,
                     self.max_len
                 );
             }
-            rows.extend((0..toks.len()).map(|i| (s, cache.len + i)));
-            ids.extend_from_slice(toks);
+            rows.extend((0..n).map(|i| (s, cache.len + i)));
             last_rows.push(rows.len() - 1);
         }
         let m = rows.len();
-        let (d, hd) = (self.hidden, self.head_dim);
+        let hd = self.head_dim;
         let (q_w, kv_w) = (self.n_head * hd, self.n_kv_head * hd);
 
         let x = sized(x, m * d);
-        for (&id, xs) in ids.iter().zip(x.chunks_exact_mut(d)) {
-            if id as usize >= self.embed.rows() {
-                candle_core::bail!(
-                    "token id {id} is outside the embedding table of {} rows",
-                    self.embed.rows()
-                );
+        match input {
+            StageInput::Tokens(tokens) => {
+                let Some(embed) = &self.embed else {
+                    candle_core::bail!("blocks {} do not start the model", self.range);
+                };
+                for t in tokens {
+                    ids.extend_from_slice(t);
+                }
+                for (&id, xs) in ids.iter().zip(x.chunks_exact_mut(d)) {
+                    if id as usize >= embed.rows() {
+                        candle_core::bail!(
+                            "token id {id} is outside the embedding table of {} rows",
+                            embed.rows()
+                        );
+                    }
+                    embed.dequantize_row(id as usize, xs);
+                    if let Some(scale) = self.embed_scale {
+                        for v in xs.iter_mut() {
+                            *v *= scale;
+                        }
+                    }
+                }
             }
-            self.embed.dequantize_row(id as usize, xs);
-            if let Some(scale) = self.embed_scale {
-                for v in xs.iter_mut() {
-                    *v *= scale;
+            StageInput::Hidden(hidden) => {
+                if self.embed.is_some() {
+                    candle_core::bail!("blocks {} start the model: they take tokens", self.range);
+                }
+                let mut at = 0;
+                for r in hidden {
+                    x[at..at + r.len()].copy_from_slice(r);
+                    at += r.len();
                 }
             }
         }
-        for (cache, toks) in caches.iter_mut().zip(tokens) {
-            let need = (cache.len + toks.len()) * kv_w;
+        for (cache, &n) in caches.iter_mut().zip(&counts) {
+            let need = (cache.len + n) * kv_w;
             let grow = (cache.len / 2).max(KV_GROWTH) * kv_w;
             for l in cache.k.iter_mut().chain(cache.v.iter_mut()) {
                 if l.capacity() < need {
@@ -508,19 +627,29 @@ impl CpuDecoder {
             }
             add(x, h);
         }
-        for (cache, toks) in caches.iter_mut().zip(tokens) {
-            cache.len += toks.len();
+        for (cache, &n) in caches.iter_mut().zip(&counts) {
+            cache.len += n;
         }
 
+        let Some((norm, output)) = &self.head else {
+            let mut out = Vec::with_capacity(counts.len());
+            let mut at = 0;
+            for &n in &counts {
+                out.push(x[at * d..(at + n) * d].to_vec());
+                at += n;
+            }
+            return Ok(StageOutput::Hidden(out));
+        };
         let b = last_rows.len();
         let last = sized(last, b * d);
         for (i, &r) in last_rows.iter().enumerate() {
-            self.norm
-                .apply(&x[r * d..(r + 1) * d], &mut last[i * d..(i + 1) * d]);
+            norm.apply(&x[r * d..(r + 1) * d], &mut last[i * d..(i + 1) * d]);
         }
-        let vocab = self.output.rows();
-        project(qa, last, &[&self.output], &mut [logits])?;
-        Ok(logits.chunks_exact(vocab).map(<[f32]>::to_vec).collect())
+        let vocab = output.rows();
+        project(qa, last, &[output], &mut [logits])?;
+        Ok(StageOutput::Logits(
+            logits.chunks_exact(vocab).map(<[f32]>::to_vec).collect(),
+        ))
     }
 
     /// Causal attention of each row's query against its own sequence's cached keys and values

@@ -60,10 +60,14 @@ fn norm(n: &Norm) -> &[f32] {
 }
 
 impl CpuDecoder {
-    /// The model's pieces, as the forward pass uses them.
-    pub(crate) fn view(&self) -> DecoderView<'_> {
-        DecoderView {
-            embed: &self.embed,
+    /// The model's pieces, as the forward pass uses them (`None` for a decoder of only some
+    /// of its blocks).
+    pub(crate) fn view(&self) -> Option<DecoderView<'_>> {
+        let (Some(embed), Some((out_norm, output))) = (&self.embed, &self.head) else {
+            return None;
+        };
+        Some(DecoderView {
+            embed,
             embed_scale: self.embed_scale,
             layers: self
                 .layers
@@ -87,9 +91,9 @@ impl CpuDecoder {
                     down: &l.down,
                 })
                 .collect(),
-            norm: norm(&self.norm),
-            eps: self.norm.eps,
-            output: &self.output,
+            norm: norm(out_norm),
+            eps: out_norm.eps,
+            output,
             ropes: self
                 .ropes
                 .iter()
@@ -102,6 +106,6 @@ impl CpuDecoder {
             head_dim: self.head_dim,
             neox: self.neox,
             gelu: self.activation == Activation::Gelu,
-        }
+        })
     }
 }
