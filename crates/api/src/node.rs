@@ -74,8 +74,24 @@ pub struct PeerView {
     pub device: Option<String>,
     /// Whether its HTTP API takes requests, from its announcement.
     pub api_ready: Option<bool>,
+    /// Pipeline stages it serves: blocks of a model, from its announcement.
+    #[serde(default)]
+    pub stages: Vec<StageView>,
     /// Milliseconds since it was last heard of.
     pub last_seen_ms: u64,
+}
+
+/// Blocks of a model a pod serves as a pipeline stage.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct StageView {
+    /// The model.
+    pub model: String,
+    /// SHA-256 of its file.
+    pub sha256: String,
+    /// The blocks, first-last, e.g. `0-14`.
+    pub layers: String,
+    /// Blocks of the whole model.
+    pub total_layers: usize,
 }
 
 /// A peer's announced load.

@@ -101,6 +101,7 @@ impl<T: serde::Serialize> IntoResponse for ApiJson<T> {
         crate::node::PeerList,
         crate::node::PeerView,
         crate::node::PeerLoad,
+        crate::node::StageView,
         crate::node::ReceiptsView,
         crate::node::PeerWork,
         crate::node::WorkTotals,

@@ -110,6 +110,10 @@ pub enum ForwardError {
     /// The model failed while computing.
     #[error("{0}")]
     Compute(String),
+    /// Part of the model runs elsewhere (pipeline stages on other pods) and cannot be
+    /// reached: says what is missing.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl From<candle_core::Error> for ForwardError {

@@ -332,7 +332,8 @@ impl ChatModel {
             candle_core::bail!("{} sequences for {} token lists", seqs.len(), tokens.len());
         }
         if let Weights::Head(model) = &self.weights {
-            return forward_heads(model, seqs, tokens);
+            return forward_heads(model, seqs, tokens)
+                .map_err(|e| candle_core::Error::Msg(e.to_string()));
         }
         if let Weights::Gpu(model) = &self.weights {
             let mut caches = Vec::with_capacity(seqs.len());
@@ -384,7 +385,7 @@ fn forward_heads(
     model: &Head,
     seqs: &mut [&mut Sequence],
     tokens: &[&[u32]],
-) -> candle_core::Result<Vec<Vec<f32>>> {
+) -> Result<Vec<Vec<f32>>, ForwardError> {
     let mut caches = Vec::with_capacity(seqs.len());
     let mut links = Vec::with_capacity(seqs.len());
     for s in seqs.iter_mut() {
@@ -393,11 +394,14 @@ fn forward_heads(
                 caches.push(cache);
                 links.push(link);
             }
-            _ => candle_core::bail!("sequence of another model"),
+            _ => {
+                return Err(ForwardError::InvalidBatch(
+                    "sequence of another model".into(),
+                ))
+            }
         }
     }
-    let out = stage::head_forward(model, &mut caches, &mut links, tokens)
-        .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+    let out = stage::head_forward(model, &mut caches, &mut links, tokens)?;
     for (s, t) in seqs.iter_mut().zip(tokens) {
         s.pos += t.len();
     }
@@ -500,7 +504,8 @@ impl Sequence {
             }
             SeqState::Head { model, .. } => {
                 let model = Arc::clone(model);
-                let mut logits = forward_heads(&model, &mut [self], &[tokens])?;
+                let mut logits = forward_heads(&model, &mut [self], &[tokens])
+                    .map_err(|e| candle_core::Error::Msg(e.to_string()))?;
                 return logits
                     .pop()
                     .ok_or_else(|| candle_core::Error::Msg("no logits".into()));
@@ -599,6 +604,10 @@ impl BatchDecoder for ChatModel {
                 caches.len(),
                 rows.len()
             )));
+        }
+        if let Weights::Head(model) = &self.weights {
+            // Errors of the stages keep their kind (unreachable stages are not a bug).
+            return forward_heads(model, caches, rows);
         }
         if let [cache] = caches {
             // One sequence: its own pass, whatever the model.

@@ -43,6 +43,7 @@ fn caps(active: usize) -> Capabilities {
         api: None,
         addrs: vec![],
         files: vec![],
+        stages: Vec::new(),
         seq: 0,
     }
 }

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use libp2p::PeerId;
 use pod_api::node::{
     FileList, FileView, NodeView, PeerLoad, PeerView, PeerWork, ReceiptsPage, ReceiptsView,
-    WorkTotals,
+    StageView, WorkTotals,
 };
 use pod_api::{Backend, BlobTotals, Embeddings, Generation, LocalBackend, ModelEntry};
 use pod_inference::{EmbedRequest, EngineError, GenerateRequest};
@@ -18,6 +18,7 @@ use crate::mesh::{self, ConnectionPath, HolePunch, PeerSnapshot};
 use crate::profile::Profile;
 use crate::receipts::Ledger;
 use crate::remote::client::{ClientConfig, InferClient, Providers};
+use crate::stage::server::StageHost;
 
 /// Where requests for a model go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -48,6 +49,7 @@ pub struct NodeBackend {
     blob_stats: Arc<BlobStats>,
     blobs: Option<Arc<BlobServer>>,
     device: String,
+    stages: Arc<StageHost>,
 }
 
 impl NodeBackend {
@@ -80,7 +82,14 @@ impl NodeBackend {
             blob_stats: Arc::default(),
             blobs: None,
             device: String::new(),
+            stages: Arc::default(),
         }
+    }
+
+    /// The pipeline stages this node serves and fronts.
+    pub fn with_stages(mut self, stages: Arc<StageHost>) -> Self {
+        self.stages = stages;
+        self
     }
 
     /// Names the device the local models run on, for `/pod/v1/node`.
@@ -117,8 +126,13 @@ impl NodeBackend {
         &self.infer
     }
 
+    /// Whether this node serves `model` itself: it holds it, and if it holds only the first
+    /// blocks (a pipeline head), no peer holding the whole model is free.
     fn holds(&self, model: &str) -> bool {
-        self.route != Route::Mesh && self.local.models().iter().any(|m| m.info.name == model)
+        if self.route == Route::Mesh || !self.local.models().iter().any(|m| m.info.name == model) {
+            return false;
+        }
+        self.stages.head(model).is_none() || !self.peers.serves_whole(model)
     }
 }
 
@@ -148,6 +162,22 @@ impl PeerWatch {
     pub fn serves(&self, model: &str) -> bool {
         !rank(&self.peers, model, &[]).is_empty()
     }
+
+    /// Whether a connected peer with a ready API and a free slot holds all of `model`.
+    pub fn serves_whole(&self, model: &str) -> bool {
+        let Ok(peers) = self.peers.read() else {
+            return false;
+        };
+        peers.iter().any(|p| {
+            p.connected
+                && p.capabilities.as_ref().is_some_and(|c| {
+                    c.models.iter().any(|m| m.name == model)
+                        && !is_head(c, model)
+                        && c.api.as_ref().is_some_and(|a| a.ready)
+                        && c.load.active + c.load.queued < c.load.max_active.max(1)
+                })
+        })
+    }
 }
 
 /// Re-reads the peer table a few times a second until the mesh stops.
@@ -164,13 +194,21 @@ async fn refresh_peers(mesh: mesh::Client, cache: PeerCache) {
     }
 }
 
-/// Peers that announce `model` and a ready API, best first: fewest requests per slot, then
-/// lowest round-trip time; connected peers before ones only heard of.
+/// Whether `caps` announce only the first blocks of `model` (a pipeline head).
+fn is_head(caps: &crate::mesh::Capabilities, model: &str) -> bool {
+    caps.stages
+        .iter()
+        .any(|s| s.model == model && s.layers.start == 0 && s.layers.end < s.total_layers)
+}
+
+/// Peers that announce `model` and a ready API, best first: connected peers before ones only
+/// heard of, then pods holding the whole model before pipeline heads, then fewest requests
+/// per slot, then lowest round-trip time.
 fn rank(cache: &PeerCache, model: &str, exclude: &[PeerId]) -> Vec<PeerId> {
     let Ok(peers) = cache.read() else {
         return Vec::new();
     };
-    let mut scored: Vec<(bool, u64, PeerId)> = peers
+    let mut scored: Vec<(bool, bool, u64, PeerId)> = peers
         .iter()
         .filter(|p| !exclude.contains(&p.peer_id))
         .filter_map(|p| {
@@ -185,11 +223,11 @@ fn rank(cache: &PeerCache, model: &str, exclude: &[PeerId]) -> Vec<PeerId> {
             // Expected wait in "milli-slots" plus the round trip in microseconds / 100.
             let rtt = p.rtt.map_or(50_000, |d| d.as_micros() as u64);
             let score = busy * 1000 / slots * 10 + rtt / 100;
-            Some((!p.connected, score, p.peer_id))
+            Some((!p.connected, is_head(caps, model), score, p.peer_id))
         })
         .collect();
     scored.sort();
-    scored.into_iter().map(|(_, _, p)| p).collect()
+    scored.into_iter().map(|(.., p)| p).collect()
 }
 
 impl Backend for NodeBackend {
@@ -235,7 +273,15 @@ impl Backend for NodeBackend {
 
     async fn generate(&self, req: GenerateRequest) -> Result<Generation, EngineError> {
         if self.holds(&req.model) {
-            return self.local.generate(req).await;
+            let head = self.stages.head(&req.model);
+            let mut generation = self.local.generate(req).await?;
+            if let Some(head) = head {
+                // Every pod that works on the answer: this head, then the stages after it.
+                for hop in head.chain_or_plan().await {
+                    generation.served_by = format!("{}, {}", generation.served_by, hop.peer);
+                }
+            }
+            return Ok(generation);
         }
         if self.route == Route::Local {
             return Err(EngineError::UnknownModel(req.model));
@@ -356,6 +402,20 @@ pub fn peer_view(p: PeerSnapshot) -> PeerView {
         }),
         device: caps.as_ref().map(|c| c.hardware.device.clone()),
         api_ready: caps.as_ref().and_then(|c| c.api.as_ref().map(|a| a.ready)),
+        stages: caps
+            .as_ref()
+            .map(|c| {
+                c.stages
+                    .iter()
+                    .map(|s| StageView {
+                        model: s.model.clone(),
+                        sha256: s.sha256.clone(),
+                        layers: s.layers.to_string(),
+                        total_layers: s.total_layers,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
         last_seen_ms: u64::try_from(p.last_seen_ago.as_millis()).unwrap_or(u64::MAX),
     }
 }

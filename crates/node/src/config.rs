@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use libp2p::Multiaddr;
+use pod_inference::model::stage::LayerRange;
 use pod_inference::DeviceSpec;
 use serde::{Deserialize, Deserializer};
 
@@ -43,6 +44,9 @@ pub struct FileConfig {
     /// `--device`.
     #[serde(default, deserialize_with = "parsed")]
     pub device: Option<DeviceSpec>,
+    /// `--layers`: the blocks this pod serves as a pipeline stage, e.g. `"0-14"`.
+    #[serde(default, deserialize_with = "parsed")]
+    pub layers: Option<LayerRange>,
     /// `--max-batch`, at least 1.
     pub max_batch: Option<usize>,
     /// `--max-queue`.

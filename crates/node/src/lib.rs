@@ -20,5 +20,6 @@ pub mod progress;
 pub mod receipts;
 pub mod remote;
 pub mod source;
+pub mod stage;
 pub mod store;
 pub mod wire;

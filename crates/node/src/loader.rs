@@ -4,11 +4,18 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use std::sync::Arc;
+
+use pod_inference::model::stage::{self, LayerRange, StageModel};
 use pod_inference::{
     ChatModel, EmbeddingModel, EngineConfig, EngineHandle, LoadError, ModelInfo, Placement,
 };
 
 use crate::catalogue::{self, CATALOGUE};
+use crate::mesh;
+use crate::stage::client::MeshDownstream;
+use crate::stage::server::StageHost;
+use crate::stage::StageAnnouncement;
 use crate::store::{ModelFormat, ModelStore, StoreError};
 
 /// A model located on disk.
@@ -54,6 +61,9 @@ pub enum ResolveError {
     /// The engine refused the model.
     #[error(transparent)]
     Engine(#[from] pod_inference::EngineError),
+    /// The model cannot be served as the pipeline stage asked.
+    #[error("{0}")]
+    Stage(String),
 }
 
 /// Finds a model by catalogue name or path; catalogued models are pulled when `pull` is set.
@@ -155,6 +165,75 @@ pub fn load_into(
         "model loaded"
     );
     Ok(info)
+}
+
+/// Loads blocks `range` of a resolved GGUF chat model as a pipeline stage: as the model's
+/// head (a chat model in the engine, the later blocks run by the stages the mesh announces)
+/// where the range starts at block 0, else as a stage served to heads by `stages`. The whole
+/// range is an ordinary load.
+pub fn load_stage(
+    engine: &EngineHandle,
+    model: &ResolvedModel,
+    range: LayerRange,
+    stages: &StageHost,
+    mesh: &mesh::Client,
+    runtime: tokio::runtime::Handle,
+) -> Result<(), ResolveError> {
+    if model.format != ModelFormat::Gguf {
+        return Err(ResolveError::Stage(format!(
+            "{} is not a chat model: only GGUF chat models run as pipeline stages",
+            model.name
+        )));
+    }
+    let started = Instant::now();
+    let (_, total) = stage::block_count(&model.path)?;
+    if range.end > total {
+        return Err(ResolveError::Stage(format!(
+            "--layers {range}: {} has blocks 0-{}",
+            model.name,
+            total.saturating_sub(1)
+        )));
+    }
+    if range.start == 0 && range.end == total {
+        load_into(engine, model, &Placement::cpu())?;
+        return Ok(());
+    }
+    let sha256 = crate::store::sha256_file(&model.path)
+        .map_err(|e| ResolveError::Stage(format!("cannot read {}: {e}", model.path.display())))?;
+    let announcement = StageAnnouncement {
+        model: model.name.clone(),
+        sha256: sha256.clone(),
+        layers: range,
+        total_layers: total,
+    };
+    if range.start == 0 {
+        let downstream = Arc::new(MeshDownstream::new(
+            model.name.clone(),
+            sha256,
+            range.end,
+            total,
+            mesh.clone(),
+            runtime,
+        ));
+        let chat = ChatModel::load_head(&model.path, range, Arc::clone(&downstream) as _)?;
+        engine.add_chat_model(&model.name, chat)?;
+        stages.add_head(announcement, downstream);
+    } else {
+        let context = engine.config().max_context.unwrap_or(usize::MAX);
+        let stage = StageModel::load(&model.path, range, context)?;
+        stages
+            .serve(stage, announcement)
+            .map_err(|e| ResolveError::Stage(format!("cannot start the stage: {e}")))?;
+    }
+    tracing::info!(
+        model = %model.name,
+        blocks = %range,
+        total,
+        role = if range.start == 0 { "head" } else { "stage" },
+        ms = started.elapsed().as_millis() as u64,
+        "pipeline stage loaded"
+    );
+    Ok(())
 }
 
 /// A chat model on the placement's GPU (sized for what `engine` will ask of it), or on the

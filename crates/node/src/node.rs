@@ -30,6 +30,7 @@ use crate::daemon_file::{DaemonFile, Liveness};
 use crate::mesh;
 use crate::receipts::Ledger;
 use crate::remote::server::{InferServer, ServerConfig};
+use crate::stage::server::StageHost;
 use crate::store::ModelStore;
 use load::ModelLoad;
 use signals::notify_systemd;
@@ -118,6 +119,8 @@ impl Node {
             },
         );
         background.push(tokio::spawn(infer.run(mesh.streams())));
+        let stages = StageHost::new();
+        background.push(tokio::spawn(Arc::clone(&stages).run(mesh.streams())));
         // Storage and full profiles serve their verified model files to peers.
         let blobs = opts
             .profile
@@ -136,6 +139,7 @@ impl Node {
             ledger,
             opts.route,
         )
+        .with_stages(Arc::clone(&stages))
         .with_blobs(Arc::clone(&blob_stats), blobs.clone())
         .with_device(opts.device_name.clone());
         background.push(tokio::spawn(announce::announce(
@@ -145,6 +149,7 @@ impl Node {
             opts.profile,
             (opts.device_name.clone(), opts.api),
             blobs.clone(),
+            Arc::clone(&stages),
         )));
 
         let state = AppState::new(backend.clone(), opts.api_config(peer_id.clone()));
@@ -212,6 +217,8 @@ impl Node {
                     bulk: opts.pull_bulk,
                 },
                 blobs,
+                layers: opts.layers,
+                stages,
             }
             .run(),
         );
@@ -375,6 +382,7 @@ mod tests {
             cors_origins: Vec::new(),
             placement: Placement::cpu(),
             device_name: "none".to_owned(),
+            layers: None,
             engine: EngineConfig::default(),
             pull: false,
             grace: Duration::from_secs(5),

@@ -42,6 +42,7 @@ fn caps(model: &str) -> Capabilities {
         api: None,
         addrs: vec![],
         files: vec![],
+        stages: Vec::new(),
         seq: 0,
     }
 }

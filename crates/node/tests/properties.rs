@@ -522,6 +522,7 @@ fn capabilities() -> impl Strategy<Value = Capabilities> {
                     api: api.map(|(version, ready)| ApiInfo { version, ready }),
                     addrs,
                     files,
+                    stages: Vec::new(),
                     seq,
                 }
             },

@@ -13,7 +13,10 @@ pub(super) fn forward<D: BatchDecoder>(
     caches: &mut [&mut D::Cache],
     rows: &[&[u32]],
 ) -> (Vec<Result<Vec<f32>, EngineError>>, usize) {
-    let internal = |e: crate::error::ForwardError| EngineError::Internal(e.to_string());
+    let internal = |e: crate::error::ForwardError| match e {
+        crate::error::ForwardError::Unavailable(m) => EngineError::Unavailable(m),
+        other => EngineError::Internal(other.to_string()),
+    };
     if rows.len() > 1 && model.batch_invariant() {
         let lens: Vec<usize> = caches.iter().map(|c| c.len()).collect();
         let batched = guarded(|| model.forward_rows(caches, rows).map_err(internal));

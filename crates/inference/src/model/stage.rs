@@ -61,6 +61,14 @@ impl LayerRange {
     }
 }
 
+impl std::str::FromStr for LayerRange {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::parse(s)
+    }
+}
+
 impl fmt::Display for LayerRange {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}-{}", self.start, self.end.saturating_sub(1))
@@ -118,7 +126,11 @@ pub(super) fn load_decoder(
             "pipeline stages run on pod's CPU decoder, which does not run `{arch}`"
         )));
     }
-    let context = file.context_length().unwrap_or(2048).min(max_context);
+    let context = file
+        .context_length()
+        .unwrap_or(2048)
+        .min(max_context)
+        .min(super::MAX_CONTEXT);
     let GgufFile {
         content,
         mut reader,
@@ -226,6 +238,8 @@ pub struct DownstreamRow<'a> {
     /// The first position of this pass: rows before it were handed on in earlier passes
     /// (unless a stage was replaced since).
     pub new_from: usize,
+    /// Values per hidden state (the history holds whole rows of them).
+    pub hidden: usize,
 }
 
 /// What runs the blocks after the head's: stages on other pods.
@@ -328,6 +342,7 @@ pub(super) fn head_forward(
             id: l.id,
             history: &l.history,
             new_from: len,
+            hidden: d,
         })
         .collect();
     let out = head.downstream.forward(&rows);
@@ -383,7 +398,7 @@ mod tests {
 
     impl Downstream for Local {
         fn forward(&self, rows: &[DownstreamRow<'_>]) -> Result<Vec<Vec<f32>>, ForwardError> {
-            let d = self.stages[0].info().hidden_size;
+            let d = rows.first().map_or(1, |r| r.hidden);
             let mut all = self.caches.lock().unwrap();
             let mut taken: Vec<Vec<StageCache>> = rows
                 .iter()

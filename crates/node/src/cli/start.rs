@@ -70,6 +70,7 @@ pub(crate) fn exec(
         cors_origins: args.cors_origins.clone(),
         placement: plan.placement.unwrap_or_else(Placement::cpu),
         device_name: plan.device_name,
+        layers: args.layers,
         engine: EngineConfig {
             max_active: args.max_batch.max(1),
             max_queue: args.max_queue,

@@ -130,6 +130,7 @@ settings! {
     models_dir <- models_dir => models_dir, Some;
     pull <- no_pull => args.no_pull, not;
     device <- device => args.device, same;
+    layers <- layers => args.layers, Some;
     max_batch <- max_batch => args.max_batch, same;
     max_queue <- max_queue => args.max_queue, same;
     threads <- threads => threads, Some;

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::Args;
 use libp2p::Multiaddr;
+use pod_inference::model::stage::LayerRange;
 use pod_inference::DeviceSpec;
 
 use crate::backend::Route;
@@ -64,6 +65,13 @@ pub struct StartArgs {
     /// HSA_OVERRIDE_GFX_VERSION (e.g. 9.0.6).
     #[arg(long, default_value = "auto", env = "POD_DEVICE")]
     pub device: DeviceSpec,
+    /// Serve only these blocks of the model (a pipeline stage), e.g. 0-14 or 15-29 of a
+    /// 30-block model: the pod loads just those blocks' weights (plus the embeddings on the
+    /// first stage and the output head on the last) and announces them. The stage holding
+    /// block 0 serves the model's API and runs the other blocks on the pods the mesh
+    /// announces for them; it needs exactly one --model. Runs on the CPU.
+    #[arg(long, value_name = "FIRST-LAST", env = "POD_LAYERS")]
+    pub layers: Option<LayerRange>,
     /// Sequences generated at once; further requests queue.
     #[arg(long, default_value_t = 8, env = "POD_MAX_BATCH",
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]

@@ -2,6 +2,8 @@
 //! [`CAPABILITY_TOPIC`], and the checks a received one must pass.
 
 use pod_inference::ModelInfo;
+
+use crate::stage::StageAnnouncement;
 use serde::{Deserialize, Serialize};
 
 /// Gossipsub topic of capability announcements. The suffix is the schema version: a pod that
@@ -41,6 +43,9 @@ pub struct Capabilities {
     /// profiles).
     #[serde(default)]
     pub files: Vec<String>,
+    /// Pipeline stages it serves: blocks of a model file (see [`crate::stage`]).
+    #[serde(default)]
+    pub stages: Vec<StageAnnouncement>,
     /// Increases with every announcement from one run of a pod; receivers ignore announcements
     /// older than one they already hold.
     pub seq: u64,
@@ -126,6 +131,17 @@ impl Capabilities {
         {
             return Err(AnnouncementError::OverLimits("bad file list"));
         }
+        if self.stages.len() > MAX_MODELS
+            || self.stages.iter().any(|s| {
+                s.model.len() > MAX_FIELD_LEN
+                    || s.sha256.len() != 64
+                    || !s.sha256.bytes().all(|b| b.is_ascii_hexdigit())
+                    || s.layers.start >= s.layers.end
+                    || s.layers.end > s.total_layers
+            })
+        {
+            return Err(AnnouncementError::OverLimits("bad stage list"));
+        }
         let long = |s: &str| s.len() > MAX_FIELD_LEN;
         if long(&self.agent) || long(&self.profile) || long(&self.hardware.device) {
             return Err(AnnouncementError::OverLimits("field too long"));
@@ -190,6 +206,7 @@ mod tests {
             }),
             addrs: vec!["/ip4/127.0.0.1/tcp/4001".into()],
             files: vec!["ab".repeat(32)],
+            stages: Vec::new(),
             seq: 7,
         }
     }

@@ -321,6 +321,7 @@ mod tests {
             api: None,
             addrs: vec!["/ip4/127.0.0.1/tcp/4001".into()],
             files: vec![],
+            stages: Vec::new(),
             seq,
         }
     }

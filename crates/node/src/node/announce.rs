@@ -11,6 +11,7 @@ use crate::blob::BlobServer;
 use crate::mesh::capability::{ApiInfo, HardwareSummary, Load};
 use crate::mesh::{self, Capabilities};
 use crate::profile::Profile;
+use crate::stage::server::StageHost;
 
 /// Keeps the node's capability announcement current: models, load, API readiness, and the
 /// files it serves.
@@ -21,6 +22,7 @@ pub(super) async fn announce(
     profile: Profile,
     (device, http_api): (String, bool),
     blobs: Option<Arc<BlobServer>>,
+    stages: Arc<StageHost>,
 ) {
     use pod_api::Backend as _;
     let hardware = HardwareSummary {
@@ -53,6 +55,7 @@ pub(super) async fn announce(
                 .as_ref()
                 .map(|b| b.files().into_iter().map(|(sha, _)| sha).collect())
                 .unwrap_or_default(),
+            stages: stages.announcements(),
             seq: 0,
         };
         if mesh.announce(caps).await.is_err() {

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use pod_inference::model::stage::LayerRange;
 use pod_inference::{EngineHandle, Placement};
 
 use super::NodeError;
@@ -11,6 +12,7 @@ use crate::blob::{self, BlobServer};
 use crate::catalogue;
 use crate::loader;
 use crate::mesh;
+use crate::stage::server::StageHost;
 use crate::store::ModelStore;
 
 /// How long a starting node waits to hear of pods serving the files of a missing model before
@@ -37,6 +39,10 @@ pub(super) struct ModelLoad {
     pub(super) pull_opts: blob::PullOptions,
     /// The node's file server, which serves pulled files on.
     pub(super) blobs: Option<Arc<BlobServer>>,
+    /// The blocks to serve as a pipeline stage (of the one model), if not whole models.
+    pub(super) layers: Option<LayerRange>,
+    /// Where stages are served.
+    pub(super) stages: Arc<StageHost>,
 }
 
 impl ModelLoad {
@@ -51,10 +57,13 @@ impl ModelLoad {
             mesh,
             pull_opts,
             blobs,
+            layers,
+            stages,
         } = self;
         if pull {
             pull_missing_models(&store, &models, &mesh, &pull_opts, blobs.as_ref()).await;
         }
+        let runtime = tokio::runtime::Handle::current();
         tokio::task::spawn_blocking(move || -> Result<(), NodeError> {
             for name in models {
                 let resolved =
@@ -62,11 +71,20 @@ impl ModelLoad {
                         model: name.clone(),
                         source: Box::new(source),
                     })?;
-                loader::load_into(&engine, &resolved, &placement).map_err(|source| {
-                    NodeError::Load {
-                        model: name.clone(),
-                        source: Box::new(source),
-                    }
+                let loaded = match layers {
+                    Some(range) => loader::load_stage(
+                        &engine,
+                        &resolved,
+                        range,
+                        &stages,
+                        &mesh,
+                        runtime.clone(),
+                    ),
+                    None => loader::load_into(&engine, &resolved, &placement).map(drop),
+                };
+                loaded.map_err(|source| NodeError::Load {
+                    model: name.clone(),
+                    source: Box::new(source),
                 })?;
             }
             Ok(())

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use pod_api::{ApiConfig, ApiKeys};
+use pod_inference::model::stage::LayerRange;
 use pod_inference::{EngineConfig, Placement};
 
 use super::NodeError;
@@ -40,6 +41,9 @@ pub struct StartOptions {
     /// The device models run on, e.g. `cpu`, `rocm:0` or `cuda:0`, for announcements and
     /// `pod status`; `none` without models.
     pub device_name: String,
+    /// The blocks of the (single) model this node serves as a pipeline stage; `None`: whole
+    /// models.
+    pub layers: Option<LayerRange>,
     /// Engine limits.
     pub engine: EngineConfig,
     /// Pull missing catalogued models.
@@ -66,6 +70,13 @@ pub struct StartOptions {
 impl StartOptions {
     /// Refuses unsafe or contradictory settings.
     pub fn check(&self) -> Result<(), NodeError> {
+        if let Some(range) = self.layers {
+            if self.models.len() != 1 {
+                return Err(NodeError::Refused(format!(
+                    "--layers {range} serves blocks of one model: give exactly one --model"
+                )));
+            }
+        }
         check_api_exposure(self.api, self.api_host, &self.api_keys, self.public_api)?;
         self.api_config(String::new())
             .check()

@@ -1,0 +1,282 @@
+//! One model split across pods (pipeline stages), with real `pod` processes on 127.0.0.1 and
+//! the real SmolLM2 weights: answers through the stages equal a whole-model pod's byte for
+//! byte, and a stage killed mid-answer is replaced without the client seeing it.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::time::Duration;
+
+use common::process::{wait_until, PodProcess};
+use serde_json::{json, Value};
+
+const CHAT: &str = "smollm2-135m-instruct";
+
+/// How long the mesh may take to see a model through its stages.
+const MESH_TIMEOUT: Duration = Duration::from_secs(60);
+
+fn agent() -> ureq::Agent {
+    ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .timeout_global(Some(Duration::from_secs(300)))
+        .build()
+        .into()
+}
+
+/// A pod on loopback announcing every second, with `extra` flags.
+fn pod(extra: &[&str]) -> PodProcess {
+    let mut args = vec![
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--announce-interval",
+        "1",
+    ];
+    args.extend_from_slice(extra);
+    PodProcess::start(&args)
+}
+
+/// A pod serving blocks `layers` of the chat model, joining through `bootstrap`.
+fn stage(layers: &str, bootstrap: Option<&str>) -> PodProcess {
+    let mut args = vec![
+        "--profile",
+        "inference",
+        "--model",
+        CHAT,
+        "--layers",
+        layers,
+    ];
+    if let Some(b) = bootstrap {
+        args.extend(["--bootstrap", b]);
+    }
+    pod(&args)
+}
+
+fn body(prompt: &str, max_tokens: u32, stream: bool) -> Value {
+    json!({
+        "model": CHAT,
+        "messages": [{"role": "user", "content": prompt}],
+        "temperature": 0,
+        "max_tokens": max_tokens,
+        "logprobs": true,
+        "top_logprobs": 2,
+        "stream": stream,
+    })
+}
+
+/// POSTs a chat completion; returns the status, the `x-pod-served-by` header and the body.
+fn chat(pod: &PodProcess, body: &Value) -> (u16, String, Value) {
+    let mut res = agent()
+        .post(&format!("{}/v1/chat/completions", pod.api))
+        .header("content-type", "application/json")
+        .send(body.to_string())
+        .expect("request sent");
+    let served = header(&res, "x-pod-served-by");
+    let status = res.status().as_u16();
+    let text = res.body_mut().read_to_string().unwrap_or_default();
+    let json = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"));
+    (status, served, json)
+}
+
+fn header(res: &ureq::http::Response<ureq::Body>, name: &str) -> String {
+    res.headers()
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned()
+}
+
+/// The answer's text and its tokens' log-probabilities, from a non-streamed reply.
+fn answer(reply: &Value) -> (String, Value) {
+    let choice = &reply["choices"][0];
+    (
+        choice["message"]["content"]
+            .as_str()
+            .unwrap_or_else(|| panic!("no content in {reply}"))
+            .to_owned(),
+        choice["logprobs"].clone(),
+    )
+}
+
+/// Streams a chat completion: the served-by header, the text, the log-probabilities of every
+/// chunk, whether `[DONE]` ended it, and any error event. `on_chunk` runs after each chunk
+/// with the number of chunks so far.
+fn stream(
+    pod: &PodProcess,
+    body: &Value,
+    mut on_chunk: impl FnMut(usize, &str),
+) -> (String, String, Vec<Value>, bool, Option<Value>) {
+    let mut res = agent()
+        .post(&format!("{}/v1/chat/completions", pod.api))
+        .header("content-type", "application/json")
+        .send(body.to_string())
+        .expect("request sent");
+    assert_eq!(res.status().as_u16(), 200);
+    let served = header(&res, "x-pod-served-by");
+    let reader = BufReader::new(res.body_mut().as_reader());
+    let (mut text, mut logprobs, mut error, mut chunks) = (String::new(), Vec::new(), None, 0);
+    for line in reader.lines() {
+        let line = line.expect("stream line");
+        let Some(data) = line.strip_prefix("data: ") else {
+            continue;
+        };
+        if data == "[DONE]" {
+            return (served, text, logprobs, true, error);
+        }
+        let event: Value = serde_json::from_str(data).expect("event json");
+        if event.get("error").is_some() {
+            error = Some(event);
+            continue;
+        }
+        let choice = &event["choices"][0];
+        text.push_str(choice["delta"]["content"].as_str().unwrap_or_default());
+        if let Some(c) = choice["logprobs"]["content"].as_array() {
+            logprobs.extend(c.iter().cloned());
+        }
+        chunks += 1;
+        on_chunk(chunks, &served);
+    }
+    (served, text, logprobs, false, error)
+}
+
+/// Waits until `pod` lists the chat model (served through the mesh or itself).
+fn wait_for_model(pod: &PodProcess) {
+    wait_until(MESH_TIMEOUT, "the model is listed", || {
+        let models = pod.get("/v1/models");
+        models["data"]
+            .as_array()?
+            .iter()
+            .any(|m| m["id"] == CHAT)
+            .then_some(())
+    });
+}
+
+/// Waits until `head` sees a pod announcing blocks `layers`.
+fn wait_for_stage(head: &PodProcess, peer: &str, layers: &str) {
+    wait_until(MESH_TIMEOUT, "the stage is announced", || {
+        let peers = head.get("/pod/v1/peers");
+        peers["data"]
+            .as_array()?
+            .iter()
+            .any(|p| {
+                p["peer_id"] == peer
+                    && p["stages"]
+                        .as_array()
+                        .is_some_and(|s| s.iter().any(|s| s["layers"] == layers))
+            })
+            .then_some(())
+    });
+}
+
+#[test]
+fn two_stages_behind_a_front_door_answer_like_one_whole_pod() {
+    // The reference: a whole-model pod on a mesh of its own.
+    let whole = pod(&["--profile", "inference", "--model", CHAT]);
+    let tail = stage("15-29", None);
+    let head = stage("0-14", Some(&tail.tcp_addr()));
+    let front = pod(&["--profile", "relay", "--bootstrap", &tail.tcp_addr()]);
+    wait_for_stage(&head, &tail.peer_id, "15-29");
+    wait_for_model(&front);
+
+    let prompt = "Write one sentence about the sea.";
+    let (status, _, want) = chat(&whole, &body(prompt, 24, false));
+    assert_eq!(status, 200, "{want}");
+    let (want_text, want_logprobs) = answer(&want);
+    assert!(!want_text.is_empty());
+
+    // Through the front door: served by the head, which names its stages when asked directly.
+    let (status, served, got) = chat(&front, &body(prompt, 24, false));
+    assert_eq!(status, 200, "{got}\n{}", head.log());
+    assert_eq!(served, head.peer_id);
+    let (text, logprobs) = answer(&got);
+    assert_eq!(text, want_text);
+    assert_eq!(logprobs, want_logprobs);
+    assert_eq!(got["usage"], want["usage"]);
+
+    let (status, served, direct) = chat(&head, &body(prompt, 24, false));
+    assert_eq!(status, 200, "{direct}");
+    assert_eq!(served, format!("{}, {}", head.peer_id, tail.peer_id));
+    assert_eq!(answer(&direct).0, want_text);
+
+    // Streamed, the same text and log-probabilities.
+    let (_, want_stream, want_lp, done, err) = stream(&whole, &body(prompt, 24, true), |_, _| {});
+    assert!(done && err.is_none());
+    assert_eq!(want_stream, want_text);
+    let (_, text, lp, done, err) = stream(&front, &body(prompt, 24, true), |_, _| {});
+    assert!(done, "{err:?}");
+    assert_eq!(text, want_text);
+    assert_eq!(lp, want_lp);
+
+    // Several requests at once share the stages' passes and still answer exactly.
+    let prompts = ["Name a fruit.", "Count to five.", "Say hello in French."];
+    let wants: Vec<String> = prompts
+        .iter()
+        .map(|p| answer(&chat(&whole, &body(p, 16, false)).2).0)
+        .collect();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = prompts
+            .iter()
+            .map(|p| s.spawn(|| answer(&chat(&head, &body(p, 16, false)).2).0))
+            .collect();
+        for (h, want) in handles.into_iter().zip(&wants) {
+            assert_eq!(&h.join().unwrap(), want);
+        }
+    });
+
+    // The stage says what it serves.
+    let node = tail.get("/pod/v1/peers");
+    assert!(node["data"].is_array());
+}
+
+#[test]
+fn a_stage_killed_mid_answer_is_replaced_and_the_text_is_unchanged() {
+    let whole = pod(&["--profile", "inference", "--model", CHAT]);
+    let first = stage("15-29", None);
+    let bootstrap = first.tcp_addr();
+    let mut tails = vec![first, stage("15-29", Some(&bootstrap))];
+    let head = stage("0-14", Some(&bootstrap));
+    for t in &tails {
+        wait_for_stage(&head, &t.peer_id, "15-29");
+    }
+
+    let prompt = "Tell me a short story about a robot.";
+    let (status, _, want) = chat(&whole, &body(prompt, 48, false));
+    assert_eq!(status, 200);
+    let (want_text, _) = answer(&want);
+
+    // Kill the stage the answer runs on after a few chunks.
+    let mut killed = None;
+    let (served, text, _, done, err) = stream(&head, &body(prompt, 48, true), |n, served| {
+        if n == 6 && killed.is_none() {
+            let used = served.split(", ").nth(1).unwrap_or_default();
+            let i = tails
+                .iter()
+                .position(|t| t.peer_id == used)
+                .unwrap_or_else(|| panic!("{served} names no stage"));
+            tails[i].child.kill().unwrap();
+            tails[i].child.wait().unwrap();
+            killed = Some(tails.remove(i).peer_id.clone());
+        }
+    });
+    let killed = killed.expect("the answer was long enough to kill a stage");
+    assert!(served.contains(&killed));
+    assert!(done, "{err:?}\n{}", head.log());
+    assert_eq!(text, want_text, "\n{}", head.log());
+    assert!(
+        head.log().contains("pipeline stage failed"),
+        "{}",
+        head.log()
+    );
+
+    // The spare serves the next answer; the head names it.
+    let (status, served, again) = chat(&head, &body(prompt, 48, false));
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(served, format!("{}, {}", head.peer_id, tails[0].peer_id));
+    assert_eq!(answer(&again).0, want_text);
+
+    // No stage left for blocks 15-29: a clear error, not a silent stop.
+    drop(tails);
+    let (status, _, reply) = chat(&head, &body(prompt, 8, false));
+    assert_ne!(status, 200, "{reply}");
+    let message = reply["error"]["message"].as_str().unwrap_or_default();
+    assert!(message.contains("block 15"), "{reply}");
+}
