@@ -68,6 +68,11 @@ pub struct SeqRows {
     pub start: usize,
     /// Rows (positions) sent.
     pub count: usize,
+    /// A sequence of the same head to copy the cache of, where this one is new to the stage
+    /// (a copy the head made, e.g. from its prompt cache): the copy keeps its first `start`
+    /// positions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fork: Option<u64>,
 }
 
 /// What a head asks of a stage.

@@ -240,6 +240,9 @@ pub struct DownstreamRow<'a> {
     pub new_from: usize,
     /// Values per hidden state (the history holds whole rows of them).
     pub hidden: usize,
+    /// The sequence this one was copied from, if it was: where the stages still hold that
+    /// one, they can copy its caches instead of being sent the shared positions again.
+    pub parent: Option<u64>,
 }
 
 /// What runs the blocks after the head's: stages on other pods.
@@ -271,6 +274,8 @@ static NEXT_LINK: AtomicU64 = AtomicU64::new(1);
 pub(super) struct Link {
     pub(super) id: u64,
     pub(super) history: Vec<f32>,
+    /// The link this one is a copy of.
+    parent: Option<u64>,
     downstream: Arc<dyn Downstream>,
 }
 
@@ -279,6 +284,7 @@ impl Link {
         Self {
             id: NEXT_LINK.fetch_add(1, Ordering::Relaxed),
             history: Vec::new(),
+            parent: None,
             downstream: Arc::clone(downstream),
         }
     }
@@ -288,6 +294,7 @@ impl Clone for Link {
     fn clone(&self) -> Self {
         let mut copy = Self::new(&self.downstream);
         copy.history.clone_from(&self.history);
+        copy.parent = Some(self.id);
         copy
     }
 }
@@ -343,6 +350,7 @@ pub(super) fn head_forward(
             history: &l.history,
             new_from: len,
             hidden: d,
+            parent: l.parent,
         })
         .collect();
     let out = head.downstream.forward(&rows);

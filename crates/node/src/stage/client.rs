@@ -223,17 +223,21 @@ impl MeshDownstream {
         for r in rows {
             let d = r.hidden.max(1);
             let held = r.history.len() / d;
-            let start = state
-                .synced
-                .get(&r.id)
-                .copied()
-                .unwrap_or(0)
-                .min(r.new_from)
-                .min(held);
+            // A sequence new to the chain but copied from one it holds starts from that one.
+            let (known, fork) = match (state.synced.get(&r.id), r.parent) {
+                (Some(&n), _) => (n, None),
+                (None, Some(p)) => match state.synced.get(&p) {
+                    Some(&n) => (n, Some(p)),
+                    None => (0, None),
+                },
+                (None, None) => (0, None),
+            };
+            let start = known.min(r.new_from).min(held);
             seqs.push(SeqRows {
                 id: r.id,
                 start,
                 count: held - start,
+                fork: fork.filter(|_| start > 0),
             });
             input.extend_from_slice(&r.history[start * d..]);
         }

@@ -383,7 +383,11 @@ fn admit(
                 s.start.saturating_add(s.count)
             )));
         }
-        let have = caches.get(&(peer, s.id)).map_or(0, |e| e.cache.len());
+        let have = match (caches.get(&(peer, s.id)), s.fork) {
+            (Some(e), _) => e.cache.len(),
+            (None, Some(parent)) => caches.get(&(peer, parent)).map_or(0, |e| e.cache.len()),
+            (None, None) => 0,
+        };
         if have < s.start {
             gaps.push(s.id);
         }
@@ -392,10 +396,26 @@ fn admit(
         return Err(Outcome::Missing(gaps));
     }
     for s in seqs {
-        let entry = caches.entry((peer, s.id)).or_insert_with(|| Entry {
-            cache: stage.new_cache(),
-            used: Instant::now(),
-        });
+        if !caches.contains_key(&(peer, s.id)) {
+            let cache = match s.fork.and_then(|p| caches.get(&(peer, p))) {
+                Some(parent) => {
+                    let mut c = parent.cache.clone();
+                    c.truncate(s.start);
+                    c
+                }
+                None => stage.new_cache(),
+            };
+            caches.insert(
+                (peer, s.id),
+                Entry {
+                    cache,
+                    used: Instant::now(),
+                },
+            );
+        }
+        let Some(entry) = caches.get_mut(&(peer, s.id)) else {
+            continue;
+        };
         entry.cache.truncate(s.start);
         entry.used = Instant::now();
     }
