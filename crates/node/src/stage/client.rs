@@ -32,8 +32,8 @@ const AVOID_FOR: Duration = Duration::from_secs(30);
 /// Chains tried for one pass before it fails.
 const ATTEMPTS: usize = 4;
 
-/// Sequences to free kept for the next pass at most (stages free idle ones themselves).
-const MAX_PENDING_RELEASES: usize = 4096;
+/// Longest wait to tell a stage a sequence is gone (stages free idle ones themselves).
+const RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The stages after a head, reached over the mesh.
 #[derive(Debug)]
@@ -57,7 +57,6 @@ struct State {
     synced: HashMap<u64, usize>,
     streams: HashMap<PeerId, libp2p::Stream>,
     avoided: HashMap<PeerId, Instant>,
-    releases: Vec<u64>,
 }
 
 impl std::fmt::Debug for State {
@@ -241,7 +240,6 @@ impl MeshDownstream {
             });
             input.extend_from_slice(&r.history[start * d..]);
         }
-        let releases = std::mem::take(&mut state.releases);
         let chain = state.chain.clone();
         for (i, hop) in chain.iter().enumerate() {
             let last = i + 1 == chain.len();
@@ -262,17 +260,6 @@ impl MeshDownstream {
             };
             let mut stream = stream;
             let exchange = async {
-                if !releases.is_empty() {
-                    let release = StageRequest::Release {
-                        seqs: releases.clone(),
-                    };
-                    write_frame(&mut stream, &release)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    let _: StageReply = read_frame(&mut stream, MAX_HEADER_BYTES)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                }
                 let request = StageRequest::Forward {
                     sha256: self.sha256.clone(),
                     layers: hop.layers,
@@ -351,10 +338,28 @@ impl Downstream for MeshDownstream {
     }
 
     fn release(&self, id: u64) {
-        let mut state = self.state();
-        if state.synced.remove(&id).is_some() && state.releases.len() < MAX_PENDING_RELEASES {
-            state.releases.push(id);
-        }
+        let chain = {
+            let mut state = self.state();
+            if state.synced.remove(&id).is_none() {
+                return;
+            }
+            state.chain.clone()
+        };
+        // At once, on streams of their own: the pass streams belong to the engine thread.
+        let mut control = self.mesh.streams();
+        self.runtime.spawn(async move {
+            for hop in chain {
+                let send = async {
+                    let mut s = control.open_stream(hop.peer, PROTOCOL).await.ok()?;
+                    let release = StageRequest::Release { seqs: vec![id] };
+                    write_frame(&mut s, &release).await.ok()?;
+                    read_frame::<_, StageReply>(&mut s, MAX_HEADER_BYTES)
+                        .await
+                        .ok()
+                };
+                let _ = tokio::time::timeout(RELEASE_TIMEOUT, send).await;
+            }
+        });
     }
 
     fn describe(&self) -> String {

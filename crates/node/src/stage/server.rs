@@ -8,6 +8,7 @@
 //! payload size must match, and a sequence belongs to the head that opened it.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -41,6 +42,8 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(60);
 #[derive(Debug, Default)]
 pub struct StageHost {
     worker: RwLock<Option<Arc<Worker>>>,
+    /// Sequences the stage holds caches of, as of its last pass.
+    held: Arc<AtomicUsize>,
     heads: RwLock<Vec<(StageAnnouncement, Arc<MeshDownstream>)>>,
 }
 
@@ -83,9 +86,10 @@ impl StageHost {
     pub fn serve(&self, stage: StageModel, announcement: StageAnnouncement) -> std::io::Result<()> {
         let (jobs, rx) = mpsc::channel();
         let hidden = stage.info().hidden_size;
+        let held = Arc::clone(&self.held);
         std::thread::Builder::new()
             .name("pod-stage".into())
-            .spawn(move || work(stage, rx))?;
+            .spawn(move || work(stage, rx, &held))?;
         tracing::info!(
             model = %announcement.model,
             blocks = %announcement.layers,
@@ -116,6 +120,11 @@ impl StageHost {
             .iter()
             .find(|(a, _)| a.model == model)
             .map(|(_, d)| Arc::clone(d))
+    }
+
+    /// Sequences the stage this pod serves holds caches of.
+    pub fn sequences(&self) -> usize {
+        self.held.load(Ordering::Relaxed)
     }
 
     /// Every stage this pod serves, heads first, as it announces them.
@@ -305,10 +314,11 @@ struct Entry {
 type Key = (PeerId, u64);
 
 /// The stage's thread: runs every waiting request's rows in one pass.
-fn work(stage: StageModel, jobs: mpsc::Receiver<Job>) {
+fn work(stage: StageModel, jobs: mpsc::Receiver<Job>, held: &AtomicUsize) {
     let mut caches: HashMap<Key, Entry> = HashMap::new();
     let mut waiting: VecDeque<Job> = VecDeque::new();
     loop {
+        held.store(caches.len(), Ordering::Relaxed);
         if waiting.is_empty() {
             match jobs.recv_timeout(Duration::from_secs(30)) {
                 Ok(job) => waiting.push_back(job),
