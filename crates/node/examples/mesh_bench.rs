@@ -43,6 +43,8 @@ fn caps(active: usize) -> Capabilities {
         api: None,
         addrs: vec![],
         files: vec![],
+        serve_to: Default::default(),
+        trusted: vec![],
         seq: 0,
     }
 }

@@ -42,6 +42,8 @@ fn caps(model: &str) -> Capabilities {
         api: None,
         addrs: vec![],
         files: vec![],
+        serve_to: Default::default(),
+        trusted: vec![],
         seq: 0,
     }
 }

@@ -321,6 +321,8 @@ mod tests {
             api: None,
             addrs: vec!["/ip4/127.0.0.1/tcp/4001".into()],
             files: vec![],
+            serve_to: Default::default(),
+            trusted: vec![],
             seq,
         }
     }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use pod_api::LocalBackend;
 use pod_inference::EngineHandle;
 
+use crate::access::Access;
 use crate::backend::ANNOUNCE_REFRESH;
 use crate::blob::BlobServer;
 use crate::mesh::capability::{ApiInfo, HardwareSummary, Load};
@@ -13,7 +14,7 @@ use crate::mesh::{self, Capabilities};
 use crate::profile::Profile;
 
 /// Keeps the node's capability announcement current: models, load, API readiness, and the
-/// files it serves.
+/// files it serves, and to whom.
 pub(super) async fn announce(
     mesh: mesh::Client,
     engine: EngineHandle,
@@ -21,6 +22,7 @@ pub(super) async fn announce(
     profile: Profile,
     (device, http_api): (String, bool),
     blobs: Option<Arc<BlobServer>>,
+    access: Access,
 ) {
     use pod_api::Backend as _;
     let hardware = HardwareSummary {
@@ -53,6 +55,8 @@ pub(super) async fn announce(
                 .as_ref()
                 .map(|b| b.files().into_iter().map(|(sha, _)| sha).collect())
                 .unwrap_or_default(),
+            serve_to: access.serve_to,
+            trusted: access.announced(),
             seq: 0,
         };
         if mesh.announce(caps).await.is_err() {

@@ -9,6 +9,7 @@ use pod_api::{ApiConfig, ApiKeys};
 use pod_inference::{EngineConfig, Placement};
 
 use super::NodeError;
+use crate::access::Access;
 use crate::backend::Route;
 use crate::identity::Identity;
 use crate::mesh::MeshConfig;
@@ -61,6 +62,8 @@ pub struct StartOptions {
     pub bulk_listen: Vec<std::net::SocketAddr>,
     /// Pull from peers over their bulk connections where offered.
     pub pull_bulk: bool,
+    /// Which peers may run inference on this node and pull its model files.
+    pub access: Access,
 }
 
 impl StartOptions {
