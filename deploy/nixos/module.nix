@@ -47,6 +47,15 @@ let
   credentialArg = {
     raw = "%d/${credentialName}";
   };
+  # The private mesh's key reaches the service the same way.
+  meshKeyCredential = "mesh-key";
+  meshKeyArg = {
+    raw = "%d/${meshKeyCredential}";
+  };
+  credentials =
+    optional (cfg.apiKeyFile != null) "${credentialName}:${toString cfg.apiKeyFile}"
+    ++ optional (cfg.meshKeyFile != null) "${meshKeyCredential}:${toString cfg.meshKeyFile}";
+  inStore = path: path != null && hasPrefix "${builtins.storeDir}/" (toString path);
 
   # One GPU backend per service: each passes its own `--device`, so a GPU that is not there
   # stops the start instead of leaving the node on the CPU.
@@ -115,6 +124,18 @@ let
       "--bootstrap"
       addr
     ]) cfg.bootstrap
+    ++ optionals (cfg.meshKeyFile != null) [
+      "--mesh-key"
+      meshKeyArg
+    ]
+    ++ concatMap (peer: [
+      "--trust"
+      peer
+    ]) cfg.trust
+    ++ optionals (cfg.serveTo != "any") [
+      "--serve-to"
+      cfg.serveTo
+    ]
     ++ optionals (gpuDevice != null) [
       "--device"
       gpuDevice
@@ -190,7 +211,7 @@ in
     p2pPort = mkOption {
       type = types.port;
       default = 4001;
-      description = "Port of the libp2p mesh, TCP and QUIC over UDP (`--p2p-port`).";
+      description = "Port of the libp2p mesh, TCP and QUIC over UDP (TCP only with `meshKeyFile`; `--p2p-port`).";
     };
 
     apiKeyFile = mkOption {
@@ -210,6 +231,42 @@ in
       default = [ ];
       example = [ "/dns4/boot.example.org/tcp/4001/p2p/12D3KooWExamplePeerId" ];
       description = "Multiaddrs of peers to join the mesh through (one `--bootstrap` each).";
+    };
+
+    meshKeyFile = mkOption {
+      type = types.nullOr types.path;
+      default = null;
+      example = "/run/secrets/pod-mesh-key";
+      description = ''
+        Pre-shared key file of a private mesh (`--mesh-key`; make one with `pod mesh key new
+        --out FILE` and copy it to every node): only pods holding the same key can connect at
+        all. The key covers TCP only, so with it the node neither listens on nor dials QUIC,
+        and `openFirewall` opens no UDP port. Read through LoadCredential= like `apiKeyFile`:
+        give a string path outside the Nix store. Default: none, the open public mesh.
+      '';
+    };
+
+    trust = mkOption {
+      type = types.listOf (types.strMatching "[1-9A-HJ-NP-Za-km-z]{46,64}");
+      default = [ ];
+      example = [ "12D3KooWEyoppNCUx8Yx66oV9fJnriXwCcXwDDUA2kj6vnc6iDEp" ];
+      description = ''
+        PeerIds (`pod identity show` on each) that may run inference on this node and pull its
+        model files when `serveTo` is `trusted` (one `--trust` each; at most 64).
+      '';
+    };
+
+    serveTo = mkOption {
+      type = types.enum [
+        "any"
+        "trusted"
+      ];
+      default = "any";
+      description = ''
+        Who may run inference on this node and pull its model files (`--serve-to`): `any`
+        peer of the mesh (the default, as the public mesh expects), or only the `trust`ed
+        ones; others are refused and their pods ask another provider.
+      '';
     };
 
     openFirewall = mkOption {
@@ -305,10 +362,18 @@ in
   config = mkIf cfg.enable {
     assertions = [
       {
-        assertion = cfg.apiKeyFile == null || !(hasPrefix "${builtins.storeDir}/" (toString cfg.apiKeyFile));
+        assertion = !(inStore cfg.apiKeyFile);
         message = ''
           services.pod.apiKeyFile is in the Nix store, where every local user can read it. Give
           the path of a file outside the store as a string, e.g. "/run/secrets/pod-api-keys".
+        '';
+      }
+      {
+        assertion = !(inStore cfg.meshKeyFile);
+        message = ''
+          services.pod.meshKeyFile is in the Nix store, where every local user can read it (and
+          join the private mesh with it). Give the path of a file outside the store as a
+          string, e.g. "/run/secrets/pod-mesh-key".
         '';
       }
       {
@@ -396,8 +461,8 @@ in
       # profiles that serve them.
       ++ optional (servesFiles && cfg.p2pPort < 65535) (cfg.p2pPort + 1)
       ++ optional (!apiIsLoopback) cfg.apiPort;
-      # QUIC
-      allowedUDPPorts = [ cfg.p2pPort ];
+      # QUIC, which a private mesh does not use.
+      allowedUDPPorts = optional (cfg.meshKeyFile == null) cfg.p2pPort;
     };
 
     systemd.services.pod = {
@@ -505,8 +570,8 @@ in
             "char-nvidia-caps rw"
           ];
         })
-        (mkIf (cfg.apiKeyFile != null) {
-          LoadCredential = [ "${credentialName}:${toString cfg.apiKeyFile}" ];
+        (mkIf (credentials != [ ]) {
+          LoadCredential = credentials;
         })
       ];
     };

@@ -44,6 +44,8 @@ fn caps(active: usize) -> Capabilities {
         addrs: vec![],
         files: vec![],
         stages: Vec::new(),
+        serve_to: Default::default(),
+        trusted: vec![],
         seq: 0,
     }
 }

@@ -141,6 +141,8 @@ impl NodeBackend {
 #[derive(Debug, Clone)]
 pub struct PeerWatch {
     peers: PeerCache,
+    /// This node: peers that do not serve it (`--serve-to trusted` elsewhere) are left out.
+    local: PeerId,
 }
 
 impl PeerWatch {
@@ -148,19 +150,21 @@ impl PeerWatch {
     /// inside a tokio runtime).
     pub fn start(mesh: mesh::Client) -> Self {
         let peers: PeerCache = Arc::default();
+        let local = mesh.peer_id();
         tokio::spawn(refresh_peers(mesh, Arc::clone(&peers)));
-        Self { peers }
+        Self { peers, local }
     }
 
     /// Ranks the peers for a model, best first, for an [`InferClient`].
     pub fn providers(&self) -> Providers {
         let ranking = Arc::clone(&self.peers);
-        Arc::new(move |model: &str, exclude: &[PeerId]| rank(&ranking, model, exclude))
+        let local = self.local;
+        Arc::new(move |model: &str, exclude: &[PeerId]| rank(&ranking, model, exclude, &local))
     }
 
-    /// Whether a peer with a ready API announces `model`.
+    /// Whether a peer with a ready API that would serve this node announces `model`.
     pub fn serves(&self, model: &str) -> bool {
-        !rank(&self.peers, model, &[]).is_empty()
+        !rank(&self.peers, model, &[], &self.local).is_empty()
     }
 
     /// Whether a connected peer with a ready API and a free slot holds all of `model`.
@@ -173,6 +177,7 @@ impl PeerWatch {
                 && p.capabilities.as_ref().is_some_and(|c| {
                     c.models.iter().any(|m| m.name == model)
                         && !is_head(c, model)
+                        && c.serves(&self.local)
                         && c.api.as_ref().is_some_and(|a| a.ready)
                         && c.load.active + c.load.queued < c.load.max_active.max(1)
                 })
@@ -204,7 +209,10 @@ fn is_head(caps: &crate::mesh::Capabilities, model: &str) -> bool {
 /// Peers that announce `model` and a ready API, best first: connected peers before ones only
 /// heard of, then pods holding the whole model before pipeline heads, then fewest requests
 /// per slot, then lowest round-trip time.
-fn rank(cache: &PeerCache, model: &str, exclude: &[PeerId]) -> Vec<PeerId> {
+/// Peers that announce `model` and a ready API and serve `local`, best first: connected peers
+/// before ones only heard of, then pods holding the whole model before pipeline heads, then
+/// fewest requests per slot, then lowest round-trip time.
+fn rank(cache: &PeerCache, model: &str, exclude: &[PeerId], local: &PeerId) -> Vec<PeerId> {
     let Ok(peers) = cache.read() else {
         return Vec::new();
     };
@@ -215,7 +223,7 @@ fn rank(cache: &PeerCache, model: &str, exclude: &[PeerId]) -> Vec<PeerId> {
             let caps = p.capabilities.as_ref()?;
             let serves = caps.models.iter().any(|m| m.name == model);
             let ready = caps.api.as_ref().is_some_and(|a| a.ready);
-            if !serves || !ready {
+            if !serves || !ready || !caps.serves(local) {
                 return None;
             }
             let slots = caps.load.max_active.max(1) as u64;
@@ -244,7 +252,10 @@ impl Backend for NodeBackend {
                     let Some(caps) = &p.capabilities else {
                         continue;
                     };
-                    if !caps.api.as_ref().is_some_and(|a| a.ready) {
+                    // A pod that would refuse this node offers it nothing.
+                    if !caps.api.as_ref().is_some_and(|a| a.ready)
+                        || !caps.serves(&self.peers.local)
+                    {
                         continue;
                     }
                     for info in &caps.models {

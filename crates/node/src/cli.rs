@@ -15,6 +15,7 @@ mod chat;
 mod device;
 mod identity;
 mod infer;
+mod mesh;
 mod mesh_join;
 mod models;
 mod node_client;
@@ -95,6 +96,9 @@ pub(crate) enum Command {
     Identity(identity::IdentityCommand),
     /// List the peers the running node knows: addresses, round-trip time, models, load.
     Peers(peers::PeersArgs),
+    /// A private mesh: make or check the pre-shared key (`pod start --mesh-key FILE`).
+    #[command(subcommand)]
+    Mesh(mesh::MeshCommand),
     /// Work served to and consumed from each peer, from the signed receipt ledger.
     Receipts(receipts::ReceiptsArgs),
     /// Show pod's version and what this binary was built with (target, GPU backends).
@@ -113,6 +117,7 @@ impl Command {
             | Command::Stop(_)
             | Command::Identity(_)
             | Command::Peers(_)
+            | Command::Mesh(_)
             | Command::Receipts(_)
             | Command::Version(_)
             | Command::Device(_) => true,
@@ -149,6 +154,7 @@ pub(crate) fn exec(cli: Cli, matches: &ArgMatches) -> Result<()> {
         Command::Bench(args) => bench::exec(&home, &open_store()?, args),
         Command::Identity(cmd) => identity::exec(&home, cmd),
         Command::Peers(args) => peers::exec(&home, args),
+        Command::Mesh(cmd) => mesh::exec(cmd),
         Command::Receipts(args) => receipts::exec(&home, args),
         Command::Version(args) => version::exec(args),
         Command::Device(cmd) => device::exec(&home, cmd),

@@ -10,12 +10,14 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
-use libp2p::Multiaddr;
+use libp2p::{Multiaddr, PeerId};
 use pod_inference::model::stage::LayerRange;
 use pod_inference::DeviceSpec;
 use serde::{Deserialize, Deserializer};
 
+use crate::access::ServeTo;
 use crate::backend::Route;
+use crate::mesh::capability::MAX_TRUSTED;
 use crate::profile::Profile;
 
 mod layer;
@@ -102,6 +104,14 @@ pub struct FileConfig {
     pub bulk: Option<bool>,
     /// `--bulk-port`.
     pub bulk_port: Option<u16>,
+    /// `--mesh-key` (relative: from the file's folder).
+    pub mesh_key: Option<PathBuf>,
+    /// `--trust`, repeated: PeerIds.
+    #[serde(default, deserialize_with = "peer_ids")]
+    pub trust: Option<Vec<PeerId>>,
+    /// `--serve-to`: `any` or `trusted`.
+    #[serde(default, deserialize_with = "parsed")]
+    pub serve_to: Option<ServeTo>,
     /// `--log`.
     pub log: Option<String>,
     /// `--log-format`.
@@ -285,6 +295,9 @@ impl FileConfig {
                 return Err(format!("{s} is not in 1..=3600 seconds"));
             }
         }
+        if self.trust.as_ref().is_some_and(|t| t.len() > MAX_TRUSTED) {
+            return Err(format!("at most {MAX_TRUSTED} trusted peers"));
+        }
         if self.log.as_deref().is_some_and(|l| l.trim().is_empty()) {
             return Err("an empty log filter".into());
         }
@@ -293,9 +306,13 @@ impl FileConfig {
 
     /// Makes relative paths relative to the file's folder, not to wherever pod was started.
     fn resolve_paths(&mut self, dir: &Path) {
-        for path in [&mut self.api_key_file, &mut self.models_dir]
-            .into_iter()
-            .flatten()
+        for path in [
+            &mut self.api_key_file,
+            &mut self.models_dir,
+            &mut self.mesh_key,
+        ]
+        .into_iter()
+        .flatten()
         {
             if path.is_relative() {
                 *path = dir.join(&*path);
@@ -380,6 +397,17 @@ fn ip<'de, D: Deserializer<'de>>(d: D) -> Result<Option<IpAddr>, D::Error> {
     s.parse()
         .map(Some)
         .map_err(|_| serde::de::Error::custom(format!("`{s}` is not an IP address")))
+}
+
+fn peer_ids<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<PeerId>>, D::Error> {
+    Vec::<String>::deserialize(d)?
+        .iter()
+        .map(|s| {
+            s.parse::<PeerId>()
+                .map_err(|e| serde::de::Error::custom(format!("`{s}` is not a PeerId: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()
+        .map(Some)
 }
 
 fn multiaddrs<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<Multiaddr>>, D::Error> {
@@ -480,6 +508,10 @@ mod tests {
             ("announce_interval = 0", "announce_interval", "1..=3600"),
             ("mdns = \"yes\"", "mdns", "expected a boolean"),
             ("log_format = \"xml\"", "log_format", "xml"),
+            ("serve_to = \"all\"", "serve_to", "expected any or trusted"),
+            ("trust = [\"me\"]", "trust", "`me` is not a PeerId"),
+            ("trust = \"12D3KooW\"", "trust", "expected a sequence"),
+            ("mesh_key = 1", "mesh_key", "expected"),
         ];
         for (text, key, needle) in cases {
             let err = parse(&format!("# pod\n\n{text}\n")).unwrap_err();
@@ -510,15 +542,27 @@ mod tests {
         let path = dir.path().join("config.toml");
         std::fs::write(
             &path,
-            "api_key_file = \"keys\"\nmodels = [\"./my.gguf\", \"smollm2-135m-instruct\"]\nmodels_dir = \"/srv/models\"\n",
+            "api_key_file = \"keys\"\nmodels = [\"./my.gguf\", \"smollm2-135m-instruct\"]\nmodels_dir = \"/srv/models\"\nmesh_key = \"mesh.key\"\n",
         )
         .unwrap();
         let c = FileConfig::load(&path, true).unwrap().unwrap();
         assert_eq!(c.api_key_file, Some(dir.path().join("keys")));
+        assert_eq!(c.mesh_key, Some(dir.path().join("mesh.key")));
         assert_eq!(c.models_dir, Some(PathBuf::from("/srv/models")));
         let models = c.models.unwrap();
         assert_eq!(models[0], dir.path().join("./my.gguf").to_string_lossy());
         assert_eq!(models[1], "smollm2-135m-instruct");
+    }
+
+    #[test]
+    fn trust_and_serve_to_parse_and_the_trusted_list_is_bounded() {
+        let id = libp2p::PeerId::random();
+        let c = parse(&format!("serve_to = \"trusted\"\ntrust = [\"{id}\"]\n")).unwrap();
+        assert_eq!(c.serve_to, Some(ServeTo::Trusted));
+        assert_eq!(c.trust, Some(vec![id]));
+        let many = vec![format!("\"{id}\""); MAX_TRUSTED + 1].join(", ");
+        let err = parse(&format!("trust = [{many}]\n")).unwrap_err();
+        assert!(err.contains("bad value for `trust`: at most 64"), "{err}");
     }
 
     #[test]

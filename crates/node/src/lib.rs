@@ -4,6 +4,7 @@
 #![deny(missing_docs)]
 #![cfg_attr(not(test), deny(clippy::unwrap_used))]
 
+pub mod access;
 pub mod backend;
 pub mod bench;
 pub mod blob;

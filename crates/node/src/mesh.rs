@@ -4,13 +4,15 @@
 //! swarm; spawn the loop, keep clones of the client. Nothing outside this module touches the
 //! swarm. The loop ends when every client is dropped.
 //!
-//! Protocols: TCP and QUIC-v1 transports with Noise and Yamux, identify (agent `pod/<version>`),
+//! Protocols: TCP and QUIC-v1 transports with Noise and Yamux (TCP only, under a pre-shared key,
+//! in a private mesh: see [`mesh_key`]), identify (agent `pod/<version>`),
 //! ping, Kademlia under `/pod/kad/1.0.0` (peer routing, and provider records for served
 //! files), gossipsub (capability announcements on [`capability::CAPABILITY_TOPIC`]), mDNS,
 //! AutoNAT, circuit relay v2 (client always, server on request), DCUtR hole punching and
 //! UPnP port mapping (on request).
 
 pub mod capability;
+pub mod mesh_key;
 pub mod peers;
 
 mod addresses;
@@ -21,7 +23,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use libp2p::{identity::Keypair, noise, tcp, yamux, Multiaddr, PeerId, SwarmBuilder};
+use libp2p::core::muxing::StreamMuxerBox;
+use libp2p::core::transport::{Boxed, Transport};
+use libp2p::core::upgrade::Version;
+use libp2p::pnet::PnetConfig;
+use libp2p::{identity::Keypair, noise, quic, tcp, yamux, Multiaddr, PeerId, SwarmBuilder};
 use serde::Serialize;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
@@ -32,10 +38,15 @@ pub use behaviour::{
 };
 pub use capability::Capabilities;
 pub use event_loop::EventLoop;
+pub use mesh_key::PreSharedKey;
 pub use peers::{ConnectionPath, HolePunch, PeerSnapshot};
 
 /// Default TCP and UDP (QUIC) port of the mesh.
 pub const DEFAULT_P2P_PORT: u16 = 4001;
+
+/// How long a new connection may take to agree on encryption (the private mesh's nonces,
+/// Noise) and multiplexing before it is dropped.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// How the mesh runs.
 #[derive(Debug, Clone)]
@@ -81,6 +92,10 @@ pub struct MeshConfig {
     /// Peers the node tries to stay connected to; pods learned from gossip are dialled until
     /// this many connections are open.
     pub target_peers: usize,
+    /// The pre-shared key of a private mesh: every connection is encrypted with it before
+    /// Noise, so only pods holding it can connect. It wraps TCP only: with a key the node
+    /// neither listens on nor dials QUIC. `None`: the open mesh, TCP and QUIC.
+    pub mesh_key: Option<PreSharedKey>,
 }
 
 impl MeshConfig {
@@ -124,8 +139,19 @@ impl Default for MeshConfig {
             max_announcements_per_peer_per_sec: 5,
             max_invalid_announcements: 16,
             target_peers: 32,
+            mesh_key: None,
         }
     }
+}
+
+/// Whether an address is a QUIC one (UDP), which a private mesh cannot use.
+pub fn is_quic(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| {
+        matches!(
+            p,
+            libp2p::multiaddr::Protocol::QuicV1 | libp2p::multiaddr::Protocol::Quic
+        )
+    })
 }
 
 /// The mesh could not start or a command failed.
@@ -345,15 +371,17 @@ pub fn new(key: Keypair, config: MeshConfig) -> Result<(Client, EventLoop), Mesh
     let setup = |e: &dyn std::fmt::Display| MeshError::Setup(e.to_string());
     let behaviour_config = config.clone();
     let mut built_error = None;
+    if let Some(psk) = &config.mesh_key {
+        tracing::info!(
+            fingerprint = %psk.fingerprint(),
+            "private mesh: only pods holding this key can connect; the key covers TCP only, so QUIC is off"
+        );
+    }
+    let transport = transport(&key, config.mesh_key).map_err(|e| setup(&e))?;
     let swarm = SwarmBuilder::with_existing_identity(key)
         .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            noise::Config::new,
-            yamux::Config::default,
-        )
+        .with_other_transport(|_| transport)
         .map_err(|e| setup(&e))?
-        .with_quic()
         .with_relay_client(noise::Config::new, yamux::Config::default)
         .map_err(|e| setup(&e))?
         .with_behaviour(|key, relay_client| {
@@ -392,6 +420,45 @@ pub fn new(key: Keypair, config: MeshConfig) -> Result<(Client, EventLoop), Mesh
         },
         event_loop,
     ))
+}
+
+/// The mesh's transports: TCP with Noise and Yamux, plus QUIC-v1 in the open mesh. With a
+/// `mesh_key`, every TCP connection first exchanges nonces and is encrypted with the key
+/// (XSalsa20), so a peer without the key fails the Noise handshake that follows; there is no
+/// QUIC, which the key cannot wrap. (Relayed connections run inside a connection to the
+/// relay, so they are covered as well.)
+fn transport(
+    key: &Keypair,
+    mesh_key: Option<PreSharedKey>,
+) -> Result<Boxed<(PeerId, StreamMuxerBox)>, noise::Error> {
+    let tcp = tcp::tokio::Transport::new(tcp::Config::default().nodelay(true));
+    let noise = noise::Config::new(key)?;
+    let tcp = match mesh_key {
+        Some(psk) => tcp
+            .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
+            .upgrade(Version::V1Lazy)
+            .authenticate(noise)
+            .multiplex(yamux::Config::default())
+            .timeout(HANDSHAKE_TIMEOUT)
+            .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
+            .boxed(),
+        None => tcp
+            .upgrade(Version::V1Lazy)
+            .authenticate(noise)
+            .multiplex(yamux::Config::default())
+            .timeout(HANDSHAKE_TIMEOUT)
+            .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)))
+            .boxed(),
+    };
+    if mesh_key.is_some() {
+        return Ok(tcp);
+    }
+    let quic = quic::tokio::Transport::new(quic::Config::new(key))
+        .map(|(peer, muxer), _| (peer, StreamMuxerBox::new(muxer)));
+    Ok(tcp
+        .or_transport(quic)
+        .map(|either, _| either.into_inner())
+        .boxed())
 }
 
 /// Accepts streams of `protocol` until the mesh stops, each handled on its own task.

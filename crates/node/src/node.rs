@@ -115,17 +115,26 @@ impl Node {
             ledger.clone(),
             ServerConfig {
                 serve_mesh: opts.serve_mesh,
+                access: opts.access.clone(),
                 ..ServerConfig::default()
             },
         );
         background.push(tokio::spawn(infer.run(mesh.streams())));
         let stages = StageHost::new();
         background.push(tokio::spawn(Arc::clone(&stages).run(mesh.streams())));
+        if opts.access.serve_to == crate::access::ServeTo::Trusted {
+            tracing::info!(
+                trusted = opts.access.trusted.len(),
+                "serving trusted peers only: others are refused inference and model files"
+            );
+        }
         // Storage and full profiles serve their verified model files to peers.
-        let blobs = opts
-            .profile
-            .serves_files()
-            .then(|| BlobServer::with_limits(&store, blob::MAX_STREAMS_PER_PEER, opts.serve_rate));
+        let blobs = opts.profile.serves_files().then(|| {
+            let server =
+                BlobServer::with_limits(&store, blob::MAX_STREAMS_PER_PEER, opts.serve_rate);
+            server.set_access(opts.access.clone());
+            server
+        });
         let blob_stats = blobs
             .as_ref()
             .map_or_else(|| Arc::new(BlobStats::default()), |b| Arc::clone(b.stats()));
@@ -148,8 +157,8 @@ impl Node {
             local.clone(),
             opts.profile,
             (opts.device_name.clone(), opts.api),
-            blobs.clone(),
-            Arc::clone(&stages),
+            (blobs.clone(), Arc::clone(&stages)),
+            opts.access.clone(),
         )));
 
         let state = AppState::new(backend.clone(), opts.api_config(peer_id.clone()));
@@ -398,6 +407,7 @@ mod tests {
             serve_rate: 0,
             bulk_listen: Vec::new(),
             pull_bulk: false,
+            access: crate::access::Access::default(),
         }
     }
 

@@ -11,6 +11,7 @@ use futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
 use libp2p::identity::Keypair;
 use libp2p::{Multiaddr, PeerId};
 use pod_inference::{EngineError, GenerateEvent, GenerateRequest, Usage};
+use pod_node::access::Access;
 use pod_node::catalogue::DEFAULT_CHAT_MODEL;
 use pod_node::mesh::{self, Client};
 use pod_node::receipts::{Ledger, Receipt, SignedReceipt};
@@ -52,11 +53,15 @@ async fn honest(server_config: ServerConfig) -> (Client, Multiaddr, Arc<InferSer
 
 /// A requester connected to `peers`, asking them in the given order.
 async fn requester(peers: &[(PeerId, Multiaddr)]) -> (Client, InferClient, Arc<Ledger>) {
-    let (client, _) = node(
-        Keypair::generate_ed25519(),
-        peers.iter().map(|p| p.1.clone()).collect(),
-    )
-    .await;
+    requester_as(Keypair::generate_ed25519(), peers).await
+}
+
+/// [`requester`] with the identity `key`.
+async fn requester_as(
+    key: Keypair,
+    peers: &[(PeerId, Multiaddr)],
+) -> (Client, InferClient, Arc<Ledger>) {
+    let (client, _) = node(key, peers.iter().map(|p| p.1.clone()).collect()).await;
     let deadline = Instant::now() + WAIT;
     loop {
         let known = client.peers().await.unwrap();
@@ -363,6 +368,48 @@ async fn a_pod_that_serves_only_itself_refuses_peers() {
     let (_r, infer, _) = requester(&[(h.peer_id(), h_addr)]).await;
     let err = infer.generate(greedy(4)).await.unwrap_err();
     assert!(err.to_string().contains("does not serve the mesh"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_serving_trusted_peers_only_refuses_strangers_who_fail_over() {
+    let friend = Keypair::generate_ed25519();
+    let (closed, closed_addr, closed_server) = honest(ServerConfig {
+        access: Access::trusted_only([friend.public().to_peer_id()]),
+        ..ServerConfig::default()
+    })
+    .await;
+    let (open, open_addr, open_server) = honest(ServerConfig::default()).await;
+    let closed_at = (closed.peer_id(), closed_addr);
+
+    // A stranger asking the closed pod first is refused at once and served by the open one.
+    let (_s, stranger, _) = requester(&[closed_at.clone(), (open.peer_id(), open_addr)]).await;
+    let started = Instant::now();
+    let (peer, events) = stranger.generate(greedy(8)).await.unwrap();
+    assert_eq!(peer, open.peer_id(), "the refusal moved the request on");
+    let (text, usage, err) = drain(events).await;
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(text, local_answer(8).await);
+    assert_eq!(usage.unwrap().completion_tokens, 8);
+    assert!(started.elapsed() < WAIT, "{:?}", started.elapsed());
+    assert_eq!(closed_server.stats().untrusted.load(Ordering::Relaxed), 1);
+    assert_eq!(closed_server.stats().accepted.load(Ordering::Relaxed), 0);
+    assert_eq!(open_server.stats().accepted.load(Ordering::Relaxed), 1);
+
+    // With nobody else to ask, the refusal is the stranger's error, with its reason.
+    let (_s, alone, _) = requester(std::slice::from_ref(&closed_at)).await;
+    let err = alone.generate(greedy(4)).await.unwrap_err();
+    assert!(err.to_string().contains("trusted peers only"), "{err}");
+    assert!(matches!(err, EngineError::Unavailable(_)), "{err:?}");
+
+    // The trusted peer is served by the closed pod.
+    let (_f, trusted, _) = requester_as(friend, &[closed_at]).await;
+    let (peer, events) = trusted.generate(greedy(8)).await.unwrap();
+    assert_eq!(peer, closed.peer_id());
+    let (text, _, err) = drain(events).await;
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(text, local_answer(8).await);
+    assert_eq!(closed_server.stats().accepted.load(Ordering::Relaxed), 1);
+    assert_eq!(closed_server.stats().untrusted.load(Ordering::Relaxed), 2);
 }
 
 /// Two rogue-then-honest requests: the rogue's bad first frame is refused whole, so the answer

@@ -43,6 +43,8 @@ fn caps(model: &str) -> Capabilities {
         addrs: vec![],
         files: vec![],
         stages: Vec::new(),
+        serve_to: Default::default(),
+        trusted: vec![],
         seq: 0,
     }
 }

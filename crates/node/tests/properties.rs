@@ -493,7 +493,11 @@ fn capabilities() -> impl Strategy<Value = Capabilities> {
         prop::option::of((short(), any::<bool>())),
         prop::collection::vec(short(), 0..4),
         prop::collection::vec("[0-9a-f]{64}", 0..4),
-        any::<u64>(),
+        (
+            any::<bool>(),
+            prop::collection::vec(any::<[u8; 32]>(), 0..3),
+            any::<u64>(),
+        ),
     )
         .prop_map(
             |(
@@ -503,7 +507,7 @@ fn capabilities() -> impl Strategy<Value = Capabilities> {
                 api,
                 addrs,
                 files,
-                seq,
+                (trusted_only, trusted, seq),
             )| {
                 Capabilities {
                     agent,
@@ -523,6 +527,18 @@ fn capabilities() -> impl Strategy<Value = Capabilities> {
                     addrs,
                     files,
                     stages: Vec::new(),
+                    serve_to: if trusted_only {
+                        pod_node::access::ServeTo::Trusted
+                    } else {
+                        pod_node::access::ServeTo::Any
+                    },
+                    trusted: trusted
+                        .into_iter()
+                        .filter_map(|mut secret| {
+                            libp2p::identity::Keypair::ed25519_from_bytes(&mut secret).ok()
+                        })
+                        .map(|k| k.public().to_peer_id().to_string())
+                        .collect(),
                     seq,
                 }
             },

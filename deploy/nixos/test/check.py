@@ -20,6 +20,9 @@ ROOT = os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(__file__)),
 STATE = "/var/lib/pod"
 CREDENTIAL = "%d/api-keys"  # systemd expands %d to the service's credentials directory
 KEY_FILE = "/run/secrets/pod-api-keys"
+MESH_KEY_CREDENTIAL = "%d/mesh-key"
+MESH_KEY_FILE = "/run/secrets/pod-mesh-key"
+TRUSTED = ["12D3KooWEyoppNCUx8Yx66oV9fJnriXwCcXwDDUA2kj6vnc6iDEp", "12D3KooWMkKyu1VUHzfUL49S9wpXfkusZp39Bi7YVk7D4aANvotC"]
 ROCM_DEVICES = ["/dev/kfd rw", "char-drm rw"]
 ROCM_GROUPS = ["video", "render"]
 # The NVIDIA device classes, by their names in /proc/devices: GPUs (current and older drivers),
@@ -201,6 +204,17 @@ def check_scenarios(sc, flake, gpu):
     equal(c.get("LoadCredential"), [f"api-keys:{KEY_FILE}"], "apiKeyFile: LoadCredential")
     equal(argv_of("apiKeyFile"), expected_argv(tail=["--api-key-file", CREDENTIAL]), "apiKeyFile: pod arguments")
 
+    # A private mesh: the key through LoadCredential beside the API keys, the trusted peers,
+    # and no UDP port for QUIC, which the key cannot cover.
+    c = svc("privateMesh")["serviceConfig"]
+    equal(c.get("LoadCredential"), [f"api-keys:{KEY_FILE}", f"mesh-key:{MESH_KEY_FILE}"],
+          "privateMesh: LoadCredential")
+    equal(argv_of("privateMesh"), expected_argv(tail=[
+        "--api-key-file", CREDENTIAL, "--mesh-key", MESH_KEY_CREDENTIAL,
+        "--trust", TRUSTED[0], "--trust", TRUSTED[1], "--serve-to", "trusted",
+    ]), "privateMesh: pod arguments")
+    equal(sc["privateMesh"]["firewall"], {"tcp": [4001, 4002], "udp": []}, "privateMesh: firewall")
+
     # ROCm: the HIP runtime and hiprtc from rocm.package's lib/ (a directory pod searches).
     clr_lib = gpu["clr"] + "/lib"
     custom_lib = gpu["customRocm"] + "/lib"
@@ -297,7 +311,7 @@ def check_scenarios(sc, flake, gpu):
 
     # Assertions.
     for name in sc:
-        if name not in ("publicWithoutKeys", "keyFileInStore", "bothGpus", "gpuAndDeviceArg"):
+        if name not in ("publicWithoutKeys", "keyFileInStore", "meshKeyInStore", "bothGpus", "gpuAndDeviceArg"):
             equal(sc[name]["failedAssertions"], [], f"{name}: failed assertions")
     fa = sc["bothGpus"]["failedAssertions"]
     check(len(fa) == 1 and "one GPU backend" in fa[0], f"bothGpus: expected the one-backend assertion, got {fa}")
@@ -308,6 +322,9 @@ def check_scenarios(sc, flake, gpu):
     check(len(fa) == 1 and "apiHost" in fa[0], f"publicWithoutKeys: expected the apiHost assertion, got {fa}")
     fa = sc["keyFileInStore"]["failedAssertions"]
     check(len(fa) == 1 and "Nix store" in fa[0], f"keyFileInStore: expected the store assertion, got {fa}")
+    fa = sc["meshKeyInStore"]["failedAssertions"]
+    check(len(fa) == 1 and "meshKeyFile is in the Nix store" in fa[0],
+          f"meshKeyInStore: expected the store assertion, got {fa}")
 
     equal(svc("forcedTimeout")["serviceConfig"].get("TimeoutStartSec"), "1h", "forcedTimeout: mkForce")
 

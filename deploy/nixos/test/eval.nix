@@ -85,6 +85,11 @@ let
   };
 
   keyFile = "/run/secrets/pod-api-keys";
+  meshKeyFile = "/run/secrets/pod-mesh-key";
+  trustedPeers = [
+    "12D3KooWEyoppNCUx8Yx66oV9fJnriXwCcXwDDUA2kj6vnc6iDEp"
+    "12D3KooWMkKyu1VUHzfUL49S9wpXfkusZp39Bi7YVk7D4aANvotC"
+  ];
 in
 {
   scenarios = {
@@ -120,6 +125,15 @@ in
     apiKeyFile = scenario {
       enable = true;
       apiKeyFile = keyFile;
+    };
+    # A private mesh serving two trusted peers, next to API keys: two credentials, no UDP.
+    privateMesh = scenario {
+      enable = true;
+      openFirewall = true;
+      apiKeyFile = keyFile;
+      meshKeyFile = meshKeyFile;
+      trust = trustedPeers;
+      serveTo = "trusted";
     };
     rocm = scenario {
       enable = true;
@@ -213,6 +227,10 @@ in
       enable = true;
       apiKeyFile = "${builtins.storeDir}/00000000000000000000000000000000-keys";
     };
+    meshKeyInStore = scenario {
+      enable = true;
+      meshKeyFile = "${builtins.storeDir}/00000000000000000000000000000000-mesh-key";
+    };
     bothGpus = scenarioWith {
       enable = true;
       rocm.enable = true;
@@ -258,6 +276,14 @@ in
     bootstrapNotMultiaddr = scenario {
       enable = true;
       bootstrap = [ "198.51.100.2:4001" ];
+    };
+    serveToUnknown = scenario {
+      enable = true;
+      serveTo = "friends";
+    };
+    trustNotPeerId = scenario {
+      enable = true;
+      trust = [ "my laptop" ];
     };
     # A library directory outside the store goes in the environment, not in rocm.package.
     rocmPackageNotPackage = scenario {

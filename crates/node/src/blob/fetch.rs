@@ -80,12 +80,26 @@ impl Default for PullOptions {
     }
 }
 
+/// ` (peer X: why; ...)` for the providers that answered a manifest request with no manifest.
+fn refusals(why: &[(PeerId, String)]) -> String {
+    if why.is_empty() {
+        return String::new();
+    }
+    let each: Vec<String> = why.iter().map(|(p, w)| format!("peer {p}: {w}")).collect();
+    format!(" ({})", each.join("; "))
+}
+
 /// A download could not complete.
 #[derive(Debug, thiserror::Error)]
 pub enum FetchError {
     /// No provider gave a usable manifest.
-    #[error("no peer has a manifest for {0}")]
-    NoManifest(String),
+    #[error("no peer has a manifest for {sha256}{}", refusals(.why))]
+    NoManifest {
+        /// The file.
+        sha256: String,
+        /// Why each provider asked gave none, by provider.
+        why: Vec<(PeerId, String)>,
+    },
     /// Every provider failed before the file was complete.
     #[error("peers failed with {missing} chunks missing: {reasons}")]
     Incomplete {
@@ -115,17 +129,39 @@ pub async fn fetch(
     let started = Instant::now();
     let control = mesh.streams();
     let mut manifest = None;
+    let mut why = Vec::new();
+    let mut refused = Vec::new();
     for peer in providers {
         match request_manifest(control.clone(), *peer, sha256).await {
             Ok(m) if m.matches(sha256, size) => {
                 manifest = Some(m);
                 break;
             }
-            Ok(_) => tracing::warn!(%peer, "peer sent a manifest that does not match the file"),
-            Err(e) => tracing::debug!(%peer, error = %e, "no manifest from peer"),
+            Ok(_) => {
+                tracing::warn!(%peer, "peer sent a manifest that does not match the file");
+                why.push((*peer, "sent a manifest that does not match the file".into()));
+            }
+            Err(ManifestError::Refused(e)) => {
+                tracing::info!(%peer, reason = %e, "peer refused to send the file");
+                refused.push(*peer);
+                why.push((*peer, e));
+            }
+            Err(ManifestError::Failed(e)) => {
+                tracing::debug!(%peer, error = %e, "no manifest from peer");
+                why.push((*peer, e));
+            }
         }
     }
-    let manifest = Arc::new(manifest.ok_or_else(|| FetchError::NoManifest(sha256.to_owned()))?);
+    let manifest = Arc::new(manifest.ok_or_else(|| FetchError::NoManifest {
+        sha256: sha256.to_owned(),
+        why,
+    })?);
+    // Providers that refused the manifest would refuse the chunks too.
+    let providers: Vec<PeerId> = providers
+        .iter()
+        .copied()
+        .filter(|p| !refused.contains(p))
+        .collect();
     tracing::debug!(
         seconds = started.elapsed().as_secs_f64(),
         chunks = manifest.chunks.len(),
@@ -282,16 +318,24 @@ fn present_chunks(file: &File, manifest: &Manifest) -> std::io::Result<Vec<bool>
     Ok(out)
 }
 
+/// Why a provider sent no manifest.
+enum ManifestError {
+    /// It answered with a refusal (no such file, not trusted, limits).
+    Refused(String),
+    /// The stream failed or the answer was not a manifest.
+    Failed(String),
+}
+
 async fn request_manifest(
     mut control: libp2p_stream::Control,
     peer: PeerId,
     sha256: &str,
-) -> Result<Manifest, String> {
+) -> Result<Manifest, ManifestError> {
     let work = async {
         let stream = control
             .open_stream(peer, PROTOCOL)
             .await
-            .map_err(|e| e.to_string())?;
+            .map_err(|e| ManifestError::Failed(e.to_string()))?;
         let (mut rd, mut wr) = stream.split();
         write_frame(
             &mut wr,
@@ -300,15 +344,18 @@ async fn request_manifest(
             },
         )
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| ManifestError::Failed(e.to_string()))?;
         match read_frame::<_, BlobReply>(&mut rd, MAX_JSON_FRAME).await {
             Ok(BlobReply::Manifest(m)) => Ok(m),
-            Ok(BlobReply::Error(e)) => Err(e),
-            Ok(_) => Err("unexpected reply".into()),
-            Err(e) => Err(e.to_string()),
+            // The peer's words: printable, and short enough for one log or error line.
+            Ok(BlobReply::Error(e)) => Err(ManifestError::Refused(
+                e.chars().filter(|c| !c.is_control()).take(200).collect(),
+            )),
+            Ok(_) => Err(ManifestError::Failed("unexpected reply".into())),
+            Err(e) => Err(ManifestError::Failed(e.to_string())),
         }
     };
     tokio::time::timeout(Duration::from_secs(30), work)
         .await
-        .map_err(|_| "timed out".to_owned())?
+        .map_err(|_| ManifestError::Failed("timed out".to_owned()))?
 }

@@ -75,14 +75,19 @@ async fn pull_file(
     })
 }
 
-/// Pods in `peers` that announce the file `sha256`, connected ones first, then by ping time.
-pub fn providers_of(peers: &[crate::mesh::PeerSnapshot], sha256: &str) -> Vec<PeerId> {
+/// Pods in `peers` that announce the file `sha256` and serve `local` (this node), connected
+/// ones first, then by ping time.
+pub fn providers_of(
+    peers: &[crate::mesh::PeerSnapshot],
+    sha256: &str,
+    local: &PeerId,
+) -> Vec<PeerId> {
     let mut found: Vec<(bool, Duration, PeerId)> = peers
         .iter()
         .filter(|p| {
             p.capabilities
                 .as_ref()
-                .is_some_and(|c| c.files.iter().any(|f| f == sha256))
+                .is_some_and(|c| c.serves(local) && c.files.iter().any(|f| f == sha256))
         })
         .map(|p| (!p.connected, p.rtt.unwrap_or(Duration::MAX), p.peer_id))
         .collect();
@@ -125,7 +130,7 @@ pub async fn pull_via_mesh(
         let peers = mesh.peers().await.unwrap_or_default();
         for (file, found) in missing.iter().zip(providers.iter_mut()) {
             if found.is_empty() {
-                *found = providers_of(&peers, file.sha256);
+                *found = providers_of(&peers, file.sha256, &mesh.peer_id());
             }
         }
         for ((file, found), asked) in missing.iter().zip(providers.iter_mut()).zip(&mut asked_dht) {

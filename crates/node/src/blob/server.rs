@@ -19,6 +19,7 @@ use super::protocol::{
     MAX_STREAMS_PER_PEER, PROTOCOL, REPLY_WAIT, TICKET_LEN,
 };
 use super::Manifest;
+use crate::access::{Access, NOT_TRUSTED};
 use crate::catalogue::CATALOGUE;
 use crate::store::ModelStore;
 use crate::wire::read_frame;
@@ -82,6 +83,8 @@ pub struct BlobServer {
     manifests: PathBuf,
     /// Held while a file is hashed for its manifest.
     hashing: tokio::sync::Mutex<()>,
+    /// Which peers may pull files; others are refused on their first request.
+    access: std::sync::RwLock<Access>,
 }
 
 /// One file a [`BlobServer`] serves, and how much of it went out.
@@ -127,9 +130,17 @@ impl BlobServer {
             unticketed: Mutex::new(HashMap::new()),
             manifests: store.manifest_dir(),
             hashing: tokio::sync::Mutex::new(()),
+            access: std::sync::RwLock::new(Access::default()),
         });
         server.add_present(store);
         server
+    }
+
+    /// Serves files only to the peers `access` allows (by default: any peer).
+    pub fn set_access(&self, access: Access) {
+        if let Ok(mut a) = self.access.write() {
+            *a = access;
+        }
     }
 
     /// Starts serving the verified files of catalogued models that arrived in `store` since
@@ -315,6 +326,19 @@ impl BlobServer {
         R: AsyncRead + Unpin,
         W: ChunkSink,
     {
+        // Mesh streams and bulk connections alike (a bulk ticket is only given over a stream
+        // that passed this check, and the connection counts as the ticket holder's).
+        let allowed = self
+            .access
+            .read()
+            .map_or(Err(NOT_TRUSTED), |a| a.check(&peer));
+        if let Err(why) = allowed {
+            self.stats.refused.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(%peer, bulk, reason = why, "refused a peer's file request: not trusted");
+            let _ = send_frame(wr, &BlobReply::Error(why.to_owned())).await;
+            let _ = tokio::time::timeout(REPLY_WAIT, wr.close()).await;
+            return;
+        }
         let admitted = self.per_peer.lock().is_ok_and(|mut m| {
             let now = Instant::now();
             // Forget idle peers whose pacing no longer holds anything back.

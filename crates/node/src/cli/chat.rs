@@ -11,7 +11,7 @@ use libp2p::Multiaddr;
 use pod_inference::{ChatMessage, GenerateEvent, GenerateRequest, Prompt, Role, SamplingParams};
 use pod_node::catalogue::DEFAULT_CHAT_MODEL;
 
-use super::mesh_join::{join_mesh, MeshInfer};
+use super::mesh_join::{join_mesh, MeshInfer, MeshKeyArg};
 use super::node_client::{locate, require_api, Api, DaemonArgs};
 
 pub(crate) const CHAT_HELP: &str = "\
@@ -48,6 +48,8 @@ pub(crate) struct ChatArgs {
     #[arg(long, default_value_t = 15, value_name = "SECONDS", requires = "p2p")]
     wait: u64,
     #[command(flatten)]
+    mesh_key: MeshKeyArg,
+    #[command(flatten)]
     daemon: DaemonArgs,
 }
 
@@ -81,7 +83,7 @@ pub(crate) fn exec(home: &Path, args: ChatArgs) -> Result<()> {
             .clone()
             .unwrap_or_else(|| DEFAULT_CHAT_MODEL.to_owned());
         let peers = runtime.block_on(async {
-            let peers = MeshInfer::new(join_mesh(home, &args.bootstrap).await?);
+            let peers = MeshInfer::new(join_mesh(home, &args.bootstrap, &args.mesh_key).await?);
             peers.wait_for_model(&model, args.wait).await?;
             anyhow::Ok(peers)
         })?;

@@ -15,7 +15,7 @@ use pod_node::catalogue::DEFAULT_CHAT_MODEL;
 use pod_node::loader;
 use pod_node::store::{ModelFormat, ModelStore};
 
-use super::mesh_join::{join_mesh, MeshInfer};
+use super::mesh_join::{join_mesh, MeshInfer, MeshKeyArg};
 
 #[derive(Debug, Args)]
 pub(crate) struct InferArgs {
@@ -75,6 +75,8 @@ pub(crate) struct InferArgs {
     /// With --p2p: seconds to wait for a peer that serves the model.
     #[arg(long, default_value_t = 15, value_name = "SECONDS", requires = "p2p")]
     wait: u64,
+    #[command(flatten)]
+    mesh_key: MeshKeyArg,
 }
 
 pub(crate) fn exec(home: &Path, store: &ModelStore, args: InferArgs) -> Result<()> {
@@ -109,7 +111,7 @@ pub(crate) fn exec(home: &Path, store: &ModelStore, args: InferArgs) -> Result<(
     if args.p2p {
         let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
         let (_peers, served_by, mut events) = runtime.block_on(async {
-            let peers = MeshInfer::new(join_mesh(home, &args.bootstrap).await?);
+            let peers = MeshInfer::new(join_mesh(home, &args.bootstrap, &args.mesh_key).await?);
             peers.wait_for_model(&request.model, args.wait).await?;
             let (served_by, events) = peers.generate(request).await?;
             anyhow::Ok((peers, served_by, events))

@@ -1,7 +1,7 @@
 //! Joining the mesh from a command (`--p2p`, `pod models pull`) with a throwaway identity,
 //! and running requests on its peers over `/pod/infer` without a node of our own.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
@@ -9,7 +9,8 @@ use libp2p::Multiaddr;
 use pod_inference::{GenerateEvent, GenerateRequest};
 use pod_node::backend::PeerWatch;
 use pod_node::daemon_file::{DaemonFile, Liveness};
-use pod_node::mesh::{self, MeshConfig};
+use pod_node::mesh::mesh_key::read_mesh_key;
+use pod_node::mesh::{self, is_quic, MeshConfig};
 use pod_node::remote::client::{ClientConfig, InferClient};
 use tokio::sync::mpsc::UnboundedReceiver;
 
@@ -24,9 +25,24 @@ pub(crate) struct Joined {
     pub(crate) dialled: Vec<Multiaddr>,
 }
 
+/// The flag of the commands that join the mesh themselves.
+#[derive(Debug, clap::Args)]
+pub(crate) struct MeshKeyArg {
+    /// When joining the mesh: the pre-shared key file of a private mesh (`pod start
+    /// --mesh-key`); TCP only. Default: none, the open mesh.
+    #[arg(long, value_name = "FILE", env = "POD_MESH_KEY")]
+    pub(crate) mesh_key: Option<PathBuf>,
+}
+
 /// Joins the mesh with a throwaway identity, through `bootstrap`, the node running with this
-/// state directory (if any) and, failing both, mDNS.
-pub(crate) async fn join_mesh(home: &Path, bootstrap: &[Multiaddr]) -> Result<Joined> {
+/// state directory (if any) and, failing both, mDNS; with the key in `key`, a private mesh.
+/// (A throwaway identity is trusted by no pod: pods that serve trusted peers only refuse it.)
+pub(crate) async fn join_mesh(
+    home: &Path,
+    bootstrap: &[Multiaddr],
+    key: &MeshKeyArg,
+) -> Result<Joined> {
+    let mesh_key = key.mesh_key.as_deref().map(read_mesh_key).transpose()?;
     let mut peers = bootstrap.to_vec();
     // The node running on this machine, if any, is the nearest way in.
     let local_api = DaemonFile::read(home)
@@ -41,7 +57,8 @@ pub(crate) async fn join_mesh(home: &Path, bootstrap: &[Multiaddr]) -> Result<Jo
                     .into_iter()
                     .flatten()
                     .filter_map(|a| a.as_str())
-                    .filter_map(|a| format!("{a}/p2p/{id}").parse::<Multiaddr>().ok()),
+                    .filter_map(|a| format!("{a}/p2p/{id}").parse::<Multiaddr>().ok())
+                    .filter(|a| mesh_key.is_none() || !is_quic(a)),
             );
         }
     }
@@ -50,6 +67,7 @@ pub(crate) async fn join_mesh(home: &Path, bootstrap: &[Multiaddr]) -> Result<Jo
         listen_optional: Vec::new(),
         bootstrap: peers.clone(),
         mdns: peers.is_empty(),
+        mesh_key,
         ..MeshConfig::default()
     };
     let key = libp2p::identity::Keypair::generate_ed25519();

@@ -11,7 +11,7 @@ use pod_node::catalogue::{self, CATALOGUE};
 use pod_node::daemon_file::{DaemonFile, Liveness};
 use pod_node::store::{ModelFormat, ModelStore};
 
-use super::mesh_join::join_mesh;
+use super::mesh_join::{join_mesh, MeshKeyArg};
 use super::node_client::Api;
 
 #[derive(Debug, Subcommand)]
@@ -86,6 +86,8 @@ pub(crate) struct PullArgs {
     /// connections storage pods offer for speed (chunks are verified either way).
     #[arg(long)]
     no_bulk: bool,
+    #[command(flatten)]
+    mesh_key: MeshKeyArg,
 }
 
 pub(crate) fn exec(home: &Path, store: &ModelStore, cmd: ModelsCommand) -> Result<()> {
@@ -210,6 +212,7 @@ fn pull(home: &Path, store: &ModelStore, args: PullArgs) -> Result<()> {
         peer_wait,
         no_sources,
         no_bulk,
+        mesh_key,
     } = args;
     let mut mesh: Option<(tokio::runtime::Runtime, pod_node::mesh::Client)> = None;
     for name in &names {
@@ -231,7 +234,7 @@ fn pull(home: &Path, store: &ModelStore, args: PullArgs) -> Result<()> {
             if mesh.is_none() {
                 let runtime =
                     tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
-                let joined = runtime.block_on(join_mesh(home, &bootstrap))?;
+                let joined = runtime.block_on(join_mesh(home, &bootstrap, &mesh_key))?;
                 mesh = Some((runtime, joined.mesh));
             }
             if let Some((runtime, client)) = &mesh {

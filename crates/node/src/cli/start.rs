@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::ArgMatches;
 use pod_inference::{EngineConfig, Placement};
+use pod_node::access::Access;
 use pod_node::config::{self, FileConfig, StartSettings};
 use pod_node::identity::Identity;
 use pod_node::node::{Node, StartOptions};
@@ -87,6 +88,10 @@ pub(crate) fn exec(
         serve_rate: args.serve_rate,
         bulk_listen,
         pull_bulk: !args.no_bulk,
+        access: Access {
+            serve_to: args.serve_to,
+            trusted: args.trust.iter().copied().collect(),
+        },
     };
     let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
     let result =

@@ -156,6 +156,9 @@ settings! {
     serve_rate <- serve_rate => args.serve_rate, same;
     bulk <- no_bulk => args.no_bulk, not;
     bulk_port <- bulk_port => args.bulk_port, Some;
+    mesh_key <- mesh_key => args.mesh_key, Some;
+    trust <- trust => args.trust, same;
+    serve_to <- serve_to => args.serve_to, same;
     log <- log => log, same;
     log_format <- log_format => log_format, same;
 }
@@ -209,5 +212,51 @@ mod tests {
         assert_eq!(s.args.max_queue, 256);
         assert_eq!(sources["max_queue"], Source::Default);
         assert_eq!(sources.len(), KEYS.len(), "every key has a row");
+    }
+
+    #[test]
+    fn who_may_connect_and_be_served_layers_like_the_rest() {
+        use crate::access::ServeTo;
+        let (a, b) = (libp2p::PeerId::random(), libp2p::PeerId::random());
+        let (mut s, m) = parse(&["start"]);
+        assert_eq!(s.args.serve_to, ServeTo::Any, "open by default");
+        assert!(s.args.mesh_key.is_none() && s.args.trust.is_empty());
+        let file = FileConfig {
+            mesh_key: Some("/etc/pod/mesh.key".into()),
+            trust: Some(vec![a]),
+            serve_to: Some(ServeTo::Trusted),
+            ..FileConfig::default()
+        };
+        let sources = s.layer(file.clone(), &m);
+        assert_eq!(s.args.mesh_key, Some("/etc/pod/mesh.key".into()));
+        assert_eq!(s.args.trust, vec![a]);
+        assert_eq!(s.args.serve_to, ServeTo::Trusted);
+        assert_eq!(sources["mesh_key"], Source::Config);
+        assert_eq!(sources["trust"], Source::Config);
+
+        let (b_text, key) = (b.to_string(), "/run/keys/mesh.key");
+        let (mut s, m) = parse(&[
+            "start",
+            "--trust",
+            &b_text,
+            "--serve-to",
+            "any",
+            "--mesh-key",
+            key,
+        ]);
+        let sources = s.layer(file, &m);
+        assert_eq!(s.args.trust, vec![b], "the flag replaces the file's list");
+        assert_eq!(s.args.serve_to, ServeTo::Any);
+        assert_eq!(s.args.mesh_key, Some(key.into()));
+        assert_eq!(sources["trust"], Source::Flag);
+        assert_eq!(sources["serve_to"], Source::Flag);
+
+        let cmd = StartArgs::augment_args(Command::new("start"));
+        for bad in [
+            &["start", "--serve-to", "everyone"][..],
+            &["start", "--trust", "not-a-peer-id"][..],
+        ] {
+            assert!(cmd.clone().try_get_matches_from(bad).is_err(), "{bad:?}");
+        }
     }
 }

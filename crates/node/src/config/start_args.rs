@@ -4,10 +4,11 @@ use std::net::IpAddr;
 use std::path::PathBuf;
 
 use clap::Args;
-use libp2p::Multiaddr;
+use libp2p::{Multiaddr, PeerId};
 use pod_inference::model::stage::LayerRange;
 use pod_inference::DeviceSpec;
 
+use crate::access::ServeTo;
 use crate::backend::Route;
 use crate::profile::Profile;
 
@@ -170,4 +171,28 @@ pub struct StartArgs {
     /// (4002), any free port when the mesh port is 0.
     #[arg(long, value_name = "PORT", env = "POD_BULK_PORT")]
     pub bulk_port: Option<u16>,
+    /// Pre-shared key file of a private mesh (make one with `pod mesh key new --out FILE`):
+    /// only pods holding the same key can connect at all. It covers TCP only, so QUIC is off
+    /// (not listened on, dialled or announced). Default: none, the open public mesh.
+    #[arg(long, value_name = "FILE", env = "POD_MESH_KEY")]
+    pub mesh_key: Option<PathBuf>,
+    /// A peer that may run inference on this pod and pull its model files with --serve-to
+    /// trusted (repeatable; at most 64).
+    #[arg(
+        long = "trust",
+        value_name = "PEERID",
+        env = "POD_TRUST",
+        value_delimiter = ','
+    )]
+    pub trust: Vec<PeerId>,
+    /// Who may run inference on this pod and pull its model files: `any` peer (the default,
+    /// for the open mesh) or only the `trusted` ones (--trust); others are refused, and their
+    /// pods ask another provider.
+    #[arg(
+        long,
+        default_value = "any",
+        value_name = "any|trusted",
+        env = "POD_SERVE_TO"
+    )]
+    pub serve_to: ServeTo,
 }

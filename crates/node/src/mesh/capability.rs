@@ -1,10 +1,13 @@
 //! What a pod tells the mesh about itself: the capability announcement gossiped on
 //! [`CAPABILITY_TOPIC`], and the checks a received one must pass.
 
+use libp2p::PeerId;
 use pod_inference::ModelInfo;
 
 use crate::stage::StageAnnouncement;
 use serde::{Deserialize, Serialize};
+
+use crate::access::ServeTo;
 
 /// Gossipsub topic of capability announcements. The suffix is the schema version: a pod that
 /// changes the schema incompatibly announces on a new topic, and old pods simply do not hear it.
@@ -18,6 +21,9 @@ pub const MAX_MODELS: usize = 64;
 
 /// Most addresses one announcement may list.
 pub const MAX_ADDRS: usize = 16;
+
+/// Most trusted peers one announcement may list (and `--trust` may name).
+pub const MAX_TRUSTED: usize = 64;
 
 /// Longest string field (names, architectures, addresses) in an announcement.
 const MAX_FIELD_LEN: usize = 256;
@@ -46,6 +52,14 @@ pub struct Capabilities {
     /// Pipeline stages it serves: blocks of a model file (see [`crate::stage`]).
     #[serde(default)]
     pub stages: Vec<StageAnnouncement>,
+    /// Which peers it serves, inference and files alike; absent (from pods that predate it,
+    /// or that serve everyone): `any`.
+    #[serde(default, skip_serializing_if = "is_any")]
+    pub serve_to: ServeTo,
+    /// With `serve_to: trusted`, the PeerIds it serves: other requesters do not ask it (it
+    /// would refuse them).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trusted: Vec<String>,
     /// Increases with every announcement from one run of a pod; receivers ignore announcements
     /// older than one they already hold.
     pub seq: u64,
@@ -97,7 +111,22 @@ pub enum AnnouncementError {
     OverLimits(&'static str),
 }
 
+fn is_any(serve_to: &ServeTo) -> bool {
+    *serve_to == ServeTo::Any
+}
+
 impl Capabilities {
+    /// Whether the pod would serve `peer` (run its requests, send it files), as it announces.
+    pub fn serves(&self, peer: &PeerId) -> bool {
+        match self.serve_to {
+            ServeTo::Any => true,
+            ServeTo::Trusted => {
+                let peer = peer.to_string();
+                self.trusted.contains(&peer)
+            }
+        }
+    }
+
     /// The wire form.
     pub fn encode(&self) -> Vec<u8> {
         // Serialising plain data with string keys cannot fail.
@@ -141,6 +170,11 @@ impl Capabilities {
             })
         {
             return Err(AnnouncementError::OverLimits("bad stage list"));
+        }
+        if self.trusted.len() > MAX_TRUSTED
+            || self.trusted.iter().any(|t| t.parse::<PeerId>().is_err())
+        {
+            return Err(AnnouncementError::OverLimits("bad trusted list"));
         }
         let long = |s: &str| s.len() > MAX_FIELD_LEN;
         if long(&self.agent) || long(&self.profile) || long(&self.hardware.device) {
@@ -207,8 +241,47 @@ mod tests {
             addrs: vec!["/ip4/127.0.0.1/tcp/4001".into()],
             files: vec!["ab".repeat(32)],
             stages: Vec::new(),
+            serve_to: ServeTo::Any,
+            trusted: Vec::new(),
             seq: 7,
         }
+    }
+
+    #[test]
+    fn serve_to_is_optional_on_the_wire_and_trusted_pods_serve_only_their_list() {
+        let open = sample();
+        let wire = String::from_utf8(open.encode()).unwrap();
+        assert!(
+            !wire.contains("serve_to") && !wire.contains("trusted"),
+            "{wire}"
+        );
+        let mut old: serde_json::Value = serde_json::from_str(&wire).unwrap();
+        old.as_object_mut().unwrap().remove("serve_to");
+        let decoded = Capabilities::decode(old.to_string().as_bytes()).unwrap();
+        assert_eq!(decoded.serve_to, ServeTo::Any);
+        assert!(decoded.serves(&PeerId::random()));
+
+        let (friend, stranger) = (PeerId::random(), PeerId::random());
+        let mut closed = sample();
+        closed.serve_to = ServeTo::Trusted;
+        closed.trusted = vec![friend.to_string()];
+        let wire = String::from_utf8(closed.encode()).unwrap();
+        assert!(wire.contains("\"serve_to\":\"trusted\""), "{wire}");
+        let decoded = Capabilities::decode(wire.as_bytes()).unwrap();
+        assert!(decoded.serves(&friend));
+        assert!(!decoded.serves(&stranger));
+
+        let mut bad = closed.clone();
+        bad.trusted = vec!["not a peer id".into()];
+        assert_eq!(
+            Capabilities::decode(&bad.encode()),
+            Err(AnnouncementError::OverLimits("bad trusted list"))
+        );
+        bad.trusted = vec![friend.to_string(); MAX_TRUSTED + 1];
+        assert_eq!(
+            Capabilities::decode(&bad.encode()),
+            Err(AnnouncementError::OverLimits("bad trusted list"))
+        );
     }
 
     #[test]

@@ -40,6 +40,10 @@ const MAX_RELAY_RESERVATIONS: usize = 2;
 /// How long to wait before asking relays again after a reservation failed or was lost.
 const RESERVE_RETRY: Duration = Duration::from_secs(10);
 
+/// Why a private mesh leaves QUIC addresses alone.
+const QUIC_IN_PRIVATE_MESH: &str =
+    "a private mesh (--mesh-key) runs over TCP only: QUIC cannot carry its key";
+
 /// Owns the swarm. Run it with [`EventLoop::run`].
 pub struct EventLoop {
     swarm: Swarm<Behaviour>,
@@ -130,7 +134,14 @@ impl EventLoop {
     /// Binds the listen addresses, subscribes to the capability topic and dials the bootstrap
     /// peers.
     pub(super) fn start(&mut self) -> Result<(), MeshError> {
+        let private = self.config.mesh_key.is_some();
         for addr in self.config.listen.clone() {
+            if private && super::is_quic(&addr) {
+                return Err(MeshError::Listen {
+                    addr,
+                    reason: QUIC_IN_PRIVATE_MESH.into(),
+                });
+            }
             ensure_port_free(&addr)?;
             self.swarm
                 .listen_on(addr.clone())
@@ -140,6 +151,9 @@ impl EventLoop {
                 })?;
         }
         for addr in self.config.listen_optional.clone() {
+            if private && super::is_quic(&addr) {
+                continue;
+            }
             if let Err(e) = self.swarm.listen_on(addr.clone()) {
                 tracing::debug!(%addr, error = %transport_error_text(&e), "optional listen address unavailable");
             }
@@ -162,6 +176,10 @@ impl EventLoop {
                 .kademlia
                 .add_address(&peer, addr.clone());
             bootstrapping = true;
+            if private && super::is_quic(&addr) {
+                tracing::warn!(%addr, "{QUIC_IN_PRIVATE_MESH}: bootstrap address not dialled");
+                continue;
+            }
             if let Err(e) = self.swarm.dial(addr.clone()) {
                 tracing::warn!(%addr, error = %dial_error_text(&e), "cannot dial bootstrap peer");
             }
@@ -189,6 +207,11 @@ impl EventLoop {
             }
         }
         tracing::debug!("mesh stopped");
+    }
+
+    /// Whether this node's transports can reach `addr`: not QUIC in a private mesh.
+    pub(super) fn can_dial(&self, addr: &Multiaddr) -> bool {
+        self.config.mesh_key.is_none() || !super::is_quic(addr)
     }
 
     fn emit(&self, event: MeshEvent) {
@@ -459,7 +482,7 @@ impl EventLoop {
                 let addrs: Vec<Multiaddr> = info
                     .listen_addrs
                     .iter()
-                    .filter(|a| is_dialable(a) && is_usable_from(a, same_host))
+                    .filter(|a| is_dialable(a) && is_usable_from(a, same_host) && self.can_dial(a))
                     .take(MAX_ADDRS)
                     .cloned()
                     .collect();
@@ -511,7 +534,7 @@ impl EventLoop {
             }
             BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
                 for (peer, addr) in found {
-                    if peer == *self.swarm.local_peer_id() {
+                    if peer == *self.swarm.local_peer_id() || !self.can_dial(&addr) {
                         continue;
                     }
                     tracing::debug!(%peer, %addr, "found on the local network");

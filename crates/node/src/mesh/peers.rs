@@ -322,6 +322,8 @@ mod tests {
             addrs: vec!["/ip4/127.0.0.1/tcp/4001".into()],
             files: vec![],
             stages: Vec::new(),
+            serve_to: Default::default(),
+            trusted: vec![],
             seq,
         }
     }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use pod_api::LocalBackend;
 use pod_inference::EngineHandle;
 
+use crate::access::Access;
 use crate::backend::ANNOUNCE_REFRESH;
 use crate::blob::BlobServer;
 use crate::mesh::capability::{ApiInfo, HardwareSummary, Load};
@@ -14,15 +15,15 @@ use crate::profile::Profile;
 use crate::stage::server::StageHost;
 
 /// Keeps the node's capability announcement current: models, load, API readiness, and the
-/// files it serves.
+/// files it serves, and to whom.
 pub(super) async fn announce(
     mesh: mesh::Client,
     engine: EngineHandle,
     api: LocalBackend,
     profile: Profile,
     (device, http_api): (String, bool),
-    blobs: Option<Arc<BlobServer>>,
-    stages: Arc<StageHost>,
+    (blobs, stages): (Option<Arc<BlobServer>>, Arc<StageHost>),
+    access: Access,
 ) {
     use pod_api::Backend as _;
     let hardware = HardwareSummary {
@@ -56,6 +57,8 @@ pub(super) async fn announce(
                 .map(|b| b.files().into_iter().map(|(sha, _)| sha).collect())
                 .unwrap_or_default(),
             stages: stages.announcements(),
+            serve_to: access.serve_to,
+            trusted: access.announced(),
             seq: 0,
         };
         if mesh.announce(caps).await.is_err() {

@@ -10,6 +10,7 @@ use pod_inference::model::stage::LayerRange;
 use pod_inference::{EngineConfig, Placement};
 
 use super::NodeError;
+use crate::access::Access;
 use crate::backend::Route;
 use crate::identity::Identity;
 use crate::mesh::MeshConfig;
@@ -65,6 +66,8 @@ pub struct StartOptions {
     pub bulk_listen: Vec<std::net::SocketAddr>,
     /// Pull from peers over their bulk connections where offered.
     pub pull_bulk: bool,
+    /// Which peers may run inference on this node and pull its model files.
+    pub access: Access,
 }
 
 impl StartOptions {

@@ -14,6 +14,7 @@ use pod_inference::{
 };
 
 use super::{Frame, Request, MAX_REQUEST_BYTES, PROTOCOL};
+use crate::access::Access;
 use crate::receipts::{Ledger, Receipt, Role, SignedReceipt};
 use crate::wire::{read_frame, write_frame};
 
@@ -32,6 +33,8 @@ pub struct ServerConfig {
     pub heartbeat: Duration,
     /// A progress receipt is sent every this many generated tokens.
     pub progress_every_tokens: usize,
+    /// Which peers may run requests here; others are refused before their request is read.
+    pub access: Access,
 }
 
 impl Default for ServerConfig {
@@ -45,6 +48,7 @@ impl Default for ServerConfig {
             request_timeout: Duration::from_secs(10),
             heartbeat: Duration::from_secs(1),
             progress_every_tokens: 8,
+            access: Access::default(),
         }
     }
 }
@@ -54,8 +58,11 @@ impl Default for ServerConfig {
 pub struct ServerStats {
     /// Requests accepted from peers.
     pub accepted: AtomicU64,
-    /// Requests refused: limits, unknown model, serving disabled.
+    /// Requests refused: limits, unknown model, serving disabled, peer not trusted.
     pub refused: AtomicU64,
+    /// Requests refused because the peer is not trusted (`--serve-to trusted`), also counted
+    /// in `refused`.
+    pub untrusted: AtomicU64,
     /// Streams that sent garbage or nothing in time.
     pub malformed: AtomicU64,
     /// Requests cancelled because the requester went away.
@@ -161,6 +168,24 @@ impl InferServer {
 
     async fn handle(&self, peer: PeerId, stream: libp2p::Stream) {
         let (mut rd, mut wr) = stream.split();
+        // Before anything of the request is read: an untrusted peer gets nothing but the
+        // refusal, which its pod takes as a reason to ask another provider.
+        if let Err(why) = self.config.access.check(&peer) {
+            self.stats.refused.fetch_add(1, Ordering::Relaxed);
+            self.stats.untrusted.fetch_add(1, Ordering::Relaxed);
+            tracing::info!(%peer, reason = why, "refused a peer's request: not trusted");
+            let frame = Frame::Error(EngineError::Unavailable(why.to_owned()));
+            let _ = tokio::time::timeout(self.config.request_timeout, async {
+                let _ = write_frame(&mut wr, &frame).await;
+                let _ = wr.close().await;
+                // The request is discarded unread, so that a requester still writing a long
+                // prompt gets to read the refusal rather than a reset stream.
+                let mut rest = (&mut rd).take(MAX_REQUEST_BYTES as u64 + 4);
+                let _ = futures::io::copy(&mut rest, &mut futures::io::sink()).await;
+            })
+            .await;
+            return;
+        }
         let request: Request = match tokio::time::timeout(
             self.config.request_timeout,
             read_frame(&mut rd, MAX_REQUEST_BYTES),

@@ -102,6 +102,11 @@ impl PodProcess {
         Self::spawn(home, &test_home().join("models"), args)
     }
 
+    /// Starts a pod with the given state directory and its own model store `models`.
+    pub fn start_in_with_models(home: &Path, models: &Path, args: &[&str]) -> PodProcess {
+        Self::spawn(home, models, args)
+    }
+
     fn spawn(home: &Path, models: &Path, args: &[&str]) -> PodProcess {
         let log = home.join(format!("pod-{}.log", std::process::id()));
         let _ = std::fs::remove_file(home.join("daemon.json"));

@@ -12,7 +12,9 @@ use pod_inference::{DeviceSpec, Placement};
 use pod_node::catalogue;
 use pod_node::config::{self, Source, Sources, StartArgs};
 use pod_node::loader::{self, ResolveError};
-use pod_node::mesh::MeshConfig;
+use pod_node::mesh::capability::MAX_TRUSTED;
+use pod_node::mesh::mesh_key::{read_mesh_key, readable_by_others};
+use pod_node::mesh::{is_quic, MeshConfig};
 use pod_node::node;
 use pod_node::profile::{self, HostResources, Profile};
 use pod_node::store::{ModelFormat, ModelStore};
@@ -87,8 +89,9 @@ pub(super) fn plan(store: &ModelStore, args: &StartArgs, home: &Path) -> Result<
         ..pod_api::ApiConfig::default()
     }
     .check()?;
+    check_access(args)?;
     Ok(Plan {
-        mesh: mesh_config(args, choice.profile),
+        mesh: mesh_config(args, choice.profile)?,
         profile: choice,
         models,
         device_name,
@@ -181,14 +184,65 @@ fn find_device(spec: DeviceSpec) -> Result<String> {
     Ok("cpu".to_owned())
 }
 
-fn mesh_config(args: &StartArgs, profile: Profile) -> MeshConfig {
-    let (listen, listen_optional) = if args.listen.is_empty() {
+/// Checks `--trust` and `--serve-to`, warning about settings that do not do what they may
+/// seem to.
+fn check_access(args: &StartArgs) -> Result<()> {
+    use pod_node::access::ServeTo;
+    if args.trust.len() > MAX_TRUSTED {
+        bail!(
+            "--trust: at most {MAX_TRUSTED} trusted peers, not {}",
+            args.trust.len()
+        );
+    }
+    match args.serve_to {
+        ServeTo::Any if !args.trust.is_empty() => {
+            tracing::warn!("--trust has no effect with --serve-to any: every peer may use this pod")
+        }
+        ServeTo::Trusted if args.trust.is_empty() => {
+            tracing::warn!("--serve-to trusted with no --trust peers: this pod serves no peer")
+        }
+        _ => {}
+    }
+    Ok(())
+}
+
+/// The mesh's settings; with `--mesh-key`, the key (a bad file is an error naming it) and
+/// TCP only.
+fn mesh_config(args: &StartArgs, profile: Profile) -> Result<MeshConfig> {
+    let mesh_key = match &args.mesh_key {
+        Some(path) => {
+            let key = read_mesh_key(path)?;
+            if readable_by_others(path) {
+                tracing::warn!(
+                    file = %path.display(),
+                    "the mesh key file can be read by other users; chmod 600 it"
+                );
+            }
+            Some(key)
+        }
+        None => None,
+    };
+    let (mut listen, mut listen_optional) = if args.listen.is_empty() {
         MeshConfig::listen_on_port(args.p2p_port)
     } else {
         (args.listen.clone(), Vec::new())
     };
+    if mesh_key.is_some() {
+        listen.retain(|a| !is_quic(a));
+        listen_optional.retain(|a| !is_quic(a));
+        let given = [
+            ("--listen", &args.listen),
+            ("--external-addr", &args.external_addr),
+            ("--bootstrap", &args.bootstrap),
+        ];
+        for (flag, addrs) in given {
+            if let Some(a) = addrs.iter().find(|a| is_quic(a)) {
+                bail!("{flag} {a}: a private mesh (--mesh-key) runs over TCP only; QUIC cannot carry its key");
+            }
+        }
+    }
     let announce_interval = Duration::from_secs(args.announce_interval);
-    MeshConfig {
+    Ok(MeshConfig {
         listen,
         listen_optional,
         external: args.external_addr.clone(),
@@ -199,8 +253,9 @@ fn mesh_config(args: &StartArgs, profile: Profile) -> MeshConfig {
         upnp: !args.no_upnp,
         announce_interval,
         peer_expiry: announce_interval * 3,
+        mesh_key,
         ..MeshConfig::default()
-    }
+    })
 }
 
 /// Where a pod that serves files listens for bulk connections: every IP its mesh listens on,
@@ -281,7 +336,11 @@ pub(super) fn print(
             "upnp": plan.mesh.upnp,
             "serve_mesh": serve_mesh,
             "announce_interval_seconds": args.announce_interval,
+            "private": plan.mesh.mesh_key.is_some(),
+            "mesh_key_fingerprint": plan.mesh.mesh_key.map(|k| k.fingerprint().to_string()),
         },
+        "serve_to": args.serve_to.as_str(),
+        "trust": args.trust.iter().map(ToString::to_string).collect::<Vec<_>>(),
         "storage": plan.profile.profile.serves_files(),
         "serve_rate_bytes_per_second": args.serve_rate,
         "bulk_listen": bulk_listen(args, &plan.mesh, plan.profile.profile)
@@ -343,13 +402,20 @@ pub(super) fn print(
             }
         );
     }
-    if args.listen.is_empty() {
-        println!(
+    match (args.listen.is_empty(), plan.mesh.mesh_key.is_some()) {
+        (true, false) => println!(
             "mesh      TCP and UDP (QUIC) port {} on every interface",
             args.p2p_port
-        );
-    } else {
-        println!("mesh      {}", strings(&plan.mesh.listen).join(", "));
+        ),
+        (true, true) => println!("mesh      TCP port {} on every interface", args.p2p_port),
+        (false, _) => println!("mesh      {}", strings(&plan.mesh.listen).join(", ")),
+    }
+    match plan.mesh.mesh_key {
+        Some(key) => println!(
+            "private   yes: only pods with the key (fingerprint {}) can connect; TCP only, QUIC off",
+            key.fingerprint()
+        ),
+        None => println!("private   no: the open mesh, any pod can connect (--mesh-key to close it)"),
     }
     if !plan.mesh.external.is_empty() {
         println!("external  {}", strings(&plan.mesh.external).join(", "));
@@ -371,6 +437,21 @@ pub(super) fn print(
         yes(serve_mesh)
     );
     println!("storage   {} (model files to peers)", yes(p.serves_files()));
+    match args.serve_to {
+        pod_node::access::ServeTo::Any => println!("serve to  any peer"),
+        pod_node::access::ServeTo::Trusted => println!(
+            "serve to  trusted peers only: {}",
+            if args.trust.is_empty() {
+                "none".to_owned()
+            } else {
+                args.trust
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            }
+        ),
+    }
     let bulk = bulk_listen(args, &plan.mesh, p);
     if let Some(first) = bulk.first() {
         println!(

@@ -215,7 +215,12 @@ impl EventLoop {
         {
             return;
         }
-        let addrs: Vec<_> = self.peers.addrs(&peer);
+        let addrs: Vec<_> = self
+            .peers
+            .addrs(&peer)
+            .into_iter()
+            .filter(|a| self.can_dial(a))
+            .collect();
         // A pod that could not be reached is tried again after a while, or at once when it
         // announces new addresses (a relay reservation made after it joined).
         if self
