@@ -1344,3 +1344,56 @@ fn receipts_come_a_page_of_peers_at_a_time() {
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
 }
+
+#[test]
+fn api_host_takes_host_names() {
+    let home = tempfile::tempdir().unwrap();
+    // `localhost` is loopback: no key needed, and the plan names the address.
+    for (flag, config) in [(Some("localhost"), None), (None, Some("LOCALHOST."))] {
+        if let Some(host) = config {
+            std::fs::write(
+                home.path().join("config.toml"),
+                format!("api_host = \"{host}\"\n"),
+            )
+            .unwrap();
+        }
+        let mut args = vec!["start", "--dry-run", "--json"];
+        if let Some(host) = flag {
+            args.extend(["--api-host", host]);
+        }
+        let plan = json_of(&pod_at(home.path(), &args));
+        assert_eq!(plan["api"]["host"], "127.0.0.1", "{flag:?} {config:?}");
+        assert_eq!(plan["api"]["auth"], "none");
+    }
+    std::fs::remove_file(home.path().join("config.toml")).unwrap();
+    // Bad values and names that do not resolve are one line naming them, before anything binds.
+    let o = pod_at(home.path(), &["start", "--api-host", "0.0.0.0:8080"]);
+    assert_one_line_error(
+        &o,
+        "`0.0.0.0:8080` is neither an IP address nor a host name",
+    );
+    let o = pod_at(
+        home.path(),
+        &[
+            "start",
+            "--api-host",
+            "no-such-host.invalid",
+            "--api-port",
+            "0",
+        ],
+    );
+    assert_one_line_error(&o, "cannot resolve host name `no-such-host.invalid`");
+    assert!(!home.path().join("daemon.json").exists());
+
+    // A real start on `localhost` listens on loopback and serves.
+    let pod = PodProcess::start(&[
+        "--profile",
+        "relay",
+        "--api-host",
+        "localhost",
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+    ]);
+    assert!(pod.api.starts_with("http://127.0.0.1:"), "{}", pod.api);
+    assert_eq!(pod.get("/pod/v1/node")["peer_id"], pod.peer_id);
+}

@@ -35,8 +35,9 @@ pub struct StartArgs {
     /// Run without the HTTP API: the node joins the mesh and serves its models to peers only.
     #[arg(long, env = "POD_NO_API")]
     pub no_api: bool,
-    /// Address the API listens on. Anything but loopback needs --api-key-file or --public-api.
-    #[arg(long, default_value = "127.0.0.1", env = "POD_API_HOST")]
+    /// Address the API listens on: an IP address, or a host name resolved at start (localhost:
+    /// 127.0.0.1). Anything but loopback needs --api-key-file or --public-api.
+    #[arg(long, default_value = "127.0.0.1", value_parser = super::api_host, env = "POD_API_HOST")]
     pub api_host: IpAddr,
     /// Port of the API (0: any free port).
     #[arg(long, default_value_t = 8080, env = "POD_API_PORT")]
