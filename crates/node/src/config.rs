@@ -6,7 +6,6 @@
 //! [`StartSettings::layer`] puts the file under the flags and the environment.
 
 use std::fmt;
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -17,9 +16,11 @@ use serde::{Deserialize, Deserializer};
 use crate::backend::Route;
 use crate::profile::Profile;
 
+mod api_host;
 mod layer;
 mod start_args;
 
+pub use api_host::{ApiHost, ApiHostError};
 pub use layer::{given, Source, Sources, StartSettings, KEYS};
 pub use start_args::StartArgs;
 
@@ -56,8 +57,8 @@ pub struct FileConfig {
     /// `false`: `--no-api`.
     pub api: Option<bool>,
     /// `--api-host`.
-    #[serde(default, deserialize_with = "host")]
-    pub api_host: Option<IpAddr>,
+    #[serde(default, deserialize_with = "parsed")]
+    pub api_host: Option<ApiHost>,
     /// `--api-port`.
     pub api_port: Option<u16>,
     /// `--api-key-file` (relative: from the file's folder).
@@ -371,60 +372,6 @@ fn route<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Route>, D::Error> {
     parse_route(&s).map(Some).map_err(serde::de::Error::custom)
 }
 
-fn host<'de, D: Deserializer<'de>>(d: D) -> Result<Option<IpAddr>, D::Error> {
-    let s = String::deserialize(d)?;
-    api_host(&s).map(Some).map_err(serde::de::Error::custom)
-}
-
-/// The address `--api-host` (or `api_host`) names: an IP address (IPv6 with or without
-/// brackets), `localhost` or a name under `.localhost` (loopback, 127.0.0.1, without asking a
-/// resolver), or any other host name, resolved now; of the addresses a name resolves to, the
-/// first IPv4 one is taken, else the first.
-pub fn api_host(text: &str) -> Result<IpAddr, String> {
-    let unbracketed = text
-        .strip_prefix('[')
-        .and_then(|t| t.strip_suffix(']'))
-        .unwrap_or(text);
-    if let Ok(ip) = unbracketed.parse::<IpAddr>() {
-        return Ok(ip);
-    }
-    if !is_host_name(text) {
-        return Err(format!("`{text}` is neither an IP address nor a host name"));
-    }
-    let name = text.strip_suffix('.').unwrap_or(text).to_ascii_lowercase();
-    if name == "localhost" || name.ends_with(".localhost") {
-        return Ok(IpAddr::from([127, 0, 0, 1]));
-    }
-    let addrs: Vec<IpAddr> = std::net::ToSocketAddrs::to_socket_addrs(&(name.as_str(), 0))
-        .map_err(|e| format!("cannot resolve host name `{text}`: {e}"))?
-        .map(|a| a.ip())
-        .collect();
-    addrs
-        .iter()
-        .find(|a| a.is_ipv4())
-        .or_else(|| addrs.first())
-        .copied()
-        .ok_or_else(|| format!("host name `{text}` resolves to no address"))
-}
-
-/// Whether `text` is a DNS host name: dot-separated labels of 1 to 63 letters, digits and
-/// hyphens, not starting or ending with a hyphen, at most 253 characters, with an optional
-/// final dot.
-fn is_host_name(text: &str) -> bool {
-    let name = text.strip_suffix('.').unwrap_or(text);
-    !name.is_empty()
-        && name.len() <= 253
-        && name.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-                && label
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
-        })
-}
-
 fn multiaddrs<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<Multiaddr>>, D::Error> {
     Vec::<String>::deserialize(d)?
         .iter()
@@ -483,68 +430,6 @@ mod tests {
         for key in KEYS {
             let err = parse(&format!("{key} = {{ }}")).unwrap_err();
             assert!(err.contains(&format!("bad value for `{key}`")), "{err}");
-        }
-    }
-
-    #[test]
-    fn api_hosts_are_addresses_or_names() {
-        let v4 = |a: [u8; 4]| IpAddr::from(a);
-        assert_eq!(api_host("0.0.0.0"), Ok(v4([0, 0, 0, 0])));
-        assert_eq!(
-            api_host("::1"),
-            Ok(IpAddr::from(std::net::Ipv6Addr::LOCALHOST))
-        );
-        assert_eq!(
-            api_host("[::]"),
-            Ok(IpAddr::from(std::net::Ipv6Addr::UNSPECIFIED))
-        );
-        for name in ["localhost", "LocalHost", "localhost.", "pod.localhost"] {
-            assert_eq!(api_host(name), Ok(v4([127, 0, 0, 1])), "{name}");
-        }
-        // `.invalid` never resolves (RFC 6761): the resolver is asked, and says no.
-        let err = api_host("no-such-host.invalid").unwrap_err();
-        assert!(
-            err.starts_with("cannot resolve host name `no-such-host.invalid`"),
-            "{err}"
-        );
-        for bad in [
-            "",
-            "0.0.0.0:8080",
-            "http://localhost",
-            "local host",
-            "-pod",
-            "pod-",
-            "a..b",
-            "[::1",
-            "host\n",
-            &"a".repeat(64),
-        ] {
-            let err = api_host(bad).unwrap_err();
-            assert!(
-                err.contains("neither an IP address nor a host name"),
-                "{bad:?}: {err}"
-            );
-        }
-    }
-
-    #[test]
-    fn api_host_names_resolve_as_the_system_resolves_them() {
-        // The machine's own name: the resolver knows it (/etc/hosts, nss-myhostname) or not;
-        // either way `api_host` must say what the resolver says, preferring IPv4.
-        let name = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap();
-        let name = name.trim();
-        let resolved: Vec<IpAddr> = std::net::ToSocketAddrs::to_socket_addrs(&(name, 0))
-            .map(|addrs| addrs.map(|a| a.ip()).collect())
-            .unwrap_or_default();
-        match api_host(name) {
-            Ok(ip) => {
-                assert!(resolved.contains(&ip), "{name}: {ip} not in {resolved:?}");
-                assert!(ip.is_ipv4() || resolved.iter().all(IpAddr::is_ipv6));
-            }
-            Err(e) => assert!(
-                resolved.is_empty(),
-                "{name}: {e}, yet it resolves to {resolved:?}"
-            ),
         }
     }
 

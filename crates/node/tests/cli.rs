@@ -1384,6 +1384,19 @@ fn api_host_takes_host_names() {
     );
     assert_one_line_error(&o, "cannot resolve host name `no-such-host.invalid`");
     assert!(!home.path().join("daemon.json").exists());
+    // Without an API the name is not looked up.
+    let plan = json_of(&pod_at(
+        home.path(),
+        &[
+            "start",
+            "--dry-run",
+            "--json",
+            "--no-api",
+            "--api-host",
+            "no-such-host.invalid",
+        ],
+    ));
+    assert_eq!(plan["api"]["enabled"], false);
 
     // A real start on `localhost` listens on loopback and serves.
     let pod = PodProcess::start(&[

@@ -1,12 +1,12 @@
 //! The flags of `pod start`, each of which `config.toml` may also set (see [`super::layer`]).
 
-use std::net::IpAddr;
 use std::path::PathBuf;
 
 use clap::Args;
 use libp2p::Multiaddr;
 use pod_inference::DeviceSpec;
 
+use super::ApiHost;
 use crate::backend::Route;
 use crate::profile::Profile;
 
@@ -37,8 +37,8 @@ pub struct StartArgs {
     pub no_api: bool,
     /// Address the API listens on: an IP address, or a host name resolved at start (localhost:
     /// 127.0.0.1). Anything but loopback needs --api-key-file or --public-api.
-    #[arg(long, default_value = "127.0.0.1", value_parser = super::api_host, env = "POD_API_HOST")]
-    pub api_host: IpAddr,
+    #[arg(long, default_value = "127.0.0.1", env = "POD_API_HOST")]
+    pub api_host: ApiHost,
     /// Port of the API (0: any free port).
     #[arg(long, default_value_t = 8080, env = "POD_API_PORT")]
     pub api_port: u16,
