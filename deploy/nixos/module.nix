@@ -94,6 +94,16 @@ let
     "::1"
   ] || hasPrefix "127." cfg.apiHost;
 
+  # What `--api-host` takes: an IP address (IPv6 with or without brackets) or a host name,
+  # which pod resolves when it starts. Anything else (a port, a URL, spaces) would stop every
+  # start of the unit, so evaluation refuses it.
+  hostLabel = "[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?";
+  apiHostValid = builtins.any (re: builtins.match re cfg.apiHost != null) [
+    "(${hostLabel}[.])*${hostLabel}[.]?"
+    "[0-9A-Fa-f.]*:[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*"
+    "\\[[0-9A-Fa-f.]*:[0-9A-Fa-f.]*:[0-9A-Fa-f:.]*]"
+  ];
+
   # One ExecStart word. A JSON string is a valid systemd double-quoted word; `%` and `$` are
   # doubled so systemd expands neither specifiers nor variables in configured values. Words
   # given as { raw = ...; } are meant for systemd (%d) and are passed unescaped.
@@ -197,7 +207,8 @@ in
       default = "127.0.0.1";
       example = "0.0.0.0";
       description = ''
-        Address the OpenAI-compatible HTTP API binds (`--api-host`). Any address other than
+        Address the OpenAI-compatible HTTP API binds (`--api-host`): an IP address, or a host
+        name pod resolves when it starts (`localhost` is 127.0.0.1). Any address other than
         loopback needs `apiKeyFile`, or `--public-api` in `extraArgs` to serve without keys.
       '';
     };
@@ -377,6 +388,13 @@ in
         '';
       }
       {
+        assertion = apiHostValid;
+        message = ''
+          services.pod.apiHost = "${cfg.apiHost}" is neither an IP address nor a host name (no
+          port, no scheme): e.g. "127.0.0.1", "::", "localhost" or "node1.example.org".
+        '';
+      }
+      {
         assertion =
           apiIsLoopback
           || cfg.apiKeyFile != null
@@ -518,16 +536,22 @@ in
           ProtectSystem = "strict";
           ProtectHome = true;
           PrivateTmp = true;
+          PrivateMounts = true;
           NoNewPrivileges = true;
           ProtectKernelTunables = true;
           ProtectKernelModules = true;
           ProtectKernelLogs = true;
           ProtectControlGroups = true;
+          ProtectClock = true;
           ProtectHostname = true;
+          # Other users' processes are hidden. /proc's other files stay (no ProcSubset=pid):
+          # pod reads /proc/meminfo to pick its profile.
+          ProtectProc = "invisible";
           RestrictSUIDSGID = true;
           RestrictRealtime = true;
           RestrictNamespaces = true;
           LockPersonality = true;
+          RemoveIPC = true;
           CapabilityBoundingSet = "";
           # AF_NETLINK: libp2p watches the host's interfaces and addresses.
           RestrictAddressFamilies = [
@@ -537,8 +561,23 @@ in
             "AF_NETLINK"
           ];
           SystemCallArchitectures = "native";
+          # The system calls of an ordinary service, less the privileged ones. A call outside
+          # them fails with EPERM instead of killing the node. @system-service keeps what the
+          # GPU runtimes use (ioctl on the device nodes, mbind).
+          SystemCallFilter = [
+            "@system-service"
+            "~@privileged"
+          ];
+          SystemCallErrorNumber = "EPERM";
         }
-        (mkIf (gpuDevice == null) { PrivateDevices = true; })
+        (mkIf (gpuDevice == null) {
+          PrivateDevices = true;
+          # No memory both writable and executable: pod generates no code on the CPU. Not with
+          # a GPU option: the GPU runtimes compile in the process at run time (NVRTC and the
+          # driver's PTX compiler; hiprtc and comgr, built on LLVM), and a JIT may map memory
+          # writable and executable, which this forbids: the GPU would fail to open.
+          MemoryDenyWriteExecute = true;
+        })
         (mkIf cfg.rocm.enable {
           # A private /dev would hide the GPU; only the ROCm devices are let through instead.
           PrivateDevices = false;

@@ -1,4 +1,8 @@
 //! API keys: `Authorization: Bearer KEY`, compared in constant time, never logged.
+//!
+//! Only the SHA-256 digests of the keys are kept, and a presented key is hashed before it is
+//! compared: every comparison is then of 32 bytes against 32 bytes, so its timing says nothing
+//! about the length of the keys nor how much of one a guess got right.
 
 use std::fmt;
 use std::sync::Arc;
@@ -7,6 +11,7 @@ use axum::extract::{Request, State};
 use axum::http::header::AUTHORIZATION;
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use crate::error::ApiError;
@@ -23,9 +28,9 @@ fn is_open(path: &str) -> bool {
     OPEN_PATHS.contains(&path) || path.starts_with(OPEN_PREFIX)
 }
 
-/// The accepted keys. Debug output never shows them.
+/// The accepted keys, as their SHA-256 digests. Debug output never shows them.
 #[derive(Clone, Default)]
-pub struct ApiKeys(Arc<Vec<String>>);
+pub struct ApiKeys(Arc<Vec<[u8; 32]>>);
 
 impl fmt::Debug for ApiKeys {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -40,7 +45,7 @@ impl ApiKeys {
             text.lines()
                 .map(str::trim)
                 .filter(|l| !l.is_empty() && !l.starts_with('#'))
-                .map(str::to_owned)
+                .map(digest)
                 .collect(),
         ))
     }
@@ -55,15 +60,22 @@ impl ApiKeys {
         self.0.len()
     }
 
-    /// Whether `candidate` is one of the keys. Every key is compared in full, so timing does
-    /// not reveal which key, or how much of one, matched.
+    /// Whether `candidate` is one of the keys. Its digest is compared in constant time with
+    /// the digest of every key, so timing does not reveal which key matched, how much of one
+    /// did, or how long the keys are.
     pub fn accepts(&self, candidate: &str) -> bool {
+        let candidate = digest(candidate);
         let mut ok = subtle::Choice::from(0);
         for key in self.0.iter() {
-            ok |= key.as_bytes().ct_eq(candidate.as_bytes());
+            ok |= key.ct_eq(&candidate);
         }
         ok.into()
     }
+}
+
+/// The SHA-256 digest keys are kept and compared as.
+fn digest(key: &str) -> [u8; 32] {
+    Sha256::digest(key.as_bytes()).into()
 }
 
 /// Middleware rejecting requests without a valid key when keys are configured.
@@ -103,5 +115,35 @@ mod tests {
         assert!(!keys.accepts("sk-on"));
         assert!(!keys.accepts(""));
         assert_eq!(format!("{keys:?}"), "ApiKeys(2 keys)");
+    }
+
+    #[test]
+    fn rejects_every_near_miss_of_a_key() {
+        let keys = ApiKeys::parse("sk-0123456789abcdef\n");
+        assert!(keys.accepts("sk-0123456789abcdef"));
+        // Prefixes, extensions, one changed byte anywhere, another case.
+        let key = "sk-0123456789abcdef";
+        for cut in 0..key.len() {
+            assert!(!keys.accepts(&key[..cut]), "prefix of {cut} bytes accepted");
+        }
+        assert!(!keys.accepts("sk-0123456789abcdef0"));
+        assert!(!keys.accepts("sk-0123456789abcdef\0"));
+        for at in 0..key.len() {
+            let mut bytes = key.as_bytes().to_vec();
+            bytes[at] ^= 1;
+            let near = String::from_utf8(bytes).unwrap();
+            assert!(!keys.accepts(&near), "{near:?} accepted");
+        }
+        assert!(!keys.accepts("SK-0123456789ABCDEF"));
+        // No key configured: nothing is accepted, not even the empty string.
+        assert!(!ApiKeys::default().accepts(""));
+    }
+
+    #[test]
+    fn keeps_digests_not_keys() {
+        let keys = ApiKeys::parse("sk-secret\n");
+        let expected: [u8; 32] = Sha256::digest(b"sk-secret").into();
+        assert_eq!(keys.0.as_slice(), &[expected]);
+        assert!(!format!("{keys:?}").contains("secret"));
     }
 }

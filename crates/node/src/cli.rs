@@ -24,6 +24,7 @@ mod receipts;
 mod start;
 mod status;
 mod stop;
+mod terminal;
 mod version;
 
 use chat::CHAT_HELP;

@@ -6,7 +6,6 @@
 //! [`StartSettings::layer`] puts the file under the flags and the environment.
 
 use std::fmt;
-use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -20,9 +19,11 @@ use crate::backend::Route;
 use crate::mesh::capability::MAX_TRUSTED;
 use crate::profile::Profile;
 
+mod api_host;
 mod layer;
 mod start_args;
 
+pub use api_host::{ApiHost, ApiHostError};
 pub use layer::{given, Source, Sources, StartSettings, KEYS};
 pub use start_args::StartArgs;
 
@@ -62,8 +63,8 @@ pub struct FileConfig {
     /// `false`: `--no-api`.
     pub api: Option<bool>,
     /// `--api-host`.
-    #[serde(default, deserialize_with = "ip")]
-    pub api_host: Option<IpAddr>,
+    #[serde(default, deserialize_with = "parsed")]
+    pub api_host: Option<ApiHost>,
     /// `--api-port`.
     pub api_port: Option<u16>,
     /// `--api-key-file` (relative: from the file's folder).
@@ -392,13 +393,6 @@ fn route<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Route>, D::Error> {
     parse_route(&s).map(Some).map_err(serde::de::Error::custom)
 }
 
-fn ip<'de, D: Deserializer<'de>>(d: D) -> Result<Option<IpAddr>, D::Error> {
-    let s = String::deserialize(d)?;
-    s.parse()
-        .map(Some)
-        .map_err(|_| serde::de::Error::custom(format!("`{s}` is not an IP address")))
-}
-
 fn peer_ids<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Vec<PeerId>>, D::Error> {
     Vec::<String>::deserialize(d)?
         .iter()
@@ -491,7 +485,11 @@ mod tests {
             ("profile = \"gpu\"", "profile", "unknown profile `gpu`"),
             ("device = \"tpu\"", "device", "unknown device `tpu`"),
             ("route = \"nowhere\"", "route", "unknown route"),
-            ("api_host = \"localhost\"", "api_host", "not an IP address"),
+            (
+                "api_host = \"0.0.0.0:8080\"",
+                "api_host",
+                "neither an IP address nor a host name",
+            ),
             (
                 "bootstrap = [\"nope\"]",
                 "bootstrap",

@@ -59,7 +59,7 @@ pub struct Node {
     server: JoinHandle<std::io::Result<()>>,
     /// Pulls and loads the models.
     loading: JoinHandle<Result<(), NodeError>>,
-    /// Extends systemd's start timeout while the models load.
+    /// Extends systemd's start timeout while the models' downloads make progress.
     start_timeout: JoinHandle<()>,
     /// The mesh, the servers answering peers and the announcements: they run as long as the
     /// node and are aborted with it.
@@ -203,7 +203,13 @@ impl Node {
         });
 
         let started = Instant::now();
-        let start_timeout = tokio::spawn(signals::extend_start_timeout());
+        let downloads = Arc::clone(&blob_stats);
+        let start_timeout = tokio::spawn(signals::extend_start_timeout(move || {
+            crate::progress::bytes_moved()
+                + downloads
+                    .bytes_fetched
+                    .load(std::sync::atomic::Ordering::Relaxed)
+        }));
         let models = if opts.models.is_empty() {
             opts.profile
                 .default_models()

@@ -5,6 +5,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use indicatif::{ProgressBar, ProgressStyle};
 
+/// Bytes every [`Progress`] of this process has recorded: what a starting node's downloads
+/// have moved so far, which decides whether systemd gives its start more time.
+static BYTES_MOVED: AtomicU64 = AtomicU64::new(0);
+
+/// The bytes all tasks of this process have recorded done so far; it only grows.
+pub fn bytes_moved() -> u64 {
+    BYTES_MOVED.load(Ordering::Relaxed)
+}
+
 /// Byte progress of one task.
 #[derive(Debug)]
 pub struct Progress {
@@ -49,6 +58,7 @@ impl Progress {
 
     /// Records `n` more bytes done.
     pub fn inc(&self, n: u64) {
+        BYTES_MOVED.fetch_add(n, Ordering::Relaxed);
         let done = self.done.fetch_add(n, Ordering::Relaxed) + n;
         if let Some(bar) = &self.bar {
             bar.inc(n);

@@ -1344,3 +1344,153 @@ fn receipts_come_a_page_of_peers_at_a_time() {
     assert_eq!(status, 400, "{body}");
     assert_eq!(body["error"]["type"], "invalid_request_error", "{body}");
 }
+
+#[test]
+fn api_host_takes_host_names() {
+    let home = tempfile::tempdir().unwrap();
+    // `localhost` is loopback: no key needed, and the plan names the address.
+    for (flag, config) in [(Some("localhost"), None), (None, Some("LOCALHOST."))] {
+        if let Some(host) = config {
+            std::fs::write(
+                home.path().join("config.toml"),
+                format!("api_host = \"{host}\"\n"),
+            )
+            .unwrap();
+        }
+        let mut args = vec!["start", "--dry-run", "--json"];
+        if let Some(host) = flag {
+            args.extend(["--api-host", host]);
+        }
+        let plan = json_of(&pod_at(home.path(), &args));
+        assert_eq!(plan["api"]["host"], "127.0.0.1", "{flag:?} {config:?}");
+        assert_eq!(plan["api"]["auth"], "none");
+    }
+    std::fs::remove_file(home.path().join("config.toml")).unwrap();
+    // Bad values and names that do not resolve are one line naming them, before anything binds.
+    let o = pod_at(home.path(), &["start", "--api-host", "0.0.0.0:8080"]);
+    assert_one_line_error(
+        &o,
+        "`0.0.0.0:8080` is neither an IP address nor a host name",
+    );
+    let o = pod_at(
+        home.path(),
+        &[
+            "start",
+            "--api-host",
+            "no-such-host.invalid",
+            "--api-port",
+            "0",
+        ],
+    );
+    assert_one_line_error(&o, "cannot resolve host name `no-such-host.invalid`");
+    assert!(!home.path().join("daemon.json").exists());
+    // Without an API the name is not looked up.
+    let plan = json_of(&pod_at(
+        home.path(),
+        &[
+            "start",
+            "--dry-run",
+            "--json",
+            "--no-api",
+            "--api-host",
+            "no-such-host.invalid",
+        ],
+    ));
+    assert_eq!(plan["api"]["enabled"], false);
+
+    // A real start on `localhost` listens on loopback and serves.
+    let pod = PodProcess::start(&[
+        "--profile",
+        "relay",
+        "--api-host",
+        "localhost",
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+    ]);
+    assert!(pod.api.starts_with("http://127.0.0.1:"), "{}", pod.api);
+    assert_eq!(pod.get("/pod/v1/node")["peer_id"], pod.peer_id);
+}
+
+/// Serves `routes` (path → JSON or text body) over HTTP/1.1 on 127.0.0.1 until the test ends:
+/// a node API whose answers carry what hostile peers announced.
+fn serve_canned(routes: Vec<(&'static str, String)>) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            stream
+                .set_read_timeout(Some(Duration::from_secs(10)))
+                .unwrap();
+            let mut head = Vec::new();
+            let mut byte = [0u8; 1];
+            while !head.ends_with(b"\r\n\r\n") && stream.read(&mut byte).unwrap_or(0) == 1 {
+                head.push(byte[0]);
+            }
+            let head = String::from_utf8_lossy(&head);
+            let path = head.split_whitespace().nth(1).unwrap_or("/");
+            let path = path.split('?').next().unwrap_or(path);
+            let (status, body) = routes
+                .iter()
+                .find(|(p, _)| *p == path)
+                .map_or(("404 Not Found", "{}"), |(_, b)| ("200 OK", b.as_str()));
+            let _ = write!(
+                stream,
+                "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    format!("http://{addr}")
+}
+
+#[test]
+fn peer_strings_reach_the_terminal_without_control_characters() {
+    let evil = "m\u{1b}]0;pwned\u{7}\u{1b}[2J\r\u{9b}1m\u{202e}";
+    let peers = serde_json::json!({"data": [{
+        "peer_id": "12D3KooWEvil",
+        "agent": format!("pod/{evil}"),
+        "path": format!("direct{evil}"),
+        "models": [{"name": evil}],
+        "last_seen_ms": 5,
+    }]});
+    let node = serde_json::json!({
+        "peer_id": "12D3KooWEvil",
+        "agent": format!("pod/{evil}"),
+        "profile": evil,
+        "uptime_seconds": 3,
+        "connected_peers": 1,
+        "known_peers": 1,
+        "nat_status": "private",
+        "relays": [format!("/ip4/1.2.3.4/tcp/1/p2p/{evil}")],
+        "listen_addrs": [],
+    });
+    let models = serde_json::json!({"data": [
+        {"id": evil, "kind": evil, "owned_by": "12D3KooWOther", "providers": 1}
+    ]});
+    let api = serve_canned(vec![
+        ("/pod/v1/peers", peers.to_string()),
+        ("/pod/v1/node", node.to_string()),
+        ("/v1/models", models.to_string()),
+        ("/health", "{}".to_owned()),
+        ("/metrics", String::new()),
+    ]);
+    let home = tempfile::tempdir().unwrap();
+    for command in ["peers", "status"] {
+        let o = pod_at(home.path(), &[command, "--api", &api]);
+        let out = String::from_utf8(o.stdout.clone()).unwrap();
+        assert!(o.status.success(), "{command}: {out}{}", stderr(&o));
+        assert!(
+            !out.chars()
+                .any(|c| (c.is_control() && c != '\n') || c == '\u{202e}'),
+            "{command} printed control characters: {out:?}"
+        );
+        // What was escaped is still there to read.
+        assert!(out.contains("m\\u{1b}]0;pwned\\u{7}"), "{command}: {out}");
+        // --json stays exact, escaped by JSON itself.
+        let o = pod_at(home.path(), &[command, "--api", &api, "--json"]);
+        let json = String::from_utf8(o.stdout.clone()).unwrap();
+        assert!(!json.contains('\u{1b}'), "{command} --json: {json:?}");
+        assert!(json.contains("\\u001b"), "{command} --json: {json}");
+    }
+}

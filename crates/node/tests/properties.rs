@@ -22,7 +22,7 @@ use pod_inference::{
     TokenLogprob, Usage,
 };
 use pod_node::blob::{BlobReply, BlobRequest, Manifest};
-use pod_node::config::{ConfigError, FileConfig, KEYS};
+use pod_node::config::{ApiHost, ConfigError, FileConfig, KEYS};
 use pod_node::mesh::capability::{
     AnnouncementError, ApiInfo, Capabilities, HardwareSummary, Load, MAX_ADDRS,
     MAX_ANNOUNCEMENT_BYTES, MAX_MODELS,
@@ -684,7 +684,10 @@ proptest! {
         threads in prop::option::of(1usize..256),
         ctx_size in prop::option::of(16usize..1_000_000),
         api_port in prop::option::of(any::<u16>()),
-        api_host in prop::option::of(any::<std::net::IpAddr>()),
+        api_host in prop::option::of(prop_oneof![
+            any::<std::net::IpAddr>().prop_map(ApiHost::Addr),
+            "[a-k][a-z0-9-]{0,8}[a-z0-9](\\.[a-z0-9]{1,10}){0,2}".prop_map(ApiHost::Name),
+        ]),
         pull in prop::option::of(any::<bool>()),
         announce_interval in prop::option::of(1u64..=3600),
         cors_origins in prop::option::of(prop::collection::vec("https://[a-z]{1,10}\\.example(:[0-9]{1,5})?", 0..3)),
@@ -700,7 +703,7 @@ proptest! {
         line("threads", threads.map(|v| v.to_string()));
         line("ctx_size", ctx_size.map(|v| v.to_string()));
         line("api_port", api_port.map(|v| v.to_string()));
-        line("api_host", api_host.map(|v| toml_string(&v.to_string())));
+        line("api_host", api_host.as_ref().map(|v| toml_string(&v.to_string())));
         line("pull", pull.map(|v| v.to_string()));
         line("announce_interval", announce_interval.map(|v| v.to_string()));
         line("cors_origins", cors_origins.clone().map(|v| {

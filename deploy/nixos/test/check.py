@@ -32,6 +32,36 @@ NVIDIA_DEVICES = [
 ]
 # Where NixOS links the running driver's libraries, libcuda among them.
 DRIVER_LIB = "/run/opengl-driver/lib"
+# The sandbox of every variant of the service (the GPU options relax only the devices and
+# MemoryDenyWriteExecute).
+HARDENING = {
+    "ProtectSystem": "strict",
+    "ProtectHome": True,
+    "PrivateTmp": True,
+    "PrivateMounts": True,
+    "NoNewPrivileges": True,
+    "ProtectKernelTunables": True,
+    "ProtectKernelModules": True,
+    "ProtectKernelLogs": True,
+    "ProtectControlGroups": True,
+    "ProtectClock": True,
+    "ProtectHostname": True,
+    "ProtectProc": "invisible",
+    "RestrictSUIDSGID": True,
+    "RestrictRealtime": True,
+    "RestrictNamespaces": True,
+    "LockPersonality": True,
+    "RemoveIPC": True,
+    "CapabilityBoundingSet": "",
+    "RestrictAddressFamilies": ["AF_INET", "AF_INET6", "AF_UNIX", "AF_NETLINK"],
+    "SystemCallArchitectures": "native",
+    "SystemCallFilter": ["@system-service", "~@privileged"],
+    "SystemCallErrorNumber": "EPERM",
+}
+# Highest `systemd-analyze security` exposure (0 to 10, lower is safer) the CPU service may
+# have, as the module renders it and as deploy/systemd/pod.service is. What is left open is
+# what a mesh node needs: the network, netlink, its own user.
+MAX_EXPOSURE = 1.5
 # Variables the GPU runtimes read themselves, not pod.
 RUNTIME_VARS = {"HSA_OVERRIDE_GFX_VERSION"}
 
@@ -154,11 +184,9 @@ def check_scenarios(sc, flake, gpu):
         "DynamicUser": False,
         "StateDirectory": "pod",
         "WorkingDirectory": STATE,
-        "ProtectSystem": "strict",
-        "ProtectHome": True,
-        "PrivateTmp": True,
-        "NoNewPrivileges": True,
         "PrivateDevices": True,
+        "MemoryDenyWriteExecute": True,
+        **HARDENING,
     }.items():
         equal(c.get(key), value, f"default: {key}")
     for key in ["DeviceAllow", "DevicePolicy", "SupplementaryGroups", "LoadCredential"]:
@@ -236,11 +264,13 @@ def check_scenarios(sc, flake, gpu):
         equal(c.get("DevicePolicy"), "closed", f"{name}: DevicePolicy")
         equal(c.get("PrivateDevices"), False, f"{name}: PrivateDevices")
         equal(c.get("SupplementaryGroups"), ROCM_GROUPS, f"{name}: SupplementaryGroups")
+        check_gpu_sandbox(name, c)
         equal(argv_of(name), expected_argv(tail=["--device", "rocm"]), f"{name}: pod arguments")
     s = svc("overrideWithoutRocm")
     equal(s["environment"], {"POD_HOME": STATE}, "overrideWithoutRocm: environment")
     check("DeviceAllow" not in s["serviceConfig"], "overrideWithoutRocm: DeviceAllow is set")
     equal(s["serviceConfig"].get("PrivateDevices"), True, "overrideWithoutRocm: PrivateDevices")
+    equal(s["serviceConfig"].get("MemoryDenyWriteExecute"), True, "overrideWithoutRocm: MemoryDenyWriteExecute")
     equal(len(sc["overrideWithoutRocm"]["warnings"]), 1, "overrideWithoutRocm: warnings")
     equal(argv_of("overrideWithoutRocm"), expected_argv(), "overrideWithoutRocm: pod arguments")
     w = sc["rocmNoPackage"]["warnings"]
@@ -266,6 +296,7 @@ def check_scenarios(sc, flake, gpu):
         equal(c.get("DevicePolicy"), "closed", f"{name}: DevicePolicy")
         equal(c.get("PrivateDevices"), False, f"{name}: PrivateDevices")
         check("SupplementaryGroups" not in c, f"{name}: SupplementaryGroups is set: {c.get('SupplementaryGroups')}")
+        check_gpu_sandbox(name, c)
         equal(argv_of(name), expected_argv(profile=profile, tail=["--device", "cuda"]), f"{name}: pod arguments")
     # With a GPU option, auto resolves to inference (or the start fails): no bulk port.
     equal(sc["nvidiaOpenFirewall"]["firewall"], {"tcp": [4001], "udp": [4001]}, "nvidiaOpenFirewall: firewall")
@@ -311,7 +342,8 @@ def check_scenarios(sc, flake, gpu):
 
     # Assertions.
     for name in sc:
-        if name not in ("publicWithoutKeys", "keyFileInStore", "meshKeyInStore", "bothGpus", "gpuAndDeviceArg"):
+        if name not in ("publicWithoutKeys", "keyFileInStore", "meshKeyInStore", "bothGpus", "gpuAndDeviceArg",
+                        "apiHostWithPort", "apiHostUrl"):
             equal(sc[name]["failedAssertions"], [], f"{name}: failed assertions")
     fa = sc["bothGpus"]["failedAssertions"]
     check(len(fa) == 1 and "one GPU backend" in fa[0], f"bothGpus: expected the one-backend assertion, got {fa}")
@@ -320,6 +352,12 @@ def check_scenarios(sc, flake, gpu):
           f"gpuAndDeviceArg: expected the --device assertion, got {fa}")
     fa = sc["publicWithoutKeys"]["failedAssertions"]
     check(len(fa) == 1 and "apiHost" in fa[0], f"publicWithoutKeys: expected the apiHost assertion, got {fa}")
+    for name in ("apiHostWithPort", "apiHostUrl"):
+        fa = sc[name]["failedAssertions"]
+        check(len(fa) == 1 and "neither an IP address nor a host name" in fa[0],
+              f"{name}: expected the apiHost form assertion, got {fa}")
+    equal(argv_of("apiHostName"), expected_argv(host="localhost"), "apiHostName: pod arguments")
+    equal(sc["apiHostName"]["firewall"], {"tcp": [], "udp": []}, "apiHostName: firewall")
     fa = sc["keyFileInStore"]["failedAssertions"]
     check(len(fa) == 1 and "Nix store" in fa[0], f"keyFileInStore: expected the store assertion, got {fa}")
     fa = sc["meshKeyInStore"]["failedAssertions"]
@@ -396,6 +434,15 @@ def flags_document(argvs):
     }
 
 
+def check_gpu_sandbox(name, c):
+    """A GPU service keeps the whole sandbox but for MemoryDenyWriteExecute: the GPU runtimes
+    compile in the process, and a JIT may need memory both writable and executable."""
+    for key, value in HARDENING.items():
+        equal(c.get(key), value, f"{name}: {key}")
+    check(c.get("MemoryDenyWriteExecute", False) is False,
+          f"{name}: MemoryDenyWriteExecute is on, which GPU runtimes may not survive")
+
+
 # ------------------------------------------------------------------ systemd's own parser
 def nixos_unit_text(s, exe):
     """The unit roughly as NixOS writes it from systemd.services.pod."""
@@ -432,6 +479,23 @@ def systemd_verify(unit_paths, label):
     check(proc.returncode == 0 and not complaints,
           f"systemd-analyze verify ({label}), exit {proc.returncode}:\n    " + "\n    ".join(complaints))
     return not complaints
+
+
+def exposure(unit_path, label, limit=None):
+    """`systemd-analyze security`'s overall exposure of a unit file (0 safest, 10 least safe),
+    printed; with `limit`, a failure when over it."""
+    proc = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", "--no-pager", unit_path],
+        capture_output=True, text=True, timeout=120,
+    )
+    m = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", proc.stdout)
+    if not check(m is not None, f"systemd-analyze security ({label}) gave no exposure:\n{proc.stdout}{proc.stderr}"):
+        return None
+    level = float(m.group(1))
+    print(f"nix-check: systemd-analyze security, {label}: exposure {level}", file=sys.stderr)
+    if limit is not None:
+        check(level <= limit, f"systemd-analyze security ({label}): exposure {level} over {limit}")
+    return level
 
 
 def uncommented_text(path):
@@ -522,6 +586,7 @@ def check_plain_unit(sc, workdir, can_verify, known_vars):
     equal(" ".join(v for k, v in rocm if k == "SupplementaryGroups").split(), module_rocm["SupplementaryGroups"],
           "rocm.conf: SupplementaryGroups")
     equal(dict(rocm).get("PrivateDevices"), "no", "rocm.conf: PrivateDevices")
+    equal(dict(rocm).get("MemoryDenyWriteExecute"), "no", "rocm.conf: MemoryDenyWriteExecute")
     equal(dict(rocm).get("DevicePolicy"), "closed", "rocm.conf: DevicePolicy")
 
     nvidia = parse_unit(os.path.join(base, "nvidia.conf"))["Service"]
@@ -530,6 +595,7 @@ def check_plain_unit(sc, workdir, can_verify, known_vars):
     module_nvidia = sc["nvidia"]["service"]["serviceConfig"]
     equal([v for k, v in nvidia if k == "DeviceAllow"], module_nvidia["DeviceAllow"], "nvidia.conf: DeviceAllow")
     equal(dict(nvidia).get("PrivateDevices"), "no", "nvidia.conf: PrivateDevices")
+    equal(dict(nvidia).get("MemoryDenyWriteExecute"), "no", "nvidia.conf: MemoryDenyWriteExecute")
     equal(dict(nvidia).get("DevicePolicy"), "closed", "nvidia.conf: DevicePolicy")
     check("SupplementaryGroups" not in dict(nvidia), "nvidia.conf: SupplementaryGroups is set")
 
@@ -547,6 +613,7 @@ def check_plain_unit(sc, workdir, can_verify, known_vars):
         check_env_names(added, known_vars, f"{conf}, commented-out Environment= lines")
 
     if can_verify:
+        exposure(os.path.join(base, "pod.service"), "deploy/systemd/pod.service", MAX_EXPOSURE)
         exe = os.path.join(workdir, "pod")
         text = open(os.path.join(base, "pod.service"), encoding="utf-8").read()
         # One GPU drop-in at a time (both set POD_DEVICE_ARGS), with the comments turned on.
@@ -592,6 +659,10 @@ def main():
                     f.write(nixos_unit_text(s["service"], exe))
                 units.append(path)
         systemd_verify(units, f"{len(units)} units rendered from the module")
+        unit_dir = os.path.join(args.workdir, "units")
+        exposure(os.path.join(unit_dir, "podcheck-default.service"), "the module's default unit", MAX_EXPOSURE)
+        for name in ("rocm", "nvidia"):
+            exposure(os.path.join(unit_dir, f"podcheck-{name}.service"), f"the module's {name} unit")
     check_plain_unit(sc, args.workdir, can_verify, library_env_vars())
 
     if args.emit_flags:

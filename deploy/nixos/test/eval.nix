@@ -223,6 +223,21 @@ in
       enable = true;
       apiHost = "0.0.0.0";
     };
+    # A host name is passed on for pod to resolve; a port or a URL is refused.
+    apiHostName = scenario {
+      enable = true;
+      apiHost = "localhost";
+    };
+    apiHostWithPort = scenario {
+      enable = true;
+      apiHost = "0.0.0.0:8080";
+      apiKeyFile = keyFile;
+    };
+    apiHostUrl = scenario {
+      enable = true;
+      apiHost = "http://node1.example.org";
+      apiKeyFile = keyFile;
+    };
     keyFileInStore = scenario {
       enable = true;
       apiKeyFile = "${builtins.storeDir}/00000000000000000000000000000000-keys";

@@ -6,6 +6,7 @@ use anyhow::Result;
 use clap::Args;
 
 use super::node_client::{locate, require_api, DaemonArgs};
+use super::terminal::printable;
 
 #[derive(Debug, Args)]
 pub(crate) struct PeersArgs {
@@ -52,8 +53,8 @@ pub(crate) fn exec(home: &Path, args: PeersArgs) -> Result<()> {
         // How the connection reaches the peer, and the hole punch's outcome when one was tried.
         let path = match (p["path"].as_str(), p["hole_punch"].as_str()) {
             (None, _) => "-".to_owned(),
-            (Some(path), None) => path.to_owned(),
-            (Some(path), Some(punch)) => format!("{path} (punch {punch})"),
+            (Some(path), None) => printable(path).into_owned(),
+            (Some(path), Some(punch)) => printable(&format!("{path} (punch {punch})")).into_owned(),
         };
         let seen = format!(
             "{:.1}s ago",
@@ -61,8 +62,8 @@ pub(crate) fn exec(home: &Path, args: PeersArgs) -> Result<()> {
         );
         println!(
             "{:<52} {:<14} {:<20} {:>8} {:>10} {:>9}  {}",
-            p["peer_id"].as_str().unwrap_or("?"),
-            p["agent"].as_str().unwrap_or("-"),
+            printable(p["peer_id"].as_str().unwrap_or("?")),
+            printable(p["agent"].as_str().unwrap_or("-")),
             path,
             rtt,
             load,
@@ -70,7 +71,7 @@ pub(crate) fn exec(home: &Path, args: PeersArgs) -> Result<()> {
             if models.is_empty() {
                 "-".to_owned()
             } else {
-                models.join(", ")
+                printable(&models.join(", ")).into_owned()
             }
         );
     }

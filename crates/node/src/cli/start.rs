@@ -64,7 +64,7 @@ pub(crate) fn exec(
         profile: plan.profile.profile,
         models: plan.models.iter().map(|m| m.name.clone()).collect(),
         api: !args.no_api,
-        api_host: args.api_host,
+        api_host: plan.api_host,
         api_port: args.api_port,
         api_keys: plan.api_keys,
         public_api: args.public_api,

@@ -6,6 +6,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 
 use super::node_client::{locate, metric_sum, DaemonArgs};
+use super::terminal::printable;
 
 #[derive(Debug, Args)]
 pub(crate) struct StatusArgs {
@@ -94,7 +95,8 @@ pub(crate) fn exec(home: &Path, args: StatusArgs) -> Result<()> {
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(());
     }
-    let s = |v: &serde_json::Value| v.as_str().unwrap_or("-").to_owned();
+    // Model names and relay addresses come from peers: printed without terminal controls.
+    let s = |v: &serde_json::Value| printable(v.as_str().unwrap_or("-")).into_owned();
     let n = |v: &serde_json::Value| v.as_u64().unwrap_or(0);
     println!(
         "pod       {}{}, {}, up {}",
@@ -112,7 +114,7 @@ pub(crate) fn exec(home: &Path, args: StatusArgs) -> Result<()> {
     println!("version   {}", s(&out["version"]));
     println!(
         "api       {}",
-        out["api"].as_str().unwrap_or("none (--no-api)")
+        printable(out["api"].as_str().unwrap_or("none (--no-api)"))
     );
     println!("profile   {}", s(&out["profile"]));
     println!("device    {}", s(&out["device"]));

@@ -1,6 +1,5 @@
 //! The flags of `pod start`, each of which `config.toml` may also set (see [`super::layer`]).
 
-use std::net::IpAddr;
 use std::path::PathBuf;
 
 use clap::Args;
@@ -8,6 +7,7 @@ use libp2p::{Multiaddr, PeerId};
 use pod_inference::model::stage::LayerRange;
 use pod_inference::DeviceSpec;
 
+use super::ApiHost;
 use crate::access::ServeTo;
 use crate::backend::Route;
 use crate::profile::Profile;
@@ -37,9 +37,10 @@ pub struct StartArgs {
     /// Run without the HTTP API: the node joins the mesh and serves its models to peers only.
     #[arg(long, env = "POD_NO_API")]
     pub no_api: bool,
-    /// Address the API listens on. Anything but loopback needs --api-key-file or --public-api.
+    /// Address the API listens on: an IP address, or a host name resolved at start (localhost:
+    /// 127.0.0.1). Anything but loopback needs --api-key-file or --public-api.
     #[arg(long, default_value = "127.0.0.1", env = "POD_API_HOST")]
-    pub api_host: IpAddr,
+    pub api_host: ApiHost,
     /// Port of the API (0: any free port).
     #[arg(long, default_value_t = 8080, env = "POD_API_PORT")]
     pub api_port: u16,

@@ -28,6 +28,8 @@ pub(super) struct Plan {
     /// The opened device; `None` for a dry run or without models.
     pub(super) placement: Option<Placement>,
     pub(super) api_keys: pod_api::ApiKeys,
+    /// The address the API binds: `--api-host`, resolved when it is a name.
+    pub(super) api_host: IpAddr,
     pub(super) mesh: MeshConfig,
 }
 
@@ -82,7 +84,13 @@ pub(super) fn plan(store: &ModelStore, args: &StartArgs, home: &Path) -> Result<
         }
         _ => pod_api::ApiKeys::default(),
     };
-    node::check_api_exposure(!args.no_api, args.api_host, &api_keys, args.public_api)?;
+    // Resolved once, here; without an API nothing binds it, so a name is not looked up.
+    let api_host = if args.no_api {
+        IpAddr::from([127, 0, 0, 1])
+    } else {
+        args.api_host.resolve()?
+    };
+    node::check_api_exposure(!args.no_api, api_host, &api_keys, args.public_api)?;
     pod_api::ApiConfig {
         keys: api_keys.clone(),
         cors_origins: args.cors_origins.clone(),
@@ -97,6 +105,7 @@ pub(super) fn plan(store: &ModelStore, args: &StartArgs, home: &Path) -> Result<
         device_name,
         placement,
         api_keys,
+        api_host,
     })
 }
 
@@ -306,7 +315,7 @@ pub(super) fn print(
 ) -> Result<()> {
     let strings = |v: &[Multiaddr]| v.iter().map(ToString::to_string).collect::<Vec<_>>();
     let serve_mesh = !args.no_serve_mesh && !plan.models.is_empty();
-    let api_url = format!("http://{}", SocketAddr::new(args.api_host, args.api_port));
+    let api_url = format!("http://{}", SocketAddr::new(plan.api_host, args.api_port));
     let auth = if plan.api_keys.is_empty() {
         "none"
     } else {
@@ -321,7 +330,7 @@ pub(super) fn print(
         "api": {
             "enabled": !args.no_api,
             "url": (!args.no_api).then_some(&api_url),
-            "host": args.api_host,
+            "host": plan.api_host,
             "port": args.api_port,
             "auth": auth,
         },
