@@ -15,7 +15,10 @@ use pod_inference::{
 
 use super::{Frame, Request, MAX_REQUEST_BYTES, PROTOCOL};
 use crate::receipts::{Ledger, Receipt, Role, SignedReceipt};
-use crate::wire::{read_frame, write_frame};
+use crate::wire::{encode_frame, read_frame};
+
+/// Bytes of a frame written at a time, each within the write timeout.
+const WRITE_PIECE: usize = 64 * 1024;
 
 /// Limits on what peers may ask of this node.
 #[derive(Debug, Clone)]
@@ -32,6 +35,10 @@ pub struct ServerConfig {
     pub heartbeat: Duration,
     /// A progress receipt is sent every this many generated tokens.
     pub progress_every_tokens: usize,
+    /// Longest a frame may take to go out. A requester that stops reading fills the stream's
+    /// window; past this the request is cancelled, so the engine frees the sequence and the
+    /// peer's slot is released instead of pinned.
+    pub write_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -45,6 +52,7 @@ impl Default for ServerConfig {
             request_timeout: Duration::from_secs(10),
             heartbeat: Duration::from_secs(1),
             progress_every_tokens: 8,
+            write_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -171,18 +179,15 @@ impl InferServer {
             Ok(Err(e)) => {
                 self.stats.malformed.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(%peer, error = %e, "bad inference request");
-                let _ = write_frame(
-                    &mut wr,
-                    &Frame::Error(EngineError::InvalidRequest(e.to_string())),
-                )
-                .await;
-                let _ = wr.close().await;
+                let frame = Frame::Error(EngineError::InvalidRequest(e.to_string()));
+                let _ = self.send(&mut wr, &frame).await;
+                self.close(&mut wr).await;
                 return;
             }
             Err(_) => {
                 self.stats.malformed.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(%peer, "no inference request in time");
-                let _ = wr.close().await;
+                self.close(&mut wr).await;
                 return;
             }
         };
@@ -191,8 +196,8 @@ impl InferServer {
             self.stats.refused.fetch_add(1, Ordering::Relaxed);
             tracing::info!(%peer, reason = %e, "refused a peer's oversized request");
             let frame = Frame::Error(EngineError::InvalidRequest(e.to_string()));
-            let _ = write_frame(&mut wr, &frame).await;
-            let _ = wr.close().await;
+            let _ = self.send(&mut wr, &frame).await;
+            self.close(&mut wr).await;
             return;
         }
         let refuse = |e: EngineError| {
@@ -204,7 +209,7 @@ impl InferServer {
             let frame = refuse(EngineError::Unavailable(
                 "this pod does not serve the mesh".into(),
             ));
-            let _ = write_frame(&mut wr, &frame).await;
+            let _ = self.send(&mut wr, &frame).await;
             return;
         }
         let (model, kind) = match &request {
@@ -217,15 +222,17 @@ impl InferServer {
             .iter()
             .any(|m| m.name == model && m.kind == kind)
         {
-            let _ = write_frame(&mut wr, &refuse(EngineError::UnknownModel(model))).await;
-            let _ = wr.close().await;
+            let _ = self
+                .send(&mut wr, &refuse(EngineError::UnknownModel(model)))
+                .await;
+            self.close(&mut wr).await;
             return;
         }
         let _slot = match self.admit(peer) {
             Ok(s) => s,
             Err(e) => {
-                let _ = write_frame(&mut wr, &refuse(e)).await;
-                let _ = wr.close().await;
+                let _ = self.send(&mut wr, &refuse(e)).await;
+                self.close(&mut wr).await;
                 return;
             }
         };
@@ -237,6 +244,33 @@ impl InferServer {
                 self.embed(peer, id, model, input, wr).await;
             }
         }
+    }
+
+    /// Writes one frame, failing with [`std::io::ErrorKind::TimedOut`] when the requester takes
+    /// none of it for the write timeout. The timeout is on progress, not on the whole frame: a
+    /// large answer (many embeddings) to a slow but reading requester still goes out.
+    async fn send<W>(&self, wr: &mut W, frame: &Frame) -> std::io::Result<()>
+    where
+        W: futures::AsyncWrite + Unpin,
+    {
+        let stalled = || std::io::Error::from(std::io::ErrorKind::TimedOut);
+        let buf = encode_frame(frame)?;
+        for piece in buf.chunks(WRITE_PIECE) {
+            tokio::time::timeout(self.config.write_timeout, wr.write_all(piece))
+                .await
+                .map_err(|_| stalled())??;
+        }
+        tokio::time::timeout(self.config.write_timeout, wr.flush())
+            .await
+            .map_err(|_| stalled())?
+    }
+
+    /// Closes the writing half, giving up after the write timeout.
+    async fn close<W>(&self, wr: &mut W)
+    where
+        W: futures::AsyncWrite + Unpin,
+    {
+        let _ = tokio::time::timeout(self.config.write_timeout, wr.close()).await;
     }
 
     fn receipt(
@@ -294,12 +328,12 @@ impl InferServer {
         let mut events = match self.engine.generate(request) {
             Ok(e) => e,
             Err(e) => {
-                let _ = write_frame(&mut wr, &Frame::Error(e)).await;
-                let _ = wr.close().await;
+                let _ = self.send(&mut wr, &Frame::Error(e)).await;
+                self.close(&mut wr).await;
                 return;
             }
         };
-        if write_frame(&mut wr, &Frame::Accepted).await.is_err() {
+        if self.send(&mut wr, &Frame::Accepted).await.is_err() {
             return;
         }
         // The requester never writes after its request: a read that returns means it hung up.
@@ -337,8 +371,8 @@ impl InferServer {
                         );
                         self.record(&receipt).await;
                         let done = Frame::Done { finish_reason, usage, receipt };
-                        let _ = write_frame(&mut wr, &done).await;
-                        let _ = wr.close().await;
+                        let _ = self.send(&mut wr, &done).await;
+                        self.close(&mut wr).await;
                         tracing::info!(%peer, %id, completion_tokens = produced, "served a peer's request");
                         return;
                     }
@@ -347,13 +381,14 @@ impl InferServer {
                 },
             };
             let last = matches!(frame, Frame::Error(_));
-            if write_frame(&mut wr, &frame).await.is_err() {
+            if let Err(e) = self.send(&mut wr, &frame).await {
+                // Returning drops `events`: the engine sees it closed and frees the sequence.
                 self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(%peer, %id, "requester unreachable: cancelled");
+                tracing::info!(%peer, %id, produced, error = %e, "requester not reading: cancelled");
                 return;
             }
             if last {
-                let _ = wr.close().await;
+                self.close(&mut wr).await;
                 return;
             }
             heartbeat.reset();
@@ -367,10 +402,9 @@ impl InferServer {
                     started_at,
                     true,
                 ) {
-                    if write_frame(&mut wr, &Frame::Progress { receipt })
-                        .await
-                        .is_err()
-                    {
+                    if let Err(e) = self.send(&mut wr, &Frame::Progress { receipt }).await {
+                        self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(%peer, %id, produced, error = %e, "requester not reading: cancelled");
                         return;
                     }
                 }
@@ -383,7 +417,7 @@ impl InferServer {
         W: futures::AsyncWrite + Unpin,
     {
         let started_at = now_ms();
-        if write_frame(&mut wr, &Frame::Accepted).await.is_err() {
+        if self.send(&mut wr, &Frame::Accepted).await.is_err() {
             return;
         }
         let frame = match self
@@ -406,7 +440,7 @@ impl InferServer {
             }
             Err(e) => Frame::Error(e),
         };
-        let _ = write_frame(&mut wr, &frame).await;
-        let _ = wr.close().await;
+        let _ = self.send(&mut wr, &frame).await;
+        self.close(&mut wr).await;
     }
 }
