@@ -144,6 +144,15 @@ pub struct ModelStore {
     hf_endpoint: String,
 }
 
+/// The pull lock of one model, held while its files are fetched and installed: pulls of a
+/// model, from its sources or from peers, by this process or another, take turns. Released
+/// when dropped.
+#[derive(Debug)]
+pub struct ModelLock {
+    model: String,
+    _file: File,
+}
+
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
     move |source| StoreError::Io {
         path: path.to_owned(),
@@ -231,6 +240,21 @@ impl ModelStore {
             .map(|f| self.model_dir(entry.name).join(f.name))
     }
 
+    /// Waits for the pull lock of the model `name`; blocks the thread until it is free.
+    pub fn lock_model(&self, name: &str) -> Result<ModelLock, StoreError> {
+        let path = self.lock_path(name);
+        let file = File::create(&path).map_err(io_err(&path))?;
+        file.lock().map_err(io_err(&path))?;
+        Ok(ModelLock {
+            model: name.to_owned(),
+            _file: file,
+        })
+    }
+
+    fn lock_path(&self, name: &str) -> PathBuf {
+        self.root.join(format!(".{name}.lock"))
+    }
+
     /// Removes what interrupted pulls left behind: `.partial-*` files in the directories of
     /// models no pull is fetching now (their pull lock is free), and, when no pull of any
     /// model runs, the scratch directories under `.tmp/`. Kept: `.partial/`, where pulls from
@@ -241,8 +265,7 @@ impl ModelStore {
         // Held until the end, so no pull starts while its scratch space is cleared.
         let mut locks = Vec::new();
         for entry in crate::catalogue::CATALOGUE {
-            let lock_path = self.root.join(format!(".{}.lock", entry.name));
-            let Ok(lock) = File::create(&lock_path) else {
+            let Ok(lock) = File::create(self.lock_path(entry.name)) else {
                 all_idle = false;
                 continue;
             };
@@ -287,9 +310,7 @@ impl ModelStore {
     pub fn pull(&self, entry: &CatalogueEntry) -> Result<PathBuf, StoreError> {
         let dir = self.model_dir(entry.name);
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-        let lock_path = self.root.join(format!(".{}.lock", entry.name));
-        let lock = File::create(&lock_path).map_err(io_err(&lock_path))?;
-        lock.lock().map_err(io_err(&lock_path))?;
+        let _lock = self.lock_model(entry.name)?;
         if self.is_present(entry) {
             return Ok(dir);
         }
@@ -406,14 +427,26 @@ impl ModelStore {
     }
 
     /// Moves a complete file, already checked against `file.sha256` by the caller, into the
-    /// model's directory and records it as verified.
+    /// model's directory and records it as verified. The caller holds the model's pull lock
+    /// (`lock`), from before it fetched the file, so no other pull writes or installs it
+    /// meanwhile.
     pub fn install_verified(
         &self,
+        lock: &ModelLock,
         entry: &CatalogueEntry,
         file: &FileSpec,
         from: &Path,
     ) -> Result<PathBuf, StoreError> {
         let dir = self.model_dir(entry.name);
+        if lock.model != entry.name {
+            return Err(StoreError::Io {
+                path: dir,
+                source: io::Error::other(format!(
+                    "installing into {} under the lock of {}",
+                    entry.name, lock.model
+                )),
+            });
+        }
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         let target = dir.join(file.name);
         if let Some(parent) = target.parent() {

@@ -575,3 +575,38 @@ async fn bulk_connections_need_a_fresh_ticket_from_the_mesh() {
         "{reply:?}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_pulls_of_one_model_fetch_and_install_it_once() {
+    let (a, a_addr, server) = provider(0, true).await;
+    let (b, _) = node(vec![a_addr]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = ModelStore::open(dir.path()).unwrap();
+    let opts = PullOptions::default();
+    let file = &entry().files[0];
+    let providers = [a.peer_id()];
+    // Both start before either has the file: they would share one partial file, and the
+    // second would write into the file the first installed, or fail to install it again.
+    let (first, second) = tokio::time::timeout(Duration::from_secs(120), async {
+        tokio::join!(
+            blob::pull_missing_files(&store, entry(), &b, &providers, &opts),
+            blob::pull_missing_files(&store, entry(), &b, &providers, &opts),
+        )
+    })
+    .await
+    .expect("the pulls end");
+    let (first, second) = (first.expect("first pull"), second.expect("second pull"));
+    let fetched: usize = first
+        .iter()
+        .chain(&second)
+        .map(|f| f.report.chunks_fetched)
+        .sum();
+    assert_eq!(fetched as u64, file.size.div_ceil(blob::CHUNK_SIZE));
+    assert_eq!(
+        server.stats().bytes_served.load(Ordering::Relaxed),
+        file.size
+    );
+    assert!(store.is_present(entry()));
+    assert!(pulled_file(&store) == original());
+    assert!(!store.partial_path(file.sha256).exists());
+}
