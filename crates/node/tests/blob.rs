@@ -63,7 +63,7 @@ async fn provider_via(
         BlobServer::with_limits(&common::store(), blob::MAX_STREAMS_PER_PEER, bytes_per_sec);
     if bulk {
         server
-            .listen_bulk(&["127.0.0.1:0".parse().unwrap()])
+            .listen_bulk(&["127.0.0.1:0".parse().unwrap()], &client)
             .await
             .unwrap();
     }
@@ -609,4 +609,43 @@ async fn concurrent_pulls_of_one_model_fetch_and_install_it_once() {
     assert!(store.is_present(entry()));
     assert!(pulled_file(&store) == original());
     assert!(!store.partial_path(file.sha256).exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_ticket_is_good_only_from_the_address_that_asked_for_it() {
+    let (a, a_addr, server) = provider(0, true).await;
+    let (b, _) = node(vec![a_addr]).await;
+    let port = server.bulk_port().unwrap();
+    let sha = entry().files[0].sha256;
+    let manifest = format!(r#"{{"manifest":{{"sha256":"{sha}"}}}}"#);
+    let ticket = |reply: BlobReply| match reply {
+        BlobReply::Bulk { ticket, .. } => hex::decode(ticket).unwrap(),
+        other => panic!("{other:?}"),
+    };
+
+    // B's mesh connection comes from 127.0.0.1; its ticket, presented from 127.0.0.2, opens
+    // nothing, and is spent.
+    let stolen = ticket(ask(&b, a.peer_id(), br#""bulk""#).await);
+    let elsewhere = tokio::net::TcpSocket::new_v4().unwrap();
+    elsewhere.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut socket = elsewhere
+        .connect(([127, 0, 0, 1], port).into())
+        .await
+        .unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut socket, &stolen)
+        .await
+        .unwrap();
+    assert_eq!(ask_bulk(&mut socket, manifest.as_bytes()).await, None);
+    assert_eq!(server.stats().refused.load(Ordering::Relaxed), 1);
+    let mut again = bulk_connection(port, &stolen).await;
+    assert_eq!(ask_bulk(&mut again, manifest.as_bytes()).await, None);
+
+    // From the address B's mesh connection comes from, a ticket works.
+    let good = ticket(ask(&b, a.peer_id(), br#""bulk""#).await);
+    let mut socket = bulk_connection(port, &good).await;
+    let reply = ask_bulk(&mut socket, manifest.as_bytes()).await;
+    assert!(
+        matches!(&reply, Some(BlobReply::Manifest(m)) if m.sha256 == sha),
+        "{reply:?}"
+    );
 }
