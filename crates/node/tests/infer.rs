@@ -583,3 +583,27 @@ async fn a_requester_that_stops_reading_is_cancelled_and_frees_its_slot() {
     assert_eq!(drain(events).await.0, local_answer(8).await);
     drop(wr);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_forgets_peers_whose_window_has_passed() {
+    let window = Duration::from_secs(3);
+    let (h, h_addr, server) = honest(ServerConfig {
+        rate_window: window,
+        ..ServerConfig::default()
+    })
+    .await;
+    // Peers come, are served and go: each is a new identity, as anyone's can be.
+    let ask = || async {
+        let (_r, infer, _) = requester(&[(h.peer_id(), h_addr.clone())]).await;
+        let (_, events) = infer.generate(greedy(2)).await.unwrap();
+        assert!(drain(events).await.1.is_some());
+    };
+    for _ in 0..4 {
+        ask().await;
+    }
+    assert!(server.tracked_peers() >= 1);
+    tokio::time::sleep(window + Duration::from_millis(500)).await;
+    // The next request finds the others' windows passed: only its own peer is left.
+    ask().await;
+    assert_eq!(server.tracked_peers(), 1);
+}

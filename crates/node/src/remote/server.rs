@@ -27,8 +27,12 @@ pub struct ServerConfig {
     pub serve_mesh: bool,
     /// Requests one peer may have running at once.
     pub max_concurrent_per_peer: usize,
-    /// Requests one peer may start per minute.
+    /// Requests one peer may start per minute (per `rate_window`).
     pub max_requests_per_minute_per_peer: u32,
+    /// The window requests are counted in: a minute. A peer's use is forgotten once it has no
+    /// request running and its window has passed, so the table holds the peers of the last
+    /// window or two, not every peer ever served.
+    pub rate_window: Duration,
     /// How long a peer may take to send its request after opening the stream.
     pub request_timeout: Duration,
     /// Longest silence on a stream; a heartbeat frame is sent when nothing else was.
@@ -49,6 +53,7 @@ impl Default for ServerConfig {
             // the engine still runs only its slots at once.
             max_concurrent_per_peer: 64,
             max_requests_per_minute_per_peer: 600,
+            rate_window: Duration::from_secs(60),
             request_timeout: Duration::from_secs(10),
             heartbeat: Duration::from_secs(1),
             progress_every_tokens: 8,
@@ -77,6 +82,23 @@ struct PeerUse {
     in_window: u32,
 }
 
+impl PeerUse {
+    /// Whether there is nothing to remember of the peer: nothing running, its window passed.
+    fn idle(&self, now: Instant, window: Duration) -> bool {
+        self.active == 0
+            && self
+                .window_start
+                .is_none_or(|t| now.duration_since(t) >= window)
+    }
+}
+
+/// What each peer uses, pruned of idle peers once per window.
+#[derive(Debug)]
+struct PeerTable {
+    by_peer: HashMap<PeerId, PeerUse>,
+    pruned_at: Instant,
+}
+
 /// Serves `/pod/infer/1.0.0` from the local engine.
 #[derive(Debug)]
 pub struct InferServer {
@@ -84,7 +106,7 @@ pub struct InferServer {
     key: Keypair,
     ledger: Option<Arc<Ledger>>,
     config: ServerConfig,
-    peers: Mutex<HashMap<PeerId, PeerUse>>,
+    peers: Mutex<PeerTable>,
     stats: ServerStats,
 }
 
@@ -97,8 +119,11 @@ struct Slot<'a> {
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
         if let Ok(mut peers) = self.server.peers.lock() {
-            if let Some(u) = peers.get_mut(&self.peer) {
+            if let Some(u) = peers.by_peer.get_mut(&self.peer) {
                 u.active = u.active.saturating_sub(1);
+                if u.idle(Instant::now(), self.server.config.rate_window) {
+                    peers.by_peer.remove(&self.peer);
+                }
             }
         }
     }
@@ -124,7 +149,10 @@ impl InferServer {
             key,
             ledger,
             config,
-            peers: Mutex::new(HashMap::new()),
+            peers: Mutex::new(PeerTable {
+                by_peer: HashMap::new(),
+                pruned_at: Instant::now(),
+            }),
             stats: ServerStats::default(),
         })
     }
@@ -132,6 +160,12 @@ impl InferServer {
     /// The server's counters.
     pub fn stats(&self) -> &ServerStats {
         &self.stats
+    }
+
+    /// Peers whose use the server keeps: those with requests running or started within the
+    /// rate window (and, until the next pruning, those of the window before).
+    pub fn tracked_peers(&self) -> usize {
+        self.peers.lock().map_or(0, |p| p.by_peer.len())
     }
 
     /// Accepts streams until the mesh stops.
@@ -149,10 +183,16 @@ impl InferServer {
             .peers
             .lock()
             .map_err(|_| EngineError::Internal("peer table poisoned".into()))?;
-        let u = peers.entry(peer).or_default();
         let now = Instant::now();
+        let window = self.config.rate_window;
+        // PeerIds are free: without pruning, every identity that ever asked stays here.
+        if now.duration_since(peers.pruned_at) >= window {
+            peers.by_peer.retain(|_, u| !u.idle(now, window));
+            peers.pruned_at = now;
+        }
+        let u = peers.by_peer.entry(peer).or_default();
         match u.window_start {
-            Some(t) if now.duration_since(t) < Duration::from_secs(60) => u.in_window += 1,
+            Some(t) if now.duration_since(t) < window => u.in_window += 1,
             _ => {
                 u.window_start = Some(now);
                 u.in_window = 1;
