@@ -259,7 +259,7 @@ fn candidates(offers: &[(PeerId, Option<Arc<Manifest>>)]) -> Vec<Arc<Manifest>> 
         }
     }
     // A stable sort keeps the providers' order among equals.
-    counted.sort_by(|a, b| b.1.cmp(&a.1));
+    counted.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
     counted.into_iter().map(|(m, _)| m).collect()
 }
 
