@@ -601,7 +601,6 @@ async fn the_server_forgets_peers_whose_window_has_passed() {
     for _ in 0..4 {
         ask().await;
     }
-    assert!(server.tracked_peers() >= 1);
     tokio::time::sleep(window + Duration::from_millis(500)).await;
     // The next request finds the others' windows passed: only its own peer is left.
     ask().await;
