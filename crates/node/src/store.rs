@@ -2,8 +2,11 @@
 //!
 //! A file is fetched into a temporary file in the model's directory, hashed while it is
 //! written, checked against the pinned hash and size, synced, and only then renamed into
-//! place: an interrupted or corrupted download never becomes a model. A lock file serialises
-//! pulls of the same model by concurrent processes.
+//! place: an interrupted or corrupted download never becomes a model. A source that sends
+//! more than the catalogued size is stopped there, and an HTTP server that stays silent past
+//! the read timeout ([`HttpTimeouts`]) fails its source; neither leaves anything behind. A
+//! lock file ([`ModelLock`]) serialises pulls of the same model, from its sources or from
+//! peers, by this process or others.
 //!
 //! The size, modification time and inode of each verified file are recorded with its hash.
 //! Before a file counts as present (to load it, serve it to peers or skip its download) they
@@ -21,7 +24,9 @@ use sha2::{Digest, Sha256};
 
 use crate::catalogue::{CatalogueEntry, FileSpec};
 use crate::progress::Progress;
-use crate::source::{FetchContext, Source, SourceError, HF_DEFAULT_ENDPOINT, HF_ENDPOINT_ENV};
+use crate::source::{
+    FetchContext, HttpTimeouts, Source, SourceError, HF_DEFAULT_ENDPOINT, HF_ENDPOINT_ENV,
+};
 
 /// On-disk format of a model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -142,6 +147,16 @@ impl FileState {
 pub struct ModelStore {
     root: PathBuf,
     hf_endpoint: String,
+    http: HttpTimeouts,
+}
+
+/// The pull lock of one model, held while its files are fetched and installed: pulls of a
+/// model, from its sources or from peers, by this process or another, take turns. Released
+/// when dropped.
+#[derive(Debug)]
+pub struct ModelLock {
+    model: String,
+    _file: File,
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
@@ -166,12 +181,22 @@ impl ModelStore {
             .ok()
             .filter(|v| !v.is_empty())
             .unwrap_or_else(|| HF_DEFAULT_ENDPOINT.to_owned());
-        Ok(Self { root, hf_endpoint })
+        Ok(Self {
+            root,
+            hf_endpoint,
+            http: HttpTimeouts::default(),
+        })
     }
 
     /// Fetches `hf:` sources from another endpoint (a mirror, or a test server).
     pub fn with_hf_endpoint(mut self, endpoint: &str) -> Self {
         self.hf_endpoint = endpoint.to_owned();
+        self
+    }
+
+    /// Gives up on HTTP servers after other timeouts than the defaults.
+    pub fn with_http_timeouts(mut self, timeouts: HttpTimeouts) -> Self {
+        self.http = timeouts;
         self
     }
 
@@ -231,6 +256,21 @@ impl ModelStore {
             .map(|f| self.model_dir(entry.name).join(f.name))
     }
 
+    /// Waits for the pull lock of the model `name`; blocks the thread until it is free.
+    pub fn lock_model(&self, name: &str) -> Result<ModelLock, StoreError> {
+        let path = self.lock_path(name);
+        let file = File::create(&path).map_err(io_err(&path))?;
+        file.lock().map_err(io_err(&path))?;
+        Ok(ModelLock {
+            model: name.to_owned(),
+            _file: file,
+        })
+    }
+
+    fn lock_path(&self, name: &str) -> PathBuf {
+        self.root.join(format!(".{name}.lock"))
+    }
+
     /// Removes what interrupted pulls left behind: `.partial-*` files in the directories of
     /// models no pull is fetching now (their pull lock is free), and, when no pull of any
     /// model runs, the scratch directories under `.tmp/`. Kept: `.partial/`, where pulls from
@@ -241,8 +281,7 @@ impl ModelStore {
         // Held until the end, so no pull starts while its scratch space is cleared.
         let mut locks = Vec::new();
         for entry in crate::catalogue::CATALOGUE {
-            let lock_path = self.root.join(format!(".{}.lock", entry.name));
-            let Ok(lock) = File::create(&lock_path) else {
+            let Ok(lock) = File::create(self.lock_path(entry.name)) else {
                 all_idle = false;
                 continue;
             };
@@ -287,13 +326,11 @@ impl ModelStore {
     pub fn pull(&self, entry: &CatalogueEntry) -> Result<PathBuf, StoreError> {
         let dir = self.model_dir(entry.name);
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-        let lock_path = self.root.join(format!(".{}.lock", entry.name));
-        let lock = File::create(&lock_path).map_err(io_err(&lock_path))?;
-        lock.lock().map_err(io_err(&lock_path))?;
+        let _lock = self.lock_model(entry.name)?;
         if self.is_present(entry) {
             return Ok(dir);
         }
-        let mut ctx = FetchContext::new(&self.root.join(".tmp"), &self.hf_endpoint)?;
+        let mut ctx = FetchContext::new(&self.root.join(".tmp"), &self.hf_endpoint, self.http)?;
         let progress = Progress::bytes(&format!("pulling {}", entry.name));
         for file in entry.files {
             let target = dir.join(file.name);
@@ -347,7 +384,7 @@ impl ModelStore {
                 .prefix(".partial-")
                 .tempfile_in(parent)
                 .map_err(io_err(parent))?;
-            let mut writer = HashingWriter::new(BufWriter::new(tmp.as_file()));
+            let mut writer = HashingWriter::new(BufWriter::new(tmp.as_file()), file.size);
             let mut result = Ok(0u64);
             for part in &parts {
                 result = part.copy_to(ctx, &mut writer, progress);
@@ -406,14 +443,26 @@ impl ModelStore {
     }
 
     /// Moves a complete file, already checked against `file.sha256` by the caller, into the
-    /// model's directory and records it as verified.
+    /// model's directory and records it as verified. The caller holds the model's pull lock
+    /// (`lock`), from before it fetched the file, so no other pull writes or installs it
+    /// meanwhile.
     pub fn install_verified(
         &self,
+        lock: &ModelLock,
         entry: &CatalogueEntry,
         file: &FileSpec,
         from: &Path,
     ) -> Result<PathBuf, StoreError> {
         let dir = self.model_dir(entry.name);
+        if lock.model != entry.name {
+            return Err(StoreError::Io {
+                path: dir,
+                source: io::Error::other(format!(
+                    "installing into {} under the lock of {}",
+                    entry.name, lock.model
+                )),
+            });
+        }
         fs::create_dir_all(&dir).map_err(io_err(&dir))?;
         let target = dir.join(file.name);
         if let Some(parent) = target.parent() {
@@ -535,14 +584,18 @@ struct HashingWriter<W> {
     inner: W,
     hasher: Sha256,
     size: u64,
+    /// Bytes past this are refused: a source sending more than the catalogue's size is wrong,
+    /// and is stopped before it fills the disk.
+    limit: u64,
 }
 
 impl<W: Write> HashingWriter<W> {
-    fn new(inner: W) -> Self {
+    fn new(inner: W, limit: u64) -> Self {
         Self {
             inner,
             hasher: Sha256::new(),
             size: 0,
+            limit,
         }
     }
 
@@ -553,6 +606,12 @@ impl<W: Write> HashingWriter<W> {
 
 impl<W: Write> Write for HashingWriter<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.size.saturating_add(buf.len() as u64) > self.limit {
+            return Err(io::Error::other(format!(
+                "more than the {} bytes the catalogue gives",
+                self.limit
+            )));
+        }
         let n = self.inner.write(buf)?;
         self.hasher.update(&buf[..n]);
         self.size += n as u64;

@@ -32,14 +32,19 @@ where
     W: AsyncWrite + Unpin,
     T: Serialize,
 {
+    // One write for header and body: on a libp2p stream that is one Yamux frame, not two.
+    w.write_all(&encode_frame(message)?).await?;
+    w.flush().await
+}
+
+/// One frame as it goes on the wire: the length, then the JSON.
+pub fn encode_frame<T: Serialize>(message: &T) -> std::io::Result<Vec<u8>> {
     let body = serde_json::to_vec(message).map_err(std::io::Error::other)?;
     let len = u32::try_from(body.len()).map_err(std::io::Error::other)?;
-    // One write for header and body: on a libp2p stream that is one Yamux frame, not two.
     let mut buf = Vec::with_capacity(4 + body.len());
     buf.extend_from_slice(&len.to_be_bytes());
     buf.extend_from_slice(&body);
-    w.write_all(&buf).await?;
-    w.flush().await
+    Ok(buf)
 }
 
 /// Reads one frame of at most `max` bytes. The length is checked before anything is

@@ -63,7 +63,7 @@ async fn provider_via(
         BlobServer::with_limits(&common::store(), blob::MAX_STREAMS_PER_PEER, bytes_per_sec);
     if bulk {
         server
-            .listen_bulk(&["127.0.0.1:0".parse().unwrap()])
+            .listen_bulk(&["127.0.0.1:0".parse().unwrap()], &client)
             .await
             .unwrap();
     }
@@ -83,6 +83,15 @@ fn pulled_file(store: &ModelStore) -> Vec<u8> {
 
 /// A node that answers manifests honestly but flips a byte in every chunk it sends.
 async fn corrupting_provider() -> (PeerId, Multiaddr) {
+    rogue_provider(|m| m, true).await
+}
+
+/// A node that sends its manifest through `lie` and the file's chunks, each with its first
+/// byte flipped when `corrupt`.
+async fn rogue_provider(
+    lie: fn(blob::Manifest) -> blob::Manifest,
+    corrupt: bool,
+) -> (PeerId, Multiaddr) {
     let honest = BlobServer::new(&common::store());
     let (client, addr) = node(vec![]).await;
     let mut incoming = client.streams().accept(PROTOCOL).unwrap();
@@ -100,7 +109,7 @@ async fn corrupting_provider() -> (PeerId, Multiaddr) {
                 let path = dir.join("model.gguf");
                 match req {
                     BlobRequest::Manifest { .. } => {
-                        let m = blob::Manifest::of_file(&path).unwrap();
+                        let m = lie(blob::Manifest::of_file(&path).unwrap());
                         let _ = write_frame(&mut wr, &BlobReply::Manifest(m)).await;
                     }
                     BlobRequest::Bulk => {
@@ -113,7 +122,9 @@ async fn corrupting_provider() -> (PeerId, Multiaddr) {
                             let start = i as usize * blob::CHUNK_SIZE as usize;
                             let end = (start + blob::CHUNK_SIZE as usize).min(data.len());
                             let mut chunk = data[start..end].to_vec();
-                            chunk[0] ^= 0xff;
+                            if corrupt {
+                                chunk[0] ^= 0xff;
+                            }
                             let _ = wr.write_all(&(chunk.len() as u32).to_be_bytes()).await;
                             let _ = wr.write_all(&chunk).await;
                         }
@@ -124,6 +135,15 @@ async fn corrupting_provider() -> (PeerId, Multiaddr) {
         }
     });
     (id, addr)
+}
+
+/// The file's manifest with false chaining values after chunks 5 and 6: still ending at the
+/// pinned SHA-256, so it passes for the file's until chunks are checked against it.
+fn poisoned(mut m: blob::Manifest) -> blob::Manifest {
+    for i in [5, 6] {
+        m.chunks[i] = "ab".repeat(32);
+    }
+    m
 }
 
 fn entry() -> &'static catalogue::CatalogueEntry {
@@ -264,6 +284,57 @@ async fn a_provider_of_corrupt_chunks_is_dropped_and_the_file_is_still_right() {
         report.bytes_from.iter().all(|(p, _)| *p == good.peer_id()),
         "{report:?}"
     );
+    assert!(pulled_file(&store) == original());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_provider_of_a_false_manifest_is_struck_not_the_honest_one() {
+    // The liar comes first, so its manifest is the one tried first; it sends the true chunks,
+    // which fail its own manifest just as the honest provider's do.
+    let (liar, liar_addr) = rogue_provider(poisoned, false).await;
+    let (good, good_addr, _) = provider(0, true).await;
+    let (b, _) = node(vec![liar_addr, good_addr]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = ModelStore::open(dir.path()).unwrap();
+    let pulled = tokio::time::timeout(
+        Duration::from_secs(120),
+        blob::pull_missing_files(
+            &store,
+            entry(),
+            &b,
+            &[liar, good.peer_id()],
+            &PullOptions::default(),
+        ),
+    )
+    .await
+    .expect("the pull ends")
+    .expect("the pull completes");
+    let report = &pulled[0].report;
+    assert_eq!(report.bad_providers, vec![liar], "{report:?}");
+    assert!(pulled_file(&store) == original());
+    // The manifest kept for serving the file is the true one.
+    let kept = report.manifest.as_deref().unwrap();
+    let truth = blob::Manifest::of_file(&common::model_path(DEFAULT_CHAT_MODEL)).unwrap();
+    assert_eq!(*kept, truth);
+
+    // Asked second, the liar is found out all the same: the file completed against another
+    // manifest, so the one it sent was false.
+    let dir = tempfile::tempdir().unwrap();
+    let store = ModelStore::open(dir.path()).unwrap();
+    let pulled = tokio::time::timeout(
+        Duration::from_secs(120),
+        blob::pull_missing_files(
+            &store,
+            entry(),
+            &b,
+            &[good.peer_id(), liar],
+            &PullOptions::default(),
+        ),
+    )
+    .await
+    .expect("the pull ends")
+    .expect("the pull completes");
+    assert_eq!(pulled[0].report.bad_providers, vec![liar]);
     assert!(pulled_file(&store) == original());
 }
 
@@ -501,6 +572,80 @@ async fn bulk_connections_need_a_fresh_ticket_from_the_mesh() {
     let reply = ask(&b, a.peer_id(), br#""bulk""#).await;
     assert!(
         matches!(&reply, BlobReply::Error(e) if e.contains("too many")),
+        "{reply:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_pulls_of_one_model_fetch_and_install_it_once() {
+    let (a, a_addr, server) = provider(0, true).await;
+    let (b, _) = node(vec![a_addr]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = ModelStore::open(dir.path()).unwrap();
+    let opts = PullOptions::default();
+    let file = &entry().files[0];
+    let providers = [a.peer_id()];
+    // Both start before either has the file: they would share one partial file, and the
+    // second would write into the file the first installed, or fail to install it again.
+    let (first, second) = tokio::time::timeout(Duration::from_secs(120), async {
+        tokio::join!(
+            blob::pull_missing_files(&store, entry(), &b, &providers, &opts),
+            blob::pull_missing_files(&store, entry(), &b, &providers, &opts),
+        )
+    })
+    .await
+    .expect("the pulls end");
+    let (first, second) = (first.expect("first pull"), second.expect("second pull"));
+    let fetched: usize = first
+        .iter()
+        .chain(&second)
+        .map(|f| f.report.chunks_fetched)
+        .sum();
+    assert_eq!(fetched as u64, file.size.div_ceil(blob::CHUNK_SIZE));
+    assert_eq!(
+        server.stats().bytes_served.load(Ordering::Relaxed),
+        file.size
+    );
+    assert!(store.is_present(entry()));
+    assert!(pulled_file(&store) == original());
+    assert!(!store.partial_path(file.sha256).exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bulk_ticket_is_good_only_from_the_address_that_asked_for_it() {
+    let (a, a_addr, server) = provider(0, true).await;
+    let (b, _) = node(vec![a_addr]).await;
+    let port = server.bulk_port().unwrap();
+    let sha = entry().files[0].sha256;
+    let manifest = format!(r#"{{"manifest":{{"sha256":"{sha}"}}}}"#);
+    let ticket = |reply: BlobReply| match reply {
+        BlobReply::Bulk { ticket, .. } => hex::decode(ticket).unwrap(),
+        other => panic!("{other:?}"),
+    };
+
+    // B's mesh connection comes from 127.0.0.1; its ticket, presented from 127.0.0.2, opens
+    // nothing, and is spent.
+    let stolen = ticket(ask(&b, a.peer_id(), br#""bulk""#).await);
+    let elsewhere = tokio::net::TcpSocket::new_v4().unwrap();
+    elsewhere.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let mut socket = elsewhere
+        .connect(([127, 0, 0, 1], port).into())
+        .await
+        .unwrap();
+    tokio::io::AsyncWriteExt::write_all(&mut socket, &stolen)
+        .await
+        .unwrap();
+    assert_eq!(ask_bulk(&mut socket, manifest.as_bytes()).await, None);
+    assert_eq!(server.stats().refused.load(Ordering::Relaxed), 1);
+    let mut again = bulk_connection(port, &stolen).await;
+    assert_eq!(ask_bulk(&mut again, manifest.as_bytes()).await, None);
+
+    // From the address B's mesh connection comes from, a ticket works.
+    let good = ticket(ask(&b, a.peer_id(), br#""bulk""#).await);
+    let mut socket = bulk_connection(port, &good).await;
+    let reply = ask_bulk(&mut socket, manifest.as_bytes()).await;
+    assert!(
+        matches!(&reply, Some(BlobReply::Manifest(m)) if m.sha256 == sha),
         "{reply:?}"
     );
 }

@@ -575,3 +575,81 @@ async fn the_server_applies_the_engine_limits_to_peers() {
     let (_, events) = infer.generate(greedy(8)).await.unwrap();
     assert_eq!(drain(events).await.0, local_answer(8).await);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_requester_that_stops_reading_is_cancelled_and_frees_its_slot() {
+    let (h, h_addr, server) = honest(ServerConfig {
+        max_concurrent_per_peer: 1,
+        write_timeout: Duration::from_secs(2),
+        ..ServerConfig::default()
+    })
+    .await;
+    let (r, infer, _) = requester(&[(h.peer_id(), h_addr)]).await;
+    let engine = common::engine();
+    let mut control = r.streams();
+
+    // A long completion with every token's top alternatives: about a kilobyte a token, so the
+    // stream's window fills after a few hundred tokens. The requester never reads, nor closes.
+    let stream = control.open_stream(h.peer_id(), PROTOCOL).await.unwrap();
+    let (_rd, mut wr) = stream.split();
+    let request = Request::Generate {
+        id: "never-reads".into(),
+        request: GenerateRequest {
+            max_tokens: Some(4000),
+            logprobs: Some(20),
+            ..GenerateRequest::new(
+                DEFAULT_CHAT_MODEL,
+                pod_inference::Prompt::Text("1, 2, 3, 4, 5, 6,".into()),
+            )
+        },
+    };
+    write_frame(&mut wr, &request).await.unwrap();
+
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while server.stats().cancelled.load(Ordering::Relaxed) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the server kept writing to a requester that does not read ({} tokens generated)",
+            engine.stats().completion_tokens.load(Ordering::Relaxed)
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // The engine dropped the sequence instead of generating its 4000 tokens.
+    let deadline = Instant::now() + WAIT;
+    while engine.stats().active.load(Ordering::Relaxed) != 0 {
+        assert!(Instant::now() < deadline, "the sequence is still running");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let generated = engine.stats().completion_tokens.load(Ordering::Relaxed);
+    eprintln!("cancelled after {generated} tokens");
+    assert!(engine.stats().cancelled.load(Ordering::Relaxed) >= 1);
+    assert!(generated < 4000, "{generated} tokens: it ran to the end");
+
+    // The peer's only slot is free again: its next request is served.
+    let (_, events) = infer.generate(greedy(8)).await.unwrap();
+    assert_eq!(drain(events).await.0, local_answer(8).await);
+    drop(wr);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_forgets_peers_whose_window_has_passed() {
+    let window = Duration::from_secs(3);
+    let (h, h_addr, server) = honest(ServerConfig {
+        rate_window: window,
+        ..ServerConfig::default()
+    })
+    .await;
+    // Peers come, are served and go: each is a new identity, as anyone's can be.
+    let ask = || async {
+        let (_r, infer, _) = requester(&[(h.peer_id(), h_addr.clone())]).await;
+        let (_, events) = infer.generate(greedy(2)).await.unwrap();
+        assert!(drain(events).await.1.is_some());
+    };
+    for _ in 0..4 {
+        ask().await;
+    }
+    tokio::time::sleep(window + Duration::from_millis(500)).await;
+    // The next request finds the others' windows passed: only its own peer is left.
+    ask().await;
+    assert_eq!(server.tracked_peers(), 1);
+}

@@ -431,3 +431,36 @@ async fn announcements_relayed_by_one_peer_under_fresh_keys_are_rate_limited() {
         "{accepted} of {ORIGINS} relayed announcements accepted"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relays_that_go_away_are_forgotten() {
+    let (x, x_addr) = node(loopback_config(vec![])).await;
+    let mut relays = Vec::new();
+    for _ in 0..3 {
+        // A relay offers the hop protocol only at an address it knows to be reachable: give
+        // it its own as external.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let at: Multiaddr = format!("/ip4/127.0.0.1/tcp/{port}").parse().unwrap();
+        let (relay, _) = node(MeshConfig {
+            relay_server: true,
+            listen: vec![at.clone()],
+            external: vec![at],
+            ..loopback_config(vec![x_addr.clone()])
+        })
+        .await;
+        relays.push(relay);
+    }
+    let known = |x: Client, want: usize| async move {
+        let info = x.node_info().await.ok()?;
+        (info.known_relays == want).then_some(())
+    };
+    wait_for(|| known(x.clone(), 3)).await;
+    // A relay's event loop ends with its last client: its connections close.
+    drop(relays);
+    wait_for(|| known(x.clone(), 0)).await;
+    assert_eq!(x.node_info().await.unwrap().known_relays, 0);
+}

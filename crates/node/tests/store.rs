@@ -7,13 +7,17 @@ use std::net::TcpListener;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::thread;
+use std::time::{Duration, Instant};
 
 use pod_node::catalogue::{CatalogueEntry, FileSpec};
+use pod_node::source::HttpTimeouts;
 use pod_node::store::{sha256_file, ModelFormat, ModelStore, StoreError};
 use sha2::{Digest, Sha256};
 
-/// Serves `files` by path; paths starting with `/cut/` send half the body then hang up.
-/// Returns the base URL and a log of requested paths.
+/// Serves `files` by path; paths starting with `/cut/` send half the body then hang up,
+/// `/stall/` half the body then nothing more while holding the connection, and `/endless/`
+/// the body and then zeros without end (no `Content-Length`). Returns the base URL and a log
+/// of requested paths.
 fn serve(files: HashMap<String, Vec<u8>>) -> (String, Arc<Mutex<Vec<String>>>) {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
@@ -35,6 +39,29 @@ fn serve(files: HashMap<String, Vec<u8>>) -> (String, Arc<Mutex<Vec<String>>>) {
                 }
             }
             log2.lock().unwrap().push(path.clone());
+            if let Some(body) = path.strip_prefix("/endless").and_then(|key| files.get(key)) {
+                let body = body.clone();
+                thread::spawn(move || {
+                    let _ = write!(stream, "HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n");
+                    let _ = stream.write_all(&body);
+                    let zeros = vec![0u8; 1 << 16];
+                    while stream.write_all(&zeros).is_ok() {}
+                });
+                continue;
+            }
+            if let Some(body) = path.strip_prefix("/stall").and_then(|key| files.get(key)) {
+                let body = body.clone();
+                thread::spawn(move || {
+                    let _ = write!(
+                        stream,
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                        body.len()
+                    );
+                    let _ = stream.write_all(&body[..body.len() / 2]);
+                    thread::sleep(Duration::from_secs(300));
+                });
+                continue;
+            }
             let key = path.trim_start_matches("/cut");
             match files.get(key) {
                 Some(body) => {
@@ -172,6 +199,79 @@ fn interrupted_download_leaves_nothing_behind() {
         files_in(&store.model_dir("cut-model")),
         Vec::<String>::new()
     );
+}
+
+/// Pulls `e` on another thread; the outcome and how long it took, or `None` after 30 s.
+fn pull_within(
+    store: &ModelStore,
+    e: &'static CatalogueEntry,
+) -> Option<(Result<(), String>, Duration)> {
+    let store = store.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    thread::spawn(move || {
+        let started = Instant::now();
+        let outcome = store.pull(e).map(|_| ()).map_err(|e| e.to_string());
+        let _ = tx.send((outcome, started.elapsed()));
+    });
+    rx.recv_timeout(Duration::from_secs(30)).ok()
+}
+
+#[test]
+fn a_server_that_sends_more_than_the_catalogue_size_is_stopped_and_nothing_kept() {
+    let body = payload();
+    let (base, _) = serve(HashMap::from([("/m.gguf".to_owned(), body.clone())]));
+    let home = tempfile::tempdir().unwrap();
+    let store = ModelStore::open(home.path()).unwrap();
+    let e = entry(
+        "endless-model",
+        vec![format!("{base}/endless/m.gguf")],
+        &body,
+    );
+    let (outcome, took) = pull_within(&store, e).expect("the download stops");
+    let err = outcome.unwrap_err();
+    assert!(err.contains("more than the 3000000 bytes"), "{err}");
+    eprintln!("stopped after {took:?}");
+    assert!(!store.is_present(e));
+    assert_eq!(
+        files_in(&store.model_dir("endless-model")),
+        Vec::<String>::new()
+    );
+}
+
+#[test]
+fn a_server_that_stalls_fails_the_download_in_bounded_time() {
+    let body = payload();
+    let (base, _) = serve(HashMap::from([("/m.gguf".to_owned(), body.clone())]));
+    let home = tempfile::tempdir().unwrap();
+    let store = ModelStore::open(home.path())
+        .unwrap()
+        .with_http_timeouts(HttpTimeouts {
+            connect: Duration::from_secs(2),
+            read: Duration::from_secs(1),
+        });
+    // Stalls halfway through the body, or before the headers (a port that accepts and says
+    // nothing).
+    let silent = TcpListener::bind("127.0.0.1:0").unwrap();
+    let silent_url = format!("http://{}/m.gguf", silent.local_addr().unwrap());
+    for (name, url) in [
+        ("stalled-model", format!("{base}/stall/m.gguf")),
+        ("silent-model", silent_url),
+    ] {
+        let e = entry(name, vec![url], &body);
+        let (outcome, took) = pull_within(&store, e).expect("the download gives up");
+        let err = outcome.unwrap_err();
+        assert!(
+            took < Duration::from_secs(10),
+            "{name}: gave up after {took:?}"
+        );
+        assert!(
+            err.contains("timed out") || err.contains("imeout"),
+            "{name}: {err}"
+        );
+        assert!(!store.is_present(e));
+        assert_eq!(files_in(&store.model_dir(name)), Vec::<String>::new());
+    }
+    drop(silent);
 }
 
 #[test]

@@ -3,7 +3,7 @@
 //! mesh and opening the connection with it).
 
 use std::fs::File;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,20 +19,51 @@ use crate::wire::{read_frame, write_frame};
 /// Bulk connections that may wait at once for their ticket; more are closed at once.
 const MAX_UNTICKETED: usize = 64;
 
-/// Bulk connections from one IP address that may wait at once for their ticket.
-const MAX_UNTICKETED_PER_IP: usize = 8;
+/// Bulk connections from one host that may wait at once for their ticket: an IPv4 address,
+/// or an IPv6 /64, which one host or site can fill with addresses at will.
+const MAX_UNTICKETED_PER_HOST: usize = 8;
 
 /// How long a bulk connection may take to send its ticket.
 const TICKET_WAIT: Duration = Duration::from_secs(2);
 
+/// A bulk ticket not used yet.
+#[derive(Debug)]
+pub(super) struct Ticket {
+    /// The peer it was given to.
+    peer: PeerId,
+    /// The peer's IPs on its direct mesh connections when it asked: the bulk connection must
+    /// come from one of them.
+    ips: Vec<IpAddr>,
+    /// It holds until then.
+    until: Instant,
+}
+
+/// What waiting bulk connections are counted by: an IPv4 address, or the /64 of an IPv6 one.
+pub(super) fn host_of(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+        v4 => v4,
+    }
+}
+
 impl BlobServer {
     /// Listens for bulk connections at `addrs` (their IPs; the port of the first, 0 for any
     /// free one, and the port it got for the others) until the process ends; returns the port.
-    /// Fails only when the first address cannot be bound; the others are skipped.
-    pub async fn listen_bulk(self: &Arc<Self>, addrs: &[SocketAddr]) -> std::io::Result<u16> {
+    /// Fails only when the first address cannot be bound; the others are skipped. Tickets are
+    /// bound to the IPs `mesh` reaches the asking peer at directly.
+    pub async fn listen_bulk(
+        self: &Arc<Self>,
+        addrs: &[SocketAddr],
+        mesh: &crate::mesh::Client,
+    ) -> std::io::Result<u16> {
         let Some(first) = addrs.first() else {
             return Err(std::io::Error::other("no address to listen on"));
         };
+        // Set before the port is: no ticket is given before it can be bound.
+        let _ = self.bulk_mesh.set(mesh.clone());
         let listener = bulk_listener(*first)?;
         let port = listener.local_addr()?.port();
         let mut listeners = vec![listener];
@@ -58,27 +89,52 @@ impl BlobServer {
         Some(self.bulk_port.load(Ordering::Relaxed)).filter(|p| *p != 0)
     }
 
-    /// Gives `peer` a ticket for one bulk connection.
-    pub(super) fn ticket(&self, peer: PeerId) -> Result<(u16, [u8; TICKET_LEN]), String> {
+    /// Gives `peer` a ticket for one bulk connection, good from the IPs of its direct mesh
+    /// connections only: a ticket that leaks (it crosses the network in the clear) is of no
+    /// use elsewhere, and a peer cannot send the server's bulk traffic to another host.
+    pub(super) async fn ticket(&self, peer: PeerId) -> Result<(u16, [u8; TICKET_LEN]), String> {
         let port = self.bulk_port().ok_or_else(|| NO_BULK.to_owned())?;
+        let mesh = self.bulk_mesh.get().ok_or_else(|| NO_BULK.to_owned())?;
+        let ips: Vec<IpAddr> = mesh
+            .direct_ips(peer)
+            .await
+            .map_err(|e| e.to_string())?
+            .into_iter()
+            .map(|ip| ip.to_canonical())
+            .collect();
+        if ips.is_empty() {
+            return Err("no direct connection to bind a bulk ticket to".into());
+        }
         let mut tickets = self
             .tickets
             .lock()
             .map_err(|_| "tickets poisoned".to_owned())?;
         let now = Instant::now();
-        tickets.retain(|_, (_, until)| *until > now);
-        if tickets.values().filter(|(p, _)| *p == peer).count() >= self.max_streams_per_peer {
+        tickets.retain(|_, t| t.until > now);
+        if tickets.values().filter(|t| t.peer == peer).count() >= self.max_streams_per_peer {
             return Err("too many unused bulk tickets".into());
         }
         let ticket: [u8; TICKET_LEN] = rand::random();
-        tickets.insert(ticket, (peer, now + TICKET_TTL));
+        tickets.insert(
+            ticket,
+            Ticket {
+                peer,
+                ips,
+                until: now + TICKET_TTL,
+            },
+        );
         Ok((port, ticket))
     }
 
-    /// Takes back a ticket: the peer it was given to, if it is valid.
-    fn redeem(&self, ticket: &[u8; TICKET_LEN]) -> Option<PeerId> {
-        let (peer, until) = self.tickets.lock().ok()?.remove(ticket)?;
-        (until > Instant::now()).then_some(peer)
+    /// Takes back a ticket presented from `from`: the peer it was given to, if it is valid
+    /// and was given for that address. Used either way.
+    fn redeem(&self, ticket: &[u8; TICKET_LEN], from: IpAddr) -> Option<PeerId> {
+        let t = self.tickets.lock().ok()?.remove(ticket)?;
+        if !t.ips.contains(&from.to_canonical()) {
+            tracing::info!(peer = %t.peer, %from, "bulk ticket presented from another address");
+            return None;
+        }
+        (t.until > Instant::now()).then_some(t.peer)
     }
 
     async fn accept_bulk(self: Arc<Self>, listener: tokio::net::TcpListener) {
@@ -104,8 +160,8 @@ impl BlobServer {
     }
 
     /// Whether a new connection from `ip` may wait for its ticket: only while tickets are out,
-    /// and within [`MAX_UNTICKETED`] waiting connections, [`MAX_UNTICKETED_PER_IP`] per
-    /// address, so no single host can crowd out the others.
+    /// and within [`MAX_UNTICKETED`] waiting connections, [`MAX_UNTICKETED_PER_HOST`] per
+    /// IPv4 address or IPv6 /64 ([`host_of`]), so no single host can crowd out the others.
     fn await_ticket(&self, ip: IpAddr) -> bool {
         if self.tickets.lock().map_or(true, |t| t.is_empty()) {
             return false;
@@ -113,15 +169,16 @@ impl BlobServer {
         let Ok(mut waiting) = self.unticketed.lock() else {
             return false;
         };
+        let host = host_of(ip);
         let total: usize = waiting.values().sum();
-        let from_ip = waiting.entry(ip).or_insert(0);
-        if total >= MAX_UNTICKETED || *from_ip >= MAX_UNTICKETED_PER_IP {
-            if *from_ip == 0 {
-                waiting.remove(&ip);
+        let from_host = waiting.entry(host).or_insert(0);
+        if total >= MAX_UNTICKETED || *from_host >= MAX_UNTICKETED_PER_HOST {
+            if *from_host == 0 {
+                waiting.remove(&host);
             }
             return false;
         }
-        *from_ip += 1;
+        *from_host += 1;
         true
     }
 
@@ -133,15 +190,16 @@ impl BlobServer {
         let mut ticket = [0u8; TICKET_LEN];
         let read = tokio::time::timeout(TICKET_WAIT, rd.read_exact(&mut ticket)).await;
         if let Ok(mut waiting) = self.unticketed.lock() {
-            if let Some(n) = waiting.get_mut(&from.ip()) {
+            let host = host_of(from.ip());
+            if let Some(n) = waiting.get_mut(&host) {
                 *n -= 1;
                 if *n == 0 {
-                    waiting.remove(&from.ip());
+                    waiting.remove(&host);
                 }
             }
         }
         let peer = match read {
-            Ok(Ok(())) => self.redeem(&ticket),
+            Ok(Ok(())) => self.redeem(&ticket, from.ip()),
             _ => None,
         };
         let Some(peer) = peer else {
@@ -373,4 +431,28 @@ pub(super) async fn open_bulk(
         }
     }
     Err(BulkError::last(why))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn waiting_connections_are_counted_per_ipv4_address_and_ipv6_64() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        // One /64: every address of it is the same host.
+        assert_eq!(
+            host_of(ip("2001:db8:1:2::1")),
+            host_of(ip("2001:db8:1:2:ffff:1:2:3"))
+        );
+        assert_eq!(host_of(ip("2001:db8:1:2:abcd::9")), ip("2001:db8:1:2::"));
+        // The next /64 is another.
+        assert_ne!(
+            host_of(ip("2001:db8:1:2::1")),
+            host_of(ip("2001:db8:1:3::1"))
+        );
+        // IPv4 addresses count alone, also when they arrive mapped into IPv6.
+        assert_ne!(host_of(ip("192.0.2.1")), host_of(ip("192.0.2.2")));
+        assert_eq!(host_of(ip("::ffff:192.0.2.1")), ip("192.0.2.1"));
+    }
 }

@@ -128,34 +128,14 @@ pub async fn fetch(
 ) -> Result<FetchReport, FetchError> {
     let started = Instant::now();
     let control = mesh.streams();
-    let mut manifest = None;
-    let mut why = Vec::new();
-    let mut refused = Vec::new();
-    for peer in providers {
-        match request_manifest(control.clone(), *peer, sha256).await {
-            Ok(m) if m.matches(sha256, size) => {
-                manifest = Some(m);
-                break;
-            }
-            Ok(_) => {
-                tracing::warn!(%peer, "peer sent a manifest that does not match the file");
-                why.push((*peer, "sent a manifest that does not match the file".into()));
-            }
-            Err(ManifestError::Refused(e)) => {
-                tracing::info!(%peer, reason = %e, "peer refused to send the file");
-                refused.push(*peer);
-                why.push((*peer, e));
-            }
-            Err(ManifestError::Failed(e)) => {
-                tracing::debug!(%peer, error = %e, "no manifest from peer");
-                why.push((*peer, e));
-            }
-        }
+    let (offers, why, refused) = gather_manifests(&control, providers, sha256, size).await;
+    let candidates = candidates(&offers);
+    if candidates.is_empty() {
+        return Err(FetchError::NoManifest {
+            sha256: sha256.to_owned(),
+            why,
+        });
     }
-    let manifest = Arc::new(manifest.ok_or_else(|| FetchError::NoManifest {
-        sha256: sha256.to_owned(),
-        why,
-    })?);
     // Providers that refused the manifest would refuse the chunks too.
     let providers: Vec<PeerId> = providers
         .iter()
@@ -164,36 +144,202 @@ pub async fn fetch(
         .collect();
     tracing::debug!(
         seconds = started.elapsed().as_secs_f64(),
-        chunks = manifest.chunks.len(),
-        "manifest received"
+        manifests = candidates.len(),
+        "manifests received"
     );
-    let mut sources = Vec::new();
+    if candidates.len() > 1 {
+        tracing::warn!(
+            file = sha256,
+            manifests = candidates.len(),
+            "providers disagree on the manifest; trying each until one holds"
+        );
+    }
+    let mut bulk_ips = Vec::with_capacity(providers.len());
     for peer in providers.iter().copied() {
         // A bulk connection goes to the IP the mesh reaches the provider at directly.
-        let bulk_ips = if opts.bulk {
+        bulk_ips.push(if opts.bulk {
             mesh.direct_ips(peer).await.unwrap_or_default()
         } else {
             Vec::new()
-        };
-        let bulk_off = Arc::new(AtomicBool::new(false));
-        let streams = (0..STREAMS_PER_PROVIDER)
-            .map(|_| {
-                StreamSource::new(
-                    control.clone(),
-                    peer,
-                    sha256,
-                    bulk_ips.clone(),
-                    Arc::clone(&bulk_off),
-                )
-            })
-            .collect();
-        sources.push((peer, streams));
+        });
     }
-    download(manifest, partial, sources, opts.stats.clone(), started).await
+    let agreed = candidates.len() == 1;
+    // Providers dropped in an attempt for chunks that failed the manifest they sent themselves.
+    let mut struck: Vec<PeerId> = Vec::new();
+    let mut last = None;
+    for manifest in candidates {
+        let mut sources = Vec::new();
+        for (peer, ips) in providers.iter().copied().zip(&bulk_ips) {
+            if struck.contains(&peer) {
+                continue;
+            }
+            let bulk_off = Arc::new(AtomicBool::new(false));
+            let streams = (0..STREAMS_PER_PROVIDER)
+                .map(|_| {
+                    StreamSource::new(
+                        control.clone(),
+                        peer,
+                        sha256,
+                        ips.clone(),
+                        Arc::clone(&bulk_off),
+                    )
+                })
+                .collect();
+            // A provider that sent another manifest is not to blame for chunks that fail this
+            // one: either it or this manifest's source lies, and the chunks cannot tell which.
+            let vouches = agreed || offered(&offers, peer) == Some(&manifest);
+            sources.push(Provider {
+                peer,
+                vouches,
+                sources: streams,
+            });
+        }
+        let attempt = attempt(
+            Arc::clone(&manifest),
+            partial,
+            sources,
+            opts.stats.clone(),
+            started,
+        )
+        .await;
+        for peer in &attempt.report.bad_providers {
+            if !struck.contains(peer) {
+                struck.push(*peer);
+            }
+        }
+        match attempt.outcome {
+            Ok(()) => {
+                // Every chunk verified against this manifest and its last value is the pinned
+                // SHA-256: it is the file's. Whoever sent another one lied.
+                let mut report = attempt.report;
+                report.bad_providers = struck;
+                for (peer, offer) in &offers {
+                    if offer.as_ref().is_some_and(|m| **m != *manifest)
+                        && !report.bad_providers.contains(peer)
+                    {
+                        tracing::warn!(%peer, "struck a provider that sent a false manifest");
+                        report.bad_providers.push(*peer);
+                    }
+                }
+                return Ok(report);
+            }
+            Err(e) => {
+                if !attempt.disagreed.is_empty() {
+                    // Chunks from providers that sent another manifest failed this one and it
+                    // could not be completed: its sources are struck, not the chunk senders.
+                    for (peer, offer) in &offers {
+                        if offer.as_ref() == Some(&manifest) && !struck.contains(peer) {
+                            tracing::warn!(%peer, "struck a provider whose manifest failed other providers' chunks");
+                            struck.push(*peer);
+                        }
+                    }
+                    tracing::warn!(
+                        disagreeing = attempt.disagreed.len(),
+                        error = %e,
+                        "chunks of other providers failed a manifest; trying the next one"
+                    );
+                }
+                last = Some(e);
+            }
+        }
+    }
+    Err(last.unwrap_or_else(|| FetchError::NoManifest {
+        sha256: sha256.to_owned(),
+        why: Vec::new(),
+    }))
+}
+
+/// Asks every provider for its manifest of `sha256` at once: `None` for those that sent none,
+/// or one that cannot describe a file of that hash and size.
+async fn gather_manifests(
+    control: &libp2p_stream::Control,
+    providers: &[PeerId],
+    sha256: &str,
+    size: u64,
+) -> (Offers, Vec<(PeerId, String)>, Vec<PeerId>) {
+    let asks = providers.iter().copied().map(|peer| async move {
+        let (offer, why, refused) = match request_manifest(control.clone(), peer, sha256).await {
+            Ok(m) if m.matches(sha256, size) => (Some(Arc::new(m)), None, false),
+            Ok(_) => {
+                tracing::warn!(%peer, "peer sent a manifest that does not match the file");
+                (
+                    None,
+                    Some("sent a manifest that does not match the file".to_owned()),
+                    false,
+                )
+            }
+            Err(ManifestError::Refused(e)) => {
+                tracing::info!(%peer, reason = %e, "peer refused to send the file");
+                (None, Some(e), true)
+            }
+            Err(ManifestError::Failed(e)) => {
+                tracing::debug!(%peer, error = %e, "no manifest from peer");
+                (None, Some(e), false)
+            }
+        };
+        (peer, offer, why, refused)
+    });
+    let mut offers = Vec::new();
+    let mut why = Vec::new();
+    let mut refused = Vec::new();
+    for (peer, offer, reason, refusal) in futures::future::join_all(asks).await {
+        offers.push((peer, offer));
+        why.extend(reason.map(|r| (peer, r)));
+        if refusal {
+            refused.push(peer);
+        }
+    }
+    (offers, why, refused)
+}
+
+/// Each provider asked, with the manifest it offered if it sent one that fits the file.
+type Offers = Vec<(PeerId, Option<Arc<Manifest>>)>;
+
+/// The different manifests offered, those sent by more providers first (then in the order of
+/// the providers).
+fn candidates(offers: &[(PeerId, Option<Arc<Manifest>>)]) -> Vec<Arc<Manifest>> {
+    let mut counted: Vec<(Arc<Manifest>, usize)> = Vec::new();
+    for m in offers.iter().filter_map(|(_, m)| m.as_ref()) {
+        match counted.iter_mut().find(|(c, _)| **c == **m) {
+            Some((_, n)) => *n += 1,
+            None => counted.push((Arc::clone(m), 1)),
+        }
+    }
+    // A stable sort keeps the providers' order among equals.
+    counted.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
+    counted.into_iter().map(|(m, _)| m).collect()
+}
+
+/// The manifest `peer` sent, if any.
+fn offered(offers: &[(PeerId, Option<Arc<Manifest>>)], peer: PeerId) -> Option<&Arc<Manifest>> {
+    offers
+        .iter()
+        .find(|(p, _)| *p == peer)
+        .and_then(|(_, m)| m.as_ref())
+}
+
+/// One provider of an attempt and its sources (one per worker).
+struct Provider<S> {
+    peer: PeerId,
+    /// It sent this attempt's manifest (or every provider sent the same): its chunks that fail
+    /// the manifest are its own fault, and strike it.
+    vouches: bool,
+    sources: Vec<S>,
+}
+
+/// How one download attempt against one manifest went.
+struct Attempt {
+    /// What was fetched; `bad_providers`: providers struck for chunks that failed the manifest
+    /// they vouched for.
+    report: FetchReport,
+    /// Providers that did not vouch for the manifest and sent chunks that failed it.
+    disagreed: Vec<PeerId>,
+    outcome: Result<(), FetchError>,
 }
 
 /// Downloads the file `manifest` describes into `partial` from `providers`, each with its
-/// sources (one per worker).
+/// sources (one per worker), every provider vouching for the manifest.
+#[cfg(test)]
 async fn download<S: ChunkSource>(
     manifest: Arc<Manifest>,
     partial: &Path,
@@ -201,6 +347,57 @@ async fn download<S: ChunkSource>(
     stats: Option<Arc<BlobStats>>,
     started: Instant,
 ) -> Result<FetchReport, FetchError> {
+    let providers = providers
+        .into_iter()
+        .map(|(peer, sources)| Provider {
+            peer,
+            vouches: true,
+            sources,
+        })
+        .collect();
+    let attempt = attempt(manifest, partial, providers, stats, started).await;
+    attempt.outcome.map(|()| attempt.report)
+}
+
+/// Downloads the file `manifest` describes into `partial` from `providers`.
+async fn attempt<S: ChunkSource>(
+    manifest: Arc<Manifest>,
+    partial: &Path,
+    providers: Vec<Provider<S>>,
+    stats: Option<Arc<BlobStats>>,
+    started: Instant,
+) -> Attempt {
+    let mut report = FetchReport {
+        manifest: Some(Arc::clone(&manifest)),
+        ..FetchReport::default()
+    };
+    let mut disagreed = Vec::new();
+    let outcome = run_attempt(
+        manifest,
+        partial,
+        providers,
+        stats,
+        started,
+        &mut report,
+        &mut disagreed,
+    )
+    .await;
+    Attempt {
+        report,
+        disagreed,
+        outcome,
+    }
+}
+
+async fn run_attempt<S: ChunkSource>(
+    manifest: Arc<Manifest>,
+    partial: &Path,
+    providers: Vec<Provider<S>>,
+    stats: Option<Arc<BlobStats>>,
+    started: Instant,
+    report: &mut FetchReport,
+    disagreed: &mut Vec<PeerId>,
+) -> Result<(), FetchError> {
     let size = manifest.size;
 
     // Resume: keep the chunks of an earlier attempt that verify. A new partial file has none.
@@ -228,17 +425,19 @@ async fn download<S: ChunkSource>(
     let missing: VecDeque<usize> = (0..manifest.chunks.len())
         .filter(|i| !verified[*i])
         .collect();
-    let mut report = FetchReport {
-        chunks_reused: manifest.chunks.len() - missing.len(),
-        manifest: Some(Arc::clone(&manifest)),
-        ..FetchReport::default()
-    };
+    report.chunks_reused = manifest.chunks.len() - missing.len();
 
     let queue = Arc::new(Queue::new(missing));
     let writeback = Arc::new(Writeback::new(Arc::clone(&file)));
     let mut workers = Vec::new();
-    for (peer, sources) in providers {
+    for Provider {
+        peer,
+        vouches,
+        sources,
+    } in providers
+    {
         let strikes = Arc::new(AtomicU32::new(0));
+        let disagrees = Arc::new(AtomicBool::new(false));
         for source in sources {
             let job = Worker {
                 peer,
@@ -249,14 +448,25 @@ async fn download<S: ChunkSource>(
                 queue: Arc::clone(&queue),
                 stats: stats.clone(),
                 strikes: Arc::clone(&strikes),
+                vouches,
+                disagrees: Arc::clone(&disagrees),
                 spare: Vec::new(),
             };
-            workers.push((peer, Arc::clone(&strikes), tokio::spawn(job.run())));
+            workers.push((
+                peer,
+                Arc::clone(&strikes),
+                Arc::clone(&disagrees),
+                tokio::spawn(job.run()),
+            ));
         }
     }
     let mut reasons = Vec::new();
-    for (peer, strikes, w) in workers {
-        match w.await {
+    for (peer, strikes, disagrees, w) in workers {
+        let joined = w.await;
+        if disagrees.load(Ordering::Relaxed) && !disagreed.contains(&peer) {
+            disagreed.push(peer);
+        }
+        match joined {
             Ok(outcome) => {
                 report.chunks_fetched += outcome.chunks;
                 if outcome.bytes > 0 {
@@ -302,7 +512,7 @@ async fn download<S: ChunkSource>(
         fsync_seconds = synced.elapsed().as_secs_f64(),
         "file complete"
     );
-    Ok(report)
+    Ok(())
 }
 
 /// Which chunks of the partial file already match the manifest.

@@ -40,7 +40,9 @@ pub async fn pull_missing_files(
 }
 
 /// Fetches one file of `entry` from `providers` into its partial file and installs it in the
-/// store once it matches the pinned SHA-256.
+/// store once it matches the pinned SHA-256. The model's pull lock is held throughout, so a
+/// concurrent pull of the model (from peers or its sources) neither writes the same partial
+/// file nor installs the file twice; one that installed it meanwhile leaves nothing to fetch.
 async fn pull_file(
     store: &ModelStore,
     entry: &crate::catalogue::CatalogueEntry,
@@ -49,11 +51,32 @@ async fn pull_file(
     providers: &[PeerId],
     opts: &PullOptions,
 ) -> Result<PulledFile, FetchError> {
+    let store_error =
+        |e: crate::store::StoreError| FetchError::Io(std::io::Error::other(e.to_string()));
+    let lock = {
+        let (store, name) = (store.clone(), entry.name);
+        tokio::task::spawn_blocking(move || store.lock_model(name))
+            .await
+            .map_err(|e| FetchError::Io(std::io::Error::other(e)))?
+            .map_err(store_error)?
+    };
+    if store.file_present(entry, file) {
+        tracing::info!(
+            model = entry.name,
+            file = file.name,
+            "installed by another pull meanwhile"
+        );
+        return Ok(PulledFile {
+            file: file.name.to_owned(),
+            report: FetchReport::default(),
+        });
+    }
     let partial = store.partial_path(file.sha256);
     let report = fetch(mesh, providers, file.sha256, file.size, &partial, opts).await?;
     store
-        .install_verified(entry, file, &partial)
-        .map_err(|e| FetchError::Io(std::io::Error::other(e.to_string())))?;
+        .install_verified(&lock, entry, file, &partial)
+        .map_err(store_error)?;
+    drop(lock);
     // Every chunk checked against it: serving the file later needs no hashing.
     if let Some(m) = &report.manifest {
         save_manifest(

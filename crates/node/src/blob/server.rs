@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use futures::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use libp2p::PeerId;
 
-use super::bulk::ChunkSink;
+use super::bulk::{ChunkSink, Ticket};
 use super::manifest::saved_manifest;
 use super::protocol::{
     check_hash, read_frame_at, send_frame, BlobReply, BlobRequest, MAX_CHUNKS_PER_REQUEST,
@@ -75,9 +75,12 @@ pub struct BlobServer {
     pub(super) stats: Arc<BlobStats>,
     /// The bulk TCP port; 0 while there is none.
     pub(super) bulk_port: AtomicU16,
-    /// Bulk tickets not yet used: which peer each was given to, and until when it holds.
-    pub(super) tickets: Mutex<HashMap<[u8; TICKET_LEN], (PeerId, Instant)>>,
-    /// Bulk connections waiting for their ticket.
+    /// Bulk tickets not yet used.
+    pub(super) tickets: Mutex<HashMap<[u8; TICKET_LEN], Ticket>>,
+    /// Where the IPs a peer's bulk ticket is bound to are found; set when bulk connections
+    /// are listened for.
+    pub(super) bulk_mesh: std::sync::OnceLock<crate::mesh::Client>,
+    /// Bulk connections waiting for their ticket, by host (an IPv4 address or IPv6 /64).
     pub(super) unticketed: Mutex<HashMap<IpAddr, usize>>,
     /// Where manifests are saved between runs.
     manifests: PathBuf,
@@ -127,6 +130,7 @@ impl BlobServer {
             stats: Arc::new(BlobStats::default()),
             bulk_port: AtomicU16::new(0),
             tickets: Mutex::new(HashMap::new()),
+            bulk_mesh: std::sync::OnceLock::new(),
             unticketed: Mutex::new(HashMap::new()),
             manifests: store.manifest_dir(),
             hashing: tokio::sync::Mutex::new(()),
@@ -418,7 +422,7 @@ impl BlobServer {
                 "ask for bulk tickets over the mesh".into(),
             )),
             BlobRequest::Bulk => {
-                let (port, ticket) = self.ticket(peer).map_err(Failure::Refused)?;
+                let (port, ticket) = self.ticket(peer).await.map_err(Failure::Refused)?;
                 let reply = BlobReply::Bulk {
                     port,
                     ticket: hex::encode(ticket),

@@ -37,6 +37,10 @@ const TICK: Duration = Duration::from_millis(250);
 /// Relays to reserve a slot with when AutoNAT finds the node unreachable.
 const MAX_RELAY_RESERVATIONS: usize = 2;
 
+/// Relays known at once (connected peers that offer to relay); only two are used, the others
+/// stand by.
+const MAX_KNOWN_RELAYS: usize = 16;
+
 /// How long to wait before asking relays again after a reservation failed or was lost.
 const RESERVE_RETRY: Duration = Duration::from_secs(10);
 
@@ -62,7 +66,9 @@ pub struct EventLoop {
     dialled: HashMap<PeerId, (Instant, Vec<Multiaddr>)>,
     /// Addresses of gossip-learned pods that may still be dialled this tick.
     dial_budget: usize,
-    /// Peers that offer to relay (they speak the hop protocol), at the address to reach them.
+    /// Connected peers that offer to relay (they speak the hop protocol), at the address to
+    /// reach them; at most [`MAX_KNOWN_RELAYS`], and forgotten when their last connection
+    /// closes.
     relays: Vec<(PeerId, Multiaddr)>,
     /// Relay listeners asked for, by relay.
     reservations: HashMap<PeerId, ListenerId>,
@@ -350,6 +356,7 @@ impl EventLoop {
             external_addrs: self.swarm.external_addresses().cloned().collect(),
             nat_status: nat_status.into(),
             relays: self.reserved.iter().copied().collect(),
+            known_relays: self.relays.len(),
             connected_peers: self.swarm.connected_peers().count(),
             known_peers: self.peers.len(),
         }
@@ -445,6 +452,9 @@ impl EventLoop {
                 self.peers.disconnected(peer_id, endpoint.is_relayed(), now);
                 if num_established == 0 {
                     self.dialled_at.remove(&peer_id);
+                    // Only connected relays are asked for reservations; one that comes back
+                    // is found again by identify.
+                    self.relays.retain(|(p, _)| *p != peer_id);
                     tracing::debug!(peer = %peer_id, cause = ?cause, "disconnected");
                     self.emit(MeshEvent::Disconnected(peer_id));
                 }
@@ -502,7 +512,9 @@ impl EventLoop {
                         .or_else(|| addrs.iter().find(|a| direct_ip(a).is_some()))
                         .cloned();
                     if let Some(a) = at {
-                        if !self.relays.iter().any(|(p, _)| *p == peer_id) {
+                        if self.relays.len() < MAX_KNOWN_RELAYS
+                            && !self.relays.iter().any(|(p, _)| *p == peer_id)
+                        {
                             tracing::debug!(relay = %peer_id, addr = %a, "relay found");
                             self.relays.push((peer_id, a));
                             if self.is_private() {

@@ -63,7 +63,7 @@ pub(super) async fn serve_files(
     let bulk = if opts.bulk_listen.is_empty() {
         None
     } else {
-        match blobs.listen_bulk(&opts.bulk_listen).await {
+        match blobs.listen_bulk(&opts.bulk_listen, mesh).await {
             Ok(port) => Some(port),
             Err(e) => {
                 tracing::warn!(

@@ -16,7 +16,10 @@ use pod_inference::{
 use super::{Frame, Request, MAX_REQUEST_BYTES, PROTOCOL};
 use crate::access::Access;
 use crate::receipts::{Ledger, Receipt, Role, SignedReceipt};
-use crate::wire::{read_frame, write_frame};
+use crate::wire::{encode_frame, read_frame, write_frame};
+
+/// Bytes of a frame written at a time, each within the write timeout.
+const WRITE_PIECE: usize = 64 * 1024;
 
 /// Limits on what peers may ask of this node.
 #[derive(Debug, Clone)]
@@ -25,8 +28,12 @@ pub struct ServerConfig {
     pub serve_mesh: bool,
     /// Requests one peer may have running at once.
     pub max_concurrent_per_peer: usize,
-    /// Requests one peer may start per minute.
+    /// Requests one peer may start per minute (per `rate_window`).
     pub max_requests_per_minute_per_peer: u32,
+    /// The window requests are counted in: a minute. A peer's use is forgotten once it has no
+    /// request running and its window has passed, so the table holds the peers of the last
+    /// window or two, not every peer ever served.
+    pub rate_window: Duration,
     /// How long a peer may take to send its request after opening the stream.
     pub request_timeout: Duration,
     /// Longest silence on a stream; a heartbeat frame is sent when nothing else was.
@@ -35,6 +42,10 @@ pub struct ServerConfig {
     pub progress_every_tokens: usize,
     /// Which peers may run requests here; others are refused before their request is read.
     pub access: Access,
+    /// Longest a frame may take to go out. A requester that stops reading fills the stream's
+    /// window; past this the request is cancelled, so the engine frees the sequence and the
+    /// peer's slot is released instead of pinned.
+    pub write_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -45,10 +56,12 @@ impl Default for ServerConfig {
             // the engine still runs only its slots at once.
             max_concurrent_per_peer: 64,
             max_requests_per_minute_per_peer: 600,
+            rate_window: Duration::from_secs(60),
             request_timeout: Duration::from_secs(10),
             heartbeat: Duration::from_secs(1),
             progress_every_tokens: 8,
             access: Access::default(),
+            write_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -76,6 +89,23 @@ struct PeerUse {
     in_window: u32,
 }
 
+impl PeerUse {
+    /// Whether there is nothing to remember of the peer: nothing running, its window passed.
+    fn idle(&self, now: Instant, window: Duration) -> bool {
+        self.active == 0
+            && self
+                .window_start
+                .is_none_or(|t| now.duration_since(t) >= window)
+    }
+}
+
+/// What each peer uses, pruned of idle peers once per window.
+#[derive(Debug)]
+struct PeerTable {
+    by_peer: HashMap<PeerId, PeerUse>,
+    pruned_at: Instant,
+}
+
 /// Serves `/pod/infer/1.0.0` from the local engine.
 #[derive(Debug)]
 pub struct InferServer {
@@ -83,7 +113,7 @@ pub struct InferServer {
     key: Keypair,
     ledger: Option<Arc<Ledger>>,
     config: ServerConfig,
-    peers: Mutex<HashMap<PeerId, PeerUse>>,
+    peers: Mutex<PeerTable>,
     stats: ServerStats,
 }
 
@@ -96,8 +126,11 @@ struct Slot<'a> {
 impl Drop for Slot<'_> {
     fn drop(&mut self) {
         if let Ok(mut peers) = self.server.peers.lock() {
-            if let Some(u) = peers.get_mut(&self.peer) {
+            if let Some(u) = peers.by_peer.get_mut(&self.peer) {
                 u.active = u.active.saturating_sub(1);
+                if u.idle(Instant::now(), self.server.config.rate_window) {
+                    peers.by_peer.remove(&self.peer);
+                }
             }
         }
     }
@@ -123,7 +156,10 @@ impl InferServer {
             key,
             ledger,
             config,
-            peers: Mutex::new(HashMap::new()),
+            peers: Mutex::new(PeerTable {
+                by_peer: HashMap::new(),
+                pruned_at: Instant::now(),
+            }),
             stats: ServerStats::default(),
         })
     }
@@ -131,6 +167,12 @@ impl InferServer {
     /// The server's counters.
     pub fn stats(&self) -> &ServerStats {
         &self.stats
+    }
+
+    /// Peers whose use the server keeps: those with requests running or started within the
+    /// rate window (and, until the next pruning, those of the window before).
+    pub fn tracked_peers(&self) -> usize {
+        self.peers.lock().map_or(0, |p| p.by_peer.len())
     }
 
     /// Accepts streams until the mesh stops.
@@ -148,10 +190,16 @@ impl InferServer {
             .peers
             .lock()
             .map_err(|_| EngineError::Internal("peer table poisoned".into()))?;
-        let u = peers.entry(peer).or_default();
         let now = Instant::now();
+        let window = self.config.rate_window;
+        // PeerIds are free: without pruning, every identity that ever asked stays here.
+        if now.duration_since(peers.pruned_at) >= window {
+            peers.by_peer.retain(|_, u| !u.idle(now, window));
+            peers.pruned_at = now;
+        }
+        let u = peers.by_peer.entry(peer).or_default();
         match u.window_start {
-            Some(t) if now.duration_since(t) < Duration::from_secs(60) => u.in_window += 1,
+            Some(t) if now.duration_since(t) < window => u.in_window += 1,
             _ => {
                 u.window_start = Some(now);
                 u.in_window = 1;
@@ -196,18 +244,15 @@ impl InferServer {
             Ok(Err(e)) => {
                 self.stats.malformed.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(%peer, error = %e, "bad inference request");
-                let _ = write_frame(
-                    &mut wr,
-                    &Frame::Error(EngineError::InvalidRequest(e.to_string())),
-                )
-                .await;
-                let _ = wr.close().await;
+                let frame = Frame::Error(EngineError::InvalidRequest(e.to_string()));
+                let _ = self.send(&mut wr, &frame).await;
+                self.close(&mut wr).await;
                 return;
             }
             Err(_) => {
                 self.stats.malformed.fetch_add(1, Ordering::Relaxed);
                 tracing::debug!(%peer, "no inference request in time");
-                let _ = wr.close().await;
+                self.close(&mut wr).await;
                 return;
             }
         };
@@ -216,8 +261,8 @@ impl InferServer {
             self.stats.refused.fetch_add(1, Ordering::Relaxed);
             tracing::info!(%peer, reason = %e, "refused a peer's oversized request");
             let frame = Frame::Error(EngineError::InvalidRequest(e.to_string()));
-            let _ = write_frame(&mut wr, &frame).await;
-            let _ = wr.close().await;
+            let _ = self.send(&mut wr, &frame).await;
+            self.close(&mut wr).await;
             return;
         }
         let refuse = |e: EngineError| {
@@ -229,7 +274,7 @@ impl InferServer {
             let frame = refuse(EngineError::Unavailable(
                 "this pod does not serve the mesh".into(),
             ));
-            let _ = write_frame(&mut wr, &frame).await;
+            let _ = self.send(&mut wr, &frame).await;
             return;
         }
         let (model, kind) = match &request {
@@ -242,15 +287,17 @@ impl InferServer {
             .iter()
             .any(|m| m.name == model && m.kind == kind)
         {
-            let _ = write_frame(&mut wr, &refuse(EngineError::UnknownModel(model))).await;
-            let _ = wr.close().await;
+            let _ = self
+                .send(&mut wr, &refuse(EngineError::UnknownModel(model)))
+                .await;
+            self.close(&mut wr).await;
             return;
         }
         let _slot = match self.admit(peer) {
             Ok(s) => s,
             Err(e) => {
-                let _ = write_frame(&mut wr, &refuse(e)).await;
-                let _ = wr.close().await;
+                let _ = self.send(&mut wr, &refuse(e)).await;
+                self.close(&mut wr).await;
                 return;
             }
         };
@@ -262,6 +309,33 @@ impl InferServer {
                 self.embed(peer, id, model, input, wr).await;
             }
         }
+    }
+
+    /// Writes one frame, failing with [`std::io::ErrorKind::TimedOut`] when the requester takes
+    /// none of it for the write timeout. The timeout is on progress, not on the whole frame: a
+    /// large answer (many embeddings) to a slow but reading requester still goes out.
+    async fn send<W>(&self, wr: &mut W, frame: &Frame) -> std::io::Result<()>
+    where
+        W: futures::AsyncWrite + Unpin,
+    {
+        let stalled = || std::io::Error::from(std::io::ErrorKind::TimedOut);
+        let buf = encode_frame(frame)?;
+        for piece in buf.chunks(WRITE_PIECE) {
+            tokio::time::timeout(self.config.write_timeout, wr.write_all(piece))
+                .await
+                .map_err(|_| stalled())??;
+        }
+        tokio::time::timeout(self.config.write_timeout, wr.flush())
+            .await
+            .map_err(|_| stalled())?
+    }
+
+    /// Closes the writing half, giving up after the write timeout.
+    async fn close<W>(&self, wr: &mut W)
+    where
+        W: futures::AsyncWrite + Unpin,
+    {
+        let _ = tokio::time::timeout(self.config.write_timeout, wr.close()).await;
     }
 
     fn receipt(
@@ -319,12 +393,12 @@ impl InferServer {
         let mut events = match self.engine.generate(request) {
             Ok(e) => e,
             Err(e) => {
-                let _ = write_frame(&mut wr, &Frame::Error(e)).await;
-                let _ = wr.close().await;
+                let _ = self.send(&mut wr, &Frame::Error(e)).await;
+                self.close(&mut wr).await;
                 return;
             }
         };
-        if write_frame(&mut wr, &Frame::Accepted).await.is_err() {
+        if self.send(&mut wr, &Frame::Accepted).await.is_err() {
             return;
         }
         // The requester never writes after its request: a read that returns means it hung up.
@@ -362,8 +436,8 @@ impl InferServer {
                         );
                         self.record(&receipt).await;
                         let done = Frame::Done { finish_reason, usage, receipt };
-                        let _ = write_frame(&mut wr, &done).await;
-                        let _ = wr.close().await;
+                        let _ = self.send(&mut wr, &done).await;
+                        self.close(&mut wr).await;
                         tracing::info!(%peer, %id, completion_tokens = produced, "served a peer's request");
                         return;
                     }
@@ -372,13 +446,14 @@ impl InferServer {
                 },
             };
             let last = matches!(frame, Frame::Error(_));
-            if write_frame(&mut wr, &frame).await.is_err() {
+            if let Err(e) = self.send(&mut wr, &frame).await {
+                // Returning drops `events`: the engine sees it closed and frees the sequence.
                 self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
-                tracing::info!(%peer, %id, "requester unreachable: cancelled");
+                tracing::info!(%peer, %id, produced, error = %e, "requester not reading: cancelled");
                 return;
             }
             if last {
-                let _ = wr.close().await;
+                self.close(&mut wr).await;
                 return;
             }
             heartbeat.reset();
@@ -392,10 +467,9 @@ impl InferServer {
                     started_at,
                     true,
                 ) {
-                    if write_frame(&mut wr, &Frame::Progress { receipt })
-                        .await
-                        .is_err()
-                    {
+                    if let Err(e) = self.send(&mut wr, &Frame::Progress { receipt }).await {
+                        self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                        tracing::info!(%peer, %id, produced, error = %e, "requester not reading: cancelled");
                         return;
                     }
                 }
@@ -408,7 +482,7 @@ impl InferServer {
         W: futures::AsyncWrite + Unpin,
     {
         let started_at = now_ms();
-        if write_frame(&mut wr, &Frame::Accepted).await.is_err() {
+        if self.send(&mut wr, &Frame::Accepted).await.is_err() {
             return;
         }
         let frame = match self
@@ -431,7 +505,7 @@ impl InferServer {
             }
             Err(e) => Frame::Error(e),
         };
-        let _ = write_frame(&mut wr, &frame).await;
-        let _ = wr.close().await;
+        let _ = self.send(&mut wr, &frame).await;
+        self.close(&mut wr).await;
     }
 }

@@ -3,7 +3,7 @@
 //! the provider dropped after too many bad chunks.
 
 use std::fs::File;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -31,6 +31,13 @@ pub(super) struct Worker<S> {
     pub(super) stats: Option<Arc<BlobStats>>,
     /// Bad chunks from this provider, shared by its streams.
     pub(super) strikes: Arc<AtomicU32>,
+    /// The provider sent this manifest itself (or all providers sent the same one): a chunk
+    /// of it that fails is a strike. Otherwise the chunk says the manifest may be the liar, and
+    /// the provider is only set aside for this download.
+    pub(super) vouches: bool,
+    /// Set when a chunk of a provider that does not vouch for the manifest failed it; shared
+    /// by its streams.
+    pub(super) disagrees: Arc<AtomicBool>,
     /// Chunk buffers back from the blocking pool, to read the next chunks into.
     pub(super) spare: Vec<Vec<u8>>,
 }
@@ -64,6 +71,10 @@ impl<S: ChunkSource> Worker<S> {
             if self.strikes.load(Ordering::Relaxed) >= MAX_STRIKES {
                 tracing::warn!(peer = %self.peer, "dropping a provider that sent chunks failing verification");
                 out.failure = Some("sent chunks that failed verification".into());
+                return out;
+            }
+            if self.disagrees.load(Ordering::Relaxed) {
+                out.failure = Some("its chunks disagree with another provider's manifest".into());
                 return out;
             }
             let Some(taken) = Queue::take(&self.queue).await else {
@@ -135,7 +146,11 @@ impl<S: ChunkSource> Worker<S> {
                 if let Some(s) = &self.stats {
                     s.chunks_corrupt.fetch_add(1, Ordering::Relaxed);
                 }
-                self.strikes.fetch_add(1, Ordering::Relaxed);
+                if self.vouches {
+                    self.strikes.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    self.disagrees.store(true, Ordering::Relaxed);
+                }
                 rejected.push(index);
                 Ok(())
             }
