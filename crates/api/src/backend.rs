@@ -28,7 +28,7 @@ pub struct ModelEntry {
 #[derive(Debug)]
 pub struct Generation {
     /// The engine's events; dropping the receiver cancels the work.
-    pub events: mpsc::UnboundedReceiver<GenerateEvent>,
+    pub events: mpsc::Receiver<GenerateEvent>,
     /// The node that is doing the work, for the `x-pod-served-by` header.
     pub served_by: String,
 }

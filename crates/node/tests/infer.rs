@@ -104,7 +104,7 @@ fn greedy(max_tokens: usize) -> GenerateRequest {
 
 /// Drains events into (text, done usage, error).
 async fn drain(
-    mut events: tokio::sync::mpsc::UnboundedReceiver<GenerateEvent>,
+    mut events: tokio::sync::mpsc::Receiver<GenerateEvent>,
 ) -> (String, Option<Usage>, Option<EngineError>) {
     let mut text = String::new();
     let deadline = tokio::time::Instant::now() + WAIT * 3;

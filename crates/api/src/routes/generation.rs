@@ -12,7 +12,7 @@ use pod_inference::{GenerateEvent, GenerateRequest, Prompt, SamplingParams, Toke
 use serde::Serialize;
 use serde_json::json;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{StreamExt, StreamMap};
 
 use crate::backend::Generation;
@@ -357,7 +357,7 @@ fn stream<B: Backend, F: ChunkFormat>(
                     return;
                 }
             }
-            map.insert(i, UnboundedReceiverStream::new(g.events));
+            map.insert(i, ReceiverStream::new(g.events));
         }
         let mut timers: Vec<Timer> = (0..map.len()).map(|_| Timer::new()).collect();
         loop {

@@ -10,7 +10,7 @@ use tokio::sync::mpsc;
 use super::handle::ChatFormat;
 use super::limits;
 use super::pipeline::{Limits, Pipeline};
-use super::types::{FinishReason, GenerateEvent, GenerateRequest, Prompt, Resume};
+use super::types::{FinishReason, GenerateEvent, GenerateRequest, Prompt, Resume, EVENT_QUEUE};
 use crate::error::EngineError;
 use crate::model::ChatModelInfo;
 use crate::tokenizer::PodTokenizer;
@@ -31,7 +31,9 @@ pub(super) struct Job {
     /// Everything generated tokens advance apart from the attention cache.
     pub(super) state: Pipeline,
     /// Where the events go; closed when the caller gave up.
-    pub(super) events: mpsc::UnboundedSender<GenerateEvent>,
+    pub(super) events: mpsc::Sender<GenerateEvent>,
+    /// Since when the caller has left [`EVENT_QUEUE`] events unread (the sequence waits).
+    pub(super) full_since: Option<std::time::Instant>,
 }
 
 /// A request that passed admission.
@@ -39,7 +41,7 @@ pub(super) struct Admitted {
     /// The job, to queue unless `finished`.
     pub(super) job: Job,
     /// The receiving end of `job.events`, for the caller.
-    pub(super) events: mpsc::UnboundedReceiver<GenerateEvent>,
+    pub(super) events: mpsc::Receiver<GenerateEvent>,
     /// Text of resumed tokens the client does not have yet.
     pub(super) unsent: String,
     /// Set when the resumed tokens already ended the completion: nothing is left to generate.
@@ -147,7 +149,7 @@ pub(super) fn admit(req: GenerateRequest, format: &ChatFormat) -> Result<Admitte
         finished = finish;
         context.extend_from_slice(&resume.tokens[..state.generated]);
     }
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (tx, rx) = mpsc::channel(EVENT_QUEUE);
     Ok(Admitted {
         job: Job {
             model: req.model,
@@ -157,6 +159,7 @@ pub(super) fn admit(req: GenerateRequest, format: &ChatFormat) -> Result<Admitte
             tokenizer: Arc::clone(&format.tokenizer),
             state,
             events: tx,
+            full_since: None,
         },
         events: rx,
         unsent,

@@ -6,6 +6,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -15,7 +16,9 @@ use super::handle::{Command, EngineHandle};
 use super::pipeline::{Running, Step};
 use super::prefix_cache::PrefixCache;
 use super::scheduler::{self, Feed};
-use super::types::{EmbedRequest, EmbedResponse, EngineConfig, EngineStats, GenerateEvent};
+use super::types::{
+    EmbedRequest, EmbedResponse, EngineConfig, EngineStats, GenerateEvent, EVENT_QUEUE,
+};
 use crate::decoder::BatchDecoder;
 use crate::embedding::{Embedding, EmbeddingModel, EMBED_BATCH};
 use crate::error::EngineError;
@@ -195,7 +198,7 @@ impl<D: BatchDecoder> Engine<D> {
             let Some(model) = self.chat.get(&job.model) else {
                 let _ = job
                     .events
-                    .send(GenerateEvent::Error(EngineError::UnknownModel(
+                    .try_send(GenerateEvent::Error(EngineError::UnknownModel(
                         job.model.clone(),
                     )));
                 continue;
@@ -219,16 +222,45 @@ impl<D: BatchDecoder> Engine<D> {
     /// scheduler chose, then the token pipeline of each sequence.
     fn step_all(&mut self) {
         let mut done = vec![false; self.running.len()];
-        for (r, d) in self.running.iter().zip(done.iter_mut()) {
+        // Sequences whose caller has not read what waits for it sit this step out (a step
+        // sends at most two events), and are cancelled once that lasts READER_STALL.
+        let mut paused = vec![false; self.running.len()];
+        for ((r, d), p) in self
+            .running
+            .iter_mut()
+            .zip(done.iter_mut())
+            .zip(paused.iter_mut())
+        {
             if r.job.events.is_closed() {
                 self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
                 *d = true;
+            } else if r.job.events.capacity() < 2 {
+                let since = *r.job.full_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= self.config.reader_stall {
+                    tracing::info!(
+                        unread = EVENT_QUEUE,
+                        seconds = self.config.reader_stall.as_secs(),
+                        "request cancelled: its caller stopped reading"
+                    );
+                    self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
+                    *d = true;
+                } else {
+                    *p = true;
+                }
+            } else {
+                r.job.full_since = None;
             }
         }
+        if !paused.is_empty() && paused.iter().zip(&done).all(|(p, d)| *p || *d) {
+            // Nothing can step until a caller reads: do not spin.
+            thread::sleep(Duration::from_millis(2));
+        }
+        // Paused sequences are skipped like finished ones, but stay.
+        let mut skip: Vec<bool> = done.iter().zip(&paused).map(|(d, p)| *d || *p).collect();
         let models: Vec<String> = scheduler::models_in_order(
             self.running
                 .iter()
-                .zip(&done)
+                .zip(&skip)
                 .filter(|(_, d)| !**d)
                 .map(|(r, _)| r.job.model.as_str()),
         )
@@ -241,19 +273,22 @@ impl<D: BatchDecoder> Engine<D> {
                     &name,
                     model,
                     &mut self.running,
-                    &mut done,
+                    &mut skip,
                     &mut self.prefixes,
                     &self.stats,
                     &self.config,
                 ),
                 None => {
-                    for (r, d) in self.running.iter().zip(done.iter_mut()) {
+                    for (r, d) in self.running.iter().zip(skip.iter_mut()) {
                         if r.job.model == name {
                             *d = true;
                         }
                     }
                 }
             }
+        }
+        for ((d, s), p) in done.iter_mut().zip(&skip).zip(&paused) {
+            *d |= *s && !*p;
         }
         let mut i = self.running.len();
         while i > 0 {
@@ -301,7 +336,7 @@ fn step_model<D: BatchDecoder>(
             Ok(tokens) => inputs.push((i, tokens)),
             Err(e) => {
                 debug_assert!(is_sampled, "the scheduler's ranges lie within the context");
-                let _ = r.job.events.send(GenerateEvent::Error(e));
+                let _ = r.job.events.try_send(GenerateEvent::Error(e));
                 done[i] = true;
             }
         }
@@ -337,7 +372,7 @@ fn step_model<D: BatchDecoder>(
             }
             Err(e) => {
                 tracing::error!(error = %e, model = %name, "generation failed");
-                let _ = r.job.events.send(GenerateEvent::Error(e));
+                let _ = r.job.events.try_send(GenerateEvent::Error(e));
                 done[i] = true;
             }
         }
@@ -392,7 +427,7 @@ mod tests {
         }
     }
 
-    fn finish(mut rx: mpsc::UnboundedReceiver<GenerateEvent>, mut outcome: Outcome) -> Outcome {
+    fn finish(mut rx: mpsc::Receiver<GenerateEvent>, mut outcome: Outcome) -> Outcome {
         while let Some(event) = rx.blocking_recv() {
             add(&mut outcome, event);
         }
@@ -400,7 +435,7 @@ mod tests {
     }
 
     /// Waits for the first event, so the sequence is running.
-    fn first(rx: &mut mpsc::UnboundedReceiver<GenerateEvent>) -> Outcome {
+    fn first(rx: &mut mpsc::Receiver<GenerateEvent>) -> Outcome {
         let mut outcome = Outcome::default();
         add(&mut outcome, rx.blocking_recv().unwrap());
         outcome
@@ -417,6 +452,40 @@ mod tests {
         assert_eq!(reason, FinishReason::Length);
         assert_eq!(usage.prompt_tokens, prompt.len());
         assert_eq!(usage.completion_tokens, count);
+    }
+
+    #[test]
+    fn a_caller_that_stops_reading_waits_then_is_cancelled_and_one_that_reads_is_served() {
+        let config = EngineConfig {
+            reader_stall: Duration::from_millis(500),
+            ..EngineConfig::default()
+        };
+        let (engine, _) = start(config, TestDecoder::new(true));
+        let max = 3 * EVENT_QUEUE;
+        // A reader faster than nothing but slower than the model: served in full, exactly.
+        let mut slow = engine.generate(request(&[4, 5, 6], max)).unwrap();
+        let mut read = Outcome::default();
+        while let Some(event) = slow.blocking_recv() {
+            add(&mut read, event);
+        }
+        assert_completed(&read, &[4, 5, 6], max);
+        // A caller that stops reading: at most the queue waits for it, then it is cancelled.
+        let mut unread = engine.generate(request(&[1, 2, 3], max)).unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        while engine.stats().cancelled.load(Ordering::Relaxed) == 0 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "still holding a slot for a caller that does not read"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let mut out = Outcome::default();
+        while let Ok(event) = unread.try_recv() {
+            add(&mut out, event);
+        }
+        assert_eq!(out.tokens, completion(&[1, 2, 3], EVENT_QUEUE - 1));
+        assert_eq!(out.done, None);
+        assert_eq!(engine.stats().active.load(Ordering::Relaxed), 0);
     }
 
     #[test]

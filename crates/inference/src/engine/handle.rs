@@ -232,14 +232,14 @@ impl<D: BatchDecoder> EngineHandle<D> {
     pub fn generate(
         &self,
         req: GenerateRequest,
-    ) -> Result<mpsc::UnboundedReceiver<GenerateEvent>, EngineError> {
+    ) -> Result<mpsc::Receiver<GenerateEvent>, EngineError> {
         admission::check_request(&req)?;
         let format = self.chat_format(&req.model)?;
         let admitted = admission::admit(req, &format)?;
         let job = admitted.job;
         let send_unsent = || {
             if !admitted.unsent.is_empty() {
-                let _ = job.events.send(GenerateEvent::Delta {
+                let _ = job.events.try_send(GenerateEvent::Delta {
                     text: admitted.unsent.clone(),
                     tokens: Vec::new(),
                     logprobs: Vec::new(),
@@ -249,7 +249,7 @@ impl<D: BatchDecoder> EngineHandle<D> {
         if let Some(finish_reason) = admitted.finished {
             // Nothing left to generate: the resumed tokens already ended the completion.
             send_unsent();
-            let _ = job.events.send(GenerateEvent::Done {
+            let _ = job.events.try_send(GenerateEvent::Done {
                 finish_reason,
                 usage: Usage {
                     prompt_tokens: job.prompt_len,

@@ -281,15 +281,17 @@ fn flush<C>(a: &mut Running<C>, text: String) {
     if text.is_empty() && a.pending_tokens.is_empty() {
         return;
     }
-    let _ = a.job.events.send(GenerateEvent::Delta {
+    let delta = GenerateEvent::Delta {
         text,
         tokens: std::mem::take(&mut a.pending_tokens),
         logprobs: std::mem::take(&mut a.pending_logprobs),
-    });
+    };
+    // The engine steps a sequence only with room for a step's events (see `step_all`).
+    let _ = a.job.events.try_send(delta);
 }
 
 fn send_done<C>(a: &Running<C>, finish_reason: FinishReason, usage: Usage) {
-    let _ = a.job.events.send(GenerateEvent::Done {
+    let _ = a.job.events.try_send(GenerateEvent::Done {
         finish_reason,
         usage,
     });

@@ -26,6 +26,9 @@ pub struct EngineConfig {
     /// Longest prompt plus completion per request, below the models' own context lengths;
     /// it bounds each sequence's attention cache. `None`: each model's own.
     pub max_context: Option<usize>,
+    /// How long a sequence may wait for a caller that leaves [`EVENT_QUEUE`] events unread
+    /// before it is cancelled and its slot freed.
+    pub reader_stall: std::time::Duration,
 }
 
 impl Default for EngineConfig {
@@ -36,6 +39,7 @@ impl Default for EngineConfig {
             prefill_chunk: 512,
             prefix_cache_bytes: 256 << 20,
             max_context: None,
+            reader_stall: READER_STALL,
         }
     }
 }
@@ -233,6 +237,14 @@ pub struct ModelInfo {
     /// Vector length, for embedding models.
     pub dimension: Option<usize>,
 }
+
+/// Events of one completion a caller may leave unread: past this the engine pauses the
+/// sequence until the caller reads, so what waits for a reader is bounded.
+pub const EVENT_QUEUE: usize = 1024;
+
+/// How long a sequence may stay paused for a caller that does not read before the engine
+/// cancels it and frees its slot (the default of [`EngineConfig::reader_stall`]).
+pub const READER_STALL: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Counters describing the engine's load, readable at any time.
 #[derive(Debug, Default)]

@@ -12,7 +12,7 @@ use pod_node::daemon_file::{DaemonFile, Liveness};
 use pod_node::mesh::mesh_key::read_mesh_key;
 use pod_node::mesh::{self, is_quic, MeshConfig};
 use pod_node::remote::client::{ClientConfig, InferClient};
-use tokio::sync::mpsc::UnboundedReceiver;
+use tokio::sync::mpsc::Receiver;
 
 use super::node_client::Api;
 
@@ -133,7 +133,7 @@ impl MeshInfer {
     pub(crate) async fn generate(
         &self,
         request: GenerateRequest,
-    ) -> Result<(String, UnboundedReceiver<GenerateEvent>)> {
+    ) -> Result<(String, Receiver<GenerateEvent>)> {
         let (peer, events) = self.infer.generate(request).await?;
         Ok((peer.to_string(), events))
     }

@@ -210,7 +210,7 @@ impl InferClient {
     pub async fn generate(
         &self,
         request: GenerateRequest,
-    ) -> Result<(PeerId, mpsc::UnboundedReceiver<GenerateEvent>), EngineError> {
+    ) -> Result<(PeerId, mpsc::Receiver<GenerateEvent>), EngineError> {
         let id = uuid::Uuid::new_v4().to_string();
         let mut tried = Vec::new();
         let session = self
@@ -224,7 +224,7 @@ impl InferClient {
             )
             .await?;
         let peer = session.peer;
-        let (tx, rx) = mpsc::unbounded_channel();
+        let (tx, rx) = mpsc::channel(pod_inference::engine::types::EVENT_QUEUE);
         let client = self.clone();
         tokio::spawn(async move { client.drive(id, request, session, tried, tx).await });
         Ok((peer, rx))
@@ -237,7 +237,7 @@ impl InferClient {
         request: GenerateRequest,
         mut session: Session,
         mut tried: Vec<PeerId>,
-        tx: mpsc::UnboundedSender<GenerateEvent>,
+        tx: mpsc::Sender<GenerateEvent>,
     ) {
         let mut progress = Progress::default();
         if let Some(r) = &request.resume {
@@ -295,7 +295,7 @@ impl InferClient {
                         "the serving peer {} failed after {} tokens and no other peer could continue: {e}",
                         session.peer,
                         progress.tokens.len()
-                    ))));
+                    )))).await;
                     return;
                 }
             }
@@ -310,7 +310,7 @@ impl InferClient {
         session: &mut Session,
         progress: &mut Progress,
         bounds: &mut AnswerBounds,
-        tx: &mpsc::UnboundedSender<GenerateEvent>,
+        tx: &mpsc::Sender<GenerateEvent>,
     ) -> Result<(), String> {
         bounds.restart(tokio::time::Instant::now());
         loop {
@@ -354,6 +354,7 @@ impl InferClient {
                             tokens,
                             logprobs,
                         })
+                        .await
                         .is_err()
                     {
                         return Ok(());
@@ -388,14 +389,16 @@ impl InferClient {
                         Some(_) => {}
                         None => tracing::warn!(peer = %session.peer, "peer sent no receipt"),
                     }
-                    let _ = tx.send(GenerateEvent::Done {
-                        finish_reason,
-                        usage,
-                    });
+                    let _ = tx
+                        .send(GenerateEvent::Done {
+                            finish_reason,
+                            usage,
+                        })
+                        .await;
                     return Ok(());
                 }
                 Frame::Error(e) => {
-                    let _ = tx.send(GenerateEvent::Error(e));
+                    let _ = tx.send(GenerateEvent::Error(e)).await;
                     return Ok(());
                 }
                 Frame::Embeddings { .. } => {
