@@ -132,7 +132,21 @@ impl NodeBackend {
         if self.route == Route::Mesh || !self.local.models().iter().any(|m| m.info.name == model) {
             return false;
         }
-        self.stages.head(model).is_none() || !self.peers.serves_whole(model)
+        if self.stages.head(model).is_none() {
+            return true;
+        }
+        let whole = self.peers.serves_whole(model);
+        tracing::debug!(
+            model,
+            whole_model_peer = whole,
+            "pipeline head: {}",
+            if whole {
+                "a peer holding the whole model is free; routing there"
+            } else {
+                "serving through the stages"
+            }
+        );
+        !whole
     }
 }
 

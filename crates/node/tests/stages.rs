@@ -280,3 +280,56 @@ fn a_stage_killed_mid_answer_is_replaced_and_the_text_is_unchanged() {
     let message = reply["error"]["message"].as_str().unwrap_or_default();
     assert!(message.contains("block 15"), "{reply}");
 }
+
+#[test]
+fn three_stages_behind_their_head_and_a_whole_pod_that_joins_is_preferred() {
+    let whole = pod(&["--profile", "inference", "--model", CHAT]);
+    let tail = stage("20-29", None);
+    let mid = stage("10-19", Some(&tail.tcp_addr()));
+    // The head is also the front door: requests come to its own API.
+    let head = stage("0-9", Some(&tail.tcp_addr()));
+    wait_for_stage(&head, &mid.peer_id, "10-19");
+    wait_for_stage(&head, &tail.peer_id, "20-29");
+
+    let prompt = "What is the capital of France?";
+    let (status, _, want) = chat(&whole, &body(prompt, 20, false));
+    assert_eq!(status, 200);
+    let (status, served, got) = chat(&head, &body(prompt, 20, false));
+    assert_eq!(status, 200, "{got}\n{}", head.log());
+    assert_eq!(
+        served,
+        format!("{}, {}, {}", head.peer_id, mid.peer_id, tail.peer_id)
+    );
+    assert_eq!(answer(&got), answer(&want));
+
+    // A pod holding the whole model joins: the head sends the next request there.
+    let joined = pod(&[
+        "--profile",
+        "inference",
+        "--model",
+        CHAT,
+        "--bootstrap",
+        &tail.tcp_addr(),
+    ]);
+    wait_until(MESH_TIMEOUT, "the head sees the whole pod", || {
+        let peers = head.get("/pod/v1/peers");
+        peers["data"]
+            .as_array()?
+            .iter()
+            .any(|p| {
+                p["peer_id"] == joined.peer_id.as_str()
+                    && p["connected"] == true
+                    && p["api_ready"] == true
+                    && p["models"]
+                        .as_array()
+                        .is_some_and(|m| m.iter().any(|m| m["name"] == CHAT))
+            })
+            .then_some(())
+    });
+    // Routing reads a copy of the peer table refreshed a few times a second.
+    std::thread::sleep(Duration::from_secs(1));
+    let (status, served, again) = chat(&head, &body(prompt, 20, false));
+    assert_eq!(status, 200, "{again}");
+    assert_eq!(served, joined.peer_id, "{}", head.log());
+    assert_eq!(answer(&again).0, answer(&want).0);
+}
