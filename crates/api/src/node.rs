@@ -33,6 +33,27 @@ pub struct NodeView {
     pub known_peers: usize,
     /// Seconds since the node started.
     pub uptime_seconds: u64,
+    /// Pipeline stages this node serves: as a model's head (blocks from 0, the rest on
+    /// peers) or as a later stage for heads.
+    #[serde(default)]
+    pub stages: Vec<ServedStageView>,
+}
+
+/// A pipeline stage this node serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ServedStageView {
+    /// The model.
+    pub model: String,
+    /// The blocks, first-last.
+    pub layers: String,
+    /// Blocks of the whole model.
+    pub total_layers: usize,
+    /// `head` (serves the model's requests) or `stage` (runs heads' rows).
+    pub role: String,
+    /// A head's chain after its blocks, as last planned: `blocks 15-29 on <peer>` per hop.
+    pub chain: Vec<String>,
+    /// A stage's sequences held for heads.
+    pub sequences: usize,
 }
 
 /// `GET /pod/v1/peers`: the peer table.

@@ -102,6 +102,7 @@ impl<T: serde::Serialize> IntoResponse for ApiJson<T> {
         crate::node::PeerView,
         crate::node::PeerLoad,
         crate::node::StageView,
+        crate::node::ServedStageView,
         crate::node::ReceiptsView,
         crate::node::PeerWork,
         crate::node::WorkTotals,

@@ -350,6 +350,7 @@ impl Backend for NodeBackend {
             connected_peers: info.connected_peers,
             known_peers: info.known_peers,
             uptime_seconds: self.started.elapsed().as_secs(),
+            stages: self.stages.served(),
         })
     }
 

@@ -222,9 +222,26 @@ fn two_stages_behind_a_front_door_answer_like_one_whole_pod() {
         }
     });
 
-    // The stage says what it serves.
-    let node = tail.get("/pod/v1/peers");
-    assert!(node["data"].is_array());
+    // Each says what it serves, and the head which chain its answers took.
+    let stages = &tail.get("/pod/v1/node")["stages"];
+    assert_eq!(stages[0]["role"], "stage", "{stages}");
+    assert_eq!(stages[0]["layers"], "15-29");
+    let stages = &head.get("/pod/v1/node")["stages"];
+    assert_eq!(stages[0]["role"], "head", "{stages}");
+    assert_eq!(stages[0]["layers"], "0-14");
+    assert_eq!(
+        stages[0]["chain"][0],
+        format!("blocks 15-29 on {}", tail.peer_id).as_str()
+    );
+    let peers = common::process::pod_command(&head.home)
+        .args(["peers", "--api", &head.api])
+        .output()
+        .expect("pod peers");
+    let listing = common::process::stdout_of_success(&peers);
+    assert!(
+        listing.contains(&format!("{CHAT} (blocks 15-29 of 30)")),
+        "{listing}"
+    );
 }
 
 #[test]

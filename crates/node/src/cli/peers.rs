@@ -34,10 +34,28 @@ pub(crate) fn exec(home: &Path, args: PeersArgs) -> Result<()> {
         "PEER", "AGENT", "PATH", "RTT", "LOAD", "SEEN"
     );
     for p in rows {
-        let models: Vec<&str> = p["models"]
+        let mut models: Vec<String> = p["models"]
             .as_array()
-            .map(|m| m.iter().filter_map(|m| m["name"].as_str()).collect())
+            .map(|m| {
+                m.iter()
+                    .filter_map(|m| m["name"].as_str().map(str::to_owned))
+                    .collect()
+            })
             .unwrap_or_default();
+        // Pipeline stages: the blocks a pod serves of a model, after its name.
+        for s in p["stages"].as_array().into_iter().flatten() {
+            let (Some(name), Some(layers)) = (s["model"].as_str(), s["layers"].as_str()) else {
+                continue;
+            };
+            let entry = format!(
+                "{name} (blocks {layers} of {})",
+                s["total_layers"].as_u64().unwrap_or(0)
+            );
+            match models.iter_mut().find(|m| *m == name) {
+                Some(m) => *m = entry,
+                None => models.push(entry),
+            }
+        }
         let rtt = p["rtt_ms"]
             .as_f64()
             .map_or("-".to_owned(), |ms| format!("{ms:.1}ms"));

@@ -89,6 +89,7 @@ pub(crate) fn exec(home: &Path, args: StatusArgs) -> Result<()> {
             out["relays"] = node["relays"].clone();
             out["reachability"] = reachability(&node["nat_status"], &node["relays"]).into();
             out["listen_addrs"] = node["listen_addrs"].clone();
+            out["stages"] = node["stages"].clone();
         }
     }
     if args.json {
@@ -147,6 +148,29 @@ pub(crate) fn exec(home: &Path, args: StatusArgs) -> Result<()> {
             n(&out["peers"]["known"])
         );
         println!("reach     {}", s(&out["reachability"]));
+        for stage in out["stages"].as_array().into_iter().flatten() {
+            let detail = if stage["role"] == "head" {
+                let chain: Vec<String> = stage["chain"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|h| s(h))
+                    .collect();
+                if chain.is_empty() {
+                    "head; no chain planned yet".to_owned()
+                } else {
+                    format!("head; then {}", chain.join(", "))
+                }
+            } else {
+                format!("stage; {} sequences held", n(&stage["sequences"]))
+            };
+            println!(
+                "stage     {} blocks {} of {} ({detail})",
+                s(&stage["model"]),
+                s(&stage["layers"]),
+                n(&stage["total_layers"])
+            );
+        }
         println!(
             "requests  {} queued, {} active, {} served",
             n(&out["requests"]["queued"]),

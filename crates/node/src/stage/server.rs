@@ -14,6 +14,7 @@ use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
+use pod_api::node::ServedStageView;
 use pod_inference::model::stage::{StageCache, StageModel, StageOutput};
 use tokio::sync::oneshot;
 
@@ -125,6 +126,37 @@ impl StageHost {
     /// Sequences the stage this pod serves holds caches of.
     pub fn sequences(&self) -> usize {
         self.held.load(Ordering::Relaxed)
+    }
+
+    /// Every stage this pod serves, heads first, for `/pod/v1/node`.
+    pub fn served(&self) -> Vec<ServedStageView> {
+        let view = |a: &StageAnnouncement, role: &str| ServedStageView {
+            model: a.model.clone(),
+            layers: a.layers.to_string(),
+            total_layers: a.total_layers,
+            role: role.to_owned(),
+            chain: Vec::new(),
+            sequences: 0,
+        };
+        let mut all: Vec<ServedStageView> = self
+            .heads
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+            .map(|(a, d)| ServedStageView {
+                chain: d
+                    .chain()
+                    .iter()
+                    .map(|h| format!("blocks {} on {}", h.layers, h.peer))
+                    .collect(),
+                ..view(a, "head")
+            })
+            .collect();
+        all.extend(self.worker().map(|w| ServedStageView {
+            sequences: self.sequences(),
+            ..view(&w.announcement, "stage")
+        }));
+        all
     }
 
     /// Every stage this pod serves, heads first, as it announces them.
