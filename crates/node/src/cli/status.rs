@@ -154,7 +154,7 @@ pub(crate) fn exec(home: &Path, args: StatusArgs) -> Result<()> {
                     .as_array()
                     .into_iter()
                     .flatten()
-                    .map(|h| s(h))
+                    .map(&s)
                     .collect();
                 if chain.is_empty() {
                     "head; no chain planned yet".to_owned()
