@@ -140,7 +140,7 @@ impl Backend for LocalBackend {
     }
 
     async fn generate(&self, req: GenerateRequest) -> Result<Generation, EngineError> {
-        let events = self.engine.generate(req)?;
+        let events = self.engine.generate_async(req).await?;
         Ok(Generation {
             events,
             served_by: self.name.clone(),

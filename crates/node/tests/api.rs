@@ -602,3 +602,25 @@ fn repeated_prompt_reports_cached_tokens_in_usage_and_metrics() {
         "{text}"
     );
 }
+
+/// Rendering and tokenizing a prompt happens off the runtime's threads: on a runtime with one
+/// thread, a task spawned before the request runs while the request is admitted (with the
+/// work done inline it could only run after).
+#[tokio::test(flavor = "current_thread")]
+async fn admission_leaves_the_runtime_thread_free() {
+    use pod_api::Backend as _;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    let backend = LocalBackend::new(common::engine(), "local");
+    let ran = Arc::new(AtomicBool::new(false));
+    let flag = Arc::clone(&ran);
+    let other = tokio::spawn(async move { flag.store(true, Ordering::SeqCst) });
+    let prompt = "Tell me about the sea. ".repeat(200);
+    let generation = backend.generate(common::greedy(&prompt, 1)).await.unwrap();
+    assert!(
+        ran.load(Ordering::SeqCst),
+        "the runtime thread was busy admitting the request"
+    );
+    drop(generation);
+    other.await.unwrap();
+}

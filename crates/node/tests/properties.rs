@@ -1,5 +1,5 @@
 //! Property tests over everything a peer or a user hands the node: the P2P frames of
-//! `/pod/infer` and `/pod/blob`, capability announcements, `config.toml`, GGUF headers, the
+//! `/pod/infer`, `/pod/blob` and `/pod/stage`, capability announcements, `config.toml`, GGUF headers, the
 //! real SmolLM2 tokenizer and the JSON-mode validator. Arbitrary and mutated inputs must give
 //! a value or an error, never a panic or an allocation a header asks for; what is encoded must
 //! decode to itself.
@@ -31,6 +31,7 @@ use pod_node::remote::{
     Frame, Request, RequestLimitError, MAX_EMBED_INPUTS, MAX_ID_BYTES, MAX_MODEL_NAME_BYTES,
     MAX_STOPS, MAX_STOP_BYTES,
 };
+use pod_node::stage::{read_payload, StageReply, StageRequest};
 use pod_node::wire::{read_frame, write_frame, FrameError};
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed};
@@ -372,6 +373,33 @@ proptest! {
         }
         if let Some(frame) = check_framing::<Frame>(&bytes, max) {
             reencodes(&frame);
+        }
+    }
+
+    #[test]
+    fn stage_frames_from_any_bytes_are_values_or_errors(
+        bytes in framed_garbage(),
+        max in prop_oneof![0usize..256, Just(pod_node::stage::MAX_HEADER_BYTES)],
+        expected in 0usize..64,
+    ) {
+        if let Some(request) = check_framing::<StageRequest>(&bytes, max) {
+            reencodes(&request);
+        }
+        if let Some(reply) = check_framing::<StageReply>(&bytes, max) {
+            reencodes(&reply);
+        }
+        // A payload frame: exactly the values expected, or an error, never more read than
+        // the header declares and never a declared length over the limit allocated.
+        let mut r = Cursor::new(&bytes);
+        match block_on(read_payload(&mut r, expected)) {
+            Ok(values) => {
+                prop_assert_eq!(values.len(), expected);
+                prop_assert_eq!(r.position() as usize, 4 + 4 * expected);
+            }
+            Err(FrameError::TooLarge { len, .. }) => {
+                prop_assert!(len > pod_node::stage::MAX_PAYLOAD_BYTES);
+            }
+            Err(_) => {}
         }
     }
 

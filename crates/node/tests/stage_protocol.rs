@@ -23,7 +23,7 @@ use pod_node::stage::{
 };
 use pod_node::wire::{read_frame, write_frame};
 
-const WAIT: Duration = Duration::from_secs(30);
+const WAIT: Duration = Duration::from_secs(60);
 const HIDDEN: usize = 256;
 const VOCAB: usize = 512;
 

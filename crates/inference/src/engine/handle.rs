@@ -225,6 +225,19 @@ impl<D: BatchDecoder> EngineHandle<D> {
         admission::tokenize(&self.chat_format(model)?, prompt)
     }
 
+    /// [`generate`](Self::generate) for async callers: rendering the prompt and tokenizing it
+    /// (long prompts take milliseconds) run on tokio's blocking pool, not on the caller's
+    /// runtime thread. Must be called within a tokio runtime.
+    pub async fn generate_async(
+        &self,
+        req: GenerateRequest,
+    ) -> Result<mpsc::Receiver<GenerateEvent>, EngineError> {
+        let handle = self.clone();
+        tokio::task::spawn_blocking(move || handle.generate(req))
+            .await
+            .map_err(|e| EngineError::Internal(format!("admission failed: {e}")))?
+    }
+
     /// Queues a completion; events arrive on the returned receiver. Drop it to cancel.
     ///
     /// With [`GenerateRequest::resume`], the resumed tokens are checked and replayed here, so a

@@ -390,7 +390,7 @@ impl InferServer {
         let started_at = now_ms();
         let model = request.model.clone();
         let resumed = request.resume.as_ref().map_or(0, |r| r.tokens.len());
-        let mut events = match self.engine.generate(request) {
+        let mut events = match self.engine.generate_async(request).await {
             Ok(e) => e,
             Err(e) => {
                 let _ = self.send(&mut wr, &Frame::Error(e)).await;

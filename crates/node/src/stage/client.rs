@@ -32,8 +32,10 @@ const AVOID_FOR: Duration = Duration::from_secs(30);
 /// Chains tried for one pass before it fails.
 const ATTEMPTS: usize = 4;
 
-/// Longest wait to tell a stage a sequence is gone (stages free idle ones themselves).
+/// Longest wait to tell a stage a sequence is gone, and how often it is tried (stages free
+/// idle ones themselves).
 const RELEASE_TIMEOUT: Duration = Duration::from_secs(10);
+const RELEASE_ATTEMPTS: usize = 3;
 
 /// The stages after a head, reached over the mesh.
 #[derive(Debug)]
@@ -346,18 +348,32 @@ impl Downstream for MeshDownstream {
             state.chain.clone()
         };
         // At once, on streams of their own: the pass streams belong to the engine thread.
-        let mut control = self.mesh.streams();
+        let control = self.mesh.streams();
         self.runtime.spawn(async move {
             for hop in chain {
-                let send = async {
-                    let mut s = control.open_stream(hop.peer, PROTOCOL).await.ok()?;
-                    let release = StageRequest::Release { seqs: vec![id] };
-                    write_frame(&mut s, &release).await.ok()?;
-                    read_frame::<_, StageReply>(&mut s, MAX_HEADER_BYTES)
-                        .await
-                        .ok()
-                };
-                let _ = tokio::time::timeout(RELEASE_TIMEOUT, send).await;
+                for attempt in 0..RELEASE_ATTEMPTS {
+                    let mut control = control.clone();
+                    let send = async {
+                        let mut s = control.open_stream(hop.peer, PROTOCOL).await.ok()?;
+                        let release = StageRequest::Release { seqs: vec![id] };
+                        write_frame(&mut s, &release).await.ok()?;
+                        read_frame::<_, StageReply>(&mut s, MAX_HEADER_BYTES)
+                            .await
+                            .ok()
+                    };
+                    match tokio::time::timeout(RELEASE_TIMEOUT, send).await {
+                        Ok(Some(StageReply::Released)) => break,
+                        _ => {
+                            tracing::debug!(
+                                stage = %hop.peer,
+                                sequence = id,
+                                attempt,
+                                "could not free a sequence on a stage; trying again"
+                            );
+                            tokio::time::sleep(Duration::from_millis(500)).await;
+                        }
+                    }
+                }
             }
         });
     }
