@@ -43,6 +43,32 @@ def start(pod: str, models_dir: str, *args: str) -> tuple[subprocess.Popen, int]
     raise SystemExit(f"pod on port {port} did not become ready")
 
 
+def compare(body: dict, rounds: int, first: tuple[str, int], second: tuple[str, int]) -> None:
+    """Sends `body` to two pods' APIs, alternating, from 1 and then 8 concurrent clients for
+    `rounds` rounds after a warm-up, and prints a table of medians with second/first ratios."""
+    routes = (first, second)
+    for _, port in routes:  # warm-up
+        run_batch(port, body, 1)
+    results = {(name, c): [] for name, _ in routes for c in CONCURRENCY}
+    for _ in range(rounds):
+        for c in CONCURRENCY:
+            for name, port in routes:
+                results[(name, c)].append(run_batch(port, body, c))
+    print(f"| clients | metric | {first[0]} | {second[0]} | ratio |")
+    print("|---:|---|---:|---:|---:|")
+    for c in CONCURRENCY:
+        def stat(name, key):
+            batches = results[(name, c)]
+            if key == "aggregate_tps":
+                return median([b[key] for b in batches])
+            return median([s[key] for b in batches for s in b["streams"] if s[key] is not None])
+        for key, label in (("ttft_ms", "TTFT ms (p50)"), ("decode_tps", "decode t/s per stream (p50)"),
+                           ("aggregate_tps", "aggregate t/s")):
+            d, r = stat(first[0], key), stat(second[0], key)
+            extra = f" (+{r - d:.1f} ms)" if key == "ttft_ms" else ""
+            print(f"| {c} | {label} | {d:.1f} | {r:.1f}{extra} | {r / d:.3f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pod", default=str(ROOT / "target" / "release" / "pod"))
@@ -62,27 +88,8 @@ def main() -> None:
                 raise SystemExit("the relay never saw the model")
             time.sleep(0.2)
         body = request_body("pod", MODEL, args.max_tokens)
-        for port in (a_port, b_port):  # warm-up
-            run_batch(port, body, 1)
-        results = {(route, c): [] for route in ("direct", "routed") for c in CONCURRENCY}
-        for _ in range(args.rounds):
-            for c in CONCURRENCY:
-                for route, port in (("direct", a_port), ("routed", b_port)):
-                    results[(route, c)].append(run_batch(port, body, c))
         print(f"pod {args.pod}, model {MODEL}, greedy, max_tokens {args.max_tokens}, {args.rounds} rounds, 127.0.0.1")
-        print("| clients | metric | direct | via relay | ratio |")
-        print("|---:|---|---:|---:|---:|")
-        for c in CONCURRENCY:
-            def stat(route, key):
-                batches = results[(route, c)]
-                if key == "aggregate_tps":
-                    return median([b[key] for b in batches])
-                return median([s[key] for b in batches for s in b["streams"] if s[key] is not None])
-            for key, label in (("ttft_ms", "TTFT ms (p50)"), ("decode_tps", "decode t/s per stream (p50)"),
-                               ("aggregate_tps", "aggregate t/s")):
-                d, r = stat("direct", key), stat("routed", key)
-                extra = f" (+{r - d:.1f} ms)" if key == "ttft_ms" else ""
-                print(f"| {c} | {label} | {d:.1f} | {r:.1f}{extra} | {r / d:.3f} |")
+        compare(body, args.rounds, ("direct", a_port), ("via relay", b_port))
     finally:
         for p in (b, a):
             p.terminate()

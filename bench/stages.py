@@ -23,13 +23,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from api import request_body, run_batch  # noqa: E402
-from common import get_json, median  # noqa: E402
-from mesh_hop import start  # noqa: E402
+from api import request_body  # noqa: E402
+from common import get_json  # noqa: E402
+from mesh_hop import compare, start  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "smollm2-135m-instruct"
-CONCURRENCY = (1, 8)
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -62,27 +61,8 @@ def main() -> None:
                 raise SystemExit("the head never saw the stage")
             time.sleep(0.2)
         body = request_body("pod", MODEL, args.max_tokens)
-        for port in (w_port, h_port):  # warm-up
-            run_batch(port, body, 1)
-        results = {(route, c): [] for route in ("whole", "split") for c in CONCURRENCY}
-        for _ in range(args.rounds):
-            for c in CONCURRENCY:
-                for route, port in (("whole", w_port), ("split", h_port)):
-                    results[(route, c)].append(run_batch(port, body, c))
         print(f"pod {args.pod}, model {MODEL}, greedy, max_tokens {args.max_tokens}, {args.rounds} rounds, 127.0.0.1")
-        print("| clients | metric | whole pod | 2 stages | ratio |")
-        print("|---:|---|---:|---:|---:|")
-        for c in CONCURRENCY:
-            def stat(route, key):
-                batches = results[(route, c)]
-                if key == "aggregate_tps":
-                    return median([b[key] for b in batches])
-                return median([s[key] for b in batches for s in b["streams"] if s[key] is not None])
-            for key, label in (("ttft_ms", "TTFT ms (p50)"), ("decode_tps", "decode t/s per stream (p50)"),
-                               ("aggregate_tps", "aggregate t/s")):
-                d, r = stat("whole", key), stat("split", key)
-                extra = f" (+{r - d:.1f} ms)" if key == "ttft_ms" else ""
-                print(f"| {c} | {label} | {d:.1f} | {r:.1f}{extra} | {r / d:.3f} |")
+        compare(body, args.rounds, ("whole pod", w_port), ("2 stages", h_port))
         whole_rss = peak_rss_mib(w.pid)
         print()
         print("| pod | peak RSS MiB | of whole |")
