@@ -484,6 +484,49 @@ fn version_json_names_the_build() {
 }
 
 #[test]
+fn dry_run_shows_a_pipeline_stage_and_refuses_layers_of_several_models() {
+    let home = tempfile::tempdir().unwrap();
+    let two = pod_at(
+        home.path(),
+        &[
+            "start",
+            "--dry-run",
+            "--layers",
+            "0-14",
+            "--model",
+            "smollm2-135m-instruct",
+            "--model",
+            "gemma3-270m",
+        ],
+    );
+    assert_one_line_error(&two, "exactly one --model");
+    let bad = pod_at(home.path(), &["start", "--dry-run", "--layers", "9-3"]);
+    assert_one_line_error(&bad, "ends before it starts");
+    for (layers, role) in [("0-14", "as its head"), ("15-29", "as a stage")] {
+        let args = [
+            "start",
+            "--dry-run",
+            "--layers",
+            layers,
+            "--model",
+            "smollm2-135m-instruct",
+        ];
+        let out = pod_at(home.path(), &args);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(
+            text.contains(&format!(
+                "stage     blocks {layers} of the model, on the CPU, {role}"
+            )),
+            "{text}"
+        );
+        let mut json_args = args.to_vec();
+        json_args.push("--json");
+        assert_eq!(json_of(&pod_at(home.path(), &json_args))["layers"], layers);
+    }
+}
+
+#[test]
 fn dry_run_lists_each_profiles_models_and_services_and_binds_nothing() {
     let home = tempfile::tempdir().unwrap();
     // The API port is taken: a dry run must not notice, because it binds nothing.

@@ -60,6 +60,11 @@ pub(super) fn plan(store: &ModelStore, args: &StartArgs, home: &Path) -> Result<
     } else {
         args.models.clone()
     };
+    if let Some(range) = args.layers {
+        if names.len() != 1 {
+            bail!("--layers {range} serves blocks of one model: give exactly one --model");
+        }
+    }
     let mut models = Vec::new();
     for name in names {
         models.push(plan_model(store, &name, !args.no_pull)?);
@@ -326,6 +331,7 @@ pub(super) fn print(
         "requested_profile": args.profile.as_str(),
         "reason": (!plan.profile.reason.is_empty()).then_some(&plan.profile.reason),
         "models": plan.models,
+        "layers": args.layers.map(|r| r.to_string()),
         "device": { "requested": args.device.to_string(), "resolved": plan.device_name },
         "api": {
             "enabled": !args.no_api,
@@ -468,6 +474,16 @@ pub(super) fn print(
             match first.port() {
                 0 => format!("any free port on {}", first.ip()),
                 port => format!("port {port} on {}", first.ip()),
+            }
+        );
+    }
+    if let Some(range) = args.layers {
+        println!(
+            "stage     blocks {range} of the model, on the CPU, {}",
+            if range.start == 0 {
+                "as its head: serves its requests, the later blocks on the mesh's stages"
+            } else {
+                "as a stage: runs them for the pods holding the earlier blocks"
             }
         );
     }
