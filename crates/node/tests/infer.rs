@@ -13,7 +13,7 @@ use libp2p::{Multiaddr, PeerId};
 use pod_inference::{EngineError, GenerateEvent, GenerateRequest, Usage};
 use pod_node::access::Access;
 use pod_node::catalogue::DEFAULT_CHAT_MODEL;
-use pod_node::mesh::{self, Client};
+use pod_node::mesh::Client;
 use pod_node::receipts::{Ledger, Receipt, SignedReceipt};
 use pod_node::remote::client::{ClientConfig, InferClient};
 use pod_node::remote::server::{InferServer, ServerConfig};
@@ -23,20 +23,7 @@ use pod_node::wire::{read_frame, write_frame};
 const WAIT: Duration = Duration::from_secs(20);
 
 async fn node(key: Keypair, bootstrap: Vec<Multiaddr>) -> (Client, Multiaddr) {
-    let (client, event_loop) = mesh::new(key, common::loopback_mesh(bootstrap)).unwrap();
-    tokio::spawn(event_loop.run());
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let info = client.node_info().await.unwrap();
-        if let Some(a) = info.listen_addrs.first() {
-            let addr = a
-                .clone()
-                .with(libp2p::multiaddr::Protocol::P2p(info.peer_id));
-            return (client, addr);
-        }
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::mesh_node(key, bootstrap).await
 }
 
 /// An honest node serving the real engine.

@@ -15,7 +15,7 @@ use pod_inference::gpu::synthetic::{self, shapes};
 use pod_inference::model::stage::{LayerRange, StageModel};
 use pod_inference::{ChatModel, Device};
 use pod_node::mesh::capability::{HardwareSummary, Load};
-use pod_node::mesh::{self, Capabilities, Client};
+use pod_node::mesh::{Capabilities, Client};
 use pod_node::stage::client::MeshDownstream;
 use pod_node::stage::server::StageHost;
 use pod_node::stage::{
@@ -28,24 +28,7 @@ const HIDDEN: usize = 256;
 const VOCAB: usize = 512;
 
 async fn node(bootstrap: Vec<Multiaddr>) -> (Client, Multiaddr) {
-    let (client, event_loop) = mesh::new(
-        Keypair::generate_ed25519(),
-        common::loopback_mesh(bootstrap),
-    )
-    .unwrap();
-    tokio::spawn(event_loop.run());
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let info = client.node_info().await.unwrap();
-        if let Some(a) = info.listen_addrs.first() {
-            let addr = a
-                .clone()
-                .with(libp2p::multiaddr::Protocol::P2p(info.peer_id));
-            return (client, addr);
-        }
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::mesh_node(Keypair::generate_ed25519(), bootstrap).await
 }
 
 /// A four-block llama with random weights, in a directory kept for the test's life.

@@ -14,22 +14,20 @@
 //! prompt or from decoding, so a sequence's logits are bit-identical alone, batched, prefilled
 //! or replayed.
 
-use std::io::{Read, Seek};
 use std::sync::{Mutex, PoisonError};
 
-use candle_core::quantized::gguf_file;
-use candle_core::{Device, Result};
+use candle_core::Result;
 
-use super::linear::RawTensor;
 use super::stage::LayerRange;
-use super::weights;
-use crate::kernels::{self, QMatrix, QuantFormat, QuantizedRows};
+use crate::kernels::{QMatrix, QuantizedRows};
 
+mod load;
 mod ops;
 mod view;
 
 use ops::{add, dot, exp, project, Activation, Norm, RopeTable};
 
+pub(crate) use load::ARCHITECTURES;
 pub(crate) use view::{DecoderView, LayerView};
 
 /// Fewest tokens of KV cache added when a sequence outgrows its cache (else half again what
@@ -191,233 +189,7 @@ impl KvCache {
     }
 }
 
-/// A bias vector as f32, checked to be one value per output of its projection.
-fn bias_vector<R: Read + Seek>(ct: &gguf_file::Content, r: &mut R, name: &str) -> Result<Vec<f32>> {
-    let v: Vec<f32> = ct
-        .tensor(r, name, &Device::Cpu)?
-        .dequantize(&Device::Cpu)?
-        .flatten_all()?
-        .to_vec1()?;
-    let weight = name.replace(".bias", ".weight");
-    match ct.tensor_infos.get(&weight) {
-        Some(info) if info.shape.dims().first() == Some(&v.len()) => Ok(v),
-        _ => candle_core::bail!("{name}: {} values do not match {weight}", v.len()),
-    }
-}
-
-/// The blocks of `t` for the fused kernels, whether or not this CPU runs their SIMD paths
-/// (other backends load models through this decoder too).
-fn matrix(t: &RawTensor, name: &str) -> Result<QMatrix> {
-    let Some(format) = QuantFormat::from_ggml(t.dtype) else {
-        candle_core::bail!("{name}: no fused kernel for this format");
-    };
-    QMatrix::new(format, t.rows, t.cols, std::sync::Arc::clone(&t.data))
-        .map_err(|e| candle_core::Error::Msg(format!("{name}: {e}")))
-}
-
-/// The architectures this decoder reads.
-pub(crate) const ARCHITECTURES: [&str; 5] = ["llama", "mistral", "gemma3", "qwen2", "qwen3"];
-
-/// Gemma 3 repeats five local (sliding-window) layers and one global layer.
-const GEMMA3_WINDOW_PATTERN: usize = 6;
-const GEMMA3_LOCAL_ROPE_BASE: f32 = 10_000.0;
-const GEMMA3_GLOBAL_ROPE_BASE: f32 = 1_000_000.0;
-
 impl CpuDecoder {
-    /// Whether a GGUF decoder can run here: a llama-family, Qwen 2/3 or Gemma 3 model, a CPU
-    /// with the SIMD kernels, every matrix in a format they read, and full-width rotary
-    /// embeddings.
-    pub(crate) fn supported(ct: &gguf_file::Content, arch: &str, dev: &Device) -> bool {
-        if !ARCHITECTURES.contains(&arch) || !dev.is_cpu() || !kernels::accelerated() {
-            return false;
-        }
-        let md = |k: &str| {
-            ct.metadata
-                .get(&format!("{arch}.{k}"))
-                .and_then(|v| v.to_u32().ok())
-        };
-        let (Some(n_head), Some(hidden)) = (md("attention.head_count"), md("embedding_length"))
-        else {
-            return false;
-        };
-        if n_head == 0 {
-            return false;
-        }
-        let head_dim = md("attention.key_length").unwrap_or(hidden / n_head);
-        if head_dim == 0
-            || !head_dim.is_multiple_of(2)
-            || md("rope.dimension_count").is_some_and(|d| d != head_dim)
-            || md("attention.value_length").is_some_and(|d| d != head_dim)
-        {
-            return false;
-        }
-        ct.tensor_infos.iter().all(|(name, info)| {
-            info.shape.dims().len() != 2
-                || name.ends_with("norm.weight")
-                || QuantFormat::from_ggml(info.ggml_dtype).is_some()
-        })
-    }
-
-    /// The whole model's decoder.
-    pub(crate) fn from_gguf<R: Read + Seek>(
-        ct: &gguf_file::Content,
-        r: &mut R,
-        arch: &str,
-        max_len: usize,
-    ) -> Result<Self> {
-        Self::from_gguf_range(ct, r, arch, max_len, None)
-    }
-
-    /// The decoder of blocks `range` (all when `None`): only their tensors are read, plus
-    /// the embeddings when the range starts at block 0 and the output head when it ends at
-    /// the last block.
-    pub(crate) fn from_gguf_range<R: Read + Seek>(
-        ct: &gguf_file::Content,
-        r: &mut R,
-        arch: &str,
-        max_len: usize,
-        range: Option<LayerRange>,
-    ) -> Result<Self> {
-        let md = |k: &str| {
-            ct.metadata
-                .get(&format!("{arch}.{k}"))
-                .ok_or_else(|| candle_core::Error::Msg(format!("missing {arch}.{k}")))
-        };
-        let gemma = arch == "gemma3";
-        // Per-head RMSNorm of queries and keys: Gemma 3 and Qwen 3.
-        let qk_norm = gemma || arch == "qwen3";
-        let qkv_bias = arch == "qwen2";
-        // Rotation of halves (NeoX) rather than of interleaved pairs.
-        let neox = gemma || matches!(arch, "qwen2" | "qwen3");
-        let n_head = md("attention.head_count")?.to_u32()? as usize;
-        let n_kv_head = md("attention.head_count_kv")
-            .and_then(|v| v.to_u32())
-            .map_or(n_head, |v| v as usize);
-        if n_kv_head == 0 || !n_head.is_multiple_of(n_kv_head) {
-            candle_core::bail!("{n_head} attention heads cannot share {n_kv_head} KV heads");
-        }
-        let blocks = md("block_count")?.to_u32()? as usize;
-        let hidden = md("embedding_length")?.to_u32()? as usize;
-        let head_dim = md("attention.key_length")
-            .and_then(|v| v.to_u32())
-            .map_or(hidden / n_head.max(1), |v| v as usize);
-        let eps = md("attention.layer_norm_rms_epsilon")?.to_f32()?;
-        let (ropes, window, pattern) = if gemma {
-            let global = md("rope.freq_base")
-                .and_then(|v| v.to_f32())
-                .unwrap_or(GEMMA3_GLOBAL_ROPE_BASE);
-            let local = md("rope.local_freq_base")
-                .and_then(|v| v.to_f32())
-                .unwrap_or(GEMMA3_LOCAL_ROPE_BASE);
-            let window = md("attention.sliding_window")?.to_u32()? as usize;
-            let pattern = md("attention.sliding_window_type")
-                .and_then(|v| v.to_u32())
-                .map_or(GEMMA3_WINDOW_PATTERN, |v| v as usize)
-                .max(1);
-            (
-                vec![
-                    RopeTable::new(head_dim, local, max_len),
-                    RopeTable::new(head_dim, global, max_len),
-                ],
-                Some(window),
-                pattern,
-            )
-        } else {
-            let base = md("rope.freq_base")
-                .and_then(|v| v.to_f32())
-                .unwrap_or(10_000.0);
-            (vec![RopeTable::new(head_dim, base, max_len)], None, 1)
-        };
-
-        let range = range.unwrap_or(LayerRange {
-            start: 0,
-            end: blocks,
-        });
-        if range.start >= range.end || range.end > blocks {
-            candle_core::bail!("blocks {range} are not within the model's {blocks}");
-        }
-        let tied = !ct.tensor_infos.contains_key("output.weight");
-        let first = range.start == 0;
-        let last = range.end == blocks;
-        let embed = if first || (last && tied) {
-            Some(matrix(
-                &weights::raw(ct, r, "token_embd.weight")?,
-                "token_embd.weight",
-            )?)
-        } else {
-            None
-        };
-        let head = if last {
-            let output = match &embed {
-                Some(e) if tied => e.clone(),
-                _ => matrix(&weights::raw(ct, r, "output.weight")?, "output.weight")?,
-            };
-            Some((Norm::load(ct, r, "output_norm.weight", eps)?, output))
-        } else {
-            None
-        };
-        let embed = if first { embed } else { None };
-        let mut layers = Vec::with_capacity(range.len());
-        for i in range.start..range.end {
-            let mut m = |name: &str| {
-                let full = format!("blk.{i}.{name}.weight");
-                matrix(&weights::raw(ct, r, &full)?, &full)
-            };
-            let (wq, wk, wv, wo) = (m("attn_q")?, m("attn_k")?, m("attn_v")?, m("attn_output")?);
-            let (gate, up, down) = (m("ffn_gate")?, m("ffn_up")?, m("ffn_down")?);
-            let local = gemma && (i + 1) % pattern != 0;
-            let bias = if qkv_bias {
-                let mut b = |name: &str| bias_vector(ct, r, &format!("blk.{i}.{name}.bias"));
-                Some(Bias {
-                    q: b("attn_q")?,
-                    k: b("attn_k")?,
-                    v: b("attn_v")?,
-                })
-            } else {
-                None
-            };
-            let mut norm = |name: &str| Norm::load(ct, r, &format!("blk.{i}.{name}.weight"), eps);
-            layers.push(Layer {
-                attn_norm: norm("attn_norm")?,
-                ffn_norm: norm("ffn_norm")?,
-                q_norm: qk_norm.then(|| norm("attn_q_norm")).transpose()?,
-                k_norm: qk_norm.then(|| norm("attn_k_norm")).transpose()?,
-                post_attn_norm: gemma.then(|| norm("post_attention_norm")).transpose()?,
-                post_ffn_norm: gemma.then(|| norm("post_ffw_norm")).transpose()?,
-                bias,
-                window: if local { window } else { None },
-                rope: usize::from(gemma && !local),
-                wq,
-                wk,
-                wv,
-                wo,
-                gate,
-                up,
-                down,
-            });
-        }
-        Ok(Self {
-            embed,
-            embed_scale: gemma.then(|| (hidden as f64).sqrt() as f32),
-            layers,
-            head,
-            range,
-            ropes,
-            max_len,
-            hidden,
-            n_head,
-            n_kv_head,
-            head_dim,
-            neox,
-            activation: if gemma {
-                Activation::Gelu
-            } else {
-                Activation::Silu
-            },
-            scratch: Mutex::default(),
-        })
-    }
-
     /// An empty cache for a new sequence.
     pub(crate) fn new_cache(&self) -> KvCache {
         KvCache {

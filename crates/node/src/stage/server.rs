@@ -437,8 +437,10 @@ fn admit(
     if !gaps.is_empty() {
         return Err(Outcome::Missing(gaps));
     }
+    let mut added = false;
     for s in seqs {
         if !caches.contains_key(&(peer, s.id)) {
+            added = true;
             let cache = match s.fork.and_then(|p| caches.get(&(peer, p))) {
                 Some(parent) => {
                     let mut c = parent.cache.clone();
@@ -461,7 +463,11 @@ fn admit(
         entry.cache.truncate(s.start);
         entry.used = Instant::now();
     }
-    // Keep each head within its share: its least recently used sequences go first.
+    if !added {
+        return Ok(());
+    }
+    // Keep each head within its share (checked only as it grows, not on every decode step):
+    // its least recently used sequences go first.
     let mut mine: Vec<(Instant, u64)> = caches
         .iter()
         .filter(|((p, _), _)| *p == peer)

@@ -66,6 +66,31 @@ pub fn greedy(prompt: &str, max_tokens: usize) -> GenerateRequest {
     }
 }
 
+/// Starts an in-process mesh node with identity `key` on loopback, joining `bootstrap`;
+/// returns its client and its dialable address (with `/p2p/`) once it listens.
+pub async fn mesh_node(
+    key: libp2p::identity::Keypair,
+    bootstrap: Vec<libp2p::Multiaddr>,
+) -> (pod_node::mesh::Client, libp2p::Multiaddr) {
+    let (client, event_loop) = pod_node::mesh::new(key, loopback_mesh(bootstrap)).expect("mesh");
+    tokio::spawn(event_loop.run());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let info = client.node_info().await.expect("node info");
+        if let Some(a) = info.listen_addrs.first() {
+            let addr = a
+                .clone()
+                .with(libp2p::multiaddr::Protocol::P2p(info.peer_id));
+            return (client, addr);
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the node never listened"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
 /// A mesh on a free loopback TCP port with no mDNS, joining `bootstrap`; other settings are
 /// the defaults.
 pub fn loopback_mesh(bootstrap: Vec<libp2p::Multiaddr>) -> pod_node::mesh::MeshConfig {
