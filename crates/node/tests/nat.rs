@@ -4,7 +4,7 @@
 //! the pod that holds no model is served by the other one, over a relayed connection that
 //! hole punching (DCUtR) upgrades to a direct one where the NATs allow it. Then the relay is
 //! killed: both pods report that they are no longer reachable, and a hole-punched pair keeps
-//! serving each other without it.
+//! serving each other without it; where a second relay was configured, it takes over.
 //!
 //! Needs root (namespaces, iptables); elsewhere the tests say they skip, and under `CI=true`
 //! they fail instead.
@@ -21,51 +21,59 @@ const CHAT: &str = "smollm2-135m-instruct";
 /// How long discovery, AutoNAT, the reservation and hole punching may take together.
 const MESH_TIMEOUT: Duration = Duration::from_secs(90);
 
-/// The relay pod on the public side, with its public address configured, as a relay on the
-/// internet would have.
-fn start_relay(lab: &NatLab) -> NsPod {
-    NsPod::start(
+/// A relay pod on the public side listening on `port`, with its public address configured,
+/// as a relay on the internet would have.
+fn start_relay(lab: &NatLab, port: u16) -> Relay {
+    let tcp = format!("/ip4/{PUBLIC_IP}/tcp/{port}");
+    let quic = format!("/ip4/{PUBLIC_IP}/udp/{port}/quic-v1");
+    let pod = NsPod::start(
         &lab.public,
         true,
         &[
             "--profile",
             "relay",
             "--listen",
-            &format!("/ip4/{PUBLIC_IP}/tcp/4001"),
+            &tcp,
             "--listen",
-            &format!("/ip4/{PUBLIC_IP}/udp/4001/quic-v1"),
+            &quic,
             "--external-addr",
-            &format!("/ip4/{PUBLIC_IP}/tcp/4001"),
+            &tcp,
             "--external-addr",
-            &format!("/ip4/{PUBLIC_IP}/udp/4001/quic-v1"),
+            &quic,
             "--nat-trust-private",
             "--announce-interval",
             "1",
         ],
-    )
+    );
+    Relay { pod, port }
 }
 
-/// The relay's TCP and QUIC addresses, to bootstrap from.
-fn relay_addrs(relay: &NsPod) -> [String; 2] {
-    [
-        format!("/ip4/{PUBLIC_IP}/tcp/4001/p2p/{}", relay.peer_id),
-        format!("/ip4/{PUBLIC_IP}/udp/4001/quic-v1/p2p/{}", relay.peer_id),
-    ]
+/// A relay pod and the port it listens on.
+struct Relay {
+    pod: NsPod,
+    port: u16,
 }
 
-/// A home pod: default listen addresses (TCP and QUIC on 4001), joining through the relay;
+impl Relay {
+    /// Its TCP and QUIC addresses, to bootstrap from.
+    fn addrs(&self) -> [String; 2] {
+        let (port, id) = (self.port, &self.pod.peer_id);
+        [
+            format!("/ip4/{PUBLIC_IP}/tcp/{port}/p2p/{id}"),
+            format!("/ip4/{PUBLIC_IP}/udp/{port}/quic-v1/p2p/{id}"),
+        ]
+    }
+}
+
+/// A home pod: default listen addresses (TCP and QUIC on 4001), joining through the relays;
 /// `own_store`: an empty model store of its own (it holds no model).
-fn start_home(ns: &str, relay: &NsPod, own_store: bool, extra: &[&str]) -> NsPod {
-    let [tcp, quic] = relay_addrs(relay);
-    let mut args = vec![
-        "--bootstrap",
-        &tcp,
-        "--bootstrap",
-        &quic,
-        "--nat-trust-private",
-        "--announce-interval",
-        "1",
-    ];
+fn start_home(ns: &str, relays: &[&Relay], own_store: bool, extra: &[&str]) -> NsPod {
+    let addrs: Vec<String> = relays.iter().flat_map(|r| r.addrs()).collect();
+    let mut args = Vec::new();
+    for addr in &addrs {
+        args.extend_from_slice(&["--bootstrap", addr.as_str()]);
+    }
+    args.extend_from_slice(&["--nat-trust-private", "--announce-interval", "1"]);
     args.extend_from_slice(extra);
     NsPod::start(ns, own_store, &args)
 }
@@ -79,39 +87,50 @@ fn peer_row(viewer: &NsPod, peer: &NsPod) -> Option<serde_json::Value> {
         .cloned()
 }
 
-/// Waits until the pod says it is private and reachable through `relay`.
-fn wait_private_through(pod: &NsPod, relay: &NsPod, name: &str) {
+/// Waits until the pod says it is private and reachable through exactly `relays`.
+fn wait_private_through(pod: &NsPod, relays: &[&Relay], name: &str) {
+    let mut want: Vec<&str> = relays.iter().map(|r| r.pod.peer_id.as_str()).collect();
+    want.sort_unstable();
     wait_until(
         MESH_TIMEOUT,
-        &format!("{name} private through the relay"),
+        &format!("{name} private through {} relay(s)", want.len()),
         || {
             let node = pod.get("/pod/v1/node");
-            let through = node["relays"]
-                .as_array()
-                .is_some_and(|r| r.iter().any(|r| r == relay.peer_id.as_str()));
-            (node["nat_status"] == "private" && through).then_some(())
+            let mut through: Vec<&str> = node["relays"]
+                .as_array()?
+                .iter()
+                .filter_map(|r| r.as_str())
+                .collect();
+            through.sort_unstable();
+            (node["nat_status"] == "private" && through == want).then_some(())
         },
     );
 }
 
-/// The whole story for one NAT kind; returns the path the request took and the hole punch
-/// outcome.
-fn two_homes_behind(kind: NatKind) -> Option<(String, String)> {
+/// The whole story for one NAT kind; with `second_relay`, the homes also reserve on a
+/// second relay, which takes over when the first dies. Returns the path the request took and
+/// the hole punch outcome.
+fn two_homes_behind(kind: NatKind, second_relay: bool) -> Option<(String, String)> {
     let lab = NatLab::create_or_skip(kind)?;
-    let mut relay = start_relay(&lab);
+    let mut relay = start_relay(&lab, 4001);
+    let spare = second_relay.then(|| start_relay(&lab, 4002));
+    let relays: Vec<&Relay> = std::iter::once(&relay).chain(spare.as_ref()).collect();
     let b = start_home(
         &lab.home_b,
-        &relay,
+        &relays,
         false,
         &["--profile", "inference", "--model", CHAT],
     );
-    let a = start_home(&lab.home_a, &relay, true, &["--profile", "storage"]);
+    let a = start_home(&lab.home_a, &relays, true, &["--profile", "storage"]);
+    let relay_log = relay.pod.home.join("pod.log");
     let fail = |what: &str| -> String {
+        let relay_log = std::fs::read_to_string(&relay_log).unwrap_or_default();
+        let tail: Vec<&str> = relay_log.lines().rev().take(20).collect();
         format!(
             "{what}\n--- home A\n{}\n--- home B\n{}\n--- relay\n{}",
             a.log_tail(80),
             b.log_tail(80),
-            relay.log_tail(20)
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
         )
     };
 
@@ -137,13 +156,15 @@ fn two_homes_behind(kind: NatKind) -> Option<(String, String)> {
         "router B forwards nothing unasked"
     );
 
-    // Both learn they are behind NAT and reserve a slot on the relay.
-    wait_private_through(&a, &relay, "home A");
-    wait_private_through(&b, &relay, "home B");
-    // The homes dial the relay back from behind their NAT: it is public.
-    wait_until(MESH_TIMEOUT, "the relay public", || {
-        (relay.get("/pod/v1/node")["nat_status"] == "public").then_some(())
-    });
+    // Both learn they are behind NAT and reserve a slot on every relay.
+    wait_private_through(&a, &relays, "home A");
+    wait_private_through(&b, &relays, "home B");
+    // The homes dial the relays back from behind their NAT: they are public.
+    for r in &relays {
+        wait_until(MESH_TIMEOUT, "the relay public", || {
+            (r.pod.get("/pod/v1/node")["nat_status"] == "public").then_some(())
+        });
+    }
 
     // A finds B (through the relay) with its model, and the hole punch ends one way or the
     // other.
@@ -232,13 +253,13 @@ fn two_homes_behind(kind: NatKind) -> Option<(String, String)> {
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     let status = cli(&["status"]);
-    assert!(
-        status.contains(&format!(
-            "private: peers reach this node through relay {}",
-            relay.peer_id
-        )),
-        "{status}"
-    );
+    let line = status
+        .lines()
+        .find(|l| l.contains("private: peers reach this node through relay "))
+        .unwrap_or_else(|| panic!("a reach line in:\n{status}"));
+    for r in &relays {
+        assert!(line.contains(r.pod.peer_id.as_str()), "{line}");
+    }
     let peers = cli(&["peers"]);
     let row = peers
         .lines()
@@ -251,25 +272,47 @@ fn two_homes_behind(kind: NatKind) -> Option<(String, String)> {
     };
     assert!(row.contains(&expected), "{expected:?} in {row}");
 
-    // The relay dies: both homes notice they are no longer reachable, and say so.
-    relay.kill();
+    // The first relay dies: both homes notice. Without a second relay they are no longer
+    // reachable, and say so; with one, it holds their reservations alone.
+    relay.pod.kill();
+    let left: Vec<&Relay> = spare.iter().collect();
     for (pod, name) in [(&a, "home A"), (&b, "home B")] {
-        wait_until(
-            MESH_TIMEOUT,
-            &format!("{name} notices the relay is gone"),
-            || {
-                let node = pod.get("/pod/v1/node");
-                (node["nat_status"] == "private"
-                    && node["relays"].as_array().is_some_and(Vec::is_empty))
-                .then_some(())
-            },
-        );
+        wait_private_through(pod, &left, name);
     }
     let status = cli(&["status"]);
-    assert!(
-        status.contains("private and not reachable: no relay holds a reservation"),
-        "{status}"
-    );
+    let expected = match &spare {
+        Some(spare) => format!(
+            "private: peers reach this node through relay {}\n",
+            spare.pod.peer_id
+        ),
+        None => "private and not reachable: no relay holds a reservation".to_owned(),
+    };
+    assert!(status.contains(&expected), "{expected:?} in\n{status}");
+    if spare.is_some() {
+        // B is reached through the second relay now.
+        let r = a
+            .request("POST", "/v1/chat/completions", Some(&body))
+            .unwrap_or_else(|| panic!("{}", fail("chat request through the second relay")));
+        assert_eq!(r.status, 200, "{}\n{}", r.body, fail("chat"));
+        assert_eq!(r.header("x-pod-served-by"), Some(b.peer_id.as_str()));
+        // A forgets B's addresses through the dead relay once B stops listing them.
+        let dead = relay.pod.peer_id.clone();
+        let addrs = wait_until(
+            MESH_TIMEOUT,
+            "B's addresses through the dead relay gone",
+            || {
+                let row = peer_row(&a, &b)?;
+                let addrs: Vec<String> = row["addrs"]
+                    .as_array()?
+                    .iter()
+                    .filter_map(|x| x.as_str().map(str::to_owned))
+                    .collect();
+                (row["connected"] == true && !addrs.iter().any(|x| x.contains(dead.as_str())))
+                    .then_some(addrs)
+            },
+        );
+        eprintln!("NAT {kind:?}: the second relay took over; A knows B at {addrs:?}");
+    }
     if path == "direct" {
         // The hole-punched connection does not need the relay: B still serves A.
         let r = a
@@ -284,10 +327,12 @@ fn two_homes_behind(kind: NatKind) -> Option<(String, String)> {
 
 #[test]
 fn pods_behind_port_preserving_nats_hole_punch_and_serve_each_other() {
-    two_homes_behind(NatKind::PortPreserving);
+    two_homes_behind(NatKind::PortPreserving, false);
 }
 
+/// With two relays configured, the second takes over when the first dies: the homes stay
+/// reachable and B keeps answering A through it.
 #[test]
-fn pods_behind_symmetric_nats_serve_each_other_through_the_relay() {
-    two_homes_behind(NatKind::Symmetric);
+fn pods_behind_symmetric_nats_serve_each_other_through_a_relay_and_a_second_takes_over() {
+    two_homes_behind(NatKind::Symmetric, true);
 }

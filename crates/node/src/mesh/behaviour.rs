@@ -147,7 +147,9 @@ impl Behaviour {
             dcutr: dcutr::Behaviour::new(peer_id),
             identify: identify::Behaviour::new(
                 identify::Config::new(IDENTIFY_PROTOCOL_VERSION.into(), key.public())
-                    .with_agent_version(agent_version()),
+                    .with_agent_version(agent_version())
+                    // Peers learn at once when a listen address (a relay reservation) goes.
+                    .with_push_listen_addr_updates(true),
             ),
             ping: ping::Behaviour::new(ping::Config::new().with_interval(config.ping_interval)),
             kademlia,

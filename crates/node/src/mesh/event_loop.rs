@@ -427,11 +427,13 @@ impl EventLoop {
                 } else if endpoint.is_relayed() {
                     self.relayed.insert(connection_id, peer_id);
                 }
-                // The listening end of a relayed connection knows the peer by its id alone.
+                // The listening end of a relayed connection knows the peer by its id alone, and
+                // a circuit address is only as good as the relay's reservation: those are known
+                // from the peer's own lists, which drop them when the reservation goes.
                 let named = addr.iter().any(|p| !matches!(p, Protocol::P2p(_)));
                 self.peers.connected(
                     peer_id,
-                    named.then(|| addr.clone()),
+                    (named && !endpoint.is_relayed()).then(|| addr.clone()),
                     endpoint.is_relayed(),
                     now,
                 );

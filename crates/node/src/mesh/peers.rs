@@ -9,8 +9,49 @@ use serde::Serialize;
 
 use super::capability::Capabilities;
 
-/// Most addresses remembered per peer; older ones are forgotten first.
+/// Most addresses remembered per peer and source; older ones are forgotten first.
 const MAX_ADDRS_PER_PEER: usize = 16;
+
+/// A peer's addresses by where they came from. The peer's own lists (identify, its
+/// announcements) replace what it said before, so an address it stops listing (a relay
+/// reservation that lapsed, a changed port) is forgotten; addresses a connection was seen at
+/// are kept, the latest few.
+#[derive(Debug, Clone, Default)]
+struct Addrs {
+    /// The listen addresses of its latest identify.
+    listen: BTreeSet<Multiaddr>,
+    /// The addresses of its latest capability announcement.
+    announced: BTreeSet<Multiaddr>,
+    /// Where connections to or from it were seen, oldest first.
+    seen: Vec<Multiaddr>,
+}
+
+impl Addrs {
+    fn replace(set: &mut BTreeSet<Multiaddr>, addrs: impl IntoIterator<Item = Multiaddr>) {
+        set.clear();
+        // Bounded against a peer that lists ever more addresses.
+        set.extend(addrs.into_iter().take(MAX_ADDRS_PER_PEER));
+    }
+
+    fn saw(&mut self, addr: Multiaddr) {
+        self.seen.retain(|a| *a != addr);
+        if self.seen.len() >= MAX_ADDRS_PER_PEER {
+            self.seen.remove(0);
+        }
+        self.seen.push(addr);
+    }
+
+    /// Every address, each once, sorted.
+    fn all(&self) -> Vec<Multiaddr> {
+        let all: BTreeSet<&Multiaddr> = self
+            .listen
+            .iter()
+            .chain(&self.announced)
+            .chain(&self.seen)
+            .collect();
+        all.into_iter().cloned().collect()
+    }
+}
 
 /// Most peers a [`PeerTable`] holds by default: announcements relayed under ever new keys
 /// must not grow it without bound.
@@ -19,7 +60,7 @@ pub const MAX_PEERS: usize = 1024;
 /// What the node knows about one peer.
 #[derive(Debug, Clone)]
 struct PeerEntry {
-    addrs: BTreeSet<Multiaddr>,
+    addrs: Addrs,
     connections: usize,
     /// Of `connections`, those through a relay.
     relayed: usize,
@@ -34,7 +75,7 @@ struct PeerEntry {
 impl PeerEntry {
     fn new(now: Instant) -> Self {
         Self {
-            addrs: BTreeSet::new(),
+            addrs: Addrs::default(),
             connections: 0,
             relayed: 0,
             hole_punch: None,
@@ -155,7 +196,7 @@ impl PeerTable {
         }
         e.seen(now);
         if let Some(addr) = addr {
-            insert_addr(&mut e.addrs, addr);
+            e.addrs.saw(addr);
         }
     }
 
@@ -177,7 +218,7 @@ impl PeerTable {
         e.seen(now);
     }
 
-    /// Identify told us the peer's agent and listen addresses.
+    /// Identify told us the peer's agent and its listen addresses now.
     pub fn identified(
         &mut self,
         peer: PeerId,
@@ -187,9 +228,7 @@ impl PeerTable {
     ) {
         let e = self.entry(peer, now);
         e.agent = Some(agent);
-        for a in addrs {
-            insert_addr(&mut e.addrs, a);
-        }
+        Addrs::replace(&mut e.addrs.listen, addrs);
         e.seen(now);
     }
 
@@ -209,13 +248,12 @@ impl PeerTable {
             // run has been silent for a while (the entry expires and is recreated).
             return false;
         }
-        for a in caps
-            .addrs
-            .iter()
-            .filter_map(|a| a.parse::<Multiaddr>().ok())
-        {
-            insert_addr(&mut e.addrs, a);
-        }
+        Addrs::replace(
+            &mut e.addrs.announced,
+            caps.addrs
+                .iter()
+                .filter_map(|a| a.parse::<Multiaddr>().ok()),
+        );
         e.capabilities = Some(caps);
         e.seen(now);
         true
@@ -255,7 +293,7 @@ impl PeerTable {
     pub fn addrs(&self, peer: &PeerId) -> Vec<Multiaddr> {
         self.peers
             .get(peer)
-            .map(|e| e.addrs.iter().cloned().collect())
+            .map(|e| e.addrs.all())
             .unwrap_or_default()
     }
 
@@ -266,7 +304,7 @@ impl PeerTable {
             .iter()
             .map(|(id, e)| PeerSnapshot {
                 peer_id: *id,
-                addrs: e.addrs.iter().cloned().collect(),
+                addrs: e.addrs.all(),
                 connected: e.connections > 0,
                 path: match (e.connections, e.relayed) {
                     (0, _) => None,
@@ -294,16 +332,6 @@ impl PeerTable {
     pub fn is_empty(&self) -> bool {
         self.peers.is_empty()
     }
-}
-
-fn insert_addr(addrs: &mut BTreeSet<Multiaddr>, addr: Multiaddr) {
-    if addrs.len() >= MAX_ADDRS_PER_PEER && !addrs.contains(&addr) {
-        // Keep the set bounded against a peer that announces ever new addresses.
-        if let Some(first) = addrs.iter().next().cloned() {
-            addrs.remove(&first);
-        }
-    }
-    addrs.insert(addr);
 }
 
 #[cfg(test)]
@@ -433,5 +461,54 @@ mod tests {
             t.connected(p, Some(addr), false, now);
         }
         assert_eq!(t.snapshot(now)[0].addrs.len(), MAX_ADDRS_PER_PEER);
+        // The latest connection's address is among those kept.
+        let last: Multiaddr = "/ip4/127.0.0.1/tcp/99".parse().expect("valid multiaddr");
+        assert!(t.addrs(&p).contains(&last));
+        let many = (0..100u16).map(|port| {
+            format!("/ip4/10.0.0.1/tcp/{port}")
+                .parse::<Multiaddr>()
+                .expect("valid multiaddr")
+        });
+        t.identified(p, "pod/test".into(), many, now);
+        assert_eq!(t.addrs(&p).len(), 2 * MAX_ADDRS_PER_PEER);
+    }
+
+    /// An address the peer no longer lists (here: a circuit through a relay whose
+    /// reservation lapsed) is forgotten; one a connection was seen at stays.
+    #[test]
+    fn addresses_a_peer_stops_listing_are_forgotten() {
+        let mut t = PeerTable::default();
+        let now = Instant::now();
+        let p = PeerId::random();
+        let addr = |s: &str| s.parse::<Multiaddr>().expect("valid multiaddr");
+        let dialled = addr("/ip4/10.0.2.2/tcp/4001");
+        let old_circuit = addr(&format!(
+            "/ip4/10.0.0.1/tcp/4001/p2p/{}/p2p-circuit",
+            PeerId::random()
+        ));
+        let new_circuit = addr(&format!(
+            "/ip4/10.0.0.1/tcp/4002/p2p/{}/p2p-circuit",
+            PeerId::random()
+        ));
+        t.connected(p, Some(dialled.clone()), false, now);
+        t.identified(
+            p,
+            "pod/test".into(),
+            [old_circuit.clone(), new_circuit.clone()],
+            now,
+        );
+        let mut c = caps(1);
+        c.addrs = vec![old_circuit.to_string()];
+        assert!(t.announced(p, c, now));
+        assert!(t.addrs(&p).contains(&old_circuit));
+
+        t.identified(p, "pod/test".into(), [new_circuit.clone()], now);
+        assert!(t.addrs(&p).contains(&old_circuit), "still announced");
+        let mut c = caps(2);
+        c.addrs = vec![new_circuit.to_string()];
+        assert!(t.announced(p, c, now));
+        let now_known = t.addrs(&p);
+        assert_eq!(now_known.len(), 2, "{now_known:?}");
+        assert!(now_known.contains(&dialled) && now_known.contains(&new_circuit));
     }
 }
