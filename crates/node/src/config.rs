@@ -92,6 +92,8 @@ pub struct FileConfig {
     pub nat_trust_private: Option<bool>,
     /// `false`: `--no-upnp`.
     pub upnp: Option<bool>,
+    /// `--relay-circuit-mib`.
+    pub relay_circuit_mib: Option<u64>,
     /// `false`: `--no-serve-mesh`.
     pub serve_mesh: Option<bool>,
     /// `--route`.

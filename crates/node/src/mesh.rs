@@ -64,6 +64,9 @@ pub struct MeshConfig {
     /// Act as a circuit relay v2 server for peers behind NAT (with the limits of
     /// [`RELAY_MAX_RESERVATIONS`] and the constants beside it).
     pub relay_server: bool,
+    /// Bytes one relayed circuit may carry, both directions together, when this node is a
+    /// relay ([`RELAY_MAX_CIRCUIT_BYTES`] by default).
+    pub relay_circuit_bytes: u64,
     /// Let AutoNAT probe and be probed by peers at private addresses (LANs, test networks).
     /// By default only peers at global addresses count, so a pod on a private network never
     /// learns whether it is reachable.
@@ -127,6 +130,7 @@ impl Default for MeshConfig {
             bootstrap: Vec::new(),
             mdns: true,
             relay_server: false,
+            relay_circuit_bytes: RELAY_MAX_CIRCUIT_BYTES,
             nat_trust_private: false,
             upnp: false,
             announce_interval: Duration::from_secs(10),

@@ -23,28 +23,26 @@ const MESH_TIMEOUT: Duration = Duration::from_secs(90);
 
 /// A relay pod on the public side listening on `port`, with its public address configured,
 /// as a relay on the internet would have.
-fn start_relay(lab: &NatLab, port: u16) -> Relay {
+fn start_relay(lab: &NatLab, port: u16, extra: &[&str]) -> Relay {
     let tcp = format!("/ip4/{PUBLIC_IP}/tcp/{port}");
     let quic = format!("/ip4/{PUBLIC_IP}/udp/{port}/quic-v1");
-    let pod = NsPod::start(
-        &lab.public,
-        true,
-        &[
-            "--profile",
-            "relay",
-            "--listen",
-            &tcp,
-            "--listen",
-            &quic,
-            "--external-addr",
-            &tcp,
-            "--external-addr",
-            &quic,
-            "--nat-trust-private",
-            "--announce-interval",
-            "1",
-        ],
-    );
+    let mut args = vec![
+        "--profile",
+        "relay",
+        "--listen",
+        &tcp,
+        "--listen",
+        &quic,
+        "--external-addr",
+        &tcp,
+        "--external-addr",
+        &quic,
+        "--nat-trust-private",
+        "--announce-interval",
+        "1",
+    ];
+    args.extend_from_slice(extra);
+    let pod = NsPod::start(&lab.public, true, &args);
     Relay { pod, port }
 }
 
@@ -112,8 +110,8 @@ fn wait_private_through(pod: &NsPod, relays: &[&Relay], name: &str) {
 /// the hole punch outcome.
 fn two_homes_behind(kind: NatKind, second_relay: bool) -> Option<(String, String)> {
     let lab = NatLab::create_or_skip(kind)?;
-    let mut relay = start_relay(&lab, 4001);
-    let spare = second_relay.then(|| start_relay(&lab, 4002));
+    let mut relay = start_relay(&lab, 4001, &[]);
+    let spare = second_relay.then(|| start_relay(&lab, 4002, &[]));
     let relays: Vec<&Relay> = std::iter::once(&relay).chain(spare.as_ref()).collect();
     let b = start_home(
         &lab.home_b,
@@ -335,4 +333,63 @@ fn pods_behind_port_preserving_nats_hole_punch_and_serve_each_other() {
 #[test]
 fn pods_behind_symmetric_nats_serve_each_other_through_a_relay_and_a_second_takes_over() {
     two_homes_behind(NatKind::Symmetric, true);
+}
+
+/// A model file pulled by one home from the other through a relay: with symmetric NATs no
+/// hole punch succeeds, so the file travels over mesh streams on the relayed connection, on a
+/// relay that allows circuits that large (`--relay-circuit-mib`).
+#[test]
+fn a_model_file_is_pulled_from_one_home_to_the_other_through_a_relay() {
+    let Some(lab) = NatLab::create_or_skip(NatKind::Symmetric) else {
+        return;
+    };
+    let size = std::fs::metadata(common::model_path(CHAT))
+        .expect("the chat model in the shared store")
+        .len();
+    let relay = start_relay(&lab, 4001, &["--relay-circuit-mib", "512"]);
+    let b = start_home(&lab.home_b, &[&relay], false, &["--profile", "storage"]);
+    wait_private_through(&b, &[&relay], "home B");
+
+    let home = tempfile::tempdir().expect("temp home");
+    let models = tempfile::tempdir().expect("temp models");
+    let [tcp, _] = relay.addrs();
+    let (home_arg, models_arg) = (
+        home.path().to_string_lossy().into_owned(),
+        models.path().to_string_lossy().into_owned(),
+    );
+    let out = lab.exec(
+        &lab.home_a,
+        env!("CARGO_BIN_EXE_pod"),
+        &[
+            "--home",
+            &home_arg,
+            "--models-dir",
+            &models_arg,
+            "--log",
+            "warn",
+            "models",
+            "pull",
+            CHAT,
+            "--bootstrap",
+            &tcp,
+            "--no-sources",
+            "--peer-wait",
+            "60",
+        ],
+        Duration::from_secs(300),
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "pull through the relay: {stdout}\n{}\n--- home B\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        b.log_tail(60)
+    );
+    assert!(
+        stdout.contains(&format!("{size} bytes from peer {}", b.peer_id)),
+        "the whole file from B: {stdout}"
+    );
+    let pulled = models.path().join(CHAT).join("model.gguf");
+    assert_eq!(std::fs::metadata(&pulled).map(|m| m.len()).ok(), Some(size));
+    eprintln!("pulled {size} bytes from home B through the relay: {stdout}");
 }

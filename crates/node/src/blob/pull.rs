@@ -184,8 +184,37 @@ pub async fn pull_via_mesh(
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let mut pulled = Vec::new();
-    for (file, peers) in missing.into_iter().zip(providers) {
-        pulled.push(pull_file(store, entry, file, mesh, &peers, opts).await?);
+    for (file, mut peers) in missing.into_iter().zip(providers) {
+        loop {
+            match pull_file(store, entry, file, mesh, &peers, opts).await {
+                // No provider could be reached yet: one found in the DHT may be reachable only
+                // at the relayed addresses its announcements carry, which arrive within the
+                // announcement interval. Ask again while the wait lasts.
+                Err(FetchError::NoManifest { .. })
+                    if Instant::now() + UNREACHED_RETRY < deadline =>
+                {
+                    tokio::time::sleep(UNREACHED_RETRY).await;
+                    let known = mesh.peers().await.unwrap_or_default();
+                    for p in providers_of(&known, file.sha256, &mesh.peer_id()) {
+                        if !peers.contains(&p) {
+                            peers.push(p);
+                        }
+                    }
+                    tracing::debug!(
+                        file = file.name,
+                        providers = peers.len(),
+                        "asking the providers again"
+                    );
+                }
+                done => {
+                    pulled.push(done?);
+                    break;
+                }
+            }
+        }
     }
     Ok(Some(pulled))
 }
+
+/// How long a pull waits before asking again when no provider it found could be reached.
+const UNREACHED_RETRY: Duration = Duration::from_secs(2);

@@ -150,6 +150,7 @@ settings! {
     mdns <- no_mdns => args.no_mdns, not;
     nat_trust_private <- nat_trust_private => args.nat_trust_private, same;
     upnp <- no_upnp => args.no_upnp, not;
+    relay_circuit_mib <- relay_circuit_mib => args.relay_circuit_mib, same;
     serve_mesh <- no_serve_mesh => args.no_serve_mesh, not;
     route <- route => args.route, same;
     announce_interval <- announce_interval => args.announce_interval, same;

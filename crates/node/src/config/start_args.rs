@@ -138,6 +138,12 @@ pub struct StartArgs {
     /// they are not). Off by default, as on the internet only global addresses say anything.
     #[arg(long, env = "POD_NAT_TRUST_PRIVATE")]
     pub nat_trust_private: bool,
+    /// As a relay (relay and full profiles): MiB one relayed circuit may carry, both
+    /// directions together, before the relay closes it. The default leaves room for chat
+    /// requests, not model files; a relay run for your own pods can allow pulls through it.
+    #[arg(long, default_value_t = 8, value_name = "MIB",
+          value_parser = clap::value_parser!(u64).range(1..=65536), env = "POD_RELAY_CIRCUIT_MIB")]
+    pub relay_circuit_mib: u64,
     /// Do not ask the home router (UPnP IGD) to forward the mesh port to this node.
     #[arg(long, env = "POD_NO_UPNP")]
     pub no_upnp: bool,

@@ -1,12 +1,13 @@
 //! The libp2p protocols a pod speaks, combined into one `NetworkBehaviour`.
 
+use std::num::NonZeroUsize;
 use std::time::Duration;
 
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{
     allow_block_list, autonat, connection_limits, dcutr, gossipsub, identify, identity, kad, mdns,
-    ping, relay, upnp, StreamProtocol,
+    peer_store, ping, relay, upnp, StreamProtocol,
 };
 
 use super::capability::MAX_ANNOUNCEMENT_BYTES;
@@ -37,14 +38,24 @@ pub const RELAY_MAX_CIRCUITS_PER_PEER: usize = 8;
 /// (DCUtR) within seconds where the NATs allow it; where they do not, the circuit carries
 /// requests until it closes and the next request opens a new one.
 pub const RELAY_MAX_CIRCUIT_DURATION: Duration = Duration::from_secs(10 * 60);
-/// Bytes one circuit may carry, both directions together: room for many chat requests and
-/// answers, not for model files (those need a direct connection or a storage pod in reach).
+/// Bytes one circuit may carry by default, both directions together: room for many chat
+/// requests and answers, not for model files (those need a direct connection, a storage pod
+/// in reach, or a relay run with a higher `--relay-circuit-mib`).
 pub const RELAY_MAX_CIRCUIT_BYTES: u64 = 8 * 1024 * 1024;
+
+/// Peers the dialling address book holds (the least recently used go first).
+const ADDRESS_BOOK_PEERS: usize = 1024;
+/// Addresses it holds per peer.
+const ADDRESS_BOOK_ADDRS_PER_PEER: usize = 16;
+
+fn nonzero(n: usize) -> NonZeroUsize {
+    NonZeroUsize::new(n).unwrap_or(NonZeroUsize::MIN)
+}
 
 /// The relay server's limits, so that being a public relay stays cheap and safe: bounded
 /// reservations and circuits, each circuit bounded in bytes and time. libp2p's default rate
 /// limiters stay in place (per peer and per IP, for reservations and circuits).
-fn relay_config() -> relay::Config {
+fn relay_config(circuit_bytes: u64) -> relay::Config {
     relay::Config {
         max_reservations: RELAY_MAX_RESERVATIONS,
         max_reservations_per_peer: RELAY_MAX_RESERVATIONS_PER_PEER,
@@ -52,7 +63,7 @@ fn relay_config() -> relay::Config {
         max_circuits: RELAY_MAX_CIRCUITS,
         max_circuits_per_peer: RELAY_MAX_CIRCUITS_PER_PEER,
         max_circuit_duration: RELAY_MAX_CIRCUIT_DURATION,
-        max_circuit_bytes: RELAY_MAX_CIRCUIT_BYTES,
+        max_circuit_bytes: circuit_bytes,
         ..relay::Config::default()
     }
 }
@@ -88,6 +99,9 @@ pub(crate) struct Behaviour {
     pub(crate) autonat: autonat::Behaviour,
     pub(crate) upnp: Toggle<upnp::tokio::Behaviour>,
     pub(crate) stream: libp2p_stream::Behaviour,
+    /// The addresses every dial of a peer by id may use: those it announced, identify's and
+    /// those connections were made to; bounded, and an address that fails to dial is dropped.
+    pub(crate) addresses: peer_store::Behaviour<peer_store::memory_store::MemoryStore>,
 }
 
 impl Behaviour {
@@ -137,7 +151,7 @@ impl Behaviour {
 
         let relay = config
             .relay_server
-            .then(|| relay::Behaviour::new(peer_id, relay_config()));
+            .then(|| relay::Behaviour::new(peer_id, relay_config(config.relay_circuit_bytes)));
 
         Ok(Self {
             blocked: allow_block_list::Behaviour::default(),
@@ -158,6 +172,12 @@ impl Behaviour {
             autonat: autonat::Behaviour::new(peer_id, autonat_config(config.nat_trust_private)),
             upnp: config.upnp.then(upnp::tokio::Behaviour::default).into(),
             stream: libp2p_stream::Behaviour::new(),
+            addresses: peer_store::Behaviour::new(peer_store::memory_store::MemoryStore::new(
+                peer_store::memory_store::Config::default()
+                    .set_peer_capacity(nonzero(ADDRESS_BOOK_PEERS))
+                    .set_record_capacity(nonzero(ADDRESS_BOOK_ADDRS_PER_PEER))
+                    .set_remove_addr_on_dial_error(true),
+            )),
         })
     }
 }

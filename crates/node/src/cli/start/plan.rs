@@ -263,6 +263,7 @@ fn mesh_config(args: &StartArgs, profile: Profile) -> Result<MeshConfig> {
         bootstrap: args.bootstrap.clone(),
         mdns: !args.no_mdns,
         relay_server: profile.relays(),
+        relay_circuit_bytes: args.relay_circuit_mib * 1024 * 1024,
         nat_trust_private: args.nat_trust_private,
         upnp: !args.no_upnp,
         announce_interval,
@@ -347,6 +348,7 @@ pub(super) fn print(
             "bootstrap": strings(&plan.mesh.bootstrap),
             "mdns": plan.mesh.mdns,
             "relay_server": plan.mesh.relay_server,
+            "relay_circuit_bytes": plan.mesh.relay_circuit_bytes,
             "nat_trust_private": plan.mesh.nat_trust_private,
             "upnp": plan.mesh.upnp,
             "serve_mesh": serve_mesh,
@@ -440,10 +442,14 @@ pub(super) fn print(
     }
     println!("mDNS      {}", if plan.mesh.mdns { "on" } else { "off" });
     println!("UPnP      {}", if plan.mesh.upnp { "on" } else { "off" });
-    println!(
-        "relay     {} (circuit relay server for pods behind NAT)",
-        yes(plan.mesh.relay_server)
-    );
+    if plan.mesh.relay_server {
+        println!(
+            "relay     yes (circuit relay server for pods behind NAT; {} MiB per circuit)",
+            plan.mesh.relay_circuit_bytes / (1024 * 1024)
+        );
+    } else {
+        println!("relay     no (circuit relay server for pods behind NAT)");
+    }
     if plan.mesh.nat_trust_private {
         println!("NAT       AutoNAT trusts peers at private addresses");
     }

@@ -173,8 +173,19 @@ impl EventLoop {
             Ok(caps) => {
                 MeshStats::bump(&self.stats.announcements_received);
                 let models = caps.models.len();
+                let addrs: Vec<Multiaddr> = caps
+                    .addrs
+                    .iter()
+                    .filter_map(|a| a.parse().ok())
+                    .filter(|a| self.can_dial(a))
+                    .collect();
                 if self.peers.announced(origin, caps, now) {
                     tracing::debug!(peer = %origin, models, "capabilities announced");
+                    // Every dial of the pod (a stream opened to it by id) may use them: its
+                    // relayed addresses are known from here alone.
+                    for a in addrs {
+                        self.swarm.add_peer_address(origin, a);
+                    }
                     self.emit(MeshEvent::Announced(origin));
                     self.dial_if_wanted(origin, now);
                 }
