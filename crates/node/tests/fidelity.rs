@@ -204,3 +204,18 @@ fn synthetic_qwen3_matches_llama_cpp() {
 fn synthetic_llama_matches_llama_cpp() {
     synthetic_matches_llama_cpp("llamacpp_synthetic_llama.json", "tiny");
 }
+
+#[test]
+fn synthetic_linear_rope_scaling_matches_llama_cpp() {
+    synthetic_matches_llama_cpp("llamacpp_synthetic_linear.json", "tiny-linear");
+}
+
+#[test]
+fn synthetic_llama3_rope_scaling_matches_llama_cpp() {
+    synthetic_matches_llama_cpp("llamacpp_synthetic_llama3.json", "tiny-llama3");
+}
+
+#[test]
+fn synthetic_yarn_rope_scaling_matches_llama_cpp() {
+    synthetic_matches_llama_cpp("llamacpp_synthetic_yarn.json", "tiny-yarn");
+}

@@ -23,9 +23,11 @@ use crate::kernels::{QMatrix, QuantizedRows};
 
 mod load;
 mod ops;
+mod rope;
 mod view;
 
-use ops::{add, dot, exp, project, Activation, Norm, RopeTable};
+use ops::{add, dot, exp, project, Activation, Norm};
+use rope::RopeTable;
 
 pub(crate) use load::ARCHITECTURES;
 pub(crate) use view::{DecoderView, LayerView};

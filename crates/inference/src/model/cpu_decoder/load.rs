@@ -7,7 +7,8 @@ use std::sync::Mutex;
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Result};
 
-use super::ops::{Activation, Norm, RopeTable};
+use super::ops::{Activation, Norm};
+use super::rope::{RopeScaling, RopeTable};
 use super::{Bias, CpuDecoder, Layer};
 use crate::kernels::{self, QMatrix, QuantFormat};
 use crate::model::linear::RawTensor;
@@ -149,7 +150,15 @@ impl CpuDecoder {
             let base = md("rope.freq_base")
                 .and_then(|v| v.to_f32())
                 .unwrap_or(10_000.0);
-            (vec![RopeTable::new(head_dim, base, max_len)], None, 1)
+            let scaling = RopeScaling::from_gguf(ct, r, arch, head_dim, base, max_len)?;
+            if !scaling.is_plain() {
+                tracing::debug!(architecture = arch, ?scaling, "scaled rotary embeddings");
+            }
+            (
+                vec![RopeTable::scaled(head_dim, base, max_len, &scaling)],
+                None,
+                1,
+            )
         };
 
         let range = range.unwrap_or(LayerRange {
