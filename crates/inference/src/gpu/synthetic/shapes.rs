@@ -124,7 +124,8 @@ pub const SHAPES: [NamedShape; 11] = [
     },
     NamedShape {
         name: "tiny-mistral-swa",
-        about: "llama with a sliding window of 8 (as Mistral 7B v0.1), for tests",
+        about: "llama with a sliding window of 8 (as Mistral 7B v0.1), 1 layer, for tests",
+        layers: 1,
         sliding_window: Some(8),
         ..TINY
     },

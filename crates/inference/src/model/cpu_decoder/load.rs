@@ -154,9 +154,21 @@ impl CpuDecoder {
             if !scaling.is_plain() {
                 tracing::debug!(architecture = arch, ?scaling, "scaled rotary embeddings");
             }
+            // Mistral's sliding window, on every layer, where a llama or mistral GGUF declares
+            // one. (llama.cpp b11434 ignores the key for llama and disables Phi 3's on purpose,
+            // which pod follows for Phi 3.)
+            let window = if matches!(arch, "llama" | "mistral") {
+                md("attention.sliding_window")
+                    .and_then(|v| v.to_u32())
+                    .ok()
+                    .filter(|&w| w > 0)
+                    .map(|w| w as usize)
+            } else {
+                None
+            };
             (
                 vec![RopeTable::scaled(head_dim, base, max_len, &scaling)],
-                None,
+                window,
                 1,
             )
         };
@@ -197,7 +209,8 @@ impl CpuDecoder {
             };
             let (wq, wk, wv, wo) = (m("attn_q")?, m("attn_k")?, m("attn_v")?, m("attn_output")?);
             let (gate, up, down) = (m("ffn_gate")?, m("ffn_up")?, m("ffn_down")?);
-            let local = gemma && (i + 1) % pattern != 0;
+            // Gemma 3's local layers; every layer of a model with a window otherwise.
+            let local = !gemma || (i + 1) % pattern != 0;
             let bias = if qkv_bias {
                 let mut b = |name: &str| bias_vector(ct, r, &format!("blk.{i}.{name}.bias"));
                 Some(Bias {
