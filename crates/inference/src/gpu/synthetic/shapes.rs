@@ -42,7 +42,7 @@ const TINY: NamedShape = NamedShape {
 };
 
 /// Every named shape.
-pub const SHAPES: [NamedShape; 11] = [
+pub const SHAPES: [NamedShape; 12] = [
     TINY,
     NamedShape {
         name: "llama-1b",
@@ -133,6 +133,14 @@ pub const SHAPES: [NamedShape; 11] = [
         name: "tiny-phi3",
         about: "phi3 (fused qkv and gate/up, a declared sliding window of 8), for tests",
         family: Family::Phi3,
+        sliding_window: Some(8),
+        ..TINY
+    },
+    NamedShape {
+        name: "tiny-phi3-longrope",
+        about: "phi3 with long/short rope factors over an original context of 256, for tests",
+        family: Family::Phi3,
+        rope: RopeScaling::LongRope { original: 256 },
         sliding_window: Some(8),
         ..TINY
     },
