@@ -22,6 +22,12 @@ what llama.cpp does so that pod's fidelity tests can assert against it:
 
 Also records a list of extra tokenizer cases (add_special false, parse_special true).
 
+With --tail N (raw mode), each case also records the top-10 after only its last N
+token ids ("tail"). For a model with a sliding window W and L layers, the last
+position sees no token further back than L * (W - 1) + 1, so a decoder applying
+the window to the whole prompt must match llama.cpp's full attention over the
+tail, where llama.cpp itself ignores the window (llama and phi3 in b11434).
+
 Usage:
   bench/llama_reference.py --server BIN_DIR/llama-server --model MODEL.gguf \
       --mode chat|raw --out FIXTURE.json
@@ -245,6 +251,8 @@ def main() -> int:
     ap.add_argument("--out", required=True, help="output JSON path")
     ap.add_argument("--port", type=int, default=0, help="port (default: a free one)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--tail", type=int, default=0,
+                    help="raw mode: also record the distribution after each case's last N tokens")
     ap.add_argument("--server-log", help="file for llama-server output (default: a temp file)")
     ap.add_argument("--kv-type", default="f32",
                     help="KV cache type (-ctk/-ctv); f32 with flash attention off keeps llama.cpp's "
@@ -292,6 +300,13 @@ def main() -> int:
             for c in RAW_CASES:
                 tokens, pieces = srv.tokenize(c["text"], add_special=True)
                 top, banned = srv.top_logprobs(tokens)
+                tail = {}
+                if args.tail:
+                    if len(tokens) <= args.tail:
+                        raise RuntimeError(f"{c['name']}: {len(tokens)} tokens, not more than --tail")
+                    tail_top, tail_banned = srv.top_logprobs(tokens[-args.tail:])
+                    tail = {"tail": {"tokens": tokens[-args.tail:], "top": tail_top,
+                                     **({"logit_bias_banned": tail_banned} if tail_banned else {})}}
                 cases.append(
                     {
                         "name": c["name"],
@@ -302,6 +317,7 @@ def main() -> int:
                         "pieces": pieces,
                         "top": top,
                         **({"logit_bias_banned": banned} if banned else {}),
+                        **tail,
                     }
                 )
                 print(f"{c['name']}: {len(tokens)} tokens, top-1 {top[0]['token']!r}", file=sys.stderr)
@@ -326,6 +342,7 @@ def main() -> int:
             + f"POST /completion {json.dumps({'prompt': '[token ids]', **COMPLETION_PARAMS})} "
             + "-> completion_probabilities[0].top_logprobs; "
             + f"bench/llama_reference.py --mode {args.mode}"
+            + (f" --tail {args.tail}" if args.tail else "")
         )
         out = {
             "model": model_name,

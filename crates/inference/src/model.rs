@@ -206,7 +206,7 @@ impl ChatModel {
         .map_err(|e| match e {
             GpuLoadError::File(e) => e,
             GpuLoadError::Architecture(arch) => LoadError::Device(format!(
-                "{device}: pod's GPU decoder does not run architecture `{arch}` (it runs llama, mistral, gemma3, qwen2 and qwen3); run it with --device cpu"
+                "{device}: pod's GPU decoder does not run architecture `{arch}` (it runs llama, mistral, gemma3, qwen2, qwen3 and phi3); run it with --device cpu"
             )),
             GpuLoadError::Weights(source) => LoadError::Model { path, source },
             other => LoadError::Device(format!("{device}: {other}")),

@@ -187,6 +187,9 @@ fn synthetic_matches_llama_cpp(fixture: &str, shape: &str) {
     );
     let model = ChatModel::load(&path, &Device::Cpu).unwrap();
     assert_eq!(model.info().architecture, model_shape.family.arch());
+    if pod_inference::kernels::accelerated() {
+        assert_eq!(model.runs_on(), "cpu", "pod's CPU decoder runs it");
+    }
     check_raw_fixture(&model, &fixture);
 }
 
@@ -203,4 +206,92 @@ fn synthetic_qwen3_matches_llama_cpp() {
 #[test]
 fn synthetic_llama_matches_llama_cpp() {
     synthetic_matches_llama_cpp("llamacpp_synthetic_llama.json", "tiny");
+}
+
+#[test]
+fn synthetic_linear_rope_scaling_matches_llama_cpp() {
+    synthetic_matches_llama_cpp("llamacpp_synthetic_linear.json", "tiny-linear");
+}
+
+#[test]
+fn synthetic_llama3_rope_scaling_matches_llama_cpp() {
+    synthetic_matches_llama_cpp("llamacpp_synthetic_llama3.json", "tiny-llama3");
+}
+
+#[test]
+fn synthetic_yarn_rope_scaling_matches_llama_cpp() {
+    synthetic_matches_llama_cpp("llamacpp_synthetic_yarn.json", "tiny-yarn");
+}
+
+/// A synthetic model with a sliding window (`tiny-mistral-swa`: 8 positions, one layer) against
+/// llama.cpp, which ignores the window for llama: the last position of a prompt attends to its
+/// last 8 tokens only, and RoPE depends on relative positions only, so pod's distribution after
+/// the whole prompt must be llama.cpp's after its last 8 tokens (the fixture's `tail`,
+/// `--tail 8`), and away from llama.cpp's full attention over the whole prompt. (With more
+/// layers, the positions before the last see more of a truncated prompt than of the whole.)
+#[test]
+fn synthetic_mistral_sliding_window_matches_llama_cpp() {
+    let fixture = common::fixture("llamacpp_synthetic_mistral_swa.json");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.gguf");
+    let model_shape = shapes::shape("tiny-mistral-swa", "q8_0").unwrap();
+    assert_eq!(model_shape.sliding_window, Some(8));
+    synthetic::write_chat_model(&path, 1, &model_shape).unwrap();
+    let bytes = std::fs::read(&path).unwrap();
+    let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
+    assert_eq!(
+        sha,
+        fixture["model_sha256"].as_str().unwrap(),
+        "the synthetic tiny-mistral-swa model changed: regenerate its fixture (bench/README.md)"
+    );
+    let model = ChatModel::load(&path, &Device::Cpu).unwrap();
+    if pod_inference::kernels::accelerated() {
+        assert_eq!(model.runs_on(), "cpu", "pod's CPU decoder runs it");
+    }
+    let cases = fixture["cases"].as_array().unwrap();
+    assert!(cases.len() >= 4);
+    let (mut deltas, mut full_deltas) = (Vec::new(), Vec::new());
+    for case in cases {
+        let name = case["name"].as_str().unwrap();
+        let tokens = model
+            .tokenizer()
+            .encode(case["text"].as_str().unwrap())
+            .unwrap();
+        assert_eq!(tokens, ids(&case["tokens"]), "{name}: token ids");
+        let tail = &case["tail"];
+        assert_eq!(ids(&tail["tokens"]), tokens[tokens.len() - 8..], "{name}");
+        let logits = model.new_sequence().forward(&tokens).unwrap();
+        deltas.push(check_distribution(
+            name,
+            &logits,
+            tail["top"].as_array().unwrap(),
+        ));
+        let full = &case["top"][0];
+        let lp = log_softmax(&logits)[full["id"].as_u64().unwrap() as usize];
+        full_deltas.push((lp - full["logprob"].as_f64().unwrap() as f32).abs());
+    }
+    check_mean(&deltas);
+    let away = full_deltas.iter().sum::<f32>() / full_deltas.len() as f32;
+    eprintln!("|top-1 logprob - llama.cpp over the whole prompt|: {full_deltas:?}, mean {away:.3}");
+    assert!(
+        away > MAX_MEAN_DELTA,
+        "the window changes nothing on these prompts: mean {away:.3} from full attention"
+    );
+}
+
+/// Phi 3 on pod's decoder: fused q/k/v and gate/up, NeoX rotation, and a declared sliding
+/// window that llama.cpp b11434 disables for Phi 3 (and pod with it).
+#[test]
+fn synthetic_phi3_matches_llama_cpp() {
+    synthetic_matches_llama_cpp("llamacpp_synthetic_phi3.json", "tiny-phi3");
+}
+
+/// Phi 3's long-context rope factors (`rope_factors_long`, picked for a context beyond the
+/// original one, as both pod and llama-server's 2048 are) and attention factor.
+#[test]
+fn synthetic_phi3_longrope_matches_llama_cpp() {
+    synthetic_matches_llama_cpp(
+        "llamacpp_synthetic_phi3_longrope.json",
+        "tiny-phi3-longrope",
+    );
 }

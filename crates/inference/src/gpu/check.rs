@@ -14,7 +14,7 @@ use serde::Serialize;
 use crate::decoder::BatchDecoder;
 use crate::gpu::decoder::GpuDecoder;
 use crate::gpu::runtime::DeviceRuntime;
-use crate::gpu::synthetic::{self, Family, ModelShape};
+use crate::gpu::synthetic::{self, Family, ModelShape, RopeScaling};
 use crate::model::cpu_decoder::CpuDecoder;
 
 /// The weight formats checked, each in every projection and the output head of its model.
@@ -117,6 +117,8 @@ pub fn check_shape(dtype: GgmlDType) -> ModelShape {
         embedding: GgmlDType::Q8_0,
         output: Some(dtype),
         layer_formats: vec![[dtype; 7]],
+        rope: RopeScaling::None,
+        sliding_window: None,
     }
 }
 

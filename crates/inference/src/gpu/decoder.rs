@@ -48,7 +48,7 @@ pub enum GpuLoadError {
     File(#[from] LoadError),
     /// The architecture has no GPU decoder.
     #[error(
-        "no GPU decoder for architecture `{0}` (supported: llama, mistral, gemma3, qwen2, qwen3)"
+        "no GPU decoder for architecture `{0}` (supported: llama, mistral, gemma3, qwen2, qwen3, phi3)"
     )]
     Architecture(String),
     /// The weights could not be read (missing tensors, formats the kernels do not read).

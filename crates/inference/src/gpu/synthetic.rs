@@ -1,4 +1,4 @@
-//! llama-shaped (or Gemma 3, Qwen 2, Qwen 3) models with random weights, written as GGUF: small ones for
+//! llama-shaped (or Gemma 3, Qwen 2, Qwen 3, Phi 3) models with random weights, written as GGUF: small ones for
 //! checking a GPU runtime against the CPU decoder, and named realistic shapes ([`shapes`]) with
 //! a generated tokenizer ([`tokenizer`]) for measuring speed, without downloading anything.
 
@@ -39,6 +39,51 @@ pub enum Family {
     /// Qwen 3: llama with per-head q/k norms, NeoX rotation, and a head width of its own
     /// (`head_dim` need not be hidden / heads).
     Qwen3,
+    /// Phi 3: llama with one fused q/k/v projection (`attn_qkv`), one fused gate/up projection
+    /// (`ffn_up`, the gate's rows first) and NeoX rotation. The formats of `attn_q` and
+    /// `ffn_up` are those of the fused matrices; those of `attn_k`, `attn_v` and `ffn_gate`
+    /// are not used.
+    Phi3,
+}
+
+/// The rope scaling a synthetic model declares.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub enum RopeScaling {
+    /// Plain RoPE.
+    #[default]
+    None,
+    /// `rope.scaling.type = linear`: angles divided by `factor`, cosines and sines multiplied
+    /// by `attn_factor`.
+    Linear {
+        /// The scaling factor.
+        factor: f32,
+        /// `rope.scaling.attn_factor`.
+        attn_factor: f32,
+    },
+    /// Llama 3's frequency scaling, as llama.cpp's converter writes it: a `rope_freqs.weight`
+    /// tensor of per-frequency divisors (1 for wavelengths below `original / 4`, `factor`
+    /// above `original`, a smooth blend between).
+    Llama3 {
+        /// The scaling factor of the slowest frequencies.
+        factor: f32,
+        /// The context the model was first trained at.
+        original: usize,
+    },
+    /// Phi 3's long-context scaling as llama.cpp's converter writes it: per-frequency
+    /// divisors `rope_factors_long` (for contexts beyond `original`) and `rope_factors_short`,
+    /// random in [1, 4) and [1, 1.5), and the attention factor
+    /// √(1 + ln(context / original) / ln(original)).
+    LongRope {
+        /// `rope.scaling.original_context_length`.
+        original: usize,
+    },
+    /// YaRN (`rope.scaling.type = yarn`) with `factor` over an original context.
+    Yarn {
+        /// The scaling factor.
+        factor: f32,
+        /// `rope.scaling.original_context_length`.
+        original: usize,
+    },
 }
 
 impl Family {
@@ -49,6 +94,7 @@ impl Family {
             Family::Gemma3 => "gemma3",
             Family::Qwen2 => "qwen2",
             Family::Qwen3 => "qwen3",
+            Family::Phi3 => "phi3",
         }
     }
 }
@@ -77,6 +123,11 @@ pub struct ModelShape {
     pub output: Option<GgmlDType>,
     /// One entry per layer: the formats of its projections, in [`PROJECTIONS`] order.
     pub layer_formats: Vec<[GgmlDType; 7]>,
+    /// The rope scaling declared.
+    pub rope: RopeScaling,
+    /// `{arch}.attention.sliding_window`, where written (not for Gemma 3, which always has
+    /// its own).
+    pub sliding_window: Option<usize>,
 }
 
 impl ModelShape {
@@ -137,6 +188,27 @@ fn bias(rng: &mut StdRng, len: usize) -> candle_core::Result<QTensor> {
     QTensor::quantize(&Tensor::new(v, &Device::Cpu)?, GgmlDType::F32)
 }
 
+/// Llama 3's per-frequency divisors of RoPE angles, as llama.cpp's converter computes them
+/// (low and high frequency factors 1 and 4).
+fn llama3_factors(head_dim: usize, base: f32, factor: f32, original: usize) -> Vec<f32> {
+    let (low, high) = (1.0f32, 4.0f32);
+    let (low_wavelen, high_wavelen) = (original as f32 / low, original as f32 / high);
+    (0..head_dim / 2)
+        .map(|i| {
+            let freq = 1.0 / base.powf((2 * i) as f32 / head_dim as f32);
+            let wavelen = 2.0 * std::f32::consts::PI / freq;
+            if wavelen < high_wavelen {
+                1.0
+            } else if wavelen > low_wavelen {
+                factor
+            } else {
+                let smooth = (original as f32 / wavelen - low) / (high - low);
+                1.0 / ((1.0 - smooth) / factor + smooth)
+            }
+        })
+        .collect()
+}
+
 /// Writes a model of `shape` to `path`, its weights drawn from `seed`. Matrix entries are
 /// scaled by 1/√cols so that activations keep their size from layer to layer.
 pub fn write_model(path: &Path, seed: u64, shape: &ModelShape) -> Result<(), WriteError> {
@@ -158,6 +230,7 @@ fn write_with(
     extra: Vec<(String, Value)>,
 ) -> Result<(), WriteError> {
     let gemma = shape.family == Family::Gemma3;
+    let phi3 = shape.family == Family::Phi3;
     let qk_norm = gemma || shape.family == Family::Qwen3;
     let (hidden, head_dim) = (shape.hidden, shape.head_dim());
     let (q_w, kv_w) = (shape.heads * head_dim, shape.kv_heads * head_dim);
@@ -189,6 +262,12 @@ fn write_with(
             (hidden, shape.ffn),
         ];
         for ((name, (rows, cols)), &dtype) in PROJECTIONS.into_iter().zip(dims).zip(formats) {
+            let (name, rows) = match name {
+                "attn_k" | "attn_v" | "ffn_gate" if phi3 => continue,
+                "attn_q" if phi3 => ("attn_qkv", q_w + 2 * kv_w),
+                "ffn_up" if phi3 => ("ffn_up", 2 * shape.ffn),
+                _ => (name, rows),
+            };
             let scale = 1.7 / (cols as f32).sqrt();
             let w = matrix(&mut rng, rows, cols, dtype, scale);
             push(format!("blk.{i}.{name}.weight"), w)?;
@@ -240,6 +319,56 @@ fn write_with(
         ]);
     } else {
         metadata.push((key("rope.freq_base"), Value::F32(10_000.0)));
+    }
+    if phi3 {
+        metadata.push((key("rope.dimension_count"), Value::U32(head_dim as u32)));
+    }
+    if let Some(window) = shape.sliding_window {
+        metadata.push((key("attention.sliding_window"), Value::U32(window as u32)));
+    }
+    match shape.rope {
+        RopeScaling::None => {}
+        RopeScaling::Linear {
+            factor,
+            attn_factor,
+        } => metadata.extend([
+            (key("rope.scaling.type"), Value::String("linear".into())),
+            (key("rope.scaling.factor"), Value::F32(factor)),
+            (key("rope.scaling.attn_factor"), Value::F32(attn_factor)),
+        ]),
+        RopeScaling::Llama3 { factor, original } => {
+            let factors = llama3_factors(head_dim, 10_000.0, factor, original);
+            let t = Tensor::new(factors, &Device::Cpu)
+                .and_then(|t| QTensor::quantize(&t, GgmlDType::F32));
+            push("rope_freqs.weight".into(), t)?;
+        }
+        RopeScaling::LongRope { original } => {
+            let scale = shape.context as f32 / original as f32;
+            let attn_factor = (1.0 + scale.ln() / (original as f32).ln()).sqrt();
+            metadata.extend([
+                (
+                    key("rope.scaling.original_context_length"),
+                    Value::U32(original as u32),
+                ),
+                (key("rope.scaling.attn_factor"), Value::F32(attn_factor)),
+            ]);
+            for (name, top) in [("rope_factors_long", 4.0f32), ("rope_factors_short", 1.5)] {
+                let v: Vec<f32> = (0..head_dim / 2)
+                    .map(|_| rng.random_range(1.0..top))
+                    .collect();
+                let t = Tensor::new(v, &Device::Cpu)
+                    .and_then(|t| QTensor::quantize(&t, GgmlDType::F32));
+                push(format!("{name}.weight"), t)?;
+            }
+        }
+        RopeScaling::Yarn { factor, original } => metadata.extend([
+            (key("rope.scaling.type"), Value::String("yarn".into())),
+            (key("rope.scaling.factor"), Value::F32(factor)),
+            (
+                key("rope.scaling.original_context_length"),
+                Value::U32(original as u32),
+            ),
+        ]),
     }
     if shape.family == Family::Qwen3 {
         metadata.extend([

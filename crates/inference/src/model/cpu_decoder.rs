@@ -1,8 +1,10 @@
-//! Decoders of the llama family and Gemma 3 on the CPU without candle's tensor ops: plain f32
-//! rows, pod's fused quantised kernels for every projection, and attention computed row by row
-//! against a KV cache that grows in place.
+//! Decoders of the llama family, Qwen 2/3, Phi 3 and Gemma 3 on the CPU without candle's tensor
+//! ops: plain f32 rows, pod's fused quantised kernels for every projection, and attention
+//! computed row by row against a KV cache that grows in place.
 //!
-//! Llama: RMSNorm → attention (interleaved RoPE) → residual; RMSNorm → SwiGLU → residual.
+//! Llama: RMSNorm → attention (interleaved RoPE, scaled as the GGUF declares; a sliding window
+//! where it declares one) → residual; RMSNorm → SwiGLU → residual. Phi 3 is llama with NeoX
+//! RoPE and fused q/k/v and gate/up matrices, split into their parts when loaded.
 //! Gemma 3 adds: embeddings scaled by √hidden, RMSNorm on each query and key head, NeoX RoPE
 //! with a local and a global base, a sliding window on local layers, RMSNorm after attention
 //! and after the feed-forward, and tanh-approximated GELU.
@@ -23,9 +25,11 @@ use crate::kernels::{QMatrix, QuantizedRows};
 
 mod load;
 mod ops;
+mod rope;
 mod view;
 
-use ops::{add, dot, exp, project, Activation, Norm, RopeTable};
+use ops::{add, dot, exp, project, Activation, Norm};
+use rope::RopeTable;
 
 pub(crate) use load::ARCHITECTURES;
 pub(crate) use view::{DecoderView, LayerView};

@@ -4,10 +4,10 @@
 
 use candle_core::quantized::GgmlDType;
 
-use super::{Family, ModelShape};
+use super::{Family, ModelShape, RopeScaling};
 
 /// A named shape: its sizes, before formats are chosen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct NamedShape {
     /// The name `--shape` takes.
     pub name: &'static str,
@@ -21,6 +21,8 @@ pub struct NamedShape {
     vocab: usize,
     layers: usize,
     context: usize,
+    rope: RopeScaling,
+    sliding_window: Option<usize>,
 }
 
 /// Two llama layers at the smallest width the 256-value formats allow: a few MB.
@@ -35,10 +37,12 @@ const TINY: NamedShape = NamedShape {
     vocab: 512,
     layers: 2,
     context: 1024,
+    rope: RopeScaling::None,
+    sliding_window: None,
 };
 
 /// Every named shape.
-pub const SHAPES: [NamedShape; 6] = [
+pub const SHAPES: [NamedShape; 12] = [
     TINY,
     NamedShape {
         name: "llama-1b",
@@ -51,6 +55,7 @@ pub const SHAPES: [NamedShape; 6] = [
         vocab: 128_256,
         layers: 16,
         context: 8192,
+        ..TINY
     },
     NamedShape {
         name: "llama-8b",
@@ -63,6 +68,7 @@ pub const SHAPES: [NamedShape; 6] = [
         vocab: 128_256,
         layers: 32,
         context: 8192,
+        ..TINY
     },
     NamedShape {
         name: "tiny-qwen2",
@@ -87,6 +93,56 @@ pub const SHAPES: [NamedShape; 6] = [
         vocab: 151_936,
         layers: 28,
         context: 8192,
+        ..TINY
+    },
+    NamedShape {
+        name: "tiny-linear",
+        about: "llama with linear rope scaling (factor 4, attention factor 1.1), for tests",
+        rope: RopeScaling::Linear {
+            factor: 4.0,
+            attn_factor: 1.1,
+        },
+        ..TINY
+    },
+    NamedShape {
+        name: "tiny-llama3",
+        about: "llama with Llama 3 frequency scaling (rope_freqs, factor 8 over 32), for tests",
+        rope: RopeScaling::Llama3 {
+            factor: 8.0,
+            original: 32,
+        },
+        ..TINY
+    },
+    NamedShape {
+        name: "tiny-yarn",
+        about: "llama with YaRN rope scaling (factor 4 over 256), for tests",
+        rope: RopeScaling::Yarn {
+            factor: 4.0,
+            original: 256,
+        },
+        ..TINY
+    },
+    NamedShape {
+        name: "tiny-mistral-swa",
+        about: "llama with a sliding window of 8 (as Mistral 7B v0.1), 1 layer, for tests",
+        layers: 1,
+        sliding_window: Some(8),
+        ..TINY
+    },
+    NamedShape {
+        name: "tiny-phi3",
+        about: "phi3 (fused qkv and gate/up, a declared sliding window of 8), for tests",
+        family: Family::Phi3,
+        sliding_window: Some(8),
+        ..TINY
+    },
+    NamedShape {
+        name: "tiny-phi3-longrope",
+        about: "phi3 with long/short rope factors over an original context of 256, for tests",
+        family: Family::Phi3,
+        rope: RopeScaling::LongRope { original: 256 },
+        sliding_window: Some(8),
+        ..TINY
     },
 ];
 
@@ -139,6 +195,8 @@ pub fn shape(name: &str, format: &str) -> Result<ModelShape, String> {
         embedding: main,
         output: Some(if mixed { GgmlDType::Q6K } else { main }),
         layer_formats,
+        rope: s.rope,
+        sliding_window: s.sliding_window,
     })
 }
 

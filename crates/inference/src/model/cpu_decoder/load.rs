@@ -7,7 +7,8 @@ use std::sync::Mutex;
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Result};
 
-use super::ops::{Activation, Norm, RopeTable};
+use super::ops::{Activation, Norm};
+use super::rope::{RopeScaling, RopeTable};
 use super::{Bias, CpuDecoder, Layer};
 use crate::kernels::{self, QMatrix, QuantFormat};
 use crate::model::linear::RawTensor;
@@ -38,8 +39,41 @@ fn matrix(t: &RawTensor, name: &str) -> Result<QMatrix> {
         .map_err(|e| candle_core::Error::Msg(format!("{name}: {e}")))
 }
 
+/// `t` cut into consecutive runs of `parts[i]` rows (the parts of a fused projection), each a
+/// matrix for the fused kernels; one part is the whole of `t`, whatever its rows.
+fn split_rows(t: &RawTensor, name: &str, parts: &[usize]) -> Result<Vec<QMatrix>> {
+    if let [_] = parts {
+        return Ok(vec![matrix(t, name)?]);
+    }
+    if parts.iter().sum::<usize>() != t.rows || t.rows == 0 {
+        candle_core::bail!("{name}: {} rows, not {parts:?}", t.rows);
+    }
+    let row_bytes = t.data.len() / t.rows;
+    let mut at = 0;
+    parts
+        .iter()
+        .map(|&n| {
+            let part = RawTensor {
+                dtype: t.dtype,
+                rows: n,
+                cols: t.cols,
+                data: t.data[at * row_bytes..(at + n) * row_bytes].to_vec().into(),
+            };
+            at += n;
+            matrix(&part, name)
+        })
+        .collect()
+}
+
+/// The `N` matrices of a split.
+fn parts<const N: usize>(v: Vec<QMatrix>) -> Result<[QMatrix; N]> {
+    v.try_into()
+        .map_err(|v: Vec<QMatrix>| candle_core::Error::Msg(format!("{} parts, not {N}", v.len())))
+}
+
 /// The architectures this decoder reads.
-pub(crate) const ARCHITECTURES: [&str; 5] = ["llama", "mistral", "gemma3", "qwen2", "qwen3"];
+pub(crate) const ARCHITECTURES: [&str; 6] =
+    ["llama", "mistral", "gemma3", "qwen2", "qwen3", "phi3"];
 
 /// Gemma 3 repeats five local (sliding-window) layers and one global layer.
 const GEMMA3_WINDOW_PATTERN: usize = 6;
@@ -47,7 +81,7 @@ const GEMMA3_LOCAL_ROPE_BASE: f32 = 10_000.0;
 const GEMMA3_GLOBAL_ROPE_BASE: f32 = 1_000_000.0;
 
 impl CpuDecoder {
-    /// Whether a GGUF decoder can run here: a llama-family, Qwen 2/3 or Gemma 3 model, a CPU
+    /// Whether a GGUF decoder can run here: a llama-family, Qwen 2/3, Phi 3 or Gemma 3 model, a CPU
     /// with the SIMD kernels, every matrix in a format they read, and full-width rotary
     /// embeddings.
     pub(crate) fn supported(ct: &gguf_file::Content, arch: &str, dev: &Device) -> bool {
@@ -111,7 +145,12 @@ impl CpuDecoder {
         let qk_norm = gemma || arch == "qwen3";
         let qkv_bias = arch == "qwen2";
         // Rotation of halves (NeoX) rather than of interleaved pairs.
-        let neox = gemma || matches!(arch, "qwen2" | "qwen3");
+        let neox = gemma || matches!(arch, "qwen2" | "qwen3" | "phi3");
+        let phi3 = arch == "phi3";
+        let fused_qkv = |i: usize| {
+            ct.tensor_infos
+                .contains_key(&format!("blk.{i}.attn_qkv.weight"))
+        };
         let n_head = md("attention.head_count")?.to_u32()? as usize;
         let n_kv_head = md("attention.head_count_kv")
             .and_then(|v| v.to_u32())
@@ -125,6 +164,12 @@ impl CpuDecoder {
             .and_then(|v| v.to_u32())
             .map_or(hidden / n_head.max(1), |v| v as usize);
         let eps = md("attention.layer_norm_rms_epsilon")?.to_f32()?;
+        // Rows of each half of Phi 3's fused gate/up projection.
+        let ffn = if phi3 {
+            md("feed_forward_length")?.to_u32()? as usize
+        } else {
+            0
+        };
         let (ropes, window, pattern) = if gemma {
             let global = md("rope.freq_base")
                 .and_then(|v| v.to_f32())
@@ -149,7 +194,27 @@ impl CpuDecoder {
             let base = md("rope.freq_base")
                 .and_then(|v| v.to_f32())
                 .unwrap_or(10_000.0);
-            (vec![RopeTable::new(head_dim, base, max_len)], None, 1)
+            let scaling = RopeScaling::from_gguf(ct, r, arch, head_dim, base, max_len)?;
+            if !scaling.is_plain() {
+                tracing::debug!(architecture = arch, ?scaling, "scaled rotary embeddings");
+            }
+            // Mistral's sliding window, on every layer, where a llama or mistral GGUF declares
+            // one. (llama.cpp b11434 ignores the key for llama and disables Phi 3's on purpose,
+            // which pod follows for Phi 3.)
+            let window = if matches!(arch, "llama" | "mistral") {
+                md("attention.sliding_window")
+                    .and_then(|v| v.to_u32())
+                    .ok()
+                    .filter(|&w| w > 0)
+                    .map(|w| w as usize)
+            } else {
+                None
+            };
+            (
+                vec![RopeTable::scaled(head_dim, base, max_len, &scaling)],
+                window,
+                1,
+            )
         };
 
         let range = range.unwrap_or(LayerRange {
@@ -182,13 +247,34 @@ impl CpuDecoder {
         let embed = if first { embed } else { None };
         let mut layers = Vec::with_capacity(range.len());
         for i in range.start..range.end {
-            let mut m = |name: &str| {
+            let mut m = |name: &str, parts: &[usize]| {
                 let full = format!("blk.{i}.{name}.weight");
-                matrix(&weights::raw(ct, r, &full)?, &full)
+                split_rows(&weights::raw(ct, r, &full)?, &full, parts)
             };
-            let (wq, wk, wv, wo) = (m("attn_q")?, m("attn_k")?, m("attn_v")?, m("attn_output")?);
-            let (gate, up, down) = (m("ffn_gate")?, m("ffn_up")?, m("ffn_down")?);
-            let local = gemma && (i + 1) % pattern != 0;
+            let (q_w, kv_w) = (n_head * head_dim, n_kv_head * head_dim);
+            // Phi 3 fuses q, k and v into one matrix (where its converter did), and the
+            // feed-forward gate and up into `ffn_up`, the gate's rows first.
+            let (wq, wk, wv) = if fused_qkv(i) {
+                let [q, k, v] = parts(m("attn_qkv", &[q_w, kv_w, kv_w])?)?;
+                (q, k, v)
+            } else {
+                let [q] = parts(m("attn_q", &[q_w])?)?;
+                let [k] = parts(m("attn_k", &[kv_w])?)?;
+                let [v] = parts(m("attn_v", &[kv_w])?)?;
+                (q, k, v)
+            };
+            let [wo] = parts(m("attn_output", &[hidden])?)?;
+            let (gate, up) = if phi3 {
+                let [gate, up] = parts(m("ffn_up", &[ffn, ffn])?)?;
+                (gate, up)
+            } else {
+                let [gate] = parts(m("ffn_gate", &[ffn])?)?;
+                let [up] = parts(m("ffn_up", &[ffn])?)?;
+                (gate, up)
+            };
+            let [down] = parts(m("ffn_down", &[hidden])?)?;
+            // Gemma 3's local layers; every layer of a model with a window otherwise.
+            let local = !gemma || (i + 1) % pattern != 0;
             let bias = if qkv_bias {
                 let mut b = |name: &str| bias_vector(ct, r, &format!("blk.{i}.{name}.bias"));
                 Some(Bias {

@@ -1,6 +1,6 @@
 //! The numeric steps of the CPU decoder's forward pass that are not matrix products' kernels:
-//! RMSNorm, the feed-forward gates, a vectorisable `exp`, RoPE tables, the fused projection
-//! of one input through several matrices, residual adds and a fixed-order dot product. Each
+//! RMSNorm, the feed-forward gates, a vectorisable `exp`, the fused projection of one input
+//! through several matrices, residual adds and a fixed-order dot product. Each
 //! computes a row the same way whatever else is in the batch, which batch invariance rests on.
 
 use candle_core::quantized::gguf_file;
@@ -93,32 +93,6 @@ pub(super) fn exp(x: f32) -> f32 {
     let p = p * r + 1.0;
     let p = p * r + 1.0;
     p * f32::from_bits(((k as i32 + 127) as u32) << 23)
-}
-
-/// Cosine and sine tables `[max_len, head_dim / 2]` for one RoPE base.
-#[derive(Debug, Clone)]
-pub(super) struct RopeTable {
-    pub(super) cos: Vec<f32>,
-    pub(super) sin: Vec<f32>,
-}
-
-impl RopeTable {
-    pub(super) fn new(head_dim: usize, base: f32, max_len: usize) -> Self {
-        let half = head_dim / 2;
-        let inv: Vec<f32> = (0..half)
-            .map(|i| 1.0 / base.powf((2 * i) as f32 / head_dim as f32))
-            .collect();
-        let mut cos = Vec::with_capacity(max_len * half);
-        let mut sin = Vec::with_capacity(max_len * half);
-        for p in 0..max_len {
-            for f in &inv {
-                let angle = p as f32 * f;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
-            }
-        }
-        Self { cos, sin }
-    }
 }
 
 /// `outs[i] = x · ws[i]ᵀ` with `x` quantised once.
