@@ -20,6 +20,7 @@
 //! f32 is sent as is: what a stage computes is bit-identical to the whole model's.
 
 pub mod client;
+pub mod coverage;
 pub mod server;
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};

@@ -177,6 +177,38 @@ fn two_stages_behind_a_front_door_answer_like_one_whole_pod() {
     wait_for_stage(&head, &tail.peer_id, "15-29");
     wait_for_model(&front);
 
+    // The front door, which holds no block, lists the model with the pods serving its
+    // blocks, and that they chain over all of them.
+    let listed = wait_until(MESH_TIMEOUT, "the model's stages are listed", || {
+        let models = front.get("/v1/models");
+        let model = models["data"]
+            .as_array()?
+            .iter()
+            .find(|m| m["id"] == CHAT)?
+            .clone();
+        (model["pipeline"]["complete"] == true).then_some(model)
+    });
+    assert_eq!(listed["pipeline"]["total_layers"], 30, "{listed}");
+    let stages: Vec<(&str, &str)> = listed["pipeline"]["stages"]
+        .as_array()
+        .expect("stages")
+        .iter()
+        .map(|s| (s["peer"].as_str().unwrap(), s["layers"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        stages,
+        [
+            (head.peer_id.as_str(), "0-14"),
+            (tail.peer_id.as_str(), "15-29")
+        ]
+    );
+    // A whole-model pod's listing has no pipeline.
+    let whole_models = whole.get("/v1/models");
+    assert!(
+        whole_models["data"][0].get("pipeline").is_none(),
+        "{whole_models}"
+    );
+
     let prompt = "Write one sentence about the sea.";
     let (status, _, want) = chat(&whole, &body(prompt, 24, false));
     assert_eq!(status, 200, "{want}");
