@@ -118,9 +118,9 @@ impl Node {
                 access: opts.access.clone(),
                 ..ServerConfig::default()
             },
+            Arc::clone(&stages),
         );
         background.push(tokio::spawn(infer.run(mesh.streams())));
-        let stages = StageHost::new();
         background.push(tokio::spawn(Arc::clone(&stages).run(mesh.streams())));
         if opts.access.serve_to == crate::access::ServeTo::Trusted {
             tracing::info!(
@@ -233,6 +233,8 @@ impl Node {
                 },
                 blobs,
                 layers: opts.layers,
+                max_memory: opts.max_memory,
+                settle: auto_settle(opts.mesh.announce_interval),
                 stages,
             }
             .run(),
@@ -398,6 +400,7 @@ mod tests {
             placement: Placement::cpu(),
             device_name: "none".to_owned(),
             layers: None,
+            max_memory: None,
             engine: EngineConfig::default(),
             pull: false,
             grace: Duration::from_secs(5),

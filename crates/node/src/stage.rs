@@ -21,6 +21,7 @@
 
 pub mod client;
 pub mod coverage;
+pub mod placement;
 pub mod server;
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
