@@ -37,7 +37,7 @@ impl FromStr for StageLayers {
         }
         LayerRange::parse(s)
             .map(Self::Blocks)
-            .map_err(|e| format!("{e}, or auto"))
+            .map_err(|e| format!("{e} (or auto)"))
     }
 }
 
