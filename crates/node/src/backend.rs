@@ -390,11 +390,14 @@ impl Backend for NodeBackend {
         if self.route == Route::Local {
             return Err(EngineError::UnknownModel(req.model));
         }
-        let (peer, events) = self.infer.generate(req).await?;
-        Ok(Generation {
-            events,
-            served_by: peer.to_string(),
-        })
+        let (peer, stages, events) = self.infer.generate_staged(req).await?;
+        // The serving pod, then the stages after it where it heads a pipeline.
+        let served_by = std::iter::once(peer)
+            .chain(stages)
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        Ok(Generation { events, served_by })
     }
 
     async fn embed(&self, req: EmbedRequest) -> Result<Embeddings, EngineError> {

@@ -32,7 +32,7 @@ use crate::receipts::Ledger;
 use crate::remote::server::{InferServer, ServerConfig};
 use crate::stage::server::StageHost;
 use crate::store::ModelStore;
-use load::ModelLoad;
+use load::{auto_settle, ModelLoad};
 use signals::notify_systemd;
 
 /// A started node: its API and mesh are up and its models are loading. Run it with
@@ -109,7 +109,8 @@ impl Node {
                 None
             }
         };
-        let infer = InferServer::new(
+        let stages = StageHost::new();
+        let infer = InferServer::with_stages(
             engine.clone(),
             opts.identity.keypair().clone(),
             ledger.clone(),

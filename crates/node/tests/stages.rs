@@ -278,10 +278,11 @@ fn two_stages_one_placed_by_layers_auto_behind_a_front_door_answer_like_one_whol
     let (want_text, want_logprobs) = answer(&want);
     assert!(!want_text.is_empty());
 
-    // Through the front door: served by the head, which names its stages when asked directly.
+    // Through the front door: served by the head, which names its stages to the front door
+    // as to its own API.
     let (status, served, got) = chat(&front, &body(prompt, 24, false));
     assert_eq!(status, 200, "{got}\n{}", head.log());
-    assert_eq!(served, head.peer_id);
+    assert_eq!(served, format!("{}, {}", head.peer_id, tail.peer_id));
     let (text, logprobs) = answer(&got);
     assert_eq!(text, want_text);
     assert_eq!(logprobs, want_logprobs);
