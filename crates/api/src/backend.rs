@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 
 use crate::metrics::BlobTotals;
 use crate::node::{FileList, NodeView, PeerView, ReceiptsPage, ReceiptsView};
+use crate::openai::ModelPipeline;
 
 /// A model as the API lists it.
 #[derive(Debug, Clone, PartialEq)]
@@ -22,6 +23,8 @@ pub struct ModelEntry {
     pub providers: usize,
     /// Who serves it: this node's name, or a peer id.
     pub owned_by: String,
+    /// The stages it is split across, where pods serve it that way.
+    pub pipeline: Option<ModelPipeline>,
 }
 
 /// A started completion.
@@ -123,6 +126,7 @@ impl Backend for LocalBackend {
                 info,
                 providers: 1,
                 owned_by: self.name.clone(),
+                pipeline: None,
             })
             .collect()
     }

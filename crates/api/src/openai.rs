@@ -453,6 +453,33 @@ pub struct ModelObject {
     pub context_length: usize,
     /// Extension: how many peers serve it (1 = only this node).
     pub providers: usize,
+    /// Extension: the pipeline stages it is split across, where pods serve it that way
+    /// (absent for a model only whole pods serve).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline: Option<ModelPipeline>,
+}
+
+/// Extension: a model split across pods, as the mesh announces its stages.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ModelPipeline {
+    /// Blocks of the whole model.
+    pub total_layers: usize,
+    /// Whether the stages of one model file chain from the first block to the last, so a
+    /// head can answer through them.
+    pub complete: bool,
+    /// Every announced stage, by first block.
+    pub stages: Vec<ModelStage>,
+}
+
+/// Extension: blocks of a model one pod serves.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct ModelStage {
+    /// The pod's peer id.
+    pub peer: String,
+    /// The blocks, first-last, e.g. `0-14`.
+    pub layers: String,
+    /// SHA-256 of the model file it holds: only stages of one file chain together.
+    pub sha256: String,
 }
 
 /// `GET /v1/models` answer.

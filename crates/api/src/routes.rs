@@ -96,6 +96,8 @@ impl<T: serde::Serialize> IntoResponse for ApiJson<T> {
         openai::EmbeddingResponse,
         openai::ModelList,
         openai::ModelObject,
+        openai::ModelPipeline,
+        openai::ModelStage,
         openai::ErrorBody,
         crate::node::NodeView,
         crate::node::PeerList,

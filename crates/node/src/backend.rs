@@ -10,7 +10,9 @@ use pod_api::node::{
     FileList, FileView, NodeView, PeerLoad, PeerView, PeerWork, ReceiptsPage, ReceiptsView,
     StageView, WorkTotals,
 };
+use pod_api::openai::{ModelPipeline, ModelStage};
 use pod_api::{Backend, BlobTotals, Embeddings, Generation, LocalBackend, ModelEntry};
+use pod_inference::model::stage::LayerRange;
 use pod_inference::{EmbedRequest, EngineError, GenerateRequest};
 
 use crate::blob::{BlobServer, BlobStats, ServedFile};
@@ -18,7 +20,9 @@ use crate::mesh::{self, ConnectionPath, HolePunch, PeerSnapshot};
 use crate::profile::Profile;
 use crate::receipts::Ledger;
 use crate::remote::client::{ClientConfig, InferClient, Providers};
+use crate::stage::coverage;
 use crate::stage::server::StageHost;
+use crate::stage::StageAnnouncement;
 
 /// Where requests for a model go.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -126,6 +130,27 @@ impl NodeBackend {
         &self.infer
     }
 
+    /// Every pipeline stage this node and its peers announce, with the pod serving it.
+    fn announced_stages(&self) -> Vec<(String, StageAnnouncement)> {
+        let local = self.peers.local.to_string();
+        let mut all: Vec<(String, StageAnnouncement)> = self
+            .stages
+            .announcements()
+            .into_iter()
+            .map(|a| (local.clone(), a))
+            .collect();
+        if let Ok(peers) = self.peers.peers.read() {
+            for p in peers.iter() {
+                let Some(caps) = &p.capabilities else {
+                    continue;
+                };
+                let peer = p.peer_id.to_string();
+                all.extend(caps.stages.iter().map(|s| (peer.clone(), s.clone())));
+            }
+        }
+        all
+    }
+
     /// Whether this node serves `model` itself: it holds it, and if it holds only the first
     /// blocks (a pipeline head), no peer holding the whole model is free.
     fn holds(&self, model: &str) -> bool {
@@ -148,6 +173,58 @@ impl NodeBackend {
         );
         !whole
     }
+}
+
+/// The stages of every model split across pods, by model name, from `announced`: each
+/// stage's pod and what it announces.
+fn pipelines(announced: Vec<(String, StageAnnouncement)>) -> BTreeMap<String, ModelPipeline> {
+    let mut by_model: BTreeMap<String, Vec<(String, StageAnnouncement)>> = BTreeMap::new();
+    for (peer, stage) in announced {
+        by_model
+            .entry(stage.model.clone())
+            .or_default()
+            .push((peer, stage));
+    }
+    by_model
+        .into_iter()
+        .map(|(model, mut stages)| {
+            stages.sort_by(|(pa, a), (pb, b)| {
+                (a.layers.start, a.layers.end, pa).cmp(&(b.layers.start, b.layers.end, pb))
+            });
+            // Only the stages of one file and one block count chain together.
+            let chain_of = |sha256: &str, total: usize| {
+                let ranges: Vec<LayerRange> = stages
+                    .iter()
+                    .filter(|(_, s)| s.sha256 == sha256 && s.total_layers == total)
+                    .map(|(_, s)| s.layers)
+                    .collect();
+                coverage::chains(&ranges, total)
+            };
+            let complete = stages
+                .iter()
+                .any(|(_, s)| chain_of(&s.sha256, s.total_layers));
+            let total_layers = stages
+                .iter()
+                .find(|(_, s)| !complete || chain_of(&s.sha256, s.total_layers))
+                .map_or(0, |(_, s)| s.total_layers);
+            let stages = stages
+                .into_iter()
+                .map(|(peer, s)| ModelStage {
+                    peer,
+                    layers: s.layers.to_string(),
+                    sha256: s.sha256,
+                })
+                .collect();
+            (
+                model,
+                ModelPipeline {
+                    total_layers,
+                    complete,
+                    stages,
+                },
+            )
+        })
+        .collect()
 }
 
 /// The mesh's peer table, re-read a few times a second: what routing to peers needs, for a
@@ -220,9 +297,6 @@ fn is_head(caps: &crate::mesh::Capabilities, model: &str) -> bool {
         .any(|s| s.model == model && s.layers.start == 0 && s.layers.end < s.total_layers)
 }
 
-/// Peers that announce `model` and a ready API, best first: connected peers before ones only
-/// heard of, then pods holding the whole model before pipeline heads, then fewest requests
-/// per slot, then lowest round-trip time.
 /// Peers that announce `model` and a ready API and serve `local`, best first: connected peers
 /// before ones only heard of, then pods holding the whole model before pipeline heads, then
 /// fewest requests per slot, then lowest round-trip time.
@@ -280,10 +354,15 @@ impl Backend for NodeBackend {
                                 info: info.clone(),
                                 providers: 1,
                                 owned_by: p.peer_id.to_string(),
+                                pipeline: None,
                             });
                     }
                 }
             }
+        }
+        let mut pipelines = pipelines(self.announced_stages());
+        for (name, entry) in &mut by_name {
+            entry.pipeline = pipelines.remove(name);
         }
         by_name.into_values().collect()
     }
@@ -311,11 +390,14 @@ impl Backend for NodeBackend {
         if self.route == Route::Local {
             return Err(EngineError::UnknownModel(req.model));
         }
-        let (peer, events) = self.infer.generate(req).await?;
-        Ok(Generation {
-            events,
-            served_by: peer.to_string(),
-        })
+        let (peer, stages, events) = self.infer.generate_staged(req).await?;
+        // The serving pod, then the stages after it where it heads a pipeline.
+        let served_by = std::iter::once(peer)
+            .chain(stages)
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join(", ");
+        Ok(Generation { events, served_by })
     }
 
     async fn embed(&self, req: EmbedRequest) -> Result<Embeddings, EngineError> {
@@ -494,5 +576,43 @@ fn view_of(
         invalid: counts.invalid,
         torn: counts.torn,
         has_more,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stage(model: &str, sha256: &str, layers: &str) -> StageAnnouncement {
+        StageAnnouncement {
+            model: model.into(),
+            sha256: sha256.into(),
+            layers: LayerRange::parse(layers).unwrap(),
+            total_layers: 30,
+        }
+    }
+
+    #[test]
+    fn a_split_model_lists_its_stages_and_whether_they_chain() {
+        let listed = pipelines(vec![
+            ("tail".into(), stage("m", "a", "15-29")),
+            ("head".into(), stage("m", "a", "0-14")),
+            ("other".into(), stage("n", "a", "0-14")),
+            // Another file's stage never completes a chain of this one's.
+            ("stranger".into(), stage("n", "b", "15-29")),
+        ]);
+        let m = &listed["m"];
+        assert!(m.complete);
+        assert_eq!(m.total_layers, 30);
+        let stages: Vec<(&str, &str)> = m
+            .stages
+            .iter()
+            .map(|s| (s.peer.as_str(), s.layers.as_str()))
+            .collect();
+        assert_eq!(stages, [("head", "0-14"), ("tail", "15-29")]);
+        let n = &listed["n"];
+        assert!(!n.complete);
+        assert_eq!(n.stages.len(), 2);
+        assert_eq!(n.stages[1].sha256, "b");
     }
 }

@@ -9,8 +9,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
+use bytesize::ByteSize;
 use libp2p::{Multiaddr, PeerId};
-use pod_inference::model::stage::LayerRange;
 use pod_inference::DeviceSpec;
 use serde::{Deserialize, Deserializer};
 
@@ -18,6 +18,7 @@ use crate::access::ServeTo;
 use crate::backend::Route;
 use crate::mesh::capability::MAX_TRUSTED;
 use crate::profile::Profile;
+use crate::stage::placement::StageLayers;
 
 mod api_host;
 mod layer;
@@ -47,9 +48,12 @@ pub struct FileConfig {
     /// `--device`.
     #[serde(default, deserialize_with = "parsed")]
     pub device: Option<DeviceSpec>,
-    /// `--layers`: the blocks this pod serves as a pipeline stage, e.g. `"0-14"`.
+    /// `--layers`: the blocks this pod serves as a pipeline stage, e.g. `"0-14"`, or `"auto"`.
     #[serde(default, deserialize_with = "parsed")]
-    pub layers: Option<LayerRange>,
+    pub layers: Option<StageLayers>,
+    /// `--max-memory`: what a stage with `layers = "auto"` may fill, e.g. `"3GiB"`.
+    #[serde(default, deserialize_with = "parsed")]
+    pub max_memory: Option<ByteSize>,
     /// `--max-batch`, at least 1.
     pub max_batch: Option<usize>,
     /// `--max-queue`.

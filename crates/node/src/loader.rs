@@ -170,21 +170,17 @@ pub fn load_into(
 /// Loads blocks `range` of a resolved GGUF chat model as a pipeline stage: as the model's
 /// head (a chat model in the engine, the later blocks run by the stages the mesh announces)
 /// where the range starts at block 0, else as a stage served to heads by `stages`. The whole
-/// range is an ordinary load.
+/// range is an ordinary load. `sha256` is the file's, where already computed.
 pub fn load_stage(
     engine: &EngineHandle,
     model: &ResolvedModel,
     range: LayerRange,
+    sha256: Option<String>,
     stages: &StageHost,
     mesh: &mesh::Client,
     runtime: tokio::runtime::Handle,
 ) -> Result<(), ResolveError> {
-    if model.format != ModelFormat::Gguf {
-        return Err(ResolveError::Stage(format!(
-            "{} is not a chat model: only GGUF chat models run as pipeline stages",
-            model.name
-        )));
-    }
+    check_stage_format(model)?;
     let started = Instant::now();
     let (_, total) = stage::block_count(&model.path)?;
     if range.end > total {
@@ -198,8 +194,10 @@ pub fn load_stage(
         load_into(engine, model, &Placement::cpu())?;
         return Ok(());
     }
-    let sha256 = crate::store::sha256_file(&model.path)
-        .map_err(|e| ResolveError::Stage(format!("cannot read {}: {e}", model.path.display())))?;
+    let sha256 = match sha256 {
+        Some(sha256) => sha256,
+        None => stage_sha256(model)?,
+    };
     let announcement = StageAnnouncement {
         model: model.name.clone(),
         sha256: sha256.clone(),
@@ -233,6 +231,23 @@ pub fn load_stage(
         ms = started.elapsed().as_millis() as u64,
         "pipeline stage loaded"
     );
+    Ok(())
+}
+
+/// The SHA-256 of a model file to serve blocks of, which names it to the other stages.
+pub fn stage_sha256(model: &ResolvedModel) -> Result<String, ResolveError> {
+    check_stage_format(model)?;
+    crate::store::sha256_file(&model.path)
+        .map_err(|e| ResolveError::Stage(format!("cannot read {}: {e}", model.path.display())))
+}
+
+fn check_stage_format(model: &ResolvedModel) -> Result<(), ResolveError> {
+    if model.format != ModelFormat::Gguf {
+        return Err(ResolveError::Stage(format!(
+            "{} is not a chat model: only GGUF chat models run as pipeline stages",
+            model.name
+        )));
+    }
     Ok(())
 }
 

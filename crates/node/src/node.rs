@@ -32,7 +32,7 @@ use crate::receipts::Ledger;
 use crate::remote::server::{InferServer, ServerConfig};
 use crate::stage::server::StageHost;
 use crate::store::ModelStore;
-use load::ModelLoad;
+use load::{auto_settle, ModelLoad};
 use signals::notify_systemd;
 
 /// A started node: its API and mesh are up and its models are loading. Run it with
@@ -109,7 +109,8 @@ impl Node {
                 None
             }
         };
-        let infer = InferServer::new(
+        let stages = StageHost::new();
+        let infer = InferServer::with_stages(
             engine.clone(),
             opts.identity.keypair().clone(),
             ledger.clone(),
@@ -118,9 +119,9 @@ impl Node {
                 access: opts.access.clone(),
                 ..ServerConfig::default()
             },
+            Arc::clone(&stages),
         );
         background.push(tokio::spawn(infer.run(mesh.streams())));
-        let stages = StageHost::new();
         background.push(tokio::spawn(Arc::clone(&stages).run(mesh.streams())));
         if opts.access.serve_to == crate::access::ServeTo::Trusted {
             tracing::info!(
@@ -233,6 +234,8 @@ impl Node {
                 },
                 blobs,
                 layers: opts.layers,
+                max_memory: opts.max_memory,
+                settle: auto_settle(opts.mesh.announce_interval),
                 stages,
             }
             .run(),
@@ -398,6 +401,7 @@ mod tests {
             placement: Placement::cpu(),
             device_name: "none".to_owned(),
             layers: None,
+            max_memory: None,
             engine: EngineConfig::default(),
             pull: false,
             grace: Duration::from_secs(5),

@@ -126,12 +126,21 @@ impl Request {
     }
 }
 
+/// Most stages a head names in [`Frame::Stages`].
+pub const MAX_STAGES: usize = 32;
+
 /// What a server sends back.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Frame {
     /// The request passed the checks and is queued.
     Accepted,
+    /// Sent before [`Frame::Accepted`] by a pipeline head: the pods running the later blocks
+    /// of the model for this answer, in order (at most [`MAX_STAGES`]).
+    Stages {
+        /// Their peer ids.
+        peers: Vec<String>,
+    },
     /// Nothing new, the server is still working (sent at least every second).
     Heartbeat,
     /// New text and tokens.

@@ -20,6 +20,8 @@
 //! f32 is sent as is: what a stage computes is bit-identical to the whole model's.
 
 pub mod client;
+pub mod coverage;
+pub mod placement;
 pub mod server;
 
 use futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};

@@ -524,6 +524,54 @@ fn dry_run_shows_a_pipeline_stage_and_refuses_layers_of_several_models() {
         json_args.push("--json");
         assert_eq!(json_of(&pod_at(home.path(), &json_args))["layers"], layers);
     }
+    // auto cannot hear the mesh in a dry run: it says so, and what it would take alone.
+    common::model_path("smollm2-135m-instruct");
+    let models = common::test_home()
+        .join("models")
+        .to_string_lossy()
+        .into_owned();
+    for (memory, shown, outcome) in [
+        (
+            "100MB",
+            "95.4 MiB",
+            "alone in the mesh it would take blocks 0-",
+        ),
+        (
+            "1GiB",
+            "1.0 GiB",
+            "alone in the mesh it would take blocks 0-29 of 30",
+        ),
+        (
+            "1MB",
+            "976.6 KiB",
+            "--max-memory 1000000 bytes holds no block this pod could serve",
+        ),
+    ] {
+        let args = [
+            "--models-dir",
+            &models,
+            "start",
+            "--dry-run",
+            "--layers",
+            "auto",
+            "--max-memory",
+            memory,
+            "--model",
+            "smollm2-135m-instruct",
+        ];
+        let out = pod_at(home.path(), &args);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(out.status.success(), "{}", stderr(&out));
+        assert!(
+            text.contains(&format!(
+                "stage     blocks decided at start (--layers auto): those the mesh's pods cover \
+                 least, as many as fit in {shown} (--max-memory), on the CPU; {outcome}"
+            )),
+            "{text}"
+        );
+    }
+    let bad = pod_at(home.path(), &["start", "--dry-run", "--layers", "most"]);
+    assert_one_line_error(&bad, "(or auto)");
 }
 
 #[test]

@@ -207,6 +207,40 @@ async fn garbage_frames_fail_over_to_an_honest_peer() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_names_its_stages_and_one_naming_garbage_is_passed_over() {
+    // A head naming its stages: they come back with the serving peer.
+    let stage = PeerId::random();
+    let (head, head_addr, _) = rogue(move |_req, mut wr, _k| async move {
+        let peers = vec![stage.to_string()];
+        let _ = write_frame(&mut wr, &Frame::Stages { peers }).await;
+        let _ = write_frame(&mut wr, &Frame::Accepted).await;
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    })
+    .await;
+    let (_r, infer, _) = requester(&[(head, head_addr)]).await;
+    let (peer, stages, events) = infer.generate_staged(greedy(4)).await.unwrap();
+    assert_eq!((peer, stages), (head, vec![stage]));
+    drop(events);
+
+    // Names that are not peer ids: the request goes to another pod.
+    let (g, g_addr, _) = rogue(|_req, mut wr, _k| async move {
+        let peers = vec!["not a peer".to_owned()];
+        let _ = write_frame(&mut wr, &Frame::Stages { peers }).await;
+        let _ = write_frame(&mut wr, &Frame::Accepted).await;
+        tokio::time::sleep(Duration::from_secs(30)).await;
+    })
+    .await;
+    let (h, h_addr, _) = honest(ServerConfig::default()).await;
+    let (_r, infer, _) = requester(&[(g, g_addr), (h.peer_id(), h_addr)]).await;
+    let (peer, stages, events) = infer.generate_staged(greedy(8)).await.unwrap();
+    assert_eq!(peer, h.peer_id());
+    assert!(stages.is_empty());
+    let (text, _, err) = drain(events).await;
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(text, local_answer(8).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_receipt_that_lies_about_token_counts_is_rejected() {
     let (l, l_addr, _) = rogue(|req, mut wr, key| async move {
         let Request::Generate { id, .. } = req else {

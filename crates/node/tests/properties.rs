@@ -181,6 +181,7 @@ fn frame() -> impl Strategy<Value = Frame> {
     prop_oneof![
         Just(Frame::Accepted),
         Just(Frame::Heartbeat),
+        prop::collection::vec(text(), 0..4).prop_map(|peers| Frame::Stages { peers }),
         (
             text(),
             prop::collection::vec(any::<u32>(), 0..8),

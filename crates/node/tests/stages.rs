@@ -167,15 +167,110 @@ fn wait_for_stage(head: &PodProcess, peer: &str, layers: &str) {
     });
 }
 
+/// Memory for blocks 15-29 of the chat model as `--layers auto` sizes them (from the sizes a
+/// dry run reports), with a little to spare: not enough for the whole model.
+fn memory_for_the_last_15_blocks() -> u64 {
+    let home = tempfile::tempdir().expect("temp home");
+    let out = common::process::pod_command(home.path())
+        .args([
+            "start",
+            "--dry-run",
+            "--json",
+            "--model",
+            CHAT,
+            "--layers",
+            "auto",
+        ])
+        .args(["--max-memory", "64GiB"])
+        .output()
+        .expect("pod start --dry-run");
+    let plan: Value =
+        serde_json::from_str(&common::process::stdout_of_success(&out)).expect("dry-run json");
+    let auto = &plan["auto_layers"];
+    assert_eq!(auto["decided"], "at start", "{plan}");
+    assert_eq!(auto["max_memory"], 64u64 << 30);
+    let sizes = &auto["sizes"];
+    let n = |v: &Value| {
+        v.as_u64()
+            .unwrap_or_else(|| panic!("not a number in {sizes}"))
+    };
+    let blocks: Vec<u64> = sizes["blocks"]
+        .as_array()
+        .expect("blocks")
+        .iter()
+        .map(n)
+        .collect();
+    assert_eq!(blocks.len(), 30);
+    let head = n(&sizes["output_norm"])
+        + sizes["output"]
+            .as_u64()
+            .unwrap_or_else(|| n(&sizes["embeddings"]));
+    let cache = n(&sizes["kv_per_position"]) * n(&sizes["kv_positions"]);
+    let tail: u64 = blocks[15..].iter().map(|b| b + cache).sum::<u64>() + head;
+    // A block of spare is not a block more.
+    tail + blocks[14] / 2
+}
+
 #[test]
-fn two_stages_behind_a_front_door_answer_like_one_whole_pod() {
+fn two_stages_one_placed_by_layers_auto_behind_a_front_door_answer_like_one_whole_pod() {
     // The reference: a whole-model pod on a mesh of its own.
     let whole = pod(&["--profile", "inference", "--model", CHAT]);
-    let tail = stage("15-29", None);
-    let head = stage("0-14", Some(&tail.tcp_addr()));
+    let head = stage("0-14", None);
+    // The second stage chooses its blocks: the ones no pod serves, as many as fit.
+    let memory = memory_for_the_last_15_blocks().to_string();
+    let tail = pod(&[
+        "--profile",
+        "inference",
+        "--model",
+        CHAT,
+        "--layers",
+        "auto",
+        "--max-memory",
+        &memory,
+        "--bootstrap",
+        &head.tcp_addr(),
+    ]);
     let front = pod(&["--profile", "relay", "--bootstrap", &tail.tcp_addr()]);
     wait_for_stage(&head, &tail.peer_id, "15-29");
+    assert!(
+        tail.log()
+            .contains("--layers auto chose blocks 15-29 of 30"),
+        "{}",
+        tail.log()
+    );
     wait_for_model(&front);
+
+    // The front door, which holds no block, lists the model with the pods serving its
+    // blocks, and that they chain over all of them.
+    let listed = wait_until(MESH_TIMEOUT, "the model's stages are listed", || {
+        let models = front.get("/v1/models");
+        let model = models["data"]
+            .as_array()?
+            .iter()
+            .find(|m| m["id"] == CHAT)?
+            .clone();
+        (model["pipeline"]["complete"] == true).then_some(model)
+    });
+    assert_eq!(listed["pipeline"]["total_layers"], 30, "{listed}");
+    let stages: Vec<(&str, &str)> = listed["pipeline"]["stages"]
+        .as_array()
+        .expect("stages")
+        .iter()
+        .map(|s| (s["peer"].as_str().unwrap(), s["layers"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        stages,
+        [
+            (head.peer_id.as_str(), "0-14"),
+            (tail.peer_id.as_str(), "15-29")
+        ]
+    );
+    // A whole-model pod's listing has no pipeline.
+    let whole_models = whole.get("/v1/models");
+    assert!(
+        whole_models["data"][0].get("pipeline").is_none(),
+        "{whole_models}"
+    );
 
     let prompt = "Write one sentence about the sea.";
     let (status, _, want) = chat(&whole, &body(prompt, 24, false));
@@ -183,10 +278,11 @@ fn two_stages_behind_a_front_door_answer_like_one_whole_pod() {
     let (want_text, want_logprobs) = answer(&want);
     assert!(!want_text.is_empty());
 
-    // Through the front door: served by the head, which names its stages when asked directly.
+    // Through the front door: served by the head, which names its stages to the front door
+    // as to its own API.
     let (status, served, got) = chat(&front, &body(prompt, 24, false));
     assert_eq!(status, 200, "{got}\n{}", head.log());
-    assert_eq!(served, head.peer_id);
+    assert_eq!(served, format!("{}, {}", head.peer_id, tail.peer_id));
     let (text, logprobs) = answer(&got);
     assert_eq!(text, want_text);
     assert_eq!(logprobs, want_logprobs);

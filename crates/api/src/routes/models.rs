@@ -29,6 +29,7 @@ fn object<B>(state: &AppState<B>, m: ModelEntry) -> ModelObject {
         quantization: m.info.quantization,
         context_length: m.info.context_length,
         providers: m.providers,
+        pipeline: m.pipeline,
     }
 }
 

@@ -98,6 +98,96 @@ pub fn block_count(path: &Path) -> Result<(String, usize), LoadError> {
     Ok((arch, blocks))
 }
 
+/// What each part of a GGUF chat model takes in memory on a stage, from its tensor directory:
+/// what `--layers auto` sizes a range of blocks by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StageSizes {
+    /// Bytes of each block's tensors, block 0 first.
+    pub blocks: Vec<u64>,
+    /// Bytes of the token embeddings (`token_embd.weight`).
+    pub embeddings: u64,
+    /// Bytes of the output norm (`output_norm.weight`).
+    pub output_norm: u64,
+    /// Bytes of the output head (`output.weight`); `None` where the model has none and the
+    /// embedding table is the head (tied), so the last stage holds that table.
+    pub output: Option<u64>,
+    /// Bytes of attention cache one position takes in one block: keys and values, as f32.
+    pub kv_per_position: u64,
+}
+
+impl StageSizes {
+    /// Reads the sizes of the model at `path`.
+    pub fn read(path: &Path) -> Result<Self, LoadError> {
+        let file = GgufFile::open(path)?;
+        let arch = file.architecture()?;
+        let total = blocks_of(&file, &arch)?;
+        let md = |key: &str| file.uint(&format!("{arch}.{key}"));
+        let missing = |key: &str| LoadError::Metadata {
+            key: format!("{arch}.{key}"),
+        };
+        let heads = md("attention.head_count").ok_or_else(|| missing("attention.head_count"))?;
+        let kv_heads = md("attention.head_count_kv").unwrap_or(heads);
+        let hidden = md("embedding_length").ok_or_else(|| missing("embedding_length"))?;
+        let head_dim = md("attention.key_length").unwrap_or(hidden / heads.max(1));
+        let mut sizes = Self {
+            blocks: vec![0; total],
+            embeddings: 0,
+            output_norm: 0,
+            output: None,
+            kv_per_position: 2 * kv_heads * head_dim * 4,
+        };
+        for (name, info) in &file.content.tensor_infos {
+            let dtype = info.ggml_dtype;
+            let bytes =
+                (info.shape.elem_count() / dtype.block_size().max(1) * dtype.type_size()) as u64;
+            let block = name
+                .strip_prefix("blk.")
+                .and_then(|rest| rest.split_once('.'))
+                .and_then(|(n, _)| n.parse::<usize>().ok());
+            match (block, name.as_str()) {
+                (Some(i), _) => {
+                    if let Some(b) = sizes.blocks.get_mut(i) {
+                        *b += bytes;
+                    }
+                }
+                (None, "token_embd.weight") => sizes.embeddings += bytes,
+                (None, "output_norm.weight") => sizes.output_norm += bytes,
+                (None, "output.weight") => sizes.output = Some(bytes),
+                // Other tensors (e.g. rope factors) are small; counted with the embeddings.
+                (None, _) => sizes.embeddings += bytes,
+            }
+        }
+        Ok(sizes)
+    }
+
+    /// Blocks of the whole model.
+    pub fn total_layers(&self) -> usize {
+        self.blocks.len()
+    }
+
+    /// Bytes a stage of blocks `range` holds, as the CPU decoder loads it (the embeddings on
+    /// the stage holding block 0, the output norm and head on the one holding the last),
+    /// with room for `kv_positions` cached positions in each block.
+    pub fn bytes(&self, range: LayerRange, kv_positions: u64) -> u64 {
+        let end = range.end.min(self.blocks.len());
+        let start = range.start.min(end);
+        let blocks: u64 = self.blocks[start..end].iter().sum();
+        let first = start == 0;
+        let last = end == self.blocks.len();
+        let embeddings = if first || (last && self.output.is_none()) {
+            self.embeddings
+        } else {
+            0
+        };
+        let head = if last {
+            self.output_norm + self.output.unwrap_or(0)
+        } else {
+            0
+        };
+        blocks + embeddings + head + self.kv_per_position * kv_positions * (end - start) as u64
+    }
+}
+
 fn blocks_of(file: &GgufFile, arch: &str) -> Result<usize, LoadError> {
     let key = format!("{arch}.block_count");
     file.uint(&key)
@@ -464,6 +554,46 @@ mod tests {
 
     fn range(start: usize, end: usize) -> LayerRange {
         LayerRange { start, end }
+    }
+
+    #[test]
+    fn stage_sizes_account_for_every_tensor_and_the_parts_each_stage_holds() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = model(dir.path());
+        let sizes = StageSizes::read(&path).unwrap();
+        assert_eq!(sizes.total_layers(), 4);
+        // The same formats in every block: the same size.
+        assert!(sizes.blocks[0] > 0);
+        assert!(sizes.blocks.iter().all(|b| *b == sizes.blocks[0]));
+        assert!(sizes.embeddings > 0 && sizes.output_norm > 0);
+        // Every tensor's bytes are counted once, and they all fit in the file.
+        let file = GgufFile::open(&path).unwrap();
+        let tensors: u64 = file
+            .content
+            .tensor_infos
+            .values()
+            .map(|i| {
+                (i.shape.elem_count() / i.ggml_dtype.block_size() * i.ggml_dtype.type_size()) as u64
+            })
+            .sum();
+        let whole = sizes.bytes(range(0, 4), 0);
+        let tied = sizes.output.is_none();
+        assert_eq!(whole, tensors);
+        assert!(whole <= std::fs::metadata(&path).unwrap().len());
+        let block = sizes.blocks[0];
+        assert_eq!(sizes.bytes(range(1, 3), 0), 2 * block);
+        assert_eq!(sizes.bytes(range(0, 2), 0), 2 * block + sizes.embeddings);
+        let head = sizes.output_norm + sizes.output.unwrap_or(sizes.embeddings);
+        assert_eq!(sizes.bytes(range(2, 4), 0), 2 * block + head);
+        if tied {
+            // The whole model holds its embedding table once.
+            assert_eq!(whole, 4 * block + sizes.embeddings + sizes.output_norm);
+        }
+        // The attention cache: keys and values of every KV head, f32, per position and block.
+        let shape = shapes::shape("tiny", "q8_0").unwrap();
+        let kv = 2 * (shape.kv_heads * shape.head_dim() * 4) as u64;
+        assert_eq!(sizes.kv_per_position, kv);
+        assert_eq!(sizes.bytes(range(1, 3), 10), 2 * block + 2 * 10 * kv);
     }
 
     #[test]

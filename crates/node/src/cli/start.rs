@@ -72,6 +72,7 @@ pub(crate) fn exec(
         placement: plan.placement.unwrap_or_else(Placement::cpu),
         device_name: plan.device_name,
         layers: args.layers,
+        max_memory: args.max_memory.map(|b| b.as_u64()),
         engine: EngineConfig {
             max_active: args.max_batch.max(1),
             max_queue: args.max_queue,

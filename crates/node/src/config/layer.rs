@@ -131,6 +131,7 @@ settings! {
     pull <- no_pull => args.no_pull, not;
     device <- device => args.device, same;
     layers <- layers => args.layers, Some;
+    max_memory <- max_memory => args.max_memory, Some;
     max_batch <- max_batch => args.max_batch, same;
     max_queue <- max_queue => args.max_queue, same;
     threads <- threads => threads, Some;
@@ -213,6 +214,28 @@ mod tests {
         assert_eq!(s.args.max_queue, 256);
         assert_eq!(sources["max_queue"], Source::Default);
         assert_eq!(sources.len(), KEYS.len(), "every key has a row");
+    }
+
+    #[test]
+    fn layers_auto_and_max_memory_come_from_flags_variables_or_the_file() {
+        use crate::stage::placement::StageLayers;
+        let (mut s, m) = parse(&["start", "--layers", "auto", "--max-memory", "3GiB"]);
+        s.layer(FileConfig::default(), &m);
+        assert_eq!(s.args.layers, Some(StageLayers::Auto));
+        assert_eq!(s.args.max_memory.map(|b| b.as_u64()), Some(3 << 30));
+        let file: FileConfig = toml::from_str("layers = \"auto\"\nmax_memory = \"800MB\"").unwrap();
+        let (mut s, m) = parse(&["start"]);
+        let sources = s.layer(file, &m);
+        assert_eq!(s.args.layers, Some(StageLayers::Auto));
+        assert_eq!(s.args.max_memory.map(|b| b.as_u64()), Some(800_000_000));
+        assert_eq!(sources["max_memory"], Source::Config);
+        let cmd = StartArgs::augment_args(Command::new("start"));
+        for bad in [
+            &["start", "--layers", "most"][..],
+            &["start", "--max-memory", "lots"][..],
+        ] {
+            assert!(cmd.clone().try_get_matches_from(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -2,15 +2,16 @@
 
 use std::path::PathBuf;
 
+use bytesize::ByteSize;
 use clap::Args;
 use libp2p::{Multiaddr, PeerId};
-use pod_inference::model::stage::LayerRange;
 use pod_inference::DeviceSpec;
 
 use super::ApiHost;
 use crate::access::ServeTo;
 use crate::backend::Route;
 use crate::profile::Profile;
+use crate::stage::placement::StageLayers;
 
 /// The flags of `pod start`; `pod start --help` says where else each can come from.
 #[derive(Debug, Args)]
@@ -71,9 +72,15 @@ pub struct StartArgs {
     /// 30-block model: the pod loads just those blocks' weights (plus the embeddings on the
     /// first stage and the output head on the last) and announces them. The stage holding
     /// block 0 serves the model's API and runs the other blocks on the pods the mesh
-    /// announces for them; it needs exactly one --model. Runs on the CPU.
-    #[arg(long, value_name = "FIRST-LAST", env = "POD_LAYERS")]
-    pub layers: Option<LayerRange>,
+    /// announces for them; it needs exactly one --model. Runs on the CPU. `auto`: at start,
+    /// after a few seconds learning the mesh, the blocks its pods cover least, as many as fit
+    /// in --max-memory (all of them: the whole model).
+    #[arg(long, value_name = "FIRST-LAST|auto", env = "POD_LAYERS")]
+    pub layers: Option<StageLayers>,
+    /// Memory a stage with --layers auto may fill with weights and attention caches, e.g.
+    /// 3GiB or 800MB (default: what the system has available at start, MemAvailable).
+    #[arg(long, value_name = "BYTES", env = "POD_MAX_MEMORY")]
+    pub max_memory: Option<ByteSize>,
     /// Sequences generated at once; further requests queue.
     #[arg(long, default_value_t = 8, env = "POD_MAX_BATCH",
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]

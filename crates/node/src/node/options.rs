@@ -6,7 +6,6 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use pod_api::{ApiConfig, ApiKeys};
-use pod_inference::model::stage::LayerRange;
 use pod_inference::{EngineConfig, Placement};
 
 use super::NodeError;
@@ -15,6 +14,7 @@ use crate::backend::Route;
 use crate::identity::Identity;
 use crate::mesh::MeshConfig;
 use crate::profile::Profile;
+use crate::stage::placement::StageLayers;
 
 /// How to run a node.
 #[derive(Debug, Clone)]
@@ -42,9 +42,11 @@ pub struct StartOptions {
     /// The device models run on, e.g. `cpu`, `rocm:0` or `cuda:0`, for announcements and
     /// `pod status`; `none` without models.
     pub device_name: String,
-    /// The blocks of the (single) model this node serves as a pipeline stage; `None`: whole
-    /// models.
-    pub layers: Option<LayerRange>,
+    /// The blocks of the (single) model this node serves as a pipeline stage, or `auto`;
+    /// `None`: whole models.
+    pub layers: Option<StageLayers>,
+    /// Bytes a stage with `--layers auto` may fill (`None`: what the system has available).
+    pub max_memory: Option<u64>,
     /// Engine limits.
     pub engine: EngineConfig,
     /// Pull missing catalogued models.

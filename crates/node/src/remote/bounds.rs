@@ -141,7 +141,7 @@ impl AnswerBounds {
                 self.text_bytes = bytes;
                 tokens.len()
             }
-            Frame::Accepted | Frame::Heartbeat | Frame::Progress { .. } => 0,
+            Frame::Accepted | Frame::Stages { .. } | Frame::Heartbeat | Frame::Progress { .. } => 0,
             // The last frame: nothing follows to bound.
             Frame::Done { .. } | Frame::Embeddings { .. } | Frame::Error(_) => return Ok(()),
         };

@@ -14,7 +14,7 @@ use pod_inference::{
 };
 use tokio::sync::mpsc;
 
-use super::{Frame, Request, MAX_FRAME_BYTES, PROTOCOL};
+use super::{Frame, Request, MAX_FRAME_BYTES, MAX_STAGES, PROTOCOL};
 use crate::receipts::{Ledger, Role, SignedReceipt};
 use crate::remote::bounds::{AnswerBounds, Broken};
 use crate::wire::{read_frame, write_frame};
@@ -83,6 +83,8 @@ type Writer = WriteHalf<libp2p::Stream>;
 /// A request a peer accepted.
 struct Session {
     peer: PeerId,
+    /// The pods running the later blocks of the model, where the peer is a pipeline head.
+    stages: Vec<PeerId>,
     rd: Reader,
     // Kept open: closing it tells the server to stop.
     _wr: Writer,
@@ -146,13 +148,36 @@ impl InferClient {
             write_frame(&mut wr, request)
                 .await
                 .map_err(|e| EngineError::Unavailable(format!("peer {peer}: {e}")))?;
-            match read_frame::<_, Frame>(&mut rd, MAX_FRAME_BYTES).await {
-                Ok(Frame::Accepted) => Ok(Session { peer, rd, _wr: wr }),
-                Ok(Frame::Error(e)) => Err(e),
-                Ok(_) => Err(EngineError::Unavailable(format!(
-                    "peer {peer} answered before accepting the request"
-                ))),
-                Err(e) => Err(EngineError::Unavailable(format!("peer {peer}: {e}"))),
+            let mut stages = None;
+            loop {
+                match read_frame::<_, Frame>(&mut rd, MAX_FRAME_BYTES).await {
+                    Ok(Frame::Accepted) => {
+                        return Ok(Session {
+                            peer,
+                            stages: stages.unwrap_or_default(),
+                            rd,
+                            _wr: wr,
+                        })
+                    }
+                    // Once, before the acceptance, naming at most MAX_STAGES valid peers.
+                    Ok(Frame::Stages { peers }) if stages.is_none() => {
+                        let parsed: Option<Vec<PeerId>> = (peers.len() <= MAX_STAGES)
+                            .then(|| peers.iter().map(|p| p.parse().ok()).collect())
+                            .flatten();
+                        stages = Some(parsed.ok_or_else(|| {
+                            EngineError::Unavailable(format!(
+                                "peer {peer} named its stages wrongly"
+                            ))
+                        })?);
+                    }
+                    Ok(Frame::Error(e)) => return Err(e),
+                    Ok(_) => {
+                        return Err(EngineError::Unavailable(format!(
+                            "peer {peer} answered before accepting the request"
+                        )))
+                    }
+                    Err(e) => return Err(EngineError::Unavailable(format!("peer {peer}: {e}"))),
+                }
             }
         };
         tokio::time::timeout(self.config.open_timeout, attempt)
@@ -211,6 +236,17 @@ impl InferClient {
         &self,
         request: GenerateRequest,
     ) -> Result<(PeerId, mpsc::Receiver<GenerateEvent>), EngineError> {
+        self.generate_staged(request)
+            .await
+            .map(|(peer, _, events)| (peer, events))
+    }
+
+    /// [`generate`](Self::generate), also returning the pods running the later blocks of the
+    /// model where the serving peer is a pipeline head (empty otherwise).
+    pub async fn generate_staged(
+        &self,
+        request: GenerateRequest,
+    ) -> Result<(PeerId, Vec<PeerId>, mpsc::Receiver<GenerateEvent>), EngineError> {
         let id = uuid::Uuid::new_v4().to_string();
         let mut tried = Vec::new();
         let session = self
@@ -224,10 +260,11 @@ impl InferClient {
             )
             .await?;
         let peer = session.peer;
+        let stages = session.stages.clone();
         let (tx, rx) = mpsc::channel(pod_inference::engine::types::EVENT_QUEUE);
         let client = self.clone();
         tokio::spawn(async move { client.drive(id, request, session, tried, tx).await });
-        Ok((peer, rx))
+        Ok((peer, stages, rx))
     }
 
     /// Streams a session's frames to `tx`, failing over when the peer goes away.
@@ -339,7 +376,7 @@ impl InferClient {
                 return Err(self.misbehaved(session.peer, &broken));
             }
             match frame {
-                Frame::Accepted | Frame::Heartbeat => {}
+                Frame::Accepted | Frame::Stages { .. } | Frame::Heartbeat => {}
                 Frame::Delta {
                     text,
                     tokens,

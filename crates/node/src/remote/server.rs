@@ -16,6 +16,7 @@ use pod_inference::{
 use super::{Frame, Request, MAX_REQUEST_BYTES, PROTOCOL};
 use crate::access::Access;
 use crate::receipts::{Ledger, Receipt, Role, SignedReceipt};
+use crate::stage::server::StageHost;
 use crate::wire::{encode_frame, read_frame, write_frame};
 
 /// Bytes of a frame written at a time, each within the write timeout.
@@ -115,6 +116,7 @@ pub struct InferServer {
     config: ServerConfig,
     peers: Mutex<PeerTable>,
     stats: ServerStats,
+    stages: Arc<StageHost>,
 }
 
 /// Releases a peer's concurrency slot when a request ends.
@@ -151,6 +153,18 @@ impl InferServer {
         ledger: Option<Arc<Ledger>>,
         config: ServerConfig,
     ) -> Arc<Self> {
+        Self::with_stages(engine, key, ledger, config, StageHost::new())
+    }
+
+    /// [`new`](Self::new), for a node whose pipeline heads are in `stages`: answers of a
+    /// model it heads name the stages that run its later blocks ([`Frame::Stages`]).
+    pub fn with_stages(
+        engine: EngineHandle,
+        key: Keypair,
+        ledger: Option<Arc<Ledger>>,
+        config: ServerConfig,
+        stages: Arc<StageHost>,
+    ) -> Arc<Self> {
         Arc::new(Self {
             engine,
             key,
@@ -161,6 +175,7 @@ impl InferServer {
                 pruned_at: Instant::now(),
             }),
             stats: ServerStats::default(),
+            stages,
         })
     }
 
@@ -398,6 +413,18 @@ impl InferServer {
                 return;
             }
         };
+        if let Some(head) = self.stages.head(&model) {
+            let peers: Vec<String> = head
+                .chain_or_plan()
+                .await
+                .iter()
+                .take(super::MAX_STAGES)
+                .map(|hop| hop.peer.to_string())
+                .collect();
+            if !peers.is_empty() && self.send(&mut wr, &Frame::Stages { peers }).await.is_err() {
+                return;
+            }
+        }
         if self.send(&mut wr, &Frame::Accepted).await.is_err() {
             return;
         }

@@ -6,8 +6,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
+use bytesize::ByteSize;
 use libp2p::Multiaddr;
 use pod_inference::gpu::devices::{self, Backend};
+use pod_inference::model::stage::StageSizes;
 use pod_inference::{DeviceSpec, Placement};
 use pod_node::catalogue;
 use pod_node::config::{self, Source, Sources, StartArgs};
@@ -17,6 +19,7 @@ use pod_node::mesh::mesh_key::{read_mesh_key, readable_by_others};
 use pod_node::mesh::{is_quic, MeshConfig};
 use pod_node::node;
 use pod_node::profile::{self, HostResources, Profile};
+use pod_node::stage::placement::{self, StageLayers};
 use pod_node::store::{ModelFormat, ModelStore};
 
 /// What `pod start` would run, from the layered settings: everything but the bound sockets.
@@ -31,6 +34,22 @@ pub(super) struct Plan {
     /// The address the API binds: `--api-host`, resolved when it is a name.
     pub(super) api_host: IpAddr,
     pub(super) mesh: MeshConfig,
+    /// What `--layers auto` can tell before it hears the mesh; `None` without it.
+    pub(super) auto_layers: Option<AutoLayers>,
+}
+
+/// What `--layers auto` can tell before it hears the mesh: the memory it may fill and, when
+/// the model file is on disk, its sizes and the blocks it would take in an empty mesh.
+#[derive(Debug)]
+pub(super) struct AutoLayers {
+    /// Bytes it may fill, when known.
+    pub(super) budget: Option<u64>,
+    /// Where that comes from.
+    pub(super) budget_from: &'static str,
+    /// The model's sizes, when its file is on disk.
+    pub(super) sizes: Option<StageSizes>,
+    /// The blocks it would take alone, or why none fit.
+    pub(super) alone: Option<Result<placement::Choice, placement::PlacementError>>,
 }
 
 /// A model `pod start` would load.
@@ -65,6 +84,10 @@ pub(super) fn plan(store: &ModelStore, args: &StartArgs, home: &Path) -> Result<
             bail!("--layers {range} serves blocks of one model: give exactly one --model");
         }
     }
+    let auto_layers = match (args.layers, names.first()) {
+        (Some(StageLayers::Auto), Some(name)) => Some(auto_layers(store, name, args)?),
+        _ => None,
+    };
     let mut models = Vec::new();
     for name in names {
         models.push(plan_model(store, &name, !args.no_pull)?);
@@ -111,6 +134,35 @@ pub(super) fn plan(store: &ModelStore, args: &StartArgs, home: &Path) -> Result<
         placement,
         api_keys,
         api_host,
+        auto_layers,
+    })
+}
+
+/// What `--layers auto` can tell of model `name` before it hears the mesh.
+fn auto_layers(store: &ModelStore, name: &str, args: &StartArgs) -> Result<AutoLayers> {
+    let (budget, budget_from) = match args.max_memory {
+        Some(b) => (Some(b.as_u64()), "--max-memory"),
+        None => (placement::available_memory(), "available memory"),
+    };
+    let sizes = match loader::resolve(store, name, false) {
+        Ok(resolved) if resolved.format != ModelFormat::Gguf => {
+            bail!("--layers auto: {name} is not a chat model: only GGUF chat models run as pipeline stages")
+        }
+        Ok(resolved) => Some(
+            StageSizes::read(&resolved.path)
+                .with_context(|| format!("cannot read the sizes of {name}"))?,
+        ),
+        Err(_) => None,
+    };
+    let alone = sizes
+        .as_ref()
+        .zip(budget)
+        .map(|(s, b)| placement::choose(s, b, &[]));
+    Ok(AutoLayers {
+        budget,
+        budget_from,
+        sizes,
+        alone,
     })
 }
 
@@ -313,6 +365,30 @@ pub(super) fn bulk_listen(
     out
 }
 
+/// `--layers auto` in the JSON of a dry run.
+fn auto_layers_json(auto: &AutoLayers) -> serde_json::Value {
+    let (alone, error) = match &auto.alone {
+        Some(Ok(c)) => (Some(c.layers.to_string()), None),
+        Some(Err(e)) => (None, Some(e.to_string())),
+        None => (None, None),
+    };
+    serde_json::json!({
+        "decided": "at start",
+        "max_memory": auto.budget,
+        "max_memory_from": auto.budget_from,
+        "alone": alone,
+        "error": error,
+        "sizes": auto.sizes.as_ref().map(|s| serde_json::json!({
+            "blocks": s.blocks,
+            "embeddings": s.embeddings,
+            "output_norm": s.output_norm,
+            "output": s.output,
+            "kv_per_position": s.kv_per_position,
+            "kv_positions": placement::KV_POSITIONS,
+        })),
+    })
+}
+
 pub(super) fn print(
     args: &StartArgs,
     plan: &Plan,
@@ -333,6 +409,7 @@ pub(super) fn print(
         "reason": (!plan.profile.reason.is_empty()).then_some(&plan.profile.reason),
         "models": plan.models,
         "layers": args.layers.map(|r| r.to_string()),
+        "auto_layers": plan.auto_layers.as_ref().map(auto_layers_json),
         "device": { "requested": args.device.to_string(), "resolved": plan.device_name },
         "api": {
             "enabled": !args.no_api,
@@ -483,15 +560,33 @@ pub(super) fn print(
             }
         );
     }
-    if let Some(range) = args.layers {
-        println!(
+    match (args.layers, &plan.auto_layers) {
+        (Some(StageLayers::Blocks(range)), _) => println!(
             "stage     blocks {range} of the model, on the CPU, {}",
             if range.start == 0 {
                 "as its head: serves its requests, the later blocks on the mesh's stages"
             } else {
                 "as a stage: runs them for the pods holding the earlier blocks"
             }
-        );
+        ),
+        (Some(StageLayers::Auto), Some(auto)) => println!(
+            "stage     blocks decided at start (--layers auto): those the mesh's pods cover \
+             least, as many as fit in {}, on the CPU; {}",
+            auto.budget.map_or_else(
+                || "--max-memory (the available memory is unknown)".to_owned(),
+                |b| format!("{} ({})", ByteSize(b).display().iec(), auto.budget_from)
+            ),
+            match (&auto.alone, &auto.sizes) {
+                (Some(Ok(c)), Some(s)) => format!(
+                    "alone in the mesh it would take blocks {} of {}",
+                    c.layers,
+                    s.total_layers()
+                ),
+                (Some(Err(e)), _) => e.to_string(),
+                _ => "the model is not on disk yet to size it".to_owned(),
+            }
+        ),
+        _ => {}
     }
     println!("routing   {}", config::route_name(args.route));
     println!(
