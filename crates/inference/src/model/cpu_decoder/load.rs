@@ -139,8 +139,8 @@ impl CpuDecoder {
                 .max(1);
             (
                 vec![
-                    RopeTable::new(head_dim, local, max_len),
-                    RopeTable::new(head_dim, global, max_len),
+                    RopeTable::new(head_dim, local),
+                    RopeTable::new(head_dim, global),
                 ],
                 Some(window),
                 pattern,
@@ -149,7 +149,7 @@ impl CpuDecoder {
             let base = md("rope.freq_base")
                 .and_then(|v| v.to_f32())
                 .unwrap_or(10_000.0);
-            (vec![RopeTable::new(head_dim, base, max_len)], None, 1)
+            (vec![RopeTable::new(head_dim, base)], None, 1)
         };
 
         let range = range.unwrap_or(LayerRange {

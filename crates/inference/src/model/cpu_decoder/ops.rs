@@ -95,29 +95,47 @@ pub(super) fn exp(x: f32) -> f32 {
     p * f32::from_bits(((k as i32 + 127) as u32) << 23)
 }
 
-/// Cosine and sine tables `[max_len, head_dim / 2]` for one RoPE base.
+/// The rotary frequencies of one RoPE base. Cosines and sines are computed for the positions
+/// of each forward pass rather than tabulated for the whole context up front: a table costs
+/// `context × head_dim` values per base (128 MiB for a 128k context at head_dim 128, two
+/// bases), while a pass needs `rows × head_dim` of them, a few microseconds of work per token.
 #[derive(Debug, Clone)]
 pub(super) struct RopeTable {
-    pub(super) cos: Vec<f32>,
-    pub(super) sin: Vec<f32>,
+    /// `1 / base^(2i / head_dim)` for each rotated pair `i`.
+    inv: Vec<f32>,
 }
 
 impl RopeTable {
-    pub(super) fn new(head_dim: usize, base: f32, max_len: usize) -> Self {
+    pub(super) fn new(head_dim: usize, base: f32) -> Self {
         let half = head_dim / 2;
         let inv: Vec<f32> = (0..half)
             .map(|i| 1.0 / base.powf((2 * i) as f32 / head_dim as f32))
             .collect();
-        let mut cos = Vec::with_capacity(max_len * half);
-        let mut sin = Vec::with_capacity(max_len * half);
-        for p in 0..max_len {
-            for f in &inv {
-                let angle = p as f32 * f;
-                cos.push(angle.cos());
-                sin.push(angle.sin());
-            }
+        Self { inv }
+    }
+
+    /// Writes the cosines and sines of position `pos` (`head_dim / 2` each).
+    pub(super) fn angles(&self, pos: usize, cos: &mut [f32], sin: &mut [f32]) {
+        for ((f, c), s) in self.inv.iter().zip(cos.iter_mut()).zip(sin.iter_mut()) {
+            let angle = pos as f32 * f;
+            *c = angle.cos();
+            *s = angle.sin();
         }
-        Self { cos, sin }
+    }
+
+    /// Cosine and sine tables `[len, head_dim / 2]`, for backends that look them up (the GPU
+    /// decoder uploads them for the context it serves).
+    pub(super) fn tables(&self, len: usize) -> (Vec<f32>, Vec<f32>) {
+        let half = self.inv.len();
+        let (mut cos, mut sin) = (vec![0.0; len * half], vec![0.0; len * half]);
+        for (p, (c, s)) in cos
+            .chunks_exact_mut(half.max(1))
+            .zip(sin.chunks_exact_mut(half.max(1)))
+            .enumerate()
+        {
+            self.angles(p, c, s);
+        }
+        (cos, sin)
     }
 }
 
