@@ -1283,7 +1283,7 @@ fn bench_measures_a_synthetic_shape_on_the_gpu_kernels() {
         home.path(),
         &["bench", "--shape", "huge", "--device", "cpu"],
     );
-    assert_one_line_error(&o, "unknown shape `huge` (known: tiny, llama-1b, llama-8b, tiny-qwen2, tiny-qwen3, qwen2-1.5b)");
+    assert_one_line_error(&o, "unknown shape `huge` (known: tiny, llama-1b, llama-8b, tiny-qwen2, tiny-qwen3, qwen2-1.5b, tiny-long)");
 }
 
 #[test]

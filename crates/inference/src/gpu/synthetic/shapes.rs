@@ -38,7 +38,7 @@ const TINY: NamedShape = NamedShape {
 };
 
 /// Every named shape.
-pub const SHAPES: [NamedShape; 6] = [
+pub const SHAPES: [NamedShape; 7] = [
     TINY,
     NamedShape {
         name: "llama-1b",
@@ -87,6 +87,15 @@ pub const SHAPES: [NamedShape; 6] = [
         vocab: 151_936,
         layers: 28,
         context: 8192,
+    },
+    NamedShape {
+        name: "tiny-long",
+        about: "llama, 1 layer, hidden 256, 4 heads sharing 1 KV head, a 32k context: \
+                long-context tests",
+        kv_heads: 1,
+        layers: 1,
+        context: 32_768,
+        ..TINY
     },
 ];
 
