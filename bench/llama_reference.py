@@ -22,6 +22,11 @@ what llama.cpp does so that pod's fidelity tests can assert against it:
 
 Also records a list of extra tokenizer cases (add_special false, parse_special true).
 
+  long mode (a long-context model, e.g. the synthetic `tiny-long` shape):
+      a prompt of --tokens token ids drawn from --seed by long_prompt() (the fidelity
+      test draws the same ids), and the next-token top-10 after each of its last
+      --positions prefixes (same /completion request; no tokenizer cases).
+
 With --tail N (raw mode), each case also records the top-10 after only its last N
 token ids ("tail"). For a model with a sliding window W and L layers, the last
 position sees no token further back than L * (W - 1) + 1, so a decoder applying
@@ -31,6 +36,8 @@ tail, where llama.cpp itself ignores the window (llama and phi3 in b11434).
 Usage:
   bench/llama_reference.py --server BIN_DIR/llama-server --model MODEL.gguf \
       --mode chat|raw --out FIXTURE.json
+  bench/llama_reference.py --server BIN_DIR/llama-server --model MODEL.gguf \
+      --mode long --tokens 16384 --seed 1 --positions 4 --out FIXTURE.json
 
 Python 3.11 standard library only.
 """
@@ -122,6 +129,17 @@ TOKENIZE_CASES = [
     "don't won't it's I'm we've",
     "https://example.com/path?q=1&r=2",
 ]
+
+def long_prompt(tokens: int, seed: int, vocab: int) -> list[int]:
+    """`tokens` ids below `vocab`, from a 64-bit LCG (Knuth's MMIX constants) seeded with
+    `seed`: id = (state >> 33) % vocab after each step. The fidelity test draws the same."""
+    state = seed
+    out = []
+    for _ in range(tokens):
+        state = (state * 6364136223846793005 + 1442695040888963407) % (1 << 64)
+        out.append((state >> 33) % vocab)
+    return out
+
 
 COMPLETION_PARAMS = {
     "n_predict": 1,
@@ -247,7 +265,14 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--server", required=True, help="path to the llama-server binary")
     ap.add_argument("--model", required=True, help="path to the GGUF model")
-    ap.add_argument("--mode", required=True, choices=["chat", "raw"])
+    ap.add_argument("--mode", required=True, choices=["chat", "raw", "long"])
+    ap.add_argument("--tokens", type=int, default=16384, help="long mode: prompt length")
+    ap.add_argument("--seed", type=int, default=1, help="long mode: seed of the prompt's ids")
+    ap.add_argument("--positions", type=int, default=4,
+                    help="long mode: how many of the last prefixes to record")
+    ap.add_argument("--vocab", type=int, default=510,
+                    help="long mode: ids are drawn below this (the synthetic tokenizer's "
+                         "ordinary tokens)")
     ap.add_argument("--out", required=True, help="output JSON path")
     ap.add_argument("--port", type=int, default=0, help="port (default: a free one)")
     ap.add_argument("--threads", type=int, default=2)
@@ -263,7 +288,8 @@ def main() -> int:
     model_name = os.path.basename(args.model)
     model_sha = sha256_file(args.model)
     port = args.port or free_port()
-    server_args = ["-t", str(args.threads), "-c", "2048", "-np", "1",
+    ctx = max(2048, args.tokens + 16) if args.mode == "long" else 2048
+    server_args = ["-t", str(args.threads), "-c", str(ctx), "-np", "1",
                    "-ctk", args.kv_type, "-ctv", args.kv_type, "-fa", "off"]
     cmd = [args.server, "-m", args.model, "--port", str(port), "--host", "127.0.0.1", *server_args]
 
@@ -296,6 +322,19 @@ def main() -> int:
                     }
                 )
                 print(f"{c['name']}: {len(tokens)} tokens, top-1 {top[0]['token']!r}", file=sys.stderr)
+        elif args.mode == "long":
+            prompt = long_prompt(args.tokens, args.seed, args.vocab)
+            for n in range(args.tokens - args.positions + 1, args.tokens + 1):
+                top, banned = srv.top_logprobs(prompt[:n])
+                cases.append(
+                    {
+                        "name": f"prefix-{n}",
+                        "prompt_tokens": n,
+                        "top": top,
+                        **({"logit_bias_banned": banned} if banned else {}),
+                    }
+                )
+                print(f"prefix {n}: top-1 {top[0]['token']!r}", file=sys.stderr)
         else:
             for c in RAW_CASES:
                 tokens, pieces = srv.tokenize(c["text"], add_special=True)
@@ -323,14 +362,15 @@ def main() -> int:
                 print(f"{c['name']}: {len(tokens)} tokens, top-1 {top[0]['token']!r}", file=sys.stderr)
 
         tokenize = []
-        for text in TOKENIZE_CASES:
+        for text in TOKENIZE_CASES if args.mode != "long" else []:
             tokens, pieces = srv.tokenize(text, add_special=False)
             tokenize.append({"text": text, "tokens": tokens, "pieces": pieces})
         # how llama.cpp adds special tokens (BOS) for this model
-        bos_ids, bos_pieces = srv.tokenize("Hello world", add_special=True)
-        tokenize.append(
-            {"text": "Hello world", "add_special": True, "tokens": bos_ids, "pieces": bos_pieces}
-        )
+        if args.mode != "long":
+            bos_ids, bos_pieces = srv.tokenize("Hello world", add_special=True)
+            tokenize.append(
+                {"text": "Hello world", "add_special": True, "tokens": bos_ids, "pieces": bos_pieces}
+            )
 
         tmpl_req = '{"messages": [...]}'
         tok_special = "true" if args.mode == "raw" else "false"
@@ -338,11 +378,14 @@ def main() -> int:
             f"llama.cpp {build_info} ({SOURCE}); "
             f"llama-server -m {model_name} --host 127.0.0.1 --port PORT {' '.join(server_args)}; "
             + (f"POST /apply-template {tmpl_req}; " if args.mode == "chat" else "")
-            + f'POST /tokenize {{"content": prompt, "add_special": {tok_special}, "parse_special": true}}; '
+            + (f'POST /tokenize {{"content": prompt, "add_special": {tok_special}, "parse_special": true}}; '
+               if args.mode != "long" else "")
             + f"POST /completion {json.dumps({'prompt': '[token ids]', **COMPLETION_PARAMS})} "
             + "-> completion_probabilities[0].top_logprobs; "
             + f"bench/llama_reference.py --mode {args.mode}"
             + (f" --tail {args.tail}" if args.tail else "")
+            + (f" --tokens {args.tokens} --seed {args.seed} --positions {args.positions} "
+               f"--vocab {args.vocab}" if args.mode == "long" else "")
         )
         out = {
             "model": model_name,
@@ -360,6 +403,8 @@ def main() -> int:
             "cases": cases,
             "tokenize": tokenize,
         }
+        if args.mode == "long":
+            out["long_prompt"] = {"tokens": args.tokens, "seed": args.seed, "vocab": args.vocab}
     finally:
         stop_process(proc, 30)
         if proc.returncode not in (0, -15) and not args.server_log:

@@ -50,6 +50,12 @@ pub trait BatchDecoder: Send + 'static {
     /// by one.
     fn batch_invariant(&self) -> bool;
 
+    /// Bytes a sequence's cache grows by per token fed (0 where the model does not say: the
+    /// engine's KV memory budget then does not count its sequences).
+    fn kv_bytes_per_token(&self) -> usize {
+        0
+    }
+
     /// Feeds `rows[i]` (at least one token) to `caches[i]` for every `i` and returns the
     /// logits of the token after each row, in order. On error every cache is left as it was.
     fn forward_rows(

@@ -9,6 +9,9 @@ use candle_core::quantized::gguf_file::{Content, Value};
 
 use crate::error::LoadError;
 
+/// Context assumed for a file that does not state its own.
+const DEFAULT_CONTEXT: usize = 2048;
+
 /// An open GGUF file: its parsed header and a reader positioned anywhere in it.
 #[derive(Debug)]
 pub struct GgufFile {
@@ -101,6 +104,14 @@ impl GgufFile {
         let arch = self.string("general.architecture")?;
         self.uint(&format!("{arch}.context_length"))
             .and_then(|v| usize::try_from(v).ok())
+    }
+
+    /// Tokens of context pod serves for this model: the context it was trained for
+    /// (`{arch}.context_length`; 2048 where the file does not say). A context beyond it is
+    /// served only where the file declares rope scaling that the decoders apply; none is
+    /// read yet, so this is the trained context.
+    pub fn servable_context(&self) -> usize {
+        self.context_length().unwrap_or(DEFAULT_CONTEXT)
     }
 
     /// The most common tensor type by element count, e.g. `Q4_1`: what users call the

@@ -24,15 +24,11 @@ use crate::decoder::{BatchDecoder, DecoderCache};
 use crate::engine::EngineConfig;
 use crate::error::{ForwardError, LoadError};
 use crate::gguf::GgufFile;
-use crate::gpu::decoder::{Demand, GpuLoadError};
+use crate::gpu::decoder::{Demand, GpuLoadError, MAX_GPU_CONTEXT};
 use crate::gpu::runtime::any::AnyRuntime;
 use crate::gpu::{GpuCache, GpuDecoder};
 use crate::template::{ChatTemplate, CHATML_TEMPLATE};
 use crate::tokenizer::PodTokenizer;
-
-/// Longest context served: rotary tables and worst-case KV caches grow with it, and the small
-/// models pod ships default to are not useful beyond it.
-const MAX_CONTEXT: usize = 8192;
 
 #[derive(Debug, Clone)]
 enum Weights {
@@ -181,13 +177,24 @@ impl ChatModel {
     ) -> Result<Self, LoadError> {
         let file = GgufFile::open(path)?;
         let text = TextSide::read(&file)?;
-        let context = engine.max_context.map_or(text.context_length, |cap| {
+        let asked = engine.max_context.map_or(text.context_length, |cap| {
             text.context_length.min(cap.max(1))
         });
+        let context = asked.min(MAX_GPU_CONTEXT);
+        if context < asked {
+            tracing::warn!(
+                context,
+                model_context = text.context_length,
+                "the GPU decoder serves at most {MAX_GPU_CONTEXT} tokens of context (its \
+                 attention kernel keeps a row's scores in 48 KiB of shared memory): longer \
+                 requests are refused; run the model with --device cpu for its whole context"
+            );
+        }
         let demand = Demand {
             sequences: engine.max_active.max(1),
             rows_per_pass: engine.prefill_chunk.max(engine.max_active),
             prefix_cache_bytes: engine.prefix_cache_bytes,
+            kv_budget_bytes: engine.kv_memory_bytes,
         };
         let GgufFile {
             content,
@@ -304,6 +311,22 @@ impl ChatModel {
             self.weights,
             Weights::CpuDecoder(_) | Weights::Gpu(_) | Weights::Head(_)
         )
+    }
+
+    /// Bytes a sequence's attention cache grows by per token (0 for candle's models, whose
+    /// caches pod does not see).
+    pub fn kv_bytes_per_token(&self) -> usize {
+        match &self.weights {
+            Weights::CpuDecoder(m) => m.kv_bytes_per_token(),
+            Weights::Gpu(m) => m.kv_bytes_per_token(),
+            // The head's blocks' keys and values, plus the hidden state kept per position
+            // for the stages.
+            Weights::Head(h) => {
+                h.decoder.kv_bytes_per_token()
+                    + h.decoder.hidden_size() * std::mem::size_of::<f32>()
+            }
+            _ => 0,
+        }
     }
 
     /// Where the model runs: `cpu` (pod's CPU decoder), `candle`, or the GPU's name.
@@ -437,12 +460,7 @@ impl TextSide {
             .to_owned();
         let template =
             ChatTemplate::new(&template_src, tokenizer.bos_text(), tokenizer.eos_text())?;
-        let trained_ctx = file.context_length().unwrap_or(2048);
-        // pod's decoders and candle's llama precompute rotary tables for a fixed window.
-        let context_length = match arch.as_str() {
-            "llama" | "mistral" | "gemma3" | "qwen2" | "qwen3" => trained_ctx.min(MAX_CONTEXT),
-            _ => trained_ctx,
-        };
+        let context_length = file.servable_context();
         Ok(Self {
             quantization: file.quantization(),
             arch,
@@ -591,6 +609,10 @@ impl BatchDecoder for ChatModel {
 
     fn batch_invariant(&self) -> bool {
         ChatModel::batch_invariant(self)
+    }
+
+    fn kv_bytes_per_token(&self) -> usize {
+        ChatModel::kv_bytes_per_token(self)
     }
 
     fn forward_rows(

@@ -21,6 +21,8 @@ pub const EOS: u32 = 0;
 pub const POISON: u32 = VOCAB as u32 - 1;
 /// Context length the test model announces.
 pub const CONTEXT: usize = 4096;
+/// Bytes a [`TestCache`] counts per token held.
+pub const KV_BYTES_PER_TOKEN: usize = 64;
 
 /// The token the test decoder predicts after `last`, fed at position `pos - 1` (so `pos`
 /// tokens are in the cache). Never [`EOS`] nor [`POISON`].
@@ -74,7 +76,7 @@ impl DecoderCache for TestCache {
     }
 
     fn bytes(&self) -> usize {
-        self.tokens.len() * 64
+        self.tokens.len() * KV_BYTES_PER_TOKEN
     }
 
     fn shrink_to_fit(&mut self) {
@@ -151,6 +153,10 @@ impl BatchDecoder for TestDecoder {
 
     fn batch_invariant(&self) -> bool {
         self.invariant
+    }
+
+    fn kv_bytes_per_token(&self) -> usize {
+        KV_BYTES_PER_TOKEN
     }
 
     fn forward_rows(

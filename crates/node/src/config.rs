@@ -62,6 +62,8 @@ pub struct FileConfig {
     pub threads: Option<usize>,
     /// `--ctx-size`, at least 16 tokens.
     pub ctx_size: Option<usize>,
+    /// `--kv-memory`, MiB, at least 1.
+    pub kv_memory: Option<usize>,
     /// `--prefix-cache`, MiB; 0 turns the prefix cache off.
     pub prefix_cache: Option<usize>,
     /// `false`: `--no-api`.
@@ -291,7 +293,7 @@ impl FileConfig {
 
     /// Limits the types alone do not express; the message is for the one key set.
     fn check_ranges(&self) -> Result<(), String> {
-        if self.max_batch == Some(0) || self.threads == Some(0) {
+        if self.max_batch == Some(0) || self.threads == Some(0) || self.kv_memory == Some(0) {
             return Err("must be at least 1".into());
         }
         if self.ctx_size.is_some_and(|c| c < 16) {

@@ -745,6 +745,37 @@ fn flags_beat_environment_beats_config_file_beats_defaults() {
 }
 
 #[test]
+fn kv_memory_comes_from_flag_environment_or_file_and_defaults_to_a_quarter_of_memory() {
+    let home = tempfile::tempdir().unwrap();
+    let plan = |env: &[(&str, &str)], args: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_pod"));
+        cmd.arg("--home")
+            .arg(home.path())
+            .args(["--log", "warn", "start", "--dry-run", "--json"])
+            .args(args);
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        json_of(&run_bounded(&mut cmd, "", Duration::from_secs(60)))
+    };
+    let quarter = pod_node::profile::memory_bytes().map_or(4096, |b| (b / 4) >> 20);
+    let default = plan(&[], &[]);
+    assert_eq!(default["engine"]["kv_memory_mib"], quarter);
+    assert_eq!(default["sources"]["kv_memory"], "default");
+    std::fs::write(home.path().join("config.toml"), "kv_memory = 512\n").unwrap();
+    let file = plan(&[], &[]);
+    assert_eq!(file["engine"]["kv_memory_mib"], 512);
+    assert_eq!(file["sources"]["kv_memory"], "config");
+    let env = plan(&[("POD_KV_MEMORY", "768")], &[]);
+    assert_eq!(env["engine"]["kv_memory_mib"], 768);
+    let flag = plan(&[("POD_KV_MEMORY", "768")], &["--kv-memory", "1024"]);
+    assert_eq!(flag["engine"]["kv_memory_mib"], 1024);
+    assert_eq!(flag["sources"]["kv_memory"], "flag");
+    let zero = pod_at(home.path(), &["start", "--dry-run", "--kv-memory", "0"]);
+    assert!(!zero.status.success());
+}
+
+#[test]
 fn the_example_config_parses() {
     let home = tempfile::tempdir().unwrap();
     let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../deploy/config.example.toml");
@@ -1331,7 +1362,7 @@ fn bench_measures_a_synthetic_shape_on_the_gpu_kernels() {
         home.path(),
         &["bench", "--shape", "huge", "--device", "cpu"],
     );
-    assert_one_line_error(&o, "unknown shape `huge` (known: tiny, llama-1b, llama-8b, tiny-qwen2, tiny-qwen3, qwen2-1.5b)");
+    assert_one_line_error(&o, "unknown shape `huge` (known: tiny, llama-1b, llama-8b, tiny-qwen2, tiny-qwen3, qwen2-1.5b, tiny-long)");
 }
 
 #[test]

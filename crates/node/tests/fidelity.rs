@@ -175,6 +175,13 @@ fn gemma3_matches_llama_cpp() {
 fn synthetic_matches_llama_cpp(fixture: &str, shape: &str) {
     let fixture = common::fixture(fixture);
     let dir = tempfile::tempdir().unwrap();
+    let model = synthetic_model(&dir, shape, &fixture);
+    check_raw_fixture(&model, &fixture);
+}
+
+/// Writes the synthetic `shape` model in Q8_0 with seed 1 into `dir`, checks it is the file
+/// `fixture` was made from, and loads it on the CPU.
+fn synthetic_model(dir: &tempfile::TempDir, shape: &str, fixture: &Value) -> ChatModel {
     let path = dir.path().join("model.gguf");
     let model_shape = shapes::shape(shape, "q8_0").unwrap();
     synthetic::write_chat_model(&path, 1, &model_shape).unwrap();
@@ -190,7 +197,67 @@ fn synthetic_matches_llama_cpp(fixture: &str, shape: &str) {
     if pod_inference::kernels::accelerated() {
         assert_eq!(model.runs_on(), "cpu", "pod's CPU decoder runs it");
     }
-    check_raw_fixture(&model, &fixture);
+    model
+}
+
+/// The prompt `bench/llama_reference.py --mode long` draws: `tokens` ids below `vocab` from a
+/// 64-bit LCG seeded with `seed`.
+fn long_prompt(tokens: usize, seed: u64, vocab: u64) -> Vec<u32> {
+    let mut state = seed;
+    (0..tokens)
+        .map(|_| {
+            state = state
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            ((state >> 33) % vocab) as u32
+        })
+        .collect()
+}
+
+/// A 16k-token prompt on the synthetic `tiny-long` model (a 32k context), fed in chunks as
+/// the engine feeds prompts: the next-token distributions after its last prefixes match
+/// llama.cpp's on the same file.
+#[test]
+fn synthetic_long_context_matches_llama_cpp() {
+    let fixture = common::fixture("llamacpp_synthetic_long.json");
+    let dir = tempfile::tempdir().unwrap();
+    let model = synthetic_model(&dir, "tiny-long", &fixture);
+    assert_eq!(model.info().context_length, 32_768, "the trained context");
+    let spec = &fixture["long_prompt"];
+    let prompt = long_prompt(
+        spec["tokens"].as_u64().unwrap() as usize,
+        spec["seed"].as_u64().unwrap(),
+        spec["vocab"].as_u64().unwrap(),
+    );
+    assert!(prompt.len() >= 16_384);
+    let cases = fixture["cases"].as_array().unwrap();
+    let first = cases[0]["prompt_tokens"].as_u64().unwrap() as usize;
+    let started = std::time::Instant::now();
+    let mut seq = model.new_sequence();
+    let mut logits = Vec::new();
+    for chunk in prompt[..first].chunks(512) {
+        logits = seq.forward(chunk).unwrap();
+    }
+    let mut deltas = Vec::new();
+    for (i, case) in cases.iter().enumerate() {
+        let n = case["prompt_tokens"].as_u64().unwrap() as usize;
+        if i > 0 {
+            logits = seq.forward(&prompt[n - 1..n]).unwrap();
+        }
+        assert_eq!(seq.len(), n);
+        let name = case["name"].as_str().unwrap();
+        deltas.push(check_distribution(
+            name,
+            &logits,
+            case["top"].as_array().unwrap(),
+        ));
+    }
+    eprintln!(
+        "{} tokens in {:.1} s",
+        seq.len(),
+        started.elapsed().as_secs_f64()
+    );
+    check_mean(&deltas);
 }
 
 #[test]

@@ -751,6 +751,7 @@ proptest! {
         (key, value) in prop_oneof![
             Just(("max_batch", "0".to_owned())),
             Just(("threads", "0".to_owned())),
+            Just(("kv_memory", "0".to_owned())),
             (0usize..16).prop_map(|v| ("ctx_size", v.to_string())),
             (3601u64..u32::MAX as u64).prop_map(|v| ("announce_interval", v.to_string())),
             (65_536u64..1 << 40).prop_map(|v| ("api_port", v.to_string())),

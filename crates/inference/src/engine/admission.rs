@@ -24,6 +24,8 @@ pub(super) struct Job {
     pub(super) context: Vec<u32>,
     /// How many of `context` are the prompt.
     pub(super) prompt_len: usize,
+    /// Most tokens its cache may come to hold: prompt plus `max_tokens`, or the context.
+    pub(super) max_len: usize,
     /// Alternatives to list with each token's log-probability (`None`: no logprobs).
     pub(super) logprobs: Option<usize>,
     /// The model's tokenizer, for detokenising and logprob listings.
@@ -121,6 +123,7 @@ pub(super) fn admit(req: GenerateRequest, format: &ChatFormat) -> Result<Admitte
         max_tokens: req.max_tokens.unwrap_or(context_length - prompt_len),
         context_length,
     };
+    let max_len = (prompt_len + limits.max_tokens).min(context_length);
     let mut state = Pipeline::new(&format.tokenizer, &req, &context, limits);
     let mut unsent = String::new();
     let mut finished = None;
@@ -155,6 +158,7 @@ pub(super) fn admit(req: GenerateRequest, format: &ChatFormat) -> Result<Admitte
             model: req.model,
             context,
             prompt_len,
+            max_len,
             logprobs: req.logprobs,
             tokenizer: Arc::clone(&format.tokenizer),
             state,

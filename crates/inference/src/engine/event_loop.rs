@@ -178,8 +178,10 @@ impl<D: BatchDecoder> Engine<D> {
         }
     }
 
-    /// Starts waiting requests, oldest first, while slots are free; a cached prefix of their
-    /// context stands in for feeding it.
+    /// Starts waiting requests, oldest first, while slots are free and the KV memory budget
+    /// has room for what each may come to hold; a cached prefix of their context stands in
+    /// for feeding it. The oldest request that does not fit yet waits, and those behind it
+    /// with it, until running sequences finish.
     fn admit(&mut self) {
         while scheduler::admissions(
             self.running.len(),
@@ -195,12 +197,21 @@ impl<D: BatchDecoder> Engine<D> {
                 self.stats.cancelled.fetch_add(1, Ordering::Relaxed);
                 continue;
             }
-            let Some(model) = self.chat.get(&job.model) else {
+            let Some(per_token) = self.chat.get(&job.model).map(D::kv_bytes_per_token) else {
                 let _ = job
                     .events
                     .try_send(GenerateEvent::Error(EngineError::UnknownModel(
                         job.model.clone(),
                     )));
+                continue;
+            };
+            let reserve = job.max_len * per_token;
+            if !self.make_room(reserve) {
+                self.stats.queued.fetch_add(1, Ordering::Relaxed);
+                self.waiting.push_front(job);
+                break;
+            }
+            let Some(model) = self.chat.get(&job.model) else {
                 continue;
             };
             let (cache, fed) = match self.prefixes.lookup(&job.model, &job.context) {
@@ -213,9 +224,28 @@ impl<D: BatchDecoder> Engine<D> {
                 }
                 None => (model.new_cache(), 0),
             };
-            self.running.push(Running::new(job, cache, fed));
+            let mut running = Running::new(job, cache, fed);
+            running.kv_reserved = reserve;
+            self.running.push(running);
             self.stats.active.fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// Whether a sequence that may hold `reserve` bytes of KV cache can start now, evicting
+    /// cached prefixes, oldest first, to make room. With nothing running it always can: a
+    /// model's context is cut to the budget when it is added, so no request waits for room
+    /// that will never come.
+    fn make_room(&mut self, reserve: usize) -> bool {
+        let Some(budget) = self.config.kv_memory_bytes else {
+            return true;
+        };
+        let running: usize = self.running.iter().map(|r| r.kv_reserved).sum();
+        while running + reserve + self.prefixes.bytes() > budget {
+            if !self.prefixes.evict_oldest() {
+                break;
+            }
+        }
+        running + reserve + self.prefixes.bytes() <= budget || self.running.is_empty()
     }
 
     /// One step of every running sequence: for each model, one forward pass over the rows the
@@ -367,7 +397,17 @@ fn step_model<D: BatchDecoder>(
                 if invariant {
                     let history = std::mem::take(&mut r.history);
                     let cache = std::mem::replace(&mut r.cache, model.new_cache());
-                    prefixes.store(name, history, cache, config.prefix_cache_bytes);
+                    // The kept caches share the KV budget with the sequences still running.
+                    let others: usize = running
+                        .iter()
+                        .enumerate()
+                        .filter(|(j, _)| *j != i && !done[*j])
+                        .map(|(_, r)| r.kv_reserved)
+                        .sum();
+                    let room = config
+                        .kv_memory_bytes
+                        .map_or(usize::MAX, |b| b.saturating_sub(others));
+                    prefixes.store(name, history, cache, config.prefix_cache_bytes.min(room));
                 }
             }
             Err(e) => {
@@ -386,7 +426,7 @@ mod tests {
 
     use super::*;
     use crate::engine::{FinishReason, GenerateRequest, Prompt, Usage};
-    use crate::test_utils::{completion, PassLog, Row, TestDecoder, POISON};
+    use crate::test_utils::{completion, PassLog, Row, TestDecoder, KV_BYTES_PER_TOKEN, POISON};
 
     fn start(config: EngineConfig, decoder: TestDecoder) -> (EngineHandle<TestDecoder>, PassLog) {
         let format = decoder.format().unwrap();
@@ -648,6 +688,103 @@ mod tests {
         );
         assert!(passes(&log).is_empty());
         assert_eq!(engine.stats().queued.load(Ordering::Relaxed), 0);
+    }
+
+    /// An engine whose KV memory budget holds `tokens` tokens of the test decoder's cache.
+    fn with_kv_tokens(tokens: usize) -> EngineConfig {
+        EngineConfig {
+            kv_memory_bytes: Some(tokens * KV_BYTES_PER_TOKEN),
+            ..EngineConfig::default()
+        }
+    }
+
+    #[test]
+    fn a_request_the_kv_budget_can_never_hold_is_refused_at_once() {
+        let (engine, log) = start(with_kv_tokens(100), TestDecoder::new(true));
+        assert_eq!(
+            engine.models()[0].context_length,
+            100,
+            "context cut to the budget"
+        );
+        let prompt: Vec<u32> = (1..=10).collect();
+        let err = engine
+            .generate(request(&prompt, 91))
+            .map(|_| ())
+            .unwrap_err();
+        assert_eq!(
+            err,
+            EngineError::ContextLength {
+                prompt_tokens: 10,
+                max_tokens: 91,
+                context_length: 100
+            }
+        );
+        assert!(passes(&log).is_empty());
+        let out = finish(
+            engine.generate(request(&prompt, 90)).unwrap(),
+            Outcome::default(),
+        );
+        assert_completed(&out, &prompt, 90);
+    }
+
+    #[test]
+    fn requests_that_together_exceed_the_kv_budget_run_one_after_the_other() {
+        let decoder = TestDecoder::new(true).with_delay(Duration::from_millis(1));
+        let (engine, log) = start(with_kv_tokens(100), decoder);
+        let a_prompt: Vec<u32> = (1..=10).collect();
+        let b_prompt: Vec<u32> = (20..=29).collect();
+        let mut a = engine.generate(request(&a_prompt, 60)).unwrap();
+        let a_first = first(&mut a);
+        let b = engine.generate(request(&b_prompt, 60)).unwrap();
+        assert_completed(&finish(a, a_first), &a_prompt, 60);
+        assert_completed(&finish(b, Outcome::default()), &b_prompt, 60);
+        let passes = passes(&log);
+        let holds =
+            |prompt: &[u32], pass: &[Row]| pass.iter().any(|r| r.start == 0 && r.tokens == prompt);
+        let a_cache = passes
+            .iter()
+            .flatten()
+            .find(|r| r.start == 0)
+            .unwrap()
+            .cache;
+        let a_last = passes
+            .iter()
+            .rposition(|p| p.iter().any(|r| r.cache == a_cache))
+            .unwrap();
+        let b_start = passes.iter().position(|p| holds(&b_prompt, p)).unwrap();
+        assert!(
+            b_start > a_last,
+            "B started in pass {b_start}, while A ran until pass {a_last}"
+        );
+        assert!(passes.iter().all(|p| p.len() == 1), "never both at once");
+    }
+
+    #[test]
+    fn cached_prefixes_make_room_for_a_new_request() {
+        let (engine, _) = start(with_kv_tokens(100), TestDecoder::new(true));
+        let a_prompt: Vec<u32> = (1..=20).collect();
+        let a = engine.generate(request(&a_prompt, 40)).unwrap();
+        assert_completed(&finish(a, Outcome::default()), &a_prompt, 40);
+        // A's cache is kept; B needs room for 70 tokens, so it goes.
+        let b_prompt: Vec<u32> = (30..=39).collect();
+        let b = engine.generate(request(&b_prompt, 60)).unwrap();
+        assert_completed(&finish(b, Outcome::default()), &b_prompt, 60);
+        let again = finish(
+            engine.generate(request(&a_prompt, 4)).unwrap(),
+            Outcome::default(),
+        );
+        assert_completed(&again, &a_prompt, 4);
+        assert_eq!(
+            again.done.unwrap().1.cached_tokens,
+            0,
+            "A's prefix was evicted"
+        );
+        // Within the budget a kept prefix is reused.
+        let c = finish(
+            engine.generate(request(&a_prompt, 4)).unwrap(),
+            Outcome::default(),
+        );
+        assert!(c.done.unwrap().1.cached_tokens >= 16);
     }
 
     #[test]

@@ -128,7 +128,8 @@ impl<D: BatchDecoder> EngineHandle<D> {
         }
     }
 
-    /// Hands a chat decoder and its text side to the engine under `name`.
+    /// Hands a chat decoder and its text side to the engine under `name`. Its context is cut
+    /// to the engine's `max_context` and to what the KV memory budget holds for one sequence.
     pub fn add_decoder(
         &self,
         name: &str,
@@ -137,6 +138,21 @@ impl<D: BatchDecoder> EngineHandle<D> {
     ) -> Result<(), EngineError> {
         if let Some(cap) = self.config.max_context {
             format.info.context_length = format.info.context_length.min(cap.max(1));
+        }
+        let per_token = decoder.kv_bytes_per_token();
+        if let (Some(budget), true) = (self.config.kv_memory_bytes, per_token > 0) {
+            let fits = budget / per_token;
+            if fits < format.info.context_length {
+                tracing::warn!(
+                    model = name,
+                    context = format.info.context_length,
+                    fits,
+                    kv_bytes_per_token = per_token,
+                    "the KV memory budget holds fewer tokens than the context: requests are \
+                     limited to what it holds"
+                );
+                format.info.context_length = fits.max(1);
+            }
         }
         let command = Command::AddChat(name.to_owned(), Box::new(decoder));
         self.register(name, command, Entry::Chat(format))

@@ -150,6 +150,9 @@ pub(super) struct Running<C> {
     pub(super) history: Vec<u32>,
     /// Tokens of the context taken from the prefix cache.
     cached: usize,
+    /// Bytes of KV cache this sequence may come to hold (its job's `max_len` tokens), counted
+    /// against the engine's KV memory budget while it runs.
+    pub(super) kv_reserved: usize,
     pending_tokens: Vec<u32>,
     pending_logprobs: Vec<TokenLogprob>,
 }
@@ -172,6 +175,7 @@ impl<C> Running<C> {
             fed: cached,
             next_input: None,
             cached,
+            kv_reserved: 0,
             pending_tokens: Vec::new(),
             pending_logprobs: Vec::new(),
         }

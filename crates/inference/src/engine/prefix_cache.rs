@@ -67,6 +67,22 @@ impl<C: DecoderCache> PrefixCache<C> {
         }
     }
 
+    /// Bytes the kept caches hold.
+    pub(super) fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Drops the least recently used entry; returns whether there was one.
+    pub(super) fn evict_oldest(&mut self) -> bool {
+        match self.entries.pop_front() {
+            Some(e) => {
+                self.bytes -= e.cache.bytes();
+                true
+            }
+            None => false,
+        }
+    }
+
     /// A copy of the kept cache sharing the longest prefix with `context`, cut to that prefix
     /// (always leaving at least one token of `context` to feed), and that prefix's length.
     pub(super) fn lookup(&mut self, model: &str, context: &[u32]) -> Option<(C, usize)> {

@@ -26,6 +26,13 @@ pub struct EngineConfig {
     /// Longest prompt plus completion per request, below the models' own context lengths;
     /// it bounds each sequence's attention cache. `None`: each model's own.
     pub max_context: Option<usize>,
+    /// Bytes of attention (KV) cache all running sequences and the prefix cache may hold
+    /// together. A request is started only while what the running sequences may still grow
+    /// to (prompt plus `max_tokens`, or the rest of the context without one) and its own need
+    /// fit; cached prefixes are evicted first, then it waits in the queue. A model's context
+    /// is cut to what fits this budget alone, so a request that could never run is refused
+    /// at once. `None`: no bound but `max_active` sequences of `max_context` tokens.
+    pub kv_memory_bytes: Option<usize>,
     /// How long a sequence may wait for a caller that leaves [`EVENT_QUEUE`] events unread
     /// before it is cancelled and its slot freed.
     pub reader_stall: std::time::Duration,
@@ -39,6 +46,7 @@ impl Default for EngineConfig {
             prefill_chunk: 512,
             prefix_cache_bytes: 256 << 20,
             max_context: None,
+            kv_memory_bytes: None,
             reader_stall: READER_STALL,
         }
     }

@@ -40,6 +40,11 @@ pub use cache::GpuCache;
 use launch::{activation_row_bytes, Kernels};
 pub use memory::{Demand, MemoryNeed, HEADROOM};
 
+/// Longest context the GPU decoder serves: its attention kernel keeps one f32 score per
+/// attended position of a row in shared memory, and 48 KiB is what CUDA and HIP give a
+/// kernel without opting in to more.
+pub const MAX_GPU_CONTEXT: usize = (48 << 10) / 4;
+
 /// Loading a model onto a GPU runtime failed.
 #[derive(Debug, thiserror::Error)]
 pub enum GpuLoadError {
@@ -59,7 +64,7 @@ pub enum GpuLoadError {
     Runtime(#[from] RuntimeError),
     /// The device has too little free memory for the model at the context and batch asked.
     #[error(
-        "the model needs {need} of device memory but the device has {} free; lower --ctx-size or --max-batch (or --prefix-cache), or run it on the CPU with --device cpu",
+        "the model needs {need} of device memory but the device has {} free; lower --ctx-size or --max-batch (or --kv-memory, --prefix-cache), or run it on the CPU with --device cpu",
         memory::gib(*free)
     )]
     Memory {
@@ -260,7 +265,7 @@ impl<R: DeviceRuntime> GpuDecoder<R> {
             Some(GpuMatrix::upload(rt, m.output)?)
         };
         let mut ropes = Vec::with_capacity(m.ropes.len());
-        for &(cos, sin) in &m.ropes {
+        for (cos, sin) in &m.ropes {
             ropes.push((f32s(cos)?, f32s(sin)?));
         }
         let shape = Shape {
@@ -295,6 +300,11 @@ impl<R: DeviceRuntime> GpuDecoder<R> {
     /// The runtime it runs on.
     pub fn runtime(&self) -> &Arc<R> {
         &self.runtime
+    }
+
+    /// Bytes of keys and values a sequence's cache holds per position.
+    pub fn kv_bytes_per_token(&self) -> usize {
+        2 * self.layers.len() * self.shape.n_kv_head * self.shape.head_dim * 4
     }
 
     /// Tokens of context it serves.
@@ -639,6 +649,10 @@ impl<R: DeviceRuntime> BatchDecoder for GpuDecoder<R> {
     /// Always: see the module documentation.
     fn batch_invariant(&self) -> bool {
         true
+    }
+
+    fn kv_bytes_per_token(&self) -> usize {
+        GpuDecoder::kv_bytes_per_token(self)
     }
 
     fn forward_rows(

@@ -146,6 +146,8 @@ struct Scratch {
     u: Vec<f32>,
     last: Vec<f32>,
     logits: Vec<f32>,
+    /// Per RoPE base and row: the cosines, then the sines, of the row's position.
+    angles: Vec<f32>,
     qa: QuantizedRows,
 }
 
@@ -204,11 +206,10 @@ impl CpuDecoder {
         }
     }
 
-    fn rope(&self, table: usize, x: &mut [f32], pos: usize) {
+    /// Rotates every head of `x` by `angles`: the cosines, then the sines, of its position.
+    fn rope(&self, x: &mut [f32], angles: &[f32]) {
         let (hd, half) = (self.head_dim, self.head_dim / 2);
-        let t = &self.ropes[table];
-        let cos = &t.cos[pos * half..(pos + 1) * half];
-        let sin = &t.sin[pos * half..(pos + 1) * half];
+        let (cos, sin) = angles.split_at(half);
         for head in x.chunks_exact_mut(hd) {
             for i in 0..half {
                 let (a, b) = if self.neox {
@@ -246,6 +247,11 @@ impl CpuDecoder {
     /// Values per hidden state.
     pub(crate) fn hidden_size(&self) -> usize {
         self.hidden
+    }
+
+    /// Bytes of keys and values a sequence's cache holds per position.
+    pub(crate) fn kv_bytes_per_token(&self) -> usize {
+        2 * self.layers.len() * self.n_kv_head * self.head_dim * std::mem::size_of::<f32>()
     }
 
     /// Positions a sequence may hold.
@@ -290,6 +296,7 @@ impl CpuDecoder {
             u,
             last,
             logits,
+            angles,
             qa,
         } = &mut *scratch;
         // Row r: which sequence, at which position.
@@ -352,15 +359,25 @@ impl CpuDecoder {
         for (cache, &n) in caches.iter_mut().zip(&counts) {
             let need = (cache.len + n) * kv_w;
             let grow = (cache.len / 2).max(KV_GROWTH) * kv_w;
+            // Never room for more positions than a sequence may hold.
+            let room = (need + grow).min(self.max_len * kv_w).max(need);
             for l in cache.k.iter_mut().chain(cache.v.iter_mut()) {
                 if l.capacity() < need {
-                    l.reserve_exact(need + grow - l.len());
+                    l.reserve_exact(room - l.len());
                 }
             }
         }
 
         let h = sized(h, m * d);
         let att = sized(att, m * q_w);
+        // Each row's rotation, once per pass rather than once per layer.
+        let angles = sized(angles, self.ropes.len() * m * hd);
+        for (table, rows_angles) in self.ropes.iter().zip(angles.chunks_exact_mut(m * hd)) {
+            for (&(_, pos), a) in rows.iter().zip(rows_angles.chunks_exact_mut(hd)) {
+                let (cos, sin) = a.split_at_mut(hd / 2);
+                table.angles(pos, cos, sin);
+            }
+        }
 
         for (li, layer) in self.layers.iter().enumerate() {
             layer.attn_norm.apply(x, h);
@@ -377,9 +394,11 @@ impl CpuDecoder {
                     std::mem::swap(xs, tmp);
                 }
             }
-            for (r, &(s, pos)) in rows.iter().enumerate() {
-                self.rope(layer.rope, &mut q[r * q_w..(r + 1) * q_w], pos);
-                self.rope(layer.rope, &mut k[r * kv_w..(r + 1) * kv_w], pos);
+            let layer_angles = &angles[layer.rope * m * hd..(layer.rope + 1) * m * hd];
+            for (r, &(s, _)) in rows.iter().enumerate() {
+                let a = &layer_angles[r * hd..(r + 1) * hd];
+                self.rope(&mut q[r * q_w..(r + 1) * q_w], a);
+                self.rope(&mut k[r * kv_w..(r + 1) * kv_w], a);
                 let cache = &mut caches[s];
                 cache.k[li].extend_from_slice(&k[r * kv_w..(r + 1) * kv_w]);
                 cache.v[li].extend_from_slice(&v[r * kv_w..(r + 1) * kv_w]);

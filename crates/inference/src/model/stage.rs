@@ -216,11 +216,7 @@ pub(super) fn load_decoder(
             "pipeline stages run on pod's CPU decoder, which does not run `{arch}`"
         )));
     }
-    let context = file
-        .context_length()
-        .unwrap_or(2048)
-        .min(max_context)
-        .min(super::MAX_CONTEXT);
+    let context = file.servable_context().min(max_context);
     let GgufFile {
         content,
         mut reader,

@@ -49,7 +49,8 @@ pub(crate) enum ModelsCommand {
 #[derive(Debug, Args)]
 pub(crate) struct SynthesizeArgs {
     /// The shape: tiny (a few MB), llama-1b (Llama 3.2 1B), llama-8b (Llama 3.1 8B),
-    /// qwen2-1.5b (Qwen2.5 1.5B), tiny-qwen2, tiny-qwen3.
+    /// qwen2-1.5b (Qwen2.5 1.5B), tiny-qwen2, tiny-qwen3,
+    /// tiny-long (one layer of tiny with a 32k context).
     #[arg(long, default_value = "tiny")]
     shape: String,
     /// Weight format: q4_0, q4_1, q5_0, q8_0, q4_k, q6_k, or q4_k_m (llama.cpp's mix).

@@ -77,6 +77,7 @@ pub(crate) fn exec(
             max_active: args.max_batch.max(1),
             max_queue: args.max_queue,
             max_context: args.ctx_size,
+            kv_memory_bytes: Some(plan::kv_memory_bytes(&args)),
             prefix_cache_bytes: args.prefix_cache << 20,
             ..EngineConfig::default()
         },

@@ -136,6 +136,7 @@ settings! {
     max_queue <- max_queue => args.max_queue, same;
     threads <- threads => threads, Some;
     ctx_size <- ctx_size => args.ctx_size, Some;
+    kv_memory <- kv_memory => args.kv_memory, Some;
     prefix_cache <- prefix_cache => args.prefix_cache, same;
     api <- no_api => args.no_api, not;
     api_host <- api_host => args.api_host, same;

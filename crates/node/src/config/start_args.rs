@@ -86,10 +86,19 @@ pub struct StartArgs {
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub max_batch: usize,
     /// Longest prompt plus completion per request, in tokens (default: each model's own
-    /// context length, at most 8192). Bounds the memory each sequence's cache can take.
+    /// trained context length). Caches grow with their sequences, so a long context costs
+    /// memory only when a request uses it; --kv-memory bounds what they take together.
     #[arg(long, value_name = "TOKENS", env = "POD_CTX_SIZE",
           value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(16..))]
     pub ctx_size: Option<usize>,
+    /// Memory for attention (KV) caches, in MiB: running requests, each counted at what it
+    /// may grow to (prompt plus max_tokens), and the prefix cache together. A request that
+    /// does not fit waits until running ones finish; one that could never fit is refused.
+    /// Default: a quarter of this machine's memory (4096 where unknown), which leaves the
+    /// rest for the weights, the system and other programs.
+    #[arg(long, value_name = "MIB", env = "POD_KV_MEMORY",
+          value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
+    pub kv_memory: Option<usize>,
     /// Memory for the prompt prefix cache, in MiB: finished requests' attention caches kept so
     /// that requests starting the same way (system prompts, conversations) skip that work.
     #[arg(

@@ -21,6 +21,10 @@ pub struct Demand {
     pub rows_per_pass: usize,
     /// Bytes of KV cache the prefix cache may keep beyond the running sequences'.
     pub prefix_cache_bytes: usize,
+    /// Bytes of KV cache the engine lets all sequences and the prefix cache hold together
+    /// (`None`: no bound but the sequences' count and context). Caches grow as sequences do,
+    /// so this, not `sequences × context`, is what they can take.
+    pub kv_budget_bytes: Option<usize>,
 }
 
 /// Device memory a model needs, by what it is for.
@@ -28,7 +32,8 @@ pub struct Demand {
 pub struct MemoryNeed {
     /// Weight matrices in their GGUF blocks, norms, RoPE tables.
     pub weights: usize,
-    /// KV caches of every running sequence at the full context, plus the prefix cache.
+    /// KV caches of every running sequence at the full context, plus the prefix cache, or
+    /// the engine's KV budget where that is less.
     pub kv_caches: usize,
     /// Buffers of the largest forward pass.
     pub workspace: usize,
@@ -36,6 +41,9 @@ pub struct MemoryNeed {
     pub context: usize,
     /// Sequences at once.
     pub sequences: usize,
+    /// Whether the engine's KV budget, not the sequences at the full context, sets
+    /// `kv_caches`.
+    pub kv_budgeted: bool,
 }
 
 impl MemoryNeed {
@@ -75,7 +83,8 @@ impl MemoryNeed {
 
         let kv_w = m.n_kv_head * m.head_dim;
         let per_sequence = 2 * m.layers.len() * m.max_len * kv_w * F32;
-        let kv_caches = demand.sequences.max(1) * per_sequence + demand.prefix_cache_bytes;
+        let full = demand.sequences.max(1) * per_sequence + demand.prefix_cache_bytes;
+        let kv_caches = full.min(demand.kv_budget_bytes.unwrap_or(usize::MAX));
 
         let q_w = m.n_head * m.head_dim;
         let ffn = m.layers.first().map_or(0, |l| l.gate.rows());
@@ -92,6 +101,7 @@ impl MemoryNeed {
             workspace,
             context: m.max_len,
             sequences: demand.sequences.max(1),
+            kv_budgeted: kv_caches < full,
         }
     }
 }
@@ -103,9 +113,14 @@ pub(crate) fn gib(bytes: usize) -> String {
 
 impl fmt::Display for MemoryNeed {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let limit = if self.kv_budgeted {
+            " (the KV memory budget)"
+        } else {
+            ""
+        };
         write!(
             f,
-            "{} (weights {}, KV caches {} for {} sequence(s) of {} tokens, workspace {}, headroom {})",
+            "{} (weights {}, KV caches {}{limit} for {} sequence(s) of {} tokens, workspace {}, headroom {})",
             gib(self.total()),
             gib(self.weights),
             gib(self.kv_caches),

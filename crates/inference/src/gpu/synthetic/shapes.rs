@@ -42,7 +42,7 @@ const TINY: NamedShape = NamedShape {
 };
 
 /// Every named shape.
-pub const SHAPES: [NamedShape; 12] = [
+pub const SHAPES: [NamedShape; 13] = [
     TINY,
     NamedShape {
         name: "llama-1b",
@@ -142,6 +142,15 @@ pub const SHAPES: [NamedShape; 12] = [
         family: Family::Phi3,
         rope: RopeScaling::LongRope { original: 256 },
         sliding_window: Some(8),
+        ..TINY
+    },
+    NamedShape {
+        name: "tiny-long",
+        about: "llama, 1 layer, hidden 256, 4 heads sharing 1 KV head, a 32k context: \
+                long-context tests",
+        kv_heads: 1,
+        layers: 1,
+        context: 32_768,
         ..TINY
     },
 ];

@@ -184,8 +184,8 @@ impl CpuDecoder {
                 .max(1);
             (
                 vec![
-                    RopeTable::new(head_dim, local, max_len),
-                    RopeTable::new(head_dim, global, max_len),
+                    RopeTable::new(head_dim, local),
+                    RopeTable::new(head_dim, global),
                 ],
                 Some(window),
                 pattern,
@@ -210,11 +210,7 @@ impl CpuDecoder {
             } else {
                 None
             };
-            (
-                vec![RopeTable::scaled(head_dim, base, max_len, &scaling)],
-                window,
-                1,
-            )
+            (vec![RopeTable::scaled(head_dim, base, &scaling)], window, 1)
         };
 
         let range = range.unwrap_or(LayerRange {

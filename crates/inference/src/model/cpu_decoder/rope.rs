@@ -157,34 +157,35 @@ impl RopeScaling {
     }
 }
 
-/// Cosine and sine tables `[max_len, head_dim / 2]` for one RoPE base.
+/// The rotary frequencies of one RoPE base, with its scaling. Cosines and sines are computed
+/// for the positions of each forward pass rather than tabulated for the whole context up
+/// front: a table costs `context × head_dim` values per base (128 MiB for a 128k context at
+/// head_dim 128, two bases), while a pass needs `rows × head_dim` of them, a few microseconds
+/// of work per token.
 #[derive(Debug, Clone)]
 pub(super) struct RopeTable {
-    pub(super) cos: Vec<f32>,
-    pub(super) sin: Vec<f32>,
+    /// `base^(-2i / head_dim)` for each rotated pair `i`.
+    inv: Vec<f32>,
+    /// Extrapolated share of each frequency's angle (YaRN's ramp; 0 without YaRN).
+    ramp: Vec<f32>,
+    scaling: RopeScaling,
 }
 
 impl RopeTable {
     /// Plain RoPE.
-    pub(super) fn new(head_dim: usize, base: f32, max_len: usize) -> Self {
-        Self::scaled(head_dim, base, max_len, &RopeScaling::default())
+    pub(super) fn new(head_dim: usize, base: f32) -> Self {
+        Self::scaled(head_dim, base, &RopeScaling::default())
     }
 
     /// RoPE with `scaling`: plain RoPE's angle of position `p` and frequency `i` is
     /// `p · base^(-2i / head_dim)`; it is divided by the frequency's factor, then multiplied by
     /// `freq_scale` (interpolated) or, with YaRN, blended between that and the unscaled
     /// (extrapolated) angle by a ramp over the frequency index.
-    pub(super) fn scaled(
-        head_dim: usize,
-        base: f32,
-        max_len: usize,
-        scaling: &RopeScaling,
-    ) -> Self {
+    pub(super) fn scaled(head_dim: usize, base: f32, scaling: &RopeScaling) -> Self {
         let half = head_dim / 2;
         let inv: Vec<f32> = (0..half)
             .map(|i| 1.0 / base.powf((2 * i) as f32 / head_dim as f32))
             .collect();
-        // Extrapolated share of each frequency's angle.
         let ramp: Vec<f32> = (0..half)
             .map(|i| match scaling.yarn {
                 Some([low, high]) => {
@@ -194,25 +195,50 @@ impl RopeTable {
                 None => 0.0,
             })
             .collect();
-        let mut cos = Vec::with_capacity(max_len * half);
-        let mut sin = Vec::with_capacity(max_len * half);
-        for p in 0..max_len {
-            for (i, f) in inv.iter().enumerate() {
-                let mut extrapolated = p as f32 * f;
-                if let Some(factors) = &scaling.factors {
-                    extrapolated /= factors[i];
-                }
-                let interpolated = scaling.freq_scale * extrapolated;
-                let angle = if scaling.yarn.is_some() {
-                    interpolated * (1.0 - ramp[i]) + extrapolated * ramp[i]
-                } else {
-                    interpolated
-                };
-                cos.push(angle.cos() * scaling.mscale);
-                sin.push(angle.sin() * scaling.mscale);
-            }
+        Self {
+            inv,
+            ramp,
+            scaling: scaling.clone(),
         }
-        Self { cos, sin }
+    }
+
+    /// Writes the cosines and sines of position `pos` (`head_dim / 2` each).
+    pub(super) fn angles(&self, pos: usize, cos: &mut [f32], sin: &mut [f32]) {
+        let scaling = &self.scaling;
+        for (i, (f, (c, s))) in self
+            .inv
+            .iter()
+            .zip(cos.iter_mut().zip(sin.iter_mut()))
+            .enumerate()
+        {
+            let mut extrapolated = pos as f32 * f;
+            if let Some(factors) = &scaling.factors {
+                extrapolated /= factors[i];
+            }
+            let interpolated = scaling.freq_scale * extrapolated;
+            let angle = if scaling.yarn.is_some() {
+                interpolated * (1.0 - self.ramp[i]) + extrapolated * self.ramp[i]
+            } else {
+                interpolated
+            };
+            *c = angle.cos() * scaling.mscale;
+            *s = angle.sin() * scaling.mscale;
+        }
+    }
+
+    /// Cosine and sine tables `[len, head_dim / 2]`, for backends that look them up (the GPU
+    /// decoder uploads them for the context it serves).
+    pub(super) fn tables(&self, len: usize) -> (Vec<f32>, Vec<f32>) {
+        let half = self.inv.len().max(1);
+        let (mut cos, mut sin) = (vec![0.0; len * half], vec![0.0; len * half]);
+        for (p, (c, s)) in cos
+            .chunks_exact_mut(half)
+            .zip(sin.chunks_exact_mut(half))
+            .enumerate()
+        {
+            self.angles(p, c, s);
+        }
+        (cos, sin)
     }
 }
 
@@ -222,17 +248,17 @@ mod tests {
 
     #[test]
     fn plain_rope_is_unscaled_and_linear_scaling_divides_angles() {
-        let plain = RopeTable::new(8, 10_000.0, 16);
+        let (plain, _) = RopeTable::new(8, 10_000.0).tables(16);
         let p = 5;
-        assert_eq!(plain.cos[p * 4], (p as f32).cos());
+        assert_eq!(plain[p * 4], (p as f32).cos());
         let linear = RopeScaling {
             freq_scale: 0.25,
             ..RopeScaling::default()
         };
-        let t = RopeTable::scaled(8, 10_000.0, 16, &linear);
+        let (cos, _) = RopeTable::scaled(8, 10_000.0, &linear).tables(16);
         for i in 0..4 {
             let want = (p as f32 * 0.25 / 10_000f32.powf(i as f32 / 4.0)).cos();
-            assert!((t.cos[p * 4 + i] - want).abs() < 1e-6);
+            assert!((cos[p * 4 + i] - want).abs() < 1e-6);
         }
     }
 
@@ -244,13 +270,13 @@ mod tests {
             mscale: 1.5,
             factors: None,
         };
-        let t = RopeTable::scaled(8, 10_000.0, 16, &yarn);
+        let (cos, sin) = RopeTable::scaled(8, 10_000.0, &yarn).tables(16);
         let p = 7usize;
         let angle = |i: usize| p as f32 / 10_000f32.powf(i as f32 / 4.0);
         // Frequency 0 is below the ramp (extrapolated), 3 above it (interpolated), 2 halfway.
         let want = [angle(0), angle(1), angle(2) * 0.625, angle(3) * 0.25];
         for (i, a) in want.iter().enumerate() {
-            let (c, s) = (t.cos[p * 4 + i], t.sin[p * 4 + i]);
+            let (c, s) = (cos[p * 4 + i], sin[p * 4 + i]);
             assert!((c - a.cos() * 1.5).abs() < 1e-5, "cos {i}: {c}");
             assert!((s - a.sin() * 1.5).abs() < 1e-5, "sin {i}: {s}");
         }

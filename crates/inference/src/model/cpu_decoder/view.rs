@@ -42,8 +42,9 @@ pub(crate) struct DecoderView<'a> {
     /// The epsilon of every RMSNorm.
     pub(crate) eps: f32,
     pub(crate) output: &'a QMatrix,
-    /// Cosine and sine tables `[max_len, head_dim / 2]`, one per RoPE base.
-    pub(crate) ropes: Vec<(&'a [f32], &'a [f32])>,
+    /// Cosine and sine tables `[max_len, head_dim / 2]`, one per RoPE base (computed for the
+    /// view: the CPU decoder itself keeps none).
+    pub(crate) ropes: Vec<(Vec<f32>, Vec<f32>)>,
     pub(crate) max_len: usize,
     pub(crate) hidden: usize,
     pub(crate) n_head: usize,
@@ -94,11 +95,7 @@ impl CpuDecoder {
             norm: norm(out_norm),
             eps: out_norm.eps,
             output,
-            ropes: self
-                .ropes
-                .iter()
-                .map(|t| (&t.cos[..], &t.sin[..]))
-                .collect(),
+            ropes: self.ropes.iter().map(|t| t.tables(self.max_len)).collect(),
             max_len: self.max_len,
             hidden: self.hidden,
             n_head: self.n_head,

@@ -325,6 +325,13 @@ fn mesh_config(args: &StartArgs, profile: Profile) -> Result<MeshConfig> {
     })
 }
 
+/// Bytes of attention cache the engine may hold: `--kv-memory`, else
+/// [`profile::default_kv_memory`].
+pub(super) fn kv_memory_bytes(args: &StartArgs) -> usize {
+    args.kv_memory
+        .map_or_else(profile::default_kv_memory, |mib| mib << 20)
+}
+
 /// Where a pod that serves files listens for bulk connections: every IP its mesh listens on,
 /// at `--bulk-port`, else the first mesh port plus one (any free port when that is 0 or
 /// 65535). Empty with `--no-bulk` and for profiles that serve no files.
@@ -447,6 +454,7 @@ pub(super) fn print(
             "max_batch": args.max_batch,
             "max_queue": args.max_queue,
             "ctx_size": args.ctx_size,
+            "kv_memory_mib": kv_memory_bytes(args) >> 20,
             "prefix_cache_mib": args.prefix_cache,
         },
         "shutdown_grace_seconds": args.shutdown_grace,
