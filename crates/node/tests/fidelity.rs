@@ -173,20 +173,28 @@ fn gemma3_matches_llama_cpp() {
 /// --seed 1`) against llama.cpp on the same file: the architectures whose weights cannot be
 /// fetched here. The file is written anew and must be the one the fixture was made from.
 fn synthetic_matches_llama_cpp(fixture: &str, shape: &str) {
+    synthetic_format_matches_llama_cpp(fixture, shape, "q8_0");
+}
+
+/// [`synthetic_matches_llama_cpp`] with the model's weights in `format`.
+fn synthetic_format_matches_llama_cpp(fixture: &str, shape: &str, format: &str) {
     let fixture = common::fixture(fixture);
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("model.gguf");
-    let model_shape = shapes::shape(shape, "q8_0").unwrap();
+    let model_shape = shapes::shape(shape, format).unwrap();
     synthetic::write_chat_model(&path, 1, &model_shape).unwrap();
     let bytes = std::fs::read(&path).unwrap();
     let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
     assert_eq!(
         sha,
         fixture["model_sha256"].as_str().unwrap(),
-        "the synthetic {shape} model changed: regenerate its fixture (bench/README.md)"
+        "the synthetic {shape} {format} model changed: regenerate its fixture (bench/README.md)"
     );
     let model = ChatModel::load(&path, &Device::Cpu).unwrap();
     assert_eq!(model.info().architecture, model_shape.family.arch());
+    if pod_inference::kernels::accelerated() {
+        assert_eq!(model.runs_on(), "cpu", "{format}: not on pod's CPU decoder");
+    }
     check_raw_fixture(&model, &fixture);
 }
 
@@ -203,4 +211,19 @@ fn synthetic_qwen3_matches_llama_cpp() {
 #[test]
 fn synthetic_llama_matches_llama_cpp() {
     synthetic_matches_llama_cpp("llamacpp_synthetic_llama.json", "tiny");
+}
+
+#[test]
+fn synthetic_q5_k_matches_llama_cpp() {
+    synthetic_format_matches_llama_cpp("llamacpp_synthetic_llama_q5_k.json", "tiny", "q5_k");
+}
+
+#[test]
+fn synthetic_f16_matches_llama_cpp() {
+    synthetic_format_matches_llama_cpp("llamacpp_synthetic_llama_f16.json", "tiny", "f16");
+}
+
+#[test]
+fn synthetic_bf16_matches_llama_cpp() {
+    synthetic_format_matches_llama_cpp("llamacpp_synthetic_llama_bf16.json", "tiny", "bf16");
 }
