@@ -169,6 +169,11 @@ pub(crate) mod testutil {
                     put_f16(b, 2, rng.random_range(0.0..0.005f32));
                 }
                 QuantFormat::Q6K => put_f16(b, 208, d.abs() / 10.0),
+                QuantFormat::Q2K => {
+                    put_f16(b, 80, d.abs() / 4.0);
+                    put_f16(b, 82, rng.random_range(0.0..0.005f32));
+                }
+                QuantFormat::Q3K => put_f16(b, 108, d / 10.0),
                 QuantFormat::F16 | QuantFormat::BF16 | QuantFormat::F32 => {}
             }
         }

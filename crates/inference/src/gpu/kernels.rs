@@ -192,7 +192,7 @@ pub fn kernel(name: &str) -> Result<&'static KernelSpec, ArgError> {
 }
 
 /// A weight matrix's format on the GPU: the formats of the fused CPU kernels that the GPU
-/// kernels also read (all but `BF16`).
+/// kernels also read (all but `Q2_K`, `Q3_K` and `BF16`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum WeightFormat {
     /// 4-bit values with one scale per 32.
@@ -253,7 +253,7 @@ impl WeightFormat {
             QuantFormat::Q6K => Self::Q6K,
             QuantFormat::F16 => Self::F16,
             QuantFormat::F32 => Self::F32,
-            QuantFormat::BF16 => return None,
+            QuantFormat::Q2K | QuantFormat::Q3K | QuantFormat::BF16 => return None,
         })
     }
 

@@ -7,7 +7,8 @@
 //! row's output does not depend on the rows it was batched with.
 
 use super::format::{
-    bf16_at, f16_at, q4k_scales_mins, q5k_values, q6k_values, QuantFormat, QK, QK_K,
+    bf16_at, f16_at, q2k_values, q3k_scales, q3k_values, q4k_scales_mins, q5k_values, q6k_values,
+    QuantFormat, QK, QK_K,
 };
 use super::quantize::{Q8Block, Q8KBlock};
 
@@ -134,7 +135,8 @@ pub(crate) fn tile_q8<B: Block32, const T: usize>(
     }
 }
 
-/// `rows_q4k`, `rows_q5k` or `rows_q6k` over consecutive weight rows, as [`tile_q8`].
+/// `rows_q2k`, `rows_q3k`, `rows_q4k`, `rows_q5k` or `rows_q6k` over consecutive weight
+/// rows, as [`tile_q8`].
 pub(crate) fn tile_q8k<const T: usize>(
     format: QuantFormat,
     w: &[u8],
@@ -144,6 +146,8 @@ pub(crate) fn tile_q8k<const T: usize>(
 ) {
     for (j, row) in w.chunks_exact(row_bytes).enumerate() {
         let r = match format {
+            QuantFormat::Q2K => rows_q2k::<T>(row, xs),
+            QuantFormat::Q3K => rows_q3k::<T>(row, xs),
             QuantFormat::Q4K => rows_q4k::<T>(row, xs),
             QuantFormat::Q5K => rows_q5k::<T>(row, xs),
             _ => rows_q6k::<T>(row, xs),
@@ -179,6 +183,55 @@ pub(crate) fn rows_q4k<const T: usize>(w: &[u8], xs: [&[Q8KBlock]; T]) -> [f32; 
                 summ += i32::from(mins[s]) * ysum;
             }
             acc[t] += y.d * (d * sumi as f32 - dmin * summ as f32);
+        }
+    }
+    acc
+}
+
+/// Dots one `Q2_K` row with `T` activation rows: 2-bit values, a scale and a min per 16.
+#[inline(always)]
+pub(crate) fn rows_q2k<const T: usize>(w: &[u8], xs: [&[Q8KBlock]; T]) -> [f32; T] {
+    let mut acc = [0.0f32; T];
+    for (i, b) in w.chunks_exact(QuantFormat::Q2K.block_bytes()).enumerate() {
+        let (d, dmin) = (f16_at(b, 80), f16_at(b, 82));
+        let mut qu = [0u8; QK_K];
+        q2k_values(&b[16..80], &mut qu);
+        let q: [i8; QK_K] = qu.map(|v| v as i8);
+        for t in 0..T {
+            let y = &xs[t][i];
+            let mut sumi = 0i32;
+            let mut summ = 0i32;
+            for (g, &sm) in b[..16].iter().enumerate() {
+                let isum = idot(&q.as_chunks::<16>().0[g], &y.qs.as_chunks::<16>().0[g]);
+                sumi += i32::from(sm & 0x0F) * isum;
+                summ += i32::from(sm >> 4) * i32::from(y.bsums[g]);
+            }
+            acc[t] += y.d * (d * sumi as f32 - dmin * summ as f32);
+        }
+    }
+    acc
+}
+
+/// Dots one `Q3_K` row with `T` activation rows: 3-bit values offset by 4, a signed scale per
+/// 16.
+#[inline(always)]
+pub(crate) fn rows_q3k<const T: usize>(w: &[u8], xs: [&[Q8KBlock]; T]) -> [f32; T] {
+    let mut acc = [0.0f32; T];
+    for (i, b) in w.chunks_exact(QuantFormat::Q3K.block_bytes()).enumerate() {
+        let d = f16_at(b, 108);
+        let scales = q3k_scales(&b[96..108]);
+        let mut qu = [0u8; QK_K];
+        q3k_values(b, &mut qu);
+        let q: [i8; QK_K] = qu.map(|v| v as i8);
+        for t in 0..T {
+            let y = &xs[t][i];
+            let mut sumi = 0i32;
+            for (g, &sc) in scales.iter().enumerate() {
+                let isum = idot(&q.as_chunks::<16>().0[g], &y.qs.as_chunks::<16>().0[g])
+                    - 4 * i32::from(y.bsums[g]);
+                sumi += i32::from(sc) * isum;
+            }
+            acc[t] += y.d * (d * sumi as f32);
         }
     }
     acc

@@ -13,7 +13,7 @@ use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
 use super::dot::{fmt, Block32};
-use super::format::{f16_at, q4k_scales_mins, QuantFormat, QK, QK_K};
+use super::format::{f16_at, q3k_scales, q4k_scales_mins, QuantFormat, QK, QK_K};
 use super::quantize::{Q8Block, Q8KBlock};
 
 /// The best instruction set both the CPU and the `POD_CPU_KERNELS` cap allow.
@@ -85,7 +85,9 @@ pub(super) fn tile_q8_at<const T: usize>(
             (Level::Portable, _)
             | (
                 _,
-                QuantFormat::Q4K
+                QuantFormat::Q2K
+                | QuantFormat::Q3K
+                | QuantFormat::Q4K
                 | QuantFormat::Q5K
                 | QuantFormat::Q6K
                 | QuantFormat::F16
@@ -120,6 +122,8 @@ pub(super) fn tile_q8k<const T: usize>(
     // SAFETY: `level()` saw the CPU features these functions are compiled for.
     unsafe {
         match format {
+            QuantFormat::Q2K => tile_q2k::<T>(w, row_bytes, xs, outs),
+            QuantFormat::Q3K => tile_q3k::<T>(w, row_bytes, xs, outs),
             QuantFormat::Q4K => tile_q4k::<T>(w, row_bytes, xs, outs),
             QuantFormat::Q5K => tile_q5k::<T>(w, row_bytes, xs, outs),
             QuantFormat::Q6K => tile_q6k::<T>(w, row_bytes, xs, outs),
@@ -356,6 +360,113 @@ fn tile_q4k<const T: usize>(
                     .sum();
                 acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * y.d), _mm256_cvtepi32_ps(sumi), acc[t]);
                 off[t] -= (dmin * y.d) * summ as f32;
+            }
+        }
+        for t in 0..T {
+            outs[t][j] = hsum(acc[t]) + off[t];
+        }
+    }
+}
+
+/// The eight runs of 32 two-bit values of the 64 bytes at `at` of a `Q2_K` or `Q3_K` block:
+/// run `r` is bits `2 * (r % 4)` of bytes `32 * (r / 4)..` .
+#[target_feature(enable = "avx2")]
+#[inline]
+fn two_bit_runs(b: &[u8], at: usize) -> [__m256i; 8] {
+    let m2 = _mm256_set1_epi8(0x03);
+    let mut q = [_mm256_setzero_si256(); 8];
+    for half in 0..2 {
+        let raw = load32(b, at + 32 * half);
+        q[4 * half] = _mm256_and_si256(raw, m2);
+        q[4 * half + 1] = _mm256_and_si256(_mm256_srli_epi16(raw, 2), m2);
+        q[4 * half + 2] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m2);
+        q[4 * half + 3] = _mm256_and_si256(_mm256_srli_epi16(raw, 6), m2);
+    }
+    q
+}
+
+/// Per-run scale vectors for formats with one scale per 16 values: the low 128 bits of run
+/// `r` take scale `2 * r`, the high ones scale `2 * r + 1`.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn scales_per_16(scales: &[i16; 16]) -> [__m256i; 8] {
+    std::array::from_fn(|r| {
+        _mm256_set_m128i(
+            _mm_set1_epi16(scales[2 * r + 1]),
+            _mm_set1_epi16(scales[2 * r]),
+        )
+    })
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn tile_q2k<const T: usize>(
+    w: &[u8],
+    row_bytes: usize,
+    xs: [&[Q8KBlock]; T],
+    outs: &mut [&mut [f32]],
+) {
+    const BYTES: usize = QuantFormat::Q2K.block_bytes();
+    let xs = xs.map(|x| &x[..row_bytes / BYTES]);
+    for (j, row) in w.chunks_exact(row_bytes).enumerate() {
+        let mut acc = [_mm256_setzero_ps(); T];
+        let mut off = [0.0f32; T];
+        for (i, b) in row.chunks_exact(BYTES).enumerate() {
+            let (d, dmin) = (f16_at(b, 80), f16_at(b, 82));
+            let q = two_bit_runs(b, 16);
+            let sc = scales_per_16(&std::array::from_fn(|g| i16::from(b[g] & 0x0F)));
+            for t in 0..T {
+                let y = &xs[t][i];
+                let sumi = scaled_runs(&q, &sc, &y.qs);
+                let summ: i32 = b[..16]
+                    .iter()
+                    .zip(&y.bsums)
+                    .map(|(&m, &s)| i32::from(m >> 4) * i32::from(s))
+                    .sum();
+                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * y.d), _mm256_cvtepi32_ps(sumi), acc[t]);
+                off[t] -= (dmin * y.d) * summ as f32;
+            }
+        }
+        for t in 0..T {
+            outs[t][j] = hsum(acc[t]) + off[t];
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn tile_q3k<const T: usize>(
+    w: &[u8],
+    row_bytes: usize,
+    xs: [&[Q8KBlock]; T],
+    outs: &mut [&mut [f32]],
+) {
+    const BYTES: usize = QuantFormat::Q3K.block_bytes();
+    let third = _mm256_set1_epi8(0x04);
+    let xs = xs.map(|x| &x[..row_bytes / BYTES]);
+    for (j, row) in w.chunks_exact(row_bytes).enumerate() {
+        let mut acc = [_mm256_setzero_ps(); T];
+        let mut off = [0.0f32; T];
+        for (i, b) in row.chunks_exact(BYTES).enumerate() {
+            let d = f16_at(b, 108);
+            let scales = q3k_scales(&b[96..108]);
+            let hm = load32(b, 0);
+            let mut q = two_bit_runs(b, 32);
+            for (r, v) in q.iter_mut().enumerate() {
+                // Bit r of each high-bit byte, as bit 2 of the value.
+                let bit = _mm256_set1_epi8((1u8 << r) as i8);
+                let set = _mm256_cmpeq_epi8(_mm256_and_si256(hm, bit), bit);
+                *v = _mm256_or_si256(*v, _mm256_and_si256(set, third));
+            }
+            let sc = scales_per_16(&scales.map(i16::from));
+            for t in 0..T {
+                let y = &xs[t][i];
+                let sumi = scaled_runs(&q, &sc, &y.qs);
+                let so: i32 = scales
+                    .iter()
+                    .zip(&y.bsums)
+                    .map(|(&s, &b)| i32::from(s) * i32::from(b))
+                    .sum();
+                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * y.d), _mm256_cvtepi32_ps(sumi), acc[t]);
+                off[t] -= (d * y.d) * (4 * so) as f32;
             }
         }
         for t in 0..T {
