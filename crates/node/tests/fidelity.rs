@@ -227,3 +227,13 @@ fn synthetic_f16_matches_llama_cpp() {
 fn synthetic_bf16_matches_llama_cpp() {
     synthetic_format_matches_llama_cpp("llamacpp_synthetic_llama_bf16.json", "tiny", "bf16");
 }
+
+#[test]
+fn synthetic_q2_k_matches_llama_cpp() {
+    synthetic_format_matches_llama_cpp("llamacpp_synthetic_llama_q2_k.json", "tiny", "q2_k");
+}
+
+#[test]
+fn synthetic_q3_k_matches_llama_cpp() {
+    synthetic_format_matches_llama_cpp("llamacpp_synthetic_llama_q3_k.json", "tiny", "q3_k");
+}

@@ -93,9 +93,9 @@ pub const SHAPES: [NamedShape; 6] = [
 /// The formats `--format` takes: one GGUF type everywhere, or `q4_k_m` / `q5_k_m`,
 /// llama.cpp's mixes (Q6_K for the output head and for the value and down projections of
 /// every other layer, Q4_K or Q5_K elsewhere).
-pub const FORMATS: [&str; 12] = [
-    "q4_0", "q4_1", "q5_0", "q8_0", "q4_k", "q5_k", "q6_k", "f16", "bf16", "f32", "q4_k_m",
-    "q5_k_m",
+pub const FORMATS: [&str; 14] = [
+    "q4_0", "q4_1", "q5_0", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "f16", "bf16", "f32",
+    "q4_k_m", "q5_k_m",
 ];
 
 fn dtype(format: &str) -> Option<GgmlDType> {
@@ -104,6 +104,8 @@ fn dtype(format: &str) -> Option<GgmlDType> {
         "q4_1" => GgmlDType::Q4_1,
         "q5_0" => GgmlDType::Q5_0,
         "q8_0" => GgmlDType::Q8_0,
+        "q2_k" => GgmlDType::Q2K,
+        "q3_k" => GgmlDType::Q3K,
         "q4_k" | "q4_k_m" => GgmlDType::Q4K,
         "q5_k" | "q5_k_m" => GgmlDType::Q5K,
         "q6_k" => GgmlDType::Q6K,
@@ -168,7 +170,7 @@ mod tests {
             .unwrap_err()
             .contains("unknown shape"));
         assert_eq!(shape("tiny-qwen3", "q8_0").unwrap().family, Family::Qwen3);
-        assert!(shape("tiny", "q3_k")
+        assert!(shape("tiny", "iq4_xs")
             .unwrap_err()
             .contains("unknown format"));
         for s in SHAPES {
