@@ -2,10 +2,10 @@
 //!
 //! Weights stay in their GGUF blocks ([`QMatrix`]); activations are quantised once per row to
 //! 8-bit blocks ([`QuantizedRows`]: blocks of 32 for `Q4_0`, `Q4_1`, `Q5_0` and `Q8_0`,
-//! super-blocks of 256 for `Q4_K`, `Q5_K` and `Q6_K`) and dotted block by block in integer
-//! arithmetic, each block's sum scaled once in f32, as ggml does. Float weights (`F16`, `BF16`,
-//! `F32`) are widened to f32 and dotted with the activations as they are. [`matmul_many`] runs one
-//! input through several matrices in a single pass over the worker pool.
+//! super-blocks of 256 for `Q2_K` to `Q6_K`) and dotted block by block in integer arithmetic,
+//! each block's sum scaled once in f32, as ggml does. Float weights (`F16`, `BF16`, `F32`) are
+//! widened to f32 and dotted with the activations as they are. [`matmul_many`] runs one input
+//! through several matrices in a single pass over the worker pool.
 //!
 //! On x86-64 the kernels use AVX-512 VNNI or AVX2 when the CPU has them (checked at run time;
 //! `POD_CPU_KERNELS=avx2` or `=portable` caps the choice) and portable ones otherwise; models
