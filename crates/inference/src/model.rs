@@ -141,9 +141,9 @@ impl ChatModel {
         match &decoder {
             // qwen2 has no other path: its error below says why.
             Err(_) if arch == "qwen2" => {}
-            // Where the decoder would otherwise run, falling back is a loss worth a warning.
-            Err(why) if device.is_cpu() && crate::kernels::accelerated() => {
-                tracing::warn!(architecture = %arch, "on candle's kernels, not pod's CPU decoder: {why}");
+            // A tensor type alone keeps the model off the decoder: a loss worth a warning.
+            Err(why) if why.starts_with("tensor ") => {
+                tracing::warn!(architecture = %arch, "on candle's kernels: {why}");
             }
             Err(why) => tracing::info!(architecture = %arch, "not on pod's CPU decoder: {why}"),
             Ok(()) => {}
@@ -164,7 +164,7 @@ impl ChatModel {
             "qwen2" => {
                 let why = decoder.err().unwrap_or_default();
                 return Err(LoadError::Device(format!(
-                    "qwen2 models need pod's CPU decoder (which needs a CPU with AVX2) or a GPU: {why}"
+                    "qwen2 models need pod's CPU decoder (on a CPU with AVX2) or a GPU: {why}"
                 )));
             }
             "qwen3" => Weights::Qwen3(
