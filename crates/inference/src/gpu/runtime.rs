@@ -157,7 +157,8 @@ pub enum RuntimeError {
     MemoryInfo(String),
     /// A weight matrix is in a format no GPU kernel reads.
     #[error(
-        "the GPU kernels do not read {0:?} weights (run this model on the CPU with --device cpu)"
+        "the GPU kernels do not read {} weights (run this model on the CPU with --device cpu)",
+        super::check::format_name(.0.ggml())
     )]
     Format(QuantFormat),
 }
