@@ -295,9 +295,9 @@ fn a_format_without_gpu_kernels_is_refused_with_its_name() {
     let path = dir.path().join("q3_k.gguf");
     let shape = crate::gpu::synthetic::shapes::shape("tiny", "q3_k").unwrap();
     synthetic::write_chat_model(&path, 5, &shape).unwrap();
-    let err = GpuDecoder::load(emulator(WARPS[0]), &path, 64)
-        .err()
-        .expect("Q3_K has no GPU kernel");
+    let Err(err) = GpuDecoder::load(emulator(WARPS[0]), &path, 64) else {
+        panic!("Q3_K has no GPU kernel, yet the model loaded");
+    };
     let line = err.to_string();
     assert!(
         line.contains("do not read Q3_K weights") && !line.contains('\n'),
