@@ -19,7 +19,7 @@ min-max ranges) with the CPU model, thread count and round count; --json prints
 the raw per-round numbers instead.
 
 With --shape (tiny, llama-1b, llama-8b, qwen2-1.5b, ...) and --format (q4_0,
-q8_0, q4_k_m, ...) instead of --model, both run on a random-weight model of
+q8_0, q5_k, f16, bf16, q4_k_m, ...) instead of --model, both run on a random-weight model of
 that shape written once by `pod models synthesize` under HOME/synthetic/:
 speed at realistic sizes without a download.
 

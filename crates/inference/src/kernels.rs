@@ -2,9 +2,10 @@
 //!
 //! Weights stay in their GGUF blocks ([`QMatrix`]); activations are quantised once per row to
 //! 8-bit blocks ([`QuantizedRows`]: blocks of 32 for `Q4_0`, `Q4_1`, `Q5_0` and `Q8_0`,
-//! super-blocks of 256 for `Q4_K` and `Q6_K`) and dotted block by block in integer
-//! arithmetic, each block's sum scaled once in f32, as ggml does. [`matmul_many`] runs one
-//! input through several matrices in a single pass over the worker pool.
+//! super-blocks of 256 for `Q2_K` to `Q6_K`) and dotted block by block in integer arithmetic,
+//! each block's sum scaled once in f32, as ggml does. Float weights (`F16`, `BF16`, `F32`) are
+//! widened to f32 and dotted with the activations as they are. [`matmul_many`] runs one input
+//! through several matrices in a single pass over the worker pool.
 //!
 //! On x86-64 the kernels use AVX-512 VNNI or AVX2 when the CPU has them (checked at run time;
 //! `POD_CPU_KERNELS=avx2` or `=portable` caps the choice) and portable ones otherwise; models
@@ -142,6 +143,18 @@ pub(crate) mod testutil {
         let blocks = rows * cols / format.block_values();
         let mut data = vec![0u8; blocks * format.block_bytes()];
         rng.fill(&mut data[..]);
+        if format.block_values() == 1 {
+            // Float weights: random values of trained models' size, not random bits.
+            for b in data.chunks_exact_mut(format.block_bytes()) {
+                let v = rng.random_range(-0.08..0.08f32);
+                match format {
+                    QuantFormat::F16 => b.copy_from_slice(&half::f16::from_f32(v).to_le_bytes()),
+                    QuantFormat::BF16 => b.copy_from_slice(&half::bf16::from_f32(v).to_le_bytes()),
+                    _ => b.copy_from_slice(&v.to_le_bytes()),
+                }
+            }
+            return data;
+        }
         for b in data.chunks_exact_mut(format.block_bytes()) {
             let sign = if rng.random::<bool>() { 1.0 } else { -1.0 };
             let d = sign * rng.random_range(0.002..0.05f32);
@@ -151,11 +164,17 @@ pub(crate) mod testutil {
                     put_f16(b, 0, d.abs());
                     put_f16(b, 2, rng.random_range(-0.4..0.1f32));
                 }
-                QuantFormat::Q4K => {
+                QuantFormat::Q4K | QuantFormat::Q5K => {
                     put_f16(b, 0, d.abs() / 10.0);
                     put_f16(b, 2, rng.random_range(0.0..0.005f32));
                 }
                 QuantFormat::Q6K => put_f16(b, 208, d.abs() / 10.0),
+                QuantFormat::Q2K => {
+                    put_f16(b, 80, d.abs() / 4.0);
+                    put_f16(b, 82, rng.random_range(0.0..0.005f32));
+                }
+                QuantFormat::Q3K => put_f16(b, 108, d / 10.0),
+                QuantFormat::F16 | QuantFormat::BF16 | QuantFormat::F32 => {}
             }
         }
         data

@@ -133,8 +133,19 @@ impl ChatModel {
             path: path.clone(),
             source,
         };
+        let decoder = CpuDecoder::supported(&content, &arch, device);
+        match &decoder {
+            // qwen2 has no other path: its error below says why.
+            Err(_) if arch == "qwen2" => {}
+            // A tensor type alone keeps the model off the decoder: a loss worth a warning.
+            Err(why) if why.starts_with("tensor ") => {
+                tracing::warn!(architecture = %arch, "on candle's kernels: {why}");
+            }
+            Err(why) => tracing::info!(architecture = %arch, "not on pod's CPU decoder: {why}"),
+            Ok(()) => {}
+        }
         let weights = match arch.as_str() {
-            _ if CpuDecoder::supported(&content, &arch, device) => Weights::CpuDecoder(Arc::new(
+            _ if decoder.is_ok() => Weights::CpuDecoder(Arc::new(
                 CpuDecoder::from_gguf(&content, &mut reader, &arch, context_length)
                     .map_err(model_err)?,
             )),
@@ -147,10 +158,10 @@ impl ChatModel {
                     .map_err(model_err)?,
             ),
             "qwen2" => {
-                return Err(LoadError::Device(
-                    "qwen2 models need pod's CPU decoder, which needs a CPU with AVX2, or a GPU"
-                        .into(),
-                ))
+                let why = decoder.err().unwrap_or_default();
+                return Err(LoadError::Device(format!(
+                    "qwen2 models need pod's CPU decoder (on a CPU with AVX2) or a GPU: {why}"
+                )));
             }
             "qwen3" => Weights::Qwen3(
                 quantized_qwen3::ModelWeights::from_gguf(content, &mut reader, device)

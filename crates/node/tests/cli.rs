@@ -1198,7 +1198,10 @@ fn device_check_on_the_emulator_passes_every_format_against_the_cpu() {
         .iter()
         .map(|c| c["format"].as_str().expect("format"))
         .collect();
-    assert_eq!(formats, ["Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q6_K"]);
+    assert_eq!(
+        formats,
+        ["Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "F16"]
+    );
     for c in checks {
         assert_eq!(c["passed"], true, "{c}");
         assert_eq!(c["greedy_equal"], true, "{c}");

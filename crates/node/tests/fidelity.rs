@@ -173,29 +173,39 @@ fn gemma3_matches_llama_cpp() {
 /// --seed 1`) against llama.cpp on the same file: the architectures whose weights cannot be
 /// fetched here. The file is written anew and must be the one the fixture was made from.
 fn synthetic_matches_llama_cpp(fixture: &str, shape: &str) {
+    synthetic_format_matches_llama_cpp(fixture, shape, "q8_0");
+}
+
+/// [`synthetic_matches_llama_cpp`] with the model's weights in `format`.
+fn synthetic_format_matches_llama_cpp(fixture: &str, shape: &str, format: &str) {
     let fixture = common::fixture(fixture);
     let dir = tempfile::tempdir().unwrap();
-    let model = synthetic_model(&dir, shape, &fixture);
+    let model = synthetic_model(&dir, shape, format, &fixture);
     check_raw_fixture(&model, &fixture);
 }
 
-/// Writes the synthetic `shape` model in Q8_0 with seed 1 into `dir`, checks it is the file
-/// `fixture` was made from, and loads it on the CPU.
-fn synthetic_model(dir: &tempfile::TempDir, shape: &str, fixture: &Value) -> ChatModel {
+/// Writes the synthetic `shape` model in `format` with seed 1 into `dir`, checks it is the
+/// file `fixture` was made from, and loads it on the CPU.
+fn synthetic_model(
+    dir: &tempfile::TempDir,
+    shape: &str,
+    format: &str,
+    fixture: &Value,
+) -> ChatModel {
     let path = dir.path().join("model.gguf");
-    let model_shape = shapes::shape(shape, "q8_0").unwrap();
+    let model_shape = shapes::shape(shape, format).unwrap();
     synthetic::write_chat_model(&path, 1, &model_shape).unwrap();
     let bytes = std::fs::read(&path).unwrap();
     let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
     assert_eq!(
         sha,
         fixture["model_sha256"].as_str().unwrap(),
-        "the synthetic {shape} model changed: regenerate its fixture (bench/README.md)"
+        "the synthetic {shape} {format} model changed: regenerate its fixture (bench/README.md)"
     );
     let model = ChatModel::load(&path, &Device::Cpu).unwrap();
     assert_eq!(model.info().architecture, model_shape.family.arch());
     if pod_inference::kernels::accelerated() {
-        assert_eq!(model.runs_on(), "cpu", "pod's CPU decoder runs it");
+        assert_eq!(model.runs_on(), "cpu", "{format}: not on pod's CPU decoder");
     }
     model
 }
@@ -221,7 +231,7 @@ fn long_prompt(tokens: usize, seed: u64, vocab: u64) -> Vec<u32> {
 fn synthetic_long_context_matches_llama_cpp() {
     let fixture = common::fixture("llamacpp_synthetic_long.json");
     let dir = tempfile::tempdir().unwrap();
-    let model = synthetic_model(&dir, "tiny-long", &fixture);
+    let model = synthetic_model(&dir, "tiny-long", "q8_0", &fixture);
     assert_eq!(model.info().context_length, 32_768, "the trained context");
     let spec = &fixture["long_prompt"];
     let prompt = long_prompt(
@@ -300,21 +310,9 @@ fn synthetic_yarn_rope_scaling_matches_llama_cpp() {
 fn synthetic_mistral_sliding_window_matches_llama_cpp() {
     let fixture = common::fixture("llamacpp_synthetic_mistral_swa.json");
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("model.gguf");
     let model_shape = shapes::shape("tiny-mistral-swa", "q8_0").unwrap();
     assert_eq!(model_shape.sliding_window, Some(8));
-    synthetic::write_chat_model(&path, 1, &model_shape).unwrap();
-    let bytes = std::fs::read(&path).unwrap();
-    let sha = hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&bytes));
-    assert_eq!(
-        sha,
-        fixture["model_sha256"].as_str().unwrap(),
-        "the synthetic tiny-mistral-swa model changed: regenerate its fixture (bench/README.md)"
-    );
-    let model = ChatModel::load(&path, &Device::Cpu).unwrap();
-    if pod_inference::kernels::accelerated() {
-        assert_eq!(model.runs_on(), "cpu", "pod's CPU decoder runs it");
-    }
+    let model = synthetic_model(&dir, "tiny-mistral-swa", "q8_0", &fixture);
     let cases = fixture["cases"].as_array().unwrap();
     assert!(cases.len() >= 4);
     let (mut deltas, mut full_deltas) = (Vec::new(), Vec::new());
@@ -361,4 +359,29 @@ fn synthetic_phi3_longrope_matches_llama_cpp() {
         "llamacpp_synthetic_phi3_longrope.json",
         "tiny-phi3-longrope",
     );
+}
+
+#[test]
+fn synthetic_q5_k_matches_llama_cpp() {
+    synthetic_format_matches_llama_cpp("llamacpp_synthetic_llama_q5_k.json", "tiny", "q5_k");
+}
+
+#[test]
+fn synthetic_f16_matches_llama_cpp() {
+    synthetic_format_matches_llama_cpp("llamacpp_synthetic_llama_f16.json", "tiny", "f16");
+}
+
+#[test]
+fn synthetic_bf16_matches_llama_cpp() {
+    synthetic_format_matches_llama_cpp("llamacpp_synthetic_llama_bf16.json", "tiny", "bf16");
+}
+
+#[test]
+fn synthetic_q2_k_matches_llama_cpp() {
+    synthetic_format_matches_llama_cpp("llamacpp_synthetic_llama_q2_k.json", "tiny", "q2_k");
+}
+
+#[test]
+fn synthetic_q3_k_matches_llama_cpp() {
+    synthetic_format_matches_llama_cpp("llamacpp_synthetic_llama_q3_k.json", "tiny", "q3_k");
 }

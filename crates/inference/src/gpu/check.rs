@@ -18,13 +18,15 @@ use crate::gpu::synthetic::{self, Family, ModelShape, RopeScaling};
 use crate::model::cpu_decoder::CpuDecoder;
 
 /// The weight formats checked, each in every projection and the output head of its model.
-pub const CHECKED_FORMATS: [GgmlDType; 6] = [
+pub const CHECKED_FORMATS: [GgmlDType; 8] = [
     GgmlDType::Q4_0,
     GgmlDType::Q4_1,
     GgmlDType::Q5_0,
     GgmlDType::Q8_0,
     GgmlDType::Q4K,
+    GgmlDType::Q5K,
     GgmlDType::Q6K,
+    GgmlDType::F16,
 ];
 
 /// The prompt every check feeds first, in one pass.
@@ -319,7 +321,10 @@ mod tests {
         let emu = Arc::new(Emulator::compile_cached(64, &cache).unwrap());
         let report = run_checks(emu, CheckOptions { decode_steps: 2 });
         let names: Vec<&str> = report.checks.iter().map(|c| c.format.as_str()).collect();
-        assert_eq!(names, ["Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q6_K"]);
+        assert_eq!(
+            names,
+            ["Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "F16"]
+        );
         for row in &report.checks {
             assert_eq!(row.error, None, "{}", row.format);
             assert!(row.passed, "{row:?}");
@@ -329,7 +334,7 @@ mod tests {
         }
         assert!(report.passed());
         let json = serde_json::to_value(&report).unwrap();
-        assert_eq!(json["checks"][5]["format"], "Q6_K");
+        assert_eq!(json["checks"][6]["format"], "Q6_K");
         assert_eq!(json["checks"][0]["passed"], true);
     }
 }

@@ -87,7 +87,7 @@ impl<R: DeviceRuntime> GpuMatrix<R> {
     fn upload(runtime: &Arc<R>, m: &QMatrix) -> Result<Self, RuntimeError> {
         Ok(Self {
             buf: DeviceBuffer::from_slice(runtime, &m.data()[..])?,
-            format: WeightFormat::Quant(m.format()),
+            format: WeightFormat::of(m.format()).ok_or(RuntimeError::Format(m.format()))?,
             rows: m.rows(),
             cols: m.cols(),
         })

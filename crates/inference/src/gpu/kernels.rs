@@ -191,15 +191,25 @@ pub fn kernel(name: &str) -> Result<&'static KernelSpec, ArgError> {
         .ok_or_else(|| ArgError::UnknownKernel(name.to_owned()))
 }
 
-/// A weight matrix's format on the GPU: the fused CPU kernels' formats, plus `Q5_K` and
-/// unquantised weights.
+/// A weight matrix's format on the GPU: the formats of the fused CPU kernels that the GPU
+/// kernels also read (all but `Q2_K`, `Q3_K` and `BF16`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum WeightFormat {
-    /// A GGUF block format the CPU kernels also read.
-    Quant(QuantFormat),
+    /// 4-bit values with one scale per 32.
+    Q4_0,
+    /// 4-bit values with one scale and one offset per 32.
+    Q4_1,
+    /// 5-bit values with one scale per 32.
+    Q5_0,
+    /// 8-bit values with one scale per 32.
+    Q8_0,
+    /// 4-bit values in super-blocks of 256 with 6-bit sub-block scales and mins.
+    Q4K,
     /// 5-bit values in super-blocks of 256 (176 bytes: `d`, `dmin`, 12 bytes of scales and
     /// mins packed as `Q4_K`'s, 32 bytes of fifth bits, 128 bytes of nibbles).
     Q5K,
+    /// 6-bit values in super-blocks of 256 with 8-bit sub-block scales.
+    Q6K,
     /// IEEE half floats.
     F16,
     /// 32-bit floats.
@@ -220,51 +230,68 @@ pub enum Activations {
 impl WeightFormat {
     /// Every format the kernels read.
     pub const ALL: [WeightFormat; 9] = [
-        WeightFormat::Quant(QuantFormat::Q4_0),
-        WeightFormat::Quant(QuantFormat::Q4_1),
-        WeightFormat::Quant(QuantFormat::Q5_0),
-        WeightFormat::Quant(QuantFormat::Q8_0),
-        WeightFormat::Quant(QuantFormat::Q4K),
+        WeightFormat::Q4_0,
+        WeightFormat::Q4_1,
+        WeightFormat::Q5_0,
+        WeightFormat::Q8_0,
+        WeightFormat::Q4K,
         WeightFormat::Q5K,
-        WeightFormat::Quant(QuantFormat::Q6K),
+        WeightFormat::Q6K,
         WeightFormat::F16,
         WeightFormat::F32,
     ];
 
+    /// The GPU format of a CPU kernel format, or `None` when no GPU kernel reads it.
+    pub const fn of(format: QuantFormat) -> Option<Self> {
+        Some(match format {
+            QuantFormat::Q4_0 => Self::Q4_0,
+            QuantFormat::Q4_1 => Self::Q4_1,
+            QuantFormat::Q5_0 => Self::Q5_0,
+            QuantFormat::Q8_0 => Self::Q8_0,
+            QuantFormat::Q4K => Self::Q4K,
+            QuantFormat::Q5K => Self::Q5K,
+            QuantFormat::Q6K => Self::Q6K,
+            QuantFormat::F16 => Self::F16,
+            QuantFormat::F32 => Self::F32,
+            QuantFormat::Q2K | QuantFormat::Q3K | QuantFormat::BF16 => return None,
+        })
+    }
+
+    /// The same format as the CPU kernels name it.
+    pub const fn quant(self) -> QuantFormat {
+        match self {
+            Self::Q4_0 => QuantFormat::Q4_0,
+            Self::Q4_1 => QuantFormat::Q4_1,
+            Self::Q5_0 => QuantFormat::Q5_0,
+            Self::Q8_0 => QuantFormat::Q8_0,
+            Self::Q4K => QuantFormat::Q4K,
+            Self::Q5K => QuantFormat::Q5K,
+            Self::Q6K => QuantFormat::Q6K,
+            Self::F16 => QuantFormat::F16,
+            Self::F32 => QuantFormat::F32,
+        }
+    }
+
     /// The format of a GGUF tensor type, or `None` when no kernel reads it.
     pub fn from_ggml(dtype: GgmlDType) -> Option<Self> {
-        match dtype {
-            GgmlDType::Q5K => Some(Self::Q5K),
-            GgmlDType::F16 => Some(Self::F16),
-            GgmlDType::F32 => Some(Self::F32),
-            other => QuantFormat::from_ggml(other).map(Self::Quant),
-        }
+        QuantFormat::from_ggml(dtype).and_then(Self::of)
     }
 
     /// Values per block (1 for unquantised weights).
     pub const fn block_values(self) -> usize {
-        match self {
-            Self::Quant(f) => f.block_values(),
-            Self::Q5K => 256,
-            Self::F16 | Self::F32 => 1,
-        }
+        self.quant().block_values()
     }
 
     /// Bytes per block.
     pub const fn block_bytes(self) -> usize {
-        match self {
-            Self::Quant(f) => f.block_bytes(),
-            Self::Q5K => 176,
-            Self::F16 => 2,
-            Self::F32 => 4,
-        }
+        self.quant().block_bytes()
     }
 
     /// The activation rows its `matvec_*` kernel reads.
     pub const fn activations(self) -> Activations {
         match self {
-            Self::Quant(QuantFormat::Q4K | QuantFormat::Q6K) | Self::Q5K => Activations::Q8K,
-            Self::Quant(_) => Activations::Q8,
+            Self::Q4K | Self::Q5K | Self::Q6K => Activations::Q8K,
+            Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q8_0 => Activations::Q8,
             Self::F16 | Self::F32 => Activations::F32,
         }
     }
@@ -272,13 +299,13 @@ impl WeightFormat {
     /// Its `matvec_*` kernel.
     pub const fn matvec_kernel(self) -> &'static str {
         match self {
-            Self::Quant(QuantFormat::Q4_0) => "matvec_q4_0",
-            Self::Quant(QuantFormat::Q4_1) => "matvec_q4_1",
-            Self::Quant(QuantFormat::Q5_0) => "matvec_q5_0",
-            Self::Quant(QuantFormat::Q8_0) => "matvec_q8_0",
-            Self::Quant(QuantFormat::Q4K) => "matvec_q4_k",
+            Self::Q4_0 => "matvec_q4_0",
+            Self::Q4_1 => "matvec_q4_1",
+            Self::Q5_0 => "matvec_q5_0",
+            Self::Q8_0 => "matvec_q8_0",
+            Self::Q4K => "matvec_q4_k",
             Self::Q5K => "matvec_q5_k",
-            Self::Quant(QuantFormat::Q6K) => "matvec_q6_k",
+            Self::Q6K => "matvec_q6_k",
             Self::F16 => "matvec_f16",
             Self::F32 => "matvec_f32",
         }
@@ -287,13 +314,13 @@ impl WeightFormat {
     /// Its `embed_*` kernel.
     pub const fn embed_kernel(self) -> &'static str {
         match self {
-            Self::Quant(QuantFormat::Q4_0) => "embed_q4_0",
-            Self::Quant(QuantFormat::Q4_1) => "embed_q4_1",
-            Self::Quant(QuantFormat::Q5_0) => "embed_q5_0",
-            Self::Quant(QuantFormat::Q8_0) => "embed_q8_0",
-            Self::Quant(QuantFormat::Q4K) => "embed_q4_k",
+            Self::Q4_0 => "embed_q4_0",
+            Self::Q4_1 => "embed_q4_1",
+            Self::Q5_0 => "embed_q5_0",
+            Self::Q8_0 => "embed_q8_0",
+            Self::Q4K => "embed_q4_k",
             Self::Q5K => "embed_q5_k",
-            Self::Quant(QuantFormat::Q6K) => "embed_q6_k",
+            Self::Q6K => "embed_q6_k",
             Self::F16 => "embed_f16",
             Self::F32 => "embed_f32",
         }

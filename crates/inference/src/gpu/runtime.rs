@@ -26,6 +26,7 @@ use super::compile::{CompileError, UnknownTarget};
 use super::kernels::{KernelArg, KernelSpec, KERNELS};
 use super::library::LoadError;
 use crate::error::ForwardError;
+use crate::kernels::QuantFormat;
 
 pub mod any;
 pub mod cuda;
@@ -154,6 +155,12 @@ pub enum RuntimeError {
     /// The runtime cannot tell how much memory is free.
     #[error("free device memory unknown: {0}")]
     MemoryInfo(String),
+    /// A weight matrix is in a format no GPU kernel reads.
+    #[error(
+        "the GPU kernels do not read {} weights (run this model on the CPU with --device cpu)",
+        super::check::format_name(.0.ggml())
+    )]
+    Format(QuantFormat),
 }
 
 impl From<RuntimeError> for ForwardError {

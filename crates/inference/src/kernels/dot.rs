@@ -6,7 +6,10 @@
 //! Each row's result is computed by the same sequence of operations whatever `T` is, so a
 //! row's output does not depend on the rows it was batched with.
 
-use super::format::{f16_at, q4k_scales_mins, q6k_values, QuantFormat, QK, QK_K};
+use super::format::{
+    bf16_at, f16_at, q2k_values, q3k_scales, q3k_values, q4k_scales_mins, q5k_values, q6k_values,
+    QuantFormat, QK, QK_K,
+};
 use super::quantize::{Q8Block, Q8KBlock};
 
 #[inline(always)]
@@ -132,7 +135,8 @@ pub(crate) fn tile_q8<B: Block32, const T: usize>(
     }
 }
 
-/// `rows_q4k` or `rows_q6k` over consecutive weight rows, as [`tile_q8`].
+/// `rows_q2k`, `rows_q3k`, `rows_q4k`, `rows_q5k` or `rows_q6k` over consecutive weight
+/// rows, as [`tile_q8`].
 pub(crate) fn tile_q8k<const T: usize>(
     format: QuantFormat,
     w: &[u8],
@@ -141,10 +145,12 @@ pub(crate) fn tile_q8k<const T: usize>(
     outs: &mut [&mut [f32]],
 ) {
     for (j, row) in w.chunks_exact(row_bytes).enumerate() {
-        let r = if format == QuantFormat::Q4K {
-            rows_q4k::<T>(row, xs)
-        } else {
-            rows_q6k::<T>(row, xs)
+        let r = match format {
+            QuantFormat::Q2K => rows_q2k::<T>(row, xs),
+            QuantFormat::Q3K => rows_q3k::<T>(row, xs),
+            QuantFormat::Q4K => rows_q4k::<T>(row, xs),
+            QuantFormat::Q5K => rows_q5k::<T>(row, xs),
+            _ => rows_q6k::<T>(row, xs),
         };
         for t in 0..T {
             outs[t][j] = r[t];
@@ -182,6 +188,81 @@ pub(crate) fn rows_q4k<const T: usize>(w: &[u8], xs: [&[Q8KBlock]; T]) -> [f32; 
     acc
 }
 
+/// Dots one `Q2_K` row with `T` activation rows: 2-bit values, a scale and a min per 16.
+#[inline(always)]
+pub(crate) fn rows_q2k<const T: usize>(w: &[u8], xs: [&[Q8KBlock]; T]) -> [f32; T] {
+    let mut acc = [0.0f32; T];
+    for (i, b) in w.chunks_exact(QuantFormat::Q2K.block_bytes()).enumerate() {
+        let (d, dmin) = (f16_at(b, 80), f16_at(b, 82));
+        let mut qu = [0u8; QK_K];
+        q2k_values(&b[16..80], &mut qu);
+        let q: [i8; QK_K] = qu.map(|v| v as i8);
+        for t in 0..T {
+            let y = &xs[t][i];
+            let mut sumi = 0i32;
+            let mut summ = 0i32;
+            for (g, &sm) in b[..16].iter().enumerate() {
+                let isum = idot(&q.as_chunks::<16>().0[g], &y.qs.as_chunks::<16>().0[g]);
+                sumi += i32::from(sm & 0x0F) * isum;
+                summ += i32::from(sm >> 4) * i32::from(y.bsums[g]);
+            }
+            acc[t] += y.d * (d * sumi as f32 - dmin * summ as f32);
+        }
+    }
+    acc
+}
+
+/// Dots one `Q3_K` row with `T` activation rows: 3-bit values offset by 4, a signed scale per
+/// 16.
+#[inline(always)]
+pub(crate) fn rows_q3k<const T: usize>(w: &[u8], xs: [&[Q8KBlock]; T]) -> [f32; T] {
+    let mut acc = [0.0f32; T];
+    for (i, b) in w.chunks_exact(QuantFormat::Q3K.block_bytes()).enumerate() {
+        let d = f16_at(b, 108);
+        let scales = q3k_scales(&b[96..108]);
+        let mut qu = [0u8; QK_K];
+        q3k_values(b, &mut qu);
+        let q: [i8; QK_K] = qu.map(|v| v as i8);
+        for t in 0..T {
+            let y = &xs[t][i];
+            let mut sumi = 0i32;
+            for (g, &sc) in scales.iter().enumerate() {
+                let isum = idot(&q.as_chunks::<16>().0[g], &y.qs.as_chunks::<16>().0[g])
+                    - 4 * i32::from(y.bsums[g]);
+                sumi += i32::from(sc) * isum;
+            }
+            acc[t] += y.d * (d * sumi as f32);
+        }
+    }
+    acc
+}
+
+/// Dots one `Q5_K` row with `T` activation rows: `Q4_K`'s sums over 5-bit values.
+#[inline(always)]
+pub(crate) fn rows_q5k<const T: usize>(w: &[u8], xs: [&[Q8KBlock]; T]) -> [f32; T] {
+    let mut acc = [0.0f32; T];
+    for (i, b) in w.chunks_exact(QuantFormat::Q5K.block_bytes()).enumerate() {
+        let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+        let (scales, mins) = q4k_scales_mins(&b[4..16]);
+        let mut qu = [0u8; QK_K];
+        q5k_values(b, &mut qu);
+        let q: [i8; QK_K] = qu.map(|v| v as i8);
+        for t in 0..T {
+            let y = &xs[t][i];
+            let mut sumi = 0i32;
+            let mut summ = 0i32;
+            for s in 0..8 {
+                let isum = idot(&q.as_chunks::<32>().0[s], &y.qs.as_chunks::<32>().0[s]);
+                sumi += i32::from(scales[s]) * isum;
+                let ysum = i32::from(y.bsums[2 * s]) + i32::from(y.bsums[2 * s + 1]);
+                summ += i32::from(mins[s]) * ysum;
+            }
+            acc[t] += y.d * (d * sumi as f32 - dmin * summ as f32);
+        }
+    }
+    acc
+}
+
 /// Dots one `Q6_K` row with `T` activation rows.
 #[inline(always)]
 pub(crate) fn rows_q6k<const T: usize>(w: &[u8], xs: [&[Q8KBlock]; T]) -> [f32; T] {
@@ -203,4 +284,70 @@ pub(crate) fn rows_q6k<const T: usize>(w: &[u8], xs: [&[Q8KBlock]; T]) -> [f32; 
         }
     }
     acc
+}
+
+/// Values per lane group of the float dot products: one 256-bit register of f32.
+pub(crate) const LANES: usize = 8;
+
+/// Eight float weights starting at value `at` of `row`, widened to f32.
+#[inline(always)]
+fn widen8(format: QuantFormat, row: &[u8], at: usize) -> [f32; LANES] {
+    std::array::from_fn(|l| widen(format, row, at + l))
+}
+
+/// Float weight `i` of `row`, widened to f32.
+#[inline(always)]
+fn widen(format: QuantFormat, row: &[u8], i: usize) -> f32 {
+    match format {
+        QuantFormat::F16 => f16_at(row, 2 * i),
+        QuantFormat::BF16 => bf16_at(row, 2 * i),
+        _ => {
+            let b = &row[4 * i..4 * i + 4];
+            f32::from_le_bytes([b[0], b[1], b[2], b[3]])
+        }
+    }
+}
+
+/// The sum of eight lanes in the order the x86 kernels add them: halves, then pairs, then the
+/// last two.
+#[inline(always)]
+pub(crate) fn lane_sum(v: [f32; LANES]) -> f32 {
+    let h: [f32; 4] = std::array::from_fn(|l| v[l] + v[l + 4]);
+    let p = [h[0] + h[2], h[1] + h[3]];
+    p[0] + p[1]
+}
+
+/// Float weight rows (`F16`, `BF16` or `F32`) dotted with `T` f32 activation rows: runs of 8
+/// values go to two alternating sets of eight lane sums, as the x86 kernels keep them, and the
+/// values past the last whole run are added one by one at the end.
+pub(crate) fn tile_float<const T: usize>(
+    format: QuantFormat,
+    w: &[u8],
+    row_bytes: usize,
+    xs: [&[f32]; T],
+    outs: &mut [&mut [f32]],
+) {
+    let cols = row_bytes / format.block_bytes();
+    let runs = cols / LANES;
+    for (j, row) in w.chunks_exact(row_bytes).enumerate() {
+        let mut acc = [[[0.0f32; LANES]; 2]; T];
+        for r in 0..runs {
+            let wv = widen8(format, row, LANES * r);
+            for t in 0..T {
+                let x = &xs[t][LANES * r..LANES * r + LANES];
+                let a = &mut acc[t][r % 2];
+                for l in 0..LANES {
+                    a[l] = wv[l].mul_add(x[l], a[l]);
+                }
+            }
+        }
+        for t in 0..T {
+            let [a0, a1] = acc[t];
+            let mut sum = lane_sum(std::array::from_fn(|l| a0[l] + a1[l]));
+            for (i, &x) in xs[t].iter().enumerate().take(cols).skip(LANES * runs) {
+                sum = widen(format, row, i).mul_add(x, sum);
+            }
+            outs[t][j] = sum;
+        }
+    }
 }

@@ -266,6 +266,14 @@ fn tile<const T: usize>(
             }
             dot::tile_q8k::<T>(w.format, rows, rb, xs, outs);
         }
+        ActivationForm::F32 => {
+            let xs = std::array::from_fn(|t| x.f32_row(i0 + t).unwrap_or_default());
+            #[cfg(target_arch = "x86_64")]
+            if super::x86::tile_float::<T>(w.format, rows, rb, xs, outs) {
+                return;
+            }
+            dot::tile_float::<T>(w.format, rows, rb, xs, outs);
+        }
     }
 }
 
@@ -348,10 +356,14 @@ mod tests {
                         QuantFormat::Q5_0 => dot::tile_q8::<f::Q5_0, 4>(data, rb, xs, &mut so),
                         _ => dot::tile_q8::<f::Q8_0, 4>(data, rb, xs, &mut so),
                     }
-                } else {
+                } else if format.activation() == ActivationForm::Q8K {
                     let xs: [_; 4] = std::array::from_fn(|t| q.q8k_row(t).unwrap());
                     assert!(x86::tile_q8k::<4>(format, data, rb, xs, &mut fo));
                     dot::tile_q8k::<4>(format, data, rb, xs, &mut so);
+                } else {
+                    let xs: [_; 4] = std::array::from_fn(|t| q.f32_row(t).unwrap());
+                    assert!(x86::tile_float::<4>(format, data, rb, xs, &mut fo));
+                    dot::tile_float::<4>(format, data, rb, xs, &mut so);
                 }
                 for t in 0..4 {
                     for j in 0..n {
@@ -363,6 +375,41 @@ mod tests {
                         );
                     }
                 }
+            }
+        }
+    }
+
+    /// The float kernels keep the portable kernels' order of operations, so they agree to the
+    /// bit, at widths with and without an odd run of 8 and a tail.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn float_kernels_agree_with_portable_to_the_bit() {
+        use super::super::x86::{self, Level};
+        if x86::level() < Level::Avx2 {
+            return;
+        }
+        for format in [QuantFormat::F16, QuantFormat::BF16, QuantFormat::F32] {
+            for k in [8, 20, 100, 256, 588] {
+                let n = 5;
+                let w = matrix(format, n, k, 21);
+                let x = random_input(3 * k, 22);
+                let mut q = QuantizedRows::new();
+                q.quantize(&x, k, [format]).unwrap();
+                let mut fast = vec![vec![0.0f32; n]; 3];
+                let mut slow = vec![vec![0.0f32; n]; 3];
+                let mut fo: Vec<&mut [f32]> = fast.iter_mut().map(|v| &mut v[..]).collect();
+                let mut so: Vec<&mut [f32]> = slow.iter_mut().map(|v| &mut v[..]).collect();
+                let xs: [_; 3] = std::array::from_fn(|t| q.f32_row(t).unwrap());
+                assert!(x86::tile_float::<3>(
+                    format,
+                    &w.data,
+                    w.row_bytes,
+                    xs,
+                    &mut fo
+                ));
+                dot::tile_float::<3>(format, &w.data, w.row_bytes, xs, &mut so);
+                assert_eq!(fast, slow, "{format:?} k={k}");
+                assert!(fast.iter().flatten().any(|v| *v != 0.0), "{format:?} k={k}");
             }
         }
     }

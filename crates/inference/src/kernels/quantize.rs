@@ -2,7 +2,8 @@
 //!
 //! Each block keeps the sums of its quantised values, so that weight formats with an offset
 //! (`Q4_1`'s min, the `- 8` of `Q4_0`, `Q4_K`'s mins, `Q6_K`'s `- 32`) fold the offset in with
-//! one multiply per block instead of per value.
+//! one multiply per block instead of per value. Float weights read the activations as they
+//! are.
 
 use super::format::{ActivationForm, QuantFormat, QK, QK_K};
 use super::KernelError;
@@ -49,8 +50,11 @@ pub struct QuantizedRows {
     cols: usize,
     q8: Vec<Q8Block>,
     q8k: Vec<Q8KBlock>,
+    /// The activations as given, for float weights.
+    f32s: Vec<f32>,
     has_q8: bool,
     has_q8k: bool,
+    has_f32: bool,
 }
 
 impl QuantizedRows {
@@ -74,6 +78,7 @@ impl QuantizedRows {
         self.cols = cols;
         self.has_q8 = false;
         self.has_q8k = false;
+        self.has_f32 = false;
         for format in formats {
             if !cols.is_multiple_of(format.block_values()) {
                 return Err(KernelError::PartialBlock { format, cols });
@@ -92,6 +97,11 @@ impl QuantizedRows {
                         quantize_q8k(xs, b);
                     }
                     self.has_q8k = true;
+                }
+                ActivationForm::F32 if !self.has_f32 => {
+                    self.f32s.clear();
+                    self.f32s.extend_from_slice(x);
+                    self.has_f32 = true;
                 }
                 _ => {}
             }
@@ -121,10 +131,17 @@ impl QuantizedRows {
         self.has_q8k.then(|| &self.q8k[i * n..(i + 1) * n])
     }
 
+    /// Row `i` as given, if kept for float weights.
+    pub(crate) fn f32_row(&self, i: usize) -> Option<&[f32]> {
+        let n = self.cols;
+        self.has_f32.then(|| &self.f32s[i * n..(i + 1) * n])
+    }
+
     pub(crate) fn has(&self, form: ActivationForm) -> bool {
         match form {
             ActivationForm::Q8 => self.has_q8,
             ActivationForm::Q8K => self.has_q8k,
+            ActivationForm::F32 => self.has_f32,
         }
     }
 }

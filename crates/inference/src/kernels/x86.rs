@@ -13,7 +13,7 @@ use std::arch::x86_64::*;
 use std::sync::OnceLock;
 
 use super::dot::{fmt, Block32};
-use super::format::{f16_at, q4k_scales_mins, QuantFormat, QK, QK_K};
+use super::format::{f16_at, q3k_scales, q4k_scales_mins, QuantFormat, QK, QK_K};
 use super::quantize::{Q8Block, Q8KBlock};
 
 /// The best instruction set both the CPU and the `POD_CPU_KERNELS` cap allow.
@@ -82,7 +82,18 @@ pub(super) fn tile_q8_at<const T: usize>(
     // SAFETY: `level()` saw the CPU features each function is compiled for.
     unsafe {
         match (level, format) {
-            (Level::Portable, _) | (_, QuantFormat::Q4K | QuantFormat::Q6K) => return false,
+            (Level::Portable, _)
+            | (
+                _,
+                QuantFormat::Q2K
+                | QuantFormat::Q3K
+                | QuantFormat::Q4K
+                | QuantFormat::Q5K
+                | QuantFormat::Q6K
+                | QuantFormat::F16
+                | QuantFormat::BF16
+                | QuantFormat::F32,
+            ) => return false,
             (Level::Avx2, QuantFormat::Q4_0) => tile32_avx2::<fmt::Q4_0, T>(w, rb, xs, outs),
             (Level::Avx2, QuantFormat::Q4_1) => tile32_avx2::<fmt::Q4_1, T>(w, rb, xs, outs),
             (Level::Avx2, QuantFormat::Q5_0) => tile32_avx2::<fmt::Q5_0, T>(w, rb, xs, outs),
@@ -111,8 +122,35 @@ pub(super) fn tile_q8k<const T: usize>(
     // SAFETY: `level()` saw the CPU features these functions are compiled for.
     unsafe {
         match format {
+            QuantFormat::Q2K => tile_q2k::<T>(w, row_bytes, xs, outs),
+            QuantFormat::Q3K => tile_q3k::<T>(w, row_bytes, xs, outs),
             QuantFormat::Q4K => tile_q4k::<T>(w, row_bytes, xs, outs),
+            QuantFormat::Q5K => tile_q5k::<T>(w, row_bytes, xs, outs),
             QuantFormat::Q6K => tile_q6k::<T>(w, row_bytes, xs, outs),
+            _ => return false,
+        }
+    }
+    true
+}
+
+/// [`super::dot::tile_float`] with AVX2, FMA and F16C, in the same order of operations;
+/// `false` (nothing written) when the CPU lacks them.
+pub(super) fn tile_float<const T: usize>(
+    format: QuantFormat,
+    w: &[u8],
+    row_bytes: usize,
+    xs: [&[f32]; T],
+    outs: &mut [&mut [f32]],
+) -> bool {
+    if level() < Level::Avx2 {
+        return false;
+    }
+    // SAFETY: `level()` saw the CPU features these functions are compiled for.
+    unsafe {
+        match format {
+            QuantFormat::F16 => tile_float_avx2::<T, F16>(w, row_bytes, xs, outs),
+            QuantFormat::BF16 => tile_float_avx2::<T, BF16>(w, row_bytes, xs, outs),
+            QuantFormat::F32 => tile_float_avx2::<T, F32>(w, row_bytes, xs, outs),
             _ => return false,
         }
     }
@@ -326,6 +364,251 @@ fn tile_q4k<const T: usize>(
         }
         for t in 0..T {
             outs[t][j] = hsum(acc[t]) + off[t];
+        }
+    }
+}
+
+/// The eight runs of 32 two-bit values of the 64 bytes at `at` of a `Q2_K` or `Q3_K` block:
+/// run `r` is bits `2 * (r % 4)` of bytes `32 * (r / 4)..` .
+#[target_feature(enable = "avx2")]
+#[inline]
+fn two_bit_runs(b: &[u8], at: usize) -> [__m256i; 8] {
+    let m2 = _mm256_set1_epi8(0x03);
+    let mut q = [_mm256_setzero_si256(); 8];
+    for half in 0..2 {
+        let raw = load32(b, at + 32 * half);
+        q[4 * half] = _mm256_and_si256(raw, m2);
+        q[4 * half + 1] = _mm256_and_si256(_mm256_srli_epi16(raw, 2), m2);
+        q[4 * half + 2] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m2);
+        q[4 * half + 3] = _mm256_and_si256(_mm256_srli_epi16(raw, 6), m2);
+    }
+    q
+}
+
+/// Per-run scale vectors for formats with one scale per 16 values: the low 128 bits of run
+/// `r` take scale `2 * r`, the high ones scale `2 * r + 1`.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn scales_per_16(scales: &[i16; 16]) -> [__m256i; 8] {
+    std::array::from_fn(|r| {
+        _mm256_set_m128i(
+            _mm_set1_epi16(scales[2 * r + 1]),
+            _mm_set1_epi16(scales[2 * r]),
+        )
+    })
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn tile_q2k<const T: usize>(
+    w: &[u8],
+    row_bytes: usize,
+    xs: [&[Q8KBlock]; T],
+    outs: &mut [&mut [f32]],
+) {
+    const BYTES: usize = QuantFormat::Q2K.block_bytes();
+    let xs = xs.map(|x| &x[..row_bytes / BYTES]);
+    for (j, row) in w.chunks_exact(row_bytes).enumerate() {
+        let mut acc = [_mm256_setzero_ps(); T];
+        let mut off = [0.0f32; T];
+        for (i, b) in row.chunks_exact(BYTES).enumerate() {
+            let (d, dmin) = (f16_at(b, 80), f16_at(b, 82));
+            let q = two_bit_runs(b, 16);
+            let sc = scales_per_16(&std::array::from_fn(|g| i16::from(b[g] & 0x0F)));
+            for t in 0..T {
+                let y = &xs[t][i];
+                let sumi = scaled_runs(&q, &sc, &y.qs);
+                let summ: i32 = b[..16]
+                    .iter()
+                    .zip(&y.bsums)
+                    .map(|(&m, &s)| i32::from(m >> 4) * i32::from(s))
+                    .sum();
+                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * y.d), _mm256_cvtepi32_ps(sumi), acc[t]);
+                off[t] -= (dmin * y.d) * summ as f32;
+            }
+        }
+        for t in 0..T {
+            outs[t][j] = hsum(acc[t]) + off[t];
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn tile_q3k<const T: usize>(
+    w: &[u8],
+    row_bytes: usize,
+    xs: [&[Q8KBlock]; T],
+    outs: &mut [&mut [f32]],
+) {
+    const BYTES: usize = QuantFormat::Q3K.block_bytes();
+    let third = _mm256_set1_epi8(0x04);
+    let xs = xs.map(|x| &x[..row_bytes / BYTES]);
+    for (j, row) in w.chunks_exact(row_bytes).enumerate() {
+        let mut acc = [_mm256_setzero_ps(); T];
+        let mut off = [0.0f32; T];
+        for (i, b) in row.chunks_exact(BYTES).enumerate() {
+            let d = f16_at(b, 108);
+            let scales = q3k_scales(&b[96..108]);
+            let hm = load32(b, 0);
+            let mut q = two_bit_runs(b, 32);
+            for (r, v) in q.iter_mut().enumerate() {
+                // Bit r of each high-bit byte, as bit 2 of the value.
+                let bit = _mm256_set1_epi8((1u8 << r) as i8);
+                let set = _mm256_cmpeq_epi8(_mm256_and_si256(hm, bit), bit);
+                *v = _mm256_or_si256(*v, _mm256_and_si256(set, third));
+            }
+            let sc = scales_per_16(&scales.map(i16::from));
+            for t in 0..T {
+                let y = &xs[t][i];
+                let sumi = scaled_runs(&q, &sc, &y.qs);
+                let so: i32 = scales
+                    .iter()
+                    .zip(&y.bsums)
+                    .map(|(&s, &b)| i32::from(s) * i32::from(b))
+                    .sum();
+                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * y.d), _mm256_cvtepi32_ps(sumi), acc[t]);
+                off[t] -= (d * y.d) * (4 * so) as f32;
+            }
+        }
+        for t in 0..T {
+            outs[t][j] = hsum(acc[t]) + off[t];
+        }
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn tile_q5k<const T: usize>(
+    w: &[u8],
+    row_bytes: usize,
+    xs: [&[Q8KBlock]; T],
+    outs: &mut [&mut [f32]],
+) {
+    const BYTES: usize = QuantFormat::Q5K.block_bytes();
+    let m4 = _mm256_set1_epi8(0x0F);
+    let fifth = _mm256_set1_epi8(0x10);
+    let xs = xs.map(|x| &x[..row_bytes / BYTES]);
+    for (j, row) in w.chunks_exact(row_bytes).enumerate() {
+        let mut acc = [_mm256_setzero_ps(); T];
+        let mut off = [0.0f32; T];
+        for (i, b) in row.chunks_exact(BYTES).enumerate() {
+            let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+            let (scales, mins) = q4k_scales_mins(&b[4..16]);
+            let qh = load32(b, 16);
+            let mut q = [_mm256_setzero_si256(); 8];
+            let mut sc = [_mm256_setzero_si256(); 8];
+            for s in 0..8 {
+                // Bit s of each high-bit byte, as bit 4 of the value.
+                let bit = _mm256_set1_epi8((1u8 << s) as i8);
+                let set = _mm256_cmpeq_epi8(_mm256_and_si256(qh, bit), bit);
+                let raw = load32(b, 48 + 32 * (s / 2));
+                let lo = if s % 2 == 0 {
+                    raw
+                } else {
+                    _mm256_srli_epi16(raw, 4)
+                };
+                q[s] = _mm256_or_si256(_mm256_and_si256(lo, m4), _mm256_and_si256(set, fifth));
+                sc[s] = _mm256_set1_epi16(i16::from(scales[s]));
+            }
+            for t in 0..T {
+                let y = &xs[t][i];
+                let sumi = scaled_runs(&q, &sc, &y.qs);
+                let summ: i32 = mins
+                    .iter()
+                    .zip(y.bsums.chunks_exact(2))
+                    .map(|(&m, b)| i32::from(m) * (i32::from(b[0]) + i32::from(b[1])))
+                    .sum();
+                acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d * y.d), _mm256_cvtepi32_ps(sumi), acc[t]);
+                off[t] -= (dmin * y.d) * summ as f32;
+            }
+        }
+        for t in 0..T {
+            outs[t][j] = hsum(acc[t]) + off[t];
+        }
+    }
+}
+
+/// Float weight kinds for [`tile_float_avx2`].
+const F16: u8 = 0;
+const BF16: u8 = 1;
+const F32: u8 = 2;
+
+/// Eight float weights of kind `K` starting at value `at` of `row`, widened to f32.
+#[target_feature(enable = "avx2,f16c")]
+#[inline]
+fn widen8<const K: u8>(row: &[u8], at: usize) -> __m256 {
+    match K {
+        F16 => _mm256_cvtph_ps(load16(row, 2 * at)),
+        BF16 => _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(load16(row, 2 * at)),
+            16,
+        )),
+        _ => _mm256_castsi256_ps(load32(row, 4 * at)),
+    }
+}
+
+/// Eight activations starting at `at`.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn load_x8(x: &[f32], at: usize) -> __m256 {
+    let a: [f32; 8] = x[at..at + 8].try_into().unwrap_or([0.0; 8]);
+    bytemuck::cast(a)
+}
+
+/// The eight lanes of `v`.
+#[target_feature(enable = "avx2")]
+#[inline]
+fn lanes(v: __m256) -> [f32; 8] {
+    bytemuck::cast(v)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn tile_float_avx2<const T: usize, const K: u8>(
+    w: &[u8],
+    row_bytes: usize,
+    xs: [&[f32]; T],
+    outs: &mut [&mut [f32]],
+) {
+    use super::dot::{lane_sum, LANES};
+    let width = if K == F32 { 4 } else { 2 };
+    let cols = row_bytes / width;
+    let runs = cols / LANES;
+    let xs = xs.map(|x| &x[..cols]);
+    for (j, row) in w.chunks_exact(row_bytes).enumerate() {
+        let mut acc = [[_mm256_setzero_ps(); 2]; T];
+        // Runs of 8 alternate between two sums, so that consecutive runs' multiply-adds do
+        // not wait on each other.
+        for p in 0..runs / 2 {
+            let (r0, r1) = (2 * LANES * p, 2 * LANES * p + LANES);
+            let (w0, w1) = (widen8::<K>(row, r0), widen8::<K>(row, r1));
+            for t in 0..T {
+                let [a0, a1] = &mut acc[t];
+                *a0 = _mm256_fmadd_ps(w0, load_x8(xs[t], r0), *a0);
+                *a1 = _mm256_fmadd_ps(w1, load_x8(xs[t], r1), *a1);
+            }
+        }
+        if runs % 2 == 1 {
+            let r = LANES * (runs - 1);
+            let wv = widen8::<K>(row, r);
+            for t in 0..T {
+                acc[t][0] = _mm256_fmadd_ps(wv, load_x8(xs[t], r), acc[t][0]);
+            }
+        }
+        for t in 0..T {
+            let [a0, a1] = acc[t];
+            let mut sum = lane_sum(lanes(_mm256_add_ps(a0, a1)));
+            for i in LANES * runs..cols {
+                let v = match K {
+                    F16 => f16_at(row, 2 * i),
+                    BF16 => super::format::bf16_at(row, 2 * i),
+                    _ => f32::from_le_bytes([
+                        row[4 * i],
+                        row[4 * i + 1],
+                        row[4 * i + 2],
+                        row[4 * i + 3],
+                    ]),
+                };
+                sum = v.mul_add(xs[t][i], sum);
+            }
+            outs[t][j] = sum;
         }
     }
 }

@@ -343,3 +343,19 @@ fn bad_rows_are_refused_and_leave_the_caches_as_they_were() {
     assert_eq!(bits(&feed(gpu, &mut fresh, &replay)), bits(&again));
     assert_ne!(bits(&again), bits(&want));
 }
+
+#[test]
+fn a_format_without_gpu_kernels_is_refused_with_its_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q3_k.gguf");
+    let shape = crate::gpu::synthetic::shapes::shape("tiny", "q3_k").unwrap();
+    synthetic::write_chat_model(&path, 5, &shape).unwrap();
+    let Err(err) = GpuDecoder::load(emulator(WARPS[0]), &path, 64) else {
+        panic!("Q3_K has no GPU kernel, yet the model loaded");
+    };
+    let line = err.to_string();
+    assert!(
+        line.contains("do not read Q3_K weights") && !line.contains('\n'),
+        "{line}"
+    );
+}

@@ -155,10 +155,13 @@ pub const SHAPES: [NamedShape; 13] = [
     },
 ];
 
-/// The formats `--format` takes: one GGUF type everywhere, or `q4_k_m`, llama.cpp's mix
-/// (Q6_K for the output head and for the value and down projections of every other layer,
-/// Q4_K elsewhere).
-pub const FORMATS: [&str; 7] = ["q4_0", "q4_1", "q5_0", "q8_0", "q4_k", "q6_k", "q4_k_m"];
+/// The formats `--format` takes: one GGUF type everywhere, or `q4_k_m` / `q5_k_m`,
+/// llama.cpp's mixes (Q6_K for the output head and for the value and down projections of
+/// every other layer, Q4_K or Q5_K elsewhere).
+pub const FORMATS: [&str; 14] = [
+    "q4_0", "q4_1", "q5_0", "q8_0", "q2_k", "q3_k", "q4_k", "q5_k", "q6_k", "f16", "bf16", "f32",
+    "q4_k_m", "q5_k_m",
+];
 
 fn dtype(format: &str) -> Option<GgmlDType> {
     Some(match format {
@@ -166,8 +169,14 @@ fn dtype(format: &str) -> Option<GgmlDType> {
         "q4_1" => GgmlDType::Q4_1,
         "q5_0" => GgmlDType::Q5_0,
         "q8_0" => GgmlDType::Q8_0,
+        "q2_k" => GgmlDType::Q2K,
+        "q3_k" => GgmlDType::Q3K,
         "q4_k" | "q4_k_m" => GgmlDType::Q4K,
+        "q5_k" | "q5_k_m" => GgmlDType::Q5K,
         "q6_k" => GgmlDType::Q6K,
+        "f16" => GgmlDType::F16,
+        "bf16" => GgmlDType::BF16,
+        "f32" => GgmlDType::F32,
         _ => return None,
     })
 }
@@ -181,7 +190,7 @@ pub fn shape(name: &str, format: &str) -> Result<ModelShape, String> {
     let format = format.to_ascii_lowercase();
     let main = dtype(&format)
         .ok_or_else(|| format!("unknown format `{format}` (known: {})", FORMATS.join(", ")))?;
-    let mixed = format == "q4_k_m";
+    let mixed = format.ends_with("_k_m");
     let layer_formats = (0..s.layers)
         .map(|i| {
             let mut f = [main; 7];
@@ -220,11 +229,15 @@ mod tests {
         assert_eq!(m.layer_formats[0][2], GgmlDType::Q6K);
         assert_eq!(m.layer_formats[1][2], GgmlDType::Q4K);
         assert_eq!(m.output, Some(GgmlDType::Q6K));
+        let m = shape("tiny", "q5_k_m").unwrap();
+        assert_eq!(m.layer_formats[0][2], GgmlDType::Q6K);
+        assert_eq!(m.layer_formats[1][2], GgmlDType::Q5K);
+        assert_eq!(shape("tiny", "BF16").unwrap().embedding, GgmlDType::BF16);
         assert!(shape("llama-2b", "q4_0")
             .unwrap_err()
             .contains("unknown shape"));
         assert_eq!(shape("tiny-qwen3", "q8_0").unwrap().family, Family::Qwen3);
-        assert!(shape("tiny", "q3_k")
+        assert!(shape("tiny", "iq4_xs")
             .unwrap_err()
             .contains("unknown format"));
         for s in SHAPES {

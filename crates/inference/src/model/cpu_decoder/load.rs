@@ -33,7 +33,10 @@ fn bias_vector<R: Read + Seek>(ct: &gguf_file::Content, r: &mut R, name: &str) -
 /// (other backends load models through this decoder too).
 fn matrix(t: &RawTensor, name: &str) -> Result<QMatrix> {
     let Some(format) = QuantFormat::from_ggml(t.dtype) else {
-        candle_core::bail!("{name}: no fused kernel for this format");
+        candle_core::bail!(
+            "tensor {name} is {}, which pod's fused kernels do not read",
+            crate::gpu::check::format_name(t.dtype)
+        );
     };
     QMatrix::new(format, t.rows, t.cols, std::sync::Arc::clone(&t.data))
         .map_err(|e| candle_core::Error::Msg(format!("{name}: {e}")))
@@ -83,10 +86,23 @@ const GEMMA3_GLOBAL_ROPE_BASE: f32 = 1_000_000.0;
 impl CpuDecoder {
     /// Whether a GGUF decoder can run here: a llama-family, Qwen 2/3, Phi 3 or Gemma 3 model, a CPU
     /// with the SIMD kernels, every matrix in a format they read, and full-width rotary
-    /// embeddings.
-    pub(crate) fn supported(ct: &gguf_file::Content, arch: &str, dev: &Device) -> bool {
-        if !ARCHITECTURES.contains(&arch) || !dev.is_cpu() || !kernels::accelerated() {
-            return false;
+    /// embeddings. `Err` says, in one line, why not.
+    pub(crate) fn supported(
+        ct: &gguf_file::Content,
+        arch: &str,
+        dev: &Device,
+    ) -> std::result::Result<(), String> {
+        if !ARCHITECTURES.contains(&arch) {
+            return Err(format!("pod's CPU decoder does not read `{arch}` models"));
+        }
+        if !dev.is_cpu() {
+            return Err("the model is not on the CPU".to_owned());
+        }
+        if !kernels::accelerated() {
+            return Err(format!(
+                "this CPU has no SIMD kernels for pod's CPU decoder (level {})",
+                kernels::cpu_level()
+            ));
         }
         let md = |k: &str| {
             ct.metadata
@@ -95,10 +111,12 @@ impl CpuDecoder {
         };
         let (Some(n_head), Some(hidden)) = (md("attention.head_count"), md("embedding_length"))
         else {
-            return false;
+            return Err(format!(
+                "no {arch}.attention.head_count or embedding_length"
+            ));
         };
         if n_head == 0 {
-            return false;
+            return Err("no attention heads".to_owned());
         }
         let head_dim = md("attention.key_length").unwrap_or(hidden / n_head);
         if head_dim == 0
@@ -106,13 +124,25 @@ impl CpuDecoder {
             || md("rope.dimension_count").is_some_and(|d| d != head_dim)
             || md("attention.value_length").is_some_and(|d| d != head_dim)
         {
-            return false;
+            return Err(format!(
+                "heads of {head_dim} values with partial rotary embeddings or other value widths"
+            ));
         }
-        ct.tensor_infos.iter().all(|(name, info)| {
-            info.shape.dims().len() != 2
-                || name.ends_with("norm.weight")
-                || QuantFormat::from_ggml(info.ggml_dtype).is_some()
-        })
+        let mut names: Vec<&String> = ct.tensor_infos.keys().collect();
+        names.sort();
+        for name in names {
+            let info = &ct.tensor_infos[name];
+            if info.shape.dims().len() == 2
+                && !name.ends_with("norm.weight")
+                && QuantFormat::from_ggml(info.ggml_dtype).is_none()
+            {
+                return Err(format!(
+                    "tensor {name} is {}, which pod's fused kernels do not read",
+                    crate::gpu::check::format_name(info.ggml_dtype)
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// The whole model's decoder.
@@ -321,5 +351,70 @@ impl CpuDecoder {
             },
             scratch: Mutex::default(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use candle_core::quantized::GgmlDType;
+
+    use super::*;
+    use crate::gpu::synthetic::{self, shapes};
+    use crate::model::ChatModel;
+
+    fn content(path: &std::path::Path) -> gguf_file::Content {
+        let mut f = std::fs::File::open(path).unwrap();
+        gguf_file::Content::read(&mut f).unwrap()
+    }
+
+    /// Each format added to the fused kernels runs a whole model on the decoder, and a
+    /// prompt fed at once ends on the same logits, to the bit, as fed one token at a time.
+    #[test]
+    fn new_formats_run_on_the_decoder_whatever_the_batch() {
+        if !kernels::accelerated() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        for format in ["q2_k", "q3_k", "q5_k", "q5_k_m", "f16", "bf16", "f32"] {
+            let path = dir.path().join(format!("{format}.gguf"));
+            synthetic::write_chat_model(&path, 3, &shapes::shape("tiny", format).unwrap()).unwrap();
+            assert_eq!(
+                CpuDecoder::supported(&content(&path), "llama", &Device::Cpu),
+                Ok(())
+            );
+            let model = ChatModel::load(&path, &Device::Cpu).unwrap();
+            assert_eq!(model.runs_on(), "cpu", "{format}");
+            let prompt = [1u32, 40, 300, 7, 7, 511];
+            let whole = model.new_sequence().forward(&prompt).unwrap();
+            let mut seq = model.new_sequence();
+            let mut last = Vec::new();
+            for t in prompt {
+                last = seq.forward(&[t]).unwrap();
+            }
+            assert_eq!(whole, last, "{format}");
+            assert!(whole.iter().all(|v| v.is_finite()), "{format}");
+        }
+    }
+
+    /// A tensor in a format the kernels do not read sends the model to candle, with one line
+    /// naming the tensor and its type.
+    #[test]
+    fn an_unread_tensor_type_is_named_and_the_model_runs_on_candle() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q5_1.gguf");
+        let mut shape = shapes::shape("tiny", "q8_0").unwrap();
+        shape.layer_formats[1][5] = GgmlDType::Q5_1;
+        synthetic::write_chat_model(&path, 3, &shape).unwrap();
+        let why = CpuDecoder::supported(&content(&path), "llama", &Device::Cpu).unwrap_err();
+        if kernels::accelerated() {
+            assert_eq!(
+                why,
+                "tensor blk.1.ffn_up.weight is Q5_1, which pod's fused kernels do not read"
+            );
+        }
+        let model = ChatModel::load(&path, &Device::Cpu).unwrap();
+        assert!(model.runs_on().starts_with("candle"), "{}", model.runs_on());
+        let logits = model.new_sequence().forward(&[1, 40, 300]).unwrap();
+        assert!(logits.iter().all(|v| v.is_finite()));
     }
 }

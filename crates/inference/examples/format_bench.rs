@@ -1,0 +1,94 @@
+//! Times the fused kernels per weight format on one layer of a Llama 3.2 1B shape (hidden
+//! 2048, 512-wide keys and values, feed-forward 8192): one token (matrix-vector) and a batch
+//! of 32, every format in turn, alternating rounds so that a busy machine slows them alike.
+//!
+//! `cargo run --release -p pod-inference --example format_bench [ROUNDS]`. Threads:
+//! `RAYON_NUM_THREADS`, else one per physical core.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use pod_inference::kernels::{matmul_many, QMatrix, QuantFormat, QuantizedRows};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// A matrix of plausible blocks: random bytes with every f16 scale field set small.
+fn matrix(format: QuantFormat, rows: usize, cols: usize, rng: &mut StdRng) -> QMatrix {
+    let blocks = rows * cols / format.block_values();
+    let mut data = vec![0u8; blocks * format.block_bytes()];
+    rng.fill(&mut data[..]);
+    if format.block_values() == 1 {
+        // Float weights: small values, not random bit patterns (NaNs would not be timed fairly).
+        for (i, b) in data.chunks_exact_mut(format.block_bytes()).enumerate() {
+            b[0] = 0;
+            b[1] = if i % 2 == 0 { 0x3c } else { 0xbc };
+        }
+    }
+    QMatrix::new(format, rows, cols, Arc::from(data)).expect("consistent shape")
+}
+
+fn main() {
+    let rounds: usize = std::env::args()
+        .nth(1)
+        .map_or(3, |r| r.parse().expect("a round count"));
+    let (hidden, kv, ffn) = (2048, 512, 8192);
+    let shapes = [
+        (hidden, hidden),
+        (kv, hidden),
+        (kv, hidden),
+        (hidden, hidden),
+        (ffn, hidden),
+        (ffn, hidden),
+        (hidden, ffn),
+    ];
+    let mut rng = StdRng::seed_from_u64(1);
+    let layers: Vec<(QuantFormat, Vec<QMatrix>)> = QuantFormat::ALL
+        .iter()
+        .map(|&f| {
+            let ms = shapes
+                .iter()
+                .map(|&(r, c)| matrix(f, r, c, &mut rng))
+                .collect();
+            (f, ms)
+        })
+        .collect();
+    for m in [1usize, 32] {
+        let x: Vec<f32> = (0..m * ffn).map(|_| rng.random_range(-1.0..1.0)).collect();
+        let mut best = vec![f64::INFINITY; layers.len()];
+        for _ in 0..rounds {
+            for (li, (format, ms)) in layers.iter().enumerate() {
+                let mut qa = QuantizedRows::new();
+                let mut qf = QuantizedRows::new();
+                let mut outs: Vec<Vec<f32>> = ms.iter().map(|w| vec![0.0; m * w.rows()]).collect();
+                let reps = if m == 1 { 20 } else { 2 };
+                let start = Instant::now();
+                for _ in 0..reps {
+                    qa.quantize(&x[..m * hidden], hidden, [*format])
+                        .expect("rows");
+                    let (qkv, rest) = outs.split_at_mut(3);
+                    let [q, k, v] = qkv else { unreachable!() };
+                    matmul_many(&ms[..3].iter().collect::<Vec<_>>(), &qa, &mut [q, k, v])
+                        .expect("shapes");
+                    let (o, rest) = rest.split_at_mut(1);
+                    ms[3].matmul(&qa, &mut o[0]).expect("shapes");
+                    let (gu, down) = rest.split_at_mut(2);
+                    let [g, u] = gu else { unreachable!() };
+                    matmul_many(&[&ms[4], &ms[5]], &qa, &mut [g, u]).expect("shapes");
+                    qf.quantize(&x[..m * ffn], ffn, [*format]).expect("rows");
+                    ms[6].matmul(&qf, &mut down[0]).expect("shapes");
+                }
+                let s = start.elapsed().as_secs_f64() / reps as f64;
+                best[li] = best[li].min(s);
+            }
+        }
+        for ((format, ms), s) in layers.iter().zip(&best) {
+            let bytes: usize = ms.iter().map(|w| w.data().len()).sum();
+            println!(
+                "{format:?} batch {m}: {:.2} ms per layer, {:.1} GB/s of weights, {:.1} Gop/s",
+                s * 1e3,
+                bytes as f64 / s / 1e9,
+                (2 * m * ms.iter().map(|w| w.rows() * w.cols()).sum::<usize>()) as f64 / s / 1e9
+            );
+        }
+    }
+}
