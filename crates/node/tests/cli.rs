@@ -1311,6 +1311,9 @@ fn a_model_too_big_for_the_device_is_one_line_saying_what_to_lower() {
             model,
             "--max-batch",
             "1000000",
+            // A KV budget large enough not to cap what the batch asks for (MiB).
+            "--kv-memory",
+            "100000000",
             "--no-mdns",
             "--p2p-port",
             "0",
@@ -1365,7 +1368,10 @@ fn bench_measures_a_synthetic_shape_on_the_gpu_kernels() {
         home.path(),
         &["bench", "--shape", "huge", "--device", "cpu"],
     );
-    assert_one_line_error(&o, "unknown shape `huge` (known: tiny, llama-1b, llama-8b, tiny-qwen2, tiny-qwen3, qwen2-1.5b, tiny-long)");
+    assert_one_line_error(
+        &o,
+        "unknown shape `huge` (known: tiny, llama-1b, llama-8b, tiny-qwen2, tiny-qwen3,",
+    );
 }
 
 #[test]
