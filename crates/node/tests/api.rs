@@ -437,17 +437,22 @@ fn not_ready_means_503_with_retry_after() {
     );
 }
 
-#[test]
-fn full_queue_means_429_with_retry_after() {
-    let engine = pod_inference::Engine::start(pod_inference::EngineConfig {
-        max_queue: 0,
-        ..Default::default()
-    });
+/// The API over an engine of its own with `config`, the chat model loaded; its base URL.
+fn serve_chat_engine(config: pod_inference::EngineConfig) -> String {
+    let engine = pod_inference::Engine::start(config);
     let model = pod_node::loader::resolve(&common::store(), CHAT, true).unwrap();
     pod_node::loader::load_into(&engine, &model, &pod_inference::Placement::cpu()).unwrap();
     let backend = LocalBackend::new(engine, "local");
     backend.set_ready(true);
-    let base = serve_backend(backend, "");
+    serve_backend(backend, "")
+}
+
+#[test]
+fn full_queue_means_429_with_retry_after() {
+    let base = serve_chat_engine(pod_inference::EngineConfig {
+        max_queue: 0,
+        ..Default::default()
+    });
     let r = post(&base, "/v1/chat/completions", &chat_body("hi", 2));
     let v = r.assert_error(429);
     assert_eq!(v["error"]["code"], "queue_full");
@@ -459,15 +464,10 @@ fn the_kv_memory_budget_cuts_the_context_refuses_what_never_fits_and_queues_the_
     // SmolLM2-135M: 30 layers × 3 KV heads × 64 values, keys and values in f32.
     const PER_TOKEN: usize = 2 * 30 * 3 * 64 * 4;
     let budget = 64 << 20;
-    let engine = pod_inference::Engine::start(pod_inference::EngineConfig {
+    let base = serve_chat_engine(pod_inference::EngineConfig {
         kv_memory_bytes: Some(budget),
         ..Default::default()
     });
-    let model = pod_node::loader::resolve(&common::store(), CHAT, true).unwrap();
-    pod_node::loader::load_into(&engine, &model, &pod_inference::Placement::cpu()).unwrap();
-    let backend = LocalBackend::new(engine, "local");
-    backend.set_ready(true);
-    let base = serve_backend(backend, "");
     let fits = budget / PER_TOKEN;
     let m = send("GET", &format!("{base}/v1/models/{CHAT}"), None, None);
     assert_eq!(m.json()["context_length"], fits);

@@ -99,6 +99,9 @@ pub enum FetchError {
         sha256: String,
         /// Why each provider asked gave none, by provider.
         why: Vec<(PeerId, String)>,
+        /// Whether some provider could not be reached at all (rather than refusing or
+        /// sending a wrong manifest): asking again later may succeed.
+        unreached: bool,
     },
     /// Every provider failed before the file was complete.
     #[error("peers failed with {missing} chunks missing: {reasons}")]
@@ -128,12 +131,14 @@ pub async fn fetch(
 ) -> Result<FetchReport, FetchError> {
     let started = Instant::now();
     let control = mesh.streams();
-    let (offers, why, refused) = gather_manifests(&control, providers, sha256, size).await;
+    let (offers, why, refused, unreached) =
+        gather_manifests(&control, providers, sha256, size).await;
     let candidates = candidates(&offers);
     if candidates.is_empty() {
         return Err(FetchError::NoManifest {
             sha256: sha256.to_owned(),
             why,
+            unreached: unreached > 0,
         });
     }
     // Providers that refused the manifest would refuse the chunks too.
@@ -246,35 +251,37 @@ pub async fn fetch(
     Err(last.unwrap_or_else(|| FetchError::NoManifest {
         sha256: sha256.to_owned(),
         why: Vec::new(),
+        unreached: false,
     }))
 }
 
 /// Asks every provider for its manifest of `sha256` at once: `None` for those that sent none,
-/// or one that cannot describe a file of that hash and size.
+/// or one that cannot describe a file of that hash and size. Also returns why each gave none,
+/// those that refused, and how many could not be reached.
 async fn gather_manifests(
     control: &libp2p_stream::Control,
     providers: &[PeerId],
     sha256: &str,
     size: u64,
-) -> (Offers, Vec<(PeerId, String)>, Vec<PeerId>) {
+) -> (Offers, Vec<(PeerId, String)>, Vec<PeerId>, usize) {
     let asks = providers.iter().copied().map(|peer| async move {
         let (offer, why, refused) = match request_manifest(control.clone(), peer, sha256).await {
-            Ok(m) if m.matches(sha256, size) => (Some(Arc::new(m)), None, false),
+            Ok(m) if m.matches(sha256, size) => (Some(Arc::new(m)), None, Some(false)),
             Ok(_) => {
                 tracing::warn!(%peer, "peer sent a manifest that does not match the file");
                 (
                     None,
                     Some("sent a manifest that does not match the file".to_owned()),
-                    false,
+                    Some(false),
                 )
             }
             Err(ManifestError::Refused(e)) => {
                 tracing::info!(%peer, reason = %e, "peer refused to send the file");
-                (None, Some(e), true)
+                (None, Some(e), Some(true))
             }
             Err(ManifestError::Failed(e)) => {
                 tracing::debug!(%peer, error = %e, "no manifest from peer");
-                (None, Some(e), false)
+                (None, Some(e), None)
             }
         };
         (peer, offer, why, refused)
@@ -282,14 +289,17 @@ async fn gather_manifests(
     let mut offers = Vec::new();
     let mut why = Vec::new();
     let mut refused = Vec::new();
+    let mut unreached = 0;
     for (peer, offer, reason, refusal) in futures::future::join_all(asks).await {
         offers.push((peer, offer));
         why.extend(reason.map(|r| (peer, r)));
-        if refusal {
-            refused.push(peer);
+        match refusal {
+            Some(true) => refused.push(peer),
+            Some(false) => {}
+            None => unreached += 1,
         }
     }
-    (offers, why, refused)
+    (offers, why, refused, unreached)
 }
 
 /// Each provider asked, with the manifest it offered if it sent one that fits the file.

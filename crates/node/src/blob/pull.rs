@@ -190,9 +190,9 @@ pub async fn pull_via_mesh(
                 // No provider could be reached yet: one found in the DHT may be reachable only
                 // at the relayed addresses its announcements carry, which arrive within the
                 // announcement interval. Ask again while the wait lasts.
-                Err(FetchError::NoManifest { .. })
-                    if Instant::now() + UNREACHED_RETRY < deadline =>
-                {
+                Err(FetchError::NoManifest {
+                    unreached: true, ..
+                }) if Instant::now() + UNREACHED_RETRY < deadline => {
                     tokio::time::sleep(UNREACHED_RETRY).await;
                     let known = mesh.peers().await.unwrap_or_default();
                     for p in providers_of(&known, file.sha256, &mesh.peer_id()) {
