@@ -43,6 +43,10 @@ fn ids(v: &Value) -> Vec<u32> {
 const MAX_LOGPROB_DELTA: f32 = 0.25;
 /// Mean absolute top-1 log-probability difference allowed over a fixture's prompts.
 const MAX_MEAN_DELTA: f32 = 0.15;
+/// The same for the small synthetic models, whose logits stay close to llama.cpp's: every
+/// shape and format has a mean within 0.016, and a missing rope scaling on Gemma 3's global
+/// layers moves it to 0.07, which [`MAX_MEAN_DELTA`] would let through.
+const SYNTHETIC_MAX_MEAN_DELTA: f32 = 0.04;
 
 /// Compares pod's next-token distribution with llama.cpp's top-10 for one prompt; returns
 /// the absolute difference of the top-1 log-probability.
@@ -91,10 +95,14 @@ fn check_case(model: &ChatModel, name: &str, tokens: &[u32], case: &Value) -> f3
 }
 
 fn check_mean(deltas: &[f32]) {
+    check_mean_within(deltas, MAX_MEAN_DELTA);
+}
+
+fn check_mean_within(deltas: &[f32], bound: f32) {
     let mean = deltas.iter().sum::<f32>() / deltas.len() as f32;
     eprintln!("|top-1 logprob - llama.cpp| per prompt: {deltas:?}, mean {mean:.3}");
     assert!(
-        mean <= MAX_MEAN_DELTA,
+        mean <= bound,
         "mean top-1 logprob difference {mean:.3} (per prompt: {deltas:?})"
     );
 }
@@ -145,7 +153,7 @@ fn check_tokenize_cases(model: &ChatModel, cases: &[Value]) {
 
 /// A raw-mode fixture (`bench/llama_reference.py --mode raw`): each case's text tokenized as
 /// llama.cpp did and its next-token distribution, then the tokenizer cases.
-fn check_raw_fixture(model: &ChatModel, fixture: &Value) {
+fn check_raw_fixture(model: &ChatModel, fixture: &Value, max_mean: f32) {
     let cases = fixture["cases"].as_array().unwrap();
     assert!(cases.len() >= 4);
     let mut deltas = Vec::new();
@@ -157,7 +165,7 @@ fn check_raw_fixture(model: &ChatModel, fixture: &Value) {
             .unwrap();
         deltas.push(check_case(model, name, &tokens, case));
     }
-    check_mean(&deltas);
+    check_mean_within(&deltas, max_mean);
     check_tokenize_cases(model, fixture["tokenize"].as_array().unwrap());
 }
 
@@ -166,7 +174,7 @@ fn gemma3_matches_llama_cpp() {
     let fixture = common::fixture("llamacpp_gemma3.json");
     let model = ChatModel::load(&common::model_path("gemma3-270m"), &Device::Cpu).unwrap();
     assert_eq!(model.info().architecture, "gemma3");
-    check_raw_fixture(&model, &fixture);
+    check_raw_fixture(&model, &fixture, MAX_MEAN_DELTA);
 }
 
 /// A synthetic random-weight model (`pod models synthesize --shape SHAPE --format q8_0
@@ -181,7 +189,7 @@ fn synthetic_format_matches_llama_cpp(fixture: &str, shape: &str, format: &str) 
     let fixture = common::fixture(fixture);
     let dir = tempfile::tempdir().unwrap();
     let model = synthetic_model(&dir, shape, format, &fixture);
-    check_raw_fixture(&model, &fixture);
+    check_raw_fixture(&model, &fixture, SYNTHETIC_MAX_MEAN_DELTA);
 }
 
 /// Writes the synthetic `shape` model in `format` with seed 1 into `dir`, checks it is the
@@ -267,7 +275,7 @@ fn synthetic_long_context_matches_llama_cpp() {
         seq.len(),
         started.elapsed().as_secs_f64()
     );
-    check_mean(&deltas);
+    check_mean_within(&deltas, SYNTHETIC_MAX_MEAN_DELTA);
 }
 
 #[test]
@@ -288,6 +296,16 @@ fn synthetic_llama_matches_llama_cpp() {
 #[test]
 fn synthetic_linear_rope_scaling_matches_llama_cpp() {
     synthetic_matches_llama_cpp("llamacpp_synthetic_linear.json", "tiny-linear");
+}
+
+/// Gemma 3 4B and larger declare linear rope scaling, which applies to their global layers
+/// only; the tiny shape's second layer is global, its first local with a window of 4.
+#[test]
+fn synthetic_gemma3_global_rope_scaling_matches_llama_cpp() {
+    synthetic_matches_llama_cpp(
+        "llamacpp_synthetic_gemma3_linear.json",
+        "tiny-gemma3-linear",
+    );
 }
 
 #[test]
@@ -335,7 +353,7 @@ fn synthetic_mistral_sliding_window_matches_llama_cpp() {
         let lp = log_softmax(&logits)[full["id"].as_u64().unwrap() as usize];
         full_deltas.push((lp - full["logprob"].as_f64().unwrap() as f32).abs());
     }
-    check_mean(&deltas);
+    check_mean_within(&deltas, SYNTHETIC_MAX_MEAN_DELTA);
     let away = full_deltas.iter().sum::<f32>() / full_deltas.len() as f32;
     eprintln!("|top-1 logprob - llama.cpp over the whole prompt|: {full_deltas:?}, mean {away:.3}");
     assert!(

@@ -313,9 +313,9 @@ fn write_with(
         metadata.extend([
             (key("attention.key_length"), Value::U32(head_dim as u32)),
             (key("attention.sliding_window"), Value::U32(4)),
-            (key("attention.sliding_window_type"), Value::U32(2)),
+            (key("attention.sliding_window_pattern"), Value::U32(2)),
             (key("rope.freq_base"), Value::F32(1_000_000.0)),
-            (key("rope.local_freq_base"), Value::F32(10_000.0)),
+            (key("rope.freq_base_swa"), Value::F32(10_000.0)),
         ]);
     } else {
         metadata.push((key("rope.freq_base"), Value::F32(10_000.0)));

@@ -26,8 +26,14 @@ struct Rope {
 }
 
 impl Rope {
-    fn new(head_dim: usize, base: f32, max_len: usize, device: &Device) -> Result<Self> {
-        let (cos, sin) = weights::rope_tables(head_dim, base, max_len, device)?;
+    fn new(
+        head_dim: usize,
+        base: f32,
+        freq_scale: f32,
+        max_len: usize,
+        device: &Device,
+    ) -> Result<Self> {
+        let (cos, sin) = weights::rope_tables(head_dim, base, freq_scale, max_len, device)?;
         Ok(Self { cos, sin })
     }
 
@@ -159,18 +165,33 @@ impl Gemma3 {
         let head_dim = md("attention.key_length")?.to_u32()? as usize;
         let eps = md("attention.layer_norm_rms_epsilon")?.to_f32()? as f64;
         let window = md("attention.sliding_window")?.to_u32()? as usize;
-        let pattern = md("attention.sliding_window_type")
+        let pattern = md("attention.sliding_window_pattern")
+            .or_else(|_| md("attention.sliding_window_type"))
             .and_then(|v| v.to_u32())
             .map_or(DEFAULT_SLIDING_WINDOW_PATTERN, |v| v as usize)
             .max(1);
         let global_base = md("rope.freq_base")
             .and_then(|v| v.to_f32())
             .unwrap_or(DEFAULT_GLOBAL_ROPE_BASE);
-        let local_base = md("rope.local_freq_base")
+        let local_base = md("rope.freq_base_swa")
+            .or_else(|_| md("rope.local_freq_base"))
             .and_then(|v| v.to_f32())
             .unwrap_or(DEFAULT_LOCAL_ROPE_BASE);
-        let local_rope = Rope::new(head_dim, local_base, max_len, dev)?;
-        let global_rope = Rope::new(head_dim, global_base, max_len, dev)?;
+        // Gemma 3 declares only linear scaling (4B and larger: factor 8), and only its global
+        // layers are scaled, as in llama.cpp.
+        let global_scale = match md("rope.scaling.type").and_then(|v| v.to_string().cloned()) {
+            Ok(kind) if kind != "linear" && kind != "none" => {
+                candle_core::bail!("gemma3: rope scaling `{kind}` is not supported")
+            }
+            Ok(kind) if kind == "none" => 1.0,
+            _ => md("rope.scaling.factor")
+                .and_then(|v| v.to_f32())
+                .ok()
+                .filter(|&f| f != 0.0)
+                .map_or(1.0, |f| 1.0 / f),
+        };
+        let local_rope = Rope::new(head_dim, local_base, 1.0, max_len, dev)?;
+        let global_rope = Rope::new(head_dim, global_base, global_scale, max_len, dev)?;
 
         let head = weights::head(&ct, r, eps, dev)?;
         let layers = weights::layers(&ct, r, dev, blocks, eps, |p, blk| {

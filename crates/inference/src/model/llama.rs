@@ -74,7 +74,7 @@ impl Llama {
             .and_then(|v| v.to_f32())
             .unwrap_or(10_000.0);
 
-        let (cos, sin) = weights::rope_tables(rope_dim, base, max_len, dev)?;
+        let (cos, sin) = weights::rope_tables(rope_dim, base, 1.0, max_len, dev)?;
         let head = weights::head(&ct, r, eps, dev)?;
         let layers = weights::layers(&ct, r, dev, blocks, eps, |p, blk| {
             Ok(Layer {

@@ -148,16 +148,18 @@ pub(super) fn layers<R: Read + Seek, L>(
     Ok(layers)
 }
 
-/// Cosine and sine tables `[max_len, dim / 2]` for rotary embeddings with frequency `base`.
+/// Cosine and sine tables `[max_len, dim / 2]` for rotary embeddings with frequency `base`,
+/// every angle multiplied by `freq_scale` (linear scaling: 1 / its factor; 1 for none).
 pub(super) fn rope_tables(
     dim: usize,
     base: f32,
+    freq_scale: f32,
     max_len: usize,
     dev: &Device,
 ) -> Result<(Tensor, Tensor)> {
     let inv: Vec<f32> = (0..dim)
         .step_by(2)
-        .map(|i| 1.0 / base.powf(i as f32 / dim as f32))
+        .map(|i| freq_scale / base.powf(i as f32 / dim as f32))
         .collect();
     let inv = Tensor::new(inv.as_slice(), dev)?.reshape((1, dim / 2))?;
     let freqs = Tensor::arange(0, max_len as u32, dev)?

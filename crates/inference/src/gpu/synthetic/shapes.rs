@@ -42,7 +42,7 @@ const TINY: NamedShape = NamedShape {
 };
 
 /// Every named shape.
-pub const SHAPES: [NamedShape; 13] = [
+pub const SHAPES: [NamedShape; 14] = [
     TINY,
     NamedShape {
         name: "llama-1b",
@@ -142,6 +142,17 @@ pub const SHAPES: [NamedShape; 13] = [
         family: Family::Phi3,
         rope: RopeScaling::LongRope { original: 256 },
         sliding_window: Some(8),
+        ..TINY
+    },
+    NamedShape {
+        name: "tiny-gemma3-linear",
+        about: "gemma3 with linear rope scaling (factor 8) on its global layers, as Gemma 3 4B \
+                and larger declare, for tests",
+        family: Family::Gemma3,
+        rope: RopeScaling::Linear {
+            factor: 8.0,
+            attn_factor: 1.0,
+        },
         ..TINY
     },
     NamedShape {

@@ -80,6 +80,45 @@ pub(crate) const ARCHITECTURES: [&str; 6] =
 
 /// Gemma 3 repeats five local (sliding-window) layers and one global layer.
 const GEMMA3_WINDOW_PATTERN: usize = 6;
+
+/// Which of Gemma 3's layers attend through the sliding window, from
+/// `attention.sliding_window_pattern`: a number `n` (every layer but each `n`th is local), or
+/// one flag per layer (true: local), as llama.cpp reads it.
+#[derive(Debug, Clone, PartialEq)]
+enum SwaPattern {
+    Every(usize),
+    Flags(Vec<bool>),
+}
+
+impl SwaPattern {
+    fn from_gguf(value: Option<&gguf_file::Value>) -> Self {
+        match value {
+            Some(gguf_file::Value::Array(flags)) => Self::Flags(
+                flags
+                    .iter()
+                    .map(|f| match f {
+                        gguf_file::Value::Bool(b) => *b,
+                        other => other.to_u32().is_ok_and(|v| v != 0),
+                    })
+                    .collect(),
+            ),
+            Some(v) => Self::Every(
+                v.to_u32()
+                    .map_or(GEMMA3_WINDOW_PATTERN, |n| n as usize)
+                    .max(1),
+            ),
+            None => Self::Every(GEMMA3_WINDOW_PATTERN),
+        }
+    }
+
+    /// Whether layer `i` is local (windowed).
+    fn is_local(&self, i: usize) -> bool {
+        match self {
+            Self::Every(n) => !(i + 1).is_multiple_of(*n),
+            Self::Flags(flags) => flags.get(i).copied().unwrap_or(false),
+        }
+    }
+}
 const GEMMA3_LOCAL_ROPE_BASE: f32 = 10_000.0;
 const GEMMA3_GLOBAL_ROPE_BASE: f32 = 1_000_000.0;
 
@@ -204,18 +243,31 @@ impl CpuDecoder {
             let global = md("rope.freq_base")
                 .and_then(|v| v.to_f32())
                 .unwrap_or(GEMMA3_GLOBAL_ROPE_BASE);
-            let local = md("rope.local_freq_base")
+            // llama.cpp's keys first, then the names candle's Gemma 3 reads.
+            let local = md("rope.freq_base_swa")
+                .or_else(|_| md("rope.local_freq_base"))
                 .and_then(|v| v.to_f32())
                 .unwrap_or(GEMMA3_LOCAL_ROPE_BASE);
             let window = md("attention.sliding_window")?.to_u32()? as usize;
-            let pattern = md("attention.sliding_window_type")
-                .and_then(|v| v.to_u32())
-                .map_or(GEMMA3_WINDOW_PATTERN, |v| v as usize)
-                .max(1);
+            let pattern = SwaPattern::from_gguf(
+                md("attention.sliding_window_pattern")
+                    .or_else(|_| md("attention.sliding_window_type"))
+                    .ok(),
+            );
+            // A declared scaling (Gemma 3 4B and larger: linear, factor 8) stretches the
+            // global layers' rotations only; local layers keep plain RoPE, as in llama.cpp.
+            let scaling = RopeScaling::from_gguf(ct, r, arch, head_dim, global, max_len)?;
+            if !scaling.is_plain() {
+                tracing::debug!(
+                    architecture = arch,
+                    ?scaling,
+                    "scaled global rotary embeddings"
+                );
+            }
             (
                 vec![
                     RopeTable::new(head_dim, local),
-                    RopeTable::new(head_dim, global),
+                    RopeTable::scaled(head_dim, global, &scaling),
                 ],
                 Some(window),
                 pattern,
@@ -240,7 +292,11 @@ impl CpuDecoder {
             } else {
                 None
             };
-            (vec![RopeTable::scaled(head_dim, base, &scaling)], window, 1)
+            (
+                vec![RopeTable::scaled(head_dim, base, &scaling)],
+                window,
+                SwaPattern::Every(1),
+            )
         };
 
         let range = range.unwrap_or(LayerRange {
@@ -300,7 +356,7 @@ impl CpuDecoder {
             };
             let [down] = parts(m("ffn_down", &[hidden])?)?;
             // Gemma 3's local layers; every layer of a model with a window otherwise.
-            let local = !gemma || (i + 1) % pattern != 0;
+            let local = !gemma || pattern.is_local(i);
             let bias = if qkv_bias {
                 let mut b = |name: &str| bias_vector(ct, r, &format!("blk.{i}.{name}.bias"));
                 Some(Bias {
@@ -365,6 +421,29 @@ mod tests {
     fn content(path: &std::path::Path) -> gguf_file::Content {
         let mut f = std::fs::File::open(path).unwrap();
         gguf_file::Content::read(&mut f).unwrap()
+    }
+
+    /// Gemma 3's window pattern is read as llama.cpp reads it: a number `n` makes every `n`th
+    /// layer global, an array flags each layer, and none means every 6th.
+    #[test]
+    fn window_patterns_are_a_period_or_one_flag_per_layer() {
+        use gguf_file::Value;
+        let every = SwaPattern::from_gguf(Some(&Value::U32(2)));
+        assert_eq!(
+            (0..4).map(|i| every.is_local(i)).collect::<Vec<_>>(),
+            [true, false, true, false]
+        );
+        let default = SwaPattern::from_gguf(None);
+        assert_eq!((0..6).filter(|&i| default.is_local(i)).count(), 5);
+        assert!(!default.is_local(5));
+        let flags = SwaPattern::from_gguf(Some(&Value::Array(vec![
+            Value::Bool(false),
+            Value::Bool(true),
+        ])));
+        assert_eq!(
+            (0..3).map(|i| flags.is_local(i)).collect::<Vec<_>>(),
+            [false, true, false]
+        );
     }
 
     /// Each format added to the fused kernels runs a whole model on the decoder, and a
