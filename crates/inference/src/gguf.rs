@@ -11,6 +11,8 @@ use crate::error::LoadError;
 
 /// Context assumed for a file that does not state its own.
 const DEFAULT_CONTEXT: usize = 2048;
+/// The most context a declared rope scaling extends a model to.
+const MAX_SCALED_CONTEXT: usize = 1 << 20;
 
 /// An open GGUF file: its parsed header and a reader positioned anywhere in it.
 #[derive(Debug)]
@@ -107,11 +109,37 @@ impl GgufFile {
     }
 
     /// Tokens of context pod serves for this model: the context it was trained for
-    /// (`{arch}.context_length`; 2048 where the file does not say). A context beyond it is
-    /// served only where the file declares rope scaling that the decoders apply; none is
-    /// read yet, so this is the trained context.
+    /// (`{arch}.context_length`; 2048 where the file does not say), or more where the file
+    /// declares YaRN or linear rope scaling (which pod's decoders apply): the original context
+    /// times the scaling factor, as a Qwen 2.5 converted with YaRN factor 4 over 32k serves
+    /// 128k. Files whose trained context already includes the scaling (Llama 3.x, Phi 3,
+    /// Gemma 3) keep it.
     pub fn servable_context(&self) -> usize {
-        self.context_length().unwrap_or(DEFAULT_CONTEXT)
+        let trained = self.context_length().unwrap_or(DEFAULT_CONTEXT);
+        let Some(arch) = self.string("general.architecture") else {
+            return trained;
+        };
+        let kind = self.string(&format!("{arch}.rope.scaling.type"));
+        if !matches!(kind, Some("yarn" | "linear")) {
+            return trained;
+        }
+        let factor = self
+            .metadata()
+            .get(&format!("{arch}.rope.scaling.factor"))
+            .and_then(|v| v.to_f32().ok())
+            .filter(|f| f.is_finite() && *f > 1.0);
+        let original = self
+            .uint(&format!("{arch}.rope.scaling.original_context_length"))
+            .and_then(|v| usize::try_from(v).ok())
+            .unwrap_or(trained);
+        match factor {
+            // The product is capped so that a hostile header cannot ask for absurd caches
+            // (the KV budget bounds what is actually allocated).
+            Some(f) => {
+                trained.max(((original as f64 * f64::from(f)) as usize).min(MAX_SCALED_CONTEXT))
+            }
+            None => trained,
+        }
     }
 
     /// The most common tensor type by element count, e.g. `Q4_1`: what users call the
@@ -134,5 +162,67 @@ impl GgufFile {
             .max_by_key(|(_, n)| *n)
             .map(|(t, _)| t.to_uppercase())
             .unwrap_or_else(|| "unknown".into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn file_with(metadata: &[(&str, Value)]) -> (tempfile::TempDir, GgufFile) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.gguf");
+        let mut out = std::fs::File::create(&path).unwrap();
+        let md: Vec<(&str, &Value)> = metadata.iter().map(|(k, v)| (*k, v)).collect();
+        candle_core::quantized::gguf_file::write(&mut out, &md, &[]).unwrap();
+        drop(out);
+        let file = GgufFile::open(&path).unwrap();
+        (dir, file)
+    }
+
+    #[test]
+    fn declared_yarn_or_linear_scaling_extends_the_servable_context() {
+        let arch = ("general.architecture", Value::String("qwen2".into()));
+        let trained = ("qwen2.context_length", Value::U32(32_768));
+        let (_d, plain) = file_with(&[arch.clone(), trained.clone()]);
+        assert_eq!(plain.servable_context(), 32_768);
+        let (_d, yarn) = file_with(&[
+            arch.clone(),
+            trained.clone(),
+            ("qwen2.rope.scaling.type", Value::String("yarn".into())),
+            ("qwen2.rope.scaling.factor", Value::F32(4.0)),
+            (
+                "qwen2.rope.scaling.original_context_length",
+                Value::U32(32_768),
+            ),
+        ]);
+        assert_eq!(yarn.servable_context(), 131_072);
+        // Llama 3.x: the trained context already includes the scaling.
+        let (_d, included) = file_with(&[
+            ("general.architecture", Value::String("llama".into())),
+            ("llama.context_length", Value::U32(131_072)),
+            ("llama.rope.scaling.type", Value::String("linear".into())),
+            ("llama.rope.scaling.factor", Value::F32(8.0)),
+            (
+                "llama.rope.scaling.original_context_length",
+                Value::U32(8192),
+            ),
+        ]);
+        assert_eq!(included.servable_context(), 131_072);
+        // Without an original context, the trained one is scaled; an absurd factor is capped.
+        let (_d, linear) = file_with(&[
+            arch.clone(),
+            ("qwen2.context_length", Value::U32(4096)),
+            ("qwen2.rope.scaling.type", Value::String("linear".into())),
+            ("qwen2.rope.scaling.factor", Value::F32(1e12)),
+        ]);
+        assert_eq!(linear.servable_context(), MAX_SCALED_CONTEXT);
+        let (_d, none) = file_with(&[
+            arch,
+            trained,
+            ("qwen2.rope.scaling.type", Value::String("none".into())),
+            ("qwen2.rope.scaling.factor", Value::F32(4.0)),
+        ]);
+        assert_eq!(none.servable_context(), 32_768);
     }
 }
