@@ -113,7 +113,7 @@ impl GgufFile {
     /// declares YaRN or linear rope scaling (which pod's decoders apply): the original context
     /// times the scaling factor, as a Qwen 2.5 converted with YaRN factor 4 over 32k serves
     /// 128k. Files whose trained context already includes the scaling (Llama 3.x, Phi 3,
-    /// Gemma 3) keep it.
+    /// Gemma 3), or that declare no original context, keep it.
     pub fn servable_context(&self) -> usize {
         let trained = self.context_length().unwrap_or(DEFAULT_CONTEXT);
         let Some(arch) = self.string("general.architecture") else {
@@ -128,10 +128,14 @@ impl GgufFile {
             .get(&format!("{arch}.rope.scaling.factor"))
             .and_then(|v| v.to_f32().ok())
             .filter(|f| f.is_finite() && *f > 1.0);
-        let original = self
+        // Without an original context, the trained one is taken to include the scaling, as
+        // converters write it for Gemma 3 4B and larger.
+        let Some(original) = self
             .uint(&format!("{arch}.rope.scaling.original_context_length"))
             .and_then(|v| usize::try_from(v).ok())
-            .unwrap_or(trained);
+        else {
+            return trained;
+        };
         match factor {
             // The product is capped so that a hostile header cannot ask for absurd caches
             // (the KV budget bounds what is actually allocated).
@@ -209,12 +213,24 @@ mod tests {
             ),
         ]);
         assert_eq!(included.servable_context(), 131_072);
-        // Without an original context, the trained one is scaled; an absurd factor is capped.
+        // Without an original context, the trained one includes the scaling (Gemma 3 4B).
+        let (_d, gemma) = file_with(&[
+            arch.clone(),
+            ("qwen2.context_length", Value::U32(131_072)),
+            ("qwen2.rope.scaling.type", Value::String("linear".into())),
+            ("qwen2.rope.scaling.factor", Value::F32(8.0)),
+        ]);
+        assert_eq!(gemma.servable_context(), 131_072);
+        // An absurd factor is capped.
         let (_d, linear) = file_with(&[
             arch.clone(),
             ("qwen2.context_length", Value::U32(4096)),
             ("qwen2.rope.scaling.type", Value::String("linear".into())),
             ("qwen2.rope.scaling.factor", Value::F32(1e12)),
+            (
+                "qwen2.rope.scaling.original_context_length",
+                Value::U32(4096),
+            ),
         ]);
         assert_eq!(linear.servable_context(), MAX_SCALED_CONTEXT);
         let (_d, none) = file_with(&[
