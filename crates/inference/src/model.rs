@@ -112,6 +112,20 @@ enum SeqState {
     Candle(Weights),
 }
 
+/// The architectures pod's own decoders run: the CPU decoder's (on CPUs with its SIMD
+/// kernels), then the GPU decoder's (the CPU decoder's less the mixtures of experts). Other
+/// architectures, and these where a decoder cannot take the model, run on candle's kernels
+/// where candle has them.
+pub fn decoder_architectures() -> (&'static [&'static str], Vec<&'static str>) {
+    let cpu = &cpu_decoder::ARCHITECTURES[..];
+    let gpu = cpu
+        .iter()
+        .copied()
+        .filter(|a| !cpu_decoder::MIXTURES.contains(a))
+        .collect();
+    (cpu, gpu)
+}
+
 impl ChatModel {
     /// Loads a GGUF chat model onto `device`.
     pub fn load(path: &Path, device: &Device) -> Result<Self, LoadError> {
