@@ -290,6 +290,76 @@ mod tests {
         }
     }
 
+    /// An expert no row chose is not read: with its weights replaced by NaN, rows routed
+    /// elsewhere give the same bits as before (a NaN read and weighted by zero would still
+    /// poison them).
+    #[test]
+    fn experts_no_row_chose_are_not_read() {
+        let (d, ffn) = (256, 256);
+        let moe = mixture(QuantFormat::F16);
+        let x = random_input(16 * d, 11);
+        let mut qa = QuantizedRows::new();
+        let mut s = MoeScratch::default();
+        let mut logits = Vec::new();
+        project(&mut qa, &x, &[&moe.router], &mut [&mut logits]).unwrap();
+        let chooses = |r: usize, e: usize| {
+            let row = &logits[r * 8..(r + 1) * 8];
+            row.iter().filter(|&&l| l > row[e]).count() < 2
+        };
+        // An expert some rows choose and most do not.
+        let unread = (0..8)
+            .min_by_key(|&e| {
+                let n = (0..16).filter(|&r| chooses(r, e)).count();
+                if n == 0 {
+                    usize::MAX
+                } else {
+                    n
+                }
+            })
+            .unwrap();
+        let keep: Vec<usize> = (0..16).filter(|&r| !chooses(r, unread)).collect();
+        assert!(keep.len() >= 4, "{keep:?}");
+        let xs: Vec<f32> = keep
+            .iter()
+            .flat_map(|&r| x[r * d..(r + 1) * d].to_vec())
+            .collect();
+        let mut want = Vec::new();
+        moe.forward(&mut qa, &xs, &mut want, Activation::Silu, &mut s)
+            .unwrap();
+        let nan = half::f16::NAN.to_le_bytes();
+        let poison = |m: &QMatrix| {
+            let bytes: Vec<u8> = (0..m.rows() * m.cols()).flat_map(|_| nan).collect();
+            QMatrix::new(QuantFormat::F16, m.rows(), m.cols(), Arc::new(bytes)).unwrap()
+        };
+        let mut poisoned = moe.clone();
+        let e = &moe.experts[unread];
+        poisoned.experts[unread] = Expert {
+            gate: poison(&e.gate),
+            up: poison(&e.up),
+            down: poison(&e.down),
+        };
+        assert_eq!((e.gate.rows(), e.down.rows()), (ffn, d));
+        let mut got = Vec::new();
+        poisoned
+            .forward(&mut qa, &xs, &mut got, Activation::Silu, &mut s)
+            .unwrap();
+        assert_eq!(got, want);
+        assert!(got.iter().all(|v| v.is_finite()));
+        // A row that does choose it is poisoned: the test would see a read.
+        let chooser = (0..16).find(|r| !keep.contains(r)).unwrap();
+        let mut bad = Vec::new();
+        poisoned
+            .forward(
+                &mut qa,
+                &x[chooser * d..(chooser + 1) * d],
+                &mut bad,
+                Activation::Silu,
+                &mut s,
+            )
+            .unwrap();
+        assert!(bad.iter().any(|v| v.is_nan()));
+    }
+
     /// The output is the renormalised weighted sum of the two best experts' feed-forwards,
     /// each computed on its own.
     #[test]
