@@ -82,7 +82,7 @@ fn main() {
             }
         }
         for ((format, ms), s) in layers.iter().zip(&best) {
-            let bytes: usize = ms.iter().map(|w| w.data().len()).sum();
+            let bytes: usize = ms.iter().map(|w| w.bytes().len()).sum();
             println!(
                 "{format:?} batch {m}: {:.2} ms per layer, {:.1} GB/s of weights, {:.1} Gop/s",
                 s * 1e3,

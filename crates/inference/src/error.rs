@@ -29,7 +29,7 @@ pub enum LoadError {
     },
     /// The model's architecture has no implementation here.
     #[error(
-        "unsupported model architecture `{0}` (supported: llama, mistral, gemma3, qwen2, qwen3, phi3)"
+        "unsupported model architecture `{0}` (supported: llama, mistral, gemma3, qwen2, qwen3, qwen3moe, phi3)"
     )]
     UnsupportedArchitecture(String),
     /// The tokenizer described in the metadata cannot be built.

@@ -27,7 +27,7 @@ mod quantize;
 mod x86;
 
 pub use format::QuantFormat;
-pub use matmul::{matmul_many, QMatrix};
+pub use matmul::{matmul_many, matmul_ranges, QMatrix};
 pub use quantize::QuantizedRows;
 
 /// Whether this CPU runs the SIMD kernels. Without them the portable ones still give the same
@@ -117,6 +117,16 @@ pub enum KernelError {
         matrices: usize,
         /// Output buffers given.
         outputs: usize,
+    },
+    /// Rows asked of a matrix or of the activations that it does not have.
+    #[error("rows {start}..{start}+{rows} asked of {available}")]
+    RowRange {
+        /// First row asked.
+        start: usize,
+        /// Rows asked.
+        rows: usize,
+        /// Rows there are.
+        available: usize,
     },
 }
 

@@ -55,7 +55,7 @@ pub use engine::{
     TokenLogprob, Usage,
 };
 pub use error::{EngineError, ForwardError, LoadError};
-pub use model::{ChatModel, ChatModelInfo, Sequence};
+pub use model::{decoder_architectures, ChatModel, ChatModelInfo, Sequence};
 pub use sampling::SamplingParams;
 
 /// CPU threads inference uses when none are configured: one per physical core available to

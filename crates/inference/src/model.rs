@@ -112,6 +112,20 @@ enum SeqState {
     Candle(Weights),
 }
 
+/// The architectures pod's own decoders run: the CPU decoder's (on CPUs with its SIMD
+/// kernels), then the GPU decoder's (the CPU decoder's less the mixtures of experts). Other
+/// architectures, and these where a decoder cannot take the model, run on candle's kernels
+/// where candle has them.
+pub fn decoder_architectures() -> (&'static [&'static str], Vec<&'static str>) {
+    let cpu = &cpu_decoder::ARCHITECTURES[..];
+    let gpu = cpu
+        .iter()
+        .copied()
+        .filter(|a| !cpu_decoder::MIXTURES.contains(a))
+        .collect();
+    (cpu, gpu)
+}
+
 impl ChatModel {
     /// Loads a GGUF chat model onto `device`.
     pub fn load(path: &Path, device: &Device) -> Result<Self, LoadError> {
@@ -135,8 +149,8 @@ impl ChatModel {
         };
         let decoder = CpuDecoder::supported(&content, &arch, device);
         match &decoder {
-            // qwen2 has no other path: its error below says why.
-            Err(_) if arch == "qwen2" => {}
+            // qwen2 and qwen3moe have no other path: their errors below say why.
+            Err(_) if arch == "qwen2" || arch == "qwen3moe" => {}
             // A tensor type alone keeps the model off the decoder: a loss worth a warning.
             Err(why) if why.starts_with("tensor ") => {
                 tracing::warn!(architecture = %arch, "on candle's kernels: {why}");
@@ -161,6 +175,12 @@ impl ChatModel {
                 let why = decoder.err().unwrap_or_default();
                 return Err(LoadError::Device(format!(
                     "qwen2 models need pod's CPU decoder (on a CPU with AVX2) or a GPU: {why}"
+                )));
+            }
+            "qwen3moe" => {
+                let why = decoder.err().unwrap_or_default();
+                return Err(LoadError::Device(format!(
+                    "qwen3moe models need pod's CPU decoder (on a CPU with AVX2): {why}"
                 )));
             }
             "qwen3" => Weights::Qwen3(

@@ -479,8 +479,25 @@ fn version_json_names_the_build() {
         .unwrap()
         .contains(std::env::consts::ARCH));
     assert_eq!(v["protocols"]["infer"], "/pod/infer/1.0.0");
+    let archs = |path: &str| -> Vec<String> {
+        v["decoders"][path]
+            .as_array()
+            .expect("decoders")
+            .iter()
+            .map(|a| a.as_str().expect("architecture").to_owned())
+            .collect()
+    };
+    assert!(archs("cpu").contains(&"qwen3moe".to_owned()), "{v}");
+    assert!(!archs("gpu").contains(&"qwen3moe".to_owned()), "{v}");
+    assert!(archs("gpu").contains(&"qwen3".to_owned()), "{v}");
     let text = pod_at(home.path(), &["version"]);
-    assert!(String::from_utf8_lossy(&text.stdout).starts_with("pod "));
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.starts_with("pod "));
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("decoders  cpu: ") && l.contains("qwen3moe")),
+        "{text}"
+    );
 }
 
 #[test]
@@ -1370,7 +1387,7 @@ fn bench_measures_a_synthetic_shape_on_the_gpu_kernels() {
     );
     assert_one_line_error(
         &o,
-        "unknown shape `huge` (known: tiny, llama-1b, llama-8b, tiny-qwen2, tiny-qwen3,",
+        "unknown shape `huge` (known: tiny, llama-1b, llama-8b, tiny-qwen2, tiny-qwen3, qwen2-1.5b, tiny-linear, tiny-llama3, tiny-yarn, tiny-mistral-swa, tiny-phi3, tiny-phi3-longrope, tiny-qwen3moe, qwen3moe-30b-a3b, tiny-long)",
     );
 }
 

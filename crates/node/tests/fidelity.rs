@@ -288,6 +288,23 @@ fn synthetic_qwen3_matches_llama_cpp() {
     synthetic_matches_llama_cpp("llamacpp_synthetic_qwen3.json", "tiny-qwen3");
 }
 
+/// Qwen 3 MoE (8 experts, 2 used per token): the router, the renormalised top-2 and the
+/// experts read from the stacked tensors, against llama.cpp on the same file.
+#[test]
+fn synthetic_qwen3moe_matches_llama_cpp() {
+    synthetic_matches_llama_cpp("llamacpp_synthetic_qwen3moe.json", "tiny-qwen3moe");
+}
+
+/// [`synthetic_qwen3moe_matches_llama_cpp`] with the experts in Q4_K.
+#[test]
+fn synthetic_qwen3moe_q4_k_matches_llama_cpp() {
+    synthetic_format_matches_llama_cpp(
+        "llamacpp_synthetic_qwen3moe_q4_k.json",
+        "tiny-qwen3moe",
+        "q4_k",
+    );
+}
+
 #[test]
 fn synthetic_llama_matches_llama_cpp() {
     synthetic_matches_llama_cpp("llamacpp_synthetic_llama.json", "tiny");

@@ -121,6 +121,8 @@ pub fn check_shape(dtype: GgmlDType) -> ModelShape {
         layer_formats: vec![[dtype; 7]],
         rope: RopeScaling::None,
         sliding_window: None,
+        head_width: None,
+        experts: None,
     }
 }
 

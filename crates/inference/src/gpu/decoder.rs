@@ -28,7 +28,7 @@ use crate::gguf::GgufFile;
 use crate::gpu::kernels::{Activations, WeightFormat};
 use crate::gpu::runtime::{DeviceBuffer, DeviceRuntime, DeviceSlice, RuntimeError};
 use crate::kernels::QMatrix;
-use crate::model::cpu_decoder::{CpuDecoder, DecoderView, ARCHITECTURES};
+use crate::model::cpu_decoder::{CpuDecoder, DecoderView, ARCHITECTURES, MIXTURES};
 
 mod cache;
 mod launch;
@@ -86,7 +86,7 @@ struct GpuMatrix<R: DeviceRuntime> {
 impl<R: DeviceRuntime> GpuMatrix<R> {
     fn upload(runtime: &Arc<R>, m: &QMatrix) -> Result<Self, RuntimeError> {
         Ok(Self {
-            buf: DeviceBuffer::from_slice(runtime, &m.data()[..])?,
+            buf: DeviceBuffer::from_slice(runtime, m.bytes())?,
             format: WeightFormat::of(m.format()).ok_or(RuntimeError::Format(m.format()))?,
             rows: m.rows(),
             cols: m.cols(),
@@ -189,7 +189,7 @@ impl<R: DeviceRuntime> GpuDecoder<R> {
                 .into())
             }
         };
-        if !ARCHITECTURES.contains(&arch.as_str()) {
+        if !gpu_runs(&arch) {
             return Err(GpuLoadError::Architecture(arch));
         }
         let trained = content
@@ -214,7 +214,7 @@ impl<R: DeviceRuntime> GpuDecoder<R> {
         max_len: usize,
         demand: Demand,
     ) -> Result<(Self, MemoryNeed), GpuLoadError> {
-        if !ARCHITECTURES.contains(&arch) {
+        if !gpu_runs(arch) {
             return Err(GpuLoadError::Architecture(arch.to_owned()));
         }
         let cpu =
@@ -336,6 +336,12 @@ struct Outputs<R: DeviceRuntime> {
 }
 
 /// The pieces of a decoder of the whole model (the GPU runs whole models only).
+/// Whether the GPU decoder runs `arch`: the CPU decoder's architectures, less the mixtures
+/// of experts (their routing has no GPU kernels yet).
+fn gpu_runs(arch: &str) -> bool {
+    ARCHITECTURES.contains(&arch) && !MIXTURES.contains(&arch)
+}
+
 fn whole(cpu: &CpuDecoder) -> Result<DecoderView<'_>, GpuLoadError> {
     cpu.view().ok_or_else(|| {
         GpuLoadError::Weights(candle_core::Error::Msg(

@@ -1,4 +1,4 @@
-//! llama-shaped (or Gemma 3, Qwen 2, Qwen 3, Phi 3) models with random weights, written as GGUF: small ones for
+//! llama-shaped (or Gemma 3, Qwen 2, Qwen 3, Qwen 3 MoE, Phi 3) models with random weights, written as GGUF: small ones for
 //! checking a GPU runtime against the CPU decoder, and named realistic shapes ([`shapes`]) with
 //! a generated tokenizer ([`tokenizer`]) for measuring speed, without downloading anything.
 
@@ -39,6 +39,11 @@ pub enum Family {
     /// Qwen 3: llama with per-head q/k norms, NeoX rotation, and a head width of its own
     /// (`head_dim` need not be hidden / heads).
     Qwen3,
+    /// Qwen 3 MoE: Qwen 3 with a mixture of experts in place of each feed-forward: a router
+    /// (`ffn_gate_inp`, f32 as llama.cpp keeps it) and the experts' gate, up and down
+    /// projections stacked in 3-D tensors (`ffn_{gate,up,down}_exps`), in the formats of
+    /// `ffn_gate`, `ffn_up` and `ffn_down`.
+    Qwen3Moe,
     /// Phi 3: llama with one fused q/k/v projection (`attn_qkv`), one fused gate/up projection
     /// (`ffn_up`, the gate's rows first) and NeoX rotation. The formats of `attn_q` and
     /// `ffn_up` are those of the fused matrices; those of `attn_k`, `attn_v` and `ffn_gate`
@@ -94,6 +99,7 @@ impl Family {
             Family::Gemma3 => "gemma3",
             Family::Qwen2 => "qwen2",
             Family::Qwen3 => "qwen3",
+            Family::Qwen3Moe => "qwen3moe",
             Family::Phi3 => "phi3",
         }
     }
@@ -128,12 +134,27 @@ pub struct ModelShape {
     /// `{arch}.attention.sliding_window`, where written (not for Gemma 3, which always has
     /// its own).
     pub sliding_window: Option<usize>,
+    /// Width of one attention head where it is not `hidden / heads` (Qwen 3's may differ);
+    /// `None`: `hidden / heads`.
+    pub head_width: Option<usize>,
+    /// The mixture of experts of each layer ([`Family::Qwen3Moe`]); `ffn` is then each
+    /// expert's width.
+    pub experts: Option<Experts>,
+}
+
+/// A mixture of experts' size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Experts {
+    /// Experts per layer.
+    pub count: usize,
+    /// Experts each token runs through.
+    pub used: usize,
 }
 
 impl ModelShape {
     /// Width of one attention head.
     pub fn head_dim(&self) -> usize {
-        self.hidden / self.heads
+        self.head_width.unwrap_or(self.hidden / self.heads)
     }
 }
 
@@ -171,6 +192,24 @@ fn matrix(
         .map(|_| rng.random_range(-1.0..1.0f32) * scale)
         .collect();
     let t = Tensor::from_vec(v, (rows, cols), &Device::Cpu)?;
+    QTensor::quantize(&t, dtype)
+}
+
+/// `experts` matrices of `rows` × `cols` random values in ±`scale`, stacked as one 3-D
+/// tensor (`[experts, rows, cols]`) in `dtype`: one expert per slice, as GGUF stores a
+/// mixture's experts.
+fn stacked(
+    rng: &mut StdRng,
+    experts: usize,
+    rows: usize,
+    cols: usize,
+    dtype: GgmlDType,
+    scale: f32,
+) -> candle_core::Result<QTensor> {
+    let v: Vec<f32> = (0..experts * rows * cols)
+        .map(|_| rng.random_range(-1.0..1.0f32) * scale)
+        .collect();
+    let t = Tensor::from_vec(v, (experts, rows, cols), &Device::Cpu)?;
     QTensor::quantize(&t, dtype)
 }
 
@@ -231,7 +270,17 @@ fn write_with(
 ) -> Result<(), WriteError> {
     let gemma = shape.family == Family::Gemma3;
     let phi3 = shape.family == Family::Phi3;
-    let qk_norm = gemma || shape.family == Family::Qwen3;
+    let qk_norm = gemma || matches!(shape.family, Family::Qwen3 | Family::Qwen3Moe);
+    let experts = match (shape.family, shape.experts) {
+        (Family::Qwen3Moe, Some(e)) if e.used >= 1 && e.used <= e.count => Some(e),
+        (Family::Qwen3Moe, _) => {
+            return Err(WriteError::Shape(
+                "a qwen3moe model needs experts, at least one used and no more than there are"
+                    .into(),
+            ))
+        }
+        _ => None,
+    };
     let (hidden, head_dim) = (shape.hidden, shape.head_dim());
     let (q_w, kv_w) = (shape.heads * head_dim, shape.kv_heads * head_dim);
     let mut rng = StdRng::seed_from_u64(seed);
@@ -269,6 +318,15 @@ fn write_with(
                 _ => (name, rows),
             };
             let scale = 1.7 / (cols as f32).sqrt();
+            if let (Some(e), "ffn_gate" | "ffn_up" | "ffn_down") = (experts, name) {
+                if name == "ffn_gate" {
+                    let w = matrix(&mut rng, e.count, hidden, GgmlDType::F32, scale);
+                    push(format!("blk.{i}.ffn_gate_inp.weight"), w)?;
+                }
+                let w = stacked(&mut rng, e.count, rows, cols, dtype, scale);
+                push(format!("blk.{i}.{name}_exps.weight"), w)?;
+                continue;
+            }
             let w = matrix(&mut rng, rows, cols, dtype, scale);
             push(format!("blk.{i}.{name}.weight"), w)?;
         }
@@ -370,10 +428,20 @@ fn write_with(
             ),
         ]),
     }
-    if shape.family == Family::Qwen3 {
+    if matches!(shape.family, Family::Qwen3 | Family::Qwen3Moe) {
         metadata.extend([
             (key("attention.key_length"), Value::U32(head_dim as u32)),
             (key("attention.value_length"), Value::U32(head_dim as u32)),
+        ]);
+    }
+    if let Some(e) = experts {
+        metadata.extend([
+            (key("expert_count"), Value::U32(e.count as u32)),
+            (key("expert_used_count"), Value::U32(e.used as u32)),
+            (
+                key("expert_feed_forward_length"),
+                Value::U32(shape.ffn as u32),
+            ),
         ]);
     }
     metadata.extend(extra);

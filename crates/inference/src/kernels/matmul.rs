@@ -36,13 +36,16 @@ const ITEMS_PER_MATRIX: usize = 64;
 const RUNS_PER_THREAD: usize = 4;
 
 /// A `[rows, cols]` weight matrix stored as GGUF blocks, row after row; cheap to clone (the
-/// bytes are shared).
+/// bytes are shared). It may be a run of rows of a larger buffer (one expert's slice of a
+/// mixture-of-experts tensor), read in place.
 #[derive(Clone)]
 pub struct QMatrix {
     format: QuantFormat,
     rows: usize,
     cols: usize,
     row_bytes: usize,
+    /// Where this matrix's first row starts in `data`.
+    offset: usize,
     data: Arc<Vec<u8>>,
 }
 
@@ -81,7 +84,25 @@ impl QMatrix {
             rows,
             cols,
             row_bytes,
+            offset: 0,
             data,
+        })
+    }
+
+    /// Rows `start..start + rows` of this matrix as a matrix of their own, sharing its bytes
+    /// (no copy).
+    pub fn rows_view(&self, start: usize, rows: usize) -> Result<Self, KernelError> {
+        if start.checked_add(rows).is_none_or(|end| end > self.rows) {
+            return Err(KernelError::RowRange {
+                start,
+                rows,
+                available: self.rows,
+            });
+        }
+        Ok(Self {
+            rows,
+            offset: self.offset + start * self.row_bytes,
+            ..self.clone()
         })
     }
 
@@ -100,14 +121,21 @@ impl QMatrix {
         self.cols
     }
 
-    /// The raw blocks, row after row.
+    /// The buffer holding the blocks (of this matrix alone, or of the larger tensor a
+    /// [`rows_view`](Self::rows_view) was cut from): two matrices share weights when they
+    /// share it.
     pub fn data(&self) -> &Arc<Vec<u8>> {
         &self.data
     }
 
+    /// This matrix's blocks, row after row.
+    pub fn bytes(&self) -> &[u8] {
+        &self.data[self.offset..self.offset + self.rows * self.row_bytes]
+    }
+
     /// Row `i` expanded to f32 (`out` holds `cols` values).
     pub fn dequantize_row(&self, i: usize, out: &mut [f32]) {
-        let bytes = &self.data[i * self.row_bytes..(i + 1) * self.row_bytes];
+        let bytes = &self.bytes()[i * self.row_bytes..(i + 1) * self.row_bytes];
         self.format.dequantize_row(bytes, out);
     }
 
@@ -124,14 +152,37 @@ pub fn matmul_many(
     x: &QuantizedRows,
     outs: &mut [&mut [f32]],
 ) -> Result<(), KernelError> {
-    if ws.len() != outs.len() {
+    let all = vec![0..x.rows(); ws.len()];
+    matmul_ranges(ws, x, &all, outs)
+}
+
+/// Several matrices, each against its own run of activation rows, in one pass over the
+/// thread pool (the experts of a mixture, each against the rows routed to it): `outs[g]`
+/// receives rows `ranges[g]` of `x` times `ws[g]ᵀ`, one output row per activation row. Each
+/// output value is what [`QMatrix::matmul`] gives for that row alone.
+pub fn matmul_ranges(
+    ws: &[&QMatrix],
+    x: &QuantizedRows,
+    ranges: &[std::ops::Range<usize>],
+    outs: &mut [&mut [f32]],
+) -> Result<(), KernelError> {
+    if ws.len() != outs.len() || ws.len() != ranges.len() {
         return Err(KernelError::OutputCount {
             matrices: ws.len(),
-            outputs: outs.len(),
+            outputs: outs.len().min(ranges.len()),
         });
     }
-    let m = x.rows();
-    for (w, out) in ws.iter().zip(outs.iter()) {
+    for range in ranges {
+        if range.start > range.end || range.end > x.rows() {
+            return Err(KernelError::RowRange {
+                start: range.start,
+                rows: range.len(),
+                available: x.rows(),
+            });
+        }
+    }
+    for ((w, out), range) in ws.iter().zip(outs.iter()).zip(ranges) {
+        let m = range.len();
         if w.cols != x.cols() {
             return Err(KernelError::InputWidth {
                 expected: w.cols,
@@ -148,10 +199,10 @@ pub fn matmul_many(
             });
         }
     }
-    if m == 0 {
+    if ranges.iter().all(|r| r.is_empty()) {
         return Ok(());
     }
-    let mut items = work_items(ws, m, outs);
+    let mut items = work_items(ws, ranges, outs);
     let pool = candle_core::utils::barrier_pool();
     // A few runs of items per thread: a thread slowed down by other processes hands the rest
     // of its share to the others.
@@ -184,29 +235,41 @@ struct Item<'a> {
 
 /// Cuts the outputs into items, weight-row run major, so that consecutive items (taken by the
 /// same thread) reuse the weight rows from cache across activation tiles.
-fn work_items<'a>(ws: &[&QMatrix], m: usize, outs: &'a mut [&mut [f32]]) -> Vec<Item<'a>> {
+fn work_items<'a>(
+    ws: &[&QMatrix],
+    ranges: &[std::ops::Range<usize>],
+    outs: &'a mut [&mut [f32]],
+) -> Vec<Item<'a>> {
     let tile = tile_rows();
-    let tiles = m.div_ceil(tile);
-    let chunk_of = |w: &QMatrix| {
-        let per_tile = ITEMS_PER_MATRIX.div_ceil(tiles);
+    let chunk_of = |w: &QMatrix, tiles: usize| {
+        let per_tile = ITEMS_PER_MATRIX.div_ceil(tiles.max(1));
         w.rows.div_ceil(per_tile).max(MIN_CHUNK)
     };
     let total: usize = ws
         .iter()
-        .map(|w| w.rows.div_ceil(chunk_of(w)) * tiles)
+        .zip(ranges)
+        .map(|(w, r)| {
+            let tiles = r.len().div_ceil(tile);
+            w.rows.div_ceil(chunk_of(w, tiles)) * tiles
+        })
         .sum();
     let mut items = Vec::with_capacity(total);
-    for (g, (w, out)) in ws.iter().zip(outs.iter_mut()).enumerate() {
-        let chunk = chunk_of(w);
+    for (g, ((w, out), range)) in ws.iter().zip(outs.iter_mut()).zip(ranges).enumerate() {
+        let (m, first) = (range.len(), range.start);
+        if m == 0 {
+            continue;
+        }
+        let tiles = m.div_ceil(tile);
+        let chunk = chunk_of(w, tiles);
         let base = items.len();
         for c0 in (0..w.rows).step_by(chunk) {
-            for i0 in (0..m).step_by(tile) {
+            for i0 in (first..range.end).step_by(tile) {
                 items.push(Item {
                     matrix: g,
                     c0,
                     c1: w.rows.min(c0 + chunk),
                     i0,
-                    n: tile.min(m - i0),
+                    n: tile.min(range.end - i0),
                     segs: Default::default(),
                 });
             }
@@ -221,7 +284,7 @@ fn work_items<'a>(ws: &[&QMatrix], m: usize, outs: &'a mut [&mut [f32]]) -> Vec<
 }
 
 fn run_item(w: &QMatrix, x: &QuantizedRows, item: &mut Item<'_>) {
-    let rows = &w.data[item.c0 * w.row_bytes..item.c1 * w.row_bytes];
+    let rows = &w.bytes()[item.c0 * w.row_bytes..item.c1 * w.row_bytes];
     let (i0, segs) = (item.i0, &mut item.segs[..]);
     match item.n {
         1 => tile::<1>(w, rows, x, i0, segs),
@@ -323,6 +386,43 @@ mod tests {
                 b.matmul(&q1, &mut y1).unwrap();
                 assert_eq!(&yb[r * 24..(r + 1) * 24], &y1[..], "{format:?} row {r}");
             }
+        }
+    }
+
+    /// A run of rows of a matrix, read in place, against runs of activation rows in one
+    /// pass: the same bits as a copy of those rows against each activation row alone.
+    #[test]
+    fn row_views_against_row_ranges_match_each_row_alone() {
+        for format in QuantFormat::ALL {
+            let k = 256;
+            let whole = matrix(format, 48, k, 7);
+            let views = [
+                whole.rows_view(0, 16).unwrap(),
+                whole.rows_view(32, 16).unwrap(),
+            ];
+            let bytes = views[1].bytes().to_vec();
+            let copy = QMatrix::new(format, 16, k, bytes.into()).unwrap();
+            let m = 9;
+            let x = random_input(m * k, 8);
+            let mut q = QuantizedRows::new();
+            q.quantize(&x, k, [format]).unwrap();
+            let ranges = [0..5, 3..9];
+            let mut y0 = vec![0.0; 5 * 16];
+            let mut y1 = vec![0.0; 6 * 16];
+            let ws = [&views[0], &views[1]];
+            matmul_ranges(&ws, &q, &ranges, &mut [&mut y0, &mut y1]).unwrap();
+            for (g, (range, y)) in ranges.iter().zip([&y0, &y1]).enumerate() {
+                for (i, r) in range.clone().enumerate() {
+                    let mut q1 = QuantizedRows::new();
+                    q1.quantize(&x[r * k..(r + 1) * k], k, [format]).unwrap();
+                    let mut alone = vec![0.0; 16];
+                    let w = if g == 0 { &views[0] } else { &copy };
+                    w.matmul(&q1, &mut alone).unwrap();
+                    assert_eq!(&y[i * 16..(i + 1) * 16], &alone[..], "{format:?} {g} {r}");
+                }
+            }
+            assert!(whole.rows_view(40, 16).is_err());
+            assert!(matmul_ranges(&ws, &q, &[0..5, 3..10], &mut [&mut y0, &mut y1]).is_err());
         }
     }
 

@@ -1,13 +1,15 @@
-//! Decoders of the llama family, Qwen 2/3, Phi 3 and Gemma 3 on the CPU without candle's tensor
-//! ops: plain f32 rows, pod's fused quantised kernels for every projection, and attention
-//! computed row by row against a KV cache that grows in place.
+//! Decoders of the llama family, Qwen 2/3 (and Qwen 3's mixture of experts), Phi 3 and
+//! Gemma 3 on the CPU without candle's tensor ops: plain f32 rows, pod's fused quantised
+//! kernels for every projection, and attention computed row by row against a KV cache that
+//! grows in place.
 //!
 //! Llama: RMSNorm → attention (interleaved RoPE, scaled as the GGUF declares; a sliding window
 //! where it declares one) → residual; RMSNorm → SwiGLU → residual. Phi 3 is llama with NeoX
 //! RoPE and fused q/k/v and gate/up matrices, split into their parts when loaded.
 //! Gemma 3 adds: embeddings scaled by √hidden, RMSNorm on each query and key head, NeoX RoPE
 //! with a local and a global base, a sliding window on local layers, RMSNorm after attention
-//! and after the feed-forward, and tanh-approximated GELU.
+//! and after the feed-forward, and tanh-approximated GELU. Qwen 3 MoE is Qwen 3 with a
+//! mixture of experts in place of each feed-forward ([`moe`]).
 //!
 //! One forward call takes rows from any number of sequences (a prompt chunk of one, the next
 //! token of several others): projections run over all rows at once (matrix-matrix), attention
@@ -24,14 +26,16 @@ use super::stage::LayerRange;
 use crate::kernels::{QMatrix, QuantizedRows};
 
 mod load;
+mod moe;
 mod ops;
 mod rope;
 mod view;
 
+use moe::{Moe, MoeScratch};
 use ops::{add, dot, exp, project, Activation, Norm};
 use rope::RopeTable;
 
-pub(crate) use load::ARCHITECTURES;
+pub(crate) use load::{ARCHITECTURES, MIXTURES};
 pub(crate) use view::{DecoderView, LayerView};
 
 /// Fewest tokens of KV cache added when a sequence outgrows its cache (else half again what
@@ -78,9 +82,20 @@ struct Layer {
     wk: QMatrix,
     wv: QMatrix,
     wo: QMatrix,
-    gate: QMatrix,
-    up: QMatrix,
-    down: QMatrix,
+    ffn: Ffn,
+}
+
+/// A layer's feed-forward.
+#[derive(Debug, Clone)]
+enum Ffn {
+    /// One gated feed-forward every row runs through.
+    Dense {
+        gate: QMatrix,
+        up: QMatrix,
+        down: QMatrix,
+    },
+    /// A router and experts, of which each row runs through a few (Qwen 3 MoE).
+    Experts(Moe),
 }
 
 /// What one forward pass starts from: token ids (a decoder holding the first block, with the
@@ -149,6 +164,7 @@ struct Scratch {
     /// Per RoPE base and row: the cosines, then the sines, of the row's position.
     angles: Vec<f32>,
     qa: QuantizedRows,
+    moe: MoeScratch,
 }
 
 /// `v` holding `n` values (whatever they are: every user overwrites them).
@@ -298,6 +314,7 @@ impl CpuDecoder {
             logits,
             angles,
             qa,
+            moe,
         } = &mut *scratch;
         // Row r: which sequence, at which position.
         rows.clear();
@@ -412,9 +429,17 @@ impl CpuDecoder {
             }
             add(x, h);
             layer.ffn_norm.apply(x, h);
-            project(qa, h, &[&layer.gate, &layer.up], &mut [g, u])?;
-            self.activation.gate(g, u);
-            project(qa, g, &[&layer.down], &mut [h])?;
+            match &layer.ffn {
+                Ffn::Dense { gate, up, down } => {
+                    project(qa, h, &[gate, up], &mut [g, u])?;
+                    self.activation.gate(g, u);
+                    project(qa, g, &[down], &mut [h])?;
+                }
+                Ffn::Experts(experts) => {
+                    experts.forward(qa, h, tmp, self.activation, moe)?;
+                    std::mem::swap(h, tmp);
+                }
+            }
             if let Some(norm) = &layer.post_ffn_norm {
                 tmp.resize(h.len(), 0.0);
                 norm.apply(h, tmp);

@@ -20,6 +20,37 @@ pub(super) fn raw<R: Read + Seek>(
         candle_core::bail!("cannot find tensor info for {name}");
     };
     let (rows, cols) = info.shape.dims2()?;
+    read_rows(ct, r, name, rows, cols)
+}
+
+/// The blocks of the 3-D tensor `name` (one `[rows, cols]` matrix per expert, as the
+/// experts of a mixture are stored), as one matrix of every expert's rows in turn, and the
+/// number of experts.
+pub(super) fn raw_stacked<R: Read + Seek>(
+    ct: &gguf_file::Content,
+    r: &mut R,
+    name: &str,
+) -> Result<(RawTensor, usize)> {
+    let Some(info) = ct.tensor_infos.get(name) else {
+        candle_core::bail!("cannot find tensor info for {name}");
+    };
+    let (experts, rows, cols) = info.shape.dims3()?;
+    let Some(all) = experts.checked_mul(rows) else {
+        candle_core::bail!("{name}: {experts} experts of {rows} rows are too many");
+    };
+    Ok((read_rows(ct, r, name, all, cols)?, experts))
+}
+
+fn read_rows<R: Read + Seek>(
+    ct: &gguf_file::Content,
+    r: &mut R,
+    name: &str,
+    rows: usize,
+    cols: usize,
+) -> Result<RawTensor> {
+    let Some(info) = ct.tensor_infos.get(name) else {
+        candle_core::bail!("cannot find tensor info for {name}");
+    };
     let (bs, ts) = (info.ggml_dtype.block_size(), info.ggml_dtype.type_size());
     if !cols.is_multiple_of(bs) {
         candle_core::bail!(
@@ -27,7 +58,9 @@ pub(super) fn raw<R: Read + Seek>(
             info.ggml_dtype
         );
     }
-    let len = rows * (cols / bs) * ts;
+    let Some(len) = rows.checked_mul(cols / bs).and_then(|n| n.checked_mul(ts)) else {
+        candle_core::bail!("{name}: {rows} rows of {cols} values are too many bytes");
+    };
     let start = ct.tensor_data_offset.saturating_add(info.offset);
     let file_len = r.seek(SeekFrom::End(0))?;
     if file_len.saturating_sub(start) < len as u64 {

@@ -49,8 +49,9 @@ pub(crate) enum ModelsCommand {
 #[derive(Debug, Args)]
 pub(crate) struct SynthesizeArgs {
     /// The shape: tiny (a few MB), llama-1b (Llama 3.2 1B), llama-8b (Llama 3.1 8B),
-    /// qwen2-1.5b (Qwen2.5 1.5B), tiny-qwen2, tiny-qwen3,
-    /// tiny-long (one layer of tiny with a 32k context).
+    /// qwen2-1.5b (Qwen2.5 1.5B), qwen3moe-30b-a3b (Qwen3 30B-A3B's layers, 4 of its 48),
+    /// tiny-qwen2, tiny-qwen3, tiny-qwen3moe, tiny-long (one layer of tiny with a 32k
+    /// context), and the other test shapes the unknown-shape error lists.
     #[arg(long, default_value = "tiny")]
     shape: String,
     /// Weight format: q4_0, q4_1, q5_0, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k, f16, bf16, f32, or

@@ -1,5 +1,5 @@
-//! `pod version`: the version, the build, the CPU kernels this machine will run, and the GPU
-//! backends with the devices they found.
+//! `pod version`: the version, the build, the CPU kernels this machine will run, the GPU
+//! backends with the devices they found, and the architectures each of pod's decoders runs.
 
 use anyhow::Result;
 use clap::Args;
@@ -26,6 +26,7 @@ pub(crate) fn exec(args: VersionArgs) -> Result<()> {
     );
     let cpu_features = cpu_features();
     let cpu_kernels = pod_inference::kernels::cpu_level();
+    let (cpu_decoder, gpu_decoder) = pod_inference::decoder_architectures();
     let cuda = cfg!(feature = "cuda");
     let found = pod_inference::gpu::devices::discover();
     let gpus: Vec<serde_json::Value> = found
@@ -55,6 +56,7 @@ pub(crate) fn exec(args: VersionArgs) -> Result<()> {
         "gpu_backends": gpus,
         "cpu_features": cpu_features,
         "cpu_kernels": cpu_kernels,
+        "decoders": { "cpu": cpu_decoder, "gpu": gpu_decoder },
         "protocols": {
             "infer": pod_node::remote::PROTOCOL.to_string(),
             "kad": pod_node::mesh::KAD_PROTOCOL.to_string(),
@@ -101,6 +103,11 @@ pub(crate) fn exec(args: VersionArgs) -> Result<()> {
         } else {
             cpu_features.join(", ")
         }
+    );
+    println!(
+        "decoders  cpu: {}; gpu: {}; other architectures on candle",
+        cpu_decoder.join(", "),
+        gpu_decoder.join(", ")
     );
     println!(
         "protocols {}, {}, {}",

@@ -64,14 +64,14 @@ impl MemoryNeed {
                 + l.attn_norm.len()
                 + l.ffn_norm.len()
         };
-        let mut weights = m.embed.data().len() + m.norm.len() * F32;
+        let mut weights = m.embed.bytes().len() + m.norm.len() * F32;
         if !std::sync::Arc::ptr_eq(m.output.data(), m.embed.data()) {
-            weights += m.output.data().len();
+            weights += m.output.bytes().len();
         }
         for l in &m.layers {
             weights += [l.wq, l.wk, l.wv, l.wo, l.gate, l.up, l.down]
                 .iter()
-                .map(|w| w.data().len())
+                .map(|w| w.bytes().len())
                 .sum::<usize>();
             weights += norms(l) * F32;
         }

@@ -117,6 +117,8 @@ fn write_model(path: &Path, seed: u64, variant: Variant) {
         ],
         rope: variant.rope(),
         sliding_window: variant.sliding_window(),
+        head_width: None,
+        experts: None,
     };
     synthetic::write_model(path, seed, &shape).unwrap();
 }
@@ -358,4 +360,22 @@ fn a_format_without_gpu_kernels_is_refused_with_its_name() {
         line.contains("do not read Q3_K weights") && !line.contains('\n'),
         "{line}"
     );
+}
+
+/// A mixture of experts has no GPU kernels: loading one is refused in one line naming the
+/// architecture (and the node then loads it on the CPU).
+#[test]
+fn a_mixture_of_experts_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("moe.gguf");
+    let shape = crate::gpu::synthetic::shapes::shape("tiny-qwen3moe", "q8_0").unwrap();
+    synthetic::write_model(&path, 1, &shape).unwrap();
+    let err = GpuDecoder::load(emulator(32), &path, MAX_LEN).unwrap_err();
+    assert!(
+        matches!(err, GpuLoadError::Architecture(ref a) if a == "qwen3moe"),
+        "{err}"
+    );
+    assert!(err
+        .to_string()
+        .starts_with("no GPU decoder for architecture `qwen3moe`"));
 }

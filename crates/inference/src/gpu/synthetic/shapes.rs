@@ -1,10 +1,11 @@
 //! Named model shapes and weight formats for synthetic models: the shapes of models people
-//! run (Llama 3.2 1B, Llama 3.1 8B) and a tiny one for tests, in the formats GGUF files come
-//! in, so that speed at realistic sizes is measured without a download.
+//! run (Llama 3.2 1B, Llama 3.1 8B, Qwen 2.5 1.5B, Qwen3 30B-A3B's layers) and tiny ones
+//! for tests, in the formats GGUF files come in, so that speed at realistic sizes is
+//! measured without a download.
 
 use candle_core::quantized::GgmlDType;
 
-use super::{Family, ModelShape, RopeScaling};
+use super::{Experts, Family, ModelShape, RopeScaling};
 
 /// A named shape: its sizes, before formats are chosen.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -23,6 +24,10 @@ pub struct NamedShape {
     context: usize,
     rope: RopeScaling,
     sliding_window: Option<usize>,
+    /// Width of an attention head where it is not `hidden / heads`.
+    head_width: Option<usize>,
+    /// A mixture of experts per layer; `ffn` is then each expert's width.
+    experts: Option<Experts>,
 }
 
 /// Two llama layers at the smallest width the 256-value formats allow: a few MB.
@@ -39,10 +44,12 @@ const TINY: NamedShape = NamedShape {
     context: 1024,
     rope: RopeScaling::None,
     sliding_window: None,
+    head_width: None,
+    experts: None,
 };
 
 /// Every named shape.
-pub const SHAPES: [NamedShape; 14] = [
+pub const SHAPES: [NamedShape; 16] = [
     TINY,
     NamedShape {
         name: "llama-1b",
@@ -156,6 +163,33 @@ pub const SHAPES: [NamedShape; 14] = [
         ..TINY
     },
     NamedShape {
+        name: "tiny-qwen3moe",
+        about: "qwen3moe, 2 layers, hidden 256, 8 experts of width 256, 2 used, for tests",
+        family: Family::Qwen3Moe,
+        ffn: 256,
+        experts: Some(Experts { count: 8, used: 2 }),
+        ..TINY
+    },
+    NamedShape {
+        name: "qwen3moe-30b-a3b",
+        about: "Qwen3 30B-A3B's layers (hidden 2048, 32 query and 4 KV heads of 128, 128 \
+                experts of width 768, 8 used, 152k vocabulary), 4 of its 48: benchmarks",
+        family: Family::Qwen3Moe,
+        hidden: 2048,
+        heads: 32,
+        kv_heads: 4,
+        ffn: 768,
+        vocab: 151_936,
+        layers: 4,
+        context: 8192,
+        head_width: Some(128),
+        experts: Some(Experts {
+            count: 128,
+            used: 8,
+        }),
+        ..TINY
+    },
+    NamedShape {
         name: "tiny-long",
         about: "llama, 1 layer, hidden 256, 4 heads sharing 1 KV head, a 32k context: \
                 long-context tests",
@@ -226,6 +260,8 @@ pub fn shape(name: &str, format: &str) -> Result<ModelShape, String> {
         layer_formats,
         rope: s.rope,
         sliding_window: s.sliding_window,
+        head_width: s.head_width,
+        experts: s.experts,
     })
 }
 
@@ -248,6 +284,15 @@ mod tests {
             .unwrap_err()
             .contains("unknown shape"));
         assert_eq!(shape("tiny-qwen3", "q8_0").unwrap().family, Family::Qwen3);
+        let moe = shape("qwen3moe-30b-a3b", "q4_k_m").unwrap();
+        assert_eq!((moe.head_dim(), moe.heads * moe.head_dim()), (128, 4096));
+        assert_eq!(
+            moe.experts,
+            Some(Experts {
+                count: 128,
+                used: 8
+            })
+        );
         assert!(shape("tiny", "iq4_xs")
             .unwrap_err()
             .contains("unknown format"));

@@ -7,9 +7,10 @@ use std::sync::Mutex;
 use candle_core::quantized::gguf_file;
 use candle_core::{Device, Result};
 
+use super::moe::{Expert, Moe};
 use super::ops::{Activation, Norm};
 use super::rope::{RopeScaling, RopeTable};
-use super::{Bias, CpuDecoder, Layer};
+use super::{Bias, CpuDecoder, Ffn, Layer};
 use crate::kernels::{self, QMatrix, QuantFormat};
 use crate::model::linear::RawTensor;
 use crate::model::stage::LayerRange;
@@ -75,8 +76,73 @@ fn parts<const N: usize>(v: Vec<QMatrix>) -> Result<[QMatrix; N]> {
 }
 
 /// The architectures this decoder reads.
-pub(crate) const ARCHITECTURES: [&str; 6] =
-    ["llama", "mistral", "gemma3", "qwen2", "qwen3", "phi3"];
+pub(crate) const ARCHITECTURES: [&str; 7] = [
+    "llama", "mistral", "gemma3", "qwen2", "qwen3", "qwen3moe", "phi3",
+];
+
+/// The architectures whose feed-forward is a mixture of experts.
+pub(crate) const MIXTURES: [&str; 1] = ["qwen3moe"];
+
+/// The experts of a mixture, each a run of `rows` rows of the layer's stacked tensors `name`
+/// (`[experts, rows, cols]`), read in place.
+fn expert_views(t: &RawTensor, name: &str, experts: usize) -> Result<Vec<QMatrix>> {
+    let all = matrix(t, name)?;
+    let rows = t.rows / experts.max(1);
+    (0..experts)
+        .map(|e| {
+            all.rows_view(e * rows, rows)
+                .map_err(|err| candle_core::Error::Msg(format!("{name}: {err}")))
+        })
+        .collect()
+}
+
+/// Layer `i`'s router and experts, checked against the counts the metadata gives.
+fn mixture<R: Read + Seek>(
+    ct: &gguf_file::Content,
+    r: &mut R,
+    i: usize,
+    experts: usize,
+    used: usize,
+    scale: Option<f32>,
+) -> Result<Moe> {
+    let name = |part: &str| format!("blk.{i}.{part}.weight");
+    let router = matrix(
+        &weights::raw(ct, r, &name("ffn_gate_inp"))?,
+        &name("ffn_gate_inp"),
+    )?;
+    if router.rows() != experts {
+        candle_core::bail!(
+            "{}: {} experts, not the {experts} the metadata gives",
+            name("ffn_gate_inp"),
+            router.rows()
+        );
+    }
+    let mut stacks = Vec::with_capacity(3);
+    for part in ["ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"] {
+        let (t, n) = weights::raw_stacked(ct, r, &name(part))?;
+        if n != experts {
+            candle_core::bail!(
+                "{}: {n} experts, not the {experts} the metadata gives",
+                name(part)
+            );
+        }
+        stacks.push(expert_views(&t, &name(part), experts)?);
+    }
+    let [gate, up, down]: [Vec<QMatrix>; 3] = stacks
+        .try_into()
+        .map_err(|_| candle_core::Error::Msg("three expert tensors".into()))?;
+    Ok(Moe {
+        router,
+        experts: gate
+            .into_iter()
+            .zip(up)
+            .zip(down)
+            .map(|((gate, up), down)| Expert { gate, up, down })
+            .collect(),
+        used,
+        scale,
+    })
+}
 
 /// Gemma 3 repeats five local (sliding-window) layers and one global layer.
 const GEMMA3_WINDOW_PATTERN: usize = 6;
@@ -123,7 +189,7 @@ const GEMMA3_LOCAL_ROPE_BASE: f32 = 10_000.0;
 const GEMMA3_GLOBAL_ROPE_BASE: f32 = 1_000_000.0;
 
 impl CpuDecoder {
-    /// Whether a GGUF decoder can run here: a llama-family, Qwen 2/3, Phi 3 or Gemma 3 model, a CPU
+    /// Whether a GGUF decoder can run here: a llama-family, Qwen 2/3 (or 3 MoE), Phi 3 or Gemma 3 model, a CPU
     /// with the SIMD kernels, every matrix in a format they read, and full-width rotary
     /// embeddings. `Err` says, in one line, why not.
     pub(crate) fn supported(
@@ -171,7 +237,7 @@ impl CpuDecoder {
         names.sort();
         for name in names {
             let info = &ct.tensor_infos[name];
-            if info.shape.dims().len() == 2
+            if info.shape.dims().len() >= 2
                 && !name.ends_with("norm.weight")
                 && QuantFormat::from_ggml(info.ggml_dtype).is_none()
             {
@@ -211,10 +277,26 @@ impl CpuDecoder {
         };
         let gemma = arch == "gemma3";
         // Per-head RMSNorm of queries and keys: Gemma 3 and Qwen 3.
-        let qk_norm = gemma || arch == "qwen3";
+        let qk_norm = gemma || matches!(arch, "qwen3" | "qwen3moe");
         let qkv_bias = arch == "qwen2";
         // Rotation of halves (NeoX) rather than of interleaved pairs.
-        let neox = gemma || matches!(arch, "qwen2" | "qwen3" | "phi3");
+        let neox = gemma || matches!(arch, "qwen2" | "qwen3" | "qwen3moe" | "phi3");
+        // Experts in each layer, those each row runs through, and the multiplier of their
+        // renormalised weights (llama.cpp applies one other than 0 or 1).
+        let experts = if MIXTURES.contains(&arch) {
+            let n = md("expert_count")?.to_u32()? as usize;
+            let used = md("expert_used_count")?.to_u32()? as usize;
+            if n == 0 || used == 0 || used > n {
+                candle_core::bail!("{used} experts used of {n}");
+            }
+            let scale = md("expert_weights_scale")
+                .and_then(|v| v.to_f32())
+                .ok()
+                .filter(|&s| s != 0.0 && s != 1.0);
+            Some((n, used, scale))
+        } else {
+            None
+        };
         let phi3 = arch == "phi3";
         let fused_qkv = |i: usize| {
             ct.tensor_infos
@@ -346,15 +428,18 @@ impl CpuDecoder {
                 (q, k, v)
             };
             let [wo] = parts(m("attn_output", &[hidden])?)?;
-            let (gate, up) = if phi3 {
+            let ffn = if let Some((n, used, scale)) = experts {
+                Ffn::Experts(mixture(ct, r, i, n, used, scale)?)
+            } else if phi3 {
                 let [gate, up] = parts(m("ffn_up", &[ffn, ffn])?)?;
-                (gate, up)
+                let [down] = parts(m("ffn_down", &[hidden])?)?;
+                Ffn::Dense { gate, up, down }
             } else {
                 let [gate] = parts(m("ffn_gate", &[ffn])?)?;
                 let [up] = parts(m("ffn_up", &[ffn])?)?;
-                (gate, up)
+                let [down] = parts(m("ffn_down", &[hidden])?)?;
+                Ffn::Dense { gate, up, down }
             };
-            let [down] = parts(m("ffn_down", &[hidden])?)?;
             // Gemma 3's local layers; every layer of a model with a window otherwise.
             let local = !gemma || pattern.is_local(i);
             let bias = if qkv_bias {
@@ -382,9 +467,7 @@ impl CpuDecoder {
                 wk,
                 wv,
                 wo,
-                gate,
-                up,
-                down,
+                ffn,
             });
         }
         Ok(Self {
@@ -472,6 +555,45 @@ mod tests {
             }
             assert_eq!(whole, last, "{format}");
             assert!(whole.iter().all(|v| v.is_finite()), "{format}");
+        }
+    }
+
+    /// Qwen 3 MoE runs on the decoder, and a sequence's logits are the same bits fed at once,
+    /// token by token, and batched with another sequence whose rows route elsewhere.
+    #[test]
+    fn qwen3moe_runs_on_the_decoder_whatever_the_batch() {
+        if !kernels::accelerated() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        for format in ["q8_0", "q4_k_m"] {
+            let path = dir.path().join(format!("moe-{format}.gguf"));
+            let shape = shapes::shape("tiny-qwen3moe", format).unwrap();
+            synthetic::write_chat_model(&path, 2, &shape).unwrap();
+            assert_eq!(
+                CpuDecoder::supported(&content(&path), "qwen3moe", &Device::Cpu),
+                Ok(())
+            );
+            let model = ChatModel::load(&path, &Device::Cpu).unwrap();
+            assert_eq!(model.runs_on(), "cpu", "{format}");
+            assert_eq!(model.info().architecture, "qwen3moe");
+            let prompt = [1u32, 40, 300, 7, 7, 511, 90];
+            let other = [3u32, 200, 17, 450, 88];
+            let whole = model.new_sequence().forward(&prompt).unwrap();
+            let mut seq = model.new_sequence();
+            let mut last = Vec::new();
+            for t in prompt {
+                last = seq.forward(&[t]).unwrap();
+            }
+            assert_eq!(whole, last, "{format}");
+            let (mut a, mut b) = (model.new_sequence(), model.new_sequence());
+            let both = model
+                .forward_batch(&mut [&mut a, &mut b], &[&prompt, &other])
+                .unwrap();
+            assert_eq!(both[0], whole, "{format}");
+            assert_eq!(both[1], model.new_sequence().forward(&other).unwrap());
+            assert!(whole.iter().all(|v| v.is_finite()), "{format}");
+            assert_ne!(whole, both[1]);
         }
     }
 

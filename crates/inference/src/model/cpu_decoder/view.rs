@@ -2,7 +2,7 @@
 //! elsewhere (the GPU decoder uploads it): the CPU decoder's loading is the one reading of
 //! GGUF decoders.
 
-use super::{Activation, CpuDecoder, Layer, Norm};
+use super::{Activation, CpuDecoder, Ffn, Layer, Norm};
 use crate::kernels::QMatrix;
 
 /// One layer's weights and attention settings.
@@ -62,18 +62,19 @@ fn norm(n: &Norm) -> &[f32] {
 
 impl CpuDecoder {
     /// The model's pieces, as the forward pass uses them (`None` for a decoder of only some
-    /// of its blocks).
+    /// of its blocks, or of a mixture of experts, which the view does not describe).
     pub(crate) fn view(&self) -> Option<DecoderView<'_>> {
         let (Some(embed), Some((out_norm, output))) = (&self.embed, &self.head) else {
             return None;
         };
-        Some(DecoderView {
-            embed,
-            embed_scale: self.embed_scale,
-            layers: self
-                .layers
-                .iter()
-                .map(|l: &Layer| LayerView {
+        let layers = self
+            .layers
+            .iter()
+            .map(|l: &Layer| {
+                let Ffn::Dense { gate, up, down } = &l.ffn else {
+                    return None;
+                };
+                Some(LayerView {
                     attn_norm: norm(&l.attn_norm),
                     ffn_norm: norm(&l.ffn_norm),
                     q_norm: l.q_norm.as_ref().map(norm),
@@ -87,11 +88,16 @@ impl CpuDecoder {
                     wk: &l.wk,
                     wv: &l.wv,
                     wo: &l.wo,
-                    gate: &l.gate,
-                    up: &l.up,
-                    down: &l.down,
+                    gate,
+                    up,
+                    down,
                 })
-                .collect(),
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(DecoderView {
+            embed,
+            embed_scale: self.embed_scale,
+            layers,
             norm: norm(out_norm),
             eps: out_norm.eps,
             output,
