@@ -61,11 +61,17 @@ pub const Q8K_BLOCK_BYTES: usize = 292;
 /// launch's grid has `ceil(batch / MATMUL_TILE)` blocks in y.
 pub const MATMUL_TILE: usize = 8;
 
+/// Positions whose scores the attention kernel holds in shared memory at once
+/// (`POD_ATTENTION_CHUNK` in the source); longer contexts are taken chunk after chunk. A
+/// multiple of the attention kernel's block size, so that chunking changes no sum.
+pub const ATTENTION_CHUNK: usize = 512;
+
 /// The complete source for `platform`: its preamble, the constants shared with the host,
 /// then the kernels.
 pub fn source(platform: Platform) -> String {
     let preamble = platform.preamble();
-    let constants = format!("#define POD_TILE {MATMUL_TILE}\n");
+    let constants =
+        format!("#define POD_TILE {MATMUL_TILE}\n#define POD_ATTENTION_CHUNK {ATTENTION_CHUNK}\n");
     let mut s = String::with_capacity(preamble.len() + constants.len() + BODY.len() + 1);
     s.push_str(preamble);
     s.push('\n');
@@ -403,7 +409,8 @@ const fn spec(name: &'static str, params: &'static [Param]) -> KernelSpec {
 /// - `kv_append(k, v, k_cache, v_cache, base, pos, kv_w)`: grid = rows; row `r` goes to
 ///   cache position `base[r] + pos[r]`.
 /// - `attention(q, k, v, out, base, pos, n_head, n_kv_head, head_dim, window, scale)`: grid
-///   `(rows, n_head)`, dynamic shared memory of 4 bytes per attended position.
+///   `(rows, n_head)`, dynamic shared memory of 4 bytes per value of a head (`head_dim`),
+///   whatever the context.
 pub const KERNELS: &[KernelSpec] = &[
     spec("matvec_q4_0", MATVEC),
     spec("matvec_q4_1", MATVEC),

@@ -336,8 +336,8 @@ impl<R: DeviceRuntime> Kernels<'_, R> {
             int(window)?,
             KernelArg::F32(scale),
         ];
-        // One score per attended position, at most every position up to max_pos.
-        let shared = (max_pos + 1) * F32;
+        // A row's weighted sum of values; the scores take a fixed array of their own.
+        let shared = head_dim * F32;
         self.launch(
             "attention",
             [rows, n_head],

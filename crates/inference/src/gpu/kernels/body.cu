@@ -813,13 +813,31 @@ extern "C" __global__ void kv_append(const float* k, const float* v, float* k_ca
 // per sequence) and prompt chunks (consecutive positions of one sequence, causal) alike.
 // Row r's sequence cache starts at position row base[r] of k and v ([positions, n_kv_head *
 // head_dim]); the row attends to its positions first..pos[r] (first = pos[r] + 1 - window
-// when window > 0). Grid (rows, n_head); dynamic shared memory holds one f32 score per
-// attended position.
+// when window > 0). Grid (rows, n_head); dynamic shared memory holds head_dim f32s.
+//
+// Shared memory does not grow with the context: scores are computed three times rather than
+// kept, once for their maximum, once for the softmax denominator, and once, in chunks of
+// POD_ATTENTION_CHUNK positions (defined ahead of this source by the host), for the weights
+// of the values. Each thread takes the same positions in the same order in every pass, and
+// the weighted sum runs over the positions in order, so a row's output is the same bits
+// whatever else its pass holds, and the same bits as when every score sat in shared memory
+// (a chunk a multiple of the block size). The cost is two more reads of the keys.
+
+static __device__ __forceinline__ float pod_score(const float* qh, const float* kj, int head_dim,
+                                                  float scale) {
+    float s = 0.0f;
+    for (int d = 0; d < head_dim; ++d) {
+        s += qh[d] * kj[d];
+    }
+    return s * scale;
+}
+
 extern "C" __global__ void attention(const float* q, const float* k, const float* v, float* out,
                                      const int* base, const int* pos, int n_head, int n_kv_head,
                                      int head_dim, int window, float scale) {
     __shared__ float scratch[32];
-    POD_DYNAMIC_SHARED(float, scores);
+    __shared__ float weights[POD_ATTENTION_CHUNK];
+    POD_DYNAMIC_SHARED(float, acc);
     const int r = blockIdx.x;
     const int head = blockIdx.y;
     const int p = pos[r];
@@ -832,28 +850,37 @@ extern "C" __global__ void attention(const float* q, const float* k, const float
     const float* vs = v + ((pod_u64)base[r] + first) * kv_w + off;
     float mx = -3.4028235e38f;
     for (int j = threadIdx.x; j < n; j += blockDim.x) {
-        float s = 0.0f;
-        for (int d = 0; d < head_dim; ++d) {
-            s += qh[d] * ks[(pod_u64)j * kv_w + d];
-        }
-        s *= scale;
-        scores[j] = s;
-        mx = fmaxf(mx, s);
+        mx = fmaxf(mx, pod_score(qh, ks + (pod_u64)j * kv_w, head_dim, scale));
     }
     mx = pod_block_max(mx, scratch);
     float sum = 0.0f;
     for (int j = threadIdx.x; j < n; j += blockDim.x) {
-        const float e = expf(scores[j] - mx);
-        scores[j] = e;
-        sum += e;
+        sum += expf(pod_score(qh, ks + (pod_u64)j * kv_w, head_dim, scale) - mx);
     }
     sum = pod_block_sum(sum, scratch);
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        acc[d] = 0.0f;
+    }
+    for (int c0 = 0; c0 < n; c0 += POD_ATTENTION_CHUNK) {
+        const int cn = n - c0 < POD_ATTENTION_CHUNK ? n - c0 : POD_ATTENTION_CHUNK;
+        for (int j = threadIdx.x; j < cn; j += blockDim.x) {
+            const pod_u64 at = (pod_u64)(c0 + j) * kv_w;
+            weights[j] = expf(pod_score(qh, ks + at, head_dim, scale) - mx);
+        }
+        __syncthreads();
+        const float* vc = vs + (pod_u64)c0 * kv_w;
+        for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+            float a = acc[d];
+            for (int j = 0; j < cn; ++j) {
+                a += weights[j] / sum * vc[(pod_u64)j * kv_w + d];
+            }
+            acc[d] = a;
+        }
+        // The next chunk overwrites the weights.
+        __syncthreads();
+    }
     float* o = out + ((pod_u64)r * n_head + head) * head_dim;
     for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-        float acc = 0.0f;
-        for (int j = 0; j < n; ++j) {
-            acc += scores[j] / sum * vs[(pod_u64)j * kv_w + d];
-        }
-        o[d] = acc;
+        o[d] = acc[d];
     }
 }
