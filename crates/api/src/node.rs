@@ -17,6 +17,10 @@ pub struct NodeView {
     /// Where its models run (`cpu`, `cuda:0`, ...); empty when not known.
     #[serde(default)]
     pub device: String,
+    /// Where `--device auto` found no GPU to use: which devices it tried and why it used
+    /// none, so the models run on the CPU. Absent when a GPU opened or a device was named.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub device_fallback: Option<String>,
     /// Multiaddrs it listens on.
     pub listen_addrs: Vec<String>,
     /// Multiaddrs others reach it at (confirmed by AutoNAT, or configured).

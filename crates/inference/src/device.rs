@@ -90,6 +90,10 @@ pub struct Placement {
     /// Whether the device was named (`--device rocm`): then a chat model that cannot go on
     /// it fails to load. Under `auto` it loads on the CPU instead, with a log line saying why.
     pub strict: bool,
+    /// Under `auto` with no GPU opened: which devices were tried and why each was not used
+    /// (a runtime library not found, no device, a device that did not open). `None` when a
+    /// GPU opened or none was asked for.
+    pub fallback: Option<String>,
 }
 
 impl Placement {
@@ -99,6 +103,7 @@ impl Placement {
             gpu: None,
             candle: Device::Cpu,
             strict: false,
+            fallback: None,
         }
     }
 
@@ -131,6 +136,7 @@ impl DeviceSpec {
             gpu: Some(Arc::new(gpu)),
             candle,
             strict: true,
+            fallback: None,
         };
         match self {
             DeviceSpec::Cpu => Ok(Placement::cpu()),
@@ -180,6 +186,7 @@ fn place_auto(kernel_cache: &Path) -> Placement {
                         gpu: Some(Arc::new(gpu)),
                         candle,
                         strict: false,
+                        fallback: None,
                     }
                 }
                 Err(e) => {
@@ -191,8 +198,9 @@ fn place_auto(kernel_cache: &Path) -> Placement {
         }
     }
     let candle = candle_cuda(0);
+    let fallback = fallback_reason(&why_not);
     tracing::info!(
-        reasons = %why_not.join("; "),
+        reasons = %fallback,
         "no GPU for pod's GPU decoder: chat models run on the {}",
         if candle.is_cpu() { "CPU" } else { "candle CUDA backend" }
     );
@@ -200,6 +208,16 @@ fn place_auto(kernel_cache: &Path) -> Placement {
         gpu: None,
         candle,
         strict: false,
+        fallback: Some(fallback),
+    }
+}
+
+/// One line saying why `--device auto` used no GPU, from what each backend and device said.
+fn fallback_reason(why_not: &[String]) -> String {
+    if why_not.is_empty() {
+        "--device auto found no GPU".to_owned()
+    } else {
+        format!("--device auto opened no GPU: {}", why_not.join("; "))
     }
 }
 

@@ -24,7 +24,7 @@ use crate::decoder::{BatchDecoder, DecoderCache};
 use crate::engine::EngineConfig;
 use crate::error::{ForwardError, LoadError};
 use crate::gguf::GgufFile;
-use crate::gpu::decoder::{Demand, GpuLoadError, MAX_GPU_CONTEXT};
+use crate::gpu::decoder::{Demand, GpuLoadError};
 use crate::gpu::runtime::any::AnyRuntime;
 use crate::gpu::{GpuCache, GpuDecoder};
 use crate::template::{ChatTemplate, CHATML_TEMPLATE};
@@ -211,16 +211,9 @@ impl ChatModel {
         let asked = engine.max_context.map_or(text.context_length, |cap| {
             text.context_length.min(cap.max(1))
         });
-        let context = asked.min(MAX_GPU_CONTEXT);
-        if context < asked {
-            tracing::warn!(
-                context,
-                model_context = text.context_length,
-                "the GPU decoder serves at most {MAX_GPU_CONTEXT} tokens of context (its \
-                 attention kernel keeps a row's scores in 48 KiB of shared memory): longer \
-                 requests are refused; run the model with --device cpu for its whole context"
-            );
-        }
+        // The GPU serves the whole context, as the CPU does; the engine cuts it to what the KV
+        // memory budget holds for one sequence.
+        let context = asked;
         let demand = Demand {
             sequences: engine.max_active.max(1),
             rows_per_pass: engine.prefill_chunk.max(engine.max_active),

@@ -53,6 +53,7 @@ pub struct NodeBackend {
     blob_stats: Arc<BlobStats>,
     blobs: Option<Arc<BlobServer>>,
     device: String,
+    device_fallback: Option<String>,
     stages: Arc<StageHost>,
 }
 
@@ -86,6 +87,7 @@ impl NodeBackend {
             blob_stats: Arc::default(),
             blobs: None,
             device: String::new(),
+            device_fallback: None,
             stages: Arc::default(),
         }
     }
@@ -96,9 +98,11 @@ impl NodeBackend {
         self
     }
 
-    /// Names the device the local models run on, for `/pod/v1/node`.
-    pub fn with_device(mut self, device: impl Into<String>) -> Self {
+    /// Names the device the local models run on, for `/pod/v1/node`, and, where `--device
+    /// auto` fell back to the CPU, which devices it tried and why it used none.
+    pub fn with_device(mut self, device: impl Into<String>, fallback: Option<String>) -> Self {
         self.device = device.into();
+        self.device_fallback = fallback;
         self
     }
 
@@ -421,6 +425,7 @@ impl Backend for NodeBackend {
             agent: info.agent,
             profile: self.profile.to_string(),
             device: self.device.clone(),
+            device_fallback: self.device_fallback.clone(),
             listen_addrs: info.listen_addrs.iter().map(ToString::to_string).collect(),
             external_addrs: info
                 .external_addrs

@@ -151,7 +151,7 @@ impl Node {
         )
         .with_stages(Arc::clone(&stages))
         .with_blobs(Arc::clone(&blob_stats), blobs.clone())
-        .with_device(opts.device_name.clone());
+        .with_device(opts.device_name.clone(), opts.placement.fallback.clone());
         background.push(tokio::spawn(announce::announce(
             mesh.clone(),
             engine.clone(),

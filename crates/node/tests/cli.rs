@@ -1314,6 +1314,85 @@ fn qwen_models_answer_on_the_gpu_kernels_as_on_the_cpu() {
 }
 
 #[test]
+fn auto_device_falling_back_to_the_cpu_says_what_it_tried_and_why() {
+    // Every GPU runtime library pointed at a file that is not there: `--device auto` finds
+    // no GPU, serves the model on the CPU, and says so in its log, `/pod/v1/node` and
+    // `pod status`.
+    let dir = tempfile::tempdir().unwrap();
+    let model = synthetic_model(dir.path(), "q4_0");
+    let missing = dir.path().join("no-such-dir");
+    let libs = [
+        ("POD_HIP_PATH", missing.join("libamdhip64.so")),
+        ("POD_HIPRTC_PATH", missing.join("libhiprtc.so")),
+        ("POD_CUDA_PATH", missing.join("libcuda.so")),
+        ("POD_NVRTC_PATH", missing.join("libnvrtc.so")),
+    ];
+    let env: Vec<(&str, &Path)> = libs.iter().map(|(k, v)| (*k, v.as_path())).collect();
+    let model_arg = model.to_str().unwrap();
+    let mut p = PodProcess::start_with_env(
+        &[
+            "--profile",
+            "inference",
+            "--listen",
+            "/ip4/127.0.0.1/tcp/0",
+            "--device",
+            "auto",
+            "--model",
+            model_arg,
+        ],
+        &env,
+    );
+    let node = p.get("/pod/v1/node");
+    assert_eq!(node["device"], "cpu", "{node}");
+    let why = node["device_fallback"].as_str().expect("a fallback reason");
+    assert!(why.starts_with("--device auto opened no GPU: "), "{why}");
+    for lib in ["libamdhip64.so", "libcuda.so"] {
+        assert!(why.contains(lib), "{lib} not named in: {why}");
+    }
+    assert!(!why.contains('\n'), "{why}");
+    assert!(
+        p.log().contains("no GPU for pod's GPU decoder"),
+        "{}",
+        p.log()
+    );
+
+    let status = run_bounded(
+        pod_command(&p.home).args(["--log", "warn", "status", "--json"]),
+        "",
+        Duration::from_secs(60),
+    );
+    let status = json_of(&status);
+    assert_eq!(status["device"], "cpu");
+    assert_eq!(status["device_fallback"], why);
+    let text = run_bounded(
+        pod_command(&p.home).args(["--log", "warn", "status"]),
+        "",
+        Duration::from_secs(60),
+    );
+    assert!(
+        String::from_utf8_lossy(&text.stdout).contains(why),
+        "{}",
+        stderr(&text)
+    );
+
+    // A named device is not a fallback: nothing of the kind is reported.
+    p.stop();
+    let p = PodProcess::start(&[
+        "--profile",
+        "inference",
+        "--listen",
+        "/ip4/127.0.0.1/tcp/0",
+        "--device",
+        "cpu",
+        "--model",
+        model_arg,
+    ]);
+    let node = p.get("/pod/v1/node");
+    assert_eq!(node["device"], "cpu");
+    assert!(node.get("device_fallback").is_none(), "{node}");
+}
+
+#[test]
 fn a_model_too_big_for_the_device_is_one_line_saying_what_to_lower() {
     let home = tempfile::tempdir().unwrap();
     let model = synthetic_model(home.path(), "q8_0");

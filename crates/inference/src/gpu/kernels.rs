@@ -17,8 +17,9 @@
 //!   [`Q8K_BLOCK_BYTES`]-byte super-blocks (f32 scale, 256 signed bytes, sixteen i16 sums of
 //!   runs of 16), the same numbers the CPU path computes;
 //! - `matvec_*` writes `y[t * rows + r]`, the dot of weight row `r` with activation row `t`,
-//!   unpacking each weight block once per activation row (meant for decode steps and small
-//!   batches, a few rows).
+//!   unpacking each weight block once per activation row (meant for a pass of one row);
+//!   `matmul_*` writes the same bits, unpacking each weight block once per tile of
+//!   [`MATMUL_TILE`] activation rows (passes of several rows: prompts, batches).
 
 use candle_core::quantized::GgmlDType;
 
@@ -56,12 +57,25 @@ pub const Q8_BLOCK_BYTES: usize = 40;
 /// Bytes of one quantised super-block of 256 activations.
 pub const Q8K_BLOCK_BYTES: usize = 292;
 
-/// The complete source for `platform`: its preamble, then the kernels.
+/// Activation rows one block of a `matmul_*` kernel takes (`POD_TILE` in the source): the
+/// launch's grid has `ceil(batch / MATMUL_TILE)` blocks in y.
+pub const MATMUL_TILE: usize = 8;
+
+/// Positions whose scores the attention kernel holds in shared memory at once
+/// (`POD_ATTENTION_CHUNK` in the source); longer contexts are taken chunk after chunk. A
+/// multiple of the attention kernel's block size, so that chunking changes no sum.
+pub const ATTENTION_CHUNK: usize = 512;
+
+/// The complete source for `platform`: its preamble, the constants shared with the host,
+/// then the kernels.
 pub fn source(platform: Platform) -> String {
     let preamble = platform.preamble();
-    let mut s = String::with_capacity(preamble.len() + BODY.len() + 1);
+    let constants =
+        format!("#define POD_TILE {MATMUL_TILE}\n#define POD_ATTENTION_CHUNK {ATTENTION_CHUNK}\n");
+    let mut s = String::with_capacity(preamble.len() + constants.len() + BODY.len() + 1);
     s.push_str(preamble);
     s.push('\n');
+    s.push_str(&constants);
     s.push_str(BODY);
     s
 }
@@ -311,6 +325,22 @@ impl WeightFormat {
         }
     }
 
+    /// Its tiled `matmul_*` kernel: the products of [`matvec_kernel`](Self::matvec_kernel),
+    /// the same bits, for passes of several rows.
+    pub const fn matmul_kernel(self) -> &'static str {
+        match self {
+            Self::Q4_0 => "matmul_q4_0",
+            Self::Q4_1 => "matmul_q4_1",
+            Self::Q5_0 => "matmul_q5_0",
+            Self::Q8_0 => "matmul_q8_0",
+            Self::Q4K => "matmul_q4_k",
+            Self::Q5K => "matmul_q5_k",
+            Self::Q6K => "matmul_q6_k",
+            Self::F16 => "matmul_f16",
+            Self::F32 => "matmul_f32",
+        }
+    }
+
     /// Its `embed_*` kernel.
     pub const fn embed_kernel(self) -> &'static str {
         match self {
@@ -364,6 +394,8 @@ const fn spec(name: &'static str, params: &'static [Param]) -> KernelSpec {
 ///   `x` holds `batch` activation rows in the form [`WeightFormat::activations`] says
 ///   (32-value blocks for `q4_0`, `q4_1`, `q5_0`, `q8_0`, 256-value super-blocks for `q4_k`,
 ///   `q5_k`, `q6_k`, f32 for `f16`, `f32`).
+/// - `matmul_<format>(w, x, y, rows, cols, batch)`: as `matvec_<format>`, the same bits, over
+///   grid `(rows, ceil(batch / MATMUL_TILE))`.
 /// - `embed_<format>(table, ids, out, cols, scale)`: grid = number of ids; `embed_f32` on
 ///   hidden states gathers rows.
 /// - `quantize_q8(x, out, blocks)`, `quantize_q8k(x, out, blocks)`: one 32-lane group per
@@ -377,7 +409,8 @@ const fn spec(name: &'static str, params: &'static [Param]) -> KernelSpec {
 /// - `kv_append(k, v, k_cache, v_cache, base, pos, kv_w)`: grid = rows; row `r` goes to
 ///   cache position `base[r] + pos[r]`.
 /// - `attention(q, k, v, out, base, pos, n_head, n_kv_head, head_dim, window, scale)`: grid
-///   `(rows, n_head)`, dynamic shared memory of 4 bytes per attended position.
+///   `(rows, n_head)`, dynamic shared memory of 4 bytes per value of a head (`head_dim`),
+///   whatever the context.
 pub const KERNELS: &[KernelSpec] = &[
     spec("matvec_q4_0", MATVEC),
     spec("matvec_q4_1", MATVEC),
@@ -388,6 +421,15 @@ pub const KERNELS: &[KernelSpec] = &[
     spec("matvec_q6_k", MATVEC),
     spec("matvec_f16", MATVEC),
     spec("matvec_f32", MATVEC),
+    spec("matmul_q4_0", MATVEC),
+    spec("matmul_q4_1", MATVEC),
+    spec("matmul_q5_0", MATVEC),
+    spec("matmul_q8_0", MATVEC),
+    spec("matmul_q4_k", MATVEC),
+    spec("matmul_q5_k", MATVEC),
+    spec("matmul_q6_k", MATVEC),
+    spec("matmul_f16", MATVEC),
+    spec("matmul_f32", MATVEC),
     spec("embed_q4_0", EMBED),
     spec("embed_q4_1", EMBED),
     spec("embed_q5_0", EMBED),

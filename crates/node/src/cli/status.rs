@@ -70,6 +70,9 @@ pub(crate) fn exec(home: &Path, args: StatusArgs) -> Result<()> {
             out["peer_id"] = node["peer_id"].clone();
             out["version"] = node["agent"].clone();
             out["profile"] = node["profile"].clone();
+            if let Some(why) = node.get("device_fallback").filter(|v| v.is_string()) {
+                out["device_fallback"] = why.clone();
+            }
             out["uptime_seconds"] = node["uptime_seconds"].clone();
             out["models"] = models.into();
             out["peers"] = serde_json::json!({
@@ -119,6 +122,9 @@ pub(crate) fn exec(home: &Path, args: StatusArgs) -> Result<()> {
     );
     println!("profile   {}", s(&out["profile"]));
     println!("device    {}", s(&out["device"]));
+    if out["device_fallback"].is_string() {
+        println!("          {}", s(&out["device_fallback"]));
+    }
     if let Some(models) = out["models"].as_array() {
         let list: Vec<String> = models
             .iter()

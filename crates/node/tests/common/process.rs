@@ -97,6 +97,16 @@ impl PodProcess {
         p
     }
 
+    /// Starts a pod with a fresh state directory and the variables `env` set for it alone.
+    #[allow(dead_code)]
+    pub fn start_with_env(args: &[&str], env: &[(&str, &Path)]) -> PodProcess {
+        let dir = tempfile::tempdir().expect("temp home");
+        let home = dir.path().to_path_buf();
+        let mut p = Self::spawn_with_env(&home, &test_home().join("models"), args, env);
+        p._home_dir = Some(dir);
+        p
+    }
+
     /// Starts a pod with the given state directory (to restart one with the same identity).
     pub fn start_in(home: &Path, args: &[&str]) -> PodProcess {
         Self::spawn(home, &test_home().join("models"), args)
@@ -108,6 +118,15 @@ impl PodProcess {
     }
 
     fn spawn(home: &Path, models: &Path, args: &[&str]) -> PodProcess {
+        Self::spawn_with_env(home, models, args, &[])
+    }
+
+    fn spawn_with_env(
+        home: &Path,
+        models: &Path,
+        args: &[&str],
+        env: &[(&str, &Path)],
+    ) -> PodProcess {
         let log = home.join(format!("pod-{}.log", std::process::id()));
         let _ = std::fs::remove_file(home.join("daemon.json"));
         let log_file = std::fs::File::create(&log).expect("log file");
@@ -122,6 +141,7 @@ impl PodProcess {
                 "--no-upnp",
             ])
             .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(log_file)
             .spawn()

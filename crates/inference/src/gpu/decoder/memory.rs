@@ -89,11 +89,13 @@ impl MemoryNeed {
         let q_w = m.n_head * m.head_dim;
         let ffn = m.layers.first().map_or(0, |l| l.gate.rows());
         let widest = m.hidden.max(q_w).max(ffn);
-        let rows = super::capacity(demand.rows_per_pass.max(demand.sequences));
+        let rows = super::workspace::capacity(demand.rows_per_pass.max(demand.sequences));
         let f32_row = 2 * m.hidden + 2 * q_w + 2 * kv_w + m.hidden.max(q_w) + 2 * ffn;
         let quant_row = activation_row_bytes(Activations::Q8, widest)
             + activation_row_bytes(Activations::Q8K, widest.next_multiple_of(256));
-        let logits = super::capacity(demand.sequences) * (m.output.rows() + 2 * m.hidden + 1) * F32;
+        let logits = super::workspace::capacity(demand.sequences)
+            * (m.output.rows() + 2 * m.hidden + 1)
+            * F32;
         let workspace = rows * (f32_row * F32 + quant_row + 3 * 4) + logits;
         MemoryNeed {
             weights,

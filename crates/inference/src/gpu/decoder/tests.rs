@@ -15,7 +15,7 @@ use crate::decoder::DecoderCache;
 use crate::gpu::check::{argmax, logit_bounds};
 use crate::gpu::emulator::Emulator;
 use crate::gpu::synthetic::{self, Family, ModelShape, RopeScaling};
-use crate::model::cpu_decoder::KvCache;
+use crate::model::cpu_decoder::{CpuDecoder, KvCache};
 
 const WARPS: [u32; 2] = [32, 64];
 const HIDDEN: usize = 256;

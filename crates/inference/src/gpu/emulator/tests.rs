@@ -149,6 +149,106 @@ fn gpu_matvec(
     y
 }
 
+/// `x` in the form `format`'s products read, quantised on the emulated GPU where it asks.
+fn gpu_activations(warp: u32, format: WeightFormat, x: &[f32]) -> Vec<u8> {
+    match format.activations() {
+        Activations::F32 => bytemuck::cast_slice(x).to_vec(),
+        form => gpu_quantize(warp, form, x),
+    }
+}
+
+/// `kernel` (a `matvec_*` or `matmul_*`) over `batch` activation rows `xq`, on a grid of
+/// `rows` × `grid_y` blocks of `threads`.
+#[allow(clippy::too_many_arguments)]
+fn gpu_product(
+    warp: u32,
+    kernel: &str,
+    w: &[u8],
+    (rows, cols): (usize, usize),
+    xq: &[u8],
+    batch: usize,
+    (grid_y, threads): (usize, u32),
+) -> Vec<f32> {
+    let mut y = vec![f32::NAN; batch * rows];
+    run(
+        warp,
+        kernel,
+        [rows as u32, grid_y as u32],
+        threads,
+        0,
+        &[
+            Emulator::arg(w),
+            Emulator::arg(xq),
+            Emulator::arg_mut(&mut y),
+            i32_arg(rows),
+            i32_arg(cols),
+            i32_arg(batch),
+        ],
+    );
+    y
+}
+
+#[test]
+fn tiled_products_have_the_bits_of_one_row_at_a_time() {
+    use crate::gpu::kernels::MATMUL_TILE;
+    let (rows, cols, most) = (5, 512, 2 * MATMUL_TILE + 3);
+    for (fi, format) in WeightFormat::ALL.into_iter().enumerate() {
+        let seed = 600 + fi as u64;
+        let w = random_matrix(format.quant(), rows, cols, seed);
+        let x = random_input(most * cols, seed + 50);
+        let mut per_warp = Vec::new();
+        for warp in WARPS {
+            let xq = gpu_activations(warp, format, &x);
+            let row_bytes = xq.len() / most;
+            for threads in [32, 128] {
+                // Each activation row alone, as a decode step of one sequence computes it.
+                let alone: Vec<f32> = xq
+                    .chunks_exact(row_bytes)
+                    .flat_map(|xr| {
+                        let kernel = format.matvec_kernel();
+                        gpu_product(warp, kernel, &w, (rows, cols), xr, 1, (1, threads))
+                    })
+                    .collect();
+                for batch in [2, 3, MATMUL_TILE, MATMUL_TILE + 1, most] {
+                    let grid_y = batch.div_ceil(MATMUL_TILE);
+                    let tiled = gpu_product(
+                        warp,
+                        format.matmul_kernel(),
+                        &w,
+                        (rows, cols),
+                        &xq[..batch * row_bytes],
+                        batch,
+                        (grid_y, threads),
+                    );
+                    assert_eq!(
+                        bits(&tiled),
+                        bits(&alone[..batch * rows]),
+                        "{format:?} warp {warp} threads {threads} batch {batch}"
+                    );
+                }
+                let looped = gpu_product(
+                    warp,
+                    format.matvec_kernel(),
+                    &w,
+                    (rows, cols),
+                    &xq,
+                    most,
+                    (1, threads),
+                );
+                assert_eq!(bits(&looped), bits(&alone), "{format:?} warp {warp}");
+                per_warp.push(alone);
+            }
+        }
+        // Reductions run in 32-lane groups in a fixed order: the wave width changes nothing.
+        assert_eq!(per_warp[0], per_warp[2], "{format:?} threads 32");
+        assert_eq!(per_warp[1], per_warp[3], "{format:?} threads 128");
+    }
+}
+
+fn bits(v: &[f32]) -> Vec<u32> {
+    v.iter().map(|f| f.to_bits()).collect()
+}
+
 /// `rows` × `cols` weights of a GGUF type, dequantised by candle.
 fn candle_dequantize(dtype: GgmlDType, data: &[u8], rows: usize, cols: usize) -> Vec<f32> {
     let storage = QStorage::from_data(Cow::Borrowed(data), &Device::Cpu, dtype).unwrap();

@@ -109,25 +109,56 @@ static __device__ float pod_block_max(float v, float* scratch) {
 }
 
 // ---------------------------------------------------------------------------------------
-// Weight formats. `item(w, x, i)` is the contribution of the row's i-th run of 32 values to
-// its dot product with a quantised activation row (integer dot products, one f32 scaling);
-// `value(w, k)` dequantises value k of a row, as QuantFormat::dequantize_row does.
+// Weight formats. A row's dot product with a quantised activation row is a sum of items, one
+// per run of 32 values: `load(w, i)` unpacks the row's i-th run into a pod_run, `dot(r, x, i)`
+// is that run's contribution against activation row x (integer dot products, then the f32
+// scaling), and `item(w, x, i)` is the two together. The tiled kernels load a run once and
+// dot it with several activation rows; `dot` computes the same expression either way, so a
+// row's result has the same bits whichever kernel computed it. `value(w, k)` dequantises
+// value k of a row, as QuantFormat::dequantize_row does.
+
+// One run of 32 weights, unpacked: q[k] holds the four integers that multiply activation
+// bytes 4k..4k + 3 of the run, then the run's scales (which ones a format uses is its own).
+struct pod_run {
+    int q[8];
+    // Scale; Q4_1's and the K-quants' offset scale.
+    float d, m;
+    // Sub-block scale and min (Q4_K, Q5_K); Q6_K's two sixteen-value scales.
+    int sc[2];
+    int mn;
+};
+
+// The integer dot of a 32-value run with its 32-value activation block.
+static __device__ __forceinline__ int pod_dot_q8(const pod_run& r, const pod_u8* y) {
+    int s = 0;
+    for (int k = 0; k < 8; ++k) {
+        s = pod_dot4(r.q[k], pod_load_b4(y + 8 + 4 * k), s);
+    }
+    return s;
+}
 
 struct pod_q4_0 {
     enum { VALUES = 32, BYTES = 18, SUPER = 0 };
-    static __device__ __forceinline__ float item(const pod_u8* w, const pod_u8* x, int i) {
+    static __device__ __forceinline__ pod_run load(const pod_u8* w, int i) {
         const pod_u8* b = w + i * BYTES;
-        const pod_u8* y = x + i * POD_Q8_BYTES;
-        const float d = pod_f16_at(b);
-        int s = 0;
+        pod_run r;
+        r.d = pod_f16_at(b);
         for (int k = 0; k < 4; ++k) {
             const pod_u32 v = (pod_u32)pod_load_b2(b + 2 + 4 * k);
-            s = pod_dot4((int)(v & 0x0f0f0f0fu), pod_load_b4(y + 8 + 4 * k), s);
-            s = pod_dot4((int)((v >> 4) & 0x0f0f0f0fu), pod_load_b4(y + 24 + 4 * k), s);
+            r.q[k] = (int)(v & 0x0f0f0f0fu);
+            r.q[k + 4] = (int)((v >> 4) & 0x0f0f0f0fu);
         }
+        return r;
+    }
+    static __device__ __forceinline__ float dot(const pod_run& r, const pod_u8* x, int i) {
+        const pod_u8* y = x + i * POD_Q8_BYTES;
+        const int s = pod_dot_q8(r, y);
         const float yd = *(const float*)y;
         const float ys = *(const float*)(y + 4);
-        return (d * yd) * (float)s + (-8.0f * d) * ys;
+        return (r.d * yd) * (float)s + (-8.0f * r.d) * ys;
+    }
+    static __device__ __forceinline__ float item(const pod_u8* w, const pod_u8* x, int i) {
+        return dot(load(w, i), x, i);
     }
     static __device__ __forceinline__ float value(const pod_u8* w, int k) {
         const pod_u8* b = w + (k / 32) * BYTES;
@@ -139,18 +170,27 @@ struct pod_q4_0 {
 
 struct pod_q4_1 {
     enum { VALUES = 32, BYTES = 20, SUPER = 0 };
-    static __device__ __forceinline__ float item(const pod_u8* w, const pod_u8* x, int i) {
+    static __device__ __forceinline__ pod_run load(const pod_u8* w, int i) {
         const pod_u8* b = w + i * BYTES;
-        const pod_u8* y = x + i * POD_Q8_BYTES;
-        int s = 0;
+        pod_run r;
+        r.d = pod_f16_at(b);
+        r.m = pod_f16_at(b + 2);
         for (int k = 0; k < 4; ++k) {
             const pod_u32 v = (pod_u32)pod_load_b2(b + 4 + 4 * k);
-            s = pod_dot4((int)(v & 0x0f0f0f0fu), pod_load_b4(y + 8 + 4 * k), s);
-            s = pod_dot4((int)((v >> 4) & 0x0f0f0f0fu), pod_load_b4(y + 24 + 4 * k), s);
+            r.q[k] = (int)(v & 0x0f0f0f0fu);
+            r.q[k + 4] = (int)((v >> 4) & 0x0f0f0f0fu);
         }
+        return r;
+    }
+    static __device__ __forceinline__ float dot(const pod_run& r, const pod_u8* x, int i) {
+        const pod_u8* y = x + i * POD_Q8_BYTES;
+        const int s = pod_dot_q8(r, y);
         const float yd = *(const float*)y;
         const float ys = *(const float*)(y + 4);
-        return (pod_f16_at(b) * yd) * (float)s + pod_f16_at(b + 2) * ys;
+        return (r.d * yd) * (float)s + r.m * ys;
+    }
+    static __device__ __forceinline__ float item(const pod_u8* w, const pod_u8* x, int i) {
+        return dot(load(w, i), x, i);
     }
     static __device__ __forceinline__ float value(const pod_u8* w, int k) {
         const pod_u8* b = w + (k / 32) * BYTES;
@@ -162,11 +202,11 @@ struct pod_q4_1 {
 
 struct pod_q5_0 {
     enum { VALUES = 32, BYTES = 22, SUPER = 0 };
-    static __device__ __forceinline__ float item(const pod_u8* w, const pod_u8* x, int i) {
+    static __device__ __forceinline__ pod_run load(const pod_u8* w, int i) {
         const pod_u8* b = w + i * BYTES;
-        const pod_u8* y = x + i * POD_Q8_BYTES;
         const pod_u32 qh = (pod_u32)pod_load_b2(b + 2);
-        int s = 0;
+        pod_run r;
+        r.d = pod_f16_at(b);
         for (int k = 0; k < 4; ++k) {
             const pod_u32 v = (pod_u32)pod_load_b2(b + 6 + 4 * k);
             pod_u32 lo = v & 0x0f0f0f0fu;
@@ -175,13 +215,20 @@ struct pod_q5_0 {
                 lo |= ((qh >> (4 * k + j)) & 1u) << (8 * j + 4);
                 hi |= ((qh >> (4 * k + j + 16)) & 1u) << (8 * j + 4);
             }
-            s = pod_dot4((int)lo, pod_load_b4(y + 8 + 4 * k), s);
-            s = pod_dot4((int)hi, pod_load_b4(y + 24 + 4 * k), s);
+            r.q[k] = (int)lo;
+            r.q[k + 4] = (int)hi;
         }
-        const float d = pod_f16_at(b);
+        return r;
+    }
+    static __device__ __forceinline__ float dot(const pod_run& r, const pod_u8* x, int i) {
+        const pod_u8* y = x + i * POD_Q8_BYTES;
+        const int s = pod_dot_q8(r, y);
         const float yd = *(const float*)y;
         const float ys = *(const float*)(y + 4);
-        return (d * yd) * (float)s + (-16.0f * d) * ys;
+        return (r.d * yd) * (float)s + (-16.0f * r.d) * ys;
+    }
+    static __device__ __forceinline__ float item(const pod_u8* w, const pod_u8* x, int i) {
+        return dot(load(w, i), x, i);
     }
     static __device__ __forceinline__ float value(const pod_u8* w, int k) {
         const pod_u8* b = w + (k / 32) * BYTES;
@@ -194,14 +241,22 @@ struct pod_q5_0 {
 
 struct pod_q8_0 {
     enum { VALUES = 32, BYTES = 34, SUPER = 0 };
-    static __device__ __forceinline__ float item(const pod_u8* w, const pod_u8* x, int i) {
+    static __device__ __forceinline__ pod_run load(const pod_u8* w, int i) {
         const pod_u8* b = w + i * BYTES;
-        const pod_u8* y = x + i * POD_Q8_BYTES;
-        int s = 0;
+        pod_run r;
+        r.d = pod_f16_at(b);
         for (int k = 0; k < 8; ++k) {
-            s = pod_dot4(pod_load_b2(b + 2 + 4 * k), pod_load_b4(y + 8 + 4 * k), s);
+            r.q[k] = pod_load_b2(b + 2 + 4 * k);
         }
-        return (pod_f16_at(b) * *(const float*)y) * (float)s;
+        return r;
+    }
+    static __device__ __forceinline__ float dot(const pod_run& r, const pod_u8* x, int i) {
+        const pod_u8* y = x + i * POD_Q8_BYTES;
+        const int s = pod_dot_q8(r, y);
+        return (r.d * *(const float*)y) * (float)s;
+    }
+    static __device__ __forceinline__ float item(const pod_u8* w, const pod_u8* x, int i) {
+        return dot(load(w, i), x, i);
     }
     static __device__ __forceinline__ float value(const pod_u8* w, int k) {
         const pod_u8* b = w + (k / 32) * BYTES;
@@ -220,26 +275,47 @@ static __device__ __forceinline__ void pod_q4k_scale_min(const pod_u8* p, int s,
     }
 }
 
+// The integer dot of run i (sub-block i % 8 of a super-block) with its 32 activation bytes.
+static __device__ __forceinline__ int pod_dot_q8k(const pod_run& r, const pod_u8* y, int s) {
+    int isum = 0;
+    for (int k = 0; k < 8; ++k) {
+        isum = pod_dot4(r.q[k], pod_load_b4(y + 4 + 32 * s + 4 * k), isum);
+    }
+    return isum;
+}
+
+// Q4_K's and Q5_K's contribution of sub-block s: scale times the integer dot, less min times
+// the activations' sum.
+static __device__ __forceinline__ float pod_dot_kmin(const pod_run& r, const pod_u8* y, int s) {
+    const int isum = pod_dot_q8k(r, y, s);
+    const pod_i16* bsums = (const pod_i16*)(y + 260);
+    const int ysum = bsums[2 * s] + bsums[2 * s + 1];
+    const float yd = *(const float*)y;
+    return yd * (r.d * (float)(r.sc[0] * isum) - r.m * (float)(r.mn * ysum));
+}
+
 struct pod_q4_k {
     enum { VALUES = 256, BYTES = 144, SUPER = 1 };
     // Item i is sub-block i % 8 of super-block i / 8.
-    static __device__ __forceinline__ float item(const pod_u8* w, const pod_u8* x, int i) {
+    static __device__ __forceinline__ pod_run load(const pod_u8* w, int i) {
         const int s = i % 8;
         const pod_u8* b = w + (i / 8) * BYTES;
-        const pod_u8* y = x + (i / 8) * POD_Q8K_BYTES;
         const pod_u8* q = b + 16 + 32 * (s / 2);
         const int shift = 4 * (s % 2);
-        int isum = 0;
+        pod_run r;
         for (int k = 0; k < 8; ++k) {
-            const pod_u32 v = ((pod_u32)pod_load_b2(q + 4 * k) >> shift) & 0x0f0f0f0fu;
-            isum = pod_dot4((int)v, pod_load_b4(y + 4 + 32 * s + 4 * k), isum);
+            r.q[k] = (int)(((pod_u32)pod_load_b2(q + 4 * k) >> shift) & 0x0f0f0f0fu);
         }
-        int sc, mn;
-        pod_q4k_scale_min(b + 4, s, &sc, &mn);
-        const pod_i16* bsums = (const pod_i16*)(y + 260);
-        const int ysum = bsums[2 * s] + bsums[2 * s + 1];
-        const float yd = *(const float*)y;
-        return yd * (pod_f16_at(b) * (float)(sc * isum) - pod_f16_at(b + 2) * (float)(mn * ysum));
+        pod_q4k_scale_min(b + 4, s, &r.sc[0], &r.mn);
+        r.d = pod_f16_at(b);
+        r.m = pod_f16_at(b + 2);
+        return r;
+    }
+    static __device__ __forceinline__ float dot(const pod_run& r, const pod_u8* x, int i) {
+        return pod_dot_kmin(r, x + (i / 8) * POD_Q8K_BYTES, i % 8);
+    }
+    static __device__ __forceinline__ float item(const pod_u8* w, const pod_u8* x, int i) {
+        return dot(load(w, i), x, i);
     }
     static __device__ __forceinline__ float value(const pod_u8* w, int k) {
         const pod_u8* b = w + (k / 256) * BYTES;
@@ -256,24 +332,27 @@ struct pod_q4_k {
 struct pod_q5_k {
     enum { VALUES = 256, BYTES = 176, SUPER = 1 };
     // As Q4_K, with the fifth bit of value l of sub-block s at bit s of qh[l].
-    static __device__ __forceinline__ float item(const pod_u8* w, const pod_u8* x, int i) {
+    static __device__ __forceinline__ pod_run load(const pod_u8* w, int i) {
         const int s = i % 8;
         const pod_u8* b = w + (i / 8) * BYTES;
-        const pod_u8* y = x + (i / 8) * POD_Q8K_BYTES;
         const pod_u8* q = b + 48 + 32 * (s / 2);
         const int shift = 4 * (s % 2);
-        int isum = 0;
+        pod_run r;
         for (int k = 0; k < 8; ++k) {
             const pod_u32 lo = ((pod_u32)pod_load_b2(q + 4 * k) >> shift) & 0x0f0f0f0fu;
             const pod_u32 hi = (((pod_u32)pod_load_b2(b + 16 + 4 * k) >> s) & 0x01010101u) << 4;
-            isum = pod_dot4((int)(lo | hi), pod_load_b4(y + 4 + 32 * s + 4 * k), isum);
+            r.q[k] = (int)(lo | hi);
         }
-        int sc, mn;
-        pod_q4k_scale_min(b + 4, s, &sc, &mn);
-        const pod_i16* bsums = (const pod_i16*)(y + 260);
-        const int ysum = bsums[2 * s] + bsums[2 * s + 1];
-        const float yd = *(const float*)y;
-        return yd * (pod_f16_at(b) * (float)(sc * isum) - pod_f16_at(b + 2) * (float)(mn * ysum));
+        pod_q4k_scale_min(b + 4, s, &r.sc[0], &r.mn);
+        r.d = pod_f16_at(b);
+        r.m = pod_f16_at(b + 2);
+        return r;
+    }
+    static __device__ __forceinline__ float dot(const pod_run& r, const pod_u8* x, int i) {
+        return pod_dot_kmin(r, x + (i / 8) * POD_Q8K_BYTES, i % 8);
+    }
+    static __device__ __forceinline__ float item(const pod_u8* w, const pod_u8* x, int i) {
+        return dot(load(w, i), x, i);
     }
     static __device__ __forceinline__ float value(const pod_u8* w, int k) {
         const pod_u8* b = w + (k / 256) * BYTES;
@@ -292,27 +371,40 @@ struct pod_q6_k {
     enum { VALUES = 256, BYTES = 210, SUPER = 1 };
     // Item i is values 32 * (i % 8) .. + 32 of super-block i / 8: sixteen-value groups
     // 2 * (i % 8) and 2 * (i % 8) + 1.
-    static __device__ __forceinline__ float item(const pod_u8* w, const pod_u8* x, int i) {
+    static __device__ __forceinline__ pod_run load(const pod_u8* w, int i) {
         const int s = i % 8;
         const int half = s / 4;
         const int c = s % 4;
         const pod_u8* b = w + (i / 8) * BYTES;
-        const pod_u8* y = x + (i / 8) * POD_Q8K_BYTES;
         const pod_u8* ql = b + 64 * half + 32 * (c & 1);
         const pod_u8* qh = b + 128 + 32 * half;
-        int isum[2] = {0, 0};
+        pod_run r;
         for (int k = 0; k < 8; ++k) {
             const pod_u32 lo = ((pod_u32)pod_load_b2(ql + 4 * k) >> (4 * (c >> 1))) & 0x0f0f0f0fu;
             const pod_u32 hi = (((pod_u32)pod_load_b2(qh + 4 * k) >> (2 * c)) & 0x03030303u) << 4;
-            isum[k / 4] = pod_dot4((int)(lo | hi), pod_load_b4(y + 4 + 32 * s + 4 * k), isum[k / 4]);
+            r.q[k] = (int)(lo | hi);
+        }
+        r.sc[0] = (int)(pod_i8)b[192 + 2 * s];
+        r.sc[1] = (int)(pod_i8)b[192 + 2 * s + 1];
+        r.d = pod_f16_at(b + 208);
+        return r;
+    }
+    static __device__ __forceinline__ float dot(const pod_run& r, const pod_u8* x, int i) {
+        const int s = i % 8;
+        const pod_u8* y = x + (i / 8) * POD_Q8K_BYTES;
+        int isum[2] = {0, 0};
+        for (int k = 0; k < 8; ++k) {
+            isum[k / 4] = pod_dot4(r.q[k], pod_load_b4(y + 4 + 32 * s + 4 * k), isum[k / 4]);
         }
         const pod_i16* bsums = (const pod_i16*)(y + 260);
         int sumi = 0;
         for (int h = 0; h < 2; ++h) {
-            const int g = 2 * s + h;
-            sumi += (int)(pod_i8)b[192 + g] * (isum[h] - 32 * bsums[g]);
+            sumi += r.sc[h] * (isum[h] - 32 * bsums[2 * s + h]);
         }
-        return *(const float*)y * (pod_f16_at(b + 208) * (float)sumi);
+        return *(const float*)y * (r.d * (float)sumi);
+    }
+    static __device__ __forceinline__ float item(const pod_u8* w, const pod_u8* x, int i) {
+        return dot(load(w, i), x, i);
     }
     static __device__ __forceinline__ float value(const pod_u8* w, int k) {
         const pod_u8* b = w + (k / 256) * BYTES;
@@ -330,6 +422,14 @@ struct pod_q6_k {
 // ---------------------------------------------------------------------------------------
 // Matrix times quantised activation rows: y[t * rows + r] = W[r] . x[t] for t < batch. One
 // block per weight row (blockIdx.x), its threads striding over the row's 32-value runs.
+//
+// matvec_* loops over the activation rows and unpacks every weight run once per row: meant
+// for a single row. matmul_* (the tiled kernels) take a tile of POD_TILE activation rows per
+// block (grid y = ceil(batch / POD_TILE)), unpack each run once and dot it with every row of
+// the tile, in POD_TILE accumulators. Each output is the same sum in the same order either
+// way (thread k adds items k, k + blockDim.x, ... of its row, then one block sum), so a row's
+// result has the same bits from either kernel, alone or in any batch. POD_TILE is defined
+// ahead of this source by the host (kernels.rs's MATMUL_TILE).
 
 template <typename F>
 static __device__ void pod_matvec(const pod_u8* w, const pod_u8* x, float* y, int rows, int cols,
@@ -356,6 +456,42 @@ static __device__ void pod_matvec(const pod_u8* w, const pod_u8* x, float* y, in
     }
 }
 
+template <typename F>
+static __device__ void pod_matmul(const pod_u8* w, const pod_u8* x, float* y, int rows, int cols,
+                                  int batch) {
+    __shared__ float scratch[32];
+    const int row = blockIdx.x;
+    const int t0 = blockIdx.y * POD_TILE;
+    // The same for every thread of the block, so no barrier below is left half-reached.
+    if (row >= rows || t0 >= batch) {
+        return;
+    }
+    const int tile = batch - t0 < POD_TILE ? batch - t0 : POD_TILE;
+    const int items = cols / 32;
+    const int blocks = cols / F::VALUES;
+    const pod_u8* wr = w + (pod_u64)row * (pod_u64)(blocks * F::BYTES);
+    const pod_u64 x_row = F::SUPER ? cols / 256 * POD_Q8K_BYTES : cols / 32 * POD_Q8_BYTES;
+    const pod_u8* xt = x + (pod_u64)t0 * x_row;
+    float acc[POD_TILE];
+    for (int j = 0; j < POD_TILE; ++j) {
+        acc[j] = 0.0f;
+    }
+    for (int i = threadIdx.x; i < items; i += blockDim.x) {
+        const pod_run r = F::load(wr, i);
+        for (int j = 0; j < POD_TILE; ++j) {
+            if (j < tile) {
+                acc[j] += F::dot(r, xt + (pod_u64)j * x_row, i);
+            }
+        }
+    }
+    for (int j = 0; j < tile; ++j) {
+        const float s = pod_block_sum(acc[j], scratch);
+        if (threadIdx.x == 0) {
+            y[(pod_u64)(t0 + j) * rows + row] = s;
+        }
+    }
+}
+
 #define POD_MATVEC(name, F)                                                                   \
     extern "C" __global__ void name(const pod_u8* w, const pod_u8* x, float* y, int rows,    \
                                     int cols, int batch) {                                   \
@@ -369,7 +505,21 @@ POD_MATVEC(matvec_q4_k, pod_q4_k)
 POD_MATVEC(matvec_q5_k, pod_q5_k)
 POD_MATVEC(matvec_q6_k, pod_q6_k)
 
-// Unquantised weights times f32 activation rows, same shape and output as pod_matvec.
+#define POD_MATMUL(name, F)                                                                   \
+    extern "C" __global__ void name(const pod_u8* w, const pod_u8* x, float* y, int rows,    \
+                                    int cols, int batch) {                                   \
+        pod_matmul<F>(w, x, y, rows, cols, batch);                                            \
+    }
+POD_MATMUL(matmul_q4_0, pod_q4_0)
+POD_MATMUL(matmul_q4_1, pod_q4_1)
+POD_MATMUL(matmul_q5_0, pod_q5_0)
+POD_MATMUL(matmul_q8_0, pod_q8_0)
+POD_MATMUL(matmul_q4_k, pod_q4_k)
+POD_MATMUL(matmul_q5_k, pod_q5_k)
+POD_MATMUL(matmul_q6_k, pod_q6_k)
+
+// Unquantised weights times f32 activation rows, same shape and output as pod_matvec, and
+// tiled the same way.
 struct pod_f32 {
     enum { SIZE = 4 };
     static __device__ __forceinline__ float value(const pod_u8* w, int k) {
@@ -406,6 +556,38 @@ static __device__ void pod_matvec_float(const pod_u8* w, const float* x, float* 
     }
 }
 
+template <typename F>
+static __device__ void pod_matmul_float(const pod_u8* w, const float* x, float* y, int rows,
+                                        int cols, int batch) {
+    __shared__ float scratch[32];
+    const int row = blockIdx.x;
+    const int t0 = blockIdx.y * POD_TILE;
+    if (row >= rows || t0 >= batch) {
+        return;
+    }
+    const int tile = batch - t0 < POD_TILE ? batch - t0 : POD_TILE;
+    const pod_u8* wr = w + (pod_u64)row * cols * F::SIZE;
+    const float* xt = x + (pod_u64)t0 * cols;
+    float acc[POD_TILE];
+    for (int j = 0; j < POD_TILE; ++j) {
+        acc[j] = 0.0f;
+    }
+    for (int k = threadIdx.x; k < cols; k += blockDim.x) {
+        const float v = F::value(wr, k);
+        for (int j = 0; j < POD_TILE; ++j) {
+            if (j < tile) {
+                acc[j] += v * xt[(pod_u64)j * cols + k];
+            }
+        }
+    }
+    for (int j = 0; j < tile; ++j) {
+        const float s = pod_block_sum(acc[j], scratch);
+        if (threadIdx.x == 0) {
+            y[(pod_u64)(t0 + j) * rows + row] = s;
+        }
+    }
+}
+
 extern "C" __global__ void matvec_f32(const pod_u8* w, const float* x, float* y, int rows, int cols,
                                       int batch) {
     pod_matvec_float<pod_f32>(w, x, y, rows, cols, batch);
@@ -414,6 +596,16 @@ extern "C" __global__ void matvec_f32(const pod_u8* w, const float* x, float* y,
 extern "C" __global__ void matvec_f16(const pod_u8* w, const float* x, float* y, int rows, int cols,
                                       int batch) {
     pod_matvec_float<pod_f16>(w, x, y, rows, cols, batch);
+}
+
+extern "C" __global__ void matmul_f32(const pod_u8* w, const float* x, float* y, int rows, int cols,
+                                      int batch) {
+    pod_matmul_float<pod_f32>(w, x, y, rows, cols, batch);
+}
+
+extern "C" __global__ void matmul_f16(const pod_u8* w, const float* x, float* y, int rows, int cols,
+                                      int batch) {
+    pod_matmul_float<pod_f16>(w, x, y, rows, cols, batch);
 }
 
 // Embedding lookup: out row r = dequantised table row ids[r], times scale (Gemma scales its
@@ -621,13 +813,31 @@ extern "C" __global__ void kv_append(const float* k, const float* v, float* k_ca
 // per sequence) and prompt chunks (consecutive positions of one sequence, causal) alike.
 // Row r's sequence cache starts at position row base[r] of k and v ([positions, n_kv_head *
 // head_dim]); the row attends to its positions first..pos[r] (first = pos[r] + 1 - window
-// when window > 0). Grid (rows, n_head); dynamic shared memory holds one f32 score per
-// attended position.
+// when window > 0). Grid (rows, n_head); dynamic shared memory holds head_dim f32s.
+//
+// Shared memory does not grow with the context: scores are computed three times rather than
+// kept, once for their maximum, once for the softmax denominator, and once, in chunks of
+// POD_ATTENTION_CHUNK positions (defined ahead of this source by the host), for the weights
+// of the values. Each thread takes the same positions in the same order in every pass, and
+// the weighted sum runs over the positions in order, so a row's output is the same bits
+// whatever else its pass holds, and the same bits as when every score sat in shared memory
+// (a chunk a multiple of the block size). The cost is two more reads of the keys.
+
+static __device__ __forceinline__ float pod_score(const float* qh, const float* kj, int head_dim,
+                                                  float scale) {
+    float s = 0.0f;
+    for (int d = 0; d < head_dim; ++d) {
+        s += qh[d] * kj[d];
+    }
+    return s * scale;
+}
+
 extern "C" __global__ void attention(const float* q, const float* k, const float* v, float* out,
                                      const int* base, const int* pos, int n_head, int n_kv_head,
                                      int head_dim, int window, float scale) {
     __shared__ float scratch[32];
-    POD_DYNAMIC_SHARED(float, scores);
+    __shared__ float weights[POD_ATTENTION_CHUNK];
+    POD_DYNAMIC_SHARED(float, acc);
     const int r = blockIdx.x;
     const int head = blockIdx.y;
     const int p = pos[r];
@@ -640,28 +850,37 @@ extern "C" __global__ void attention(const float* q, const float* k, const float
     const float* vs = v + ((pod_u64)base[r] + first) * kv_w + off;
     float mx = -3.4028235e38f;
     for (int j = threadIdx.x; j < n; j += blockDim.x) {
-        float s = 0.0f;
-        for (int d = 0; d < head_dim; ++d) {
-            s += qh[d] * ks[(pod_u64)j * kv_w + d];
-        }
-        s *= scale;
-        scores[j] = s;
-        mx = fmaxf(mx, s);
+        mx = fmaxf(mx, pod_score(qh, ks + (pod_u64)j * kv_w, head_dim, scale));
     }
     mx = pod_block_max(mx, scratch);
     float sum = 0.0f;
     for (int j = threadIdx.x; j < n; j += blockDim.x) {
-        const float e = expf(scores[j] - mx);
-        scores[j] = e;
-        sum += e;
+        sum += expf(pod_score(qh, ks + (pod_u64)j * kv_w, head_dim, scale) - mx);
     }
     sum = pod_block_sum(sum, scratch);
+    for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+        acc[d] = 0.0f;
+    }
+    for (int c0 = 0; c0 < n; c0 += POD_ATTENTION_CHUNK) {
+        const int cn = n - c0 < POD_ATTENTION_CHUNK ? n - c0 : POD_ATTENTION_CHUNK;
+        for (int j = threadIdx.x; j < cn; j += blockDim.x) {
+            const pod_u64 at = (pod_u64)(c0 + j) * kv_w;
+            weights[j] = expf(pod_score(qh, ks + at, head_dim, scale) - mx);
+        }
+        __syncthreads();
+        const float* vc = vs + (pod_u64)c0 * kv_w;
+        for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
+            float a = acc[d];
+            for (int j = 0; j < cn; ++j) {
+                a += weights[j] / sum * vc[(pod_u64)j * kv_w + d];
+            }
+            acc[d] = a;
+        }
+        // The next chunk overwrites the weights.
+        __syncthreads();
+    }
     float* o = out + ((pod_u64)r * n_head + head) * head_dim;
     for (int d = threadIdx.x; d < head_dim; d += blockDim.x) {
-        float acc = 0.0f;
-        for (int j = 0; j < n; ++j) {
-            acc += scores[j] / sum * vs[(pod_u64)j * kv_w + d];
-        }
-        o[d] = acc;
+        o[d] = acc[d];
     }
 }

@@ -287,7 +287,6 @@ fn attention_matches_the_cpu_model_for_decode_and_prompt_chunks() {
                 bounds[at..at + hd].fill(4.0 * delta * vmax);
             }
         }
-        let positions = *pos.iter().max().unwrap() as u32 + 1;
         let mut per_warp = Vec::new();
         for warp in WARPS {
             let mut out = vec![f32::NAN; q.len()];
@@ -296,7 +295,7 @@ fn attention_matches_the_cpu_model_for_decode_and_prompt_chunks() {
                 "attention",
                 [rows.len() as u32, n_head as u32],
                 64,
-                4 * positions,
+                4 * hd as u32,
                 &[
                     Emulator::arg(&q),
                     Emulator::arg(&k),
@@ -323,6 +322,135 @@ fn attention_matches_the_cpu_model_for_decode_and_prompt_chunks() {
             per_warp.push(out);
         }
         assert_eq!(per_warp[0], per_warp[1], "window {window}");
+    }
+}
+
+/// Runs `attention` for query rows `q` at `pos` of one sequence whose cache starts at 0.
+#[allow(clippy::too_many_arguments)]
+fn gpu_attention(
+    warp: u32,
+    q: &[f32],
+    (k, v): (&[f32], &[f32]),
+    pos: &[i32],
+    (n_head, n_kv, hd): (usize, usize, usize),
+    window: usize,
+    scale: f32,
+) -> Vec<f32> {
+    let base = vec![0i32; pos.len()];
+    let mut out = vec![f32::NAN; q.len()];
+    run(
+        warp,
+        "attention",
+        [pos.len() as u32, n_head as u32],
+        64,
+        4 * hd as u32,
+        &[
+            Emulator::arg(q),
+            Emulator::arg(k),
+            Emulator::arg(v),
+            Emulator::arg_mut(&mut out),
+            Emulator::arg(&base),
+            Emulator::arg(pos),
+            i32_arg(n_head),
+            i32_arg(n_kv),
+            i32_arg(hd),
+            i32_arg(window),
+            KernelArg::F32(scale),
+        ],
+    );
+    out
+}
+
+/// Past the 12,288 positions whose scores the kernel once kept in shared memory: many chunks
+/// of scores, peaked (the largest weights fall in different chunks for different rows) so
+/// that a chunk lost or rescaled wrongly moves the output far past the rounding bound.
+#[test]
+fn attention_over_a_context_longer_than_shared_memory_holds_matches_the_cpu_model() {
+    use crate::gpu::kernels::ATTENTION_CHUNK;
+    let (n_head, n_kv, hd) = (2, 1, 8);
+    // Past 12,288, in more than 20 chunks.
+    let len = 13_000;
+    let k = random_input(len * n_kv * hd, 120);
+    let v = random_input(len * n_kv * hd, 121);
+    // Rows: the last position, one mid-way, one on a chunk boundary; with a window of 700,
+    // each row's chunks start mid-way through the other rows'.
+    let pos = [len as i32 - 1, 9_001, 2 * ATTENTION_CHUNK as i32];
+    let q: Vec<f32> = random_input(pos.len() * n_head * hd, 122)
+        .iter()
+        .map(|x| 6.0 * x)
+        .collect();
+    let scale = 1.0 / (hd as f32).sqrt();
+    for window in [0usize, 700] {
+        let mut want = vec![0.0f32; q.len()];
+        let mut bounds = vec![0.0f32; q.len()];
+        for (r, &p) in pos.iter().enumerate() {
+            let p = p as usize;
+            let first = if window > 0 {
+                (p + 1).saturating_sub(window)
+            } else {
+                0
+            };
+            for h in 0..n_head {
+                let at = (r * n_head + h) * hd;
+                let qh = &q[at..at + hd];
+                attend(qh, &k, &v, hd, 0, first, p, scale, &mut want[at..at + hd]);
+                let (mut qk, mut vmax) = (0.0f32, 0.0f32);
+                for j in first..=p {
+                    let s: f32 = qh
+                        .iter()
+                        .zip(&k[j * hd..][..hd])
+                        .map(|(a, c)| (a * c).abs())
+                        .sum();
+                    qk = qk.max(s * scale);
+                    vmax = v[j * hd..][..hd].iter().fold(vmax, |m, x| m.max(x.abs()));
+                }
+                let n = p + 1 - first;
+                let delta = (hd as f32 + 2.0) * EPS * qk + (n as f32 + 4.0) * EPS;
+                bounds[at..at + hd].fill(4.0 * delta * vmax);
+            }
+        }
+        let heads = (n_head, n_kv, hd);
+        let mut per_warp = Vec::new();
+        for warp in WARPS {
+            let out = gpu_attention(warp, &q, (&k, &v), &pos, heads, window, scale);
+            for i in 0..out.len() {
+                assert!(
+                    (out[i] - want[i]).abs() <= bounds[i],
+                    "window {window} warp {warp} at {i}: {} vs {} (bound {})",
+                    out[i],
+                    want[i],
+                    bounds[i]
+                );
+            }
+            // A row alone gives the bits it gave among others.
+            let row = n_head * hd;
+            let alone = gpu_attention(
+                warp,
+                &q[row..2 * row],
+                (&k, &v),
+                &pos[1..2],
+                heads,
+                window,
+                scale,
+            );
+            assert_eq!(
+                alone.iter().map(|x| x.to_bits()).collect::<Vec<_>>(),
+                out[row..2 * row]
+                    .iter()
+                    .map(|x| x.to_bits())
+                    .collect::<Vec<_>>(),
+                "window {window} warp {warp}: a row alone"
+            );
+            per_warp.push(out);
+        }
+        assert_eq!(per_warp[0], per_warp[1], "window {window}");
+        // The weights are peaked: the output is not a mean of values that hides mistakes.
+        let spread = want.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+        let bound = bounds.iter().fold(0.0f32, |m, &x| m.max(x));
+        assert!(
+            spread > 50.0 * bound,
+            "window {window}: {spread} vs bound {bound}"
+        );
     }
 }
 

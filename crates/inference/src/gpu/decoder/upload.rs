@@ -1,0 +1,227 @@
+//! Loading a model onto the device: the weights read through the CPU decoder's GGUF loading,
+//! then uploaded once, every matrix in its GGUF blocks, norms and RoPE tables as f32.
+
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use super::memory::{Demand, MemoryNeed};
+use super::workspace::Buffers;
+use super::{GpuDecoder, GpuLoadError};
+use crate::error::LoadError;
+use crate::gguf::GgufFile;
+use crate::gpu::kernels::WeightFormat;
+use crate::gpu::runtime::{DeviceBuffer, DeviceRuntime, RuntimeError};
+use crate::kernels::QMatrix;
+use crate::model::cpu_decoder::{CpuDecoder, DecoderView, ARCHITECTURES, MIXTURES};
+
+/// A weight matrix in device memory, in its GGUF blocks.
+pub(super) struct GpuMatrix<R: DeviceRuntime> {
+    pub(super) buf: DeviceBuffer<R>,
+    pub(super) format: WeightFormat,
+    pub(super) rows: usize,
+    pub(super) cols: usize,
+}
+
+impl<R: DeviceRuntime> GpuMatrix<R> {
+    fn upload(runtime: &Arc<R>, m: &QMatrix) -> Result<Self, RuntimeError> {
+        Ok(Self {
+            buf: DeviceBuffer::from_slice(runtime, m.bytes())?,
+            format: WeightFormat::of(m.format()).ok_or(RuntimeError::Format(m.format()))?,
+            rows: m.rows(),
+            cols: m.cols(),
+        })
+    }
+}
+
+/// One block's weights on the device.
+pub(super) struct GpuLayer<R: DeviceRuntime> {
+    pub(super) attn_norm: DeviceBuffer<R>,
+    pub(super) ffn_norm: DeviceBuffer<R>,
+    pub(super) q_norm: Option<DeviceBuffer<R>>,
+    pub(super) k_norm: Option<DeviceBuffer<R>>,
+    pub(super) post_attn_norm: Option<DeviceBuffer<R>>,
+    pub(super) post_ffn_norm: Option<DeviceBuffer<R>>,
+    /// Qwen 2: query, key and value biases.
+    pub(super) bias: Option<[DeviceBuffer<R>; 3]>,
+    /// Positions attended to (0: all).
+    pub(super) window: usize,
+    /// Index of its tables in [`GpuDecoder::ropes`].
+    pub(super) rope: usize,
+    pub(super) wq: GpuMatrix<R>,
+    pub(super) wk: GpuMatrix<R>,
+    pub(super) wv: GpuMatrix<R>,
+    pub(super) wo: GpuMatrix<R>,
+    pub(super) gate: GpuMatrix<R>,
+    pub(super) up: GpuMatrix<R>,
+    pub(super) down: GpuMatrix<R>,
+}
+
+/// Sizes of the model.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Shape {
+    pub(super) max_len: usize,
+    pub(super) hidden: usize,
+    pub(super) n_head: usize,
+    pub(super) n_kv_head: usize,
+    pub(super) head_dim: usize,
+    pub(super) ffn: usize,
+    pub(super) vocab: usize,
+    pub(super) neox: bool,
+    pub(super) gelu: bool,
+    pub(super) eps: f32,
+    pub(super) embed_scale: f32,
+}
+
+impl Shape {
+    pub(super) fn q_w(&self) -> usize {
+        self.n_head * self.head_dim
+    }
+
+    pub(super) fn kv_w(&self) -> usize {
+        self.n_kv_head * self.head_dim
+    }
+}
+
+impl<R: DeviceRuntime> GpuDecoder<R> {
+    /// Loads the GGUF decoder at `path` (llama, mistral or gemma3, every matrix in a format
+    /// the CPU decoder reads) onto `runtime`, for contexts of up to `max_len` tokens (fewer
+    /// when the model was trained on fewer).
+    pub fn load(runtime: Arc<R>, path: &Path, max_len: usize) -> Result<Self, GpuLoadError> {
+        let GgufFile {
+            content,
+            mut reader,
+            ..
+        } = GgufFile::open(path)?;
+        let arch = match content.metadata.get("general.architecture") {
+            Some(v) => v.to_string().map_err(GpuLoadError::Weights)?.clone(),
+            None => {
+                return Err(LoadError::Metadata {
+                    key: "general.architecture".into(),
+                }
+                .into())
+            }
+        };
+        if !gpu_runs(&arch) {
+            return Err(GpuLoadError::Architecture(arch));
+        }
+        let trained = content
+            .metadata
+            .get(&format!("{arch}.context_length"))
+            .and_then(|v| v.to_u32().ok())
+            .map_or(max_len, |v| v as usize);
+        let cpu = CpuDecoder::from_gguf(&content, &mut reader, &arch, max_len.min(trained))
+            .map_err(GpuLoadError::Weights)?;
+        Ok(Self::upload(runtime, &whole(&cpu)?)?)
+    }
+
+    /// Reads the weights of an opened GGUF decoder (`arch`: llama, mistral or gemma3) for
+    /// contexts of `max_len` tokens and uploads them if the device has room for them and for
+    /// what `demand` will ask; otherwise fails with [`GpuLoadError::Memory`], having allocated
+    /// nothing on the device.
+    pub(crate) fn load_within<Rd: std::io::Read + std::io::Seek>(
+        runtime: Arc<R>,
+        content: &candle_core::quantized::gguf_file::Content,
+        reader: &mut Rd,
+        arch: &str,
+        max_len: usize,
+        demand: Demand,
+    ) -> Result<(Self, MemoryNeed), GpuLoadError> {
+        if !gpu_runs(arch) {
+            return Err(GpuLoadError::Architecture(arch.to_owned()));
+        }
+        let cpu =
+            CpuDecoder::from_gguf(content, reader, arch, max_len).map_err(GpuLoadError::Weights)?;
+        let view = whole(&cpu)?;
+        let need = MemoryNeed::of(&view, demand);
+        let free = runtime.free_memory()?;
+        if need.total() > free {
+            return Err(GpuLoadError::Memory { need, free });
+        }
+        Ok((Self::upload(runtime, &view)?, need))
+    }
+
+    /// Uploads a model the CPU decoder loaded.
+    pub(crate) fn upload(runtime: Arc<R>, m: &DecoderView<'_>) -> Result<Self, RuntimeError> {
+        static IDS: AtomicU64 = AtomicU64::new(0);
+        let rt = &runtime;
+        let f32s = |v: &[f32]| DeviceBuffer::from_slice(rt, v);
+        let opt = |v: Option<&[f32]>| v.map(f32s).transpose();
+        let mut layers = Vec::with_capacity(m.layers.len());
+        for l in &m.layers {
+            layers.push(GpuLayer {
+                attn_norm: f32s(l.attn_norm)?,
+                ffn_norm: f32s(l.ffn_norm)?,
+                q_norm: opt(l.q_norm)?,
+                k_norm: opt(l.k_norm)?,
+                post_attn_norm: opt(l.post_attn_norm)?,
+                post_ffn_norm: opt(l.post_ffn_norm)?,
+                bias: match l.bias {
+                    Some(b) => Some([f32s(&b.q)?, f32s(&b.k)?, f32s(&b.v)?]),
+                    None => None,
+                },
+                window: l.window.unwrap_or(0),
+                rope: l.rope,
+                wq: GpuMatrix::upload(rt, l.wq)?,
+                wk: GpuMatrix::upload(rt, l.wk)?,
+                wv: GpuMatrix::upload(rt, l.wv)?,
+                wo: GpuMatrix::upload(rt, l.wo)?,
+                gate: GpuMatrix::upload(rt, l.gate)?,
+                up: GpuMatrix::upload(rt, l.up)?,
+                down: GpuMatrix::upload(rt, l.down)?,
+            });
+        }
+        let tied = Arc::ptr_eq(m.output.data(), m.embed.data());
+        let output = if tied {
+            None
+        } else {
+            Some(GpuMatrix::upload(rt, m.output)?)
+        };
+        let mut ropes = Vec::with_capacity(m.ropes.len());
+        for (cos, sin) in &m.ropes {
+            ropes.push((f32s(cos)?, f32s(sin)?));
+        }
+        let shape = Shape {
+            max_len: m.max_len,
+            hidden: m.hidden,
+            n_head: m.n_head,
+            n_kv_head: m.n_kv_head,
+            head_dim: m.head_dim,
+            ffn: m.layers.first().map_or(0, |l| l.gate.rows()),
+            vocab: m.output.rows(),
+            neox: m.neox,
+            gelu: m.gelu,
+            eps: m.eps,
+            embed_scale: m.embed_scale.unwrap_or(1.0),
+        };
+        Ok(Self {
+            embed: GpuMatrix::upload(rt, m.embed)?,
+            norm: f32s(m.norm)?,
+            layers,
+            output,
+            ropes,
+            shape,
+            id: IDS.fetch_add(1, Ordering::Relaxed),
+            buffers: Mutex::new(Buffers {
+                rows: None,
+                outputs: None,
+            }),
+            runtime,
+        })
+    }
+}
+
+/// Whether the GPU decoder runs `arch`: the CPU decoder's architectures, less the mixtures
+/// of experts (their routing has no GPU kernels yet).
+fn gpu_runs(arch: &str) -> bool {
+    ARCHITECTURES.contains(&arch) && !MIXTURES.contains(&arch)
+}
+
+/// The pieces of a decoder of the whole model (the GPU runs whole models only).
+fn whole(cpu: &CpuDecoder) -> Result<DecoderView<'_>, GpuLoadError> {
+    cpu.view().ok_or_else(|| {
+        GpuLoadError::Weights(candle_core::Error::Msg(
+            "the GPU decoder runs whole models, not pipeline stages".into(),
+        ))
+    })
+}
