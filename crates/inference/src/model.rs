@@ -219,6 +219,7 @@ impl ChatModel {
             rows_per_pass: engine.prefill_chunk.max(engine.max_active),
             prefix_cache_bytes: engine.prefix_cache_bytes,
             kv_budget_bytes: engine.kv_memory_bytes,
+            fit_context: engine.max_context.is_none(),
         };
         let GgufFile {
             content,
@@ -244,7 +245,8 @@ impl ChatModel {
         })?;
         tracing::info!(device = %device, need = %need, "chat model uploaded to the GPU");
         let mut text = text;
-        text.context_length = context;
+        // The device may hold less than the context asked for (cut when none was set).
+        text.context_length = context.min(need.context);
         Ok(text.into_model(Weights::Gpu(Arc::new(decoder)), Device::Cpu))
     }
 

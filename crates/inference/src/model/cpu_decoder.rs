@@ -270,6 +270,12 @@ impl CpuDecoder {
         2 * self.layers.len() * self.n_kv_head * self.head_dim * std::mem::size_of::<f32>()
     }
 
+    /// Lowers the positions a sequence may hold to `len` (never raises them). The rotary
+    /// scaling chosen at load for the longer context is kept.
+    pub(crate) fn limit_context(&mut self, len: usize) {
+        self.max_len = self.max_len.min(len.max(1));
+    }
+
     /// Positions a sequence may hold.
     pub(crate) fn max_len(&self) -> usize {
         self.max_len

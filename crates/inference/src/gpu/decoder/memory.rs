@@ -25,7 +25,13 @@ pub struct Demand {
     /// (`None`: no bound but the sequences' count and context). Caches grow as sequences do,
     /// so this, not `sequences × context`, is what they can take.
     pub kv_budget_bytes: Option<usize>,
+    /// Whether the context may be cut to what the device holds (no context was asked for
+    /// explicitly), rather than the load failing.
+    pub fit_context: bool,
 }
+
+/// The least context a model is cut to for want of device memory; below it the load fails.
+pub const MIN_FITTED_CONTEXT: usize = 2048;
 
 /// Device memory a model needs, by what it is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,6 +111,24 @@ impl MemoryNeed {
             sequences: demand.sequences.max(1),
             kv_budgeted: kv_caches < full,
         }
+    }
+}
+
+impl MemoryNeed {
+    /// The longest context, at most `need.context`, at which `need` fits in `free` bytes:
+    /// the KV caches shrink with the context, the rest does not. `None` when not even
+    /// [`MIN_FITTED_CONTEXT`] (or the whole context, if shorter) fits.
+    pub(crate) fn context_within(
+        &self,
+        free: usize,
+        kv_bytes_per_token: usize,
+        demand: Demand,
+    ) -> Option<usize> {
+        let fixed = self.weights + self.workspace + HEADROOM + demand.prefix_cache_bytes;
+        let room = free.checked_sub(fixed)?;
+        let per_position = self.sequences * kv_bytes_per_token.max(1);
+        let fits = (room / per_position).min(self.context);
+        (fits >= MIN_FITTED_CONTEXT.min(self.context)).then_some(fits)
     }
 }
 

@@ -379,3 +379,82 @@ fn a_mixture_of_experts_is_refused() {
         .to_string()
         .starts_with("no GPU decoder for architecture `qwen3moe`"));
 }
+
+/// A trained context that does not fit the device for every sequence at once is cut to what
+/// does when no context was asked for, and refused when one was.
+#[test]
+fn a_context_the_device_cannot_hold_is_cut_unless_it_was_asked_for() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("long.gguf");
+    // One layer, one KV head of 64: 512 bytes of cache per position, 32k positions.
+    let shape = crate::gpu::synthetic::shapes::shape("tiny-long", "q8_0").unwrap();
+    synthetic::write_chat_model(&path, 1, &shape).unwrap();
+    let runtime = emulator(WARPS[0]);
+    let free = runtime.free_memory().unwrap();
+    // Twice what is free at the full context; an eighth of it at 2048 positions.
+    let sequences = free / (8 << 20);
+    let load = |fit_context| {
+        let mut reader = BufReader::new(File::open(&path).unwrap());
+        let content = gguf_file::Content::read(&mut reader).unwrap();
+        let demand = Demand {
+            sequences,
+            rows_per_pass: 1,
+            prefix_cache_bytes: 0,
+            kv_budget_bytes: None,
+            fit_context,
+        };
+        GpuDecoder::load_within(
+            Arc::clone(&runtime),
+            &content,
+            &mut reader,
+            "llama",
+            32_768,
+            demand,
+        )
+    };
+    let (_, need) = load(true).unwrap();
+    assert!(
+        (super::memory::MIN_FITTED_CONTEXT..32_768).contains(&need.context),
+        "{need}"
+    );
+    assert!(need.total() <= free + (64 << 20), "{need} for {free} free");
+    match load(false) {
+        Err(GpuLoadError::Memory { need, .. }) => assert_eq!(need.context, 32_768),
+        Err(other) => panic!("{other}"),
+        Ok(_) => panic!("a context asked for was cut"),
+    }
+}
+
+/// The context that fits: what is left after weights, workspace and headroom, over every
+/// sequence's bytes per position, never above the context nor below the least one served.
+#[test]
+fn the_fitted_context_is_what_the_room_left_holds() {
+    let need = MemoryNeed {
+        weights: 1 << 30,
+        kv_caches: 8 << 30,
+        workspace: 1 << 20,
+        context: 131_072,
+        sequences: 4,
+        kv_budgeted: false,
+    };
+    let demand = Demand {
+        sequences: 4,
+        rows_per_pass: 512,
+        prefix_cache_bytes: 0,
+        kv_budget_bytes: None,
+        fit_context: true,
+    };
+    let fixed = (1 << 30) + (1 << 20) + super::memory::HEADROOM;
+    // Room for 4 sequences of 10,000 positions at 1 KiB each.
+    let fits = need.context_within(fixed + 4 * 10_000 * 1024, 1024, demand);
+    assert_eq!(fits, Some(10_000));
+    assert_eq!(
+        need.context_within(usize::MAX / 2, 1024, demand),
+        Some(131_072)
+    );
+    assert_eq!(
+        need.context_within(fixed + 4 * 1000 * 1024, 1024, demand),
+        None
+    );
+    assert_eq!(need.context_within(fixed / 2, 1024, demand), None);
+}

@@ -130,14 +130,30 @@ impl<R: DeviceRuntime> GpuDecoder<R> {
         if !gpu_runs(arch) {
             return Err(GpuLoadError::Architecture(arch.to_owned()));
         }
-        let cpu =
+        let mut cpu =
             CpuDecoder::from_gguf(content, reader, arch, max_len).map_err(GpuLoadError::Weights)?;
-        let view = whole(&cpu)?;
-        let need = MemoryNeed::of(&view, demand);
+        let mut need = MemoryNeed::of(&whole(&cpu)?, demand);
         let free = runtime.free_memory()?;
+        if need.total() > free && demand.fit_context {
+            // No context was asked for: serve the longest one the device holds, as a model's
+            // trained context (128k for Llama 3.x) rarely fits beside its weights.
+            if let Some(fits) = need.context_within(free, cpu.kv_bytes_per_token(), demand) {
+                tracing::warn!(
+                    trained = need.context,
+                    context = fits,
+                    free = %super::memory::gib(free),
+                    "the device holds fewer positions than the model's context for every \
+                     sequence at once: its context is cut (set --ctx-size or --max-batch to \
+                     choose)"
+                );
+                cpu.limit_context(fits);
+                need = MemoryNeed::of(&whole(&cpu)?, demand);
+            }
+        }
         if need.total() > free {
             return Err(GpuLoadError::Memory { need, free });
         }
+        let view = whole(&cpu)?;
         Ok((Self::upload(runtime, &view)?, need))
     }
 
