@@ -31,7 +31,7 @@ pub struct Demand {
 }
 
 /// The least context a model is cut to for want of device memory; below it the load fails.
-pub const MIN_FITTED_CONTEXT: usize = 2048;
+pub(super) const MIN_FITTED_CONTEXT: usize = 2048;
 
 /// Device memory a model needs, by what it is for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
