@@ -109,7 +109,7 @@ impl Node {
                 None
             }
         };
-        let stages = StageHost::new();
+        let stages = StageHost::with_receipts(opts.identity.keypair().clone(), ledger.clone());
         let infer = InferServer::with_stages(
             engine.clone(),
             opts.identity.keypair().clone(),

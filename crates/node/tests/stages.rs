@@ -8,6 +8,7 @@ use std::io::{BufRead, BufReader};
 use std::time::Duration;
 
 use common::process::{wait_until, PodProcess};
+use pod_node::receipts::{LedgerEntry, Role};
 use serde_json::{json, Value};
 
 const CHAT: &str = "smollm2-135m-instruct";
@@ -211,6 +212,18 @@ fn memory_for_the_last_15_blocks() -> u64 {
     tail + blocks[14] / 2
 }
 
+/// The pipeline stage receipts in the ledger of the pod whose home is `home`, read as a
+/// client of the file would (the pod keeps writing it).
+fn stage_receipts(home: &std::path::Path) -> Vec<LedgerEntry> {
+    let path = home.join("receipts").join("ledger.jsonl");
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<LedgerEntry>(l).ok())
+        .filter(|e| e.signed.receipt.stage.is_some())
+        .collect()
+}
+
 #[test]
 fn two_stages_one_placed_by_layers_auto_behind_a_front_door_answer_like_one_whole_pod() {
     // The reference: a whole-model pod on a mesh of its own.
@@ -399,8 +412,20 @@ fn three_stages_behind_their_head_and_a_whole_pod_that_joins_is_preferred() {
     let whole = pod(&["--profile", "inference", "--model", CHAT]);
     let tail = stage("20-29", None);
     let mid = stage("10-19", Some(&tail.tcp_addr()));
-    // The head is also the front door: requests come to its own API.
-    let head = stage("0-9", Some(&tail.tcp_addr()));
+    // The head is also the front door: requests come to its own API. Without a prefix cache
+    // it frees each sequence as its answer ends, so the stages sign their receipts at once.
+    let head = pod(&[
+        "--profile",
+        "inference",
+        "--model",
+        CHAT,
+        "--layers",
+        "0-9",
+        "--prefix-cache",
+        "0",
+        "--bootstrap",
+        &tail.tcp_addr(),
+    ]);
     wait_for_stage(&head, &mid.peer_id, "10-19");
     wait_for_stage(&head, &tail.peer_id, "20-29");
 
@@ -414,6 +439,62 @@ fn three_stages_behind_their_head_and_a_whole_pod_that_joins_is_preferred() {
         format!("{}, {}, {}", head.peer_id, mid.peer_id, tail.peer_id)
     );
     assert_eq!(answer(&got), answer(&want));
+
+    // Each stage signed a receipt for its blocks of that answer, which the head keeps in its
+    // ledger and counts in /pod/v1/receipts; each stage keeps its own copy.
+    let kept = wait_until(MESH_TIMEOUT, "the head keeps both stages' receipts", || {
+        let stages = stage_receipts(&head.home);
+        (stages.len() == 2).then_some(stages)
+    });
+    let mut named: Vec<(String, u64, u64)> = kept
+        .iter()
+        .map(|e| {
+            e.signed.verify().expect("a stage receipt verifies");
+            assert_eq!(e.role, Role::Consumed);
+            let r = &e.signed.receipt;
+            assert_eq!(r.requester, head.peer_id);
+            assert_eq!(r.model, CHAT);
+            let work = r.stage.as_ref().expect("stage work");
+            // The prompt, then one row for each token sampled after the first but the last.
+            let completion = got["usage"]["completion_tokens"].as_u64().unwrap();
+            let prompt = got["usage"]["prompt_tokens"].as_u64().unwrap();
+            assert_eq!(work.rows, prompt + completion - 1, "{r:?}");
+            assert_eq!(work.passes, completion, "{r:?}");
+            (r.server.clone(), work.first_block, work.last_block)
+        })
+        .collect();
+    named.sort_by_key(|n| n.1);
+    assert_eq!(
+        named,
+        [
+            (mid.peer_id.clone(), 10, 19),
+            (tail.peer_id.clone(), 20, 29)
+        ]
+    );
+    let mut forged = kept[0].signed.clone();
+    forged.receipt.prompt_tokens += 1;
+    assert!(forged.verify().is_err(), "a tampered receipt verifies");
+    let totals = head.get("/pod/v1/receipts");
+    for stage in [&mid, &tail] {
+        let row = totals["data"]
+            .as_array()
+            .and_then(|rows| rows.iter().find(|r| r["peer"] == stage.peer_id.as_str()))
+            .unwrap_or_else(|| panic!("{totals}"));
+        assert_eq!(row["consumed"]["requests"], 1, "{totals}");
+        let own = wait_until(MESH_TIMEOUT, "the stage keeps its receipt", || {
+            let own = stage_receipts(&stage.home);
+            (!own.is_empty()).then_some(own)
+        });
+        assert_eq!(own.len(), 1);
+        assert_eq!(own[0].role, Role::Served);
+        assert_eq!(
+            own[0].signed,
+            kept.iter()
+                .find(|e| e.signed.receipt.server == stage.peer_id)
+                .unwrap()
+                .signed
+        );
+    }
 
     // A pod holding the whole model joins: the head sends the next request there.
     let joined = pod(&[
