@@ -1,6 +1,7 @@
 //! One model split across pods (pipeline stages), with real `pod` processes on 127.0.0.1 and
 //! the real SmolLM2 weights: answers through the stages equal a whole-model pod's byte for
-//! byte, and a stage killed mid-answer is replaced without the client seeing it.
+//! byte, a stage killed mid-answer is replaced without the client seeing it, and a client that
+//! hangs up frees its sequence on every stage.
 
 mod common;
 
@@ -526,4 +527,79 @@ fn three_stages_behind_their_head_and_a_whole_pod_that_joins_is_preferred() {
     assert_eq!(status, 200, "{again}");
     assert_eq!(served, joined.peer_id, "{}", head.log());
     assert_eq!(answer(&again).0, answer(&want).0);
+}
+
+/// The value of the gauge `name` in a pod's `/metrics`.
+fn gauge(pod: &PodProcess, name: &str) -> Option<f64> {
+    pod.get_text("/metrics").lines().find_map(|l| {
+        let (key, value) = l.split_once(' ')?;
+        (key == name).then(|| value.trim().parse().ok())?
+    })
+}
+
+#[test]
+fn a_client_that_hangs_up_mid_stream_frees_the_sequence_on_every_stage() {
+    let tail = stage("15-29", None);
+    // Without a prefix cache the head keeps no finished sequence, so what the stage holds is
+    // exactly what is running.
+    let head = pod(&[
+        "--profile",
+        "inference",
+        "--model",
+        CHAT,
+        "--layers",
+        "0-14",
+        "--prefix-cache",
+        "0",
+        "--bootstrap",
+        &tail.tcp_addr(),
+    ]);
+    wait_for_stage(&head, &tail.peer_id, "15-29");
+    let held = |pod: &PodProcess| pod.get("/pod/v1/node")["stages"][0]["sequences"].as_u64();
+
+    let body = json!({
+        "model": CHAT,
+        "messages": [{"role": "user", "content": "Tell me a very long story about the sea."}],
+        "temperature": 0,
+        "max_tokens": 2000,
+        "stream": true,
+    });
+    let mut res = agent()
+        .post(&format!("{}/v1/chat/completions", head.api))
+        .header("content-type", "application/json")
+        .send(body.to_string())
+        .expect("request sent");
+    assert_eq!(res.status().as_u16(), 200);
+    let mut reader = BufReader::new(res.body_mut().as_reader());
+    let mut chunks = 0;
+    let mut line = String::new();
+    while chunks < 5 {
+        line.clear();
+        let n = reader.read_line(&mut line).expect("stream line");
+        assert!(
+            n > 0,
+            "the stream ended after {chunks} chunks\n{}",
+            head.log()
+        );
+        if line.starts_with("data: {") {
+            chunks += 1;
+        }
+    }
+    // Mid-answer: the stage holds the sequence, the head's engine runs it.
+    assert_eq!(held(&tail), Some(1), "{}", tail.log());
+    assert_eq!(gauge(&head, "pod_active_sequences"), Some(1.0));
+
+    // The client hangs up: the connection closes with the answer unread.
+    drop(reader);
+    drop(res);
+    wait_until(
+        Duration::from_secs(30),
+        "the head's engine frees the sequence",
+        || (gauge(&head, "pod_active_sequences") == Some(0.0)).then_some(()),
+    );
+    wait_until(
+        Duration::from_secs(30),
+        "the stage frees the sequence",
+        || (held(&tail) == Some(0)).then_some(()),
+    );
 }
