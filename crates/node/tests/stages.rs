@@ -1,7 +1,8 @@
 //! One model split across pods (pipeline stages), with real `pod` processes on 127.0.0.1 and
 //! the real SmolLM2 weights: answers through the stages equal a whole-model pod's byte for
-//! byte, a stage killed mid-answer is replaced without the client seeing it, and a client that
-//! hangs up frees its sequence on every stage.
+//! byte, a stage killed mid-answer is replaced without the client seeing it, a client that
+//! hangs up frees its sequence on every stage, and an auto-placed stage moves where no pod
+//! serves the blocks.
 
 mod common;
 
@@ -602,4 +603,51 @@ fn a_client_that_hangs_up_mid_stream_frees_the_sequence_on_every_stage() {
         "the stage frees the sequence",
         || (held(&tail) == Some(0)).then_some(()),
     );
+}
+
+#[test]
+fn an_auto_placed_stage_moves_to_the_blocks_no_pod_serves_when_their_pod_goes() {
+    let mut first = stage("0-14", None);
+    // Memory for 15 blocks: the last ones now, or the first ones (no larger).
+    let memory = memory_for_the_last_15_blocks().to_string();
+    let auto = pod(&[
+        "--profile",
+        "inference",
+        "--model",
+        CHAT,
+        "--layers",
+        "auto",
+        "--max-memory",
+        &memory,
+        "--bootstrap",
+        &first.tcp_addr(),
+    ]);
+    wait_for_stage(&first, &auto.peer_id, "15-29");
+    // A second pod serves blocks 15-29: the auto-placed one stays while the head lives, as
+    // moving would only trade one copy for another.
+    let spare = stage("15-29", Some(&first.tcp_addr()));
+    wait_for_stage(&auto, &spare.peer_id, "15-29");
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!auto.log().contains("moves from"), "{}", auto.log());
+
+    // The head goes: blocks 0-14 are held by no pod, 15-29 by two.
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+    wait_until(MESH_TIMEOUT, "the auto-placed stage moves", || {
+        auto.log()
+            .contains("--layers auto moves from blocks 15-29 to 0-14 of 30")
+            .then_some(())
+    });
+    // It now heads the model, with the spare as its stage, and answers.
+    let (status, served, reply) = wait_until(MESH_TIMEOUT, "the model answers again", || {
+        let (status, served, reply) = chat(&auto, &body("Name a colour.", 8, false));
+        (status == 200).then_some((status, served, reply))
+    });
+    assert_eq!(status, 200);
+    assert_eq!(served, format!("{}, {}", auto.peer_id, spare.peer_id));
+    assert!(!answer(&reply).0.is_empty());
+    let stages = &auto.get("/pod/v1/node")["stages"];
+    assert_eq!(stages[0]["role"], "head", "{stages}");
+    assert_eq!(stages[0]["layers"], "0-14", "{stages}");
+    assert_eq!(stages.as_array().map(Vec::len), Some(1), "{stages}");
 }

@@ -140,6 +140,23 @@ impl StageHost {
         Ok(())
     }
 
+    /// Stops serving the later stage, if any: heads are refused from now on, and its weights
+    /// and caches are dropped once the requests running on it are answered.
+    pub fn stop_serving(&self) {
+        if let Some(w) = self
+            .worker
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            tracing::info!(
+                model = %w.announcement.model,
+                blocks = %w.announcement.layers,
+                "no longer serving pipeline stage"
+            );
+        }
+    }
+
     /// Records a head this pod fronts (its blocks from 0, and the stages after them).
     pub fn add_head(&self, announcement: StageAnnouncement, downstream: Arc<MeshDownstream>) {
         self.heads
