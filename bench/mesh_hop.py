@@ -65,7 +65,7 @@ def compare(body: dict, rounds: int, first: tuple[str, int], second: tuple[str, 
         for key, label in (("ttft_ms", "TTFT ms (p50)"), ("decode_tps", "decode t/s per stream (p50)"),
                            ("aggregate_tps", "aggregate t/s")):
             d, r = stat(first[0], key), stat(second[0], key)
-            extra = f" (+{r - d:.1f} ms)" if key == "ttft_ms" else ""
+            extra = f" ({r - d:+.1f} ms)" if key == "ttft_ms" else ""
             print(f"| {c} | {label} | {d:.1f} | {r:.1f}{extra} | {r / d:.3f} |")
 
 
