@@ -19,8 +19,15 @@ the catalogued SmolLM2, all three run a random-weight model of that shape, writt
 `pod models synthesize` under HOME/synthetic/: the pipeline at a realistic size without a
 download. (Random weights ramble on to max_tokens, which is what a speed test wants.)
 
+With --llama-rpc DIR (a llama.cpp build with -DGGML_RPC=ON holding ggml-rpc-server and
+llama-bench), it also runs llama.cpp's RPC backend on the same file: llama-bench decoding alone
+on the CPU, then with the second half of the blocks offloaded to a ggml-rpc-server on
+127.0.0.1 (-ngl half), and reports single-stream decode t/s beside pod's whole and 2-stage
+figures (llama-bench decodes in-process; pod's figures are streamed through its API).
+
   python3 bench/stages.py [--pod target/release/pod] [--rounds 5]
                           [--shape llama-1b [--format q4_k_m] [--home ~/.cache/pod]]
+                          [--llama-rpc DIR] [--threads 2]
 """
 
 import argparse
@@ -33,7 +40,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from api import request_body  # noqa: E402
-from common import get_json  # noqa: E402
+from common import free_port, get_json  # noqa: E402
 from mesh_hop import compare, start  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,6 +72,28 @@ def block_count(pod: str, models_dir: str, model: str) -> int:
     return len(json.loads(out)["auto_layers"]["sizes"]["blocks"])
 
 
+def llama_rpc(bin_dir: Path, model: str, total: int, args) -> tuple[float, float]:
+    """llama-bench's single-stream decode t/s on the CPU alone, then with the last half of the
+    blocks on a ggml-rpc-server on 127.0.0.1."""
+    def bench(*extra: str) -> float:
+        out = subprocess.run([str(bin_dir / "llama-bench"), "-m", model, "-p", "0",
+                              "-n", str(args.max_tokens), "-r", str(args.rounds),
+                              "-t", str(args.threads), "-o", "json", *extra],
+                             check=True, capture_output=True, text=True).stdout
+        return json.loads(out)[0]["avg_ts"]
+    alone = bench("-ngl", "0")
+    port = free_port()
+    server = subprocess.Popen([str(bin_dir / "ggml-rpc-server"), "-H", "127.0.0.1", "-p", str(port),
+                               "-t", str(args.threads)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        time.sleep(1)
+        split = bench("--rpc", f"127.0.0.1:{port}", "-ngl", str(total - total // 2))
+    finally:
+        server.terminate()
+        server.wait(timeout=20)
+    return alone, split
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pod", default=str(ROOT / "target" / "release" / "pod"))
@@ -76,6 +105,8 @@ def main() -> None:
     ap.add_argument("--home", type=Path,
                     default=Path(os.environ.get("POD_HOME", Path.home() / ".cache" / "pod")),
                     help="where synthetic models are kept (under synthetic/)")
+    ap.add_argument("--llama-rpc", type=Path, help="a llama.cpp build directory with ggml-rpc-server")
+    ap.add_argument("--threads", type=int, default=2, help="llama-bench and ggml-rpc-server threads")
     args = ap.parse_args()
 
     model = str(synthetic_model(args.pod, args.home.expanduser(), args.shape, args.format)) \
@@ -104,7 +135,7 @@ def main() -> None:
         print(f"pod {args.pod}, model {model_id} ({total} blocks, split {head_blocks} + {tail_blocks}), "
               f"greedy, max_tokens {args.max_tokens}, {args.rounds} rounds, 127.0.0.1, "
               f"{os.cpu_count()} CPUs")
-        compare(body, args.rounds, ("whole pod", w_port), ("2 stages", h_port))
+        medians = compare(body, args.rounds, ("whole pod", w_port), ("2 stages", h_port))
         whole_rss = peak_rss_mib(w.pid)
         print()
         print("| pod | peak RSS MiB | of whole |")
@@ -116,6 +147,16 @@ def main() -> None:
         for p in procs.values():
             p.terminate()
             p.wait(timeout=20)
+    if args.llama_rpc:
+        alone, split = llama_rpc(args.llama_rpc, model if args.shape else
+                                 str(Path(args.models_dir) / MODEL / "model.gguf"), total, args)
+        pod_whole, pod_split = medians[("whole pod", 1, "decode_tps")], medians[("2 stages", 1, "decode_tps")]
+        print()
+        print("| single-stream decode t/s | whole | 2 halves | halves/whole |")
+        print("|---|---:|---:|---:|")
+        print(f"| llama.cpp (CPU; RPC) | {alone:.1f} | {split:.1f} | {split / alone:.3f} |")
+        print(f"| pod (pod; 2 stages) | {pod_whole:.1f} | {pod_split:.1f} | {pod_split / pod_whole:.3f} |")
+        print(f"| pod / llama.cpp | {pod_whole / alone:.3f} | {pod_split / split:.3f} | |")
 
 
 if __name__ == "__main__":
