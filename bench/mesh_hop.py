@@ -43,9 +43,10 @@ def start(pod: str, models_dir: str, *args: str) -> tuple[subprocess.Popen, int]
     raise SystemExit(f"pod on port {port} did not become ready")
 
 
-def compare(body: dict, rounds: int, first: tuple[str, int], second: tuple[str, int]) -> None:
+def compare(body: dict, rounds: int, first: tuple[str, int], second: tuple[str, int]) -> dict:
     """Sends `body` to two pods' APIs, alternating, from 1 and then 8 concurrent clients for
-    `rounds` rounds after a warm-up, and prints a table of medians with second/first ratios."""
+    `rounds` rounds after a warm-up, and prints a table of medians with second/first ratios.
+    Returns the medians, keyed by (route name, clients, metric)."""
     routes = (first, second)
     for _, port in routes:  # warm-up
         run_batch(port, body, 1)
@@ -54,6 +55,7 @@ def compare(body: dict, rounds: int, first: tuple[str, int], second: tuple[str, 
         for c in CONCURRENCY:
             for name, port in routes:
                 results[(name, c)].append(run_batch(port, body, c))
+    medians = {}
     print(f"| clients | metric | {first[0]} | {second[0]} | ratio |")
     print("|---:|---|---:|---:|---:|")
     for c in CONCURRENCY:
@@ -65,8 +67,10 @@ def compare(body: dict, rounds: int, first: tuple[str, int], second: tuple[str, 
         for key, label in (("ttft_ms", "TTFT ms (p50)"), ("decode_tps", "decode t/s per stream (p50)"),
                            ("aggregate_tps", "aggregate t/s")):
             d, r = stat(first[0], key), stat(second[0], key)
-            extra = f" (+{r - d:.1f} ms)" if key == "ttft_ms" else ""
+            medians[(first[0], c, key)], medians[(second[0], c, key)] = d, r
+            extra = f" ({r - d:+.1f} ms)" if key == "ttft_ms" else ""
             print(f"| {c} | {label} | {d:.1f} | {r:.1f}{extra} | {r / d:.3f} |")
+    return medians
 
 
 def main() -> None:

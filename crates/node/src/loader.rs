@@ -205,14 +205,17 @@ pub fn load_stage(
         total_layers: total,
     };
     if range.start == 0 {
-        let downstream = Arc::new(MeshDownstream::new(
-            model.name.clone(),
-            sha256,
-            range.end,
-            total,
-            mesh.clone(),
-            runtime,
-        ));
+        let downstream = Arc::new(
+            MeshDownstream::new(
+                model.name.clone(),
+                sha256,
+                range.end,
+                total,
+                mesh.clone(),
+                runtime,
+            )
+            .with_ledger(stages.ledger()),
+        );
         let chat = ChatModel::load_head(&model.path, range, Arc::clone(&downstream) as _)?;
         engine.add_chat_model(&model.name, chat)?;
         stages.add_head(announcement, downstream);

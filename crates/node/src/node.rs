@@ -6,6 +6,7 @@ mod error;
 mod load;
 mod options;
 mod provide;
+mod replace;
 mod signals;
 
 use std::future::Future;
@@ -109,7 +110,7 @@ impl Node {
                 None
             }
         };
-        let stages = StageHost::new();
+        let stages = StageHost::with_receipts(opts.identity.keypair().clone(), ledger.clone());
         let infer = InferServer::with_stages(
             engine.clone(),
             opts.identity.keypair().clone(),
@@ -236,6 +237,7 @@ impl Node {
                 layers: opts.layers,
                 max_memory: opts.max_memory,
                 settle: auto_settle(opts.mesh.announce_interval),
+                announce_interval: opts.mesh.announce_interval,
                 stages,
             }
             .run(),

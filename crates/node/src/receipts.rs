@@ -21,6 +21,15 @@
 //!    - an integer is a big-endian `u64`;
 //!    - a bool is one byte, `0` or `1`.
 //!
+//! # Canonical encoding, version 2: a pipeline stage's work
+//!
+//! A pipeline stage signs a receipt for the rows it ran through its blocks for one of a head's
+//! sequences ([`Receipt::stage`]). Its bytes are those of version 1 with the prefix
+//! `pod-receipt/2\0` instead, followed by the fields of [`StageWork`] in this order: `sha256`
+//! (a string), `first_block`, `last_block`, `sequence`, `rows`, `passes` (integers). A receipt
+//! without them is encoded as version 1, so every receipt signed before stages existed still
+//! verifies, and neither version's signature can pass for the other's.
+//!
 //! The signing key is the one the `server` PeerId names: ed25519 PeerIds are an identity
 //! multihash (code `0x00`) whose digest is libp2p's protobuf encoding of the public key, so a
 //! verifier needs nothing besides the receipt. The signature travels as standard base64 (with
@@ -52,6 +61,9 @@ use serde::{Deserialize, Serialize};
 
 /// Domain-separation prefix of the canonical encoding, version 1.
 pub const CANONICAL_PREFIX: &[u8] = b"pod-receipt/1\0";
+
+/// Domain-separation prefix of the canonical encoding, version 2 (a stage's receipt).
+pub const CANONICAL_PREFIX_STAGE: &[u8] = b"pod-receipt/2\0";
 
 /// Directory under `$POD_HOME` holding the ledger.
 pub const RECEIPTS_DIR: &str = "receipts";
@@ -144,6 +156,28 @@ pub struct Receipt {
     /// The work was cut short (the server died or the request failed over): the receipt
     /// accounts for the progress made so far.
     pub partial: bool,
+    /// Present where the server is a pipeline stage: what it ran for one of the head's
+    /// sequences. `prompt_tokens` is then the rows (positions) it ran, replays included, and
+    /// `completion_tokens` is 0: the head samples the tokens. `None`: a whole request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stage: Option<StageWork>,
+}
+
+/// What a pipeline stage ran for one sequence of a head (the requester).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StageWork {
+    /// SHA-256 of the model file whose blocks ran.
+    pub sha256: String,
+    /// The first block the stage ran.
+    pub first_block: u64,
+    /// The last block the stage ran (inclusive).
+    pub last_block: u64,
+    /// The head's id of the sequence.
+    pub sequence: u64,
+    /// Rows (positions) run through the blocks, replays included.
+    pub rows: u64,
+    /// Passes that carried rows of the sequence: its prompt, then one per decode step.
+    pub passes: u64,
 }
 
 impl Receipt {
@@ -153,8 +187,14 @@ impl Receipt {
     /// and [`SignedReceipt::sign`] and [`SignedReceipt::verify`] refuse such a receipt.
     pub fn canonical_bytes(&self) -> Vec<u8> {
         let strings = self.request_id.len() + self.model.len() + self.requester.len();
-        let mut out = Vec::with_capacity(CANONICAL_PREFIX.len() + strings + self.server.len() + 64);
-        out.extend_from_slice(CANONICAL_PREFIX);
+        let stage = self.stage.as_ref().map_or(0, |s| s.sha256.len() + 44);
+        let mut out =
+            Vec::with_capacity(CANONICAL_PREFIX.len() + strings + self.server.len() + stage + 64);
+        out.extend_from_slice(if self.stage.is_some() {
+            CANONICAL_PREFIX_STAGE
+        } else {
+            CANONICAL_PREFIX
+        });
         put_str(&mut out, &self.request_id);
         put_str(&mut out, &self.model);
         out.extend_from_slice(&self.prompt_tokens.to_be_bytes());
@@ -164,6 +204,18 @@ impl Receipt {
         out.extend_from_slice(&self.started_at_ms.to_be_bytes());
         out.extend_from_slice(&self.finished_at_ms.to_be_bytes());
         out.push(u8::from(self.partial));
+        if let Some(stage) = &self.stage {
+            put_str(&mut out, &stage.sha256);
+            for n in [
+                stage.first_block,
+                stage.last_block,
+                stage.sequence,
+                stage.rows,
+                stage.passes,
+            ] {
+                out.extend_from_slice(&n.to_be_bytes());
+            }
+        }
         out
     }
 
@@ -175,7 +227,8 @@ impl Receipt {
             ("requester", &self.requester),
             ("server", &self.server),
         ];
-        for (name, value) in fields {
+        let sha = self.stage.as_ref().map(|s| ("stage.sha256", &s.sha256));
+        for (name, value) in fields.into_iter().chain(sha) {
             if u32::try_from(value.len()).is_err() {
                 return Err(ReceiptError::FieldTooLong(name));
             }
@@ -597,7 +650,8 @@ fn ends_torn(file: &mut File) -> std::io::Result<bool> {
     Ok(last[0] != b'\n')
 }
 
-fn now_ms() -> u64 {
+/// Now, in unix milliseconds.
+pub(crate) fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
@@ -623,6 +677,7 @@ mod tests {
             started_at_ms: 1_700_000_000_000,
             finished_at_ms: 1_700_000_001_500,
             partial: false,
+            stage: None,
         }
     }
 
@@ -720,6 +775,7 @@ mod tests {
             started_at_ms: 3,
             finished_at_ms: 4,
             partial: true,
+            stage: None,
         };
         let mut expected: Vec<u8> = b"pod-receipt/1\0".to_vec();
         expected.extend_from_slice(&[0, 0, 0, 2, b'r', b'1']);
@@ -756,6 +812,7 @@ mod tests {
             started_at_ms: 1000,
             finished_at_ms: 2500,
             partial: false,
+            stage: None,
         };
         let signed = SignedReceipt::sign(receipt, &key)?;
         assert_eq!(
@@ -763,6 +820,57 @@ mod tests {
             "8UadhMsFTQqquUivP1m/O5Aag4fwh3pNaGt+meYw582srcK03aGQkvRfn3ZluspXr0JrWg9vLuVvKVcCmMz6Ag=="
         );
         signed.verify()?;
+        Ok(())
+    }
+
+    #[test]
+    fn a_stage_receipt_signs_its_work_and_a_change_to_any_of_it_fails() -> TestResult {
+        let key = Keypair::generate_ed25519();
+        let mut receipt = receipt_for(&key, &peer(), "stage-7", 40);
+        receipt.completion_tokens = 0;
+        receipt.stage = Some(StageWork {
+            sha256: "ab".repeat(32),
+            first_block: 15,
+            last_block: 29,
+            sequence: 7,
+            rows: 40,
+            passes: 17,
+        });
+        let bytes = receipt.canonical_bytes();
+        assert!(bytes.starts_with(CANONICAL_PREFIX_STAGE));
+        let mut v1 = receipt.clone();
+        v1.stage = None;
+        assert!(v1.canonical_bytes().starts_with(CANONICAL_PREFIX));
+        assert_eq!(bytes.len(), v1.canonical_bytes().len() + 4 + 64 + 5 * 8);
+
+        let signed = SignedReceipt::sign(receipt, &key)?;
+        signed.verify()?;
+        // Through JSON, as it travels and as the ledger keeps it.
+        let back: SignedReceipt = serde_json::from_str(&serde_json::to_string(&signed)?)?;
+        back.verify()?;
+        type Tamper = fn(&mut StageWork);
+        let tampers: [Tamper; 6] = [
+            |s| s.sha256.replace_range(0..1, "c"),
+            |s| s.first_block = 0,
+            |s| s.last_block += 1,
+            |s| s.sequence += 1,
+            |s| s.rows += 1,
+            |s| s.passes -= 1,
+        ];
+        for tamper in tampers {
+            let mut forged = signed.clone();
+            if let Some(stage) = forged.receipt.stage.as_mut() {
+                tamper(stage);
+            }
+            assert!(matches!(
+                forged.verify(),
+                Err(ReceiptError::BadSignature { .. })
+            ));
+        }
+        // Dropping the stage's part does not turn it into a valid whole-request receipt.
+        let mut stripped = signed;
+        stripped.receipt.stage = None;
+        assert!(stripped.verify().is_err());
         Ok(())
     }
 

@@ -29,6 +29,7 @@ use libp2p::StreamProtocol;
 use pod_inference::model::stage::LayerRange;
 use serde::{Deserialize, Serialize};
 
+use crate::receipts::SignedReceipt;
 use crate::wire::FrameError;
 
 /// The protocol name.
@@ -109,8 +110,13 @@ pub enum StageReply {
         /// Values per sequence.
         vocab: usize,
     },
-    /// The sequences were freed.
-    Released,
+    /// The sequences were freed, with the stage's signed receipt for the work it did for
+    /// each one it held.
+    Released {
+        /// One per sequence freed that the stage held (none where it signs no receipts).
+        #[serde(default)]
+        receipts: Vec<SignedReceipt>,
+    },
     /// The stage does not hold these sequences up to the start asked (it restarted, or
     /// freed them): the head resends them from position 0.
     Missing {

@@ -1526,6 +1526,7 @@ fn receipts_come_a_page_of_peers_at_a_time() {
                 started_at_ms: 1,
                 finished_at_ms: 2,
                 partial: false,
+                stage: None,
             };
             let signed = SignedReceipt::sign(receipt, &server).unwrap();
             ledger.append(Role::Served, &signed).unwrap();

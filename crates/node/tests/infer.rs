@@ -264,6 +264,7 @@ async fn a_receipt_that_lies_about_token_counts_is_rejected() {
                 started_at_ms: 0,
                 finished_at_ms: 0,
                 partial: false,
+                stage: None,
             },
             &key,
         )

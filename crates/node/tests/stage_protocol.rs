@@ -1,7 +1,8 @@
 //! `/pod/stage/1.0.0` between real libp2p swarms on 127.0.0.1, with a small model of random
 //! weights split in two: a head's passes through a remote stage give the whole model's
-//! logits bit for bit, a sequence the head drops is freed on the stage, and a stage sent
-//! garbage, oversized or mismatched frames answers with an error and keeps serving.
+//! logits bit for bit, a sequence the head drops is freed on the stage, which signs a receipt
+//! for its work that the head keeps, and a stage sent garbage, oversized or mismatched frames
+//! answers with an error and keeps serving.
 
 mod common;
 
@@ -16,6 +17,7 @@ use pod_inference::model::stage::{LayerRange, StageModel};
 use pod_inference::{ChatModel, Device};
 use pod_node::mesh::capability::{HardwareSummary, Load};
 use pod_node::mesh::{Capabilities, Client};
+use pod_node::receipts::{Ledger, ReceiptError, Role};
 use pod_node::stage::client::MeshDownstream;
 use pod_node::stage::server::StageHost;
 use pod_node::stage::{
@@ -47,10 +49,12 @@ fn blocks(start: usize, end: usize) -> LayerRange {
     LayerRange { start, end }
 }
 
-/// A pod serving blocks 2-3 of the model over the mesh, announcing them.
+/// A pod serving blocks 2-3 of the model over the mesh, announcing them, signing receipts
+/// with its node key.
 async fn stage_pod(path: &std::path::Path, sha: &str) -> (Client, Multiaddr, Arc<StageHost>) {
-    let (client, addr) = node(vec![]).await;
-    let host = StageHost::new();
+    let key = Keypair::generate_ed25519();
+    let (client, addr) = common::mesh_node(key.clone(), vec![]).await;
+    let host = StageHost::with_receipts(key, None);
     let announcement = StageAnnouncement {
         model: "four".into(),
         sha256: sha.to_owned(),
@@ -131,14 +135,20 @@ async fn a_head_through_a_remote_stage_gives_the_whole_models_logits_and_frees_w
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    let downstream = Arc::new(MeshDownstream::new(
-        "four".into(),
-        sha.clone(),
-        2,
-        4,
-        head_mesh,
-        tokio::runtime::Handle::current(),
-    ));
+    let head_id = head_mesh.peer_id();
+    let head_home = tempfile::tempdir().unwrap();
+    let ledger = Arc::new(Ledger::open(head_home.path()).unwrap());
+    let downstream = Arc::new(
+        MeshDownstream::new(
+            "four".into(),
+            sha.clone(),
+            2,
+            4,
+            head_mesh,
+            tokio::runtime::Handle::current(),
+        )
+        .with_ledger(Some(Arc::clone(&ledger))),
+    );
     let d = Arc::clone(&downstream);
     let p = path.clone();
     // The engine thread's view: blocking calls, off the runtime's threads.
@@ -171,6 +181,41 @@ async fn a_head_through_a_remote_stage_gives_the_whole_models_logits_and_frees_w
         host.sequences() == 0
     })
     .await;
+
+    // The stage signed a receipt for each sequence, which the head keeps: its prompt and
+    // four decode steps, in five passes.
+    wait_until("the head keeps the stage's receipts", || {
+        ledger.counts().records == 2
+    })
+    .await;
+    let mut kept = ledger.entries().unwrap().entries;
+    assert_eq!((ledger.counts().invalid, ledger.counts().torn), (0, 0));
+    kept.sort_by_key(|e| e.signed.receipt.prompt_tokens);
+    let mut rows_seen = Vec::new();
+    for entry in &kept {
+        assert_eq!(entry.role, Role::Consumed);
+        let r = &entry.signed.receipt;
+        entry.signed.verify().unwrap();
+        assert_eq!(r.server, stage_id.to_string());
+        assert_eq!(r.requester, head_id.to_string());
+        assert_eq!(r.model, "four");
+        let work = r.stage.as_ref().expect("a stage receipt");
+        assert_eq!(work.sha256, sha);
+        assert_eq!((work.first_block, work.last_block), (2, 3));
+        assert_eq!(work.passes, 5);
+        assert_eq!(r.prompt_tokens, work.rows);
+        rows_seen.push(work.rows);
+    }
+    assert_eq!(rows_seen, [3 + 4, 5 + 4]);
+    // Tampered with, it no longer verifies.
+    let mut forged = kept[0].signed.clone();
+    if let Some(work) = forged.receipt.stage.as_mut() {
+        work.rows += 100;
+    }
+    assert!(matches!(
+        forged.verify(),
+        Err(ReceiptError::BadSignature { .. })
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -281,6 +326,17 @@ async fn a_stage_answers_bad_frames_with_errors_and_keeps_serving() {
     .await
     .unwrap();
     let reply: StageReply = read_frame(&mut s, 1 << 16).await.unwrap();
-    assert_eq!(reply, StageReply::Released);
+    let StageReply::Released { receipts } = reply else {
+        panic!("{reply:?}");
+    };
+    // One signed receipt per sequence served: two rows in one pass each.
+    assert_eq!(receipts.len(), served);
+    for r in &receipts {
+        r.verify().unwrap();
+        assert_eq!(r.receipt.server, peer.to_string());
+        assert_eq!(r.receipt.requester, requester.peer_id().to_string());
+        let work = r.receipt.stage.as_ref().expect("a stage receipt");
+        assert_eq!((work.rows, work.passes), (2, 1));
+    }
     wait_until("released sequences are freed", || host.sequences() == 0).await;
 }

@@ -1,6 +1,8 @@
 //! One model split across pods (pipeline stages), with real `pod` processes on 127.0.0.1 and
 //! the real SmolLM2 weights: answers through the stages equal a whole-model pod's byte for
-//! byte, and a stage killed mid-answer is replaced without the client seeing it.
+//! byte, a stage killed mid-answer is replaced without the client seeing it, a client that
+//! hangs up frees its sequence on every stage, and an auto-placed stage moves where no pod
+//! serves the blocks.
 
 mod common;
 
@@ -8,6 +10,7 @@ use std::io::{BufRead, BufReader};
 use std::time::Duration;
 
 use common::process::{wait_until, PodProcess};
+use pod_node::receipts::{LedgerEntry, Role};
 use serde_json::{json, Value};
 
 const CHAT: &str = "smollm2-135m-instruct";
@@ -211,6 +214,18 @@ fn memory_for_the_last_15_blocks() -> u64 {
     tail + blocks[14] / 2
 }
 
+/// The pipeline stage receipts in the ledger of the pod whose home is `home`, read as a
+/// client of the file would (the pod keeps writing it).
+fn stage_receipts(home: &std::path::Path) -> Vec<LedgerEntry> {
+    let path = home.join("receipts").join("ledger.jsonl");
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<LedgerEntry>(l).ok())
+        .filter(|e| e.signed.receipt.stage.is_some())
+        .collect()
+}
+
 #[test]
 fn two_stages_one_placed_by_layers_auto_behind_a_front_door_answer_like_one_whole_pod() {
     // The reference: a whole-model pod on a mesh of its own.
@@ -399,8 +414,20 @@ fn three_stages_behind_their_head_and_a_whole_pod_that_joins_is_preferred() {
     let whole = pod(&["--profile", "inference", "--model", CHAT]);
     let tail = stage("20-29", None);
     let mid = stage("10-19", Some(&tail.tcp_addr()));
-    // The head is also the front door: requests come to its own API.
-    let head = stage("0-9", Some(&tail.tcp_addr()));
+    // The head is also the front door: requests come to its own API. Without a prefix cache
+    // it frees each sequence as its answer ends, so the stages sign their receipts at once.
+    let head = pod(&[
+        "--profile",
+        "inference",
+        "--model",
+        CHAT,
+        "--layers",
+        "0-9",
+        "--prefix-cache",
+        "0",
+        "--bootstrap",
+        &tail.tcp_addr(),
+    ]);
     wait_for_stage(&head, &mid.peer_id, "10-19");
     wait_for_stage(&head, &tail.peer_id, "20-29");
 
@@ -414,6 +441,62 @@ fn three_stages_behind_their_head_and_a_whole_pod_that_joins_is_preferred() {
         format!("{}, {}, {}", head.peer_id, mid.peer_id, tail.peer_id)
     );
     assert_eq!(answer(&got), answer(&want));
+
+    // Each stage signed a receipt for its blocks of that answer, which the head keeps in its
+    // ledger and counts in /pod/v1/receipts; each stage keeps its own copy.
+    let kept = wait_until(MESH_TIMEOUT, "the head keeps both stages' receipts", || {
+        let stages = stage_receipts(&head.home);
+        (stages.len() == 2).then_some(stages)
+    });
+    let mut named: Vec<(String, u64, u64)> = kept
+        .iter()
+        .map(|e| {
+            e.signed.verify().expect("a stage receipt verifies");
+            assert_eq!(e.role, Role::Consumed);
+            let r = &e.signed.receipt;
+            assert_eq!(r.requester, head.peer_id);
+            assert_eq!(r.model, CHAT);
+            let work = r.stage.as_ref().expect("stage work");
+            // The prompt, then one row for each token sampled after the first but the last.
+            let completion = got["usage"]["completion_tokens"].as_u64().unwrap();
+            let prompt = got["usage"]["prompt_tokens"].as_u64().unwrap();
+            assert_eq!(work.rows, prompt + completion - 1, "{r:?}");
+            assert_eq!(work.passes, completion, "{r:?}");
+            (r.server.clone(), work.first_block, work.last_block)
+        })
+        .collect();
+    named.sort_by_key(|n| n.1);
+    assert_eq!(
+        named,
+        [
+            (mid.peer_id.clone(), 10, 19),
+            (tail.peer_id.clone(), 20, 29)
+        ]
+    );
+    let mut forged = kept[0].signed.clone();
+    forged.receipt.prompt_tokens += 1;
+    assert!(forged.verify().is_err(), "a tampered receipt verifies");
+    let totals = head.get("/pod/v1/receipts");
+    for stage in [&mid, &tail] {
+        let row = totals["data"]
+            .as_array()
+            .and_then(|rows| rows.iter().find(|r| r["peer"] == stage.peer_id.as_str()))
+            .unwrap_or_else(|| panic!("{totals}"));
+        assert_eq!(row["consumed"]["requests"], 1, "{totals}");
+        let own = wait_until(MESH_TIMEOUT, "the stage keeps its receipt", || {
+            let own = stage_receipts(&stage.home);
+            (!own.is_empty()).then_some(own)
+        });
+        assert_eq!(own.len(), 1);
+        assert_eq!(own[0].role, Role::Served);
+        assert_eq!(
+            own[0].signed,
+            kept.iter()
+                .find(|e| e.signed.receipt.server == stage.peer_id)
+                .unwrap()
+                .signed
+        );
+    }
 
     // A pod holding the whole model joins: the head sends the next request there.
     let joined = pod(&[
@@ -445,4 +528,126 @@ fn three_stages_behind_their_head_and_a_whole_pod_that_joins_is_preferred() {
     assert_eq!(status, 200, "{again}");
     assert_eq!(served, joined.peer_id, "{}", head.log());
     assert_eq!(answer(&again).0, answer(&want).0);
+}
+
+/// The value of the gauge `name` in a pod's `/metrics`.
+fn gauge(pod: &PodProcess, name: &str) -> Option<f64> {
+    pod.get_text("/metrics").lines().find_map(|l| {
+        let (key, value) = l.split_once(' ')?;
+        (key == name).then(|| value.trim().parse().ok())?
+    })
+}
+
+#[test]
+fn a_client_that_hangs_up_mid_stream_frees_the_sequence_on_every_stage() {
+    let tail = stage("15-29", None);
+    // Without a prefix cache the head keeps no finished sequence, so what the stage holds is
+    // exactly what is running.
+    let head = pod(&[
+        "--profile",
+        "inference",
+        "--model",
+        CHAT,
+        "--layers",
+        "0-14",
+        "--prefix-cache",
+        "0",
+        "--bootstrap",
+        &tail.tcp_addr(),
+    ]);
+    wait_for_stage(&head, &tail.peer_id, "15-29");
+    let held = |pod: &PodProcess| pod.get("/pod/v1/node")["stages"][0]["sequences"].as_u64();
+
+    let body = json!({
+        "model": CHAT,
+        "messages": [{"role": "user", "content": "Tell me a very long story about the sea."}],
+        "temperature": 0,
+        "max_tokens": 2000,
+        "stream": true,
+    });
+    let mut res = agent()
+        .post(&format!("{}/v1/chat/completions", head.api))
+        .header("content-type", "application/json")
+        .send(body.to_string())
+        .expect("request sent");
+    assert_eq!(res.status().as_u16(), 200);
+    let mut reader = BufReader::new(res.body_mut().as_reader());
+    let mut chunks = 0;
+    let mut line = String::new();
+    while chunks < 5 {
+        line.clear();
+        let n = reader.read_line(&mut line).expect("stream line");
+        assert!(
+            n > 0,
+            "the stream ended after {chunks} chunks\n{}",
+            head.log()
+        );
+        if line.starts_with("data: {") {
+            chunks += 1;
+        }
+    }
+    // Mid-answer: the stage holds the sequence, the head's engine runs it.
+    assert_eq!(held(&tail), Some(1), "{}", tail.log());
+    assert_eq!(gauge(&head, "pod_active_sequences"), Some(1.0));
+
+    // The client hangs up: the connection closes with the answer unread.
+    drop(reader);
+    drop(res);
+    wait_until(
+        Duration::from_secs(30),
+        "the head's engine frees the sequence",
+        || (gauge(&head, "pod_active_sequences") == Some(0.0)).then_some(()),
+    );
+    wait_until(
+        Duration::from_secs(30),
+        "the stage frees the sequence",
+        || (held(&tail) == Some(0)).then_some(()),
+    );
+}
+
+#[test]
+fn an_auto_placed_stage_moves_to_the_blocks_no_pod_serves_when_their_pod_goes() {
+    let mut first = stage("0-14", None);
+    // Memory for 15 blocks: the last ones now, or the first ones (no larger).
+    let memory = memory_for_the_last_15_blocks().to_string();
+    let auto = pod(&[
+        "--profile",
+        "inference",
+        "--model",
+        CHAT,
+        "--layers",
+        "auto",
+        "--max-memory",
+        &memory,
+        "--bootstrap",
+        &first.tcp_addr(),
+    ]);
+    wait_for_stage(&first, &auto.peer_id, "15-29");
+    // A second pod serves blocks 15-29: the auto-placed one stays while the head lives, as
+    // moving would only trade one copy for another.
+    let spare = stage("15-29", Some(&first.tcp_addr()));
+    wait_for_stage(&auto, &spare.peer_id, "15-29");
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!auto.log().contains("moves from"), "{}", auto.log());
+
+    // The head goes: blocks 0-14 are held by no pod, 15-29 by two.
+    first.child.kill().unwrap();
+    first.child.wait().unwrap();
+    wait_until(MESH_TIMEOUT, "the auto-placed stage moves", || {
+        auto.log()
+            .contains("--layers auto moves from blocks 15-29 to 0-14 of 30")
+            .then_some(())
+    });
+    // It now heads the model, with the spare as its stage, and answers.
+    let (status, served, reply) = wait_until(MESH_TIMEOUT, "the model answers again", || {
+        let (status, served, reply) = chat(&auto, &body("Name a colour.", 8, false));
+        (status == 200).then_some((status, served, reply))
+    });
+    assert_eq!(status, 200);
+    assert_eq!(served, format!("{}, {}", auto.peer_id, spare.peer_id));
+    assert!(!answer(&reply).0.is_empty());
+    let stages = &auto.get("/pod/v1/node")["stages"];
+    assert_eq!(stages[0]["role"], "head", "{stages}");
+    assert_eq!(stages[0]["layers"], "0-14", "{stages}");
+    assert_eq!(stages.as_array().map(Vec::len), Some(1), "{stages}");
 }

@@ -8,6 +8,7 @@ use bytesize::ByteSize;
 use pod_inference::model::stage::{LayerRange, StageSizes};
 use pod_inference::{EngineHandle, Placement};
 
+use super::replace::Replacer;
 use super::NodeError;
 use crate::blob::{self, BlobServer};
 use crate::catalogue;
@@ -62,6 +63,9 @@ pub(super) struct ModelLoad {
     pub(super) settle: Duration,
     /// Where stages are served.
     pub(super) stages: Arc<StageHost>,
+    /// The mesh's announcement period: a later stage placed by `--layers auto` reconsiders
+    /// its blocks at most once per period.
+    pub(super) announce_interval: Duration,
 }
 
 impl ModelLoad {
@@ -80,6 +84,7 @@ impl ModelLoad {
             max_memory,
             settle,
             stages,
+            announce_interval,
         } = self;
         let settled = Instant::now() + settle;
         if pull {
@@ -106,16 +111,31 @@ impl ModelLoad {
                     Some(StageLayers::Auto) => choose_layers(
                         &resolved, &mesh, max_memory, settled, &runtime,
                     )
-                    .and_then(|(range, sha256)| {
+                    .and_then(|auto| {
                         loader::load_stage(
                             &engine,
                             &resolved,
-                            range,
-                            Some(sha256),
+                            auto.range,
+                            Some(auto.sha256.clone()),
                             &stages,
                             &mesh,
                             runtime.clone(),
-                        )
+                        )?;
+                        runtime.spawn(
+                            Replacer {
+                                engine: engine.clone(),
+                                model: resolved.clone(),
+                                sha256: auto.sha256,
+                                sizes: auto.sizes,
+                                budget: auto.budget,
+                                current: auto.range,
+                                stages: Arc::clone(&stages),
+                                mesh: mesh.clone(),
+                                period: announce_interval,
+                            }
+                            .run(),
+                        );
+                        Ok(())
                     }),
                     None => loader::load_into(&engine, &resolved, &placement).map(drop),
                 };
@@ -131,16 +151,24 @@ impl ModelLoad {
     }
 }
 
+/// What `--layers auto` chose, and what it chose from.
+struct AutoChoice {
+    range: LayerRange,
+    sha256: String,
+    sizes: StageSizes,
+    budget: u64,
+}
+
 /// `--layers auto`: once the mesh has been listened to until `settled`, the blocks of `model`
-/// its pods cover least, as many as fit in `max_memory` (or what is available). Returns them
-/// with the file's SHA-256. Runs on a blocking thread.
+/// its pods cover least, as many as fit in `max_memory` (or what is available). Runs on a
+/// blocking thread.
 fn choose_layers(
     model: &ResolvedModel,
     mesh: &mesh::Client,
     max_memory: Option<u64>,
     settled: Instant,
     runtime: &tokio::runtime::Handle,
-) -> Result<(LayerRange, String), ResolveError> {
+) -> Result<AutoChoice, ResolveError> {
     let sha256 = loader::stage_sha256(model)?;
     let sizes = StageSizes::read(&model.path)?;
     let total = sizes.total_layers();
@@ -190,7 +218,12 @@ fn choose_layers(
         if held.is_empty() { "none".to_owned() } else { held.join(", ") },
         choice.coverage,
     );
-    Ok((choice.layers, sha256))
+    Ok(AutoChoice {
+        range: choice.layers,
+        sha256,
+        sizes,
+        budget,
+    })
 }
 
 /// Pulls the missing catalogued models among `models` from pods of the mesh that serve them;

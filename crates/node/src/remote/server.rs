@@ -372,6 +372,7 @@ impl InferServer {
             started_at_ms,
             finished_at_ms: now_ms(),
             partial,
+            stage: None,
         };
         match SignedReceipt::sign(receipt, &self.key) {
             Ok(r) => Some(r),

@@ -8,9 +8,13 @@
 //! replaced stage) is sent from the hidden states the head kept. When a stage fails, stalls
 //! or refuses, it is avoided for a while, a new chain is planned, and the pass is replayed on
 //! it from position 0 of every sequence.
+//!
+//! When a sequence ends, each stage of the chain frees it and answers with its signed receipt
+//! for the work it did; the head checks each (signature, stage, sequence, blocks, file) and
+//! keeps it in its ledger, beside the receipts of whole requests served by other pods.
 
 use std::collections::HashMap;
-use std::sync::{Mutex, PoisonError, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
@@ -21,6 +25,7 @@ use super::{
     read_payload, write_payload, SeqRows, StageReply, StageRequest, MAX_HEADER_BYTES, PROTOCOL,
 };
 use crate::mesh;
+use crate::receipts::{Ledger, Role, SignedReceipt};
 use crate::wire::{read_frame, write_frame};
 
 /// Longest wait for one stage's answer to one pass before it counts as stalled.
@@ -50,6 +55,8 @@ pub struct MeshDownstream {
     state: Mutex<State>,
     /// The chain last planned, for listings (readable while a pass runs).
     published: RwLock<Vec<Hop>>,
+    /// Where the stages' receipts are kept; `None`: they are checked, then dropped.
+    ledger: Option<Arc<Ledger>>,
 }
 
 #[derive(Default)]
@@ -107,7 +114,15 @@ impl MeshDownstream {
             runtime,
             state: Mutex::default(),
             published: RwLock::default(),
+            ledger: None,
         }
+    }
+
+    /// Keeps the receipts the stages sign in `ledger`.
+    #[must_use]
+    pub fn with_ledger(mut self, ledger: Option<Arc<Ledger>>) -> Self {
+        self.ledger = ledger;
+        self
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
@@ -349,6 +364,12 @@ impl Downstream for MeshDownstream {
         };
         // At once, on streams of their own: the pass streams belong to the engine thread.
         let control = self.mesh.streams();
+        let check = ReceiptCheck {
+            head: self.mesh.peer_id(),
+            sha256: self.sha256.clone(),
+            sequence: id,
+            ledger: self.ledger.clone(),
+        };
         self.runtime.spawn(async move {
             for hop in chain {
                 for attempt in 0..RELEASE_ATTEMPTS {
@@ -362,7 +383,10 @@ impl Downstream for MeshDownstream {
                             .ok()
                     };
                     match tokio::time::timeout(RELEASE_TIMEOUT, send).await {
-                        Ok(Some(StageReply::Released)) => break,
+                        Ok(Some(StageReply::Released { receipts })) => {
+                            check.keep(hop, receipts).await;
+                            break;
+                        }
                         _ => {
                             tracing::debug!(
                                 stage = %hop.peer,
@@ -388,6 +412,59 @@ impl Downstream for MeshDownstream {
             )
         } else {
             describe(&state.chain)
+        }
+    }
+}
+
+/// What a stage's receipt for a freed sequence must say.
+struct ReceiptCheck {
+    head: PeerId,
+    sha256: String,
+    sequence: u64,
+    ledger: Option<Arc<Ledger>>,
+}
+
+impl ReceiptCheck {
+    /// Keeps the receipts of `hop` that verify and describe its work on this sequence.
+    async fn keep(&self, hop: Hop, receipts: Vec<SignedReceipt>) {
+        for signed in receipts {
+            let r = &signed.receipt;
+            let problem = if let Err(e) = signed.verify() {
+                Some(e.to_string())
+            } else if r.server != hop.peer.to_string() {
+                Some(format!("signed by {}, not the stage", r.server))
+            } else if r.requester != self.head.to_string() {
+                Some(format!("names requester {}", r.requester))
+            } else {
+                match &r.stage {
+                    None => Some("not a stage receipt".into()),
+                    Some(w) if w.sequence != self.sequence => Some(format!(
+                        "for sequence {}, not {}",
+                        w.sequence, self.sequence
+                    )),
+                    Some(w) if w.sha256 != self.sha256 => Some("for another model file".into()),
+                    Some(w)
+                        if w.first_block != hop.layers.start as u64
+                            || w.last_block.checked_add(1) != Some(hop.layers.end as u64) =>
+                    {
+                        Some(format!(
+                            "for blocks {}-{}, not {}",
+                            w.first_block, w.last_block, hop.layers
+                        ))
+                    }
+                    Some(_) => None,
+                }
+            };
+            if let Some(p) = problem {
+                tracing::warn!(stage = %hop.peer, problem = %p, "rejected a stage receipt");
+                continue;
+            }
+            if let Some(ledger) = &self.ledger {
+                let write = Arc::clone(ledger).append_off_runtime(Role::Consumed, signed);
+                if let Err(e) = write.await {
+                    tracing::warn!(error = %e, "cannot write the receipt ledger");
+                }
+            }
         }
     }
 }

@@ -7,6 +7,11 @@
 //! the last block) when one is within reach, so that it chains on both sides. The pod takes
 //! the candidate whose blocks are held by the fewest pods, then the one covering the most
 //! blocks at that count, then the one repeating the fewest blocks others hold, then the first.
+//!
+//! A later stage placed this way reconsiders between requests ([`reconsider`]): when the
+//! blocks it holds are all held by other pods too while some blocks are held by fewer, it
+//! moves there. It never moves to blocks held by as many pods as the least held of its own
+//! would be without it, so two such pods do not chase each other.
 
 use std::fmt;
 use std::str::FromStr;
@@ -24,7 +29,8 @@ pub const KV_POSITIONS: u64 = 4096;
 pub enum StageLayers {
     /// These blocks.
     Blocks(LayerRange),
-    /// The blocks the mesh covers least, as many as fit (decided at start).
+    /// The blocks the mesh covers least, as many as fit (decided at start, and reconsidered
+    /// between requests by a later stage).
     Auto,
 }
 
@@ -134,6 +140,51 @@ pub fn choose(
     best.map(|(_, c)| c).ok_or(PlacementError::TooLittleMemory {
         budget,
         needed: smallest,
+    })
+}
+
+/// Why an auto-placed stage moves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Move {
+    /// The blocks it leaves.
+    pub from: LayerRange,
+    /// Where to.
+    pub to: Choice,
+    /// Other pods holding the least held of the blocks it leaves.
+    pub leaving_coverage: usize,
+}
+
+impl fmt::Display for Move {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "blocks {} are also held by {} other pods, blocks {} by {}",
+            self.from, self.leaving_coverage, self.to.layers, self.to.coverage
+        )
+    }
+}
+
+/// Whether a stage serving `current` with `budget` bytes should move, given the ranges the
+/// *other* pods announce (`others`, not its own): to what [`choose`] picks, when that holds
+/// blocks fewer pods hold than the least held of `current` would be without it.
+pub fn reconsider(
+    sizes: &StageSizes,
+    budget: u64,
+    current: LayerRange,
+    others: &[LayerRange],
+) -> Option<Move> {
+    let total = sizes.total_layers();
+    let counts = coverage::per_block(others, total);
+    let leaving_coverage = counts
+        .get(current.start..current.end.min(total))?
+        .iter()
+        .copied()
+        .min()?;
+    let to = choose(sizes, budget, others).ok()?;
+    (to.layers != current && to.coverage < leaving_coverage).then_some(Move {
+        from: current,
+        to,
+        leaving_coverage,
     })
 }
 
@@ -257,6 +308,31 @@ mod tests {
         let gap_choice = choose(&s, room(10), &gaps).unwrap();
         assert_eq!(gap_choice.coverage, 0);
         assert_eq!(gap_choice.layers, r(5, 7));
+    }
+
+    #[test]
+    fn a_stage_moves_only_from_blocks_others_hold_to_blocks_fewer_hold() {
+        let s = sizes();
+        // Alone on 10-19 between a head and a tail: it stays.
+        assert_eq!(
+            reconsider(&s, room(10), r(10, 19), &[r(0, 9), r(20, 29)]),
+            None
+        );
+        // Another pod holds 10-19 too and the tail is gone: it moves to the uncovered tail.
+        let m = reconsider(&s, room(10), r(10, 19), &[r(0, 9), r(10, 19)]).unwrap();
+        assert_eq!(m.to.layers, r(20, 29));
+        assert_eq!((m.to.coverage, m.leaving_coverage), (0, 1));
+        // The head is gone while another pod holds its own blocks: it becomes a head.
+        let m = reconsider(&s, room(15), r(15, 29), &[r(15, 29)]).unwrap();
+        assert_eq!(m.to.layers, r(0, 14));
+        // Everything held once besides it: moving would only trade one copy for another.
+        assert_eq!(
+            reconsider(&s, room(10), r(10, 19), &[r(0, 9), r(10, 19), r(20, 29)]),
+            None
+        );
+        // Nothing fits, or a range past the model's end: no move.
+        assert_eq!(reconsider(&s, 50, r(10, 19), &[r(10, 19)]), None);
+        assert_eq!(reconsider(&s, room(10), r(40, 49), &[]), None);
     }
 
     #[test]

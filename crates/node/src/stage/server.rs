@@ -6,6 +6,10 @@
 //! so several heads and sequences keep it busy. Each request is checked before anything is
 //! allocated or queued: the model file and blocks must be the ones served, row counts and the
 //! payload size must match, and a sequence belongs to the head that opened it.
+//!
+//! When a head frees a sequence, the stage answers with a receipt signed by its node key for
+//! the rows it ran for it (see [`crate::receipts`], version 2), and keeps a copy in its own
+//! ledger. A sequence freed by the stage itself (idle, or beyond a head's share) gets none.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -13,6 +17,7 @@ use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
+use libp2p::identity::Keypair;
 use libp2p::PeerId;
 use pod_api::node::ServedStageView;
 use pod_inference::model::stage::{StageCache, StageModel, StageOutput};
@@ -23,6 +28,7 @@ use super::{
     read_payload, write_payload, SeqRows, StageAnnouncement, StageReply, StageRequest,
     MAX_HEADER_BYTES, MAX_ROWS, MAX_SEQUENCES, PROTOCOL,
 };
+use crate::receipts::{Ledger, Receipt, Role, SignedReceipt, StageWork};
 use crate::wire::{read_frame, write_frame, FrameError};
 
 /// A sequence not fed for this long is freed (its head is gone or forgot it).
@@ -46,6 +52,10 @@ pub struct StageHost {
     /// Sequences the stage holds caches of, as of its last pass.
     held: Arc<AtomicUsize>,
     heads: RwLock<Vec<(StageAnnouncement, Arc<MeshDownstream>)>>,
+    /// The node key signing receipts for the work done for heads; `None`: no receipts.
+    key: Option<Keypair>,
+    /// Where receipts are kept: those this stage signs, and those its heads' stages sign.
+    ledger: Option<Arc<Ledger>>,
 }
 
 #[derive(Debug)]
@@ -66,7 +76,17 @@ enum Job {
     Release {
         peer: PeerId,
         seqs: Vec<u64>,
+        reply: oneshot::Sender<Vec<Freed>>,
     },
+}
+
+/// The work done for a sequence the head freed.
+#[derive(Debug, Clone, Copy)]
+struct Freed {
+    sequence: u64,
+    rows: u64,
+    passes: u64,
+    started_at_ms: u64,
 }
 
 /// A forward request's result.
@@ -81,6 +101,21 @@ impl StageHost {
     /// An empty host: it answers that it serves no stage until [`serve`](Self::serve).
     pub fn new() -> Arc<Self> {
         Arc::default()
+    }
+
+    /// An empty host that signs receipts for its work with `key` (the node's) and keeps
+    /// receipts in `ledger`.
+    pub fn with_receipts(key: Keypair, ledger: Option<Arc<Ledger>>) -> Arc<Self> {
+        Arc::new(Self {
+            key: Some(key),
+            ledger,
+            ..Self::default()
+        })
+    }
+
+    /// The ledger receipts are kept in, for the heads this pod fronts.
+    pub fn ledger(&self) -> Option<Arc<Ledger>> {
+        self.ledger.clone()
     }
 
     /// Serves `stage` of the model file described by `announcement`, on a thread of its own.
@@ -103,6 +138,23 @@ impl StageHost {
             jobs,
         }));
         Ok(())
+    }
+
+    /// Stops serving the later stage, if any: heads are refused from now on, and its weights
+    /// and caches are dropped once the requests running on it are answered.
+    pub fn stop_serving(&self) {
+        if let Some(w) = self
+            .worker
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            tracing::info!(
+                model = %w.announcement.model,
+                blocks = %w.announcement.layers,
+                "no longer serving pipeline stage"
+            );
+        }
     }
 
     /// Records a head this pod fronts (its blocks from 0, and the stages after them).
@@ -221,8 +273,18 @@ impl StageHost {
                     if seqs.len() > MAX_SEQUENCES_PER_PEER {
                         (error("too many sequences to release".into()), None)
                     } else {
-                        let _ = worker.jobs.send(Job::Release { peer, seqs });
-                        (StageReply::Released, None)
+                        let (tx, rx) = oneshot::channel();
+                        let job = Job::Release {
+                            peer,
+                            seqs,
+                            reply: tx,
+                        };
+                        if worker.jobs.send(job).is_err() {
+                            return;
+                        }
+                        let freed = rx.await.unwrap_or_default();
+                        let receipts = self.receipts(peer, &worker.announcement, &freed).await;
+                        (StageReply::Released { receipts }, None)
                     }
                 }
                 StageRequest::Forward {
@@ -275,6 +337,57 @@ impl StageHost {
                 return;
             }
         }
+    }
+}
+
+impl StageHost {
+    /// Signs a receipt for each freed sequence and keeps them in the ledger.
+    async fn receipts(
+        &self,
+        peer: PeerId,
+        served: &StageAnnouncement,
+        freed: &[Freed],
+    ) -> Vec<SignedReceipt> {
+        let Some(key) = &self.key else {
+            return Vec::new();
+        };
+        let server = key.public().to_peer_id().to_string();
+        let finished_at_ms = crate::receipts::now_ms();
+        let mut signed = Vec::with_capacity(freed.len());
+        for f in freed {
+            let receipt = Receipt {
+                request_id: format!("stage-{}-{}", f.sequence, f.started_at_ms),
+                model: served.model.clone(),
+                prompt_tokens: f.rows,
+                completion_tokens: 0,
+                requester: peer.to_string(),
+                server: server.clone(),
+                started_at_ms: f.started_at_ms,
+                finished_at_ms,
+                partial: false,
+                stage: Some(StageWork {
+                    sha256: served.sha256.clone(),
+                    first_block: served.layers.start as u64,
+                    last_block: served.layers.end.saturating_sub(1) as u64,
+                    sequence: f.sequence,
+                    rows: f.rows,
+                    passes: f.passes,
+                }),
+            };
+            match SignedReceipt::sign(receipt, key) {
+                Ok(r) => signed.push(r),
+                Err(e) => tracing::warn!(error = %e, "cannot sign a stage receipt"),
+            }
+        }
+        if let Some(ledger) = &self.ledger {
+            for r in &signed {
+                let write = Arc::clone(ledger).append_off_runtime(Role::Served, r.clone());
+                if let Err(e) = write.await {
+                    tracing::warn!(error = %e, "cannot write the receipt ledger");
+                }
+            }
+        }
+        signed
     }
 }
 
@@ -341,6 +454,12 @@ async fn reply(
 struct Entry {
     cache: StageCache,
     used: Instant,
+    /// Rows run for the sequence, replays included.
+    rows: u64,
+    /// Passes that carried its rows.
+    passes: u64,
+    /// When the stage first held it, unix milliseconds.
+    started_at_ms: u64,
 }
 
 type Key = (PeerId, u64);
@@ -368,10 +487,19 @@ fn work(stage: StageModel, jobs: mpsc::Receiver<Job>, held: &AtomicUsize) {
         let mut later = VecDeque::new();
         for job in waiting.drain(..) {
             match job {
-                Job::Release { peer, seqs } => {
-                    for id in seqs {
-                        caches.remove(&(peer, id));
-                    }
+                Job::Release { peer, seqs, reply } => {
+                    let freed = seqs
+                        .into_iter()
+                        .filter_map(|id| {
+                            caches.remove(&(peer, id)).map(|e| Freed {
+                                sequence: id,
+                                rows: e.rows,
+                                passes: e.passes,
+                                started_at_ms: e.started_at_ms,
+                            })
+                        })
+                        .collect();
+                    let _ = reply.send(freed);
                 }
                 Job::Forward {
                     peer,
@@ -454,6 +582,9 @@ fn admit(
                 Entry {
                     cache,
                     used: Instant::now(),
+                    rows: 0,
+                    passes: 0,
+                    started_at_ms: crate::receipts::now_ms(),
                 },
             );
         }
@@ -513,7 +644,12 @@ fn run_batch(stage: &StageModel, caches: &mut HashMap<Key, Entry>, batch: Vec<Ba
     let mut refs: Vec<&mut StageCache> = taken.iter_mut().map(|(_, e)| &mut e.cache).collect();
     let out = stage.forward(&mut refs, &rows);
     drop(rows);
-    for (key, e) in taken {
+    let ran = out.is_ok();
+    for ((key, mut e), rows) in taken.into_iter().zip(batch.iter().flat_map(|b| &b.1)) {
+        if ran {
+            e.rows = e.rows.saturating_add(rows.count as u64);
+            e.passes = e.passes.saturating_add(1);
+        }
         caches.insert(key, e);
     }
     let out = match out {
