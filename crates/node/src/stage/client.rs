@@ -22,7 +22,8 @@ use pod_inference::model::stage::{Downstream, DownstreamRow, LayerRange};
 use pod_inference::ForwardError;
 
 use super::{
-    read_payload, write_payload, SeqRows, StageReply, StageRequest, MAX_HEADER_BYTES, PROTOCOL,
+    coverage, read_payload, write_payload, SeqRows, StageReply, StageRequest, MAX_HEADER_BYTES,
+    PROTOCOL,
 };
 use crate::mesh;
 use crate::receipts::{Ledger, Role, SignedReceipt};
@@ -479,9 +480,9 @@ pub fn describe(chain: &[Hop]) -> String {
 }
 
 /// A chain of stages of file `sha256` from block `from` to `total`, from the peers'
-/// announcements, leaving out `avoided` ones: at each block, the stage starting there that
-/// reaches furthest, then connected before not, then the lowest round trip. Fails with the
-/// first block no stage starts at.
+/// announcements, leaving out `avoided` ones: the fewest hops, then connected peers before
+/// others, then the lowest sum of round trips ([`coverage::shortest_chain`]). Fails with the
+/// furthest block a chain reaches, where no stage goes on.
 pub fn plan(
     peers: &[mesh::PeerSnapshot],
     sha256: &str,
@@ -489,34 +490,31 @@ pub fn plan(
     total: usize,
     avoided: &HashMap<PeerId, Instant>,
 ) -> Result<Vec<Hop>, usize> {
-    let mut chain = Vec::new();
-    let mut at = from;
-    while at < total {
-        let best = peers
-            .iter()
-            .filter(|p| !avoided.contains_key(&p.peer_id))
-            .filter_map(|p| {
-                let caps = p.capabilities.as_ref()?;
-                let stage = caps.stages.iter().find(|s| {
-                    s.sha256 == sha256
-                        && s.total_layers == total
-                        && s.layers.start == at
-                        && s.layers.end > at
-                        && s.layers.end <= total
-                })?;
-                let rtt = p.rtt.map_or(u128::MAX, |d| d.as_micros());
-                Some((
-                    (stage.layers.end, p.connected, std::cmp::Reverse(rtt)),
-                    p.peer_id,
-                    stage.layers,
-                ))
-            })
-            .max_by_key(|(key, ..)| *key);
-        let Some((_, peer, layers)) = best else {
-            return Err(at);
+    // A peer not connected weighs more than any sum of round trips (microseconds).
+    const UNCONNECTED: u128 = 1 << 100;
+    let mut stages = Vec::new();
+    let mut owners = Vec::new();
+    for p in peers.iter().filter(|p| !avoided.contains_key(&p.peer_id)) {
+        let Some(caps) = p.capabilities.as_ref() else {
+            continue;
         };
-        chain.push(Hop { peer, layers });
-        at = layers.end;
+        let rtt = p.rtt.map_or(u128::from(u64::MAX), |d| d.as_micros());
+        let weight = rtt + if p.connected { 0 } else { UNCONNECTED };
+        for s in caps
+            .stages
+            .iter()
+            .filter(|s| s.sha256 == sha256 && s.total_layers == total)
+        {
+            stages.push((s.layers, weight));
+            owners.push(p.peer_id);
+        }
     }
-    Ok(chain)
+    let chain = coverage::shortest_chain(&stages, from, total)?;
+    Ok(chain
+        .into_iter()
+        .map(|i| Hop {
+            peer: owners[i],
+            layers: stages[i].0,
+        })
+        .collect())
 }
