@@ -21,6 +21,7 @@
 mod candle_reference;
 mod dot;
 mod format;
+mod interleave;
 mod matmul;
 mod quantize;
 #[cfg(target_arch = "x86_64")]

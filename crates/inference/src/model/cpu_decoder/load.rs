@@ -43,10 +43,11 @@ fn matrix(t: &RawTensor, name: &str) -> Result<QMatrix> {
 }
 
 /// `t` cut into consecutive runs of `parts[i]` rows (the parts of a fused projection), each a
-/// matrix for the fused kernels; one part is the whole of `t`, whatever its rows.
+/// matrix for the fused kernels in their interleaved layout where the format has one; one
+/// part is the whole of `t`, whatever its rows.
 fn split_rows(t: &RawTensor, name: &str, parts: &[usize]) -> Result<Vec<QMatrix>> {
     if let [_] = parts {
-        return Ok(vec![matrix(t, name)?]);
+        return Ok(vec![matrix(t, name)?.interleaved()]);
     }
     if parts.iter().sum::<usize>() != t.rows || t.rows == 0 {
         candle_core::bail!("{name}: {} rows, not {parts:?}", t.rows);
@@ -63,7 +64,7 @@ fn split_rows(t: &RawTensor, name: &str, parts: &[usize]) -> Result<Vec<QMatrix>
                 data: t.data[at * row_bytes..(at + n) * row_bytes].to_vec().into(),
             };
             at += n;
-            matrix(&part, name)
+            matrix(&part, name).map(|m| m.interleaved())
         })
         .collect()
 }
