@@ -2,8 +2,12 @@
 //! 2048, 512-wide keys and values, feed-forward 8192): one token (matrix-vector) and a batch
 //! of 32, every format in turn, alternating rounds so that a busy machine slows them alike.
 //!
-//! `cargo run --release -p pod-inference --example format_bench [ROUNDS]`. Threads:
-//! `RAYON_NUM_THREADS`, else one per physical core.
+//! `Q4_0`, `Q4_K` and `Q6_K` also run in their interleaved layout (`Q4_0x8`, `Q4Kx8`,
+//! `Q6Kx8`), which is how the CPU decoder holds them.
+//!
+//! `cargo run --release -p pod-inference --example format_bench [ROUNDS [BATCH [FORMAT...]]]`
+//! (batch sizes 1 and 32 by default; FORMAT as printed, e.g. `Q4K Q4Kx8`, to time only
+//! those). Threads: `RAYON_NUM_THREADS`, else one per physical core.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -31,6 +35,11 @@ fn main() {
     let rounds: usize = std::env::args()
         .nth(1)
         .map_or(3, |r| r.parse().expect("a round count"));
+    let batches: Vec<usize> = match std::env::args().nth(2) {
+        Some(m) => vec![m.parse().expect("a batch size")],
+        None => vec![1, 32],
+    };
+    let only: Vec<String> = std::env::args().skip(3).collect();
     let (hidden, kv, ffn) = (2048, 512, 8192);
     let shapes = [
         (hidden, hidden),
@@ -42,21 +51,24 @@ fn main() {
         (hidden, ffn),
     ];
     let mut rng = StdRng::seed_from_u64(1);
-    let layers: Vec<(QuantFormat, Vec<QMatrix>)> = QuantFormat::ALL
-        .iter()
-        .map(|&f| {
-            let ms = shapes
-                .iter()
-                .map(|&(r, c)| matrix(f, r, c, &mut rng))
-                .collect();
-            (f, ms)
-        })
-        .collect();
-    for m in [1usize, 32] {
+    let mut layers: Vec<(String, QuantFormat, Vec<QMatrix>)> = Vec::new();
+    for f in QuantFormat::ALL {
+        let ms: Vec<QMatrix> = shapes
+            .iter()
+            .map(|&(r, c)| matrix(f, r, c, &mut rng))
+            .collect();
+        if matches!(f, QuantFormat::Q4_0 | QuantFormat::Q4K | QuantFormat::Q6K) {
+            let name = format!("{f:?}x8");
+            layers.push((name, f, ms.iter().map(QMatrix::interleaved).collect()));
+        }
+        layers.push((format!("{f:?}"), f, ms));
+    }
+    layers.retain(|(name, _, _)| only.is_empty() || only.contains(name));
+    for m in batches {
         let x: Vec<f32> = (0..m * ffn).map(|_| rng.random_range(-1.0..1.0)).collect();
         let mut best = vec![f64::INFINITY; layers.len()];
         for _ in 0..rounds {
-            for (li, (format, ms)) in layers.iter().enumerate() {
+            for (li, (_, format, ms)) in layers.iter().enumerate() {
                 let mut qa = QuantizedRows::new();
                 let mut qf = QuantizedRows::new();
                 let mut outs: Vec<Vec<f32>> = ms.iter().map(|w| vec![0.0; m * w.rows()]).collect();
@@ -81,10 +93,10 @@ fn main() {
                 best[li] = best[li].min(s);
             }
         }
-        for ((format, ms), s) in layers.iter().zip(&best) {
+        for ((name, _, ms), s) in layers.iter().zip(&best) {
             let bytes: usize = ms.iter().map(|w| w.bytes().len()).sum();
             println!(
-                "{format:?} batch {m}: {:.2} ms per layer, {:.1} GB/s of weights, {:.1} Gop/s",
+                "{name} batch {m}: {:.2} ms per layer, {:.1} GB/s of weights, {:.1} Gop/s",
                 s * 1e3,
                 bytes as f64 / s / 1e9,
                 (2 * m * ms.iter().map(|w| w.rows() * w.cols()).sum::<usize>()) as f64 / s / 1e9

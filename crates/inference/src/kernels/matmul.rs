@@ -8,11 +8,13 @@
 //! Every output element comes from the same per-row kernel whatever the item shape, so results
 //! do not depend on the batch size or the thread count.
 
+use std::borrow::Cow;
 use std::fmt;
 use std::sync::{Arc, Mutex, PoisonError};
 
 use super::dot::{self, fmt as f};
 use super::format::{ActivationForm, QuantFormat};
+use super::interleave::{self, ROWS};
 use super::quantize::QuantizedRows;
 use super::KernelError;
 
@@ -28,24 +30,29 @@ fn tile_rows() -> usize {
     }
     4
 }
-/// Fewest weight rows per work item: enough to amortise taking an item.
-const MIN_CHUNK: usize = 16;
+/// Fewest weight rows per work item: enough to amortise taking an item. Items hold whole
+/// groups of interleaved rows.
+const MIN_CHUNK: usize = 2 * ROWS;
 /// Work items per matrix to aim for.
 const ITEMS_PER_MATRIX: usize = 64;
 /// Runs of consecutive items per thread, taken one at a time.
 const RUNS_PER_THREAD: usize = 4;
 
-/// A `[rows, cols]` weight matrix stored as GGUF blocks, row after row; cheap to clone (the
-/// bytes are shared). It may be a run of rows of a larger buffer (one expert's slice of a
+/// A `[rows, cols]` weight matrix stored as GGUF blocks, row after row, or with runs of eight
+/// rows interleaved block by block ([`QMatrix::interleaved`]); cheap to clone (the bytes are
+/// shared). It may be a run of rows of a larger buffer (one expert's slice of a
 /// mixture-of-experts tensor), read in place.
 #[derive(Clone)]
 pub struct QMatrix {
     format: QuantFormat,
     rows: usize,
     cols: usize,
+    /// Bytes of one row in GGUF's layout.
     row_bytes: usize,
     /// Where this matrix's first row starts in `data`.
     offset: usize,
+    /// Bytes of one interleaved group of eight rows; `None` in GGUF's layout.
+    group_bytes: Option<usize>,
     data: Arc<Vec<u8>>,
 }
 
@@ -55,6 +62,7 @@ impl fmt::Debug for QMatrix {
             .field("format", &self.format)
             .field("rows", &self.rows)
             .field("cols", &self.cols)
+            .field("interleaved", &self.group_bytes.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -85,6 +93,7 @@ impl QMatrix {
             cols,
             row_bytes,
             offset: 0,
+            group_bytes: None,
             data,
         })
     }
@@ -99,11 +108,53 @@ impl QMatrix {
                 available: self.rows,
             });
         }
+        let offset = match self.group_bytes {
+            // Interleaved groups of eight rows are cut only whole.
+            Some(gb) if start % ROWS == 0 && rows % ROWS == 0 => self.offset + start / ROWS * gb,
+            Some(_) => {
+                return Err(KernelError::RowRange {
+                    start,
+                    rows,
+                    available: self.rows,
+                })
+            }
+            None => self.offset + start * self.row_bytes,
+        };
         Ok(Self {
             rows,
-            offset: self.offset + start * self.row_bytes,
+            offset,
             ..self.clone()
         })
+    }
+
+    /// The same matrix with runs of eight rows interleaved block by block, the layout the
+    /// `Q4_0`, `Q4_K` and `Q6_K` kernels multiply fastest (one copy of the weights, made once
+    /// at load; `Q4_0` and `Q6_K` keep their size, `Q4_K` grows by 2.8%). Other formats, matrices whose rows are
+    /// not a multiple of eight, and matrices already interleaved come back as they are.
+    /// Results are the same bits whatever the instruction set, but not the same bits as in
+    /// GGUF's layout: all the matrices a decoder runs should be in one layout or the other for
+    /// its whole life.
+    pub fn interleaved(&self) -> Self {
+        if self.group_bytes.is_some() {
+            return self.clone();
+        }
+        let Some(data) = interleave::interleave(self.format, self.bytes(), self.rows, self.cols)
+        else {
+            return self.clone();
+        };
+        let group_bytes = interleave::group_block_bytes(self.format)
+            .map(|gb| gb * self.cols / self.format.block_values());
+        Self {
+            group_bytes,
+            offset: 0,
+            data: Arc::new(data),
+            ..self.clone()
+        }
+    }
+
+    /// Whether runs of eight rows are interleaved ([`QMatrix::interleaved`]).
+    pub fn is_interleaved(&self) -> bool {
+        self.group_bytes.is_some()
     }
 
     /// The block format.
@@ -121,22 +172,62 @@ impl QMatrix {
         self.cols
     }
 
-    /// The buffer holding the blocks (of this matrix alone, or of the larger tensor a
-    /// [`rows_view`](Self::rows_view) was cut from): two matrices share weights when they
-    /// share it.
+    /// The buffer holding the stored bytes (of this matrix alone, or of the larger tensor a
+    /// [`rows_view`](Self::rows_view) was cut from): GGUF's blocks row after row, unless
+    /// [interleaved](Self::interleaved). Two matrices share weights when they share it.
     pub fn data(&self) -> &Arc<Vec<u8>> {
         &self.data
     }
 
-    /// This matrix's blocks, row after row.
+    /// This matrix's stored bytes: its GGUF blocks row after row, or its interleaved groups.
     pub fn bytes(&self) -> &[u8] {
-        &self.data[self.offset..self.offset + self.rows * self.row_bytes]
+        let len = match self.group_bytes {
+            Some(gb) => self.rows / ROWS * gb,
+            None => self.rows * self.row_bytes,
+        };
+        &self.data[self.offset..self.offset + len]
+    }
+
+    /// The blocks in GGUF's layout, row after row: the stored bytes, or a copy rebuilt from
+    /// the interleaved layout.
+    pub fn gguf_blocks(&self) -> Cow<'_, [u8]> {
+        if self.group_bytes.is_none() {
+            return Cow::Borrowed(self.bytes());
+        }
+        let mut out = vec![0u8; self.rows * self.row_bytes];
+        for (i, row) in out.chunks_exact_mut(self.row_bytes).enumerate() {
+            self.gguf_row(i, row);
+        }
+        Cow::Owned(out)
+    }
+
+    /// Writes row `i`'s GGUF blocks into `out` (`row_bytes` long).
+    fn gguf_row(&self, i: usize, out: &mut [u8]) {
+        let Some(gbytes) = self.group_bytes else {
+            out.copy_from_slice(&self.bytes()[i * self.row_bytes..(i + 1) * self.row_bytes]);
+            return;
+        };
+        let nb = self.cols / self.format.block_values();
+        let gb = gbytes / nb;
+        let group = &self.bytes()[i / ROWS * gbytes..(i / ROWS + 1) * gbytes];
+        for (src, dst) in group
+            .chunks_exact(gb)
+            .zip(out.chunks_exact_mut(self.format.block_bytes()))
+        {
+            interleave::gguf_block(self.format, src, i % ROWS, dst);
+        }
     }
 
     /// Row `i` expanded to f32 (`out` holds `cols` values).
     pub fn dequantize_row(&self, i: usize, out: &mut [f32]) {
-        let bytes = &self.bytes()[i * self.row_bytes..(i + 1) * self.row_bytes];
-        self.format.dequantize_row(bytes, out);
+        if self.group_bytes.is_none() {
+            let bytes = &self.bytes()[i * self.row_bytes..(i + 1) * self.row_bytes];
+            self.format.dequantize_row(bytes, out);
+        } else {
+            let mut bytes = vec![0u8; self.row_bytes];
+            self.gguf_row(i, &mut bytes);
+            self.format.dequantize_row(&bytes, out);
+        }
     }
 
     /// `out[r * rows + j] = x_r · row_j` for every quantised activation row `r` of `x`.
@@ -243,7 +334,10 @@ fn work_items<'a>(
     let tile = tile_rows();
     let chunk_of = |w: &QMatrix, tiles: usize| {
         let per_tile = ITEMS_PER_MATRIX.div_ceil(tiles.max(1));
-        w.rows.div_ceil(per_tile).max(MIN_CHUNK)
+        w.rows
+            .div_ceil(per_tile)
+            .max(MIN_CHUNK)
+            .next_multiple_of(ROWS)
     };
     let total: usize = ws
         .iter()
@@ -284,8 +378,24 @@ fn work_items<'a>(
 }
 
 fn run_item(w: &QMatrix, x: &QuantizedRows, item: &mut Item<'_>) {
-    let rows = &w.bytes()[item.c0 * w.row_bytes..item.c1 * w.row_bytes];
     let (i0, segs) = (item.i0, &mut item.segs[..]);
+    if let Some(gb) = w.group_bytes {
+        // Items start and end on whole groups (chunks are multiples of `ROWS`, and so are
+        // the rows of an interleaved matrix).
+        let groups = &w.bytes()[item.c0 / ROWS * gb..item.c1 / ROWS * gb];
+        match item.n {
+            1 => tile_interleaved::<1>(w, groups, x, i0, segs),
+            2 => tile_interleaved::<2>(w, groups, x, i0, segs),
+            3 => tile_interleaved::<3>(w, groups, x, i0, segs),
+            4 => tile_interleaved::<4>(w, groups, x, i0, segs),
+            5 => tile_interleaved::<5>(w, groups, x, i0, segs),
+            6 => tile_interleaved::<6>(w, groups, x, i0, segs),
+            7 => tile_interleaved::<7>(w, groups, x, i0, segs),
+            _ => tile_interleaved::<MAX_TILE>(w, groups, x, i0, segs),
+        }
+        return;
+    }
+    let rows = &w.bytes()[item.c0 * w.row_bytes..item.c1 * w.row_bytes];
     match item.n {
         1 => tile::<1>(w, rows, x, i0, segs),
         2 => tile::<2>(w, rows, x, i0, segs),
@@ -295,6 +405,40 @@ fn run_item(w: &QMatrix, x: &QuantizedRows, item: &mut Item<'_>) {
         6 => tile::<6>(w, rows, x, i0, segs),
         7 => tile::<7>(w, rows, x, i0, segs),
         _ => tile::<MAX_TILE>(w, rows, x, i0, segs),
+    }
+}
+
+/// Dots each row of `groups` (whole interleaved groups of `w`) with activation rows
+/// `i0..i0 + T`.
+fn tile_interleaved<const T: usize>(
+    w: &QMatrix,
+    groups: &[u8],
+    x: &QuantizedRows,
+    i0: usize,
+    outs: &mut [&mut [f32]],
+) {
+    let nb = w.cols / w.format.block_values();
+    if w.format == QuantFormat::Q4_0 {
+        let xs = std::array::from_fn(|t| x.q8_row(i0 + t).unwrap_or_default());
+        #[cfg(target_arch = "x86_64")]
+        if super::x86::tile_x8_q4_0::<T>(super::x86::level(), groups, nb, xs, outs) {
+            return;
+        }
+        interleave::tile_q4_0::<T>(groups, nb, xs, outs);
+    } else if w.format == QuantFormat::Q4K {
+        let xs = std::array::from_fn(|t| x.q8k_row(i0 + t).unwrap_or_default());
+        #[cfg(target_arch = "x86_64")]
+        if super::x86::tile_x8_q4k::<T>(super::x86::level(), groups, nb, xs, outs) {
+            return;
+        }
+        interleave::tile_q4k::<T>(groups, nb, xs, outs);
+    } else {
+        let xs = std::array::from_fn(|t| x.q8k_row(i0 + t).unwrap_or_default());
+        #[cfg(target_arch = "x86_64")]
+        if super::x86::tile_x8_q6k::<T>(super::x86::level(), groups, nb, xs, outs) {
+            return;
+        }
+        interleave::tile_q6k::<T>(groups, nb, xs, outs);
     }
 }
 
@@ -510,6 +654,105 @@ mod tests {
                 dot::tile_float::<3>(format, &w.data, w.row_bytes, xs, &mut so);
                 assert_eq!(fast, slow, "{format:?} k={k}");
                 assert!(fast.iter().flatten().any(|v| *v != 0.0), "{format:?} k={k}");
+            }
+        }
+    }
+
+    /// The interleaved layout keeps every row's result independent of its batch and grouping,
+    /// and within rounding of the GGUF layout's (the sums are the same, added in another order).
+    #[test]
+    fn interleaved_rows_do_not_depend_on_batch_and_match_gguf_layout() {
+        for format in [QuantFormat::Q4_0, QuantFormat::Q4K, QuantFormat::Q6K] {
+            let (k, m) = (512, 11);
+            let plain = [matrix(format, 40, k, 1), matrix(format, 24, k, 2)];
+            let [a, b] = plain.clone().map(|w| w.interleaved());
+            assert!(a.is_interleaved() && b.is_interleaved());
+            let x = random_input(m * k, 3);
+            let mut q = QuantizedRows::new();
+            q.quantize(&x, k, [format]).unwrap();
+            let mut ya = vec![0.0; m * 40];
+            let mut yb = vec![0.0; m * 24];
+            matmul_many(&[&a, &b], &q, &mut [&mut ya, &mut yb]).unwrap();
+            for (w, y) in [(&a, &ya), (&b, &yb)] {
+                let n = w.rows();
+                for r in 0..m {
+                    let mut q1 = QuantizedRows::new();
+                    q1.quantize(&x[r * k..(r + 1) * k], k, [format]).unwrap();
+                    let mut y1 = vec![0.0; n];
+                    w.matmul(&q1, &mut y1).unwrap();
+                    assert_eq!(&y[r * n..(r + 1) * n], &y1[..], "{format:?} row {r}");
+                }
+            }
+            let mut yp = vec![0.0; m * 40];
+            plain[0].matmul(&q, &mut yp).unwrap();
+            let mag = magnitudes(&plain[0], &x);
+            for (i, (&u, &v)) in ya.iter().zip(&yp).enumerate() {
+                assert!(
+                    (u - v).abs() <= 1e-5 * mag[i],
+                    "{format:?} [{i}]: {u} vs {v}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn interleaving_keeps_the_gguf_blocks_and_rows() {
+        for format in QuantFormat::ALL {
+            let w = matrix(format, 16, 512, 9);
+            let v = w.interleaved();
+            let expect = matches!(
+                format,
+                QuantFormat::Q4_0 | QuantFormat::Q4K | QuantFormat::Q6K
+            );
+            assert_eq!(v.is_interleaved(), expect, "{format:?}");
+            assert_eq!(&v.gguf_blocks()[..], &w.data()[..], "{format:?}");
+            let (mut a, mut b) = (vec![0.0; 512], vec![0.0; 512]);
+            for i in 0..16 {
+                w.dequantize_row(i, &mut a);
+                v.dequantize_row(i, &mut b);
+                assert_eq!(a, b, "{format:?} row {i}");
+            }
+        }
+        assert!(!matrix(QuantFormat::Q4K, 12, 256, 1)
+            .interleaved()
+            .is_interleaved());
+    }
+
+    /// The interleaved kernels of each instruction set give the portable ones' bits.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn interleaved_simd_kernels_agree_with_portable_to_the_bit() {
+        use super::super::x86::{self, Level};
+        for level in [Level::Avx2, Level::Avx512Vnni] {
+            if level > x86::level() {
+                continue;
+            }
+            for format in [QuantFormat::Q4_0, QuantFormat::Q4K, QuantFormat::Q6K] {
+                let (n, k) = (16, 768);
+                let w = matrix(format, n, k, 13).interleaved();
+                let nb = k / format.block_values();
+                let x = random_input(3 * k, 14);
+                let mut q = QuantizedRows::new();
+                q.quantize(&x, k, [format]).unwrap();
+                let mut fast = vec![vec![0.0f32; n]; 3];
+                let mut slow = vec![vec![0.0f32; n]; 3];
+                let mut fo: Vec<&mut [f32]> = fast.iter_mut().map(|v| &mut v[..]).collect();
+                let mut so: Vec<&mut [f32]> = slow.iter_mut().map(|v| &mut v[..]).collect();
+                if format == QuantFormat::Q4_0 {
+                    let xs: [_; 3] = std::array::from_fn(|t| q.q8_row(t).unwrap());
+                    assert!(x86::tile_x8_q4_0::<3>(level, w.data(), nb, xs, &mut fo));
+                    interleave::tile_q4_0::<3>(w.data(), nb, xs, &mut so);
+                } else if format == QuantFormat::Q4K {
+                    let xs: [_; 3] = std::array::from_fn(|t| q.q8k_row(t).unwrap());
+                    assert!(x86::tile_x8_q4k::<3>(level, w.data(), nb, xs, &mut fo));
+                    interleave::tile_q4k::<3>(w.data(), nb, xs, &mut so);
+                } else {
+                    let xs: [_; 3] = std::array::from_fn(|t| q.q8k_row(t).unwrap());
+                    assert!(x86::tile_x8_q6k::<3>(level, w.data(), nb, xs, &mut fo));
+                    interleave::tile_q6k::<3>(w.data(), nb, xs, &mut so);
+                }
+                assert_eq!(fast, slow, "{level:?} {format:?}");
+                assert!(fast.iter().flatten().all(|v| *v != 0.0), "{format:?}");
             }
         }
     }

@@ -15,6 +15,8 @@ pub(crate) struct Q8Block {
     pub(crate) d: f32,
     /// `d * Σ qs`, the block's sum as the quantised values represent it.
     pub(crate) s: f32,
+    /// `Σ qs`, for kernels that fold an offset in before scaling.
+    pub(crate) sum: i32,
     pub(crate) qs: [i8; QK],
 }
 
@@ -22,6 +24,7 @@ impl Q8Block {
     const ZERO: Self = Self {
         d: 0.0,
         s: 0.0,
+        sum: 0,
         qs: [0; QK],
     };
 }
@@ -164,6 +167,7 @@ fn quantize_q8(xs: &[f32], out: &mut Q8Block) {
     }
     out.d = d;
     out.s = d * sum as f32;
+    out.sum = sum;
 }
 
 fn quantize_q8k(xs: &[f32], out: &mut Q8KBlock) {
@@ -194,6 +198,7 @@ mod tests {
         for (b, xs) in row.iter().zip(x.chunks_exact(QK)) {
             let sum: i32 = b.qs.iter().map(|&v| i32::from(v)).sum();
             assert_eq!(b.s, b.d * sum as f32);
+            assert_eq!(b.sum, sum);
             for (&qv, &v) in b.qs.iter().zip(xs) {
                 assert!((b.d * f32::from(qv) - v).abs() <= b.d * 0.5 + 1e-6);
             }

@@ -26,7 +26,7 @@ pub(super) struct GpuMatrix<R: DeviceRuntime> {
 impl<R: DeviceRuntime> GpuMatrix<R> {
     fn upload(runtime: &Arc<R>, m: &QMatrix) -> Result<Self, RuntimeError> {
         Ok(Self {
-            buf: DeviceBuffer::from_slice(runtime, m.bytes())?,
+            buf: DeviceBuffer::from_slice(runtime, &m.gguf_blocks()[..])?,
             format: WeightFormat::of(m.format()).ok_or(RuntimeError::Format(m.format()))?,
             rows: m.rows(),
             cols: m.cols(),
