@@ -110,7 +110,9 @@ impl QMatrix {
         }
         let offset = match self.group_bytes {
             // Interleaved groups of eight rows are cut only whole.
-            Some(gb) if start % ROWS == 0 && rows % ROWS == 0 => self.offset + start / ROWS * gb,
+            Some(gb) if start.is_multiple_of(ROWS) && rows.is_multiple_of(ROWS) => {
+                self.offset + start / ROWS * gb
+            }
             Some(_) => {
                 return Err(KernelError::RowRange {
                     start,
@@ -567,6 +569,36 @@ mod tests {
             }
             assert!(whole.rows_view(40, 16).is_err());
             assert!(matmul_ranges(&ws, &q, &[0..5, 3..10], &mut [&mut y0, &mut y1]).is_err());
+        }
+    }
+
+    /// A view of whole groups of an interleaved matrix multiplies as those rows of the whole
+    /// matrix do; a view that would cut a group is refused.
+    #[test]
+    fn views_of_interleaved_matrices_cut_whole_groups_only() {
+        for format in [QuantFormat::Q4_0, QuantFormat::Q4K] {
+            let k = 256;
+            let whole = matrix(format, 32, k, 5).interleaved();
+            assert!(whole.is_interleaved());
+            let view = whole.rows_view(8, 16).unwrap();
+            assert!(view.is_interleaved());
+            assert_eq!(view.bytes().len() * 2, whole.bytes().len());
+            let x = random_input(3 * k, 6);
+            let mut q = QuantizedRows::new();
+            q.quantize(&x, k, [format]).unwrap();
+            let (mut all, mut part) = (vec![0.0; 3 * 32], vec![0.0; 3 * 16]);
+            whole.matmul(&q, &mut all).unwrap();
+            view.matmul(&q, &mut part).unwrap();
+            for t in 0..3 {
+                assert_eq!(&part[t * 16..(t + 1) * 16], &all[t * 32 + 8..t * 32 + 24]);
+            }
+            let mut a = vec![0.0; k];
+            let mut b = vec![0.0; k];
+            view.dequantize_row(3, &mut a);
+            whole.dequantize_row(11, &mut b);
+            assert_eq!(a, b, "{format:?}");
+            assert!(whole.rows_view(4, 8).is_err());
+            assert!(whole.rows_view(8, 12).is_err());
         }
     }
 
