@@ -1,6 +1,8 @@
 //! Fidelity to llama.cpp on the same GGUF files. The expected values come from llama.cpp's
 //! `llama-server` (`bench/llama_reference.py`, see `bench/README.md`): the rendered chat
-//! prompt, its token ids, and the top-10 log-probabilities of the next token.
+//! prompt, its token ids, and the top-10 log-probabilities of the next token; for the
+//! synthetic models also the whole next-token distribution after several prefixes of each
+//! prompt and a 32-token greedy continuation with llama.cpp's top-2 margin at each step.
 
 mod common;
 
