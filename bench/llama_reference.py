@@ -20,6 +20,18 @@ what llama.cpp does so that pod's fidelity tests can assert against it:
   logits over the whole vocabulary (tools/server get_token_probabilities), as
   completion_probabilities[0].top_logprobs = [{id, token, bytes, logprob}, ...].
 
+Raw mode also records, unless turned off (--full-positions 0, --greedy 0):
+  full:   the whole next-token distribution after --full-positions prefixes of each case
+          (the full prompt and shorter ones): the same /completion request with n_probs =
+          --full-vocab (512, the synthetic vocabulary), which llama-server does not cap: it
+          sorts the whole vocabulary and keeps the first n_probs. Stored as one list of
+          log-probabilities per position, in token-id order, rounded to 5 decimals.
+  greedy: llama.cpp's greedy continuation of each case, --greedy tokens (32):
+          POST /completion {"prompt": [ids], "n_predict": 32, "n_probs": 2,
+                            "temperature": 0, "post_sampling_probs": false, ...}
+          with the top-2 margin (nats) of the raw distribution at each generated step
+          (from a one-token request at each step: see Server.greedy).
+
 Also records a list of extra tokenizer cases (add_special false, parse_special true).
 
   long mode (a long-context model, e.g. the synthetic `tiny-long` shape):
@@ -150,6 +162,17 @@ COMPLETION_PARAMS = {
     "return_tokens": True,
 }
 
+# A greedy continuation: llama.cpp's own sampler at temperature 0 picks the top-1 token at each
+# step; n_probs 2 with post_sampling_probs false gives the raw distribution's top-2 there.
+GREEDY_PARAMS = {
+    "n_predict": 32,
+    "n_probs": 2,
+    "temperature": 0,
+    "cache_prompt": False,
+    "post_sampling_probs": False,
+    "return_tokens": True,
+}
+
 
 class Server:
     def __init__(self, base: str):
@@ -198,7 +221,7 @@ class Server:
         pieces = [t["piece"] for t in res["tokens"]]
         return ids, pieces
 
-    def top_logprobs(self, tokens: list[int]):
+    def top_logprobs(self, tokens: list[int], n_probs: int = COMPLETION_PARAMS["n_probs"]):
         """Top-n_probs of the raw next-token distribution after `tokens`.
 
         llama-server only reports probabilities for a generated token once the
@@ -211,7 +234,7 @@ class Server:
         """
         banned: list[int] = []
         for _ in range(8):
-            body = {"prompt": tokens, **COMPLETION_PARAMS}
+            body = {"prompt": tokens, **COMPLETION_PARAMS, "n_probs": n_probs}
             if banned:
                 body["logit_bias"] = [[t, False] for t in banned]
             res = self.post("/completion", body)
@@ -235,14 +258,55 @@ class Server:
             {"id": t["id"], "token": t["token"], "bytes": t["bytes"], "logprob": t["logprob"]}
             for t in first["top_logprobs"]
         ]
-        if len(top) != COMPLETION_PARAMS["n_probs"]:
-            raise RuntimeError(f"expected {COMPLETION_PARAMS['n_probs']} top entries, got {len(top)}")
+        if len(top) != n_probs:
+            raise RuntimeError(f"expected {n_probs} top entries, got {len(top)}")
         if any(a["logprob"] < b["logprob"] for a, b in zip(top, top[1:])):
             raise RuntimeError("top_logprobs not sorted")
         greedy = banned[0] if banned else first["id"]
         if greedy != top[0]["id"]:
             raise RuntimeError(f"greedy token {greedy} is not top-1 {top[0]['id']}")
         return top, banned
+
+    def full_logprobs(self, tokens: list[int], vocab: int) -> list[float]:
+        """The whole next-token distribution after `tokens`: the log-probability of every
+        token id below `vocab`, in id order, rounded to 5 decimals. Asks for
+        n_probs = vocab and checks that every id came back once (llama-server sorts the
+        whole vocabulary and keeps the first n_probs)."""
+        top, _ = self.top_logprobs(tokens, n_probs=vocab)
+        out: list[float | None] = [None] * vocab
+        for t in top:
+            if t["id"] >= vocab or out[t["id"]] is not None:
+                raise RuntimeError(f"unexpected or repeated id {t['id']} in n_probs={vocab}")
+            out[t["id"]] = round(t["logprob"], 5)
+        if any(v is None for v in out):
+            raise RuntimeError(f"n_probs={vocab} did not return every token id")
+        return out  # type: ignore[return-value]
+
+    def greedy(self, tokens: list[int], steps: int) -> dict:
+        """llama.cpp's greedy continuation of `tokens` (up to `steps` tokens; fewer where it
+        generates end-of-generation) and its top-2 margin (nats, raw distribution) at each
+        generated step.
+
+        llama-server reports probabilities once per complete UTF-8 piece, so a generated
+        token that is part of a multi-byte character has none in the generation's response.
+        Each step's margin therefore comes from its own request after the prompt and the
+        tokens generated before it (n_predict 1, n_probs 2). Where that request's top-1 is
+        not the generated token (llama.cpp's batched prompt and one-token decode disagree on
+        a near tie) the margin is recorded as 0."""
+        body = {"prompt": tokens, **GREEDY_PARAMS, "n_predict": steps}
+        ids = self.post("/completion", body)["tokens"]
+        margins = []
+        for i, tok in enumerate(ids):
+            top, _ = self.top_logprobs(tokens + ids[:i], n_probs=2)
+            margin = top[0]["logprob"] - top[1]["logprob"] if top[0]["id"] == tok else 0.0
+            margins.append(round(margin, 5))
+        return {"tokens": ids, "margins": margins}
+
+
+def prefix_lengths(n: int, count: int) -> list[int]:
+    """`count` prefix lengths of an n-token prompt, evenly spread and ending with n itself
+    (at least 2 tokens each: BOS and one more); fewer when the prompt is short."""
+    return sorted({max(2, min(n, round(n * (count - i) / count))) for i in range(count)})
 
 
 def fmt(obj, indent: int = 0) -> str:
@@ -278,6 +342,15 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--tail", type=int, default=0,
                     help="raw mode: also record the distribution after each case's last N tokens")
+    ap.add_argument("--full-positions", type=int, default=3,
+                    help="raw mode: record the whole next-token distribution (every id below "
+                         "--full-vocab) after this many prefixes of each case, the full prompt "
+                         "included (0: none)")
+    ap.add_argument("--full-vocab", type=int, default=512,
+                    help="raw mode: vocabulary size for --full-positions (n_probs)")
+    ap.add_argument("--greedy", type=int, default=32,
+                    help="raw mode: record llama.cpp's greedy continuation of this many tokens "
+                         "with its top-2 margin per step (0: none)")
     ap.add_argument("--server-log", help="file for llama-server output (default: a temp file)")
     ap.add_argument("--kv-type", default="f32",
                     help="KV cache type (-ctk/-ctv); f32 with flash attention off keeps llama.cpp's "
@@ -346,6 +419,14 @@ def main() -> int:
                     tail_top, tail_banned = srv.top_logprobs(tokens[-args.tail:])
                     tail = {"tail": {"tokens": tokens[-args.tail:], "top": tail_top,
                                      **({"logit_bias_banned": tail_banned} if tail_banned else {})}}
+                extra = {}
+                if args.full_positions:
+                    extra["full"] = [
+                        {"prompt_tokens": n, "logprobs": srv.full_logprobs(tokens[:n], args.full_vocab)}
+                        for n in prefix_lengths(len(tokens), args.full_positions)
+                    ]
+                if args.greedy:
+                    extra["greedy"] = srv.greedy(tokens, args.greedy)
                 cases.append(
                     {
                         "name": c["name"],
@@ -357,6 +438,7 @@ def main() -> int:
                         "top": top,
                         **({"logit_bias_banned": banned} if banned else {}),
                         **tail,
+                        **extra,
                     }
                 )
                 print(f"{c['name']}: {len(tokens)} tokens, top-1 {top[0]['token']!r}", file=sys.stderr)
@@ -382,8 +464,17 @@ def main() -> int:
                if args.mode != "long" else "")
             + f"POST /completion {json.dumps({'prompt': '[token ids]', **COMPLETION_PARAMS})} "
             + "-> completion_probabilities[0].top_logprobs; "
+            + (f"full: the same with n_probs {args.full_vocab} after {args.full_positions} prefixes "
+               "of each case -> logprobs of every id in id order, rounded to 5 decimals; "
+               if args.mode == "raw" and args.full_positions else "")
+            + (f"greedy: POST /completion {json.dumps({'prompt': '[token ids]', **GREEDY_PARAMS, 'n_predict': args.greedy})} "
+               "-> tokens; the top-2 margin of each step from the one-token request with n_probs 2 "
+               "after the prompt and the tokens before it; "
+               if args.mode == "raw" and args.greedy else "")
             + f"bench/llama_reference.py --mode {args.mode}"
             + (f" --tail {args.tail}" if args.tail else "")
+            + (f" --full-positions {args.full_positions} --full-vocab {args.full_vocab}"
+               f" --greedy {args.greedy}" if args.mode == "raw" else "")
             + (f" --tokens {args.tokens} --seed {args.seed} --positions {args.positions} "
                f"--vocab {args.vocab}" if args.mode == "long" else "")
         )

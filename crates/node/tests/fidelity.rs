@@ -1,6 +1,8 @@
 //! Fidelity to llama.cpp on the same GGUF files. The expected values come from llama.cpp's
 //! `llama-server` (`bench/llama_reference.py`, see `bench/README.md`): the rendered chat
-//! prompt, its token ids, and the top-10 log-probabilities of the next token.
+//! prompt, its token ids, and the top-10 log-probabilities of the next token; for the
+//! synthetic models also the whole next-token distribution after several prefixes of each
+//! prompt and a 32-token greedy continuation with llama.cpp's top-2 margin at each step.
 
 mod common;
 
@@ -184,12 +186,170 @@ fn synthetic_matches_llama_cpp(fixture: &str, shape: &str) {
     synthetic_format_matches_llama_cpp(fixture, shape, "q8_0");
 }
 
-/// [`synthetic_matches_llama_cpp`] with the model's weights in `format`.
+/// [`synthetic_matches_llama_cpp`] with the model's weights in `format`: the top-10 check,
+/// then the whole logit vectors and the greedy continuations.
 fn synthetic_format_matches_llama_cpp(fixture: &str, shape: &str, format: &str) {
     let fixture = common::fixture(fixture);
     let dir = tempfile::tempdir().unwrap();
     let model = synthetic_model(&dir, shape, format, &fixture);
     check_raw_fixture(&model, &fixture, SYNTHETIC_MAX_MEAN_DELTA);
+    check_full_logits(&model, &fixture, format);
+    check_greedy(&model, &fixture);
+}
+
+/// Least cosine similarity allowed between pod's and llama.cpp's centred next-token vectors
+/// at any recorded position, for weights in f16 or bf16 (issue 16's 0.9999). Measured over
+/// 15 positions each: F16 0.9999998, BF16 0.9999905.
+const MIN_COSINE: f64 = 0.9999;
+/// The same for quantised weights, whose activations both decoders round to 8 bits: there
+/// the issue's 0.9999 does not hold. Measured least cosines over 15 positions per fixture:
+/// 0.99985 to 0.99993 (Q8_0 on every shape, Q2_K, Q3_K, Q5_K, Q4_K experts; worst:
+/// `tiny-phi3-longrope`, 0.9998543). One less the cosine grows with the square of the error,
+/// so allowing twice the worst error ([`MAX_ABS_ERROR`]) means allowing four times the worst
+/// 1.46e-4: 0.9994.
+const MIN_COSINE_QUANTISED: f64 = 0.9994;
+/// Largest absolute difference allowed between pod's and llama.cpp's centred next-token
+/// vectors, for any token at any recorded position: twice the worst measured over every
+/// fixture (0.0752, `tiny-linear` Q8_0; Q8_0 shapes 0.055–0.075, Q2_K 0.055, Q3_K 0.054,
+/// Q5_K 0.061, Q4_K experts 0.042, BF16 0.018, F16 0.0024).
+const MAX_ABS_ERROR: f32 = 0.15;
+/// llama.cpp's top-2 margin (nats) below which a greedy step is a near tie that either
+/// decoder may break either way, so it is not compared. With every centred logit within ε of
+/// llama.cpp's, only a margin below 2ε can flip the argmax; the worst ε measured is 0.075, so
+/// 0.15. (Measured with no threshold, pod and llama.cpp part on margins up to 0.043 on the
+/// dense shapes; on `tiny-qwen3moe` Q8_0 once at 0.127, 23 steps into a continuation, where a
+/// near tie in the router can pick another expert.)
+const MIN_GREEDY_MARGIN: f32 = 0.15;
+/// Fewest greedy steps a fixture must compare over its cases (5 cases of up to 32 steps), so
+/// that the check is not vacuous: every fixture compares 96 or more, except
+/// `tiny-gemma3-linear` with 70 (one continuation reaches end-of-turn after 4 tokens).
+const MIN_GREEDY_STEPS: usize = 50;
+
+/// `v` less its mean: logits and log-probabilities differ by one constant per position (the
+/// log of the softmax's sum), which centring removes from both sides alike. Uncentred
+/// log-probabilities would not do for the cosine: they are all large negative numbers, so
+/// any two such vectors have a cosine near 1.
+fn centred(v: &[f32]) -> Vec<f64> {
+    let mean = v.iter().map(|&x| f64::from(x)).sum::<f64>() / v.len() as f64;
+    v.iter().map(|&x| f64::from(x) - mean).collect()
+}
+
+/// Cosine similarity and largest absolute difference of two centred vectors.
+fn compare_vectors(ours: &[f32], theirs: &[f32]) -> (f64, f32) {
+    assert_eq!(ours.len(), theirs.len(), "vocabulary size");
+    let (a, b) = (centred(ours), centred(theirs));
+    let dot: f64 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
+    let na: f64 = a.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let nb: f64 = b.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let max = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max);
+    (dot / (na * nb), max as f32)
+}
+
+fn floats(v: &Value) -> Vec<f32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap() as f32)
+        .collect()
+}
+
+/// pod's whole next-token logit vector after each prefix the fixture's `full` records,
+/// against llama.cpp's log-probabilities there: cosine at least [`MIN_COSINE`] (or
+/// [`MIN_COSINE_QUANTISED`] for quantised weights), every token within [`MAX_ABS_ERROR`].
+fn check_full_logits(model: &ChatModel, fixture: &Value, format: &str) {
+    let min_cosine = if matches!(format, "f16" | "bf16" | "f32") {
+        MIN_COSINE
+    } else {
+        MIN_COSINE_QUANTISED
+    };
+    let (mut worst_cos, mut worst_err, mut positions) = (1.0f64, 0.0f32, 0);
+    for case in fixture["cases"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let tokens = ids(&case["tokens"]);
+        let full = case["full"]
+            .as_array()
+            .expect("fixture has no full vectors");
+        for at in full {
+            let n = at["prompt_tokens"].as_u64().unwrap() as usize;
+            let theirs = floats(&at["logprobs"]);
+            let logits = model.new_sequence().forward(&tokens[..n]).unwrap();
+            let (cos, err) = compare_vectors(&logits, &theirs);
+            assert!(
+                cos >= min_cosine,
+                "{name} after {n} tokens: cosine {cos:.6} with llama.cpp"
+            );
+            assert!(
+                err <= MAX_ABS_ERROR,
+                "{name} after {n} tokens: a logit {err:.4} from llama.cpp's"
+            );
+            worst_cos = worst_cos.min(cos);
+            worst_err = worst_err.max(err);
+            positions += 1;
+        }
+    }
+    assert!(positions >= 10, "only {positions} full vectors");
+    eprintln!(
+        "full vectors: {positions} positions, least cosine {worst_cos:.7}, largest error {worst_err:.4}"
+    );
+}
+
+/// pod's greedy continuation of each case (the prompt's forward pass, then one token at a
+/// time, the argmax at each step) against llama.cpp's 32 tokens: at every step where
+/// llama.cpp's top-2 margin is at least [`MIN_GREEDY_MARGIN`] pod picks llama.cpp's token.
+/// pod is fed llama.cpp's token at every step, so a near tie that goes the other way does
+/// not end the comparison (steps before a case's first near tie are counted apart, as the
+/// plain "continuations identical" figure). Over the fixture at least [`MIN_GREEDY_STEPS`]
+/// steps are compared.
+fn check_greedy(model: &ChatModel, fixture: &Value) {
+    let (mut compared, mut before_tie, mut total) = (0, 0, 0);
+    for case in fixture["cases"].as_array().unwrap() {
+        let name = case["name"].as_str().unwrap();
+        let greedy = case
+            .get("greedy")
+            .expect("fixture has no greedy continuations");
+        let theirs = ids(&greedy["tokens"]);
+        let margins = floats(&greedy["margins"]);
+        assert_eq!(theirs.len(), margins.len(), "{name}");
+        total += theirs.len();
+        let mut seq = model.new_sequence();
+        let mut logits = seq.forward(&ids(&case["tokens"])).unwrap();
+        let mut tied = false;
+        for (step, (&token, &margin)) in theirs.iter().zip(&margins).enumerate() {
+            if margin >= MIN_GREEDY_MARGIN {
+                let ours = argmax(&logits);
+                assert_eq!(
+                    ours, token,
+                    "{name}: greedy step {step} differs (llama.cpp margin {margin:.3})"
+                );
+                compared += 1;
+                before_tie += usize::from(!tied);
+            } else {
+                tied = true;
+            }
+            logits = seq.forward(&[token]).unwrap();
+        }
+    }
+    eprintln!(
+        "greedy: {compared} of {total} steps clear and equal, {before_tie} before each case's first near tie"
+    );
+    assert!(
+        compared >= MIN_GREEDY_STEPS,
+        "only {compared} greedy steps with a clear margin"
+    );
+}
+
+fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &l) in logits.iter().enumerate() {
+        if l > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
 }
 
 /// Writes the synthetic `shape` model in `format` with seed 1 into `dir`, checks it is the
