@@ -18,15 +18,18 @@ use crate::gpu::synthetic::{self, Family, ModelShape, RopeScaling};
 use crate::model::cpu_decoder::CpuDecoder;
 
 /// The weight formats checked, each in every projection and the output head of its model.
-pub const CHECKED_FORMATS: [GgmlDType; 8] = [
+pub const CHECKED_FORMATS: [GgmlDType; 11] = [
     GgmlDType::Q4_0,
     GgmlDType::Q4_1,
     GgmlDType::Q5_0,
     GgmlDType::Q8_0,
+    GgmlDType::Q2K,
+    GgmlDType::Q3K,
     GgmlDType::Q4K,
     GgmlDType::Q5K,
     GgmlDType::Q6K,
     GgmlDType::F16,
+    GgmlDType::BF16,
 ];
 
 /// The prompt every check feeds first, in one pass.
@@ -325,7 +328,10 @@ mod tests {
         let names: Vec<&str> = report.checks.iter().map(|c| c.format.as_str()).collect();
         assert_eq!(
             names,
-            ["Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q4_K", "Q5_K", "Q6_K", "F16"]
+            [
+                "Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "F16",
+                "BF16"
+            ]
         );
         for row in &report.checks {
             assert_eq!(row.error, None, "{}", row.format);
@@ -336,7 +342,7 @@ mod tests {
         }
         assert!(report.passed());
         let json = serde_json::to_value(&report).unwrap();
-        assert_eq!(json["checks"][6]["format"], "Q6_K");
+        assert_eq!(json["checks"][8]["format"], "Q6_K");
         assert_eq!(json["checks"][0]["passed"], true);
     }
 }

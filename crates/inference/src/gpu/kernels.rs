@@ -205,8 +205,7 @@ pub fn kernel(name: &str) -> Result<&'static KernelSpec, ArgError> {
         .ok_or_else(|| ArgError::UnknownKernel(name.to_owned()))
 }
 
-/// A weight matrix's format on the GPU: the formats of the fused CPU kernels that the GPU
-/// kernels also read (all but `Q2_K`, `Q3_K` and `BF16`).
+/// A weight matrix's format on the GPU: every format of the fused CPU kernels.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum WeightFormat {
     /// 4-bit values with one scale per 32.
@@ -217,6 +216,12 @@ pub enum WeightFormat {
     Q5_0,
     /// 8-bit values with one scale per 32.
     Q8_0,
+    /// 2-bit values in super-blocks of 256 (84 bytes: sixteen bytes of 4-bit scales and mins,
+    /// 64 bytes of values, `d`, `dmin`).
+    Q2K,
+    /// 3-bit values in super-blocks of 256 (110 bytes: 32 bytes of third bits, 64 bytes of
+    /// low bits, sixteen 6-bit signed scales in 12 bytes, `d`).
+    Q3K,
     /// 4-bit values in super-blocks of 256 with 6-bit sub-block scales and mins.
     Q4K,
     /// 5-bit values in super-blocks of 256 (176 bytes: `d`, `dmin`, 12 bytes of scales and
@@ -226,6 +231,8 @@ pub enum WeightFormat {
     Q6K,
     /// IEEE half floats.
     F16,
+    /// bfloat16: the top half of an f32.
+    BF16,
     /// 32-bit floats.
     F32,
 }
@@ -243,31 +250,37 @@ pub enum Activations {
 
 impl WeightFormat {
     /// Every format the kernels read.
-    pub const ALL: [WeightFormat; 9] = [
+    pub const ALL: [WeightFormat; 12] = [
         WeightFormat::Q4_0,
         WeightFormat::Q4_1,
         WeightFormat::Q5_0,
         WeightFormat::Q8_0,
+        WeightFormat::Q2K,
+        WeightFormat::Q3K,
         WeightFormat::Q4K,
         WeightFormat::Q5K,
         WeightFormat::Q6K,
         WeightFormat::F16,
+        WeightFormat::BF16,
         WeightFormat::F32,
     ];
 
-    /// The GPU format of a CPU kernel format, or `None` when no GPU kernel reads it.
+    /// The GPU format of a CPU kernel format; every one has GPU kernels, the `Option` is for
+    /// formats the CPU kernels may learn first.
     pub const fn of(format: QuantFormat) -> Option<Self> {
         Some(match format {
             QuantFormat::Q4_0 => Self::Q4_0,
             QuantFormat::Q4_1 => Self::Q4_1,
             QuantFormat::Q5_0 => Self::Q5_0,
             QuantFormat::Q8_0 => Self::Q8_0,
+            QuantFormat::Q2K => Self::Q2K,
+            QuantFormat::Q3K => Self::Q3K,
             QuantFormat::Q4K => Self::Q4K,
             QuantFormat::Q5K => Self::Q5K,
             QuantFormat::Q6K => Self::Q6K,
             QuantFormat::F16 => Self::F16,
+            QuantFormat::BF16 => Self::BF16,
             QuantFormat::F32 => Self::F32,
-            QuantFormat::Q2K | QuantFormat::Q3K | QuantFormat::BF16 => return None,
         })
     }
 
@@ -278,10 +291,13 @@ impl WeightFormat {
             Self::Q4_1 => QuantFormat::Q4_1,
             Self::Q5_0 => QuantFormat::Q5_0,
             Self::Q8_0 => QuantFormat::Q8_0,
+            Self::Q2K => QuantFormat::Q2K,
+            Self::Q3K => QuantFormat::Q3K,
             Self::Q4K => QuantFormat::Q4K,
             Self::Q5K => QuantFormat::Q5K,
             Self::Q6K => QuantFormat::Q6K,
             Self::F16 => QuantFormat::F16,
+            Self::BF16 => QuantFormat::BF16,
             Self::F32 => QuantFormat::F32,
         }
     }
@@ -304,9 +320,9 @@ impl WeightFormat {
     /// The activation rows its `matvec_*` kernel reads.
     pub const fn activations(self) -> Activations {
         match self {
-            Self::Q4K | Self::Q5K | Self::Q6K => Activations::Q8K,
+            Self::Q2K | Self::Q3K | Self::Q4K | Self::Q5K | Self::Q6K => Activations::Q8K,
             Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q8_0 => Activations::Q8,
-            Self::F16 | Self::F32 => Activations::F32,
+            Self::F16 | Self::BF16 | Self::F32 => Activations::F32,
         }
     }
 
@@ -317,10 +333,13 @@ impl WeightFormat {
             Self::Q4_1 => "matvec_q4_1",
             Self::Q5_0 => "matvec_q5_0",
             Self::Q8_0 => "matvec_q8_0",
+            Self::Q2K => "matvec_q2_k",
+            Self::Q3K => "matvec_q3_k",
             Self::Q4K => "matvec_q4_k",
             Self::Q5K => "matvec_q5_k",
             Self::Q6K => "matvec_q6_k",
             Self::F16 => "matvec_f16",
+            Self::BF16 => "matvec_bf16",
             Self::F32 => "matvec_f32",
         }
     }
@@ -333,10 +352,13 @@ impl WeightFormat {
             Self::Q4_1 => "matmul_q4_1",
             Self::Q5_0 => "matmul_q5_0",
             Self::Q8_0 => "matmul_q8_0",
+            Self::Q2K => "matmul_q2_k",
+            Self::Q3K => "matmul_q3_k",
             Self::Q4K => "matmul_q4_k",
             Self::Q5K => "matmul_q5_k",
             Self::Q6K => "matmul_q6_k",
             Self::F16 => "matmul_f16",
+            Self::BF16 => "matmul_bf16",
             Self::F32 => "matmul_f32",
         }
     }
@@ -348,10 +370,13 @@ impl WeightFormat {
             Self::Q4_1 => "embed_q4_1",
             Self::Q5_0 => "embed_q5_0",
             Self::Q8_0 => "embed_q8_0",
+            Self::Q2K => "embed_q2_k",
+            Self::Q3K => "embed_q3_k",
             Self::Q4K => "embed_q4_k",
             Self::Q5K => "embed_q5_k",
             Self::Q6K => "embed_q6_k",
             Self::F16 => "embed_f16",
+            Self::BF16 => "embed_bf16",
             Self::F32 => "embed_f32",
         }
     }
@@ -392,8 +417,8 @@ const fn spec(name: &'static str, params: &'static [Param]) -> KernelSpec {
 /// Every kernel in the source. Launch shapes:
 /// - `matvec_<format>(w, x, y, rows, cols, batch)`: grid `rows`, any block of 32·k threads;
 ///   `x` holds `batch` activation rows in the form [`WeightFormat::activations`] says
-///   (32-value blocks for `q4_0`, `q4_1`, `q5_0`, `q8_0`, 256-value super-blocks for `q4_k`,
-///   `q5_k`, `q6_k`, f32 for `f16`, `f32`).
+///   (32-value blocks for `q4_0`, `q4_1`, `q5_0`, `q8_0`, 256-value super-blocks for `q2_k`,
+///   `q3_k`, `q4_k`, `q5_k`, `q6_k`, f32 for `f16`, `bf16`, `f32`).
 /// - `matmul_<format>(w, x, y, rows, cols, batch)`: as `matvec_<format>`, the same bits, over
 ///   grid `(rows, ceil(batch / MATMUL_TILE))`.
 /// - `embed_<format>(table, ids, out, cols, scale)`: grid = number of ids; `embed_f32` on
@@ -416,28 +441,37 @@ pub const KERNELS: &[KernelSpec] = &[
     spec("matvec_q4_1", MATVEC),
     spec("matvec_q5_0", MATVEC),
     spec("matvec_q8_0", MATVEC),
+    spec("matvec_q2_k", MATVEC),
+    spec("matvec_q3_k", MATVEC),
     spec("matvec_q4_k", MATVEC),
     spec("matvec_q5_k", MATVEC),
     spec("matvec_q6_k", MATVEC),
     spec("matvec_f16", MATVEC),
+    spec("matvec_bf16", MATVEC),
     spec("matvec_f32", MATVEC),
     spec("matmul_q4_0", MATVEC),
     spec("matmul_q4_1", MATVEC),
     spec("matmul_q5_0", MATVEC),
     spec("matmul_q8_0", MATVEC),
+    spec("matmul_q2_k", MATVEC),
+    spec("matmul_q3_k", MATVEC),
     spec("matmul_q4_k", MATVEC),
     spec("matmul_q5_k", MATVEC),
     spec("matmul_q6_k", MATVEC),
     spec("matmul_f16", MATVEC),
+    spec("matmul_bf16", MATVEC),
     spec("matmul_f32", MATVEC),
     spec("embed_q4_0", EMBED),
     spec("embed_q4_1", EMBED),
     spec("embed_q5_0", EMBED),
     spec("embed_q8_0", EMBED),
+    spec("embed_q2_k", EMBED),
+    spec("embed_q3_k", EMBED),
     spec("embed_q4_k", EMBED),
     spec("embed_q5_k", EMBED),
     spec("embed_q6_k", EMBED),
     spec("embed_f16", EMBED),
+    spec("embed_bf16", EMBED),
     spec("embed_f32", EMBED),
     spec("quantize_q8", QUANTIZE),
     spec("quantize_q8k", QUANTIZE),

@@ -22,11 +22,13 @@ use crate::kernels::{QMatrix, QuantFormat, QuantizedRows};
 const WARPS: [u32; 2] = [32, 64];
 /// The block formats compared with the CPU kernels here (the float formats have tests of
 /// their own below).
-const BLOCK_FORMATS: [QuantFormat; 7] = [
+const BLOCK_FORMATS: [QuantFormat; 9] = [
     QuantFormat::Q4_0,
     QuantFormat::Q4_1,
     QuantFormat::Q5_0,
     QuantFormat::Q8_0,
+    QuantFormat::Q2K,
+    QuantFormat::Q3K,
     QuantFormat::Q4K,
     QuantFormat::Q5K,
     QuantFormat::Q6K,
@@ -347,6 +349,20 @@ fn power_of_two_matrix(format: QuantFormat, rows: usize, cols: usize, seed: u64)
                     *v &= 0x03;
                 }
             }
+            QuantFormat::Q2K => {
+                put(b, 80, 1.0 / 256.0);
+                put(b, 82, 1.0 / 512.0);
+            }
+            QuantFormat::Q3K => {
+                put(b, 108, sign / 256.0);
+                // Scales of -32..=-29 and 0..=3 (low nibbles of 0..=3, top bits 0 or 2).
+                for v in &mut b[96..104] {
+                    *v &= 0x33;
+                }
+                for v in &mut b[104..108] {
+                    *v &= 0xaa;
+                }
+            }
             QuantFormat::Q6K => {
                 put(b, 208, sign / 256.0);
                 for v in &mut b[192..208] {
@@ -455,18 +471,24 @@ fn q5_k_products_are_exact_and_rows_dequantise_as_candle_does() {
 }
 
 #[test]
-fn f16_and_f32_products_and_rows_match_their_values() {
+fn float_products_and_rows_match_their_values() {
     let (rows, cols, batch) = (9, 320, 3);
     let values = random_input(rows * cols, 500);
     let halves: Vec<half::f16> = values.iter().map(|&v| half::f16::from_f32(v)).collect();
+    let brains: Vec<half::bf16> = values.iter().map(|&v| half::bf16::from_f32(v)).collect();
     let x = random_input(batch * cols, 501);
     let ids = [8i32, 1, 1];
-    for format in [WeightFormat::F16, WeightFormat::F32] {
-        let (w, bytes): (Vec<f32>, Vec<u8>) = if format == WeightFormat::F16 {
-            let bytes = halves.iter().flat_map(|h| h.to_le_bytes()).collect();
-            (halves.iter().map(|h| h.to_f32()).collect(), bytes)
-        } else {
-            (values.clone(), bytemuck::cast_slice(&values).to_vec())
+    for format in [WeightFormat::F16, WeightFormat::BF16, WeightFormat::F32] {
+        let (w, bytes): (Vec<f32>, Vec<u8>) = match format {
+            WeightFormat::F16 => (
+                halves.iter().map(|h| h.to_f32()).collect(),
+                halves.iter().flat_map(|h| h.to_le_bytes()).collect(),
+            ),
+            WeightFormat::BF16 => (
+                brains.iter().map(|h| h.to_f32()).collect(),
+                brains.iter().flat_map(|h| h.to_le_bytes()).collect(),
+            ),
+            _ => (values.clone(), bytemuck::cast_slice(&values).to_vec()),
         };
         for warp in WARPS {
             let got = gpu_matvec(warp, format, &bytes, (rows, cols), &x, 64);

@@ -419,6 +419,126 @@ struct pod_q6_k {
     }
 };
 
+// The integer dots of run s of a super-block with its activation bytes, one per half of 16
+// values (the K-quants with a scale per 16: Q2_K, Q3_K).
+static __device__ __forceinline__ void pod_dot_q8k_halves(const pod_run& r, const pod_u8* y, int s,
+                                                          int* isum) {
+    isum[0] = 0;
+    isum[1] = 0;
+    for (int k = 0; k < 8; ++k) {
+        isum[k / 4] = pod_dot4(r.q[k], pod_load_b4(y + 4 + 32 * s + 4 * k), isum[k / 4]);
+    }
+}
+
+struct pod_q2_k {
+    enum { VALUES = 256, BYTES = 84, SUPER = 1 };
+    // Item i is values 32 * (i % 8) .. + 32 of super-block i / 8: value 32 * s + l at bits
+    // 2 * (s % 4) of byte 32 * (s / 4) + l of qs (byte 16 on). sc holds the two sixteen-value
+    // groups' packed bytes (scale in the low nibble, min in the high).
+    static __device__ __forceinline__ pod_run load(const pod_u8* w, int i) {
+        const int s = i % 8;
+        const pod_u8* b = w + (i / 8) * BYTES;
+        const pod_u8* q = b + 16 + 32 * (s / 4);
+        const int shift = 2 * (s % 4);
+        pod_run r;
+        for (int k = 0; k < 8; ++k) {
+            r.q[k] = (int)(((pod_u32)pod_load_b2(q + 4 * k) >> shift) & 0x03030303u);
+        }
+        r.sc[0] = b[2 * s];
+        r.sc[1] = b[2 * s + 1];
+        r.mn = 0;
+        r.d = pod_f16_at(b + 80);
+        r.m = pod_f16_at(b + 82);
+        return r;
+    }
+    static __device__ __forceinline__ float dot(const pod_run& r, const pod_u8* x, int i) {
+        const int s = i % 8;
+        const pod_u8* y = x + (i / 8) * POD_Q8K_BYTES;
+        int isum[2];
+        pod_dot_q8k_halves(r, y, s, isum);
+        const pod_i16* bsums = (const pod_i16*)(y + 260);
+        int sumi = 0;
+        int summ = 0;
+        for (int h = 0; h < 2; ++h) {
+            sumi += (r.sc[h] & 0x0f) * isum[h];
+            summ += (r.sc[h] >> 4) * bsums[2 * s + h];
+        }
+        const float yd = *(const float*)y;
+        return yd * (r.d * (float)sumi - r.m * (float)summ);
+    }
+    static __device__ __forceinline__ float item(const pod_u8* w, const pod_u8* x, int i) {
+        return dot(load(w, i), x, i);
+    }
+    static __device__ __forceinline__ float value(const pod_u8* w, int k) {
+        const pod_u8* b = w + (k / 256) * BYTES;
+        const int i = k % 256;
+        const int s = i / 32;
+        const int q = (b[16 + 32 * (s / 4) + i % 32] >> (2 * (s % 4))) & 3;
+        const int g = b[i / 16];
+        const float ds = pod_f16_at(b + 80) * (float)(g & 0x0f);
+        const float ms = pod_f16_at(b + 82) * (float)(g >> 4);
+        return ds * (float)q - ms;
+    }
+};
+
+// Q3_K's signed scale of sixteen-value group g (0..15) from the 12 packed bytes p: the low
+// nibble from byte g % 8 (low nibble for g < 8), the top two bits from bits 2 * (g / 4) of
+// byte 8 + g % 4, stored with an offset of 32.
+static __device__ __forceinline__ int pod_q3k_scale(const pod_u8* p, int g) {
+    const int low = g < 8 ? (p[g] & 0x0f) : (p[g - 8] >> 4);
+    const int high = (p[8 + g % 4] >> (2 * (g / 4))) & 3;
+    return (low | (high << 4)) - 32;
+}
+
+struct pod_q3_k {
+    enum { VALUES = 256, BYTES = 110, SUPER = 1 };
+    // Item i is values 32 * (i % 8) .. + 32 of super-block i / 8: the low two bits as Q2_K's
+    // (qs from byte 32), the third from bit s of high-bit byte l (bytes 0..31), the stored
+    // value plus 4.
+    static __device__ __forceinline__ pod_run load(const pod_u8* w, int i) {
+        const int s = i % 8;
+        const pod_u8* b = w + (i / 8) * BYTES;
+        const pod_u8* q = b + 32 + 32 * (s / 4);
+        const int shift = 2 * (s % 4);
+        pod_run r;
+        for (int k = 0; k < 8; ++k) {
+            const pod_u32 lo = ((pod_u32)pod_load_b2(q + 4 * k) >> shift) & 0x03030303u;
+            const pod_u32 hi = (((pod_u32)pod_load_b2(b + 4 * k) >> s) & 0x01010101u) << 2;
+            r.q[k] = (int)(lo | hi);
+        }
+        r.sc[0] = pod_q3k_scale(b + 96, 2 * s);
+        r.sc[1] = pod_q3k_scale(b + 96, 2 * s + 1);
+        r.mn = 0;
+        r.d = pod_f16_at(b + 108);
+        r.m = 0.0f;
+        return r;
+    }
+    static __device__ __forceinline__ float dot(const pod_run& r, const pod_u8* x, int i) {
+        const int s = i % 8;
+        const pod_u8* y = x + (i / 8) * POD_Q8K_BYTES;
+        int isum[2];
+        pod_dot_q8k_halves(r, y, s, isum);
+        const pod_i16* bsums = (const pod_i16*)(y + 260);
+        int sumi = 0;
+        for (int h = 0; h < 2; ++h) {
+            sumi += r.sc[h] * (isum[h] - 4 * bsums[2 * s + h]);
+        }
+        return *(const float*)y * (r.d * (float)sumi);
+    }
+    static __device__ __forceinline__ float item(const pod_u8* w, const pod_u8* x, int i) {
+        return dot(load(w, i), x, i);
+    }
+    static __device__ __forceinline__ float value(const pod_u8* w, int k) {
+        const pod_u8* b = w + (k / 256) * BYTES;
+        const int i = k % 256;
+        const int s = i / 32;
+        const int l = i % 32;
+        const int q = ((b[32 + 32 * (s / 4) + l] >> (2 * (s % 4))) & 3) | (((b[l] >> s) & 1) << 2);
+        const float ds = pod_f16_at(b + 108) * (float)pod_q3k_scale(b + 96, i / 16);
+        return ds * ((float)q - 4.0f);
+    }
+};
+
 // ---------------------------------------------------------------------------------------
 // Matrix times quantised activation rows: y[t * rows + r] = W[r] . x[t] for t < batch. One
 // block per weight row (blockIdx.x), its threads striding over the row's 32-value runs.
@@ -501,6 +621,8 @@ POD_MATVEC(matvec_q4_0, pod_q4_0)
 POD_MATVEC(matvec_q4_1, pod_q4_1)
 POD_MATVEC(matvec_q5_0, pod_q5_0)
 POD_MATVEC(matvec_q8_0, pod_q8_0)
+POD_MATVEC(matvec_q2_k, pod_q2_k)
+POD_MATVEC(matvec_q3_k, pod_q3_k)
 POD_MATVEC(matvec_q4_k, pod_q4_k)
 POD_MATVEC(matvec_q5_k, pod_q5_k)
 POD_MATVEC(matvec_q6_k, pod_q6_k)
@@ -514,6 +636,8 @@ POD_MATMUL(matmul_q4_0, pod_q4_0)
 POD_MATMUL(matmul_q4_1, pod_q4_1)
 POD_MATMUL(matmul_q5_0, pod_q5_0)
 POD_MATMUL(matmul_q8_0, pod_q8_0)
+POD_MATMUL(matmul_q2_k, pod_q2_k)
+POD_MATMUL(matmul_q3_k, pod_q3_k)
 POD_MATMUL(matmul_q4_k, pod_q4_k)
 POD_MATMUL(matmul_q5_k, pod_q5_k)
 POD_MATMUL(matmul_q6_k, pod_q6_k)
@@ -531,6 +655,19 @@ struct pod_f16 {
     enum { SIZE = 2 };
     static __device__ __forceinline__ float value(const pod_u8* w, int k) {
         return pod_half_to_float(((const pod_u16*)w)[k]);
+    }
+};
+
+// bfloat16: the top half of an f32.
+struct pod_bf16 {
+    enum { SIZE = 2 };
+    static __device__ __forceinline__ float value(const pod_u8* w, int k) {
+        union {
+            pod_u32 u;
+            float f;
+        } v;
+        v.u = (pod_u32)((const pod_u16*)w)[k] << 16;
+        return v.f;
     }
 };
 
@@ -598,6 +735,11 @@ extern "C" __global__ void matvec_f16(const pod_u8* w, const float* x, float* y,
     pod_matvec_float<pod_f16>(w, x, y, rows, cols, batch);
 }
 
+extern "C" __global__ void matvec_bf16(const pod_u8* w, const float* x, float* y, int rows, int cols,
+                                       int batch) {
+    pod_matvec_float<pod_bf16>(w, x, y, rows, cols, batch);
+}
+
 extern "C" __global__ void matmul_f32(const pod_u8* w, const float* x, float* y, int rows, int cols,
                                       int batch) {
     pod_matmul_float<pod_f32>(w, x, y, rows, cols, batch);
@@ -606,6 +748,11 @@ extern "C" __global__ void matmul_f32(const pod_u8* w, const float* x, float* y,
 extern "C" __global__ void matmul_f16(const pod_u8* w, const float* x, float* y, int rows, int cols,
                                       int batch) {
     pod_matmul_float<pod_f16>(w, x, y, rows, cols, batch);
+}
+
+extern "C" __global__ void matmul_bf16(const pod_u8* w, const float* x, float* y, int rows, int cols,
+                                       int batch) {
+    pod_matmul_float<pod_bf16>(w, x, y, rows, cols, batch);
 }
 
 // Embedding lookup: out row r = dequantised table row ids[r], times scale (Gemma scales its
@@ -630,6 +777,8 @@ POD_EMBED(embed_q4_0, pod_q4_0)
 POD_EMBED(embed_q4_1, pod_q4_1)
 POD_EMBED(embed_q5_0, pod_q5_0)
 POD_EMBED(embed_q8_0, pod_q8_0)
+POD_EMBED(embed_q2_k, pod_q2_k)
+POD_EMBED(embed_q3_k, pod_q3_k)
 POD_EMBED(embed_q4_k, pod_q4_k)
 POD_EMBED(embed_q5_k, pod_q5_k)
 POD_EMBED(embed_q6_k, pod_q6_k)
@@ -652,6 +801,11 @@ extern "C" __global__ void embed_f32(const pod_u8* table, const int* ids, float*
 extern "C" __global__ void embed_f16(const pod_u8* table, const int* ids, float* out, int cols,
                                      float scale) {
     pod_embed_float<pod_f16>(table, ids, out, cols, scale);
+}
+
+extern "C" __global__ void embed_bf16(const pod_u8* table, const int* ids, float* out, int cols,
+                                      float scale) {
+    pod_embed_float<pod_bf16>(table, ids, out, cols, scale);
 }
 
 // ---------------------------------------------------------------------------------------

@@ -593,13 +593,16 @@ fn every_kernel_named_is_in_the_source_and_the_gpu_preambles_include_nothing() {
     }
     for dtype in [
         GgmlDType::Q4_0,
+        GgmlDType::Q2K,
+        GgmlDType::Q3K,
         GgmlDType::Q5K,
         GgmlDType::Q6K,
         GgmlDType::F16,
+        GgmlDType::BF16,
     ] {
         let format = WeightFormat::from_ggml(dtype).unwrap();
         assert_eq!(format.block_bytes(), dtype.type_size(), "{dtype:?}");
         assert_eq!(format.block_values(), dtype.block_size(), "{dtype:?}");
     }
-    assert_eq!(WeightFormat::from_ggml(GgmlDType::Q2K), None);
+    assert_eq!(WeightFormat::from_ggml(GgmlDType::Q5_1), None);
 }
