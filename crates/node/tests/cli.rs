@@ -1464,9 +1464,18 @@ fn bench_measures_a_synthetic_shape_on_the_gpu_kernels() {
         home.path(),
         &["bench", "--shape", "huge", "--device", "cpu"],
     );
+    // Every named shape is listed, in the table's order.
+    let known: Vec<&str> = pod_inference::gpu::synthetic::shapes::SHAPES
+        .iter()
+        .map(|s| s.name)
+        .collect();
+    assert!(
+        known.starts_with(&["tiny", "llama-1b", "llama-8b"]),
+        "{known:?}"
+    );
     assert_one_line_error(
         &o,
-        "unknown shape `huge` (known: tiny, llama-1b, llama-8b, tiny-qwen2, tiny-qwen3, qwen2-1.5b, tiny-linear, tiny-llama3, tiny-yarn, tiny-mistral-swa, tiny-phi3, tiny-phi3-longrope, tiny-qwen3moe, qwen3moe-30b-a3b, tiny-long)",
+        &format!("unknown shape `huge` (known: {})", known.join(", ")),
     );
 }
 
