@@ -379,35 +379,33 @@ fn work_items<'a>(
     items
 }
 
+/// Calls `f::<T>(args)` with the tile width `T` that `n` names (1 to 7, else [`MAX_TILE`]).
+macro_rules! at_tile_width {
+    ($n:expr, $f:ident($($arg:expr),*)) => {
+        match $n {
+            1 => $f::<1>($($arg),*),
+            2 => $f::<2>($($arg),*),
+            3 => $f::<3>($($arg),*),
+            4 => $f::<4>($($arg),*),
+            5 => $f::<5>($($arg),*),
+            6 => $f::<6>($($arg),*),
+            7 => $f::<7>($($arg),*),
+            _ => $f::<MAX_TILE>($($arg),*),
+        }
+    };
+}
+
 fn run_item(w: &QMatrix, x: &QuantizedRows, item: &mut Item<'_>) {
     let (i0, segs) = (item.i0, &mut item.segs[..]);
     if let Some(gb) = w.group_bytes {
         // Items start and end on whole groups (chunks are multiples of `ROWS`, and so are
         // the rows of an interleaved matrix).
         let groups = &w.bytes()[item.c0 / ROWS * gb..item.c1 / ROWS * gb];
-        match item.n {
-            1 => tile_interleaved::<1>(w, groups, x, i0, segs),
-            2 => tile_interleaved::<2>(w, groups, x, i0, segs),
-            3 => tile_interleaved::<3>(w, groups, x, i0, segs),
-            4 => tile_interleaved::<4>(w, groups, x, i0, segs),
-            5 => tile_interleaved::<5>(w, groups, x, i0, segs),
-            6 => tile_interleaved::<6>(w, groups, x, i0, segs),
-            7 => tile_interleaved::<7>(w, groups, x, i0, segs),
-            _ => tile_interleaved::<MAX_TILE>(w, groups, x, i0, segs),
-        }
+        at_tile_width!(item.n, tile_interleaved(w, groups, x, i0, segs));
         return;
     }
     let rows = &w.bytes()[item.c0 * w.row_bytes..item.c1 * w.row_bytes];
-    match item.n {
-        1 => tile::<1>(w, rows, x, i0, segs),
-        2 => tile::<2>(w, rows, x, i0, segs),
-        3 => tile::<3>(w, rows, x, i0, segs),
-        4 => tile::<4>(w, rows, x, i0, segs),
-        5 => tile::<5>(w, rows, x, i0, segs),
-        6 => tile::<6>(w, rows, x, i0, segs),
-        7 => tile::<7>(w, rows, x, i0, segs),
-        _ => tile::<MAX_TILE>(w, rows, x, i0, segs),
-    }
+    at_tile_width!(item.n, tile(w, rows, x, i0, segs));
 }
 
 /// Dots each row of `groups` (whole interleaved groups of `w`) with activation rows
