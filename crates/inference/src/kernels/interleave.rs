@@ -1,5 +1,6 @@
 //! Weight matrices stored eight rows at a time, block by block, for the formats that weigh
-//! most in the models people run (`Q4_0`, and `Q4_K` and `Q6_K`, which make up `Q4_K_M`).
+//! most in the models people run (`Q4_0`, `Q8_0`, and `Q4_K` and `Q6_K`, which make up
+//! `Q4_K_M`).
 //!
 //! In GGUF's layout a kernel dots one weight row at a time and ends each block with a
 //! horizontal sum. Here the same block of eight consecutive rows lies together, its values
@@ -14,7 +15,7 @@
 //! activation rows in the tile; the portable kernels here do the same operations in the same
 //! order, so every instruction set gives the same bits, alone or batched.
 //!
-//! The layout replaces GGUF's in memory: `Q4_0` and `Q6_K` take exactly the same bytes,
+//! The layout replaces GGUF's in memory: `Q4_0`, `Q8_0` and `Q6_K` take exactly the same bytes,
 //! `Q4_K` 32 more per 8 rows of 256 values (its 6-bit scales and mins unpacked to bytes, 2.8%). The GGUF
 //! blocks of any row can be rebuilt bit for bit ([`gguf_block`]), for the GPU upload and for
 //! reading a row back.
@@ -27,6 +28,10 @@ pub(crate) const ROWS: usize = 8;
 
 /// Bytes of one interleaved `Q4_0` block: eight f16 scales, then four 32-byte runs of nibbles.
 pub(crate) const Q4_0_BYTES: usize = 2 * ROWS + ROWS * QK / 2;
+
+/// Bytes of one interleaved `Q8_0` block: eight f16 scales, then eight 32-byte runs of
+/// values, run `j` holding values `4 * j..4 * j + 4` of each row.
+pub(crate) const Q8_0_BYTES: usize = 2 * ROWS + ROWS * QK;
 
 /// Bytes of one interleaved `Q4_K` super-block: eight f16 scales, eight f16 mins, the eight
 /// sub-block scales and mins of each row as bytes (`[sub-block][row]`), then 32 runs of 32
@@ -54,6 +59,7 @@ const Q4K_QS: usize = Q4K_MINS + 8 * ROWS;
 pub(crate) fn group_block_bytes(format: QuantFormat) -> Option<usize> {
     match format {
         QuantFormat::Q4_0 => Some(Q4_0_BYTES),
+        QuantFormat::Q8_0 => Some(Q8_0_BYTES),
         QuantFormat::Q4K => Some(Q4K_BYTES),
         QuantFormat::Q6K => Some(Q6K_BYTES),
         _ => None,
@@ -85,6 +91,7 @@ pub(crate) fn interleave(
                 std::array::from_fn(|r| &data[(ROWS * g + r) * rb + i * bb..][..bb]);
             match format {
                 QuantFormat::Q4_0 => pack_q4_0(src, dst),
+                QuantFormat::Q8_0 => pack_q8_0(src, dst),
                 QuantFormat::Q4K => pack_q4k(src, dst),
                 _ => pack_q6k(src, dst),
             }
@@ -102,6 +109,12 @@ pub(crate) fn gguf_block(format: QuantFormat, src: &[u8], r: usize, out: &mut [u
                 for v in 0..4 {
                     out[2 + 4 * j + v] = src[2 * ROWS + 32 * j + 4 * r + v];
                 }
+            }
+        }
+        QuantFormat::Q8_0 => {
+            out[..2].copy_from_slice(&src[2 * r..2 * r + 2]);
+            for j in 0..8 {
+                out[2 + 4 * j..6 + 4 * j].copy_from_slice(&src[2 * ROWS + 32 * j + 4 * r..][..4]);
             }
         }
         QuantFormat::Q6K => {
@@ -155,6 +168,16 @@ fn pack_q4_0(src: [&[u8]; ROWS], dst: &mut [u8]) {
             for v in 0..4 {
                 dst[2 * ROWS + 32 * j + 4 * r + v] = b[2 + 4 * j + v];
             }
+        }
+    }
+}
+
+/// Byte `4 * r + v` of run `j` is value `4 * j + v` of row `r`.
+fn pack_q8_0(src: [&[u8]; ROWS], dst: &mut [u8]) {
+    for (r, b) in src.iter().enumerate() {
+        dst[2 * r..2 * r + 2].copy_from_slice(&b[..2]);
+        for j in 0..8 {
+            dst[2 * ROWS + 32 * j + 4 * r..][..4].copy_from_slice(&b[2 + 4 * j..6 + 4 * j]);
         }
     }
 }
@@ -288,6 +311,43 @@ pub(crate) fn tile_q4_0<const T: usize>(
     }
 }
 
+/// Interleaved `Q8_0` groups (`nb` blocks each) against `T` activation rows, as [`tile_q4_0`].
+pub(crate) fn tile_q8_0<const T: usize>(
+    w: &[u8],
+    nb: usize,
+    xs: [&[Q8Block]; T],
+    outs: &mut [&mut [f32]],
+) {
+    for (g, group) in w.chunks_exact(nb * Q8_0_BYTES).enumerate() {
+        let mut acc = [[0.0f32; ROWS]; T];
+        for (i, b) in group.chunks_exact(Q8_0_BYTES).enumerate() {
+            let d: [f32; ROWS] = std::array::from_fn(|r| f16_at(b, 2 * r));
+            let mut q = [[0i8; QK]; ROWS];
+            for j in 0..8 {
+                for (r, row) in q.iter_mut().enumerate() {
+                    for v in 0..4 {
+                        row[4 * j + v] = b[2 * ROWS + 32 * j + 4 * r + v] as i8;
+                    }
+                }
+            }
+            for t in 0..T {
+                let y = &xs[t][i];
+                for r in 0..ROWS {
+                    let isum: i32 = q[r]
+                        .iter()
+                        .zip(&y.qs)
+                        .map(|(&a, &b)| i32::from(a) * i32::from(b))
+                        .sum();
+                    acc[t][r] = (d[r] * y.d).mul_add(isum as f32, acc[t][r]);
+                }
+            }
+        }
+        for t in 0..T {
+            outs[t][ROWS * g..ROWS * (g + 1)].copy_from_slice(&acc[t]);
+        }
+    }
+}
+
 /// Interleaved `Q4_K` groups (`nb` super-blocks each) against `T` activation rows, as
 /// [`tile_q4_0`].
 pub(crate) fn tile_q4k<const T: usize>(
@@ -378,7 +438,12 @@ mod tests {
 
     #[test]
     fn gguf_blocks_come_back_bit_for_bit() {
-        for format in [QuantFormat::Q4_0, QuantFormat::Q4K, QuantFormat::Q6K] {
+        for format in [
+            QuantFormat::Q4_0,
+            QuantFormat::Q8_0,
+            QuantFormat::Q4K,
+            QuantFormat::Q6K,
+        ] {
             let (rows, cols) = (16, 512);
             let data = random_matrix(format, rows, cols, 7);
             let packed = interleave(format, &data, rows, cols).unwrap();
@@ -397,10 +462,10 @@ mod tests {
     }
 
     #[test]
-    fn only_whole_groups_of_the_two_formats_interleave() {
+    fn only_whole_groups_of_the_formats_with_the_layout_interleave() {
         let data = random_matrix(QuantFormat::Q4_0, 12, 64, 1);
         assert!(interleave(QuantFormat::Q4_0, &data, 12, 64).is_none());
-        let data = random_matrix(QuantFormat::Q8_0, 8, 64, 1);
-        assert!(interleave(QuantFormat::Q8_0, &data, 8, 64).is_none());
+        let data = random_matrix(QuantFormat::Q4_1, 8, 64, 1);
+        assert!(interleave(QuantFormat::Q4_1, &data, 8, 64).is_none());
     }
 }

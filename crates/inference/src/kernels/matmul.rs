@@ -130,9 +130,10 @@ impl QMatrix {
     }
 
     /// The same matrix with runs of eight rows interleaved block by block, the layout the
-    /// `Q4_0`, `Q4_K` and `Q6_K` kernels multiply fastest (one copy of the weights, made once
-    /// at load; `Q4_0` and `Q6_K` keep their size, `Q4_K` grows by 2.8%). Other formats, matrices whose rows are
-    /// not a multiple of eight, and matrices already interleaved come back as they are.
+    /// `Q4_0`, `Q8_0`, `Q4_K` and `Q6_K` kernels multiply fastest (one copy of the weights,
+    /// made once at load; `Q4_0`, `Q8_0` and `Q6_K` keep their size, `Q4_K` grows by 2.8%).
+    /// Other formats, matrices whose rows are not a multiple of eight, and matrices already
+    /// interleaved come back as they are.
     /// Results are the same bits whatever the instruction set, but not the same bits as in
     /// GGUF's layout: all the matrices a decoder runs should be in one layout or the other for
     /// its whole life.
@@ -425,6 +426,13 @@ fn tile_interleaved<const T: usize>(
             return;
         }
         interleave::tile_q4_0::<T>(groups, nb, xs, outs);
+    } else if w.format == QuantFormat::Q8_0 {
+        let xs = std::array::from_fn(|t| x.q8_row(i0 + t).unwrap_or_default());
+        #[cfg(target_arch = "x86_64")]
+        if super::x86::tile_x8_q8_0::<T>(super::x86::level(), groups, nb, xs, outs) {
+            return;
+        }
+        interleave::tile_q8_0::<T>(groups, nb, xs, outs);
     } else if w.format == QuantFormat::Q4K {
         let xs = std::array::from_fn(|t| x.q8k_row(i0 + t).unwrap_or_default());
         #[cfg(target_arch = "x86_64")]
@@ -692,7 +700,12 @@ mod tests {
     /// and within rounding of the GGUF layout's (the sums are the same, added in another order).
     #[test]
     fn interleaved_rows_do_not_depend_on_batch_and_match_gguf_layout() {
-        for format in [QuantFormat::Q4_0, QuantFormat::Q4K, QuantFormat::Q6K] {
+        for format in [
+            QuantFormat::Q4_0,
+            QuantFormat::Q8_0,
+            QuantFormat::Q4K,
+            QuantFormat::Q6K,
+        ] {
             let (k, m) = (512, 11);
             let plain = [matrix(format, 40, k, 1), matrix(format, 24, k, 2)];
             let [a, b] = plain.clone().map(|w| w.interleaved());
@@ -732,7 +745,7 @@ mod tests {
             let v = w.interleaved();
             let expect = matches!(
                 format,
-                QuantFormat::Q4_0 | QuantFormat::Q4K | QuantFormat::Q6K
+                QuantFormat::Q4_0 | QuantFormat::Q8_0 | QuantFormat::Q4K | QuantFormat::Q6K
             );
             assert_eq!(v.is_interleaved(), expect, "{format:?}");
             assert_eq!(&v.gguf_blocks()[..], &w.data()[..], "{format:?}");
@@ -748,41 +761,55 @@ mod tests {
             .is_interleaved());
     }
 
-    /// The interleaved kernels of each instruction set give the portable ones' bits.
+    /// The interleaved kernels of each instruction set give the portable ones' bits, at a tile
+    /// width of 3 and of 8, where AVX-512 takes two groups at once and leaves the odd one to
+    /// the 256-bit kernel.
     #[cfg(target_arch = "x86_64")]
     #[test]
     fn interleaved_simd_kernels_agree_with_portable_to_the_bit() {
         use super::super::x86::{self, Level};
+        fn check<const T: usize>(level: Level, format: QuantFormat) {
+            let (n, k) = (40, 768);
+            let w = matrix(format, n, k, 13).interleaved();
+            let nb = k / format.block_values();
+            let x = random_input(T * k, 14);
+            let mut q = QuantizedRows::new();
+            q.quantize(&x, k, [format]).unwrap();
+            let mut fast = vec![vec![0.0f32; n]; T];
+            let mut slow = vec![vec![0.0f32; n]; T];
+            let mut fo: Vec<&mut [f32]> = fast.iter_mut().map(|v| &mut v[..]).collect();
+            let mut so: Vec<&mut [f32]> = slow.iter_mut().map(|v| &mut v[..]).collect();
+            let q8: [_; T] = std::array::from_fn(|t| q.q8_row(t).unwrap_or_default());
+            let q8k: [_; T] = std::array::from_fn(|t| q.q8k_row(t).unwrap_or_default());
+            let (data, out) = (w.data(), &mut fo);
+            let ran = match format {
+                QuantFormat::Q4_0 => x86::tile_x8_q4_0::<T>(level, data, nb, q8, out),
+                QuantFormat::Q8_0 => x86::tile_x8_q8_0::<T>(level, data, nb, q8, out),
+                QuantFormat::Q4K => x86::tile_x8_q4k::<T>(level, data, nb, q8k, out),
+                _ => x86::tile_x8_q6k::<T>(level, data, nb, q8k, out),
+            };
+            assert!(ran, "{level:?} {format:?}");
+            match format {
+                QuantFormat::Q4_0 => interleave::tile_q4_0::<T>(data, nb, q8, &mut so),
+                QuantFormat::Q8_0 => interleave::tile_q8_0::<T>(data, nb, q8, &mut so),
+                QuantFormat::Q4K => interleave::tile_q4k::<T>(data, nb, q8k, &mut so),
+                _ => interleave::tile_q6k::<T>(data, nb, q8k, &mut so),
+            }
+            assert_eq!(fast, slow, "{level:?} {format:?} T={T}");
+            assert!(fast.iter().flatten().all(|v| *v != 0.0), "{format:?}");
+        }
         for level in [Level::Avx2, Level::Avx512Vnni] {
             if level > x86::level() {
                 continue;
             }
-            for format in [QuantFormat::Q4_0, QuantFormat::Q4K, QuantFormat::Q6K] {
-                let (n, k) = (16, 768);
-                let w = matrix(format, n, k, 13).interleaved();
-                let nb = k / format.block_values();
-                let x = random_input(3 * k, 14);
-                let mut q = QuantizedRows::new();
-                q.quantize(&x, k, [format]).unwrap();
-                let mut fast = vec![vec![0.0f32; n]; 3];
-                let mut slow = vec![vec![0.0f32; n]; 3];
-                let mut fo: Vec<&mut [f32]> = fast.iter_mut().map(|v| &mut v[..]).collect();
-                let mut so: Vec<&mut [f32]> = slow.iter_mut().map(|v| &mut v[..]).collect();
-                if format == QuantFormat::Q4_0 {
-                    let xs: [_; 3] = std::array::from_fn(|t| q.q8_row(t).unwrap());
-                    assert!(x86::tile_x8_q4_0::<3>(level, w.data(), nb, xs, &mut fo));
-                    interleave::tile_q4_0::<3>(w.data(), nb, xs, &mut so);
-                } else if format == QuantFormat::Q4K {
-                    let xs: [_; 3] = std::array::from_fn(|t| q.q8k_row(t).unwrap());
-                    assert!(x86::tile_x8_q4k::<3>(level, w.data(), nb, xs, &mut fo));
-                    interleave::tile_q4k::<3>(w.data(), nb, xs, &mut so);
-                } else {
-                    let xs: [_; 3] = std::array::from_fn(|t| q.q8k_row(t).unwrap());
-                    assert!(x86::tile_x8_q6k::<3>(level, w.data(), nb, xs, &mut fo));
-                    interleave::tile_q6k::<3>(w.data(), nb, xs, &mut so);
-                }
-                assert_eq!(fast, slow, "{level:?} {format:?}");
-                assert!(fast.iter().flatten().all(|v| *v != 0.0), "{format:?}");
+            for format in [
+                QuantFormat::Q4_0,
+                QuantFormat::Q8_0,
+                QuantFormat::Q4K,
+                QuantFormat::Q6K,
+            ] {
+                check::<3>(level, format);
+                check::<8>(level, format);
             }
         }
     }

@@ -17,7 +17,8 @@ use super::format::{f16_at, q3k_scales, q4k_scales_mins, QuantFormat, QK, QK_K};
 use super::quantize::{Q8Block, Q8KBlock};
 
 mod interleaved;
-pub(super) use interleaved::{tile_x8_q4_0, tile_x8_q4k, tile_x8_q6k};
+mod paired;
+pub(super) use interleaved::{tile_x8_q4_0, tile_x8_q4k, tile_x8_q6k, tile_x8_q8_0};
 
 /// The best instruction set both the CPU and the `POD_CPU_KERNELS` cap allow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -46,6 +47,7 @@ pub(super) fn level() -> Level {
         {
             Level::Portable
         } else if is_x86_feature_detected!("avx512f")
+            && is_x86_feature_detected!("avx512bw")
             && is_x86_feature_detected!("avx512vl")
             && is_x86_feature_detected!("avx512vnni")
         {
