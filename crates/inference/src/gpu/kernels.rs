@@ -272,6 +272,7 @@ impl WeightFormat {
             QuantFormat::Q4_0 => Self::Q4_0,
             QuantFormat::Q4_1 => Self::Q4_1,
             QuantFormat::Q5_0 => Self::Q5_0,
+            QuantFormat::Q5_1 => return None,
             QuantFormat::Q8_0 => Self::Q8_0,
             QuantFormat::Q2K => Self::Q2K,
             QuantFormat::Q3K => Self::Q3K,
