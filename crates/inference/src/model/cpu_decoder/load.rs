@@ -550,7 +550,9 @@ mod tests {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
-        for format in ["q2_k", "q3_k", "q5_k", "q5_k_m", "f16", "bf16", "f32"] {
+        for format in [
+            "q2_k", "q3_k", "q5_1", "q5_k", "q5_k_m", "f16", "bf16", "f32",
+        ] {
             let path = dir.path().join(format!("{format}.gguf"));
             synthetic::write_chat_model(&path, 3, &shapes::shape("tiny", format).unwrap()).unwrap();
             assert_eq!(
