@@ -3,7 +3,7 @@
 //! batch (matrix-matrix, without the head).
 //!
 //! `cargo run --release -p pod-inference --example kernel_bench [FORMAT] [BATCH]`: FORMAT is
-//! Q4_0, Q4_1 (default), Q5_0 or Q8_0; BATCH defaults to 1, then 128. Threads:
+//! Q4_0, Q4_1 (default), Q5_0, Q5_1 or Q8_0; BATCH defaults to 1, then 128. Threads:
 //! `RAYON_NUM_THREADS`, else one per physical core; `POD_CPU_KERNELS=avx2|portable` caps the
 //! instruction set.
 
@@ -30,6 +30,7 @@ fn main() {
     let format = match std::env::args().nth(1).as_deref() {
         Some("Q4_0") => QuantFormat::Q4_0,
         Some("Q5_0") => QuantFormat::Q5_0,
+        Some("Q5_1") => QuantFormat::Q5_1,
         Some("Q8_0") => QuantFormat::Q8_0,
         _ => QuantFormat::Q4_1,
     };

@@ -3,8 +3,8 @@
 //! Weights stay in their GGUF blocks ([`QMatrix`]), or, for `Q4_0`, `Q4_K` and `Q6_K`, in the
 //! same blocks with eight rows interleaved ([`QMatrix::interleaved`], how the CPU decoder holds
 //! its `Q4_0` and `Q4_K` projections); activations are quantised once per row to
-//! 8-bit blocks ([`QuantizedRows`]: blocks of 32 for `Q4_0`, `Q4_1`, `Q5_0` and `Q8_0`,
-//! super-blocks of 256 for `Q2_K` to `Q6_K`) and dotted block by block in integer arithmetic,
+//! 8-bit blocks ([`QuantizedRows`]: blocks of 32 for `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1` and
+//! `Q8_0`, super-blocks of 256 for `Q2_K` to `Q6_K`) and dotted block by block in integer arithmetic,
 //! each block's sum scaled once in f32, as ggml does. Float weights (`F16`, `BF16`, `F32`) are
 //! widened to f32 and dotted with the activations as they are. [`matmul_many`] runs one input
 //! through several matrices in a single pass over the worker pool.
@@ -173,7 +173,7 @@ pub(crate) mod testutil {
             let d = sign * rng.random_range(0.002..0.05f32);
             match format {
                 QuantFormat::Q4_0 | QuantFormat::Q5_0 | QuantFormat::Q8_0 => put_f16(b, 0, d),
-                QuantFormat::Q4_1 => {
+                QuantFormat::Q4_1 | QuantFormat::Q5_1 => {
                     put_f16(b, 0, d.abs());
                     put_f16(b, 2, rng.random_range(-0.4..0.1f32));
                 }

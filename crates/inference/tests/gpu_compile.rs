@@ -164,6 +164,7 @@ extern "C" __global__ void dot_i8(const int* a, const int* b, int* out, int n) {
             "matvec_q4_0",
             "matvec_q4_1",
             "matvec_q5_0",
+            "matvec_q5_1",
             "matvec_q8_0",
             "matvec_q4_k",
             "matvec_q5_k",

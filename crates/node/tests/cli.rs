@@ -1217,7 +1217,10 @@ fn device_check_on_the_emulator_passes_every_format_against_the_cpu() {
         .collect();
     assert_eq!(
         formats,
-        ["Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "F16", "BF16"]
+        [
+            "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "F16",
+            "BF16"
+        ]
     );
     for c in checks {
         assert_eq!(c["passed"], true, "{c}");

@@ -18,10 +18,11 @@ use crate::gpu::synthetic::{self, Family, ModelShape, RopeScaling};
 use crate::model::cpu_decoder::CpuDecoder;
 
 /// The weight formats checked, each in every projection and the output head of its model.
-pub const CHECKED_FORMATS: [GgmlDType; 11] = [
+pub const CHECKED_FORMATS: [GgmlDType; 12] = [
     GgmlDType::Q4_0,
     GgmlDType::Q4_1,
     GgmlDType::Q5_0,
+    GgmlDType::Q5_1,
     GgmlDType::Q8_0,
     GgmlDType::Q2K,
     GgmlDType::Q3K,
@@ -329,8 +330,8 @@ mod tests {
         assert_eq!(
             names,
             [
-                "Q4_0", "Q4_1", "Q5_0", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "F16",
-                "BF16"
+                "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+                "F16", "BF16"
             ]
         );
         for row in &report.checks {
@@ -342,7 +343,7 @@ mod tests {
         }
         assert!(report.passed());
         let json = serde_json::to_value(&report).unwrap();
-        assert_eq!(json["checks"][8]["format"], "Q6_K");
+        assert_eq!(json["checks"][9]["format"], "Q6_K");
         assert_eq!(json["checks"][0]["passed"], true);
     }
 }

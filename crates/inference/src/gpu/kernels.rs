@@ -214,6 +214,9 @@ pub enum WeightFormat {
     Q4_1,
     /// 5-bit values with one scale per 32.
     Q5_0,
+    /// 5-bit values with one scale and one offset per 32 (24 bytes: `d`, `m`, 4 bytes of fifth
+    /// bits, 16 bytes of nibbles).
+    Q5_1,
     /// 8-bit values with one scale per 32.
     Q8_0,
     /// 2-bit values in super-blocks of 256 (84 bytes: sixteen bytes of 4-bit scales and mins,
@@ -250,10 +253,11 @@ pub enum Activations {
 
 impl WeightFormat {
     /// Every format the kernels read.
-    pub const ALL: [WeightFormat; 12] = [
+    pub const ALL: [WeightFormat; 13] = [
         WeightFormat::Q4_0,
         WeightFormat::Q4_1,
         WeightFormat::Q5_0,
+        WeightFormat::Q5_1,
         WeightFormat::Q8_0,
         WeightFormat::Q2K,
         WeightFormat::Q3K,
@@ -272,6 +276,7 @@ impl WeightFormat {
             QuantFormat::Q4_0 => Self::Q4_0,
             QuantFormat::Q4_1 => Self::Q4_1,
             QuantFormat::Q5_0 => Self::Q5_0,
+            QuantFormat::Q5_1 => Self::Q5_1,
             QuantFormat::Q8_0 => Self::Q8_0,
             QuantFormat::Q2K => Self::Q2K,
             QuantFormat::Q3K => Self::Q3K,
@@ -290,6 +295,7 @@ impl WeightFormat {
             Self::Q4_0 => QuantFormat::Q4_0,
             Self::Q4_1 => QuantFormat::Q4_1,
             Self::Q5_0 => QuantFormat::Q5_0,
+            Self::Q5_1 => QuantFormat::Q5_1,
             Self::Q8_0 => QuantFormat::Q8_0,
             Self::Q2K => QuantFormat::Q2K,
             Self::Q3K => QuantFormat::Q3K,
@@ -321,7 +327,7 @@ impl WeightFormat {
     pub const fn activations(self) -> Activations {
         match self {
             Self::Q2K | Self::Q3K | Self::Q4K | Self::Q5K | Self::Q6K => Activations::Q8K,
-            Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q8_0 => Activations::Q8,
+            Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q5_1 | Self::Q8_0 => Activations::Q8,
             Self::F16 | Self::BF16 | Self::F32 => Activations::F32,
         }
     }
@@ -332,6 +338,7 @@ impl WeightFormat {
             Self::Q4_0 => "matvec_q4_0",
             Self::Q4_1 => "matvec_q4_1",
             Self::Q5_0 => "matvec_q5_0",
+            Self::Q5_1 => "matvec_q5_1",
             Self::Q8_0 => "matvec_q8_0",
             Self::Q2K => "matvec_q2_k",
             Self::Q3K => "matvec_q3_k",
@@ -351,6 +358,7 @@ impl WeightFormat {
             Self::Q4_0 => "matmul_q4_0",
             Self::Q4_1 => "matmul_q4_1",
             Self::Q5_0 => "matmul_q5_0",
+            Self::Q5_1 => "matmul_q5_1",
             Self::Q8_0 => "matmul_q8_0",
             Self::Q2K => "matmul_q2_k",
             Self::Q3K => "matmul_q3_k",
@@ -369,6 +377,7 @@ impl WeightFormat {
             Self::Q4_0 => "embed_q4_0",
             Self::Q4_1 => "embed_q4_1",
             Self::Q5_0 => "embed_q5_0",
+            Self::Q5_1 => "embed_q5_1",
             Self::Q8_0 => "embed_q8_0",
             Self::Q2K => "embed_q2_k",
             Self::Q3K => "embed_q3_k",
@@ -417,8 +426,8 @@ const fn spec(name: &'static str, params: &'static [Param]) -> KernelSpec {
 /// Every kernel in the source. Launch shapes:
 /// - `matvec_<format>(w, x, y, rows, cols, batch)`: grid `rows`, any block of 32·k threads;
 ///   `x` holds `batch` activation rows in the form [`WeightFormat::activations`] says
-///   (32-value blocks for `q4_0`, `q4_1`, `q5_0`, `q8_0`, 256-value super-blocks for `q2_k`,
-///   `q3_k`, `q4_k`, `q5_k`, `q6_k`, f32 for `f16`, `bf16`, `f32`).
+///   (32-value blocks for `q4_0`, `q4_1`, `q5_0`, `q5_1`, `q8_0`, 256-value super-blocks for
+///   `q2_k`, `q3_k`, `q4_k`, `q5_k`, `q6_k`, f32 for `f16`, `bf16`, `f32`).
 /// - `matmul_<format>(w, x, y, rows, cols, batch)`: as `matvec_<format>`, the same bits, over
 ///   grid `(rows, ceil(batch / MATMUL_TILE))`.
 /// - `embed_<format>(table, ids, out, cols, scale)`: grid = number of ids; `embed_f32` on
@@ -440,6 +449,7 @@ pub const KERNELS: &[KernelSpec] = &[
     spec("matvec_q4_0", MATVEC),
     spec("matvec_q4_1", MATVEC),
     spec("matvec_q5_0", MATVEC),
+    spec("matvec_q5_1", MATVEC),
     spec("matvec_q8_0", MATVEC),
     spec("matvec_q2_k", MATVEC),
     spec("matvec_q3_k", MATVEC),
@@ -452,6 +462,7 @@ pub const KERNELS: &[KernelSpec] = &[
     spec("matmul_q4_0", MATVEC),
     spec("matmul_q4_1", MATVEC),
     spec("matmul_q5_0", MATVEC),
+    spec("matmul_q5_1", MATVEC),
     spec("matmul_q8_0", MATVEC),
     spec("matmul_q2_k", MATVEC),
     spec("matmul_q3_k", MATVEC),
@@ -464,6 +475,7 @@ pub const KERNELS: &[KernelSpec] = &[
     spec("embed_q4_0", EMBED),
     spec("embed_q4_1", EMBED),
     spec("embed_q5_0", EMBED),
+    spec("embed_q5_1", EMBED),
     spec("embed_q8_0", EMBED),
     spec("embed_q2_k", EMBED),
     spec("embed_q3_k", EMBED),

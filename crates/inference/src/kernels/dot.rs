@@ -41,6 +41,9 @@ pub(crate) mod fmt {
     /// `Q5_0`.
     #[derive(Debug)]
     pub(crate) struct Q5_0;
+    /// `Q5_1`.
+    #[derive(Debug)]
+    pub(crate) struct Q5_1;
     /// `Q8_0`.
     #[derive(Debug)]
     pub(crate) struct Q8_0;
@@ -73,17 +76,31 @@ impl Block32 for fmt::Q4_1 {
     }
 }
 
+/// The 32 unsigned 5-bit values of nibbles `qs` and fifth bits `qh` (bit `j` for value `j`).
+#[inline(always)]
+fn five_bits(qh: &[u8], qs: &[u8]) -> [i8; QK] {
+    let qh = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
+    let mut q = nibbles(qs);
+    for (j, v) in q.iter_mut().enumerate() {
+        *v |= (((qh >> j) & 1) << 4) as i8;
+    }
+    q
+}
+
 impl Block32 for fmt::Q5_0 {
     const FORMAT: QuantFormat = QuantFormat::Q5_0;
     #[inline(always)]
     fn unpack(b: &[u8]) -> (f32, f32, [i8; QK]) {
         let d = f16_at(b, 0);
-        let qh = u32::from_le_bytes([b[2], b[3], b[4], b[5]]);
-        let mut q = nibbles(&b[6..22]);
-        for (j, v) in q.iter_mut().enumerate() {
-            *v |= (((qh >> j) & 1) << 4) as i8;
-        }
-        (d, -16.0 * d, q)
+        (d, -16.0 * d, five_bits(&b[2..6], &b[6..22]))
+    }
+}
+
+impl Block32 for fmt::Q5_1 {
+    const FORMAT: QuantFormat = QuantFormat::Q5_1;
+    #[inline(always)]
+    fn unpack(b: &[u8]) -> (f32, f32, [i8; QK]) {
+        (f16_at(b, 0), f16_at(b, 2), five_bits(&b[4..8], &b[8..24]))
     }
 }
 

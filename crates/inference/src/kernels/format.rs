@@ -7,6 +7,7 @@
 //! - `Q4_1`, 20 bytes: `d`, `m`, nibbles as `Q4_0`; `x = d * q + m`.
 //! - `Q5_0`, 22 bytes: `d`, 4 bytes of fifth bits (bit `j` belongs to value `j`), nibbles as
 //!   `Q4_0`; `x = d * (q - 16)`.
+//! - `Q5_1`, 24 bytes: `d`, `m`, fifth bits as `Q5_0`, nibbles as `Q4_0`; `x = d * q + m`.
 //! - `Q8_0`, 34 bytes: `d`, 32 signed bytes; `x = d * q`.
 //! - `Q4_K`, 144 bytes per 256 values: `d`, `dmin`, 12 bytes packing eight 6-bit scales and
 //!   eight 6-bit mins, 128 bytes of nibbles (each 32-byte run holds two 32-value sub-blocks: low
@@ -42,6 +43,8 @@ pub enum QuantFormat {
     Q4_1,
     /// 5-bit values with one scale per 32.
     Q5_0,
+    /// 5-bit values with one scale and one offset per 32.
+    Q5_1,
     /// 8-bit values with one scale per 32.
     Q8_0,
     /// 2-bit values in super-blocks of 256 with 4-bit sub-block scales and mins.
@@ -75,10 +78,11 @@ pub(crate) enum ActivationForm {
 
 impl QuantFormat {
     /// Every supported format.
-    pub const ALL: [QuantFormat; 12] = [
+    pub const ALL: [QuantFormat; 13] = [
         QuantFormat::Q4_0,
         QuantFormat::Q4_1,
         QuantFormat::Q5_0,
+        QuantFormat::Q5_1,
         QuantFormat::Q8_0,
         QuantFormat::Q2K,
         QuantFormat::Q3K,
@@ -96,6 +100,7 @@ impl QuantFormat {
             GgmlDType::Q4_0 => Self::Q4_0,
             GgmlDType::Q4_1 => Self::Q4_1,
             GgmlDType::Q5_0 => Self::Q5_0,
+            GgmlDType::Q5_1 => Self::Q5_1,
             GgmlDType::Q8_0 => Self::Q8_0,
             GgmlDType::Q2K => Self::Q2K,
             GgmlDType::Q3K => Self::Q3K,
@@ -115,6 +120,7 @@ impl QuantFormat {
             Self::Q4_0 => GgmlDType::Q4_0,
             Self::Q4_1 => GgmlDType::Q4_1,
             Self::Q5_0 => GgmlDType::Q5_0,
+            Self::Q5_1 => GgmlDType::Q5_1,
             Self::Q8_0 => GgmlDType::Q8_0,
             Self::Q2K => GgmlDType::Q2K,
             Self::Q3K => GgmlDType::Q3K,
@@ -130,7 +136,7 @@ impl QuantFormat {
     /// Values per block.
     pub const fn block_values(self) -> usize {
         match self {
-            Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q8_0 => QK,
+            Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q5_1 | Self::Q8_0 => QK,
             Self::Q2K | Self::Q3K | Self::Q4K | Self::Q5K | Self::Q6K => QK_K,
             Self::F16 | Self::BF16 | Self::F32 => 1,
         }
@@ -142,6 +148,7 @@ impl QuantFormat {
             Self::Q4_0 => 18,
             Self::Q4_1 => 20,
             Self::Q5_0 => 22,
+            Self::Q5_1 => 24,
             Self::Q8_0 => 34,
             Self::Q2K => 84,
             Self::Q3K => 110,
@@ -155,7 +162,7 @@ impl QuantFormat {
 
     pub(crate) const fn activation(self) -> ActivationForm {
         match self {
-            Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q8_0 => ActivationForm::Q8,
+            Self::Q4_0 | Self::Q4_1 | Self::Q5_0 | Self::Q5_1 | Self::Q8_0 => ActivationForm::Q8,
             Self::Q2K | Self::Q3K | Self::Q4K | Self::Q5K | Self::Q6K => ActivationForm::Q8K,
             Self::F16 | Self::BF16 | Self::F32 => ActivationForm::F32,
         }
@@ -198,6 +205,16 @@ impl QuantFormat {
                         let hi = (b[6 + j] >> 4) | (((qh >> (j + 16)) & 1) as u8) << 4;
                         y[j] = d * (f32::from(lo) - 16.0);
                         y[j + 16] = d * (f32::from(hi) - 16.0);
+                    }
+                }
+                Self::Q5_1 => {
+                    let (d, m) = (f16_at(b, 0), f16_at(b, 2));
+                    let qh = u32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+                    for j in 0..16 {
+                        let lo = (b[8 + j] & 0x0F) | (((qh >> j) & 1) as u8) << 4;
+                        let hi = (b[8 + j] >> 4) | (((qh >> (j + 16)) & 1) as u8) << 4;
+                        y[j] = d * f32::from(lo) + m;
+                        y[j + 16] = d * f32::from(hi) + m;
                     }
                 }
                 Self::Q8_0 => {

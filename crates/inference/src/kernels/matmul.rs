@@ -470,6 +470,7 @@ fn tile<const T: usize>(
                 QuantFormat::Q4_0 => dot::tile_q8::<f::Q4_0, T>(rows, rb, xs, outs),
                 QuantFormat::Q4_1 => dot::tile_q8::<f::Q4_1, T>(rows, rb, xs, outs),
                 QuantFormat::Q5_0 => dot::tile_q8::<f::Q5_0, T>(rows, rb, xs, outs),
+                QuantFormat::Q5_1 => dot::tile_q8::<f::Q5_1, T>(rows, rb, xs, outs),
                 _ => dot::tile_q8::<f::Q8_0, T>(rows, rb, xs, outs),
             }
         }
@@ -636,6 +637,7 @@ mod tests {
                         QuantFormat::Q4_0 => dot::tile_q8::<f::Q4_0, 4>(data, rb, xs, &mut so),
                         QuantFormat::Q4_1 => dot::tile_q8::<f::Q4_1, 4>(data, rb, xs, &mut so),
                         QuantFormat::Q5_0 => dot::tile_q8::<f::Q5_0, 4>(data, rb, xs, &mut so),
+                        QuantFormat::Q5_1 => dot::tile_q8::<f::Q5_1, 4>(data, rb, xs, &mut so),
                         _ => dot::tile_q8::<f::Q8_0, 4>(data, rb, xs, &mut so),
                     }
                 } else if format.activation() == ActivationForm::Q8K {

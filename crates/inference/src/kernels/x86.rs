@@ -102,10 +102,12 @@ pub(super) fn tile_q8_at<const T: usize>(
             (Level::Avx2, QuantFormat::Q4_0) => tile32_avx2::<fmt::Q4_0, T>(w, rb, xs, outs),
             (Level::Avx2, QuantFormat::Q4_1) => tile32_avx2::<fmt::Q4_1, T>(w, rb, xs, outs),
             (Level::Avx2, QuantFormat::Q5_0) => tile32_avx2::<fmt::Q5_0, T>(w, rb, xs, outs),
+            (Level::Avx2, QuantFormat::Q5_1) => tile32_avx2::<fmt::Q5_1, T>(w, rb, xs, outs),
             (Level::Avx2, QuantFormat::Q8_0) => tile32_avx2::<fmt::Q8_0, T>(w, rb, xs, outs),
             (Level::Avx512Vnni, QuantFormat::Q4_0) => tile32_vnni::<fmt::Q4_0, T>(w, rb, xs, outs),
             (Level::Avx512Vnni, QuantFormat::Q4_1) => tile32_vnni::<fmt::Q4_1, T>(w, rb, xs, outs),
             (Level::Avx512Vnni, QuantFormat::Q5_0) => tile32_vnni::<fmt::Q5_0, T>(w, rb, xs, outs),
+            (Level::Avx512Vnni, QuantFormat::Q5_1) => tile32_vnni::<fmt::Q5_1, T>(w, rb, xs, outs),
             (Level::Avx512Vnni, QuantFormat::Q8_0) => tile32_vnni::<fmt::Q8_0, T>(w, rb, xs, outs),
         }
     }
@@ -199,6 +201,10 @@ fn load_block<B: Block32>(b: &[u8]) -> (f32, f32, __m256i) {
         QuantFormat::Q5_0 => {
             let qh = i32::from_le_bytes([b[2], b[3], b[4], b[5]]);
             (d, -16.0 * d, with_fifth_bits(nibbles(b, 6), qh))
+        }
+        QuantFormat::Q5_1 => {
+            let qh = i32::from_le_bytes([b[4], b[5], b[6], b[7]]);
+            (d, f16_at(b, 2), with_fifth_bits(nibbles(b, 8), qh))
         }
         _ => (d, 0.0, load32(b, 2)),
     }

@@ -20,8 +20,8 @@ pub(crate) struct BenchArgs {
     /// llama-1b or llama-8b. Written once under the state directory's `synthetic/` and reused.
     #[arg(long)]
     shape: Option<String>,
-    /// Weight format of the synthetic model: q4_0, q4_1, q5_0, q8_0, q2_k, q3_k, q4_k, q5_k,
-    /// q6_k, f16, bf16, f32, q4_k_m or q5_k_m.
+    /// Weight format of the synthetic model: q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k,
+    /// q5_k, q6_k, f16, bf16, f32, q4_k_m or q5_k_m.
     #[arg(long, default_value = "q4_k_m", requires = "shape")]
     format: String,
     /// Compute device: auto, cpu, rocm[:N], cuda[:N] or emulator (see `pod start --help`).

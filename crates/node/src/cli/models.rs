@@ -54,8 +54,8 @@ pub(crate) struct SynthesizeArgs {
     /// context), and the other test shapes the unknown-shape error lists.
     #[arg(long, default_value = "tiny")]
     shape: String,
-    /// Weight format: q4_0, q4_1, q5_0, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k, f16, bf16, f32, or
-    /// q4_k_m / q5_k_m (llama.cpp's mixes).
+    /// Weight format: q4_0, q4_1, q5_0, q5_1, q8_0, q2_k, q3_k, q4_k, q5_k, q6_k, f16, bf16,
+    /// f32, or q4_k_m / q5_k_m (llama.cpp's mixes).
     #[arg(long, default_value = "q4_k_m")]
     format: String,
     /// Seed of the random weights: the same seed writes the same file.

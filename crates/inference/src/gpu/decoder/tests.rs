@@ -349,23 +349,23 @@ fn bad_rows_are_refused_and_leave_the_caches_as_they_were() {
 }
 
 /// Every format of the fused CPU kernels has GPU kernels; a model with weights in any other
-/// (Q5_1 here, which only candle's kernels read) is refused in a line that names the tensor and
+/// (Q8_1 here, which only candle's kernels read) is refused in a line that names the tensor and
 /// its type.
 #[test]
 fn a_format_without_gpu_kernels_is_refused_with_its_name() {
     let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("q5_1.gguf");
+    let path = dir.path().join("q8_1.gguf");
     let mut shape = crate::gpu::synthetic::shapes::shape("tiny", "q8_0").unwrap();
-    shape.layer_formats[0][3] = GgmlDType::Q5_1;
+    shape.layer_formats[0][3] = GgmlDType::Q8_1;
     synthetic::write_chat_model(&path, 5, &shape).unwrap();
     let Err(err) = GpuDecoder::load(emulator(WARPS[0]), &path, 64) else {
-        panic!("Q5_1 has no GPU kernel, yet the model loaded");
+        panic!("Q8_1 has no GPU kernel, yet the model loaded");
     };
     // candle appends a backtrace on the lines below when RUST_BACKTRACE is set.
     let message = err.to_string();
     let line = message.lines().next().unwrap_or_default();
     assert!(
-        line.contains("blk.0.attn_output.weight is Q5_1"),
+        line.contains("blk.0.attn_output.weight is Q8_1"),
         "{message}"
     );
 }

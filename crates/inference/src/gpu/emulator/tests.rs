@@ -22,10 +22,11 @@ use crate::kernels::{QMatrix, QuantFormat, QuantizedRows};
 const WARPS: [u32; 2] = [32, 64];
 /// The block formats compared with the CPU kernels here (the float formats have tests of
 /// their own below).
-const BLOCK_FORMATS: [QuantFormat; 9] = [
+const BLOCK_FORMATS: [QuantFormat; 10] = [
     QuantFormat::Q4_0,
     QuantFormat::Q4_1,
     QuantFormat::Q5_0,
+    QuantFormat::Q5_1,
     QuantFormat::Q8_0,
     QuantFormat::Q2K,
     QuantFormat::Q3K,
@@ -337,7 +338,7 @@ fn power_of_two_matrix(format: QuantFormat, rows: usize, cols: usize, seed: u64)
         let sign = if i % 3 == 0 { -1.0 } else { 1.0 };
         match format {
             QuantFormat::Q4_0 | QuantFormat::Q5_0 | QuantFormat::Q8_0 => put(b, 0, sign / 256.0),
-            QuantFormat::Q4_1 => {
+            QuantFormat::Q4_1 | QuantFormat::Q5_1 => {
                 put(b, 0, 1.0 / 256.0);
                 put(b, 2, sign / 32.0);
             }

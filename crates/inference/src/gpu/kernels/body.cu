@@ -121,7 +121,7 @@ static __device__ float pod_block_max(float v, float* scratch) {
 // bytes 4k..4k + 3 of the run, then the run's scales (which ones a format uses is its own).
 struct pod_run {
     int q[8];
-    // Scale; Q4_1's and the K-quants' offset scale.
+    // Scale; Q4_1's and Q5_1's offset, the K-quants' offset scale.
     float d, m;
     // Sub-block scale and min (Q4_K, Q5_K); Q6_K's two sixteen-value scales.
     int sc[2];
@@ -236,6 +236,46 @@ struct pod_q5_0 {
         const pod_u32 qh = (pod_u32)pod_load_b2(b + 2);
         const int q = (j < 16 ? (b[6 + j] & 0x0f) : (b[6 + j - 16] >> 4)) | (int)(((qh >> j) & 1u) << 4);
         return pod_f16_at(b) * (float)(q - 16);
+    }
+};
+
+struct pod_q5_1 {
+    enum { VALUES = 32, BYTES = 24, SUPER = 0 };
+    static __device__ __forceinline__ pod_run load(const pod_u8* w, int i) {
+        const pod_u8* b = w + i * BYTES;
+        const pod_u32 qh = (pod_u32)pod_load_b2(b + 4);
+        pod_run r;
+        r.d = pod_f16_at(b);
+        r.m = pod_f16_at(b + 2);
+        for (int k = 0; k < 4; ++k) {
+            const pod_u32 v = (pod_u32)pod_load_b2(b + 8 + 4 * k);
+            pod_u32 lo = v & 0x0f0f0f0fu;
+            pod_u32 hi = (v >> 4) & 0x0f0f0f0fu;
+            for (int j = 0; j < 4; ++j) {
+                lo |= ((qh >> (4 * k + j)) & 1u) << (8 * j + 4);
+                hi |= ((qh >> (4 * k + j + 16)) & 1u) << (8 * j + 4);
+            }
+            r.q[k] = (int)lo;
+            r.q[k + 4] = (int)hi;
+        }
+        return r;
+    }
+    static __device__ __forceinline__ float dot(const pod_run& r, const pod_u8* x, int i) {
+        const pod_u8* y = x + i * POD_Q8_BYTES;
+        const int s = pod_dot_q8(r, y);
+        const float yd = *(const float*)y;
+        const float ys = *(const float*)(y + 4);
+        return (r.d * yd) * (float)s + r.m * ys;
+    }
+    static __device__ __forceinline__ float item(const pod_u8* w, const pod_u8* x, int i) {
+        return dot(load(w, i), x, i);
+    }
+    static __device__ __forceinline__ float value(const pod_u8* w, int k) {
+        const pod_u8* b = w + (k / 32) * BYTES;
+        const int j = k % 32;
+        const pod_u32 qh = (pod_u32)pod_load_b2(b + 4);
+        const int q = (j < 16 ? (b[8 + j] & 0x0f) : (b[8 + j - 16] >> 4)) | (int)(((qh >> j) & 1u) << 4);
+        return pod_f16_at(b) * (float)q + pod_f16_at(b + 2);
     }
 };
 
@@ -620,6 +660,7 @@ static __device__ void pod_matmul(const pod_u8* w, const pod_u8* x, float* y, in
 POD_MATVEC(matvec_q4_0, pod_q4_0)
 POD_MATVEC(matvec_q4_1, pod_q4_1)
 POD_MATVEC(matvec_q5_0, pod_q5_0)
+POD_MATVEC(matvec_q5_1, pod_q5_1)
 POD_MATVEC(matvec_q8_0, pod_q8_0)
 POD_MATVEC(matvec_q2_k, pod_q2_k)
 POD_MATVEC(matvec_q3_k, pod_q3_k)
@@ -635,6 +676,7 @@ POD_MATVEC(matvec_q6_k, pod_q6_k)
 POD_MATMUL(matmul_q4_0, pod_q4_0)
 POD_MATMUL(matmul_q4_1, pod_q4_1)
 POD_MATMUL(matmul_q5_0, pod_q5_0)
+POD_MATMUL(matmul_q5_1, pod_q5_1)
 POD_MATMUL(matmul_q8_0, pod_q8_0)
 POD_MATMUL(matmul_q2_k, pod_q2_k)
 POD_MATMUL(matmul_q3_k, pod_q3_k)
@@ -776,6 +818,7 @@ static __device__ void pod_embed(const pod_u8* table, const int* ids, float* out
 POD_EMBED(embed_q4_0, pod_q4_0)
 POD_EMBED(embed_q4_1, pod_q4_1)
 POD_EMBED(embed_q5_0, pod_q5_0)
+POD_EMBED(embed_q5_1, pod_q5_1)
 POD_EMBED(embed_q8_0, pod_q8_0)
 POD_EMBED(embed_q2_k, pod_q2_k)
 POD_EMBED(embed_q3_k, pod_q3_k)

@@ -550,7 +550,9 @@ mod tests {
             return;
         }
         let dir = tempfile::tempdir().unwrap();
-        for format in ["q2_k", "q3_k", "q5_k", "q5_k_m", "f16", "bf16", "f32"] {
+        for format in [
+            "q2_k", "q3_k", "q5_1", "q5_k", "q5_k_m", "f16", "bf16", "f32",
+        ] {
             let path = dir.path().join(format!("{format}.gguf"));
             synthetic::write_chat_model(&path, 3, &shapes::shape("tiny", format).unwrap()).unwrap();
             assert_eq!(
@@ -615,15 +617,15 @@ mod tests {
     #[test]
     fn an_unread_tensor_type_is_named_and_the_model_runs_on_candle() {
         let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("q5_1.gguf");
+        let path = dir.path().join("q8_1.gguf");
         let mut shape = shapes::shape("tiny", "q8_0").unwrap();
-        shape.layer_formats[1][5] = GgmlDType::Q5_1;
+        shape.layer_formats[1][5] = GgmlDType::Q8_1;
         synthetic::write_chat_model(&path, 3, &shape).unwrap();
         let why = CpuDecoder::supported(&content(&path), "llama", &Device::Cpu).unwrap_err();
         if kernels::accelerated() {
             assert_eq!(
                 why,
-                "tensor blk.1.ffn_up.weight is Q5_1, which pod's fused kernels do not read"
+                "tensor blk.1.ffn_up.weight is Q8_1, which pod's fused kernels do not read"
             );
         }
         let model = ChatModel::load(&path, &Device::Cpu).unwrap();
