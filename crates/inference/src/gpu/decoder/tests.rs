@@ -451,6 +451,51 @@ fn a_qwen3moe_sequence_gives_the_same_bits_alone_batched_and_split_into_passes()
     same_bits_alone_batched_and_split(&m.gpu[1]);
 }
 
+/// Only the chosen experts' weights are read: with an expert no row chose replaced by NaN in
+/// the last layer's gate, up and down, a pass gives the same bits as before (a NaN read and
+/// weighted by zero would still poison the row); replacing a chosen one poisons it.
+#[test]
+fn experts_no_row_chose_are_not_read_on_the_gpu() {
+    let mut m = mixture_model(41, "f16");
+    let gpu = &mut m.gpu[0];
+    let mut cache = gpu.new_cache();
+    let want = feed(gpu, &mut cache, &[17]);
+    // The last layer's routing is what the pass left in the workspace.
+    let chosen = {
+        let held = gpu.buffers.lock().unwrap();
+        let b = held.rows.as_ref().unwrap().moe.as_ref().unwrap();
+        let mut c = vec![0i32; 2];
+        b.chosen.download(0, &mut c).unwrap();
+        c
+    };
+    let unchosen = (0..8).find(|e| !chosen.contains(e)).unwrap();
+    let poison = |gpu: &mut GpuDecoder<Emulator>, e: i32| {
+        let Some(super::upload::GpuFfn::Experts(x)) = gpu.layers.last_mut().map(|l| &mut l.ffn)
+        else {
+            panic!("not a mixture");
+        };
+        for w in [&mut x.gate, &mut x.up, &mut x.down] {
+            assert_eq!(w.format, crate::gpu::kernels::WeightFormat::F16);
+            let per = w.rows / x.count * w.cols;
+            // f16 NaN.
+            let nan = vec![0x7e00u16; per];
+            w.buf.upload(e as usize * per * 2, &nan).unwrap();
+        }
+    };
+    poison(gpu, unchosen);
+    let mut fresh = gpu.new_cache();
+    let got = feed(gpu, &mut fresh, &[17]);
+    assert_eq!(bits(&got), bits(&want), "expert {unchosen} was read");
+    assert!(got.iter().all(|v| v.is_finite()));
+    poison(gpu, chosen[0]);
+    let mut fresh = gpu.new_cache();
+    let bad = feed(gpu, &mut fresh, &[17]);
+    assert!(
+        bad.iter().any(|v| v.is_nan()),
+        "a chosen expert's NaN went unseen"
+    );
+}
+
 /// The memory a mixture needs counts its router and every expert, stacked as uploaded.
 #[test]
 fn a_mixtures_memory_need_counts_every_expert() {
