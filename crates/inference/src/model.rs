@@ -113,17 +113,12 @@ enum SeqState {
 }
 
 /// The architectures pod's own decoders run: the CPU decoder's (on CPUs with its SIMD
-/// kernels), then the GPU decoder's (the CPU decoder's less the mixtures of experts). Other
+/// kernels), then the GPU decoder's (the same, mixtures of experts included). Other
 /// architectures, and these where a decoder cannot take the model, run on candle's kernels
 /// where candle has them.
 pub fn decoder_architectures() -> (&'static [&'static str], Vec<&'static str>) {
     let cpu = &cpu_decoder::ARCHITECTURES[..];
-    let gpu = cpu
-        .iter()
-        .copied()
-        .filter(|a| !cpu_decoder::MIXTURES.contains(a))
-        .collect();
-    (cpu, gpu)
+    (cpu, cpu.to_vec())
 }
 
 impl ChatModel {
@@ -197,8 +192,8 @@ impl ChatModel {
         Ok(text.into_model(weights, device.clone()))
     }
 
-    /// Loads a GGUF chat model of the llama family or Gemma 3 onto a GPU runtime, for the
-    /// sequences, pass sizes and context that `engine` will ask of it. Fails, having left
+    /// Loads a GGUF chat model of an architecture the GPU decoder runs onto a GPU runtime, for
+    /// the sequences, pass sizes and context that `engine` will ask of it. Fails, having left
     /// nothing on the device, when the device has too little free memory for that, saying how
     /// much is needed and what to lower.
     pub fn load_gpu(
@@ -238,7 +233,7 @@ impl ChatModel {
         .map_err(|e| match e {
             GpuLoadError::File(e) => e,
             GpuLoadError::Architecture(arch) => LoadError::Device(format!(
-                "{device}: pod's GPU decoder does not run architecture `{arch}` (it runs llama, mistral, gemma3, qwen2, qwen3 and phi3); run it with --device cpu"
+                "{device}: pod's GPU decoder does not run architecture `{arch}` (it runs llama, mistral, gemma3, qwen2, qwen3, qwen3moe and phi3); run it with --device cpu"
             )),
             GpuLoadError::Weights(source) => LoadError::Model { path, source },
             other => LoadError::Device(format!("{device}: {other}")),

@@ -488,16 +488,18 @@ fn version_json_names_the_build() {
             .collect()
     };
     assert!(archs("cpu").contains(&"qwen3moe".to_owned()), "{v}");
-    assert!(!archs("gpu").contains(&"qwen3moe".to_owned()), "{v}");
+    assert!(archs("gpu").contains(&"qwen3moe".to_owned()), "{v}");
     assert!(archs("gpu").contains(&"qwen3".to_owned()), "{v}");
     let text = pod_at(home.path(), &["version"]);
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.starts_with("pod "));
-    assert!(
-        text.lines()
-            .any(|l| l.starts_with("decoders  cpu: ") && l.contains("qwen3moe")),
-        "{text}"
-    );
+    let decoders = text
+        .lines()
+        .find(|l| l.starts_with("decoders  cpu: "))
+        .unwrap_or_else(|| panic!("{text}"));
+    let gpu = decoders.split("gpu: ").nth(1).unwrap_or_default();
+    assert!(decoders.contains("qwen3moe"), "{text}");
+    assert!(gpu.contains("qwen3moe"), "{text}");
 }
 
 #[test]
@@ -1488,6 +1490,7 @@ fn device_check_runs_a_named_shape_or_a_model_file() {
     let model = synthetic_shape(home.path(), "tiny-qwen3", "q4_0");
     for args in [
         vec!["--shape", "tiny-qwen2", "--format", "q8_0"],
+        vec!["--shape", "tiny-qwen3moe", "--format", "q4_0"],
         vec!["--model", model.to_str().expect("utf-8 path")],
     ] {
         let o = run_bounded(
@@ -1504,10 +1507,10 @@ fn device_check_runs_a_named_shape_or_a_model_file() {
         let report = json_of(&o);
         let checks = report["checks"].as_array().expect("checks");
         assert_eq!(checks.len(), 1, "{report}");
-        let want = if args[0] == "--shape" {
-            "qwen2 Q8_0"
-        } else {
-            "qwen3 Q4_0"
+        let want = match args[1] {
+            "tiny-qwen2" => "qwen2 Q8_0",
+            "tiny-qwen3moe" => "qwen3moe Q4_0",
+            _ => "qwen3 Q4_0",
         };
         assert_eq!(checks[0]["format"], want, "{report}");
         assert_eq!(checks[0]["passed"], true, "{report}");

@@ -1,5 +1,6 @@
-//! The llama family and Gemma 3 on a GPU runtime: the CPU decoder's forward pass
-//! (`model/cpu_decoder.rs`), step for step, as kernel launches over device memory.
+//! The CPU decoder's architectures (the llama family, Qwen 2/3 and Qwen 3 MoE, Phi 3,
+//! Gemma 3) on a GPU runtime: the CPU decoder's forward pass (`model/cpu_decoder.rs`), step
+//! for step, as kernel launches over device memory.
 //!
 //! Loading goes through the CPU decoder's GGUF reading, then uploads once: every matrix in its
 //! GGUF blocks, norms as f32, the RoPE tables. Each sequence's keys and values live in device
@@ -8,7 +9,9 @@
 //! A pass over rows of many sequences runs: embed → per layer (rms_norm → quantise → q/k/v
 //! matvec → [Gemma: q/k norms] → rope → kv_append → attention → quantise → o matvec →
 //! [Gemma: norm] → add → rms_norm → quantise → gate/up matvec → silu_mul or gelu_mul →
-//! quantise → down matvec → [Gemma: norm] → add) → each sequence's last row gathered → final
+//! quantise → down matvec → [Gemma: norm] → add; a mixture of experts instead routes each row
+//! on the device and runs only its chosen experts, see `forward.rs`) → each sequence's last
+//! row gathered → final
 //! norm → quantise → output matvec → logits copied back. Projections, norms and element-wise
 //! steps run over all rows at once; kv_append and attention once per sequence, on its own
 //! cache.
@@ -50,7 +53,7 @@ pub enum GpuLoadError {
     File(#[from] LoadError),
     /// The architecture has no GPU decoder.
     #[error(
-        "no GPU decoder for architecture `{0}` (supported: llama, mistral, gemma3, qwen2, qwen3, phi3)"
+        "no GPU decoder for architecture `{0}` (supported: llama, mistral, gemma3, qwen2, qwen3, qwen3moe, phi3)"
     )]
     Architecture(String),
     /// The weights could not be read (missing tensors, formats the kernels do not read).
@@ -72,7 +75,8 @@ pub enum GpuLoadError {
     },
 }
 
-/// A llama-family or Gemma 3 decoder whose weights and caches live on a [`DeviceRuntime`].
+/// A decoder of one of the CPU decoder's architectures whose weights and caches live on a
+/// [`DeviceRuntime`].
 pub struct GpuDecoder<R: DeviceRuntime> {
     runtime: Arc<R>,
     /// Tells this decoder's caches from others'.

@@ -371,6 +371,25 @@ impl WeightFormat {
         }
     }
 
+    /// Its `matvec_ids_*` kernel: products of a mixture's chosen experts, each pair's
+    /// expert read from a device buffer.
+    pub const fn matvec_ids_kernel(self) -> &'static str {
+        match self {
+            Self::Q4_0 => "matvec_ids_q4_0",
+            Self::Q4_1 => "matvec_ids_q4_1",
+            Self::Q5_0 => "matvec_ids_q5_0",
+            Self::Q8_0 => "matvec_ids_q8_0",
+            Self::Q2K => "matvec_ids_q2_k",
+            Self::Q3K => "matvec_ids_q3_k",
+            Self::Q4K => "matvec_ids_q4_k",
+            Self::Q5K => "matvec_ids_q5_k",
+            Self::Q6K => "matvec_ids_q6_k",
+            Self::F16 => "matvec_ids_f16",
+            Self::BF16 => "matvec_ids_bf16",
+            Self::F32 => "matvec_ids_f32",
+        }
+    }
+
     /// Its `embed_*` kernel.
     pub const fn embed_kernel(self) -> &'static str {
         match self {
@@ -415,6 +434,7 @@ impl Activations {
 use Param::{Ptr as P, F32 as F, I32 as I};
 
 const MATVEC: &[Param] = &[P, P, P, I, I, I];
+const MATVEC_IDS: &[Param] = &[P, P, P, P, I, I, I, I];
 const EMBED: &[Param] = &[P, P, P, I, F];
 const QUANTIZE: &[Param] = &[P, P, I];
 const ELEMENTWISE: &[Param] = &[P, P, I];
@@ -430,6 +450,14 @@ const fn spec(name: &'static str, params: &'static [Param]) -> KernelSpec {
 ///   `q2_k`, `q3_k`, `q4_k`, `q5_k`, `q6_k`, f32 for `f16`, `bf16`, `f32`).
 /// - `matmul_<format>(w, x, y, rows, cols, batch)`: as `matvec_<format>`, the same bits, over
 ///   grid `(rows, ceil(batch / MATMUL_TILE))`.
+/// - `matvec_ids_<format>(w, x, y, ids, rows, cols, experts, x_div)`: a mixture's chosen
+///   experts, `w` holding `experts` matrices of `rows` × `cols` stacked; grid `(pairs, rows)`,
+///   any block of 32·k threads: `y[p * rows + r]` = row `r` of expert `ids[p]` · activation
+///   row `p / x_div`. An expert index outside `0..experts` writes NaN and reads nothing.
+/// - `moe_route(logits, chosen, weights, experts, used, scale, rows)`: at least `rows`
+///   threads; each row's `used` best experts (indices below `experts`) and their weights.
+/// - `moe_combine(y, weights, out, cols, used, n)`: at least `n` threads; each of `n / cols`
+///   rows of `out` = its `used` rows of `y` weighted, in rank order.
 /// - `embed_<format>(table, ids, out, cols, scale)`: grid = number of ids; `embed_f32` on
 ///   hidden states gathers rows.
 /// - `quantize_q8(x, out, blocks)`, `quantize_q8k(x, out, blocks)`: one 32-lane group per
@@ -472,6 +500,20 @@ pub const KERNELS: &[KernelSpec] = &[
     spec("matmul_f16", MATVEC),
     spec("matmul_bf16", MATVEC),
     spec("matmul_f32", MATVEC),
+    spec("matvec_ids_q4_0", MATVEC_IDS),
+    spec("matvec_ids_q4_1", MATVEC_IDS),
+    spec("matvec_ids_q5_0", MATVEC_IDS),
+    spec("matvec_ids_q8_0", MATVEC_IDS),
+    spec("matvec_ids_q2_k", MATVEC_IDS),
+    spec("matvec_ids_q3_k", MATVEC_IDS),
+    spec("matvec_ids_q4_k", MATVEC_IDS),
+    spec("matvec_ids_q5_k", MATVEC_IDS),
+    spec("matvec_ids_q6_k", MATVEC_IDS),
+    spec("matvec_ids_f16", MATVEC_IDS),
+    spec("matvec_ids_bf16", MATVEC_IDS),
+    spec("matvec_ids_f32", MATVEC_IDS),
+    spec("moe_route", &[P, P, P, I, I, F, I]),
+    spec("moe_combine", &[P, P, P, I, I, I]),
     spec("embed_q4_0", EMBED),
     spec("embed_q4_1", EMBED),
     spec("embed_q5_0", EMBED),

@@ -35,8 +35,8 @@ use moe::{Moe, MoeScratch};
 use ops::{add, dot, exp, project, Activation, Norm};
 use rope::RopeTable;
 
-pub(crate) use load::{ARCHITECTURES, MIXTURES};
-pub(crate) use view::{DecoderView, LayerView};
+pub(crate) use load::ARCHITECTURES;
+pub(crate) use view::{DecoderView, ExpertsView, FfnView, LayerView};
 
 /// Fewest tokens of KV cache added when a sequence outgrows its cache (else half again what
 /// it holds, so long sequences copy their cache a logarithmic number of times).

@@ -2,11 +2,27 @@
 //! workspace (the order of the steps is in the parent module's documentation).
 
 use super::launch::{activation_row_bytes, Kernels};
-use super::upload::GpuMatrix;
+use super::upload::{GpuExperts, GpuFfn, GpuMatrix};
 use super::workspace::{f32_bytes, first, rows, Buffers, Workspace};
 use super::{GpuCache, GpuDecoder};
 use crate::gpu::kernels::{Activations, WeightFormat};
 use crate::gpu::runtime::{DeviceBuffer, DeviceRuntime, DeviceSlice, RuntimeError};
+
+/// Which rows a projection multiplies: the same matrix for every row, or each (row, rank)
+/// pair of a mixture its chosen expert of a stack.
+#[derive(Clone, Copy)]
+enum Rows {
+    /// Every activation row by the whole matrix.
+    All,
+    /// `pairs` pairs, pair `p` by the rows of expert `ids[p]` (of `experts` stacked) with
+    /// activation row `p / x_div`.
+    Experts {
+        ids: DeviceSlice,
+        experts: usize,
+        pairs: usize,
+        x_div: usize,
+    },
+}
 
 impl<R: DeviceRuntime> GpuDecoder<R> {
     fn project(
@@ -14,6 +30,18 @@ impl<R: DeviceRuntime> GpuDecoder<R> {
         ws: &Workspace<R>,
         x: DeviceSlice,
         m: usize,
+        projections: &[(&GpuMatrix<R>, DeviceSlice)],
+    ) -> Result<(), RuntimeError> {
+        self.project_rows(ws, x, m, Rows::All, projections)
+    }
+
+    /// `m` rows of `x` through each matrix, quantised once per activation form.
+    fn project_rows(
+        &self,
+        ws: &Workspace<R>,
+        x: DeviceSlice,
+        m: usize,
+        rows: Rows,
         projections: &[(&GpuMatrix<R>, DeviceSlice)],
     ) -> Result<(), RuntimeError> {
         let k = Kernels(&*self.runtime);
@@ -38,9 +66,64 @@ impl<R: DeviceRuntime> GpuDecoder<R> {
                 }
                 None => x,
             };
-            k.matvec(w.format, (w.buf.all(), w.rows, w.cols), input, out, m)?;
+            match rows {
+                Rows::All => k.matvec(w.format, (w.buf.all(), w.rows, w.cols), input, out, m)?,
+                Rows::Experts {
+                    ids,
+                    experts,
+                    pairs,
+                    x_div,
+                } => {
+                    let per_expert = w.rows / experts.max(1);
+                    let stack = (w.buf.all(), per_expert, w.cols, experts);
+                    k.matvec_ids(w.format, stack, input, (ids, pairs, x_div), out)?;
+                }
+            }
         }
         Ok(())
+    }
+
+    /// The mixture of experts of one layer over `m` rows: `ws.h` (normalised) in, each row's
+    /// weighted sum of its chosen experts' feed-forwards out, into `ws.h`, as the CPU
+    /// decoder's `Moe::forward` computes it.
+    fn mixture(&self, ws: &Workspace<R>, e: &GpuExperts<R>, m: usize) -> Result<(), RuntimeError> {
+        let k = Kernels(&*self.runtime);
+        let Some(b) = &ws.moe else {
+            return Err(RuntimeError::Alloc {
+                bytes: 0,
+                reason: "no mixture buffers".into(),
+            });
+        };
+        let (d, used, count) = (self.shape.hidden, e.used, e.count);
+        let width = e.gate.rows / count.max(1);
+        let pairs = m * used;
+        let logits = first(&b.logits, m * count)?;
+        self.project(ws, ws.h.all(), m, &[(&e.router, logits)])?;
+        let (chosen, weights) = (b.chosen.slice(0, pairs * 4)?, first(&b.weights, pairs)?);
+        k.moe_route(logits, (chosen, weights), m, count, used, e.scale)?;
+        let (g, u) = (first(&ws.g, pairs * width)?, first(&ws.u, pairs * width)?);
+        let each_row = Rows::Experts {
+            ids: chosen,
+            experts: count,
+            pairs,
+            x_div: used,
+        };
+        self.project_rows(ws, ws.h.all(), m, each_row, &[(&e.gate, g), (&e.up, u)])?;
+        let gate = if self.shape.gelu {
+            "gelu_mul"
+        } else {
+            "silu_mul"
+        };
+        k.elementwise(gate, g, u, pairs * width)?;
+        let each_pair = Rows::Experts {
+            ids: chosen,
+            experts: count,
+            pairs,
+            x_div: 1,
+        };
+        let out = first(&b.out, pairs * d)?;
+        self.project_rows(ws, g, pairs, each_pair, &[(&e.down, out)])?;
+        k.moe_combine((out, weights), ws.h.all(), m, d, used)
     }
 
     /// RMS-normalises `n` rows of `cols` values of `x` in place with weights `w`, through
@@ -155,11 +238,16 @@ impl<R: DeviceRuntime> GpuDecoder<R> {
             }
             k.elementwise("add", ws.x.all(), ws.h.all(), m * d)?;
             k.rms_norm((ws.x.all(), ws.h.all()), layer.ffn_norm.all(), m, d, s.eps)?;
-            let (g, u) = (ws.g.all(), ws.u.all());
-            self.project(ws, ws.h.all(), m, &[(&layer.gate, g), (&layer.up, u)])?;
-            let gate = if s.gelu { "gelu_mul" } else { "silu_mul" };
-            k.elementwise(gate, g, u, m * s.ffn)?;
-            self.project(ws, g, m, &[(&layer.down, ws.h.all())])?;
+            match &layer.ffn {
+                GpuFfn::Dense { gate, up, down } => {
+                    let (g, u) = (ws.g.all(), ws.u.all());
+                    self.project(ws, ws.h.all(), m, &[(gate, g), (up, u)])?;
+                    let act = if s.gelu { "gelu_mul" } else { "silu_mul" };
+                    k.elementwise(act, g, u, m * gate.rows)?;
+                    self.project(ws, g, m, &[(down, ws.h.all())])?;
+                }
+                GpuFfn::Experts(e) => self.mixture(ws, e, m)?,
+            }
             if let Some(w) = &layer.post_ffn_norm {
                 self.norm_in_place(&ws.tmp, &mut ws.h, w, (m, d))?;
             }

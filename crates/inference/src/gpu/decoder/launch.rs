@@ -8,7 +8,9 @@
 //! what the kernel reads or writes for the dimensions given (see
 //! [`KERNELS`](crate::gpu::kernels::KERNELS)); indices the kernels read from device memory
 //! (token ids, positions, cache bases) are the decoder's: it checks them on the host before
-//! uploading them, and passes their largest value as `max_id` or `max_pos`.
+//! uploading them, and passes their largest value as `max_id` or `max_pos`. A mixture's expert
+//! indices alone are written on the device (by `moe_route`, every one below the expert
+//! count); `matvec_ids_*` checks each against that count before reading an expert's rows.
 #![allow(unsafe_code)]
 
 use crate::gpu::kernels::{Activations, KernelArg, WeightFormat, MATMUL_TILE};
@@ -188,6 +190,120 @@ impl<R: DeviceRuntime> Kernels<'_, R> {
         } else {
             self.launch(name, [rows, 1], threads, 0, &args)
         }
+    }
+
+    /// `y[p * rows + r]` = row `r` of expert `ids[p]` · activation row `p / x_div`, for the
+    /// `pairs` (row, rank) pairs of a mixture's pass: `w` stacks `experts` matrices of `rows`
+    /// × `cols` in `format`, `x` holds `pairs / x_div` activation rows in the form `format`
+    /// reads. Indices come from [`moe_route`](Self::moe_route), which writes none at or above
+    /// `experts`; the kernel reads no weights for one that is (it writes NaN).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn matvec_ids(
+        &self,
+        format: WeightFormat,
+        (w, rows, cols, experts): (DeviceSlice, usize, usize, usize),
+        x: DeviceSlice,
+        (ids, pairs, x_div): (DeviceSlice, usize, usize),
+        y: DeviceSlice,
+    ) -> Result<(), RuntimeError> {
+        let name = format.matvec_ids_kernel();
+        let form = format.activations();
+        if !cols.is_multiple_of(format.block_values()) || !cols.is_multiple_of(form.values()) {
+            return Err(bad(name, format!("rows of {cols} values")));
+        }
+        if x_div == 0 || !pairs.is_multiple_of(x_div) {
+            return Err(bad(name, format!("{pairs} pairs over {x_div} per row")));
+        }
+        // The grid's y, at most 65535 blocks on CUDA.
+        if rows > 65_535 {
+            return Err(bad(name, format!("experts of {rows} rows")));
+        }
+        need(w, experts * rows * weight_row_bytes(format, cols))?;
+        need(x, pairs / x_div * activation_row_bytes(form, cols))?;
+        need(ids, pairs * 4)?;
+        need(y, pairs * rows * F32)?;
+        let args = [
+            w.arg(),
+            x.arg(),
+            y.arg(),
+            ids.arg(),
+            int(rows)?,
+            int(cols)?,
+            int(experts)?,
+            int(x_div)?,
+        ];
+        let threads = reduction_threads(cols / 32);
+        self.launch(name, [pairs, rows], threads, 0, &args)
+    }
+
+    /// Routes `rows` rows by their router scores `logits` (`experts` per row): each row's
+    /// `used` best experts into `chosen` (i32, rank order) and their renormalised weights,
+    /// times `scale`, into `weights`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn moe_route(
+        &self,
+        logits: DeviceSlice,
+        (chosen, weights): (DeviceSlice, DeviceSlice),
+        rows: usize,
+        experts: usize,
+        used: usize,
+        scale: f32,
+    ) -> Result<(), RuntimeError> {
+        if used == 0 || used > experts {
+            return Err(bad(
+                "moe_route",
+                format!("{used} experts used of {experts}"),
+            ));
+        }
+        need(logits, rows * experts * F32)?;
+        need(chosen, rows * used * 4)?;
+        need(weights, rows * used * F32)?;
+        let args = [
+            logits.arg(),
+            chosen.arg(),
+            weights.arg(),
+            int(experts)?,
+            int(used)?,
+            KernelArg::F32(scale),
+            int(rows)?,
+        ];
+        let grid = rows.div_ceil(ELEMENTWISE_THREADS);
+        self.launch("moe_route", [grid, 1], ELEMENTWISE_THREADS as u32, 0, &args)
+    }
+
+    /// `out` row `r` (of `rows`, `cols` values each) = Σ over ranks `j` of
+    /// `weights[r * used + j]` × `y` row `r * used + j`, in rank order.
+    pub(super) fn moe_combine(
+        &self,
+        (y, weights): (DeviceSlice, DeviceSlice),
+        out: DeviceSlice,
+        rows: usize,
+        cols: usize,
+        used: usize,
+    ) -> Result<(), RuntimeError> {
+        if used == 0 {
+            return Err(bad("moe_combine", "no experts used".into()));
+        }
+        let n = rows * cols;
+        need(y, n * used * F32)?;
+        need(weights, rows * used * F32)?;
+        need(out, n * F32)?;
+        let args = [
+            y.arg(),
+            weights.arg(),
+            out.arg(),
+            int(cols.max(1))?,
+            int(used)?,
+            int(n)?,
+        ];
+        let grid = n.div_ceil(ELEMENTWISE_THREADS);
+        self.launch(
+            "moe_combine",
+            [grid, 1],
+            ELEMENTWISE_THREADS as u32,
+            0,
+            &args,
+        )
     }
 
     /// `y` row = `x` row · `w` / rms(`x` row), for `rows` rows of `cols` values.

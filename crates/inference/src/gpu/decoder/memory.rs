@@ -6,7 +6,7 @@ use std::fmt;
 
 use super::launch::activation_row_bytes;
 use crate::gpu::kernels::Activations;
-use crate::model::cpu_decoder::DecoderView;
+use crate::model::cpu_decoder::{DecoderView, FfnView};
 
 /// Device memory left free beyond the estimate, for the runtime's own allocations, the
 /// temporary copy while a KV cache grows, and fragmentation.
@@ -75,8 +75,10 @@ impl MemoryNeed {
             weights += m.output.bytes().len();
         }
         for l in &m.layers {
-            weights += [l.wq, l.wk, l.wv, l.wo, l.gate, l.up, l.down]
-                .iter()
+            // A mixture's router and every expert, as stacked on the device.
+            weights += [l.wq, l.wk, l.wv, l.wo]
+                .into_iter()
+                .chain(l.ffn.matrices())
                 .map(|w| w.bytes().len())
                 .sum::<usize>();
             weights += norms(l) * F32;
@@ -93,10 +95,20 @@ impl MemoryNeed {
         let kv_caches = full.min(demand.kv_budget_bytes.unwrap_or(usize::MAX));
 
         let q_w = m.n_head * m.head_dim;
-        let ffn = m.layers.first().map_or(0, |l| l.gate.rows());
+        // A mixture's inner rows: each row's chosen experts', `used` of them.
+        let width = m.layers.iter().map(|l| l.ffn.width()).max().unwrap_or(0);
+        let per_row = m.layers.iter().map(|l| l.ffn.per_row()).max().unwrap_or(1);
+        let ffn = width * per_row;
         let widest = m.hidden.max(q_w).max(ffn);
         let rows = super::workspace::capacity(demand.rows_per_pass.max(demand.sequences));
-        let f32_row = 2 * m.hidden + 2 * q_w + 2 * kv_w + m.hidden.max(q_w) + 2 * ffn;
+        let mut f32_row = 2 * m.hidden + 2 * q_w + 2 * kv_w + m.hidden.max(q_w) + 2 * ffn;
+        if let Some(e) = m.layers.iter().find_map(|l| match &l.ffn {
+            FfnView::Experts(e) => Some(e),
+            FfnView::Dense { .. } => None,
+        }) {
+            // Router scores, chosen experts and their weights, the experts' outputs.
+            f32_row += e.gate.len() + 2 * e.used + e.used * m.hidden;
+        }
         let quant_row = activation_row_bytes(Activations::Q8, widest)
             + activation_row_bytes(Activations::Q8K, widest.next_multiple_of(256));
         let logits = super::workspace::capacity(demand.sequences)

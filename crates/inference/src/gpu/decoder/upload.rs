@@ -1,5 +1,7 @@
 //! Loading a model onto the device: the weights read through the CPU decoder's GGUF loading,
-//! then uploaded once, every matrix in its GGUF blocks, norms and RoPE tables as f32.
+//! then uploaded once, every matrix in its GGUF blocks, norms and RoPE tables as f32. A
+//! mixture's experts go up as the GGUF stacks them: one buffer per tensor, expert after
+//! expert, so that a kernel finds expert `e`'s rows at `e × width`.
 
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -13,7 +15,7 @@ use crate::gguf::GgufFile;
 use crate::gpu::kernels::WeightFormat;
 use crate::gpu::runtime::{DeviceBuffer, DeviceRuntime, RuntimeError};
 use crate::kernels::QMatrix;
-use crate::model::cpu_decoder::{CpuDecoder, DecoderView, ARCHITECTURES, MIXTURES};
+use crate::model::cpu_decoder::{CpuDecoder, DecoderView, ExpertsView, FfnView, ARCHITECTURES};
 
 /// A weight matrix in device memory, in its GGUF blocks.
 pub(super) struct GpuMatrix<R: DeviceRuntime> {
@@ -30,6 +32,83 @@ impl<R: DeviceRuntime> GpuMatrix<R> {
             format: WeightFormat::of(m.format()).ok_or(RuntimeError::Format(m.format()))?,
             rows: m.rows(),
             cols: m.cols(),
+        })
+    }
+
+    /// `parts`, matrices of one format and width, stacked row after row into one buffer
+    /// (uploaded one by one: no host copy of the whole).
+    fn upload_stacked(runtime: &Arc<R>, parts: &[&QMatrix]) -> Result<Self, RuntimeError> {
+        let Some(first) = parts.first() else {
+            return Err(RuntimeError::Alloc {
+                bytes: 0,
+                reason: "a mixture with no experts".into(),
+            });
+        };
+        let format = first.format();
+        let gpu_format = WeightFormat::of(format).ok_or(RuntimeError::Format(format))?;
+        let (rows, cols) = (first.rows(), first.cols());
+        if parts
+            .iter()
+            .any(|p| p.format() != format || p.rows() != rows || p.cols() != cols)
+        {
+            return Err(RuntimeError::Alloc {
+                bytes: 0,
+                reason: "experts of different shapes or formats".into(),
+            });
+        }
+        let part_bytes = rows * super::launch::weight_row_bytes(gpu_format, cols);
+        let mut buf = DeviceBuffer::new(runtime, parts.len() * part_bytes)?;
+        for (i, p) in parts.iter().enumerate() {
+            buf.upload(i * part_bytes, &p.gguf_blocks()[..])?;
+        }
+        Ok(Self {
+            buf,
+            format: gpu_format,
+            rows: parts.len() * rows,
+            cols,
+        })
+    }
+}
+
+/// A layer's feed-forward on the device.
+pub(super) enum GpuFfn<R: DeviceRuntime> {
+    /// One gated feed-forward every row runs through.
+    Dense {
+        gate: GpuMatrix<R>,
+        up: GpuMatrix<R>,
+        down: GpuMatrix<R>,
+    },
+    /// A router and experts (Qwen 3 MoE).
+    Experts(GpuExperts<R>),
+}
+
+/// A mixture of experts on the device.
+pub(super) struct GpuExperts<R: DeviceRuntime> {
+    /// `[count, hidden]`: one score per expert for each row.
+    pub(super) router: GpuMatrix<R>,
+    /// Every expert's gate, up and down, stacked: expert `e`'s rows start at row `e × width`
+    /// (`width` the expert's, i.e. `rows / count`).
+    pub(super) gate: GpuMatrix<R>,
+    pub(super) up: GpuMatrix<R>,
+    pub(super) down: GpuMatrix<R>,
+    /// Experts.
+    pub(super) count: usize,
+    /// Experts each row runs through.
+    pub(super) used: usize,
+    /// Multiplier of the renormalised weights (1 where the GGUF gives none).
+    pub(super) scale: f32,
+}
+
+impl<R: DeviceRuntime> GpuExperts<R> {
+    fn upload(runtime: &Arc<R>, e: &ExpertsView<'_>) -> Result<Self, RuntimeError> {
+        Ok(Self {
+            router: GpuMatrix::upload(runtime, e.router)?,
+            gate: GpuMatrix::upload_stacked(runtime, &e.gate)?,
+            up: GpuMatrix::upload_stacked(runtime, &e.up)?,
+            down: GpuMatrix::upload_stacked(runtime, &e.down)?,
+            count: e.gate.len(),
+            used: e.used,
+            scale: e.scale.unwrap_or(1.0),
         })
     }
 }
@@ -52,9 +131,7 @@ pub(super) struct GpuLayer<R: DeviceRuntime> {
     pub(super) wk: GpuMatrix<R>,
     pub(super) wv: GpuMatrix<R>,
     pub(super) wo: GpuMatrix<R>,
-    pub(super) gate: GpuMatrix<R>,
-    pub(super) up: GpuMatrix<R>,
-    pub(super) down: GpuMatrix<R>,
+    pub(super) ffn: GpuFfn<R>,
 }
 
 /// Sizes of the model.
@@ -65,7 +142,12 @@ pub(super) struct Shape {
     pub(super) n_head: usize,
     pub(super) n_kv_head: usize,
     pub(super) head_dim: usize,
+    /// Values of a feed-forward's inner rows (an expert's, in a mixture).
     pub(super) ffn: usize,
+    /// Inner rows per row: 1, or the experts each row runs through in a mixture.
+    pub(super) ffn_per_row: usize,
+    /// Experts of a mixture (0 for a dense feed-forward).
+    pub(super) experts: usize,
     pub(super) vocab: usize,
     pub(super) neox: bool,
     pub(super) gelu: bool,
@@ -84,8 +166,8 @@ impl Shape {
 }
 
 impl<R: DeviceRuntime> GpuDecoder<R> {
-    /// Loads the GGUF decoder at `path` (llama, mistral or gemma3, every matrix in a format
-    /// the CPU decoder reads) onto `runtime`, for contexts of up to `max_len` tokens (fewer
+    /// Loads the GGUF decoder at `path` (any architecture of the CPU decoder, every matrix in
+    /// a format the GPU kernels read) onto `runtime`, for contexts of up to `max_len` tokens (fewer
     /// when the model was trained on fewer).
     pub fn load(runtime: Arc<R>, path: &Path, max_len: usize) -> Result<Self, GpuLoadError> {
         let GgufFile {
@@ -115,7 +197,7 @@ impl<R: DeviceRuntime> GpuDecoder<R> {
         Ok(Self::upload(runtime, &whole(&cpu)?)?)
     }
 
-    /// Reads the weights of an opened GGUF decoder (`arch`: llama, mistral or gemma3) for
+    /// Reads the weights of an opened GGUF decoder (`arch`: one the CPU decoder reads) for
     /// contexts of `max_len` tokens and uploads them if the device has room for them and for
     /// what `demand` will ask; otherwise fails with [`GpuLoadError::Memory`], having allocated
     /// nothing on the device.
@@ -182,9 +264,14 @@ impl<R: DeviceRuntime> GpuDecoder<R> {
                 wk: GpuMatrix::upload(rt, l.wk)?,
                 wv: GpuMatrix::upload(rt, l.wv)?,
                 wo: GpuMatrix::upload(rt, l.wo)?,
-                gate: GpuMatrix::upload(rt, l.gate)?,
-                up: GpuMatrix::upload(rt, l.up)?,
-                down: GpuMatrix::upload(rt, l.down)?,
+                ffn: match &l.ffn {
+                    FfnView::Dense { gate, up, down } => GpuFfn::Dense {
+                        gate: GpuMatrix::upload(rt, gate)?,
+                        up: GpuMatrix::upload(rt, up)?,
+                        down: GpuMatrix::upload(rt, down)?,
+                    },
+                    FfnView::Experts(e) => GpuFfn::Experts(GpuExperts::upload(rt, e)?),
+                },
             });
         }
         let tied = Arc::ptr_eq(m.output.data(), m.embed.data());
@@ -203,7 +290,18 @@ impl<R: DeviceRuntime> GpuDecoder<R> {
             n_head: m.n_head,
             n_kv_head: m.n_kv_head,
             head_dim: m.head_dim,
-            ffn: m.layers.first().map_or(0, |l| l.gate.rows()),
+            // The widest layer's, should layers differ.
+            ffn: m.layers.iter().map(|l| l.ffn.width()).max().unwrap_or(0),
+            ffn_per_row: m.layers.iter().map(|l| l.ffn.per_row()).max().unwrap_or(1),
+            experts: m
+                .layers
+                .iter()
+                .map(|l| match &l.ffn {
+                    FfnView::Dense { .. } => 0,
+                    FfnView::Experts(e) => e.gate.len(),
+                })
+                .max()
+                .unwrap_or(0),
             vocab: m.output.rows(),
             neox: m.neox,
             gelu: m.gelu,
@@ -227,10 +325,9 @@ impl<R: DeviceRuntime> GpuDecoder<R> {
     }
 }
 
-/// Whether the GPU decoder runs `arch`: the CPU decoder's architectures, less the mixtures
-/// of experts (their routing has no GPU kernels yet).
+/// Whether the GPU decoder runs `arch`: every architecture of the CPU decoder.
 fn gpu_runs(arch: &str) -> bool {
-    ARCHITECTURES.contains(&arch) && !MIXTURES.contains(&arch)
+    ARCHITECTURES.contains(&arch)
 }
 
 /// The pieces of a decoder of the whole model (the GPU runs whole models only).

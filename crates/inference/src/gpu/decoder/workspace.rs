@@ -43,14 +43,30 @@ pub(super) struct Workspace<R: DeviceRuntime> {
     pub(super) att: DeviceBuffer<R>,
     /// Norm outputs before they replace their input (Gemma).
     pub(super) tmp: DeviceBuffer<R>,
+    /// Gate and up outputs: `ffn` values per inner row, one inner row per row (per row and
+    /// chosen expert in a mixture).
     pub(super) g: DeviceBuffer<R>,
     pub(super) u: DeviceBuffer<R>,
+    /// A mixture's routing and expert outputs (`None` for dense models).
+    pub(super) moe: Option<MoeBuffers<R>>,
     /// Activations quantised for 32-value and 256-value formats.
     pub(super) q8: DeviceBuffer<R>,
     pub(super) q8k: DeviceBuffer<R>,
     pub(super) ids: DeviceBuffer<R>,
     pub(super) pos: DeviceBuffer<R>,
     pub(super) zeros: DeviceBuffer<R>,
+}
+
+/// The buffers of a mixture's routing, for passes of up to `rows` rows.
+pub(super) struct MoeBuffers<R: DeviceRuntime> {
+    /// Router scores, `[rows, experts]`.
+    pub(super) logits: DeviceBuffer<R>,
+    /// Each row's chosen experts in rank order (i32), `[rows, used]`.
+    pub(super) chosen: DeviceBuffer<R>,
+    /// Their weights, `[rows, used]`.
+    pub(super) weights: DeviceBuffer<R>,
+    /// Each (row, rank)'s expert output, `[rows × used, hidden]`.
+    pub(super) out: DeviceBuffer<R>,
 }
 
 /// Bytes of `n` f32s.
@@ -80,8 +96,20 @@ impl<R: DeviceRuntime> GpuDecoder<R> {
     fn workspace(&self, m: usize) -> Result<Workspace<R>, RuntimeError> {
         let s = &self.shape;
         let rt = &self.runtime;
-        let widest = s.hidden.max(s.q_w()).max(s.ffn);
+        let inner = s.ffn * s.ffn_per_row;
+        let widest = s.hidden.max(s.q_w()).max(inner);
         let buf = |n: usize| DeviceBuffer::new(rt, f32_bytes(n));
+        let moe = if s.experts > 0 {
+            let pairs = m * s.ffn_per_row;
+            Some(MoeBuffers {
+                logits: buf(m * s.experts)?,
+                chosen: DeviceBuffer::new(rt, pairs * 4)?,
+                weights: buf(pairs)?,
+                out: buf(pairs * s.hidden)?,
+            })
+        } else {
+            None
+        };
         Ok(Workspace {
             rows: m,
             x: buf(m * s.hidden)?,
@@ -91,8 +119,9 @@ impl<R: DeviceRuntime> GpuDecoder<R> {
             v: buf(m * s.kv_w())?,
             att: buf(m * s.q_w())?,
             tmp: buf(m * s.hidden.max(s.q_w()))?,
-            g: buf(m * s.ffn)?,
-            u: buf(m * s.ffn)?,
+            g: buf(m * inner)?,
+            u: buf(m * inner)?,
+            moe,
             q8: DeviceBuffer::new(rt, m * activation_row_bytes(Activations::Q8, widest))?,
             q8k: DeviceBuffer::new(
                 rt,

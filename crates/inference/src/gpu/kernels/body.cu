@@ -797,6 +797,199 @@ extern "C" __global__ void matmul_bf16(const pod_u8* w, const float* x, float* y
     pod_matmul_float<pod_bf16>(w, x, y, rows, cols, batch);
 }
 
+// ---------------------------------------------------------------------------------------
+// Mixtures of experts (Qwen 3 MoE): routing, the chosen experts' products, their weighted sum.
+//
+// A layer's experts are stacked as GGUF stores them: expert e's `rows` rows start at row
+// e * rows of w. moe_route writes each row's chosen experts (rank order) and weights;
+// matvec_ids_* multiplies each (row, rank) pair by its expert's rows only, so no expert a
+// row did not choose is read and the host never sees the routing; moe_combine adds a row's
+// expert outputs in rank order. Every output is computed by one thread or one block in an
+// order fixed by the shapes, so a row's result is the same bits alone or in any batch.
+//
+// Speed is reasoned, not measured: one block per (pair, weight row) reads an expert's row
+// once per pair that chose it, where a tiled kernel grouping the pairs by expert would read
+// it once per pass. Prompt throughput against llama.cpp's grouped products, and whether
+// grouping pays at decode batch sizes, must be measured on a GPU.
+
+// llama.cpp's floor on the sum of the chosen probabilities (the smallest normal f16).
+#define POD_MIN_WEIGHT_SUM 6.1035156e-5f
+
+static __device__ __forceinline__ float pod_bits_float(pod_u32 u) {
+    union {
+        pod_u32 u;
+        float f;
+    } v;
+    v.u = u;
+    return v.f;
+}
+
+// f32's total order (Rust's f32::total_cmp) as an unsigned key: a larger key, a larger value.
+static __device__ __forceinline__ pod_u32 pod_total_key(float f) {
+    union {
+        float f;
+        pod_u32 u;
+    } v;
+    v.f = f;
+    return (v.u & 0x80000000u) ? ~v.u : (v.u | 0x80000000u);
+}
+
+// Row r's `used` best experts by the softmax of its `experts` router scores, in rank order
+// (probability descending, ties to the lower index, in f32's total order), each with its
+// probability renormalised over the chosen ones and times `scale`, as the CPU decoder routes.
+// One thread per row; a probability is recomputed where needed, the same bits each time.
+// Every index written is below `experts`, whatever the scores (NaN included).
+extern "C" __global__ void moe_route(const float* logits, int* chosen, float* weights,
+                                     int experts, int used, float scale, int rows) {
+    const pod_u64 r = (pod_u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= (pod_u64)rows) {
+        return;
+    }
+    const float* l = logits + r * experts;
+    int* c = chosen + r * used;
+    float* w = weights + r * used;
+    float mx = pod_bits_float(0xff800000u);
+    for (int e = 0; e < experts; ++e) {
+        mx = fmaxf(mx, l[e]);
+    }
+    float sum = 0.0f;
+    for (int e = 0; e < experts; ++e) {
+        sum += expf(l[e] - mx);
+    }
+    int prev = -1;
+    pod_u32 prev_key = 0;
+    float total = 0.0f;
+    for (int j = 0; j < used; ++j) {
+        // The best expert ranked after the previous pick.
+        int best = -1;
+        pod_u32 best_key = 0;
+        float best_p = 0.0f;
+        for (int e = 0; e < experts; ++e) {
+            const float p = expf(l[e] - mx) / sum;
+            const pod_u32 key = pod_total_key(p);
+            const bool after = prev < 0 || key < prev_key || (key == prev_key && e > prev);
+            if (after && (best < 0 || key > best_key)) {
+                best = e;
+                best_key = key;
+                best_p = p;
+            }
+        }
+        c[j] = best;
+        w[j] = best_p;
+        total += best_p;
+        prev = best;
+        prev_key = best_key;
+    }
+    total = fmaxf(total, POD_MIN_WEIGHT_SUM);
+    for (int j = 0; j < used; ++j) {
+        w[j] = w[j] / total * scale;
+    }
+}
+
+// y[p * rows + row] = row `row` of expert ids[p] . activation row p / x_div, for pair p =
+// blockIdx.x and row = blockIdx.y: gate and up read each row's activations once per chosen
+// expert (x_div = used), down each pair's own (x_div = 1). Each output is one block's sum in
+// the order of pod_matvec's, so it has the bits the plain kernels give that expert's matrix.
+// An expert index outside 0..experts writes NaN and reads nothing.
+template <typename F>
+static __device__ void pod_matvec_ids(const pod_u8* w, const pod_u8* x, float* y, const int* ids,
+                                      int rows, int cols, int experts, int x_div) {
+    __shared__ float scratch[32];
+    const int p = blockIdx.x;
+    const int row = blockIdx.y;
+    const int e = ids[p];
+    // The same for every thread of the block, so no barrier below is left half-reached.
+    if (e < 0 || e >= experts) {
+        if (threadIdx.x == 0) {
+            y[(pod_u64)p * rows + row] = pod_bits_float(0x7fc00000u);
+        }
+        return;
+    }
+    const int items = cols / 32;
+    const pod_u64 row_bytes = (pod_u64)(cols / F::VALUES) * F::BYTES;
+    const pod_u8* wr = w + ((pod_u64)e * rows + row) * row_bytes;
+    const pod_u64 x_row = F::SUPER ? cols / 256 * POD_Q8K_BYTES : cols / 32 * POD_Q8_BYTES;
+    const pod_u8* xr = x + (pod_u64)(p / x_div) * x_row;
+    float acc = 0.0f;
+    for (int i = threadIdx.x; i < items; i += blockDim.x) {
+        acc += F::item(wr, xr, i);
+    }
+    acc = pod_block_sum(acc, scratch);
+    if (threadIdx.x == 0) {
+        y[(pod_u64)p * rows + row] = acc;
+    }
+}
+
+// As pod_matvec_ids, for unquantised weights and f32 activation rows.
+template <typename F>
+static __device__ void pod_matvec_ids_float(const pod_u8* w, const float* x, float* y,
+                                            const int* ids, int rows, int cols, int experts,
+                                            int x_div) {
+    __shared__ float scratch[32];
+    const int p = blockIdx.x;
+    const int row = blockIdx.y;
+    const int e = ids[p];
+    if (e < 0 || e >= experts) {
+        if (threadIdx.x == 0) {
+            y[(pod_u64)p * rows + row] = pod_bits_float(0x7fc00000u);
+        }
+        return;
+    }
+    const pod_u8* wr = w + ((pod_u64)e * rows + row) * cols * F::SIZE;
+    const float* xr = x + (pod_u64)(p / x_div) * cols;
+    float acc = 0.0f;
+    for (int k = threadIdx.x; k < cols; k += blockDim.x) {
+        acc += F::value(wr, k) * xr[k];
+    }
+    acc = pod_block_sum(acc, scratch);
+    if (threadIdx.x == 0) {
+        y[(pod_u64)p * rows + row] = acc;
+    }
+}
+
+#define POD_MATVEC_IDS(name, F)                                                               \
+    extern "C" __global__ void name(const pod_u8* w, const pod_u8* x, float* y, const int* ids,\
+                                    int rows, int cols, int experts, int x_div) {            \
+        pod_matvec_ids<F>(w, x, y, ids, rows, cols, experts, x_div);                          \
+    }
+POD_MATVEC_IDS(matvec_ids_q4_0, pod_q4_0)
+POD_MATVEC_IDS(matvec_ids_q4_1, pod_q4_1)
+POD_MATVEC_IDS(matvec_ids_q5_0, pod_q5_0)
+POD_MATVEC_IDS(matvec_ids_q8_0, pod_q8_0)
+POD_MATVEC_IDS(matvec_ids_q2_k, pod_q2_k)
+POD_MATVEC_IDS(matvec_ids_q3_k, pod_q3_k)
+POD_MATVEC_IDS(matvec_ids_q4_k, pod_q4_k)
+POD_MATVEC_IDS(matvec_ids_q5_k, pod_q5_k)
+POD_MATVEC_IDS(matvec_ids_q6_k, pod_q6_k)
+
+#define POD_MATVEC_IDS_FLOAT(name, F)                                                         \
+    extern "C" __global__ void name(const pod_u8* w, const float* x, float* y, const int* ids,\
+                                    int rows, int cols, int experts, int x_div) {            \
+        pod_matvec_ids_float<F>(w, x, y, ids, rows, cols, experts, x_div);                    \
+    }
+POD_MATVEC_IDS_FLOAT(matvec_ids_f32, pod_f32)
+POD_MATVEC_IDS_FLOAT(matvec_ids_f16, pod_f16)
+POD_MATVEC_IDS_FLOAT(matvec_ids_bf16, pod_bf16)
+
+// out row r = sum over ranks j of weights[r * used + j] * y row r * used + j (`cols` values
+// each), in rank order; n = rows * cols values in all, one thread each.
+extern "C" __global__ void moe_combine(const float* y, const float* weights, float* out, int cols,
+                                       int used, int n) {
+    const pod_u64 i = (pod_u64)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (pod_u64)n) {
+        return;
+    }
+    const pod_u64 r = i / cols;
+    const pod_u64 c = i % cols;
+    const float* wr = weights + r * used;
+    const float* yr = y + r * used * cols + c;
+    float acc = wr[0] * yr[0];
+    for (int j = 1; j < used; ++j) {
+        acc += wr[j] * yr[(pod_u64)j * cols];
+    }
+    out[i] = acc;
+}
+
 // Embedding lookup: out row r = dequantised table row ids[r], times scale (Gemma scales its
 // embeddings; 1 elsewhere, which changes nothing). One block per output row. embed_f32 with
 // the hidden states as its table gathers rows, such as each sequence's last.

@@ -2,8 +2,78 @@
 //! elsewhere (the GPU decoder uploads it): the CPU decoder's loading is the one reading of
 //! GGUF decoders.
 
+use super::moe::Moe;
 use super::{Activation, CpuDecoder, Ffn, Layer, Norm};
 use crate::kernels::QMatrix;
+
+/// A layer's feed-forward.
+#[derive(Debug)]
+pub(crate) enum FfnView<'a> {
+    /// One gated feed-forward every row runs through.
+    Dense {
+        gate: &'a QMatrix,
+        up: &'a QMatrix,
+        down: &'a QMatrix,
+    },
+    /// A mixture of experts (Qwen 3 MoE).
+    Experts(ExpertsView<'a>),
+}
+
+/// A mixture of experts: its router, and each expert's gate, up and down (views into the
+/// layer's stacked tensors, in expert order).
+#[derive(Debug)]
+pub(crate) struct ExpertsView<'a> {
+    /// `[experts, hidden]`, one score per expert for each row.
+    pub(crate) router: &'a QMatrix,
+    pub(crate) gate: Vec<&'a QMatrix>,
+    pub(crate) up: Vec<&'a QMatrix>,
+    pub(crate) down: Vec<&'a QMatrix>,
+    /// Experts each row runs through.
+    pub(crate) used: usize,
+    /// Multiplier of the renormalised weights, where the GGUF gives one other than 0 or 1.
+    pub(crate) scale: Option<f32>,
+}
+
+impl FfnView<'_> {
+    /// Values of the feed-forward's inner rows (each expert's, for a mixture).
+    pub(crate) fn width(&self) -> usize {
+        match self {
+            FfnView::Dense { gate, .. } => gate.rows(),
+            FfnView::Experts(e) => e.gate.first().map_or(0, |g| g.rows()),
+        }
+    }
+
+    /// Inner rows each input row runs through: 1, or the experts used by a mixture.
+    pub(crate) fn per_row(&self) -> usize {
+        match self {
+            FfnView::Dense { .. } => 1,
+            FfnView::Experts(e) => e.used,
+        }
+    }
+
+    /// Every weight matrix: gate, up, down, or a mixture's router and experts.
+    pub(crate) fn matrices(&self) -> Vec<&QMatrix> {
+        match self {
+            FfnView::Dense { gate, up, down } => vec![*gate, *up, *down],
+            FfnView::Experts(e) => std::iter::once(e.router)
+                .chain(e.gate.iter().copied())
+                .chain(e.up.iter().copied())
+                .chain(e.down.iter().copied())
+                .collect(),
+        }
+    }
+}
+
+fn experts(m: &Moe) -> ExpertsView<'_> {
+    ExpertsView {
+        router: &m.router,
+        gate: m.experts.iter().map(|e| &e.gate).collect(),
+        up: m.experts.iter().map(|e| &e.up).collect(),
+        down: m.experts.iter().map(|e| &e.down).collect(),
+        used: m.used,
+        scale: m.scale,
+    }
+}
 
 /// One layer's weights and attention settings.
 #[derive(Debug)]
@@ -26,9 +96,7 @@ pub(crate) struct LayerView<'a> {
     pub(crate) wk: &'a QMatrix,
     pub(crate) wv: &'a QMatrix,
     pub(crate) wo: &'a QMatrix,
-    pub(crate) gate: &'a QMatrix,
-    pub(crate) up: &'a QMatrix,
-    pub(crate) down: &'a QMatrix,
+    pub(crate) ffn: FfnView<'a>,
 }
 
 /// A whole decoder's weights and shape.
@@ -62,7 +130,7 @@ fn norm(n: &Norm) -> &[f32] {
 
 impl CpuDecoder {
     /// The model's pieces, as the forward pass uses them (`None` for a decoder of only some
-    /// of its blocks, or of a mixture of experts, which the view does not describe).
+    /// of its blocks).
     pub(crate) fn view(&self) -> Option<DecoderView<'_>> {
         let (Some(embed), Some((out_norm, output))) = (&self.embed, &self.head) else {
             return None;
@@ -70,30 +138,26 @@ impl CpuDecoder {
         let layers = self
             .layers
             .iter()
-            .map(|l: &Layer| {
-                let Ffn::Dense { gate, up, down } = &l.ffn else {
-                    return None;
-                };
-                Some(LayerView {
-                    attn_norm: norm(&l.attn_norm),
-                    ffn_norm: norm(&l.ffn_norm),
-                    q_norm: l.q_norm.as_ref().map(norm),
-                    bias: l.bias.as_ref(),
-                    k_norm: l.k_norm.as_ref().map(norm),
-                    post_attn_norm: l.post_attn_norm.as_ref().map(norm),
-                    post_ffn_norm: l.post_ffn_norm.as_ref().map(norm),
-                    window: l.window,
-                    rope: l.rope,
-                    wq: &l.wq,
-                    wk: &l.wk,
-                    wv: &l.wv,
-                    wo: &l.wo,
-                    gate,
-                    up,
-                    down,
-                })
+            .map(|l: &Layer| LayerView {
+                attn_norm: norm(&l.attn_norm),
+                ffn_norm: norm(&l.ffn_norm),
+                q_norm: l.q_norm.as_ref().map(norm),
+                bias: l.bias.as_ref(),
+                k_norm: l.k_norm.as_ref().map(norm),
+                post_attn_norm: l.post_attn_norm.as_ref().map(norm),
+                post_ffn_norm: l.post_ffn_norm.as_ref().map(norm),
+                window: l.window,
+                rope: l.rope,
+                wq: &l.wq,
+                wk: &l.wk,
+                wv: &l.wv,
+                wo: &l.wo,
+                ffn: match &l.ffn {
+                    Ffn::Dense { gate, up, down } => FfnView::Dense { gate, up, down },
+                    Ffn::Experts(m) => FfnView::Experts(experts(m)),
+                },
             })
-            .collect::<Option<Vec<_>>>()?;
+            .collect();
         Some(DecoderView {
             embed,
             embed_scale: self.embed_scale,
