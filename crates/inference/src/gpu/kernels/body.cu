@@ -955,6 +955,7 @@ static __device__ void pod_matvec_ids_float(const pod_u8* w, const float* x, flo
 POD_MATVEC_IDS(matvec_ids_q4_0, pod_q4_0)
 POD_MATVEC_IDS(matvec_ids_q4_1, pod_q4_1)
 POD_MATVEC_IDS(matvec_ids_q5_0, pod_q5_0)
+POD_MATVEC_IDS(matvec_ids_q5_1, pod_q5_1)
 POD_MATVEC_IDS(matvec_ids_q8_0, pod_q8_0)
 POD_MATVEC_IDS(matvec_ids_q2_k, pod_q2_k)
 POD_MATVEC_IDS(matvec_ids_q3_k, pod_q3_k)
