@@ -2,8 +2,8 @@
 //! 2048, 512-wide keys and values, feed-forward 8192): one token (matrix-vector) and a batch
 //! of 32, every format in turn, alternating rounds so that a busy machine slows them alike.
 //!
-//! `Q4_0`, `Q4_K` and `Q6_K` also run in their interleaved layout (`Q4_0x8`, `Q4Kx8`,
-//! `Q6Kx8`), which is how the CPU decoder holds them.
+//! The formats with an interleaved layout also run in it (`Q4_0x8`, `Q8_0x8`, `Q4Kx8`,
+//! `Q6Kx8`), which is how the CPU decoder holds all but `Q6_K`.
 //!
 //! `cargo run --release -p pod-inference --example format_bench [ROUNDS [BATCH [FORMAT...]]]`
 //! (batch sizes 1 and 32 by default; FORMAT as printed, e.g. `Q4K Q4Kx8`, to time only
@@ -57,9 +57,9 @@ fn main() {
             .iter()
             .map(|&(r, c)| matrix(f, r, c, &mut rng))
             .collect();
-        if matches!(f, QuantFormat::Q4_0 | QuantFormat::Q4K | QuantFormat::Q6K) {
-            let name = format!("{f:?}x8");
-            layers.push((name, f, ms.iter().map(QMatrix::interleaved).collect()));
+        let interleaved: Vec<QMatrix> = ms.iter().map(QMatrix::interleaved).collect();
+        if interleaved.iter().all(QMatrix::is_interleaved) {
+            layers.push((format!("{f:?}x8"), f, interleaved));
         }
         layers.push((format!("{f:?}"), f, ms));
     }

@@ -1,8 +1,9 @@
 //! Fused quantised matrix products on the CPU for the GGUF block formats.
 //!
-//! Weights stay in their GGUF blocks ([`QMatrix`]), or, for `Q4_0`, `Q4_K` and `Q6_K`, in the
-//! same blocks with eight rows interleaved ([`QMatrix::interleaved`], how the CPU decoder holds
-//! its `Q4_0` and `Q4_K` projections); activations are quantised once per row to
+//! Weights stay in their GGUF blocks ([`QMatrix`]), or, for `Q4_0`, `Q8_0`, `Q4_K` and `Q6_K`,
+//! in the same blocks with eight rows interleaved ([`QMatrix::interleaved`], how the CPU
+//! decoder holds its `Q4_0`, `Q8_0` and `Q4_K` projections; with AVX-512, tiles of eight
+//! activation rows take two such groups per 512-bit register); activations are quantised once per row to
 //! 8-bit blocks ([`QuantizedRows`]: blocks of 32 for `Q4_0`, `Q4_1`, `Q5_0`, `Q5_1` and
 //! `Q8_0`, super-blocks of 256 for `Q2_K` to `Q6_K`) and dotted block by block in integer arithmetic,
 //! each block's sum scaled once in f32, as ggml does. Float weights (`F16`, `BF16`, `F32`) are

@@ -263,13 +263,13 @@ macro_rules! tile_x8 {
             for (g, group) in w.chunks_exact(nb * Q6K_BYTES).enumerate() {
                 let mut acc = [_mm256_setzero_ps(); T];
                 for (i, b) in group.chunks_exact(Q6K_BYTES).enumerate() {
-                    let sc: [__m256i; 16] = std::array::from_fn(|k| {
-                        _mm256_cvtepi8_epi32(load8(b, Q6K_SCALES + ROWS * k))
-                    });
                     let mut total = [_mm256_setzero_si256(); T];
                     for c in 0..4 {
                         // Sub-blocks 2c (runs 0..8) and 2c + 1 (runs 8..16).
                         let (s0, s1) = (2 * c, 2 * c + 1);
+                        let sc: [__m256i; 4] = std::array::from_fn(|p| {
+                            _mm256_cvtepi8_epi32(load8(b, Q6K_SCALES + ROWS * (4 * c + p)))
+                        });
                         let mut q = [_mm256_setzero_si256(); 16];
                         for j in 0..8 {
                             let raw = load32(b, Q6K_LOW + 32 * (8 * c + j));
@@ -293,7 +293,7 @@ macro_rules! tile_x8 {
                             }
                             let mut sum = total[t];
                             for (p, &v) in part.iter().enumerate() {
-                                sum = _mm256_add_epi32(sum, _mm256_mullo_epi32(v, sc[4 * c + p]));
+                                sum = _mm256_add_epi32(sum, _mm256_mullo_epi32(v, sc[p]));
                             }
                             total[t] = sum;
                         }

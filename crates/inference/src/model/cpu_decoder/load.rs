@@ -70,16 +70,10 @@ fn split_rows(t: &RawTensor, name: &str, parts: &[usize]) -> Result<Vec<QMatrix>
         .collect()
 }
 
-/// `m` in the layout the decoder multiplies fastest: interleaved for `Q4_0`, `Q8_0` and `Q4_K`,
-/// which gain on prompts and lose nothing on single tokens. `Q6_K`'s interleaved kernel is faster on
-/// prompts (1.8x at 128 tokens) but slower on one token (1.7x), so it stays in GGUF's layout
-/// until that kernel decodes as fast.
+/// `m` in the layout the decoder multiplies fastest: interleaved where its format has that
+/// layout ([`QMatrix::interleaved`]).
 fn for_decoder(m: QMatrix) -> QMatrix {
-    if m.format() == QuantFormat::Q6K {
-        m
-    } else {
-        m.interleaved()
-    }
+    m.interleaved()
 }
 
 /// The `N` matrices of a split.
