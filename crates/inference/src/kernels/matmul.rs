@@ -98,6 +98,10 @@ impl QMatrix {
         })
     }
 
+    /// Rows in one interleaved group ([`QMatrix::interleaved`]): views of an interleaved
+    /// matrix start and end on multiples of it.
+    pub const GROUP_ROWS: usize = ROWS;
+
     /// Rows `start..start + rows` of this matrix as a matrix of their own, sharing its bytes
     /// (no copy).
     pub fn rows_view(&self, start: usize, rows: usize) -> Result<Self, KernelError> {

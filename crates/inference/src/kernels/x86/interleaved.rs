@@ -9,10 +9,10 @@ use std::arch::x86_64::*;
 use super::*;
 
 /// Fewest activation rows for which AVX-512 takes two groups of rows at once
-/// ([`super::paired`]). On fewer the weights stream from memory once, and the 256-bit kernels
-/// read them faster (one token: about 1.6x, `format_bench 15 1` on one thread); once a tile of
-/// eight reuses them from cache the pairs are faster (about 1.6x at 16 or 32 rows).
-const PAIRED_TILE: usize = 8;
+/// ([`super::paired`]). On fewer the 256-bit kernels are faster (`format_bench 9 B` on one
+/// 1B layer, 2 threads: at 2 rows 0.73-0.80 against 0.89-1.14 ms, at 4 about even), and from
+/// 6 the pairs are (1.33 against 1.63 ms for `Q4_0` at 6 rows; about 1.6x at 16 or 32).
+const PAIRED_TILE: usize = 6;
 
 /// [`crate::kernels::interleave::tile_q4_0`] at `level` (AVX-512 VNNI or AVX2); `false` (nothing
 /// written) above [`level`] or without either.

@@ -91,10 +91,14 @@ pub(crate) const ARCHITECTURES: [&str; 7] = [
 pub(crate) const MIXTURES: [&str; 1] = ["qwen3moe"];
 
 /// The experts of a mixture, each a run of `rows` rows of the layer's stacked tensors `name`
-/// (`[experts, rows, cols]`), read in place.
+/// (`[experts, rows, cols]`), read in place: the whole stack interleaved when each expert is
+/// whole groups of interleaved rows, in GGUF's layout otherwise.
 fn expert_views(t: &RawTensor, name: &str, experts: usize) -> Result<Vec<QMatrix>> {
-    let all = matrix(t, name)?;
     let rows = t.rows / experts.max(1);
+    let all = match matrix(t, name)? {
+        m if rows.is_multiple_of(QMatrix::GROUP_ROWS) => for_decoder(m),
+        m => m,
+    };
     (0..experts)
         .map(|e| {
             all.rows_view(e * rows, rows)
