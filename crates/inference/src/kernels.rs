@@ -11,8 +11,12 @@
 //! through several matrices in a single pass over the worker pool.
 //!
 //! On x86-64 the kernels use AVX-512 VNNI or AVX2 when the CPU has them (checked at run time;
-//! `POD_CPU_KERNELS=avx2` or `=portable` caps the choice) and portable ones otherwise; models
-//! use them only where [`accelerated`] (elsewhere, candle's kernels serve better). A row's
+//! `POD_CPU_KERNELS=avx2` or `=portable` caps the choice) and portable ones otherwise: on
+//! aarch64, and on x86-64 CPUs without AVX2. The portable kernels are plain safe Rust written
+//! for the compiler to vectorise (fixed-size arrays, integer products over whole runs of a
+//! block, each block unpacked once per tile), so the same source gives SSE2 or NEON code, and
+//! they give the same bits as the SIMD ones where those are tested to the bit. Models run on
+//! them on every CPU; [`accelerated`] only says whether the hand-written SIMD ones run. A row's
 //! result is computed the same way whatever it is batched with, so prefill and decode of the
 //! same tokens give bit-identical projections.
 //!
@@ -34,8 +38,9 @@ pub use format::QuantFormat;
 pub use matmul::{matmul_many, matmul_ranges, QMatrix};
 pub use quantize::QuantizedRows;
 
-/// Whether this CPU runs the SIMD kernels. Without them the portable ones still give the same
-/// results, but slower than candle's own kernels for batches, so models then stay on candle.
+/// Whether this CPU runs the hand-written SIMD kernels (AVX2 or AVX-512 VNNI). Without them
+/// the portable ones run, with the same results (to the bit for the interleaved and float
+/// layouts, within rounding for the others), more slowly.
 pub fn accelerated() -> bool {
     #[cfg(target_arch = "x86_64")]
     {

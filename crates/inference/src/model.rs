@@ -112,8 +112,8 @@ enum SeqState {
     Candle(Weights),
 }
 
-/// The architectures pod's own decoders run: the CPU decoder's (on CPUs with its SIMD
-/// kernels), then the GPU decoder's (the same, mixtures of experts included). Other
+/// The architectures pod's own decoders run: the CPU decoder's (on any CPU), then the GPU
+/// decoder's (the same, mixtures of experts included). Other
 /// architectures, and these where a decoder cannot take the model, run on candle's kernels
 /// where candle has them.
 pub fn decoder_architectures() -> (&'static [&'static str], Vec<&'static str>) {
@@ -151,7 +151,11 @@ impl ChatModel {
                 tracing::warn!(architecture = %arch, "on candle's kernels: {why}");
             }
             Err(why) => tracing::info!(architecture = %arch, "not on pod's CPU decoder: {why}"),
-            Ok(()) => {}
+            Ok(()) => tracing::info!(
+                architecture = %arch,
+                kernels = %crate::kernels::cpu_level(),
+                "on pod's CPU decoder"
+            ),
         }
         let weights = match arch.as_str() {
             _ if decoder.is_ok() => Weights::CpuDecoder(Arc::new(
@@ -169,13 +173,13 @@ impl ChatModel {
             "qwen2" => {
                 let why = decoder.err().unwrap_or_default();
                 return Err(LoadError::Device(format!(
-                    "qwen2 models need pod's CPU decoder (on a CPU with AVX2) or a GPU: {why}"
+                    "qwen2 models need pod's CPU decoder or a GPU: {why}"
                 )));
             }
             "qwen3moe" => {
                 let why = decoder.err().unwrap_or_default();
                 return Err(LoadError::Device(format!(
-                    "qwen3moe models need pod's CPU decoder (on a CPU with AVX2): {why}"
+                    "qwen3moe models need pod's CPU decoder: {why}"
                 )));
             }
             "qwen3" => Weights::Qwen3(

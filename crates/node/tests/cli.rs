@@ -1294,6 +1294,54 @@ fn greedy_answer(home: &Path, model: &Path, device: &str) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// With the kernels capped to the portable ones, as on a CPU without AVX2, `pod version` says
+/// so, and every architecture that used to fall back to candle there (or not load at all:
+/// qwen3moe) loads on pod's CPU decoder, as the load log says, and answers.
+#[test]
+fn the_portable_kernels_serve_every_architecture_and_say_so() {
+    let home = tempfile::tempdir().unwrap();
+    let version = run_bounded(
+        Command::new(env!("CARGO_BIN_EXE_pod"))
+            .arg("--home")
+            .arg(home.path())
+            .args(["version", "--json"])
+            .env("POD_CPU_KERNELS", "portable"),
+        "",
+        Duration::from_secs(60),
+    );
+    assert_eq!(json_of(&version)["cpu_kernels"], "portable");
+    for shape in ["tiny-llama3", "tiny-qwen3", "tiny-phi3", "tiny-qwen3moe"] {
+        let model = synthetic_shape(home.path(), shape, "q8_0");
+        let o = run_bounded(
+            Command::new(env!("CARGO_BIN_EXE_pod"))
+                .arg("--home")
+                .arg(home.path())
+                .args(["--log", "info", "infer", "--no-pull", "--device", "cpu"])
+                .args([
+                    "--temperature",
+                    "0",
+                    "--max-tokens",
+                    "5",
+                    "--prompt",
+                    "hello",
+                ])
+                .arg("--model")
+                .arg(&model)
+                .env("POD_CPU_KERNELS", "portable"),
+            "",
+            Duration::from_secs(300),
+        );
+        let log = stderr(&o);
+        assert!(o.status.success(), "{shape}: {log}");
+        assert!(
+            log.lines()
+                .any(|l| l.contains("on pod's CPU decoder") && l.contains("kernels=portable")),
+            "{shape}: {log}"
+        );
+        assert!(log.contains("5 completion tokens"), "{shape}: {log}");
+    }
+}
+
 #[test]
 fn a_model_on_the_gpu_kernels_answers_as_on_the_cpu() {
     // The emulator runs the GPU kernel source itself, wave64, through the whole serving

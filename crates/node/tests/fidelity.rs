@@ -372,10 +372,55 @@ fn synthetic_model(
     );
     let model = ChatModel::load(&path, &Device::Cpu).unwrap();
     assert_eq!(model.info().architecture, model_shape.family.arch());
-    if pod_inference::kernels::accelerated() {
-        assert_eq!(model.runs_on(), "cpu", "{format}: not on pod's CPU decoder");
+    assert_eq!(model.runs_on(), "cpu", "{format}: not on pod's CPU decoder");
+    if std::env::var("POD_CPU_KERNELS").as_deref() == Ok("portable") {
+        assert_eq!(pod_inference::kernels::cpu_level(), "portable");
     }
     model
+}
+
+/// The fidelity tests of the architectures and rope scalings that used to need AVX2 to run on
+/// pod's CPU decoder, run again in a child process of this test binary with the kernels capped
+/// to the portable ones (`POD_CPU_KERNELS`, read once per process): the same bounds against
+/// llama.cpp, on pod's decoder ([`synthetic_model`] asserts it), at the `portable` level
+/// ([`synthetic_model`] asserts that too where the variable is set).
+#[test]
+fn synthetic_models_match_llama_cpp_on_the_portable_kernels() {
+    let tests = [
+        "synthetic_llama3_rope_scaling_matches_llama_cpp",
+        "synthetic_yarn_rope_scaling_matches_llama_cpp",
+        "synthetic_linear_rope_scaling_matches_llama_cpp",
+        "synthetic_qwen3_matches_llama_cpp",
+        "synthetic_phi3_matches_llama_cpp",
+        "synthetic_qwen3moe_q4_k_matches_llama_cpp",
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("child.log");
+    let file = std::fs::File::create(&log).unwrap();
+    let mut child = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(tests)
+        .args(["--exact", "--test-threads", "1"])
+        .env("POD_CPU_KERNELS", "portable")
+        .stdout(file.try_clone().unwrap())
+        .stderr(file)
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(600);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("the child did not finish within 600 s");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    };
+    let out = std::fs::read_to_string(&log).unwrap();
+    assert!(status.success(), "{out}");
+    let summary = format!("test result: ok. {} passed", tests.len());
+    assert!(out.contains(&summary), "{out}");
 }
 
 /// The prompt `bench/llama_reference.py --mode long` draws: `tokens` ids below `vocab` from a

@@ -179,22 +179,27 @@ pub(crate) fn tile_q8k<const T: usize>(
 #[inline(always)]
 pub(crate) fn rows_q4k<const T: usize>(w: &[u8], xs: [&[Q8KBlock]; T]) -> [f32; T] {
     let mut acc = [0.0f32; T];
-    for (i, b) in w.chunks_exact(QuantFormat::Q4K.block_bytes()).enumerate() {
+    for (i, b) in w
+        .as_chunks::<{ QuantFormat::Q4K.block_bytes() }>()
+        .0
+        .iter()
+        .enumerate()
+    {
         let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
         let (scales, mins) = q4k_scales_mins(&b[4..16]);
-        let mut q = [0i8; QK_K];
-        for (c, qs) in b[16..144].chunks_exact(32).enumerate() {
-            for l in 0..32 {
-                q[64 * c + l] = (qs[l] & 0x0F) as i8;
-                q[64 * c + 32 + l] = (qs[l] >> 4) as i8;
-            }
-        }
+        // Sub-block `2 * c` is run `c`'s low nibbles, `2 * c + 1` its high ones.
+        let runs = b[16..].as_chunks::<32>().0;
+        let q: [[i8; 32]; 8] = std::array::from_fn(|s| {
+            let shift = 4 * (s % 2);
+            runs[s / 2].map(|byte| ((byte >> shift) & 0x0F) as i8)
+        });
         for t in 0..T {
             let y = &xs[t][i];
+            let ys = y.qs.as_chunks::<32>().0;
             let mut sumi = 0i32;
             let mut summ = 0i32;
             for s in 0..8 {
-                let isum = idot(&q.as_chunks::<32>().0[s], &y.qs.as_chunks::<32>().0[s]);
+                let isum = idot(&q[s], &ys[s]);
                 sumi += i32::from(scales[s]) * isum;
                 let ysum = i32::from(y.bsums[2 * s]) + i32::from(y.bsums[2 * s + 1]);
                 summ += i32::from(mins[s]) * ysum;
@@ -209,7 +214,12 @@ pub(crate) fn rows_q4k<const T: usize>(w: &[u8], xs: [&[Q8KBlock]; T]) -> [f32; 
 #[inline(always)]
 pub(crate) fn rows_q2k<const T: usize>(w: &[u8], xs: [&[Q8KBlock]; T]) -> [f32; T] {
     let mut acc = [0.0f32; T];
-    for (i, b) in w.chunks_exact(QuantFormat::Q2K.block_bytes()).enumerate() {
+    for (i, b) in w
+        .as_chunks::<{ QuantFormat::Q2K.block_bytes() }>()
+        .0
+        .iter()
+        .enumerate()
+    {
         let (d, dmin) = (f16_at(b, 80), f16_at(b, 82));
         let mut qu = [0u8; QK_K];
         q2k_values(&b[16..80], &mut qu);
@@ -234,7 +244,12 @@ pub(crate) fn rows_q2k<const T: usize>(w: &[u8], xs: [&[Q8KBlock]; T]) -> [f32; 
 #[inline(always)]
 pub(crate) fn rows_q3k<const T: usize>(w: &[u8], xs: [&[Q8KBlock]; T]) -> [f32; T] {
     let mut acc = [0.0f32; T];
-    for (i, b) in w.chunks_exact(QuantFormat::Q3K.block_bytes()).enumerate() {
+    for (i, b) in w
+        .as_chunks::<{ QuantFormat::Q3K.block_bytes() }>()
+        .0
+        .iter()
+        .enumerate()
+    {
         let d = f16_at(b, 108);
         let scales = q3k_scales(&b[96..108]);
         let mut qu = [0u8; QK_K];
@@ -258,7 +273,12 @@ pub(crate) fn rows_q3k<const T: usize>(w: &[u8], xs: [&[Q8KBlock]; T]) -> [f32; 
 #[inline(always)]
 pub(crate) fn rows_q5k<const T: usize>(w: &[u8], xs: [&[Q8KBlock]; T]) -> [f32; T] {
     let mut acc = [0.0f32; T];
-    for (i, b) in w.chunks_exact(QuantFormat::Q5K.block_bytes()).enumerate() {
+    for (i, b) in w
+        .as_chunks::<{ QuantFormat::Q5K.block_bytes() }>()
+        .0
+        .iter()
+        .enumerate()
+    {
         let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
         let (scales, mins) = q4k_scales_mins(&b[4..16]);
         let mut qu = [0u8; QK_K];
@@ -284,7 +304,12 @@ pub(crate) fn rows_q5k<const T: usize>(w: &[u8], xs: [&[Q8KBlock]; T]) -> [f32; 
 #[inline(always)]
 pub(crate) fn rows_q6k<const T: usize>(w: &[u8], xs: [&[Q8KBlock]; T]) -> [f32; T] {
     let mut acc = [0.0f32; T];
-    for (i, b) in w.chunks_exact(QuantFormat::Q6K.block_bytes()).enumerate() {
+    for (i, b) in w
+        .as_chunks::<{ QuantFormat::Q6K.block_bytes() }>()
+        .0
+        .iter()
+        .enumerate()
+    {
         let d = f16_at(b, 208);
         let mut qu = [0u8; QK_K];
         q6k_values(b, &mut qu);
@@ -306,10 +331,45 @@ pub(crate) fn rows_q6k<const T: usize>(w: &[u8], xs: [&[Q8KBlock]; T]) -> [f32; 
 /// Values per lane group of the float dot products: one 256-bit register of f32.
 pub(crate) const LANES: usize = 8;
 
-/// Eight float weights starting at value `at` of `row`, widened to f32.
+/// Float weights widened at a time: 32 runs of 8, a kilobyte of f32 on the stack.
+const WIDEN_CHUNK: usize = 32 * LANES;
+
+/// Float weights `at..at + out.len()` of `row`, widened to f32 in one pass (half's slice
+/// conversion uses the CPU's conversion instructions where it has them).
 #[inline(always)]
-fn widen8(format: QuantFormat, row: &[u8], at: usize) -> [f32; LANES] {
-    std::array::from_fn(|l| widen(format, row, at + l))
+fn widen_into(format: QuantFormat, row: &[u8], at: usize, out: &mut [f32]) {
+    use half::slice::HalfFloatSliceExt;
+    let n = out.len();
+    match format {
+        QuantFormat::F16 => {
+            let mut h = [half::f16::ZERO; WIDEN_CHUNK];
+            for (v, b) in h
+                .iter_mut()
+                .zip(row[2 * at..2 * (at + n)].as_chunks::<2>().0)
+            {
+                *v = half::f16::from_le_bytes(*b);
+            }
+            h[..n].convert_to_f32_slice(out);
+        }
+        QuantFormat::BF16 => {
+            let mut h = [half::bf16::ZERO; WIDEN_CHUNK];
+            for (v, b) in h
+                .iter_mut()
+                .zip(row[2 * at..2 * (at + n)].as_chunks::<2>().0)
+            {
+                *v = half::bf16::from_le_bytes(*b);
+            }
+            h[..n].convert_to_f32_slice(out);
+        }
+        _ => {
+            for (v, b) in out
+                .iter_mut()
+                .zip(row[4 * at..4 * (at + n)].as_chunks::<4>().0)
+            {
+                *v = f32::from_le_bytes(*b);
+            }
+        }
+    }
 }
 
 /// Float weight `i` of `row`, widened to f32.
@@ -346,15 +406,20 @@ pub(crate) fn tile_float<const T: usize>(
 ) {
     let cols = row_bytes / format.block_bytes();
     let runs = cols / LANES;
+    let mut wv = [0.0f32; WIDEN_CHUNK];
     for (j, row) in w.chunks_exact(row_bytes).enumerate() {
         let mut acc = [[[0.0f32; LANES]; 2]; T];
-        for r in 0..runs {
-            let wv = widen8(format, row, LANES * r);
-            for t in 0..T {
-                let x = &xs[t][LANES * r..LANES * r + LANES];
-                let a = &mut acc[t][r % 2];
-                for l in 0..LANES {
-                    a[l] = wv[l].mul_add(x[l], a[l]);
+        for first in (0..runs).step_by(WIDEN_CHUNK / LANES) {
+            let n = (runs - first).min(WIDEN_CHUNK / LANES);
+            widen_into(format, row, LANES * first, &mut wv[..LANES * n]);
+            for (k, wr) in wv[..LANES * n].as_chunks::<LANES>().0.iter().enumerate() {
+                let r = first + k;
+                for t in 0..T {
+                    let x = &xs[t].as_chunks::<LANES>().0[r];
+                    let a = &mut acc[t][r % 2];
+                    for l in 0..LANES {
+                        a[l] = wr[l].mul_add(x[l], a[l]);
+                    }
                 }
             }
         }

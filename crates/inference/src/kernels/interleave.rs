@@ -267,12 +267,58 @@ fn pack_q6k(src: [&[u8]; ROWS], dst: &mut [u8]) {
     }
 }
 
+/// `Σ a_i b_i` over fixed-size runs: widening products the compiler turns into SIMD
+/// multiply-adds (SSE2's `pmaddwd`, NEON's `smlal`) with no bounds checks.
 #[inline(always)]
-fn idot(q: &[u8], y: &[i8]) -> i32 {
-    q.iter()
-        .zip(y)
-        .map(|(&a, &b)| i32::from(a) * i32::from(b))
+fn idot<const N: usize>(a: &[i8; N], b: &[i8; N]) -> i32 {
+    a.iter()
+        .zip(b)
+        .map(|(&x, &y)| i32::from(x) * i32::from(y))
         .sum()
+}
+
+/// Row `r`'s 32 values from eight consecutive runs `first..first + 8` of a block, `words`
+/// being the block's runs as 4-byte words (word `8 * k + r` is row `r`'s four bytes of run
+/// `k`): each byte shifted right by `shift` and masked with `mask` (a byte repeated), four at a
+/// time in a 32-bit word.
+#[inline(always)]
+fn gather(words: &[[u8; 4]], first: usize, r: usize, shift: u32, mask: u32) -> [i8; QK] {
+    let mut q = [0i8; QK];
+    for (j, out) in q.as_chunks_mut::<4>().0.iter_mut().enumerate() {
+        let w = (u32::from_le_bytes(words[8 * (first + j) + r]) >> shift) & mask;
+        *out = w.to_le_bytes().map(|b| b as i8);
+    }
+    q
+}
+
+/// Lanes of one 32-byte run: lane `4 * r + v` holds value `v` of a four-value step of row `r`.
+const LANES: usize = 32;
+
+/// Four activations spread over the eight rows' lanes of a run (lane `l` gets `y[l % 4]`), so
+/// that a run multiplies its lanes with them elementwise.
+#[inline(always)]
+fn spread(y: &[i8; 4]) -> [i16; LANES] {
+    std::array::from_fn(|l| i16::from(y[l % 4]))
+}
+
+/// Row `r`'s sum: lanes `4 * r..4 * r + 4`.
+#[inline(always)]
+fn row_sums(p: &[i16; LANES]) -> [i32; ROWS] {
+    std::array::from_fn(|r| {
+        i32::from(p[4 * r])
+            + i32::from(p[4 * r + 1])
+            + i32::from(p[4 * r + 2])
+            + i32::from(p[4 * r + 3])
+    })
+}
+
+/// `p[l] += q[l] * y[l]` over a run's lanes, in 16 bits: [`tile_q6k`] adds at most four runs
+/// of 6-bit values into one `p` (|q·y| ≤ 63·128, four of them 32256 < 2^15).
+#[inline(always)]
+fn mul_acc(p: &mut [i16; LANES], q: &[i16; LANES], y: &[i16; LANES]) {
+    for l in 0..LANES {
+        p[l] += q[l] * y[l];
+    }
 }
 
 /// Interleaved `Q4_0` groups (`nb` blocks each) against `T` activation rows: `outs[t][j]`
@@ -285,18 +331,22 @@ pub(crate) fn tile_q4_0<const T: usize>(
 ) {
     for (g, group) in w.chunks_exact(nb * Q4_0_BYTES).enumerate() {
         let mut acc = [[0.0f32; ROWS]; T];
-        for (i, b) in group.chunks_exact(Q4_0_BYTES).enumerate() {
+        for (i, b) in group.as_chunks::<Q4_0_BYTES>().0.iter().enumerate() {
             let d: [f32; ROWS] = std::array::from_fn(|r| f16_at(b, 2 * r));
-            let mut q = [[0u8; QK]; ROWS];
-            for j in 0..4 {
-                for (r, row) in q.iter_mut().enumerate() {
-                    for v in 0..4 {
-                        let byte = b[2 * ROWS + 32 * j + 4 * r + v];
-                        row[4 * j + v] = byte & 0x0F;
-                        row[16 + 4 * j + v] = byte >> 4;
-                    }
+            // Row `r`'s 16 GGUF nibble bytes are its word in each of the four runs: low
+            // nibbles values 0..16, high nibbles 16..32.
+            let words = b[2 * ROWS..].as_chunks::<4>().0;
+            let q: [[i8; QK]; ROWS] = std::array::from_fn(|r| {
+                let mut q = [0i8; QK];
+                let (lo, hi) = q.split_at_mut(16);
+                for j in 0..4 {
+                    let w = u32::from_le_bytes(words[8 * j + r]);
+                    let (l, h) = (w & 0x0F0F_0F0F, (w >> 4) & 0x0F0F_0F0F);
+                    lo[4 * j..4 * j + 4].copy_from_slice(&l.to_le_bytes().map(|b| b as i8));
+                    hi[4 * j..4 * j + 4].copy_from_slice(&h.to_le_bytes().map(|b| b as i8));
                 }
-            }
+                q
+            });
             for t in 0..T {
                 let y = &xs[t][i];
                 for r in 0..ROWS {
@@ -359,28 +409,25 @@ pub(crate) fn tile_q4k<const T: usize>(
     for (g, group) in w.chunks_exact(nb * Q4K_BYTES).enumerate() {
         let mut acc = [[0.0f32; ROWS]; T];
         let mut off = [[0.0f32; ROWS]; T];
-        for (i, b) in group.chunks_exact(Q4K_BYTES).enumerate() {
+        for (i, b) in group.as_chunks::<Q4K_BYTES>().0.iter().enumerate() {
             let d: [f32; ROWS] = std::array::from_fn(|r| f16_at(b, 2 * r));
             let dmin: [f32; ROWS] = std::array::from_fn(|r| f16_at(b, Q4K_DMIN + 2 * r));
-            let mut q = [[0u8; QK_K]; ROWS];
-            for c in 0..4 {
-                for j in 0..8 {
-                    for (r, row) in q.iter_mut().enumerate() {
-                        for v in 0..4 {
-                            let byte = b[Q4K_QS + 32 * (8 * c + j) + 4 * r + v];
-                            row[64 * c + 4 * j + v] = byte & 0x0F;
-                            row[64 * c + 32 + 4 * j + v] = byte >> 4;
-                        }
-                    }
-                }
-            }
+            // Sub-block `s` of row `r`: the low (even `s`) or high nibbles of its words in
+            // runs `8 * (s / 2)..8 * (s / 2) + 8`.
+            let words = b[Q4K_QS..].as_chunks::<4>().0;
+            let q: [[[i8; QK]; 8]; ROWS] = std::array::from_fn(|r| {
+                std::array::from_fn(|s| {
+                    gather(words, 8 * (s / 2), r, 4 * (s as u32 % 2), 0x0F0F_0F0F)
+                })
+            });
             for t in 0..T {
                 let y = &xs[t][i];
+                let ys = y.qs.as_chunks::<QK>().0;
                 for r in 0..ROWS {
                     let mut sumi = 0i32;
                     let mut summ = 0i32;
                     for s in 0..8 {
-                        let isum = idot(&q[r][QK * s..QK * (s + 1)], &y.qs[QK * s..QK * (s + 1)]);
+                        let isum = idot(&q[r][s], &ys[s]);
                         sumi += i32::from(b[Q4K_SCALES + ROWS * s + r]) * isum;
                         let ysum = i32::from(y.bsums[2 * s]) + i32::from(y.bsums[2 * s + 1]);
                         summ += i32::from(b[Q4K_MINS + ROWS * s + r]) * ysum;
@@ -409,19 +456,42 @@ pub(crate) fn tile_q6k<const T: usize>(
 ) {
     for (g, group) in w.chunks_exact(nb * Q6K_BYTES).enumerate() {
         let mut acc = [[0.0f32; ROWS]; T];
-        for (i, b) in group.chunks_exact(Q6K_BYTES).enumerate() {
+        for (i, b) in group.as_chunks::<Q6K_BYTES>().0.iter().enumerate() {
             let d: [f32; ROWS] = std::array::from_fn(|r| f16_at(b, 2 * r));
-            let q: [[u8; QK_K]; ROWS] = std::array::from_fn(|r| q6k_row_values(b, r));
+            // Values `4 * j + v` of sub-block `s` of the eight rows, lane `4 * r + v` of
+            // `q[s][j]`: the low nibble from run `8 * (s / 2) + j` (high nibble for odd `s`),
+            // the top two bits from bits `2 * (s % 4)` of high run `8 * (s / 4) + j`.
+            let low = b[Q6K_LOW..Q6K_HIGH].as_chunks::<LANES>().0;
+            let high = b[Q6K_HIGH..].as_chunks::<LANES>().0;
+            let q: [[[i16; LANES]; 8]; 8] = std::array::from_fn(|s| {
+                std::array::from_fn(|j| {
+                    let (l, h) = (&low[8 * (s / 2) + j], &high[8 * (s / 4) + j]);
+                    let (ls, hs) = (4 * (s % 2), 2 * (s % 4));
+                    std::array::from_fn(|k| {
+                        i16::from(((l[k] >> ls) & 0x0F) | (((h[k] >> hs) & 3) << 4))
+                    })
+                })
+            });
             for t in 0..T {
                 let y = &xs[t][i];
-                for r in 0..ROWS {
-                    let mut total = 0i32;
-                    for k in 0..16 {
-                        let sc = i32::from(b[Q6K_SCALES + ROWS * k + r] as i8);
-                        let isum = idot(&q[r][16 * k..16 * (k + 1)], &y.qs[16 * k..16 * (k + 1)]);
-                        total += sc * isum - 32 * sc * i32::from(y.bsums[k]);
+                let ys = y.qs.as_chunks::<4>().0;
+                let mut total = [0i32; ROWS];
+                for (s, qs) in q.iter().enumerate() {
+                    for half in 0..2 {
+                        let mut p = [0i16; LANES];
+                        for j in 4 * half..4 * half + 4 {
+                            mul_acc(&mut p, &qs[j], &spread(&ys[8 * s + j]));
+                        }
+                        let k = 2 * s + half;
+                        let isums = row_sums(&p);
+                        for r in 0..ROWS {
+                            let sc = i32::from(b[Q6K_SCALES + ROWS * k + r] as i8);
+                            total[r] += sc * isums[r] - 32 * sc * i32::from(y.bsums[k]);
+                        }
                     }
-                    acc[t][r] = (d[r] * y.d).mul_add(total as f32, acc[t][r]);
+                }
+                for r in 0..ROWS {
+                    acc[t][r] = (d[r] * y.d).mul_add(total[r] as f32, acc[t][r]);
                 }
             }
         }

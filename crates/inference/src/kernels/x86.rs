@@ -32,7 +32,7 @@ pub(super) enum Level {
 }
 
 /// The level the kernels use, detected once. `POD_CPU_KERNELS=portable` or `=avx2` caps it,
-/// to compare paths or to avoid one (with `portable`, models go back to candle's kernels).
+/// to compare paths or to avoid one (`portable` runs what a CPU without AVX2 runs).
 pub(super) fn level() -> Level {
     static LEVEL: OnceLock<Level> = OnceLock::new();
     *LEVEL.get_or_init(|| {

@@ -11,7 +11,7 @@ use super::moe::{Expert, Moe};
 use super::ops::{Activation, Norm};
 use super::rope::{RopeScaling, RopeTable};
 use super::{Bias, CpuDecoder, Ffn, Layer};
-use crate::kernels::{self, QMatrix, QuantFormat};
+use crate::kernels::{QMatrix, QuantFormat};
 use crate::model::linear::RawTensor;
 use crate::model::stage::LayerRange;
 use crate::model::weights;
@@ -200,9 +200,10 @@ const GEMMA3_LOCAL_ROPE_BASE: f32 = 10_000.0;
 const GEMMA3_GLOBAL_ROPE_BASE: f32 = 1_000_000.0;
 
 impl CpuDecoder {
-    /// Whether a GGUF decoder can run here: a llama-family, Qwen 2/3 (or 3 MoE), Phi 3 or Gemma 3 model, a CPU
-    /// with the SIMD kernels, every matrix in a format they read, and full-width rotary
-    /// embeddings. `Err` says, in one line, why not.
+    /// Whether a GGUF decoder can run here: a llama-family, Qwen 2/3 (or 3 MoE), Phi 3 or Gemma 3
+    /// model on the CPU (any CPU: the kernels have portable versions where it has no SIMD ones),
+    /// every matrix in a format they read, and full-width rotary embeddings. `Err` says, in one
+    /// line, why not.
     pub(crate) fn supported(
         ct: &gguf_file::Content,
         arch: &str,
@@ -213,12 +214,6 @@ impl CpuDecoder {
         }
         if !dev.is_cpu() {
             return Err("the model is not on the CPU".to_owned());
-        }
-        if !kernels::accelerated() {
-            return Err(format!(
-                "this CPU has no SIMD kernels for pod's CPU decoder (level {})",
-                kernels::cpu_level()
-            ));
         }
         let md = |k: &str| {
             ct.metadata
@@ -544,9 +539,6 @@ mod tests {
     /// prompt fed at once ends on the same logits, to the bit, as fed one token at a time.
     #[test]
     fn new_formats_run_on_the_decoder_whatever_the_batch() {
-        if !kernels::accelerated() {
-            return;
-        }
         let dir = tempfile::tempdir().unwrap();
         for format in [
             "q2_k", "q3_k", "q5_1", "q5_k", "q5_k_m", "f16", "bf16", "f32",
@@ -575,9 +567,6 @@ mod tests {
     /// token by token, and batched with another sequence whose rows route elsewhere.
     #[test]
     fn qwen3moe_runs_on_the_decoder_whatever_the_batch() {
-        if !kernels::accelerated() {
-            return;
-        }
         let dir = tempfile::tempdir().unwrap();
         for format in ["q8_0", "q4_k_m"] {
             let path = dir.path().join(format!("moe-{format}.gguf"));
@@ -620,12 +609,10 @@ mod tests {
         shape.layer_formats[1][5] = GgmlDType::Q8_1;
         synthetic::write_chat_model(&path, 3, &shape).unwrap();
         let why = CpuDecoder::supported(&content(&path), "llama", &Device::Cpu).unwrap_err();
-        if kernels::accelerated() {
-            assert_eq!(
-                why,
-                "tensor blk.1.ffn_up.weight is Q8_1, which pod's fused kernels do not read"
-            );
-        }
+        assert_eq!(
+            why,
+            "tensor blk.1.ffn_up.weight is Q8_1, which pod's fused kernels do not read"
+        );
         let model = ChatModel::load(&path, &Device::Cpu).unwrap();
         assert!(model.runs_on().starts_with("candle"), "{}", model.runs_on());
         let logits = model.new_sequence().forward(&[1, 40, 300]).unwrap();
