@@ -14,86 +14,68 @@ use super::*;
 /// 6 the pairs are (1.33 against 1.63 ms for `Q4_0` at 6 rows; about 1.6x at 16 or 32).
 const PAIRED_TILE: usize = 6;
 
-/// [`crate::kernels::interleave::tile_q4_0`] at `level` (AVX-512 VNNI or AVX2); `false` (nothing
-/// written) above [`level`] or without either.
-pub(in crate::kernels) fn tile_x8_q4_0<const T: usize>(
-    level: Level,
-    w: &[u8],
-    nb: usize,
-    xs: [&[Q8Block]; T],
-    outs: &mut [&mut [f32]],
-) -> bool {
-    // SAFETY: `level()` saw the CPU features each function is compiled for.
-    unsafe {
-        match level.min(self::level()) {
-            Level::Portable => return false,
-            Level::Avx2 => x8_q4_0_avx2::<T>(w, nb, xs, outs),
-            Level::Avx512Vnni if T >= PAIRED_TILE => super::paired::x16_q4_0::<T>(w, nb, xs, outs),
-            Level::Avx512Vnni => x8_q4_0_vnni::<T>(w, nb, xs, outs),
+/// Defines `$name`: the portable kernel `$portable` of [`crate::kernels::interleave`] at
+/// `level` (AVX-512 VNNI, two groups at once from [`PAIRED_TILE`] rows, or AVX2); `false`
+/// (nothing written) above [`level`] or without either.
+macro_rules! tile_at_level {
+    ($name:ident, $portable:literal, $block:ty, $avx2:ident, $vnni:ident, $paired:ident) => {
+        #[doc = concat!("[`crate::kernels::interleave::", $portable, "`] at `level`; `false`")]
+        /// (nothing written) above [`level`] or without AVX2.
+        pub(in crate::kernels) fn $name<const T: usize>(
+            level: Level,
+            w: &[u8],
+            nb: usize,
+            xs: [&[$block]; T],
+            outs: &mut [&mut [f32]],
+        ) -> bool {
+            // SAFETY: `level()` saw the CPU features each function is compiled for.
+            unsafe {
+                match level.min(self::level()) {
+                    Level::Portable => return false,
+                    Level::Avx2 => $avx2::<T>(w, nb, xs, outs),
+                    Level::Avx512Vnni if T >= PAIRED_TILE => {
+                        super::paired::$paired::<T>(w, nb, xs, outs)
+                    }
+                    Level::Avx512Vnni => $vnni::<T>(w, nb, xs, outs),
+                }
+            }
+            true
         }
-    }
-    true
+    };
 }
 
-/// [`crate::kernels::interleave::tile_q8_0`] at `level`, as [`tile_x8_q4_0`].
-pub(in crate::kernels) fn tile_x8_q8_0<const T: usize>(
-    level: Level,
-    w: &[u8],
-    nb: usize,
-    xs: [&[Q8Block]; T],
-    outs: &mut [&mut [f32]],
-) -> bool {
-    // SAFETY: `level()` saw the CPU features each function is compiled for.
-    unsafe {
-        match level.min(self::level()) {
-            Level::Portable => return false,
-            Level::Avx2 => x8_q8_0_avx2::<T>(w, nb, xs, outs),
-            Level::Avx512Vnni if T >= PAIRED_TILE => super::paired::x16_q8_0::<T>(w, nb, xs, outs),
-            Level::Avx512Vnni => x8_q8_0_vnni::<T>(w, nb, xs, outs),
-        }
-    }
-    true
-}
-
-/// [`crate::kernels::interleave::tile_q4k`] at `level`, as [`tile_x8_q4_0`].
-pub(in crate::kernels) fn tile_x8_q4k<const T: usize>(
-    level: Level,
-    w: &[u8],
-    nb: usize,
-    xs: [&[Q8KBlock]; T],
-    outs: &mut [&mut [f32]],
-) -> bool {
-    // SAFETY: `level()` saw the CPU features each function is compiled for.
-    unsafe {
-        match level.min(self::level()) {
-            Level::Portable => return false,
-            Level::Avx2 => x8_q4k_avx2::<T>(w, nb, xs, outs),
-            Level::Avx512Vnni if T >= PAIRED_TILE => super::paired::x16_q4k::<T>(w, nb, xs, outs),
-            Level::Avx512Vnni => x8_q4k_vnni::<T>(w, nb, xs, outs),
-        }
-    }
-    true
-}
-
-/// [`crate::kernels::interleave::tile_q6k`] at `level`, as [`tile_x8_q4_0`].
-pub(in crate::kernels) fn tile_x8_q6k<const T: usize>(
-    level: Level,
-    w: &[u8],
-    nb: usize,
-    xs: [&[Q8KBlock]; T],
-    outs: &mut [&mut [f32]],
-) -> bool {
-    // SAFETY: `level()` saw the CPU features each function is compiled for.
-    unsafe {
-        match level.min(self::level()) {
-            Level::Portable => return false,
-            Level::Avx2 => x8_q6k_avx2::<T>(w, nb, xs, outs),
-            Level::Avx512Vnni if T >= PAIRED_TILE => super::paired::x16_q6k::<T>(w, nb, xs, outs),
-            Level::Avx512Vnni => x8_q6k_vnni::<T>(w, nb, xs, outs),
-        }
-    }
-    true
-}
+tile_at_level!(
+    tile_x8_q4_0,
+    "tile_q4_0",
+    Q8Block,
+    x8_q4_0_avx2,
+    x8_q4_0_vnni,
+    x16_q4_0
+);
+tile_at_level!(
+    tile_x8_q8_0,
+    "tile_q8_0",
+    Q8Block,
+    x8_q8_0_avx2,
+    x8_q8_0_vnni,
+    x16_q8_0
+);
+tile_at_level!(
+    tile_x8_q4k,
+    "tile_q4k",
+    Q8KBlock,
+    x8_q4k_avx2,
+    x8_q4k_vnni,
+    x16_q4k
+);
+tile_at_level!(
+    tile_x8_q6k,
+    "tile_q6k",
+    Q8KBlock,
+    x8_q6k_avx2,
+    x8_q6k_vnni,
+    x16_q6k
+);
 
 /// `acc` plus, in each 32-bit lane, the dot product of its four unsigned bytes of `q` (each
 /// at most 63) with the four signed bytes of `y`. The 16-bit pair sums cannot saturate
